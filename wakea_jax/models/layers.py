@@ -1,0 +1,248 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, grouped-query attention (with segment ids,
+padding and a KV cache), and the SwiGLU MLP.
+
+Every parameter carries `logical_axes` metadata naming its dimensions ('embed', 'mlp', ...).
+The model never mentions a mesh axis: `wakea_jax.parallel.mesh` maps logical names to mesh
+axes with the rules table from the config. Activations are annotated the same way through
+`constrain`, which is a no-op unless a rules context is active.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import Array
+
+from wakea_jax.models.config import ModelConfig, RopeScaling
+from wakea_jax.parallel.mesh import constrain
+
+# A large negative number rather than -inf: a fully masked row (a padding query) must give
+# finite values, not NaN, so that gradients through padded batches stay clean.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...],
+          dtype: Any, *, std: float | None = None, value: float | None = None) -> nnx.Param:
+  """A parameter initialised from N(0, std^2) or to a constant, tagged with logical axes."""
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {shape} and logical axes {axes} differ in rank")
+  if value is not None:
+    array = jnp.full(shape, value, dtype)
+  else:
+    assert rngs is not None and std is not None
+    array = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(array, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm (arXiv 1910.07467), computed in float32 like HF Llama."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype: Any, axes: tuple[str, ...] = ("norm",)):
+    self.eps = eps
+    self.scale = param(None, (dim,), axes, param_dtype, value=1.0)
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the input dtype before multiplying by the weight; we do the same so
+    # that bfloat16 runs round identically.
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Rotary position embedding (arXiv 2104.09864), HF "rotate_half" layout: the first half of
+# the head dimension pairs with the second half. HF checkpoints are stored in this layout,
+# so import needs no permutation.
+# ----------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  # Llama 3.1 frequency-dependent scaling (HF `_compute_llama3_parameters`).
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array,
+               inv_freq: np.ndarray) -> Array:
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, h/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Per-layer keys and values plus each sequence's fill level.
+
+  Slot `s` of sequence `b` holds the token at position `s`. `end_index[b]` is the number of
+  valid slots; new tokens are written at `end_index[b] + t` and attend to slots `<=` their own.
+  Slots past `end_index` may hold stale values (e.g. right-padding written during prefill);
+  the causal rule never lets a valid query see them, and they are overwritten as decoding
+  proceeds. Writers must keep `end_index + new_tokens <= capacity` (the sampler checks it).
+  """
+
+  keys: tuple[Array, ...]    # each [batch, capacity, kv_heads, head_dim]
+  values: tuple[Array, ...]  # each [batch, capacity, kv_heads, head_dim]
+  end_index: Array           # [batch] int32
+
+  @classmethod
+  def create(cls, config: ModelConfig, batch: int, capacity: int,
+             dtype: Any | None = None) -> "KVCache":
+    dtype = dtype or config.compute_dtype
+    shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.keys[0].shape[1]
+
+
+def _write(cache: Array, new: Array, start: Array) -> Array:
+  """Writes new [b, t, k, h] into cache [b, s, k, h] at a per-sequence offset."""
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(
+      cache, new.astype(cache.dtype), start)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional qkv bias (Qwen2) and per-head QK norm (Qwen3)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    pd, std = c.weight_dtype, c.init_std
+    out_std = std / math.sqrt(2 * c.num_layers)
+    self.q_proj = param(rngs, (c.embed_dim, c.num_heads, c.head_dim),
+                        ("embed", "q_heads", "head_dim"), pd, std=std)
+    self.k_proj = param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                        ("embed", "kv_heads", "head_dim"), pd, std=std)
+    self.v_proj = param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                        ("embed", "kv_heads", "head_dim"), pd, std=std)
+    self.o_proj = param(rngs, (c.num_heads, c.head_dim, c.embed_dim),
+                        ("q_heads", "head_dim", "embed"), pd, std=out_std)
+    if c.qkv_bias:
+      self.q_bias = param(None, (c.num_heads, c.head_dim), ("q_heads", "head_dim"), pd, value=0.0)
+      self.k_bias = param(None, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd,
+                          value=0.0)
+      self.v_bias = param(None, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd,
+                          value=0.0)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, c.norm_eps, param_dtype=pd, axes=("head_dim",))
+      self.k_norm = RMSNorm(c.head_dim, c.norm_eps, param_dtype=pd, axes=("head_dim",))
+
+  def __call__(
+      self,
+      x: Array,
+      positions: Array,
+      mask: Array,
+      cache: tuple[Array, Array, Array] | None = None,
+  ) -> tuple[Array, tuple[Array, Array] | None]:
+    c = self.config
+    dt = c.compute_dtype
+
+    def project(w: nnx.Param, b: str) -> Array:
+      y = jnp.einsum("bte,enh->btnh", x, w[...].astype(dt))
+      if c.qkv_bias:
+        y = y + getattr(self, b)[...].astype(dt)
+      return y
+
+    q, k, v = project(self.q_proj, "q_bias"), project(self.k_proj, "k_bias"), project(
+        self.v_proj, "v_bias")
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # a trace-time constant
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+
+    new_cache = None
+    if cache is not None:
+      cache_k, cache_v, start = cache
+      k = _write(cache_k, k, start)
+      v = _write(cache_v, v, start)
+      new_cache = (k, v)
+      k, v = k.astype(dt), v.astype(dt)
+
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (c.head_dim ** -0.5)
+    m = mask[:, None, None, :, :]
+    scores = jnp.where(m, scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # Zero rows that see no key at all (padding queries) instead of a uniform average.
+    probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0).astype(dt)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+    out = jnp.einsum("btnh,nhe->bte", out, self.o_proj[...].astype(dt))
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward (arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.dtype = c.compute_dtype
+    pd = c.weight_dtype
+    self.gate_proj = param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), pd, std=c.init_std)
+    self.up_proj = param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), pd, std=c.init_std)
+    self.down_proj = param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), pd,
+                           std=c.init_std / math.sqrt(2 * c.num_layers))
+
+  def __call__(self, x: Array) -> Array:
+    dt = self.dtype
+    gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt))
+    up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt))
+    hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+    return jnp.einsum("btm,me->bte", hidden, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    pd = config.weight_dtype
+    self.input_norm = RMSNorm(config.embed_dim, config.norm_eps, param_dtype=pd)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.embed_dim, config.norm_eps, param_dtype=pd)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, mask, cache=None):
+    attn_out, new_cache = self.attn(self.input_norm(x), positions, mask, cache)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return constrain(x, ("act_batch", "act_length", "act_embed")), new_cache

@@ -1,0 +1,194 @@
+"""Decoder-only language model (Llama / Qwen2 / Qwen3 family) in Flax NNX.
+
+Used functionally: build once, `graphdef, state = nnx.split(model)`, pass `state` through
+`jax.jit` and `nnx.merge(graphdef, state)` inside (see `apply`).
+
+Public call: `model(input_ids)` with int32 [batch, seq] returns float32 logits
+[batch, seq, vocab]. Keyword arguments:
+  positions       int32 [batch, seq]; default arange, restarted per segment when
+                  `segment_ids` is given, or continuing from the cache's end index.
+  segment_ids     int32 [batch, seq] for packed rows; attention never crosses a segment and
+                  segment 0 marks padding (such keys are never attended to).
+  attention_mask  [batch, seq], 1 for real tokens and 0 for padding. Without a cache it masks
+                  padding keys; with a cache it marks which new tokens are real (prompts are
+                  right-padded) and so how far each sequence's end index advances.
+  cache           a `KVCache`; the call then returns `(logits, new_cache)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.layers import DecoderLayer, KVCache, RMSNorm, param
+from wakea_jax.parallel import mesh as mesh_lib
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderOutput:
+  logits: Array                 # [batch, seq, vocab] float32
+  hidden: Array                 # [batch, seq, embed] final-normed hidden states
+  values: Array | None = None   # [batch, seq] float32, when the config has a value head
+  cache: KVCache | None = None
+
+
+def default_positions(batch: int, length: int, segment_ids: Array | None) -> Array:
+  """arange per row, restarted at every segment boundary of a packed row."""
+  index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if segment_ids is None:
+    return index
+  starts = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return index - segment_start
+
+
+def attention_mask_for(length: int, segment_ids: Array | None, attention_mask: Array | None,
+                       batch: int) -> Array:
+  """Boolean [batch, query, key] mask: causal, within-segment, padding keys removed."""
+  index = jnp.arange(length)
+  mask = jnp.broadcast_to(index[:, None] >= index[None, :], (batch, length, length))
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = mask & (segment_ids[:, None, :] != 0)
+  if attention_mask is not None:
+    mask = mask & attention_mask.astype(bool)[:, None, :]
+  return mask
+
+
+class Transformer(nnx.Module):
+  """Token embedding -> N pre-norm decoder layers -> final RMSNorm -> LM head (+ value head)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    pd = c.weight_dtype
+    self.embed = param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), pd, std=c.init_std)
+    self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.embed_dim, c.norm_eps, param_dtype=pd)
+    if not c.tie_embeddings:
+      self.lm_head = param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), pd,
+                           std=c.init_std)
+    if c.value_head:
+      self.value_head = param(rngs, (c.embed_dim,), ("embed",), pd, std=c.init_std)
+      self.value_bias = param(None, (), (), pd, value=0.0)
+
+  def __call__(self, input_ids: Array, *, positions: Array | None = None,
+               segment_ids: Array | None = None, attention_mask: Array | None = None,
+               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+    out = self.forward(input_ids, positions=positions, segment_ids=segment_ids,
+                       attention_mask=attention_mask, cache=cache)
+    return out.logits if cache is None else (out.logits, out.cache)
+
+  def forward(self, input_ids: Array, *, positions: Array | None = None,
+              segment_ids: Array | None = None, attention_mask: Array | None = None,
+              cache: KVCache | None = None) -> DecoderOutput:
+    c = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    batch, length = input_ids.shape
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+      if positions is None:
+        positions = cache.end_index[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+      query_slot = cache.end_index[:, None] + jnp.arange(length)[None]        # [b, t]
+      mask = jnp.arange(cache.capacity)[None, None, :] <= query_slot[:, :, None]
+    else:
+      if positions is None:
+        positions = default_positions(batch, length, segment_ids)
+      mask = attention_mask_for(length, segment_ids, attention_mask, batch)
+
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+    x = mesh_lib.constrain(x, ("act_batch", "act_length", "act_embed"))
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.end_index)
+      x, kv = _run_layer(layer, c.remat_policy, x, positions, mask, layer_cache)
+      if kv is not None:
+        new_keys.append(kv[0])
+        new_values.append(kv[1])
+    hidden = self.final_norm(x)
+    dt = c.compute_dtype
+    if c.tie_embeddings:
+      logits = jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    logits = mesh_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    values = None
+    if c.value_head:
+      values = (jnp.einsum("bte,e->bt", hidden.astype(jnp.float32),
+                           self.value_head[...].astype(jnp.float32))
+                + self.value_bias[...].astype(jnp.float32))
+    new_cache = None
+    if cache is not None:
+      advance = (jnp.sum(attention_mask.astype(jnp.int32), axis=1) if attention_mask is not None
+                 else jnp.full((batch,), length, jnp.int32))
+      new_cache = KVCache(tuple(new_keys), tuple(new_values), cache.end_index + advance)
+    return DecoderOutput(logits=logits.astype(jnp.float32), hidden=hidden, values=values,
+                         cache=new_cache)
+
+
+def _run_layer(layer: DecoderLayer, policy: str, x: Array, positions: Array, mask: Array,
+               layer_cache: Any) -> tuple[Array, Any]:
+  if policy == "none":
+    return layer(x, positions, mask, layer_cache)
+  # Plain jax.checkpoint over the layer's state: split inside the trace, merge inside the
+  # rematerialised function. Only trace-time cost; no NNX transform in the compiled graph.
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, positions, mask, layer_cache):
+    return nnx.merge(graphdef, state)(x, positions, mask, layer_cache)
+
+  return jax.checkpoint(run, policy=_REMAT[policy])(state, x, positions, mask, layer_cache)
+
+
+# ------------------------------------------------------------------------------------------
+# Functional helpers
+# ------------------------------------------------------------------------------------------
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, **kwargs: Any) -> Any:
+  """`model(input_ids, **kwargs)` for a split model; call it inside `jax.jit`."""
+  return nnx.merge(graphdef, state)(input_ids, **kwargs)
+
+
+def create_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                 rules: mesh_lib.Rules | None = None) -> Transformer:
+  """A randomly initialised model; with a mesh, each parameter is created already sharded."""
+  if mesh is None:
+    return Transformer(config, rngs=nnx.Rngs(seed))
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = mesh_lib.state_shardings(abstract_state, mesh, rules)
+
+  @jax.jit
+  def init() -> nnx.State:
+    return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model's structure with ShapeDtypeStruct leaves (no memory), e.g. for loading."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
