@@ -1,0 +1,15 @@
+"""Model-only config: a preset plus mesh and sharding rules.
+
+  --config=configs/model.py            # tiny
+  --config=configs/model.py:bench56m   # any preset name in wakea_jax.models.config.PRESETS
+  --config.model.num_layers=4 --config.mesh.tensor=2
+"""
+
+from wakea_jax import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.preset = arg or "tiny"
+  config.model = config_lib.model_config_dict(config.preset)
+  return config
