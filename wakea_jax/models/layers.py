@@ -40,6 +40,18 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
   return nnx.Param(array, logical_axes=tuple(axes))
 
 
+def dense(x: Array, weight: Any, equation: str, dtype: Any) -> Array:
+  """`einsum(equation, x, weight)` in `dtype`, for a plain Param or a weight module.
+
+  Weight modules (LoRA adapters, quantized bases: `wakea_jax.models.lora`) are callables
+  `weight(x, equation, dtype)`; the layers stay unaware of how a weight is represented. The
+  weight's leading dimensions are the ones contracted with x's trailing dimensions.
+  """
+  if isinstance(weight, nnx.Variable):
+    return jnp.einsum(equation, x, weight[...].astype(dtype))
+  return weight(x, equation, dtype)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm (arXiv 1910.07467), computed in float32 like HF Llama."""
 
@@ -173,8 +185,8 @@ class Attention(nnx.Module):
     c = self.config
     dt = c.compute_dtype
 
-    def project(w: nnx.Param, b: str) -> Array:
-      y = jnp.einsum("bte,enh->btnh", x, w[...].astype(dt))
+    def project(w: Any, b: str) -> Array:
+      y = dense(x, w, "bte,enh->btnh", dt)
       if c.qkv_bias:
         y = y + getattr(self, b)[...].astype(dt)
       return y
@@ -207,7 +219,7 @@ class Attention(nnx.Module):
     # Zero rows that see no key at all (padding queries) instead of a uniform average.
     probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0).astype(dt)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.num_heads, c.head_dim)
-    out = jnp.einsum("btnh,nhe->bte", out, self.o_proj[...].astype(dt))
+    out = dense(out, self.o_proj, "btnh,nhe->bte", dt)
     return out, new_cache
 
 
@@ -225,10 +237,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     dt = self.dtype
-    gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt))
+    gate = dense(x, self.gate_proj, "bte,em->btm", dt)
+    up = dense(x, self.up_proj, "bte,em->btm", dt)
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-    return jnp.einsum("btm,me->bte", hidden, self.down_proj[...].astype(dt))
+    return dense(hidden, self.down_proj, "btm,me->bte", dt)
 
 
 class DecoderLayer(nnx.Module):
