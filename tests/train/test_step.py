@@ -48,6 +48,15 @@ def test_sft_loss_matches_numpy():
   loss_sum, sums = sft_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
   np.testing.assert_allclose(loss_sum, expected, rtol=1e-5)
   assert float(sums["tokens"]) == mask.sum()
+  assert float(sums["correct"]) == ((logits.argmax(-1) == targets) * mask).sum()
+  log_z = np.log(np.exp(logits).sum(-1))
+  z_sum, _ = sft_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z_loss=0.1)
+  np.testing.assert_allclose(z_sum, expected + 0.1 * (log_z ** 2 * mask).sum(), rtol=1e-5)
+  # Gradient: softmax - onehot on masked rows (the textbook form, independent of our code).
+  grad = jax.grad(lambda l: sft_loss(l, jnp.asarray(targets), jnp.asarray(mask))[0])(
+      jnp.asarray(logits))
+  onehot = np.eye(7)[targets]
+  np.testing.assert_allclose(grad, (np.exp(logp) - onehot) * mask[..., None], atol=1e-6)
   np.testing.assert_allclose(token_logprobs(jnp.asarray(logits), jnp.asarray(targets)),
                              np.take_along_axis(logp, targets[..., None], -1)[..., 0], rtol=1e-5)
 

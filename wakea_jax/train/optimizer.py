@@ -32,6 +32,9 @@ class OptimizerConfig:
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
   decay_steps = max(config.decay_steps or total_steps, config.warmup_steps + 1)
+  if config.warmup_steps == 0:
+    return optax.cosine_decay_schedule(config.learning_rate, decay_steps,
+                                       alpha=config.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
       decay_steps=decay_steps, end_value=config.learning_rate * config.min_lr_ratio)

@@ -1,0 +1,135 @@
+r"""Train-step benchmark: bench56m, full-parameter AdamW, batch 8 x 512, float32.
+
+  python tools/bench_train.py [--batch=8 --seq=512 --steps=5 --preset=bench56m --no_torch]
+
+Prints tokens/s, TFLOP/s and MFU against the float32 matmul rate measured in the same run,
+and, when torch and transformers are installed, the same step of transformers'
+LlamaForCausalLM on PyTorch with AdamW, and the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+_PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
+_SEQ = flags.DEFINE_integer("seq", 512, "Sequence length.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
+_NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the PyTorch reference.")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+  """Measured float32 matmul FLOP/s of this device (XLA, jitted, n x n @ n x n)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a, b)
+  out.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str) -> float:
+  import jax
+  import numpy as np
+  from wakea_jax.models import transformer
+  from wakea_jax.models.config import get_preset
+  from wakea_jax.train import optimizer as opt_lib
+  from wakea_jax.train import state as state_lib
+  from wakea_jax.train import step as step_lib
+
+  cfg = get_preset(preset, remat_policy=remat, max_seq_len=max(seq, 512))
+  model = transformer.create_model(cfg, seed=0)
+  optimizer = opt_lib.make_optimizer(opt_lib.OptimizerConfig(warmup_steps=0), 1000)
+  graphdef, state = state_lib.create_train_state(model, optimizer)
+  del model
+  step = jax.jit(step_lib.make_train_step(graphdef, optimizer), donate_argnums=0)
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+  batch_arrays = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                  "loss_mask": np.ones((batch, seq), np.float32)}
+  batch_arrays = jax.device_put(batch_arrays)
+  start = time.perf_counter()
+  state, metrics = step(state, batch_arrays)
+  jax.block_until_ready(metrics)
+  print(f"jax: compile + first step {time.perf_counter() - start:.1f}s")
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch_arrays)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / steps
+
+
+def bench_torch(preset: str, batch: int, seq: int, steps: int) -> float | None:
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    print("torch/transformers not installed: skipping the PyTorch reference")
+    return None
+  from wakea_jax.models.config import get_preset
+  cfg = get_preset(preset)
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=max(seq, 512), attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(hf_config).float().train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+  ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+
+  def one_step():
+    optimizer.zero_grad(set_to_none=True)
+    out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+  start = time.perf_counter()
+  one_step()
+  print(f"torch: first step {time.perf_counter() - start:.1f}s")
+  start = time.perf_counter()
+  for _ in range(steps):
+    one_step()
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv):
+  del argv
+  import jax
+  from wakea_jax.models.config import get_preset
+  from wakea_jax.train import flops
+
+  cfg = get_preset(_PRESET.value)
+  tokens = _BATCH.value * _SEQ.value
+  flop_per_step = flops.train_flops_per_token(cfg, _SEQ.value) * tokens
+  peak = matmul_rate()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"measured float32 matmul rate {peak / 1e12:.3f} TFLOP/s")
+  print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {_BATCH.value} x "
+        f"{_SEQ.value}, {flop_per_step / 1e12:.2f} TFLOP per step (analytic)")
+  jax_s = bench_jax(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value)
+  print(f"wakea_jax: {jax_s:.3f} s/step, {tokens / jax_s:,.0f} tokens/s, "
+        f"{flop_per_step / jax_s / 1e12:.3f} TFLOP/s, "
+        f"{100 * flop_per_step / jax_s / peak:.1f}% of measured matmul rate")
+  if not _NO_TORCH.value:
+    torch_s = bench_torch(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value)
+    if torch_s:
+      print(f"pytorch transformers: {torch_s:.3f} s/step, {tokens / torch_s:,.0f} tokens/s, "
+            f"{flop_per_step / torch_s / 1e12:.3f} TFLOP/s")
+      print(f"ratio wakea_jax / pytorch tokens/s: {torch_s / jax_s:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
