@@ -64,7 +64,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     reseed = _has_rng_state(state.frozen)
 
     def micro_loss(params, mb, rng):
-      model = nnx.merge(graphdef, params, state.frozen)
+      # copy=True: the merged model gets its own RNG variables, which reseeding and dropout
+      # mutate inside this trace (mutating the shared frozen state would be a trace error).
+      model = nnx.merge(graphdef, params, state.frozen, copy=True)
       if reseed:  # fresh dropout masks every micro-step, reproducible from (seed, step)
         nnx.reseed(model, dropout=rng)
       return loss_fn(model, mb, rng)
