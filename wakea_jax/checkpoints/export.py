@@ -1,0 +1,104 @@
+"""Our own model directory: `model_config.json` (ModelConfig.to_dict()) plus `params/`, the
+parameters as an orbax checkpoint (sharded arrays, restored straight onto a mesh).
+
+Unlike `checkpoints/manager.py` (the whole train state at many steps), this is one model,
+ready to sample from, fine-tune or convert to HF (`wakea_jax.convert`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import uuid
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from wakea_jax.checkpoints.hf import PathLike, check_writable, replace_dir
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.transformer import Transformer, abstract_model
+from wakea_jax.parallel import mesh as mesh_lib
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def _check_plain(model: Transformer) -> nnx.State:
+  """The model's Params, checked to be exactly those of a plain Transformer of its config."""
+  state = nnx.state(model, nnx.Param)
+  ours = {p for p, _ in nnx.to_flat_state(state)}
+  plain = {p for p, _ in nnx.to_flat_state(nnx.state(abstract_model(model.config), nnx.Param))}
+  if ours != plain:
+    odd = sorted(".".join(map(str, p)) for p in ours ^ plain)
+    raise ValueError(f"model parameters differ from a plain Transformer at {odd[:5]} (merge LoRA "
+                     "adapters / dequantize before saving a model directory)")
+  return state
+
+
+def save_model_dir(model: Transformer, path: PathLike, *, overwrite: bool = False
+                   ) -> pathlib.Path:
+  """Writes `model` to the directory `path`, which appears atomically (written beside, renamed).
+
+  A previous model directory at `path` is replaced; any other non-empty directory is an error
+  unless `overwrite`. Single-host only: the temporary name is per process and this process
+  renames it once orbax has finished (several hosts would need a shared name and a barrier).
+  """
+  target = pathlib.Path(path).absolute()
+  check_writable(target, CONFIG_FILE, overwrite)
+  state = _check_plain(model)
+  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+  temp.mkdir(parents=True)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(temp / PARAMS_DIR, nnx.to_pure_dict(state))
+      checkpointer.wait_until_finished()
+    config = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
+    (temp / CONFIG_FILE).write_text(config + "\n")
+    replace_dir(temp, target)
+  except BaseException:
+    shutil.rmtree(temp, ignore_errors=True)
+    raise
+  return target
+
+
+def read_model_config(path: PathLike) -> ModelConfig:
+  """The ModelConfig stored in a model directory."""
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"model directory {directory} does not exist")
+  file = directory / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} is missing; is {directory} a model directory "
+                            "(written by save_model_dir)?")
+  try:
+    return ModelConfig.from_dict(json.loads(file.read_text()))
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise ValueError(f"{file}: {e}") from e
+
+
+def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                   rules: mesh_lib.Rules | None = None) -> Transformer:
+  """The model saved in `path`; with `mesh`, parameters are restored directly sharded."""
+  directory = pathlib.Path(path).absolute()
+  config = read_model_config(directory)
+  params = directory / PARAMS_DIR
+  if not params.is_dir():
+    raise FileNotFoundError(f"{params} is missing; {directory} has a config but no parameters")
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_state)
+  else:
+    shardings = mesh_lib.state_shardings(abstract_state, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(params, target)
+  except Exception as e:
+    raise ValueError(f"cannot restore {params} for the config in {directory / CONFIG_FILE}: "
+                     f"{e}") from e
+  nnx.replace_by_pure_dict(abstract_state, restored)
+  return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,558 @@
+"""Hugging Face checkpoints (Llama, Qwen2, Qwen3) to and from our `Transformer`, without PyTorch.
+
+A checkpoint directory holds `config.json` and `model.safetensors`, or shards listed in
+`model.safetensors.index.json`. The conversion is data: `TENSOR_RULES` maps each HF tensor name
+to a parameter path in `nnx.state(model, nnx.Param)` and names a `Hook` that changes the layout
+(HF `nn.Linear` stores [out, in], we store [in, out] with the heads split out). The same table
+drives import and export. RoPE needs no permutation: our layers use HF's rotate_half layout.
+
+Import reads one tensor at a time and, given a mesh, places it straight onto its shards, so a
+large model is never whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from safetensors import safe_open
+
+from wakea_jax.models.config import ModelConfig, RopeScaling
+from wakea_jax.models.transformer import Transformer, abstract_model
+from wakea_jax.parallel import mesh as mesh_lib
+
+PathLike = str | os.PathLike[str]
+Shape = tuple[int, ...]
+
+_log = logging.getLogger(__name__)
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
+
+# ------------------------------------------------------------------------------------------
+# The name map
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """How one tensor's layout differs between HF and us.
+
+  to_ours(hf_array, our_shape) -> our array; to_hf(our_array) -> HF array;
+  hf_shape(our_shape) -> the shape HF stores (checked before any data is read).
+  """
+
+  to_ours: Callable[[np.ndarray, Shape], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  hf_shape: Callable[[Shape], Shape]
+
+
+HOOKS: dict[str, Hook] = {
+    "identity": Hook(lambda x, s: x, lambda x: x, lambda s: s),
+    # nn.Linear [out, in] <-> ours [in, out] (MLP, lm_head).
+    "linear_in_out": Hook(lambda x, s: x.T, lambda x: x.T, lambda s: s[::-1]),
+    # q/k/v: [heads * head_dim, embed] <-> [embed, heads, head_dim].
+    "split_heads": Hook(lambda x, s: x.T.reshape(s), lambda x: x.reshape(x.shape[0], -1).T,
+                        lambda s: (s[1] * s[2], s[0])),
+    # o_proj: [embed, heads * head_dim] <-> [heads, head_dim, embed].
+    "merge_heads": Hook(lambda x, s: x.T.reshape(s), lambda x: x.reshape(-1, x.shape[-1]).T,
+                        lambda s: (s[2], s[0] * s[1])),
+    # q/k/v bias: [heads * head_dim] <-> [heads, head_dim].
+    "split_bias": Hook(lambda x, s: x.reshape(s), lambda x: x.reshape(-1),
+                       lambda s: (s[0] * s[1],)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """One HF tensor name pattern ("{i}" = layer index), our parameter path, and its hook.
+
+  `when` names the ModelConfig feature the tensor exists under ("always", "untied", or a bool
+  field such as "qkv_bias").
+  """
+
+  hf: str
+  ours: str
+  hook: str
+  when: str = "always"
+
+
+_L, _A = "model.layers.{i}.", "model.layers.{i}.self_attn."
+TENSOR_RULES: tuple[TensorRule, ...] = (
+    TensorRule("model.embed_tokens.weight", "embed", "identity"),
+    TensorRule("model.norm.weight", "final_norm.scale", "identity"),
+    TensorRule("lm_head.weight", "lm_head", "linear_in_out", when="untied"),
+    TensorRule(_L + "input_layernorm.weight", "layers.{i}.input_norm.scale", "identity"),
+    TensorRule(_L + "post_attention_layernorm.weight", "layers.{i}.post_attn_norm.scale",
+               "identity"),
+    TensorRule(_A + "q_proj.weight", "layers.{i}.attn.q_proj", "split_heads"),
+    TensorRule(_A + "k_proj.weight", "layers.{i}.attn.k_proj", "split_heads"),
+    TensorRule(_A + "v_proj.weight", "layers.{i}.attn.v_proj", "split_heads"),
+    TensorRule(_A + "o_proj.weight", "layers.{i}.attn.o_proj", "merge_heads"),
+    TensorRule(_A + "q_proj.bias", "layers.{i}.attn.q_bias", "split_bias", when="qkv_bias"),
+    TensorRule(_A + "k_proj.bias", "layers.{i}.attn.k_bias", "split_bias", when="qkv_bias"),
+    TensorRule(_A + "v_proj.bias", "layers.{i}.attn.v_bias", "split_bias", when="qkv_bias"),
+    TensorRule(_A + "q_norm.weight", "layers.{i}.attn.q_norm.scale", "identity", when="qk_norm"),
+    TensorRule(_A + "k_norm.weight", "layers.{i}.attn.k_norm.scale", "identity", when="qk_norm"),
+    TensorRule(_L + "mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", "linear_in_out"),
+    TensorRule(_L + "mlp.up_proj.weight", "layers.{i}.mlp.up_proj", "linear_in_out"),
+    TensorRule(_L + "mlp.down_proj.weight", "layers.{i}.mlp.down_proj", "linear_in_out"),
+)
+
+# Buffers older HF checkpoints saved, recomputed by every model that reads them.
+_IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Our parameters with no HF counterpart; import initialises them, export drops them.
+_NOT_IN_HF = (("value_head",), ("value_bias",))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+  hf_name: str
+  path: tuple[str | int, ...]
+  hook: Hook
+
+
+def tensor_map(config: ModelConfig) -> list[TensorEntry]:
+  """`TENSOR_RULES` expanded for `config`: every tensor of the model, in checkpoint order."""
+  entries = []
+  for rule in TENSOR_RULES:
+    if rule.when == "untied":
+      active = not config.tie_embeddings
+    else:
+      active = rule.when == "always" or bool(getattr(config, rule.when))
+    if not active:
+      continue
+    for i in (range(config.num_layers) if "{i}" in rule.hf else (0,)):
+      path = tuple(int(p) if p.isdigit() else p for p in rule.ours.format(i=i).split("."))
+      entries.append(TensorEntry(rule.hf.format(i=i), path, HOOKS[rule.hook]))
+  return entries
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+  return ".".join(str(p) for p in path)
+
+
+# ------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ------------------------------------------------------------------------------------------
+
+# Defaults of the transformers config classes for fields a config.json may omit.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=2048,
+                             rms_norm_eps=1e-6, attention_bias=False, mlp_bias=False),
+    "Qwen2ForCausalLM": dict(num_key_value_heads=32, head_dim=None, max_position_embeddings=32768,
+                             rms_norm_eps=1e-6, use_sliding_window=False),
+    "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                             rms_norm_eps=1e-6, attention_bias=False, use_sliding_window=False),
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def read_hf_config(path: PathLike) -> dict[str, Any]:
+  """The parsed `config.json` of an HF checkpoint directory."""
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"HF checkpoint directory {directory} does not exist")
+  file = directory / "config.json"
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} is missing; an HF checkpoint directory needs config.json")
+  try:
+    values = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: invalid JSON: {e}") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"{file}: expected a JSON object, got {type(values).__name__}")
+  return values
+
+
+def hf_architecture(hf_config: dict[str, Any], source: str = "config.json") -> str:
+  """The supported architecture named by `architectures` (or, failing that, `model_type`)."""
+  names = hf_config.get("architectures") or []
+  if not names:
+    by_type = {t: a for a, t in ARCHITECTURES.items()}
+    if hf_config.get("model_type") in by_type:
+      return by_type[hf_config["model_type"]]
+    raise ValueError(f"{source}: field 'architectures' is missing and model_type "
+                     f"{hf_config.get('model_type')!r} is not one of {sorted(by_type)}")
+  supported = [n for n in names if n in ARCHITECTURES]
+  if not supported:
+    raise NotImplementedError(f"{source}: architectures {names} not supported; "
+                              f"supported: {sorted(ARCHITECTURES)}")
+  return supported[0]
+
+
+def _rope_from_hf(hf: dict[str, Any], max_len: int, source: str
+                  ) -> tuple[float, RopeScaling | None]:
+  # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions a
+  # top-level `rope_theta` plus an optional `rope_scaling` dict ("type" before "rope_type").
+  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+  if params and all(isinstance(v, dict) for v in params.values()):
+    raise NotImplementedError(f"{source}: per-layer-type {field} {sorted(params)} not supported")
+  theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+  if float(params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0) != 1.0:
+    raise NotImplementedError(f"{source}: partial_rotary_factor != 1 is not supported")
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type == "default":
+    return theta, None
+  if rope_type != "llama3":
+    raise NotImplementedError(f"{source}: {field}.rope_type={rope_type!r} is not supported "
+                              "(only 'default' and 'llama3')")
+  try:
+    scaling = RopeScaling(
+        factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings") or max_len))
+  except KeyError as e:
+    raise ValueError(f"{source}: {field} of rope_type 'llama3' lacks field {e.args[0]!r}") from e
+  return theta, scaling
+
+
+def config_from_hf(hf_config: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+  """Our ModelConfig for an HF Llama / Qwen2 / Qwen3 config dict (float32, no value head)."""
+  arch = hf_architecture(hf_config, source)
+  hf = {**_HF_DEFAULTS[arch], **hf_config}
+  missing = [k for k in _REQUIRED if hf.get(k) is None]
+  if missing:
+    raise ValueError(f"{source}: required field(s) {missing} missing")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise NotImplementedError(f"{source}: hidden_act={hf['hidden_act']!r} not supported "
+                              "(only 'silu')")
+  if hf.get("attention_bias"):
+    # Llama's and Qwen3's attention_bias also adds an o_proj bias, which our layers lack.
+    raise NotImplementedError(f"{source}: attention_bias=true (biases on q/k/v *and* o_proj) "
+                              f"is not supported for {arch}")
+  if hf.get("mlp_bias"):
+    raise NotImplementedError(f"{source}: mlp_bias=true is not supported")
+  layer_types = hf.get("layer_types") or []
+  if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+    raise NotImplementedError(f"{source}: sliding-window attention (use_sliding_window / "
+                              "layer_types) is not supported")
+  heads = int(hf["num_attention_heads"])
+  max_len = int(hf["max_position_embeddings"])
+  theta, scaling = _rope_from_hf(hf, max_len, source)
+  try:
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]), embed_dim=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(hf["num_key_value_heads"] or heads),
+        head_dim=int(hf["head_dim"] or int(hf["hidden_size"]) // heads),
+        mlp_dim=int(hf["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=float(hf["rms_norm_eps"]), tie_embeddings=bool(hf.get("tie_word_embeddings")),
+        qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
+        max_seq_len=max_len)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from e
+
+
+def infer_architecture(config: ModelConfig) -> str:
+  """The HF family a config fits: QK-norm -> Qwen3, qkv bias -> Qwen2, else Llama."""
+  if config.qk_norm:
+    return "Qwen3ForCausalLM"
+  return "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+
+
+def config_to_hf(config: ModelConfig, architecture: str | None = None,
+                 dtype: str = "float32") -> dict[str, Any]:
+  """The config.json for `config` as `architecture` (errors if the family cannot express it)."""
+  arch = architecture or infer_architecture(config)
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"architecture {arch!r} not supported; choose one of {sorted(ARCHITECTURES)}")
+  # Each family has a fixed attention: Llama plain, Qwen2 with q/k/v bias, Qwen3 with QK-norm.
+  wants = {"LlamaForCausalLM": (False, False), "Qwen2ForCausalLM": (True, False),
+           "Qwen3ForCausalLM": (False, True)}[arch]
+  if (config.qkv_bias, config.qk_norm) != wants:
+    raise ValueError(f"{arch} needs qkv_bias={wants[0]}, qk_norm={wants[1]}, but the model has "
+                     f"qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}; pick architecture "
+                     f"{infer_architecture(config)!r}")
+  if arch == "LlamaForCausalLM" and config.embed_dim % config.num_heads:
+    raise ValueError(f"LlamaConfig requires hidden_size ({config.embed_dim}) divisible by "
+                     f"num_attention_heads ({config.num_heads})")
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+  if config.rope_scaling is not None:
+    rope = {"rope_type": "llama3", "rope_theta": config.rope_theta,
+            **dataclasses.asdict(config.rope_scaling)}
+  hf: dict[str, Any] = {
+      "architectures": [arch], "model_type": ARCHITECTURES[arch],
+      "vocab_size": config.vocab_size, "hidden_size": config.embed_dim,
+      "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+      "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
+      "attention_dropout": 0.0, "use_cache": True,
+      # transformers 5 reads rope_parameters; 4.x reads rope_theta / rope_scaling.
+      "rope_parameters": rope, "rope_theta": config.rope_theta,
+      "rope_scaling": rope if config.rope_scaling is not None else None,
+      "dtype": dtype, "torch_dtype": dtype,
+  }
+  if arch == "LlamaForCausalLM":
+    hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  else:
+    hf.update(use_sliding_window=False, sliding_window=None,
+              max_window_layers=config.num_layers,
+              layer_types=["full_attention"] * config.num_layers)
+    if arch == "Qwen3ForCausalLM":
+      hf["attention_bias"] = False
+  return hf
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors reading (bfloat16 included: safetensors' numpy backend cannot return it)
+# ------------------------------------------------------------------------------------------
+
+_RAW_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class _SafetensorsReader:
+  """Tensors by name from `model.safetensors` or the shards of its index, one at a time."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a 'weight_map': {e}") from e
+      files = sorted(set(weight_map.values()))
+    elif single.is_file():
+      files = [single.name]
+    else:
+      raise FileNotFoundError(
+          f"{directory}: no model.safetensors or model.safetensors.index.json (other weight "
+          "formats such as pytorch_model.bin are not supported)")
+    self._handles: dict[str, Any] = {}
+    self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+    self.weight_map: dict[str, str] = {}
+    for name in files:
+      if not (directory / name).is_file():
+        raise FileNotFoundError(f"{directory / name} (listed in {index.name}) is missing")
+      handle = self._handles[name] = safe_open(str(directory / name), framework="numpy")
+      self.weight_map.update({key: name for key in handle.keys()})
+    if index.is_file():
+      absent = sorted(k for k, f in weight_map.items() if self.weight_map.get(k) != f)
+      if absent:
+        raise ValueError(f"{index}: tensor(s) {absent[:5]} are not in the files it names")
+
+  def file(self, name: str) -> pathlib.Path:
+    return self.directory / self.weight_map[name]
+
+  def shape(self, name: str) -> Shape:
+    return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+
+  def read(self, name: str) -> np.ndarray:
+    handle = self._handles[self.weight_map[name]]
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in _RAW_DTYPES:
+      return handle.get_tensor(name)
+    # Read the raw bytes at the offsets the header gives (header: u64 length + JSON).
+    file = self.weight_map[name]
+    with open(self.directory / file, "rb") as f:
+      if file not in self._headers:
+        (length,) = struct.unpack("<Q", f.read(8))
+        self._headers[file] = (8 + length, json.loads(f.read(length)))
+      data_start, header = self._headers[file]
+      begin, end = header[name]["data_offsets"]
+      f.seek(data_start + begin)
+      data = f.read(end - begin)
+    return np.frombuffer(data, _RAW_DTYPES[dtype]).reshape(self.shape(name))
+
+
+# ------------------------------------------------------------------------------------------
+# Import
+# ------------------------------------------------------------------------------------------
+
+
+def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: mesh_lib.Rules | None = None,
+               **config_overrides: Any) -> Transformer:
+  """A Transformer with the weights of the HF checkpoint directory `path`.
+
+  `dtype` is the compute dtype; `param_dtype` (default: `dtype`) what weights are stored in.
+  `config_overrides` replace ModelConfig fields (e.g. max_seq_len, remat_policy, value_head;
+  a value head is freshly initialised). With `mesh`, every tensor is put straight onto its
+  shards as it is read.
+  """
+  directory = pathlib.Path(path)
+  source = str(directory / "config.json")
+  config = config_from_hf(read_hf_config(directory), source=source)
+  config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  expected = dict(nnx.to_flat_state(abstract_state))
+  shardings = (dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract_state, mesh, rules)))
+               if mesh is not None else {})
+  reader = _SafetensorsReader(directory)
+  entries = tensor_map(config)
+  missing = [e.hf_name for e in entries if e.hf_name not in reader.weight_map]
+  if missing:
+    raise ValueError(f"{directory}: tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                     f"({len(missing)} in all) missing; {source} implies them")
+  wanted = {e.hf_name for e in entries}
+  # HF ties lm_head to the embedding and ignores a stored lm_head when embeddings are tied.
+  ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
+  extra = sorted(n for n in reader.weight_map
+                 if n not in wanted and n not in ignorable and not _IGNORED_HF.fullmatch(n))
+  if extra:
+    raise ValueError(f"{directory}: unexpected tensor(s) {extra[:5]} ({len(extra)} in all, e.g. "
+                     f"in {reader.weight_map[extra[0]]}) not described by {source}")
+
+  def put(path: tuple[Any, ...], array: np.ndarray) -> jax.Array:
+    # order="C": hooks return transposed views; np.ascontiguousarray would make 0-d 1-d.
+    array = np.asarray(array.astype(config.weight_dtype), order="C")
+    sharding = shardings.get(path)
+    return jax.device_put(array, sharding.get_value() if sharding is not None else None)
+
+  for e in entries:  # every shape is checked before any data is read
+    want = e.hook.hf_shape(tuple(expected[e.path].get_value().shape))
+    if (got := reader.shape(e.hf_name)) != want:
+      raise ValueError(f"{reader.file(e.hf_name)}: tensor {e.hf_name!r} has shape {got}, "
+                       f"expected {want} from {source}")
+  values: dict[tuple[Any, ...], jax.Array] = {}
+  for e in entries:
+    shape = tuple(expected[e.path].get_value().shape)
+    values[e.path] = put(e.path, e.hook.to_ours(reader.read(e.hf_name), shape))
+  for path in _NOT_IN_HF:
+    if path in expected:  # the value head: N(0, init_std^2) and a zero bias, as in create_model
+      shape = tuple(expected[path].get_value().shape)
+      init = (config.init_std * np.random.default_rng(0).standard_normal(shape)
+              if path == ("value_head",) else np.zeros(shape))
+      values[path] = put(path, init.astype(np.float32))
+  unfilled = sorted(_dotted(p) for p in set(expected) - set(values))
+  if unfilled:
+    raise RuntimeError(f"TENSOR_RULES leave parameter(s) {unfilled} without a source")
+  state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in expected.items()])
+  return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------
+
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "B": 1}
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes in `size`: an int, or a string such as "50KB", "5GB", "2GiB" (HF's units)."""
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
+  if not match:
+    raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '500MB'")
+  return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"])
+
+
+def _export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[[], np.ndarray],
+                                                                    int]]:
+  """(HF name, producer of the array, byte size) per tensor; arrays are fetched lazily."""
+  config: ModelConfig = model.config
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  entries = tensor_map(config)
+  mapped = {e.path for e in entries}
+  unmapped = sorted(_dotted(p) for p in set(flat) - mapped - set(_NOT_IN_HF))
+  absent = sorted(_dotted(p) for p in mapped - set(flat))
+  if unmapped or absent:
+    raise ValueError(
+        f"model parameters are not those of a plain Transformer (no HF counterpart: "
+        f"{unmapped[:5]}; not a plain nnx.Param: {absent[:5]}); merge LoRA adapters and "
+        "dequantize weights (wakea_jax.models.lora.merge_lora) before export")
+  if any(p in flat for p in _NOT_IN_HF):
+    _log.warning("the value head has no HF counterpart and is not exported")
+  out = []
+  for e in entries:
+    value = flat[e.path].get_value()
+    size = math.prod(value.shape) * dtype.itemsize
+    out.append((e.hf_name, lambda v=value, h=e.hook: np.asarray(
+        h.to_hf(np.asarray(jax.device_get(v))).astype(dtype), order="C"), size))
+  return out
+
+
+def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
+               max_shard_size: int | str = "5GB", architecture: str | None = None,
+               overwrite: bool = False, extra_files: Sequence[PathLike] = ()) -> pathlib.Path:
+  """Writes `model` as an HF checkpoint directory that transformers loads.
+
+  `dtype` (default: the model's param_dtype) is what tensors are stored in. Checkpoints larger
+  than `max_shard_size` are split into shards with an index. `architecture` defaults to the
+  family inferred from the config (`infer_architecture`). `extra_files` (tokenizer files, a
+  generation_config.json, ...) are copied in. The directory appears atomically: it is written
+  beside `path` and renamed. A previous HF checkpoint at `path` (a directory with config.json)
+  is replaced; any other non-empty directory is an error unless `overwrite`.
+  """
+  config: ModelConfig = model.config
+  dtype = dtype or config.param_dtype
+  if dtype not in _SAVE_DTYPES:
+    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+  np_dtype = np.dtype(_SAVE_DTYPES[dtype])
+  hf_config = config_to_hf(config, architecture, dtype)
+  target = pathlib.Path(path).absolute()
+  check_writable(target, "config.json", overwrite)
+  tensors = _export_tensors(model, np_dtype)
+  limit = parse_size(max_shard_size)
+  shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
+  for item in tensors:  # greedy, in order, like transformers; a big tensor gets its own shard
+    if shards[-1] and sum(s for *_, s in shards[-1]) + item[2] > limit:
+      shards.append([])
+    shards[-1].append(item)
+
+  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+  temp.mkdir(parents=True)
+  try:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      name = ("model.safetensors" if len(shards) == 1
+              else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+      safetensors.numpy.save_file({n: make() for n, make, _ in shard}, str(temp / name),
+                                  metadata={"format": "pt"})
+      weight_map.update({n: name for n, _, _ in shard})
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": sum(s for *_, s in tensors)}, "weight_map": weight_map}
+      (temp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (temp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    for extra in extra_files:
+      shutil.copy2(extra, temp / pathlib.Path(extra).name)
+    replace_dir(temp, target)
+  except BaseException:
+    shutil.rmtree(temp, ignore_errors=True)
+    raise
+  return target
+
+
+def check_writable(target: pathlib.Path, marker: str, overwrite: bool) -> None:
+  """Refuses to replace a non-empty directory that is not a checkpoint (lacks `marker`)."""
+  if (target.exists() and any(target.iterdir()) and not (target / marker).is_file()
+      and not overwrite):
+    raise FileExistsError(f"{target} is a non-empty directory without {marker}, so not a "
+                          "checkpoint this would replace; pass overwrite=True to replace it")
+
+
+def replace_dir(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Renames the finished directory `source` to `target`, replacing what was there."""
+  if target.exists() and any(target.iterdir()):
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old)
+  else:
+    if target.exists():
+      target.rmdir()
+    source.rename(target)

@@ -1,0 +1,87 @@
+r"""Checkpoint conversion binary. Exactly one direction per call:
+
+  python -m wakea_jax.convert --from_hf=HF_DIR --out=MODEL_DIR          # HF -> our model dir
+  python -m wakea_jax.convert --checkpoint=MODEL_DIR --to_hf=HF_DIR     # our model dir -> HF
+  python -m wakea_jax.convert --from_hf=HF_DIR --to_hf=HF_DIR2          # HF -> HF (round trip)
+
+--dtype sets the stored dtype (default: keep the source's); --architecture the HF family
+written by --to_hf (default: inferred from the model's features).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from wakea_jax.checkpoints import export, hf
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "HF checkpoint directory to write.")
+_OUT = flags.DEFINE_string("out", None, "Model directory to write (with --from_hf).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory to read (with --to_hf).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Stored dtype; default: the source's.")
+_ARCHITECTURE = flags.DEFINE_enum("architecture", None, sorted(hf.ARCHITECTURES),
+                                  "HF architecture for --to_hf; default: inferred.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Also replace a non-empty output directory that is no checkpoint.")
+
+USAGE = ("choose exactly one direction: --from_hf=DIR --out=DIR (HF -> model dir), "
+         "--checkpoint=DIR --to_hf=DIR (model dir -> HF), or --from_hf=DIR --to_hf=DIR (HF -> HF)")
+
+
+class ConvertUsageError(ValueError):
+  """A bad combination of arguments (main reports it as a usage error)."""
+
+
+# Files of an HF directory that travel with the weights in an HF -> HF conversion.
+_HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                  "added_tokens.json", "chat_template.jinja")
+
+
+def _hf_dtype(directory: str) -> str:
+  """The dtype an HF checkpoint's config.json says it is stored in (float32 if unsaid)."""
+  config = hf.read_hf_config(directory)
+  name = config.get("dtype") or config.get("torch_dtype") or "float32"
+  return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def run(*, from_hf: str | None = None, to_hf: str | None = None, out: str | None = None,
+        checkpoint: str | None = None, dtype: str | None = None, architecture: str | None = None,
+        overwrite: bool = False) -> pathlib.Path:
+  """Converts one checkpoint (see the module docstring); returns the directory written."""
+  given = {name for name, value in (("from_hf", from_hf), ("to_hf", to_hf), ("out", out),
+                                    ("checkpoint", checkpoint)) if value}
+  if given not in ({"from_hf", "out"}, {"checkpoint", "to_hf"}, {"from_hf", "to_hf"}):
+    raise ConvertUsageError(f"{USAGE}; got {sorted('--' + g for g in given) or 'none'}")
+  if architecture is not None and not to_hf:
+    raise ConvertUsageError("--architecture applies only to --to_hf")
+  if from_hf:
+    model = hf.load_model(from_hf, param_dtype=dtype or _hf_dtype(from_hf))
+    if out:
+      return export.save_model_dir(model, out, overwrite=overwrite)
+    side = [p for p in (pathlib.Path(from_hf) / n for n in _HF_SIDE_FILES) if p.is_file()]
+    return hf.save_model(model, to_hf, dtype=dtype, architecture=architecture,
+                         overwrite=overwrite, extra_files=side)
+  model = export.load_model_dir(checkpoint)
+  return hf.save_model(model, to_hf, dtype=dtype, architecture=architecture,
+                       overwrite=overwrite)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    written = run(from_hf=_FROM_HF.value, to_hf=_TO_HF.value, out=_OUT.value,
+                  checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value,
+                  architecture=_ARCHITECTURE.value, overwrite=_OVERWRITE.value)
+  except ConvertUsageError as e:
+    raise app.UsageError(str(e)) from e
+  print(f"wrote {written}")
+
+
+if __name__ == "__main__":
+  app.run(main)
