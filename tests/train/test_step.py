@@ -9,7 +9,7 @@ from flax import nnx
 
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
-from wakea_jax.objectives.sft import sft_loss, token_logprobs
+from wakea_jax.objectives.sft import chunked_sft_loss, sft_loss, token_logprobs
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.train import optimizer as opt_lib
 from wakea_jax.train import state as state_lib
@@ -143,3 +143,26 @@ def test_weight_decay_mask_and_schedule():
   assert float(schedule(110)) == pytest.approx(0.1)
   with pytest.raises(ValueError, match="learning_rate"):
     opt_lib.OptimizerConfig(learning_rate=0.0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 4096])
+def test_chunked_loss_equals_full_loss_and_gradients(chunk_tokens):
+  rng = np.random.RandomState(1)
+  hidden = jnp.asarray(rng.randn(2, 9, 8).astype(np.float32))
+  head = jnp.asarray(rng.randn(8, 11).astype(np.float32))
+  targets = jnp.asarray(rng.randint(0, 11, (2, 9)))
+  mask = jnp.asarray((rng.rand(2, 9) < 0.7).astype(np.float32))
+
+  def full(hidden, head):
+    return sft_loss(jnp.einsum("bte,ev->btv", hidden, head), targets, mask, z_loss=1e-3)
+
+  def chunked(hidden, head):
+    return chunked_sft_loss(hidden, head, targets, mask, chunk_tokens=chunk_tokens, z_loss=1e-3)
+
+  (l1, s1), g1 = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, head)
+  (l2, s2), g2 = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for k in s1:
+    np.testing.assert_allclose(s2[k], s1[k], rtol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -86,6 +86,13 @@ class Transformer(nnx.Module):
       self.value_head = param(rngs, (c.embed_dim,), ("embed",), pd, std=c.init_std)
       self.value_bias = param(None, (), (), pd, value=0.0)
 
+  def head_weight(self) -> Array:
+    """The LM head as [embed, vocab] in the compute dtype (the embedding's transpose if tied)."""
+    dt = self.config.compute_dtype
+    if self.config.tie_embeddings:
+      return self.embed[...].astype(dt).T
+    return self.lm_head[...].astype(dt)
+
   def __call__(self, input_ids: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, attention_mask: Array | None = None,
                cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:

@@ -56,3 +56,44 @@ def sft_loss(logits: Array, targets: Array, loss_mask: Array, *, z_loss: float =
   # Ties with the maximum count as correct; with float logits they are vanishingly rare.
   correct = jnp.sum(jax.lax.stop_gradient(picked >= row_max) * mask)
   return loss_sum, {"nll_sum": nll_sum, "tokens": jnp.sum(mask), "correct": correct}
+
+
+def chunked_sft_loss(hidden: Array, head: Array, targets: Array, loss_mask: Array, *,
+                     chunk_tokens: int = 1024, z_loss: float = 0.0
+                     ) -> tuple[Array, dict[str, Array]]:
+  """`sft_loss(hidden @ head, ...)` without materialising the [batch, seq, vocab] logits.
+
+  The sequence is cut into chunks (each spanning the whole batch, so data-parallel shards
+  stay busy); each chunk's logits are computed, reduced to the loss sums and dropped, and
+  recomputed in the backward pass (jax.checkpoint). Memory for logits falls from
+  batch*seq*vocab to chunk*vocab floats, and on CPU the step is faster too (bench56m LM
+  head fwd+bwd: 2.2 s -> 1.2 s) because the logits never round-trip through main memory.
+
+  hidden [b, t, e] (compute dtype), head [e, v]; returns what `sft_loss` returns.
+  """
+  b, t, _ = hidden.shape
+  seq_chunk = max(1, min(t, chunk_tokens // max(b, 1)))
+  pad = (-t) % seq_chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
+  n = (t + pad) // seq_chunk
+
+  def chunks(x: Array) -> Array:  # [b, n*c, ...] -> [n, b, c, ...]
+    return jnp.swapaxes(x.reshape((b, n, seq_chunk) + x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def one(h: Array, tg: Array, m: Array) -> tuple[Array, dict[str, Array]]:
+    logits = jnp.einsum("bte,ev->btv", h, head, preferred_element_type=jnp.float32)
+    return sft_loss(logits, tg, m, z_loss=z_loss)
+
+  def body(carry, xs):
+    loss_sum, sums = one(*xs)
+    return jax.tree.map(jnp.add, carry, (loss_sum, sums)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, {"nll_sum": zero, "tokens": zero, "correct": zero})
+  (loss_sum, sums), _ = jax.lax.scan(
+      body, init, (chunks(hidden), chunks(targets), chunks(loss_mask.astype(jnp.float32))))
+  return loss_sum, sums

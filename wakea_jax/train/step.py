@@ -18,19 +18,24 @@ import optax
 from flax import nnx
 from jax import Array
 
-from wakea_jax.objectives.sft import sft_loss
+from wakea_jax.objectives.sft import chunked_sft_loss
 from wakea_jax.train.state import TrainState
 
 LossFn = Callable[[nnx.Module, dict[str, Array], Array], tuple[Array, dict[str, Array]]]
 
 
-def sft_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *, z_loss: float = 0.0
-                ) -> tuple[Array, dict[str, Array]]:
-  """SFT over a packed batch {input_ids, targets, loss_mask, segment_ids, positions}."""
+def sft_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *, z_loss: float = 0.0,
+                chunk_tokens: int = 1024) -> tuple[Array, dict[str, Array]]:
+  """SFT over a packed batch {input_ids, targets, loss_mask, segment_ids, positions}.
+
+  The loss is computed from the final hidden states in chunks (`chunked_sft_loss`); the
+  model's full logits are never used, so XLA drops them.
+  """
   del rng
-  logits = model(batch["input_ids"], positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"))
-  loss_sum, sums = sft_loss(logits, batch["targets"], batch["loss_mask"], z_loss=z_loss)
+  out = model.forward(batch["input_ids"], positions=batch.get("positions"),
+                      segment_ids=batch.get("segment_ids"))
+  loss_sum, sums = chunked_sft_loss(out.hidden, model.head_weight(), batch["targets"],
+                                    batch["loss_mask"], chunk_tokens=chunk_tokens, z_loss=z_loss)
   return loss_sum, {**sums, "weight": sums["tokens"]}
 
 
