@@ -144,7 +144,37 @@ def _chat_special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return found
 
 
-class SentencePieceTokenizer:
+class _TokenizerIds:
+    """The id properties both implementations share; subclasses set the private fields."""
+
+    _vocab_size: int
+    _bos_id: int | None
+    _eos_id: int | None
+    _pad_id: int | None
+    _special_ids: dict[str, int]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
+
+    @property
+    def special_ids(self) -> Mapping[str, int]:
+        return dict(self._special_ids)
+
+
+class SentencePieceTokenizer(_TokenizerIds):
     """A SentencePiece `.model` file.
 
     Chat tokens are single ids when the model was trained with them as user_defined_symbols
@@ -196,26 +226,6 @@ class SentencePieceTokenizer:
         special.update(_chat_special_ids(self))  # needs encode(), hence last
         self._special_ids = special
         self._special_id_set = frozenset(special.values())
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad_id
-
-    @property
-    def special_ids(self) -> Mapping[str, int]:
-        return dict(self._special_ids)
 
     def token_to_id(self, piece: str) -> int | None:
         token_id = self._sp.piece_to_id(piece)
@@ -296,7 +306,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-class HFTokenizer:
+class HFTokenizer(_TokenizerIds):
     """A Hugging Face fast tokenizer read from a local `tokenizer.json`.
 
     `path` is a directory holding `tokenizer.json` or the `tokenizer.json` file itself.
@@ -359,26 +369,6 @@ class HFTokenizer:
                         config_path,
                     )
         return named
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad_id
-
-    @property
-    def special_ids(self) -> Mapping[str, int]:
-        return dict(self._special_ids)
 
     def token_to_id(self, piece: str) -> int | None:
         return self._tok.token_to_id(piece)
