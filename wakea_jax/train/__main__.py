@@ -1,0 +1,39 @@
+r"""Training binary.
+
+  python -m wakea_jax.train --config=configs/sft.py:quickstart --workdir=/tmp/wakea_quickstart
+
+Running the same command again resumes from the latest checkpoint in --workdir.
+(`wakea_jax/train/` is a package, so this file is the `python -m wakea_jax.train` entry.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from wakea_jax import logs
+from wakea_jax.parallel import distributed
+from wakea_jax.train.run import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sft.py:quickstart.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/sft.py:quickstart")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  logs.quiet_library_logs()
+  distributed.initialize()
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
