@@ -48,8 +48,26 @@ def dense(x: Array, weight: Any, equation: str, dtype: Any) -> Array:
   weight's leading dimensions are the ones contracted with x's trailing dimensions.
   """
   if isinstance(weight, nnx.Variable):
-    return jnp.einsum(equation, x, weight[...].astype(dtype))
+    return matmul(x, weight[...].astype(dtype), equation)
   return weight(x, equation, dtype)
+
+
+def matmul(x: Array, w: Array, equation: str) -> Array:
+  """`einsum(equation, x, w)` for x's trailing dims contracting w's leading dims, as one 2-D
+  matmul: [prod(lead), prod(contracted)] @ [prod(contracted), prod(out)].
+
+  Why: XLA:CPU runs the backward pass of rank-3 einsums far slower than the same products
+  written as 2-D matmuls (bench56m MLP fwd+bwd: 0.37 vs 0.66 TFLOP/s); reshapes of
+  contiguous leading/trailing dims are free and keep shardings.
+  """
+  lhs, rhs = equation.split("->")[0].split(",")
+  k = len(set(lhs) & set(rhs))
+  if lhs[-k:] != rhs[:k] or equation.split("->")[1] != lhs[:-k] + rhs[k:]:
+    return jnp.einsum(equation, x, w)  # not of the simple form: let einsum handle it
+  lead, contracted = x.shape[:-k], x.shape[-k:]
+  out = w.shape[k:]
+  y = x.reshape(-1, math.prod(contracted)) @ w.reshape(math.prod(contracted), -1)
+  return y.reshape(lead + out)
 
 
 class RMSNorm(nnx.Module):
