@@ -167,24 +167,41 @@ def _write(cache: Array, new: Array, start: Array) -> Array:
 # ----------------------------------------------------------------------------------------
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int
-                          ) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int, *,
+                          causal: bool = False, block: int = 128) -> Array:
   """Grouped-query softmax attention.
 
   q [b, t, n, h], k/v [b, s, k, h], mask [b, t, s] (True = may attend) -> [b, t, n, h].
   Scores and softmax are float32. Heads are moved in front of the sequence so that both
   matmuls are plain batched [t', h] x [h, s] products over (batch, kv head), with the query
   group folded into the rows; on CPU this layout is ~25% faster than contracting in place.
+
+  With `causal=True` (the mask is known to include the causal rule and t == s), queries are
+  processed in blocks that only look at the keys up to the block's end: exact, since later
+  keys are masked anyway, and it skips the upper triangle's score work (about half).
   """
   b, t, n, h = q.shape
-  s = k.shape[1]
   g = n // num_kv_heads
-  q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, num_kv_heads,
-                                                                            g * t, h)
-  k = k.transpose(0, 2, 1, 3)
+  q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 3, 1, 4)   # [b, k, g, t, h]
+  k = k.transpose(0, 2, 1, 3)                                         # [b, k, s, h]
   v = v.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
-  scores = (scores * (h ** -0.5)).reshape(b, num_kv_heads, g, t, s)
+  if causal and t == k.shape[2] and t > block:
+    starts = range(0, t, block)
+    out = jnp.concatenate(
+        [_attend(q[:, :, :, i:i + block], k[:, :, :i + block], v[:, :, :i + block],
+                 mask[:, i:i + block, :i + block]) for i in starts], axis=3)
+  else:
+    out = _attend(q, k, v, mask)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """q [b, k, g, t, h], k/v [b, k, s, h], mask [b, t, s] -> [b, k, g, t, h]."""
+  b, kv, g, t, h = q.shape
+  s = k.shape[2]
+  scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv, g * t, h), k,
+                      preferred_element_type=jnp.float32)
+  scores = (scores * (h ** -0.5)).reshape(b, kv, g, t, s)
   m = mask[:, None, None, :, :]
   scores = jnp.where(m, scores, _MASK_VALUE)
   # Max-shifted softmax; the max is a constant for differentiation (the gradient is exact).
@@ -193,8 +210,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
   probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
   # Zero rows that see no key at all (padding queries) instead of a uniform average.
   probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, num_kv_heads, g * t, s), v)
-  return out.reshape(b, num_kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kv, g * t, s), v)
+  return out.reshape(b, kv, g, t, h)
 
 
 class Attention(nnx.Module):
@@ -256,7 +273,7 @@ class Attention(nnx.Module):
       new_cache = (k, v)
       k, v = k.astype(dt), v.astype(dt)
 
-    out = dot_product_attention(q, k, v, mask, c.num_kv_heads)
+    out = dot_product_attention(q, k, v, mask, c.num_kv_heads, causal=cache is None)
     out = dense(out, self.o_proj, "btnh,nhe->bte", dt)
     return out, new_cache
 
