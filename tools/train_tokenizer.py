@@ -18,34 +18,31 @@ from wakea_jax.data.train_tokenizer import (
     train_sentencepiece,
 )
 
-_INPUT = flags.DEFINE_list(
-    "input", [str(DEFAULT_CORPUS_PATH)], "Comma-separated UTF-8 text files, one sentence a line."
-)
+_INPUT = flags.DEFINE_list("input", [str(DEFAULT_CORPUS_PATH)],
+                           "Comma-separated UTF-8 text files, one sentence a line.")
 _OUT = flags.DEFINE_string("out", None, "Output prefix; writes PREFIX.model and PREFIX.vocab.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1024, "Number of pieces, control tokens included.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", list(MODEL_TYPES), "SentencePiece model type.")
 _CHARACTER_COVERAGE = flags.DEFINE_float(
-    "character_coverage",
-    DEFAULT_CHARACTER_COVERAGE,
-    "Share of characters given their own piece; the rest use bytes."
-)
+    "character_coverage", DEFAULT_CHARACTER_COVERAGE,
+    "Share of characters given their own piece; the rest use bytes.")
 flags.mark_flag_as_required("out")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    model_path = train_sentencepiece(
-        _INPUT.value,
-        _OUT.value,
-        _VOCAB_SIZE.value,
-        model_type=_MODEL_TYPE.value,
-        character_coverage=_CHARACTER_COVERAGE.value,
-    )
-    tok = SentencePieceTokenizer(model_path)
-    print(f"wrote {model_path} ({model_path.stat().st_size} bytes, vocab_size={tok.vocab_size})")
-    print(f"special ids: {tok.special_ids}")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  model_path = train_sentencepiece(
+      _INPUT.value,
+      _OUT.value,
+      _VOCAB_SIZE.value,
+      model_type=_MODEL_TYPE.value,
+      character_coverage=_CHARACTER_COVERAGE.value,
+  )
+  tok = SentencePieceTokenizer(model_path)
+  print(f"wrote {model_path} ({model_path.stat().st_size} bytes, vocab_size={tok.vocab_size})")
+  print(f"special ids: {tok.special_ids}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

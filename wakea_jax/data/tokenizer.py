@@ -71,111 +71,115 @@ _SP_SPACE = "\u2581"
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the data pipeline, chat renderer and sampler need from a tokenizer."""
+  """What the data pipeline, chat renderer and sampler need from a tokenizer."""
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids, i.e. one more than the largest id `encode` can return."""
-        ...
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, i.e. one more than the largest id `encode` can return."""
+    ...
 
-    @property
-    def bos_id(self) -> int | None: ...
+  @property
+  def bos_id(self) -> int | None:
+    ...
 
-    @property
-    def eos_id(self) -> int | None: ...
+  @property
+  def eos_id(self) -> int | None:
+    ...
 
-    @property
-    def pad_id(self) -> int | None: ...
+  @property
+  def pad_id(self) -> int | None:
+    ...
 
-    @property
-    def special_ids(self) -> Mapping[str, int]:
-        """Control-token text -> id (see the module docstring for what is included)."""
-        ...
+  @property
+  def special_ids(self) -> Mapping[str, int]:
+    """Control-token text -> id (see the module docstring for what is included)."""
+    ...
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ...
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str: ...
+  def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    ...
 
-    def token_to_id(self, piece: str) -> int | None:
-        """Id of a vocabulary entry (exact piece/token text), or None if there is none."""
-        ...
+  def token_to_id(self, piece: str) -> int | None:
+    """Id of a vocabulary entry (exact piece/token text), or None if there is none."""
+    ...
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: expected a {what} file, found a directory")
-    return path.read_bytes()  # an OSError here (e.g. permissions) already names the path
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: {what} not found")
+  if path.is_dir():
+    raise IsADirectoryError(f"{path}: expected a {what} file, found a directory")
+  return path.read_bytes()  # an OSError here (e.g. permissions) already names the path
 
 
-def _with_bos_eos(
-    ids: list[int], tokenizer: Tokenizer, add_bos: bool, add_eos: bool, where: object
-) -> list[int]:
-    if add_bos:
-        if tokenizer.bos_id is None:
-            raise ValueError(f"{where}: add_bos=True but the tokenizer has no BOS token")
-        ids.insert(0, tokenizer.bos_id)
-    if add_eos:
-        if tokenizer.eos_id is None:
-            raise ValueError(f"{where}: add_eos=True but the tokenizer has no EOS token")
-        ids.append(tokenizer.eos_id)
-    return ids
+def _with_bos_eos(ids: list[int], tokenizer: Tokenizer, add_bos: bool, add_eos: bool,
+                  where: object) -> list[int]:
+  if add_bos:
+    if tokenizer.bos_id is None:
+      raise ValueError(f"{where}: add_bos=True but the tokenizer has no BOS token")
+    ids.insert(0, tokenizer.bos_id)
+  if add_eos:
+    if tokenizer.eos_id is None:
+      raise ValueError(f"{where}: add_eos=True but the tokenizer has no EOS token")
+    ids.append(tokenizer.eos_id)
+  return ids
 
 
 def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
-    # Accepts numpy arrays too; out-of-range ids are a bug upstream (e.g. sampling from padded
-    # logits), and both backends would otherwise fail with an opaque error or silently skip.
-    out = [int(i) for i in ids]
-    for i in out:
-        if not 0 <= i < vocab_size:
-            raise ValueError(f"token id {i} is outside the vocabulary [0, {vocab_size})")
-    return out
+  # Accepts numpy arrays too; out-of-range ids are a bug upstream (e.g. sampling from padded
+  # logits), and both backends would otherwise fail with an opaque error or silently skip.
+  out = [int(i) for i in ids]
+  for i in out:
+    if not 0 <= i < vocab_size:
+      raise ValueError(f"token id {i} is outside the vocabulary [0, {vocab_size})")
+  return out
 
 
 def _chat_special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    # A chat token counts only if plain `encode` produces it as one id: a piece that merely
-    # exists in the vocabulary may never be emitted whole, so it is not a usable control id.
-    found = {}
-    for token in CHAT_SPECIAL_TOKENS:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None and tokenizer.encode(token) == [token_id]:
-            found[token] = token_id
-    return found
+  # A chat token counts only if plain `encode` produces it as one id: a piece that merely
+  # exists in the vocabulary may never be emitted whole, so it is not a usable control id.
+  found = {}
+  for token in CHAT_SPECIAL_TOKENS:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is not None and tokenizer.encode(token) == [token_id]:
+      found[token] = token_id
+  return found
 
 
 class _TokenizerIds:
-    """The id properties both implementations share; subclasses set the private fields."""
+  """The id properties both implementations share; subclasses set the private fields."""
 
-    _vocab_size: int
-    _bos_id: int | None
-    _eos_id: int | None
-    _pad_id: int | None
-    _special_ids: dict[str, int]
+  _vocab_size: int
+  _bos_id: int | None
+  _eos_id: int | None
+  _pad_id: int | None
+  _special_ids: dict[str, int]
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
 
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
 
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
 
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad_id
+  @property
+  def pad_id(self) -> int | None:
+    return self._pad_id
 
-    @property
-    def special_ids(self) -> Mapping[str, int]:
-        return dict(self._special_ids)
+  @property
+  def special_ids(self) -> Mapping[str, int]:
+    return dict(self._special_ids)
 
 
 class SentencePieceTokenizer(_TokenizerIds):
-    """A SentencePiece `.model` file.
+  """A SentencePiece `.model` file.
 
     Chat tokens are single ids when the model was trained with them as user_defined_symbols
     (see `wakea_jax.data.train_tokenizer`). A model trained there (byte_fallback, identity
@@ -185,241 +189,233 @@ class SentencePieceTokenizer(_TokenizerIds):
     one that normalises text or adds a dummy prefix decodes to its normalised form.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._load(_read_bytes(self.path, "SentencePiece model"))
+  def __init__(self, path: str | os.PathLike[str]) -> None:
+    self.path = Path(path)
+    self._load(_read_bytes(self.path, "SentencePiece model"))
 
-    def _load(self, model_proto: bytes) -> None:
-        self._model_proto = model_proto
-        sp = spm.SentencePieceProcessor()
-        try:
-            # Loading from bytes (not a path) keeps non-ASCII paths working on every platform.
-            sp.LoadFromSerializedProto(model_proto)
-        except (RuntimeError, OSError, TypeError) as err:
-            raise ValueError(f"{self.path}: not a valid SentencePiece model: {err}") from err
-        if sp.get_piece_size() == 0:
-            raise ValueError(f"{self.path}: not a valid SentencePiece model: empty vocabulary")
-        self._sp = sp
-        n = sp.get_piece_size()
-        self._vocab_size = n
+  def _load(self, model_proto: bytes) -> None:
+    self._model_proto = model_proto
+    sp = spm.SentencePieceProcessor()
+    try:
+      # Loading from bytes (not a path) keeps non-ASCII paths working on every platform.
+      sp.LoadFromSerializedProto(model_proto)
+    except (RuntimeError, OSError, TypeError) as err:
+      raise ValueError(f"{self.path}: not a valid SentencePiece model: {err}") from err
+    if sp.get_piece_size() == 0:
+      raise ValueError(f"{self.path}: not a valid SentencePiece model: empty vocabulary")
+    self._sp = sp
+    n = sp.get_piece_size()
+    self._vocab_size = n
 
-        def optional(token_id: int) -> int | None:
-            return token_id if token_id >= 0 else None
+    def optional(token_id: int) -> int | None:
+      return token_id if token_id >= 0 else None
 
-        self._bos_id = optional(sp.bos_id())
-        self._eos_id = optional(sp.eos_id())
-        self._pad_id = optional(sp.pad_id())
-        # Control symbols and UNK have no surface text in SentencePiece's decoder; decode()
-        # renders them as their piece text so both backends decode alike.
-        self._surface_less = {
-            i: sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)
-        }
-        byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
-        has_bytes = all(sp.is_byte(i) for i in byte_ids)
-        verbatim = sp.decode(sp.encode("x") + sp.encode("y")) == "xy" and (
-            sp.decode(sp.encode(" x  y ")) == " x  y "
-        )
-        self._sp_space_ids = (
-            [byte_ids[b] for b in _SP_SPACE.encode("utf-8")] if has_bytes and verbatim else []
-        )
-        special = {piece: i for i, piece in self._surface_less.items()}
-        special.update(_chat_special_ids(self))  # needs encode(), hence last
-        self._special_ids = special
-        self._special_id_set = frozenset(special.values())
+    self._bos_id = optional(sp.bos_id())
+    self._eos_id = optional(sp.eos_id())
+    self._pad_id = optional(sp.pad_id())
+    # Control symbols and UNK have no surface text in SentencePiece's decoder; decode()
+    # renders them as their piece text so both backends decode alike.
+    self._surface_less = {
+        i: sp.id_to_piece(i)
+        for i in range(n) if sp.is_control(i) or sp.is_unknown(i)
+    }
+    byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    has_bytes = all(sp.is_byte(i) for i in byte_ids)
+    verbatim = sp.decode(sp.encode("x") + sp.encode("y")) == "xy" and (sp.decode(
+        sp.encode(" x  y ")) == " x  y ")
+    self._sp_space_ids = ([byte_ids[b]
+                           for b in _SP_SPACE.encode("utf-8")] if has_bytes and verbatim else [])
+    special = {piece: i for i, piece in self._surface_less.items()}
+    special.update(_chat_special_ids(self))  # needs encode(), hence last
+    self._special_ids = special
+    self._special_id_set = frozenset(special.values())
 
-    def token_to_id(self, piece: str) -> int | None:
-        token_id = self._sp.piece_to_id(piece)
-        # piece_to_id answers UNK for anything unknown; only an exact match is a real entry.
-        return token_id if self._sp.id_to_piece(token_id) == piece else None
+  def token_to_id(self, piece: str) -> int | None:
+    token_id = self._sp.piece_to_id(piece)
+    # piece_to_id answers UNK for anything unknown; only an exact match is a real entry.
+    return token_id if self._sp.id_to_piece(token_id) == piece else None
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        if _SP_SPACE in text and self._sp_space_ids:
-            ids = self._encode_keeping_sp_space(text)
-        else:
-            ids = self._sp.encode(text)
-        return _with_bos_eos(ids, self, add_bos, add_eos, self.path)
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}")
+    if _SP_SPACE in text and self._sp_space_ids:
+      ids = self._encode_keeping_sp_space(text)
+    else:
+      ids = self._sp.encode(text)
+    return _with_bos_eos(ids, self, add_bos, add_eos, self.path)
 
-    def _encode_keeping_sp_space(self, text: str) -> list[int]:
-        # Rare path: spell each literal U+2581 as its UTF-8 byte pieces, which decode to
-        # U+2581 rather than " ". Encoding the parts between separately is exact only for a
-        # verbatim model (no dummy prefix, whitespace kept), which __init__ checked.
-        ids: list[int] = []
-        for k, part in enumerate(text.split(_SP_SPACE)):
-            if k:
-                ids.extend(self._sp_space_ids)
-            if part:
-                ids.extend(self._sp.encode(part))
-        return ids
+  def _encode_keeping_sp_space(self, text: str) -> list[int]:
+    # Rare path: spell each literal U+2581 as its UTF-8 byte pieces, which decode to
+    # U+2581 rather than " ". Encoding the parts between separately is exact only for a
+    # verbatim model (no dummy prefix, whitespace kept), which __init__ checked.
+    ids: list[int] = []
+    for k, part in enumerate(text.split(_SP_SPACE)):
+      if k:
+        ids.extend(self._sp_space_ids)
+      if part:
+        ids.extend(self._sp.encode(part))
+    return ids
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        ids = _checked_ids(ids, self._vocab_size)
-        if skip_special:
-            ids = [i for i in ids if i not in self._special_id_set]
-        parts: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            piece = self._surface_less.get(i)
-            if piece is None:
-                run.append(i)
-                continue
-            if run:
-                parts.append(self._sp.decode(run))
-                run = []
-            parts.append(piece)
-        if run:
-            parts.append(self._sp.decode(run))
-        return "".join(parts)
+  def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    ids = _checked_ids(ids, self._vocab_size)
+    if skip_special:
+      ids = [i for i in ids if i not in self._special_id_set]
+    parts: list[str] = []
+    run: list[int] = []
+    for i in ids:
+      piece = self._surface_less.get(i)
+      if piece is None:
+        run.append(i)
+        continue
+      if run:
+        parts.append(self._sp.decode(run))
+        run = []
+      parts.append(piece)
+    if run:
+      parts.append(self._sp.decode(run))
+    return "".join(parts)
 
-    # SentencePieceProcessor is not reliably picklable; grain worker processes need the
-    # tokenizer, so pickle the model bytes (not the path, which may not exist over there).
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "model_proto": self._model_proto}
+  # SentencePieceProcessor is not reliably picklable; grain worker processes need the
+  # tokenizer, so pickle the model bytes (not the path, which may not exist over there).
+  def __getstate__(self) -> dict[str, Any]:
+    return {"path": str(self.path), "model_proto": self._model_proto}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = Path(state["path"])
-        self._load(state["model_proto"])
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.path = Path(state["path"])
+    self._load(state["model_proto"])
 
-    def __repr__(self) -> str:
-        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self._vocab_size})"
+  def __repr__(self) -> str:
+    return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self._vocab_size})"
 
 
 def _token_content(value: Any, where: str) -> str | None:
-    # HF configs write special tokens either as a string or as a serialised AddedToken dict.
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"{where}: expected a token string or {{'content': ...}}, got {value!r}")
+  # HF configs write special tokens either as a string or as a serialised AddedToken dict.
+  if value is None:
+    return None
+  if isinstance(value, str):
+    return value
+  if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+    return value["content"]
+  raise ValueError(f"{where}: expected a token string or {{'content': ...}}, got {value!r}")
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(_read_bytes(path, "JSON file").decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+  try:
+    data = json.loads(_read_bytes(path, "JSON file").decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(f"{path}: not valid JSON: {err}") from err
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
 
 
 class HFTokenizer(_TokenizerIds):
-    """A Hugging Face fast tokenizer read from a local `tokenizer.json`.
+  """A Hugging Face fast tokenizer read from a local `tokenizer.json`.
 
     `path` is a directory holding `tokenizer.json` or the `tokenizer.json` file itself.
     BOS/EOS/PAD/UNK come from `tokenizer_config.json`, then `special_tokens_map.json`, next to
     it (the config wins, as in transformers); a token named by neither is `None`.
     """
 
-    _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+  _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        json_path = self.path / "tokenizer.json" if self.path.is_dir() else self.path
-        text = _read_bytes(json_path, "tokenizer.json").decode("utf-8", errors="replace")
-        try:
-            tok = tokenizers.Tokenizer.from_str(text)
-        except Exception as err:  # tokenizers raises a bare Exception on malformed input
-            raise ValueError(f"{json_path}: not a valid tokenizer.json: {err}") from err
-        # A tokenizer.json may enable padding/truncation; silent truncation would corrupt data.
-        tok.no_padding()
-        tok.no_truncation()
-        self._tok = tok
-        self._json_path = json_path
+  def __init__(self, path: str | os.PathLike[str]) -> None:
+    self.path = Path(path)
+    json_path = self.path / "tokenizer.json" if self.path.is_dir() else self.path
+    text = _read_bytes(json_path, "tokenizer.json").decode("utf-8", errors="replace")
+    try:
+      tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception on malformed input
+      raise ValueError(f"{json_path}: not a valid tokenizer.json: {err}") from err
+    # A tokenizer.json may enable padding/truncation; silent truncation would corrupt data.
+    tok.no_padding()
+    tok.no_truncation()
+    self._tok = tok
+    self._json_path = json_path
 
-        added = tok.get_added_tokens_decoder()
-        self._vocab_size = max(
-            [tok.get_vocab_size(with_added_tokens=True), *(i + 1 for i in added)]
-        )
-        named = self._named_special_tokens(json_path.parent)
-        ids: dict[str, int | None] = {}
-        for key in self._SPECIAL_KEYS:
-            content, source = named.get(key, (None, None))
-            token_id = None if content is None else tok.token_to_id(content)
-            if content is not None and token_id is None:
-                raise ValueError(
-                    f"{source}: {key} {content!r} is not in the vocabulary of {json_path}"
-                )
-            ids[key] = token_id
-        self._bos_id, self._eos_id = ids["bos_token"], ids["eos_token"]
-        self._pad_id = ids["pad_token"]
+    added = tok.get_added_tokens_decoder()
+    self._vocab_size = max([tok.get_vocab_size(with_added_tokens=True), *(i + 1 for i in added)])
+    named = self._named_special_tokens(json_path.parent)
+    ids: dict[str, int | None] = {}
+    for key in self._SPECIAL_KEYS:
+      content, source = named.get(key, (None, None))
+      token_id = None if content is None else tok.token_to_id(content)
+      if content is not None and token_id is None:
+        raise ValueError(f"{source}: {key} {content!r} is not in the vocabulary of {json_path}")
+      ids[key] = token_id
+    self._bos_id, self._eos_id = ids["bos_token"], ids["eos_token"]
+    self._pad_id = ids["pad_token"]
 
-        special = {t.content: i for i, t in added.items() if t.special}
-        special.update({named[k][0]: i for k, i in ids.items() if i is not None})
-        special.update(_chat_special_ids(self))
-        self._special_ids = special
-        self._special_id_set = frozenset(special.values())
+    special = {t.content: i for i, t in added.items() if t.special}
+    special.update({named[k][0]: i for k, i in ids.items() if i is not None})
+    special.update(_chat_special_ids(self))
+    self._special_ids = special
+    self._special_id_set = frozenset(special.values())
 
-    @staticmethod
-    def _named_special_tokens(directory: Path) -> dict[str, tuple[str | None, Path]]:
-        named: dict[str, tuple[str | None, Path]] = {}
-        # Later files only fill keys the earlier ones left unset.
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            config_path = directory / name
-            if not config_path.is_file():
-                continue
-            config = _read_json_object(config_path)
-            for key in HFTokenizer._SPECIAL_KEYS:
-                if key in config and named.get(key, (None,))[0] is None:
-                    named[key] = (
-                        _token_content(config[key], f"{config_path}: {key}"),
-                        config_path,
-                    )
-        return named
+  @staticmethod
+  def _named_special_tokens(directory: Path) -> dict[str, tuple[str | None, Path]]:
+    named: dict[str, tuple[str | None, Path]] = {}
+    # Later files only fill keys the earlier ones left unset.
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      config_path = directory / name
+      if not config_path.is_file():
+        continue
+      config = _read_json_object(config_path)
+      for key in HFTokenizer._SPECIAL_KEYS:
+        if key in config and named.get(key, (None, ))[0] is None:
+          named[key] = (
+              _token_content(config[key], f"{config_path}: {key}"),
+              config_path,
+          )
+    return named
 
-    def token_to_id(self, piece: str) -> int | None:
-        return self._tok.token_to_id(piece)
+  def token_to_id(self, piece: str) -> int | None:
+    return self._tok.token_to_id(piece)
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return _with_bos_eos(ids, self, add_bos, add_eos, self._json_path)
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}")
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return _with_bos_eos(ids, self, add_bos, add_eos, self._json_path)
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        ids = _checked_ids(ids, self._vocab_size)
-        if skip_special:
-            ids = [i for i in ids if i not in self._special_id_set]
-        return self._tok.decode(ids, skip_special_tokens=False)
+  def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    ids = _checked_ids(ids, self._vocab_size)
+    if skip_special:
+      ids = [i for i in ids if i not in self._special_id_set]
+    return self._tok.decode(ids, skip_special_tokens=False)
 
-    def __repr__(self) -> str:
-        return f"HFTokenizer({str(self.path)!r}, vocab_size={self._vocab_size})"
+  def __repr__(self) -> str:
+    return f"HFTokenizer({str(self.path)!r}, vocab_size={self._vocab_size})"
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> SentencePieceTokenizer | HFTokenizer:
-    """Opens a local tokenizer, choosing the backend from what `path` is.
+  """Opens a local tokenizer, choosing the backend from what `path` is.
 
     A `.model` file -> SentencePiece; a `.json` file -> HF; a directory -> HF if it holds
     `tokenizer.json`, else SentencePiece if it holds `tokenizer.model`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return HFTokenizer(path)
-        if (path / "tokenizer.model").is_file():
-            return SentencePieceTokenizer(path / "tokenizer.model")
-        raise FileNotFoundError(
-            f"{path}: directory holds neither tokenizer.json nor tokenizer.model"
-        )
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    raise ValueError(
-        f"{path}: unrecognised tokenizer file; expected a SentencePiece '.model' file, a "
-        "'tokenizer.json' file, or a directory holding one of them"
-    )
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+  if path.is_dir():
+    if (path / "tokenizer.json").is_file():
+      return HFTokenizer(path)
+    if (path / "tokenizer.model").is_file():
+      return SentencePieceTokenizer(path / "tokenizer.model")
+    raise FileNotFoundError(f"{path}: directory holds neither tokenizer.json nor tokenizer.model")
+  if path.suffix == ".model":
+    return SentencePieceTokenizer(path)
+  if path.suffix == ".json":
+    return HFTokenizer(path)
+  raise ValueError(
+      f"{path}: unrecognised tokenizer file; expected a SentencePiece '.model' file, a "
+      "'tokenizer.json' file, or a directory holding one of them")
 
 
 @functools.cache
 def default_tokenizer() -> SentencePieceTokenizer:
-    """The bundled SentencePiece tokenizer (BPE, 1024 ids, byte fallback, chat tokens).
+  """The bundled SentencePiece tokenizer (BPE, 1024 ids, byte fallback, chat tokens).
 
     Cached: tokenizers are immutable after construction, so one instance can be shared.
     """
-    return SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH)
+  return SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH)

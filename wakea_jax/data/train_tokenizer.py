@@ -42,22 +42,22 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 def read_sentences(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Non-empty lines of the UTF-8 text files `inputs`, in order (CRLF tolerated)."""
-    if not inputs:
-        raise ValueError("no input files given")
-    sentences: list[str] = []
-    for raw_path in inputs:
-        path = Path(raw_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: training text file not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text: {err}") from err
-        sentences.extend(line.rstrip("\r") for line in text.split("\n") if line.strip())
-    if not sentences:
-        raise ValueError(f"{', '.join(map(str, inputs))}: no non-empty lines to train on")
-    return sentences
+  """Non-empty lines of the UTF-8 text files `inputs`, in order (CRLF tolerated)."""
+  if not inputs:
+    raise ValueError("no input files given")
+  sentences: list[str] = []
+  for raw_path in inputs:
+    path = Path(raw_path)
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: training text file not found")
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+      raise ValueError(f"{path}: not UTF-8 text: {err}") from err
+    sentences.extend(line.rstrip("\r") for line in text.split("\n") if line.strip())
+  if not sentences:
+    raise ValueError(f"{', '.join(map(str, inputs))}: no non-empty lines to train on")
+  return sentences
 
 
 def train_sentencepiece(
@@ -69,60 +69,55 @@ def train_sentencepiece(
     user_defined_symbols: Sequence[str] = DEFAULT_USER_DEFINED_SYMBOLS,
     character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
 ) -> Path:
-    """Trains on the lines of `inputs` and writes `{out_prefix}.model` and `.vocab`.
+  """Trains on the lines of `inputs` and writes `{out_prefix}.model` and `.vocab`.
 
     Returns the path of the `.model` file. The `.vocab` file lists `piece<TAB>score` per id,
     with newline/tab/CR inside pieces escaped as `\\n`, `\\t`, `\\r` (for reading only).
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    sentences = read_sentences(inputs)
-    out_prefix = Path(out_prefix)
-    writer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=writer,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=list(user_defined_symbols),
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            max_sentence_length=max(4192, max(len(s.encode("utf-8")) for s in sentences)),
-            num_threads=1,
-            minloglevel=2,
-        )
-    except RuntimeError as err:
-        raise ValueError(
-            f"SentencePiece training on {', '.join(map(str, inputs))} failed "
-            f"(vocab_size={vocab_size}, model_type={model_type}): {err}"
-        ) from err
-    model_proto = writer.getvalue()
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    model_path = out_prefix.with_name(out_prefix.name + ".model")
-    model_path.write_bytes(model_proto)
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+  if vocab_size <= 0:
+    raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+  sentences = read_sentences(inputs)
+  out_prefix = Path(out_prefix)
+  writer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=writer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(user_defined_symbols),
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        max_sentence_length=max(4192, max(len(s.encode("utf-8")) for s in sentences)),
+        num_threads=1,
+        minloglevel=2,
+    )
+  except RuntimeError as err:
+    raise ValueError(f"SentencePiece training on {', '.join(map(str, inputs))} failed "
+                     f"(vocab_size={vocab_size}, model_type={model_type}): {err}") from err
+  model_proto = writer.getvalue()
+  out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  model_path = out_prefix.with_name(out_prefix.name + ".model")
+  model_path.write_bytes(model_proto)
 
-    sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    escape = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
-    vocab_lines = (
-        f"{sp.id_to_piece(i).translate(escape)}\t{sp.get_score(i):g}\n"
-        for i in range(sp.get_piece_size())
-    )
-    out_prefix.with_name(out_prefix.name + ".vocab").write_text(
-        "".join(vocab_lines), encoding="utf-8"
-    )
-    return model_path
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  escape = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
+  vocab_lines = (f"{sp.id_to_piece(i).translate(escape)}\t{sp.get_score(i):g}\n"
+                 for i in range(sp.get_piece_size()))
+  out_prefix.with_name(out_prefix.name + ".vocab").write_text("".join(vocab_lines),
+                                                              encoding="utf-8")
+  return model_path
 
 
 def train_bytelevel_bpe(
@@ -134,39 +129,39 @@ def train_bytelevel_bpe(
     eos_token: str = "</s>",
     pad_token: str = "<pad>",
 ) -> Path:
-    """Trains a GPT-2/Qwen-style ByteLevel BPE and writes an HF tokenizer directory.
+  """Trains a GPT-2/Qwen-style ByteLevel BPE and writes an HF tokenizer directory.
 
     Writes `tokenizer.json` (pad, bos, eos and the chat tokens as special added tokens, ids
     0.. in that order) and a `tokenizer_config.json` naming bos/eos/pad, and returns `out_dir`.
     Used to exercise `HFTokenizer` without the hub; no normaliser and no prefix space, so
     every string round-trips and segments encode independently.
     """
-    from tokenizers import Tokenizer as HFTokenizerModel  # local: only this path needs it
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer as HFTokenizerModel  # local: only this path needs it
+  from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    sentences = read_sentences(inputs)
-    special_tokens = [pad_token, bos_token, eos_token, *CHAT_SPECIAL_TOKENS]
-    tok = HFTokenizerModel(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Keep the newlines that read_sentences split on: chat text is full of them.
-    tok.train_from_iterator((s + "\n" for s in sentences), trainer=trainer)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos_token,
-        "eos_token": eos_token,
-        "pad_token": pad_token,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+  if vocab_size <= 0:
+    raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+  sentences = read_sentences(inputs)
+  special_tokens = [pad_token, bos_token, eos_token, *CHAT_SPECIAL_TOKENS]
+  tok = HFTokenizerModel(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=special_tokens,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )
+  # Keep the newlines that read_sentences split on: chat text is full of them.
+  tok.train_from_iterator((s + "\n" for s in sentences), trainer=trainer)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tok.save(str(out_dir / "tokenizer.json"))
+  config = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": bos_token,
+      "eos_token": eos_token,
+      "pad_token": pad_token,
+  }
+  (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return out_dir
