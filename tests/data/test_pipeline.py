@@ -1,27 +1,32 @@
 """grain pipeline: packing invariants, packed == unpacked loss, mixture, determinism, resume."""
 
 import collections
+import dataclasses
+import json
+import logging
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from wakea_jax.data import chat
 from wakea_jax.data import pipeline as pipeline_lib
 from wakea_jax.data import sources as sources_lib
 from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
-from wakea_jax.objectives.sft import sft_loss
 
 TOK = default_tokenizer()
+ARITH = "task:arithmetic?n=64&seed=0"
+TALK = "task:smalltalk?n=64&seed=0"
+SpecS = pipeline_lib.SourceSpec
 
 
 def _config(**kw):
-  values = dict(sources=(pipeline_lib.SourceSpec("task:arithmetic?n=64&seed=0", 1.0),
-                         pipeline_lib.SourceSpec("task:smalltalk?n=64&seed=0", 1.0)),
-                seq_len=160, batch_size=4, seed=0)
+  values = dict(sources=(SpecS(ARITH, 1.0), SpecS(TALK, 1.0)), seq_len=160, batch_size=4, seed=0)
   values.update(kw)
   return pipeline_lib.PipelineConfig(**values)
 
@@ -30,128 +35,244 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def _segments(batches):
+  """Every example in the batches as a tuple (input_ids, targets, loss_mask), in order."""
+  out = []
+  for batch in batches:
+    for row in range(batch["input_ids"].shape[0]):
+      seg = batch["segment_ids"][row]
+      for s in range(1, seg.max() + 1):
+        keep = seg == s
+        out.append(tuple(tuple(batch[k][row][keep].tolist())
+                         for k in ("input_ids", "targets", "loss_mask")))
+  return out
+
+
+def _expected(spec, seq_len=None):
+  """The examples of a source, rendered directly (next-token split, truncated if asked)."""
+  out = []
+  for record in sources_lib.load_source(spec).records:
+    rendered = chat.render(record["messages"], TOK)
+    ids, mask = rendered.input_ids.tolist(), rendered.loss_mask.tolist()
+    if seq_len is not None:
+      ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+    out.append((tuple(ids[:-1]), tuple(ids[1:]), tuple(float(m) for m in mask[1:])))
+  return out
+
+
 def test_batch_format_and_packing_invariants():
   batches = _take(pipeline_lib.build_pipeline(_config(), TOK), 5)
   for batch in batches:
-    assert set(batch) == {"input_ids", "targets", "loss_mask", "segment_ids", "positions"}
-    assert all(v.shape == (4, 160) for v in batch.values())
+    assert sorted(batch) == sorted(pipeline_lib.BATCH_KEYS)
+    for key, value in batch.items():
+      assert value.shape == (4, 160)
+      assert value.dtype == (np.float32 if key == "loss_mask" else np.int32)
     seg, pos = batch["segment_ids"], batch["positions"]
-    assert (batch["loss_mask"][seg == 0] == 0).all()
+    pad = seg == 0
+    assert (batch["loss_mask"][pad] == 0).all() and (batch["input_ids"][pad] == 0).all()
+    assert (pos[pad] == 0).all()
     for row in range(4):
-      ids = seg[row]
-      assert ((np.diff(ids) >= 0) | (ids[1:] == 0)).all()  # segments contiguous, padding last
-      for s in set(ids[ids > 0]):
-        where = np.where(ids == s)[0]
-        assert (np.diff(where) == 1).all()
+      ids = seg[row][seg[row] > 0]
+      # Segments are 1, 2, ..., k, each one contiguous run, and padding only at the end.
+      assert (np.diff(ids) >= 0).all() and ids[0] == 1 and set(ids) == set(range(1, ids[-1] + 1))
+      assert not pad[row][:len(ids)].any()
+      for s in set(ids):
+        where = np.where(seg[row] == s)[0]
         np.testing.assert_array_equal(pos[row, where], np.arange(len(where)))
-      assert (seg[row].max() > 1) or seg[row].min() == 0
-  # targets are input_ids shifted by one within each example
-  row = batches[0]
-  first = row["segment_ids"][0] == 1
-  np.testing.assert_array_equal(row["input_ids"][0][first][1:], row["targets"][0][first][:-1])
+        # Within an example, targets are the inputs shifted by one.
+        np.testing.assert_array_equal(batch["input_ids"][row, where][1:],
+                                      batch["targets"][row, where][:-1])
+  assert max(b["segment_ids"].max() for b in batches) > 1  # really packed
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_every_example_appears_exactly_once_per_epoch(packing):
+  cfg = _config(sources=(SpecS(ARITH),), packing=packing, num_epochs=1, drop_remainder=False)
+  got = _segments(pipeline_lib.build_pipeline(cfg, TOK))
+  expected = _expected(ARITH)
+  assert sorted(got) == sorted(expected) and got != expected  # all of them, shuffled
+  two = _segments(pipeline_lib.build_pipeline(
+      _config(sources=(SpecS(ARITH),), packing=packing, num_epochs=2, drop_remainder=False), TOK))
+  assert sorted(two) == sorted(expected * 2)
+  assert two[:64] != two[64:]  # each epoch shuffled differently (packing may reorder a little)
 
 
 def test_packed_loss_equals_unpacked_loss():
-  """The acceptance test: packing changes nothing about the loss."""
-  cfg = get_preset("tiny", vocab_size=1024, max_seq_len=512)
-  model = transformer.create_model(cfg, seed=0)
+  """The acceptance test: packing changes nothing about the loss (token-weighted mean NLL)."""
+  model = transformer.create_model(get_preset("tiny", vocab_size=1024), seed=0)
   graphdef, state = nnx.split(model)
   apply = jax.jit(transformer.apply, static_argnums=0)
-  packed = next(pipeline_lib.build_pipeline(_config(shuffle=False), TOK))
-  logits = apply(graphdef, state, packed["input_ids"], positions=packed["positions"],
-                 segment_ids=packed["segment_ids"])
-  total, sums = sft_loss(logits, packed["targets"], packed["loss_mask"])
-  packed_loss = float(total / sums["tokens"])
 
-  # The same examples, each alone in its own row, padded.
-  examples = []
-  for b in range(packed["input_ids"].shape[0]):
-    seg = packed["segment_ids"][b]
-    for s in sorted(set(seg[seg > 0])):
-      keep = seg == s
-      examples.append({k: packed[k][b][keep] for k in ("input_ids", "targets", "loss_mask")})
-  assert len(examples) > packed["input_ids"].shape[0]  # really packed
-  nll, tokens = 0.0, 0.0
-  for ex in examples:
-    n = len(ex["input_ids"])
-    out = apply(graphdef, state, jnp.asarray(ex["input_ids"][None]))
-    total, sums = sft_loss(out, jnp.asarray(ex["targets"][None]),
-                           jnp.asarray(ex["loss_mask"][None]))
-    nll += float(total)
-    tokens += float(sums["tokens"])
-    assert n <= 160
-  np.testing.assert_allclose(packed_loss, nll / tokens, atol=1e-5)
+  def nll_sum_and_tokens(logits, targets, loss_mask):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+    return float(-jnp.sum(picked * loss_mask)), float(np.sum(loss_mask))
+
+  packed = next(pipeline_lib.build_pipeline(_config(), TOK))
+  logits = apply(graphdef, state, jnp.asarray(packed["input_ids"]),
+                 positions=jnp.asarray(packed["positions"]),
+                 segment_ids=jnp.asarray(packed["segment_ids"]))
+  nll, tokens = nll_sum_and_tokens(logits, packed["targets"], packed["loss_mask"])
+  packed_loss = nll / tokens
+
+  # The same examples from the unpacked pipeline: one per row, padded, and run with no
+  # segment ids or positions at all, as a model would see each example alone.
+  examples = _segments([packed])
+  assert len(examples) > packed["input_ids"].shape[0]
+  unpacked = next(pipeline_lib.build_pipeline(
+      _config(packing=False, batch_size=len(examples)), TOK))
+  assert sorted(_segments([unpacked])) == sorted(examples)
+  logits = apply(graphdef, state, jnp.asarray(unpacked["input_ids"]))
+  nll, tokens = nll_sum_and_tokens(logits, unpacked["targets"], unpacked["loss_mask"])
+  np.testing.assert_allclose(packed_loss, nll / tokens, rtol=0, atol=1e-5)
+  assert np.isfinite(packed_loss) and packed_loss > 1.0  # a random model: a real loss
 
 
 def test_unpacked_rows_are_single_padded_examples():
   batch = next(pipeline_lib.build_pipeline(_config(packing=False), TOK))
   assert set(np.unique(batch["segment_ids"])) <= {0, 1}
   assert (batch["segment_ids"][:, 0] == 1).all()
+  lengths = batch["segment_ids"].sum(axis=1)
+  for row, n in enumerate(lengths):
+    np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds():
   a = _take(pipeline_lib.build_pipeline(_config(), TOK), 3)
   b = _take(pipeline_lib.build_pipeline(_config(), TOK), 3)
   c = _take(pipeline_lib.build_pipeline(_config(seed=1), TOK), 3)
-  assert all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
   assert not all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
 
 
-def test_exact_resume_from_iterator_state():
-  it = pipeline_lib.build_pipeline(_config(), TOK)
-  _take(it, 3)
-  state = it.get_state()
+@pytest.mark.parametrize("packing", [True, False])
+def test_exact_resume_from_iterator_state(packing):
+  it = pipeline_lib.build_pipeline(_config(packing=packing), TOK)
+  first = _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+  stats = it.stats
   expected = _take(it, 4)
-  resumed = pipeline_lib.build_pipeline(_config(), TOK)
+  resumed = pipeline_lib.build_pipeline(_config(packing=packing), TOK)
   resumed.set_state(state)
+  assert resumed.stats == stats  # the counters resume with the data
   for x, y in zip(expected, _take(resumed, 4)):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(first[0]["input_ids"], expected[0]["input_ids"])
+  with pytest.raises(ValueError, match="not a data iterator state"):
+    resumed.set_state({"next_index": 3})
+
+
+def test_resume_with_another_config_warns(caplog):
+  state = pipeline_lib.build_pipeline(_config(), TOK).get_state()
+  other = pipeline_lib.build_pipeline(_config(seed=5), TOK)
+  with caplog.at_level(logging.WARNING):
+    other.set_state(state)
+  assert "different data config" in caplog.text
 
 
 def test_mixture_follows_weights():
-  sources = (pipeline_lib.SourceSpec("task:arithmetic?n=50", 3.0),
-             pipeline_lib.SourceSpec("task:smalltalk?n=50", 1.0))
-  cfg = _config(sources=sources, packing=False, seq_len=200, batch_size=8)
+  sources = (SpecS("task:arithmetic?n=50", 3.0), SpecS("task:smalltalk?n=50", 1.0))
+  cfg = _config(sources=sources, packing=False, batch_size=8)
   counts = collections.Counter()
-  for batch in _take(pipeline_lib.build_pipeline(cfg, TOK), 25):
+  for batch in _take(pipeline_lib.build_pipeline(cfg, TOK), 50):  # 400 examples, 6+ epochs
     for row in batch["input_ids"]:
-      text = TOK.decode(row.tolist())
-      counts["arithmetic" if "calculator" in text else "smalltalk"] += 1
-  share = counts["arithmetic"] / sum(counts.values())
-  assert 0.65 < share < 0.85, counts
+      counts["arithmetic" if "calculator" in TOK.decode(row.tolist()) else "smalltalk"] += 1
+  assert abs(counts["arithmetic"] / 400 - 0.75) < 0.02, counts
 
 
-def test_overlength_policies_are_counted():
-  truncating = pipeline_lib.build_pipeline(_config(seq_len=60, packing=False), TOK)
-  _take(truncating, 2)
-  assert truncating.stats.counts["task:arithmetic?n=64&seed=0"]["truncated"] > 0
-  dropping = pipeline_lib.build_pipeline(_config(seq_len=60, packing=False, overlength="drop"),
-                                         TOK)
-  batch = next(dropping)
-  counts = dropping.stats.counts["task:arithmetic?n=64&seed=0"]
-  assert counts["dropped_overlength"] > 0 and counts["truncated"] == 0
-  for row in batch["input_ids"]:
-    assert "calculator" not in TOK.decode(row.tolist())  # every arithmetic example is too long
+def test_overlength_policies_are_counted_exactly(caplog):
+  seq_len = 130  # arithmetic dialogues are 100-160 tokens: some fit, some do not
+  expected = _expected(ARITH)
+  too_long = sum(len(x[0]) > seq_len for x in expected)
+  assert 0 < too_long < len(expected)
+  cfg = _config(sources=(SpecS(ARITH),), seq_len=seq_len, num_epochs=1, drop_remainder=False)
+
+  with caplog.at_level(logging.WARNING):
+    truncating = pipeline_lib.build_pipeline(cfg, TOK)
+    got = _segments(truncating)
+  assert sorted(got) == sorted(_expected(ARITH, seq_len))
+  counts = truncating.stats.counts[ARITH]
+  assert counts == {"examples": 64, "truncated": too_long, "dropped_overlength": 0,
+                    "dropped_no_target": 0, "skipped_malformed": 0}
+  assert f"{ARITH}[" in caplog.text and "truncated" in caplog.text  # names the example
+
+  dropping = pipeline_lib.build_pipeline(
+      _config(sources=(SpecS(ARITH),), seq_len=seq_len, num_epochs=1, drop_remainder=False,
+              overlength="drop"), TOK)
+  got = _segments(dropping)
+  assert sorted(got) == sorted(x for x in expected if len(x[0]) <= seq_len)
+  assert dropping.stats.counts[ARITH]["dropped_overlength"] == too_long
+  assert dropping.stats.as_metrics()["data/dropped_overlength"] == too_long
 
 
-def test_eval_batches_are_fixed_and_padded():
-  cfg = _config(sources=(pipeline_lib.SourceSpec("task:arithmetic?n=9&seed=3"),))
-  a = pipeline_lib.make_eval_batches(cfg, TOK, num_batches=10)
-  b = pipeline_lib.make_eval_batches(cfg, TOK, num_batches=10)
-  assert len(a) == len(b) >= 1 and all(x["input_ids"].shape == (4, 160) for x in a)
-  assert all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+def test_examples_without_a_target_left_are_dropped_and_counted(tmp_path):
+  long_prompt = {"prompt": "word " * 200, "response": "ok"}
+  sources_lib.write_jsonl([long_prompt, {"prompt": "hi", "response": "hello"}],
+                          tmp_path / "d.jsonl")
+  path = str(tmp_path / "d.jsonl")
+  it = pipeline_lib.build_pipeline(
+      _config(sources=(SpecS(path),), seq_len=64, num_epochs=1, drop_remainder=False), TOK)
+  assert len(_segments(it)) == 1
+  assert it.stats.counts[path]["dropped_no_target"] == 1
+  assert it.stats.counts[path]["truncated"] == 0  # counted once, as the reason it was lost
+
+
+def test_skipped_records_show_in_the_stats(tmp_path):
+  path = tmp_path / "s.jsonl"
+  path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 1}\n')
+  it = pipeline_lib.build_pipeline(
+      _config(sources=(SpecS(str(path)),), on_error="skip_and_count"), TOK)
+  next(it)
+  assert it.stats.counts[str(path)]["skipped_malformed"] == 1
+  with pytest.raises(ValueError, match=r"s.jsonl:2: field 'prompt' must be a string"):
+    pipeline_lib.build_pipeline(_config(sources=(SpecS(str(path)),)), TOK)
+
+
+def test_processes_read_disjoint_shards(monkeypatch):
+  shards = []
+  for index in range(2):
+    monkeypatch.setattr(pipeline_lib, "_shard_options",
+                        lambda config, i=index: grain.sharding.ShardOptions(i, 2))
+    cfg = _config(sources=(SpecS(ARITH),), num_epochs=1, drop_remainder=False)
+    shards.append(_segments(pipeline_lib.build_pipeline(cfg, TOK)))
+  assert len(shards[0]) == len(shards[1]) == 32
+  assert sorted(shards[0] + shards[1]) == sorted(_expected(ARITH))
+
+
+def test_eval_batches_are_fixed_complete_and_padded():
+  cfg = _config(sources=(SpecS("task:arithmetic?n=9&seed=3"), SpecS("task:smalltalk?n=5")))
+  a = pipeline_lib.make_eval_batches(cfg, TOK)
+  b = pipeline_lib.make_eval_batches(cfg, TOK)
+  assert all(x["input_ids"].shape == (4, 160) for x in a)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+  expected = _expected("task:arithmetic?n=9&seed=3") + _expected("task:smalltalk?n=5")
+  assert sorted(_segments(a)) == sorted(expected)  # every example once, weights ignored
+  unpacked = pipeline_lib.make_eval_batches(dataclasses.replace(cfg, packing=False), TOK)
+  assert _segments(unpacked) == expected  # in order: sources concatenated, not shuffled
+  assert len(unpacked) == 4 and unpacked[-1]["segment_ids"][2:].sum() == 0  # 14 = 4+4+4+2
+  assert len(pipeline_lib.make_eval_batches(cfg, TOK, num_batches=1)) == 1
+
+
+def test_eval_batches_match_across_processes(monkeypatch):
+  # 9 examples over 4 processes: the shards differ in size, the batch counts must not.
+  counts = set()
+  for index in range(4):
+    monkeypatch.setattr(pipeline_lib, "_shard_options",
+                        lambda config, i=index: grain.sharding.ShardOptions(i, 4))
+    cfg = _config(sources=(SpecS("task:arithmetic?n=9"),), packing=False, batch_size=2)
+    counts.add(len(pipeline_lib.make_eval_batches(cfg, TOK)))
+  assert counts == {2}
 
 
 @pytest.mark.parametrize("kw,match", [
     ({"sources": ()}, "empty"), ({"overlength": "cut"}, "overlength"),
-    ({"sources": (pipeline_lib.SourceSpec("task:arithmetic", 0.0),)}, "weight"),
+    ({"sources": (SpecS(ARITH, 0.0),)}, "weight"), ({"num_epochs": 0}, "num_epochs"),
+    ({"on_error": "ignore"}, "on_error"), ({"sources": (ARITH,)}, "SourceSpec"),
 ])
 def test_config_validation(kw, match):
   with pytest.raises(ValueError, match=match):
     _config(**kw)
-
-
-def test_unknown_task_is_reported():
-  with pytest.raises(ValueError, match="unknown task 'nope'"):
-    sources_lib.load_source("task:nope?n=3")

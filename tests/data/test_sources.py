@@ -1,78 +1,169 @@
-"""Data sources: formats, schemas, and errors that name file, line and field."""
+"""Data sources: formats, schemas, errors that name file, line and field; bundled tasks."""
 
 import json
+import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wakea_jax.data import sources
+from wakea_jax.data import chat, sources
+from wakea_jax.data.tasks import TASKS, arithmetic
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
 def _jsonl(path, lines):
-  path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+  path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
   return path
 
 
-def test_jsonl_json_parquet_and_prompt_response(tmp_path):
-  a = sources.read_file(_jsonl(tmp_path / "a.jsonl", [CHAT, {"prompt": "p", "response": "r",
-                                                             "system": "s"}]))
-  assert len(a) == 2 and a.origins == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:2"]
-  assert [m["role"] for m in a[1]["messages"]] == ["system", "user", "assistant"]
-  (tmp_path / "b.json").write_text(json.dumps([CHAT, CHAT]))
-  assert len(sources.read_file(tmp_path / "b.json")) == 2
+def test_jsonl_json_parquet_load_the_same_records(tmp_path):
+  records = [CHAT, {"prompt": "p", "response": "r"}]
+  jsonl = sources.read_file(_jsonl(tmp_path / "a.jsonl", [records[0], "", records[1]]))
+  (tmp_path / "a.json").write_text(json.dumps(records))
+  from_json = sources.read_file(tmp_path / "a.json")
   pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}] * 3),
-                 tmp_path / "c.parquet")
-  assert len(sources.read_file(tmp_path / "c.parquet")) == 3
+                 tmp_path / "a.parquet")
+  parquet = sources.read_file(tmp_path / "a.parquet")
+  assert jsonl.records == from_json.records and len(parquet) == 3
+  assert jsonl.origins == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:3"]  # blank line 2
+  assert from_json.origins == [f"{tmp_path}/a.json[0]", f"{tmp_path}/a.json[1]"]
+  assert parquet.origins[2] == f"{tmp_path}/a.parquet[2]"
+  assert jsonl[0] == {"messages": CHAT["messages"], "tools": None,
+                      "origin": f"{tmp_path}/a.jsonl:1"}
+
+
+def test_prompt_response_becomes_a_chat():
+  record = sources.to_record({"prompt": "2+2?", "response": "4", "system": "Be brief."}, "x")
+  assert record == {"messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "2+2?"},
+                                 {"role": "assistant", "content": "4"}]}
+  assert [m["role"] for m in sources.to_record({"prompt": "a", "response": "b"}, "x")["messages"]
+          ] == ["user", "assistant"]
+
+
+def test_parquet_chat_with_tool_calls_and_absent_keys(tmp_path):
+  dialogue = arithmetic.generate(1, seed=3)[0]
+  pq.write_table(pa.Table.from_pylist([dialogue, CHAT]), tmp_path / "t.parquet")
+  # Parquet gives every message every key (null where absent); the source drops the nulls.
+  assert sources.read_file(tmp_path / "t.parquet").records == [dialogue, CHAT]
+
+
+def test_tools_field_is_kept_and_rendered(tmp_path):
+  record = dict(CHAT, tools=[arithmetic.CALCULATOR_TOOL])
+  source = sources.read_file(_jsonl(tmp_path / "t.jsonl", [record]))
+  assert source[0]["tools"] == [arithmetic.CALCULATOR_TOOL]
+  with pytest.raises(ValueError, match=r"t2.jsonl:1: field 'tools\[0\]' must be a JSON object"):
+    sources.read_file(_jsonl(tmp_path / "t2.jsonl", [dict(CHAT, tools=["calculator"])]))
 
 
 @pytest.mark.parametrize("line,match", [
-    ('{"prompt": "p"}', r"bad.jsonl:2: field 'response' is missing"),
-    ('{"prompt": "p", "response": 3}', r"bad.jsonl:2: field 'response' must be a string"),
-    ('{"messages": []}', r"bad.jsonl:2: field 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad.jsonl:2: field 'messages': .*"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', r"bad.jsonl:2: .*no assistant message"),
-    ('{"prompt": ', r"bad.jsonl:2: invalid JSON"),
-    ('[1, 2]', r"bad.jsonl:2: a record must be a JSON object"),
-    ('{"text": "x"}', r"bad.jsonl:2: needs field 'messages'"),
+    ('{"prompt": "p"}', r"field 'response' is missing"),
+    ('{"prompt": "p", "response": 3}', r"field 'response' must be a string, got int"),
+    ('{"prompt": "p", "response": "r", "system": 1}', r"field 'system' must be a string"),
+    ('{"prompt": "p", "response": "a<|im_end|>"}', r"field 'response' contains the turn"),
+    ('{"messages": []}', r"field 'messages' must be a non-empty list"),
+    ('{"messages": {"role": "user"}}', r"field 'messages' must be a list, got dict"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', r"field 'messages\[0\].role' must be"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}',
+     r"field 'messages\[1\].content' is missing"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",'
+     ' "tool_calls": [{"arguments": {}}]}]}', r"field 'messages\[1\].tool_calls\[0\].name'"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', r"field 'messages' has no assistant message"),
+    ('{"prompt": ', r"invalid JSON"),
+    ('[1, 2]', r"a record must be a JSON object, got list"),
+    ('{"text": "x"}', r"needs field 'messages' or fields 'prompt' and 'response'"),
 ])
-def test_errors_name_file_line_and_field(tmp_path, line, match):
-  path = _jsonl(tmp_path / "bad.jsonl", [CHAT, line])
-  with pytest.raises(ValueError, match=match):
+def test_jsonl_errors_name_file_line_and_field(tmp_path, line, match):
+  path = _jsonl(tmp_path / "bad.jsonl", [CHAT, CHAT, line])
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: {match}"):
     sources.read_file(path)
 
 
-def test_skip_and_count_reports_every_bad_record(tmp_path, caplog):
-  path = _jsonl(tmp_path / "mixed.jsonl", [CHAT, '{"prompt": 1, "response": "r"}', CHAT, "oops"])
-  source = sources.read_file(path, on_error="skip_and_count")
-  assert len(source) == 2 and len(source.skipped) == 2
-  assert "mixed.jsonl:2" in source.skipped[0] and "mixed.jsonl:4" in source.skipped[1]
-  assert "skipped 2 malformed" in caplog.text
-
-
-def test_json_and_file_errors(tmp_path):
-  (tmp_path / "x.json").write_text(json.dumps([CHAT, {"prompt": "p"}]))
-  with pytest.raises(ValueError, match=r"x.json\[1\]: field 'response' is missing"):
+def test_json_and_parquet_errors_name_file_record_and_field(tmp_path):
+  (tmp_path / "x.json").write_text(json.dumps([CHAT, {"prompt": "p", "response": None}]))
+  with pytest.raises(ValueError, match=r"x.json\[1\]: field 'response' must be a string, got null"):
     sources.read_file(tmp_path / "x.json")
+  (tmp_path / "broken.json").write_text('[\n{"prompt": "p",\n')
+  with pytest.raises(ValueError, match=r"broken.json:3: invalid JSON"):
+    sources.read_file(tmp_path / "broken.json")
   (tmp_path / "y.json").write_text("{}")
-  with pytest.raises(ValueError, match="list of records"):
+  with pytest.raises(ValueError, match=r"y.json: a .json source must hold a list of records"):
     sources.read_file(tmp_path / "y.json")
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": None}]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "z.parquet")
+  with pytest.raises(ValueError, match=r"z.parquet\[1\]: field 'response' is missing"):
+    sources.read_file(tmp_path / "z.parquet")
+  (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+  with pytest.raises(ValueError, match=r"junk.parquet: cannot read Parquet"):
+    sources.read_file(tmp_path / "junk.parquet")
+
+
+def test_file_level_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="missing.jsonl: data source does not exist"):
     sources.read_file(tmp_path / "missing.jsonl")
   (tmp_path / "z.csv").write_text("a,b")
   with pytest.raises(ValueError, match="unsupported file type '.csv'"):
     sources.read_file(tmp_path / "z.csv")
-  with pytest.raises(ValueError, match="on_error"):
+  with pytest.raises(ValueError, match="on_error must be one of"):
     sources.read_file(tmp_path / "z.csv", on_error="ignore")
+  (tmp_path / "u.jsonl").write_bytes(json.dumps(CHAT).encode() + b"\n\xff\xfe\n")
+  with pytest.raises(ValueError, match=r"u.jsonl:2: not valid UTF-8"):
+    sources.read_file(tmp_path / "u.jsonl")
 
 
-def test_tasks_are_deterministic_and_valid():
+def test_skip_and_count_reports_every_bad_record(tmp_path, caplog):
+  path = _jsonl(tmp_path / "mixed.jsonl", [CHAT, '{"prompt": 1, "response": "r"}', CHAT, "oops"])
+  with caplog.at_level(logging.WARNING):
+    source = sources.read_file(path, on_error="skip_and_count")
+  assert len(source) == 2 and len(source.skipped) == 2
+  assert source.skipped[0].startswith(f"{path}:2: field 'prompt'")
+  assert source.skipped[1].startswith(f"{path}:4: invalid JSON")
+  assert f"{path}:2:" in caplog.text and f"{path}:4:" in caplog.text  # each one logged
+  assert "skipped 2 malformed record(s), kept 2" in caplog.text
+  with pytest.raises(ValueError, match=r"no valid records \(1 malformed, skipped\)"):
+    sources.read_file(_jsonl(tmp_path / "all_bad.jsonl", ["{}"]), on_error="skip_and_count")
+
+
+def test_task_specs():
   a = sources.load_source("task:arithmetic?n=5&seed=1")
-  b = sources.load_source("task:arithmetic?n=5&seed=1")
-  assert a.records == b.records and len(a) == 5
-  with pytest.raises(ValueError, match="unknown parameter"):
-    sources.load_source("task:arithmetic?count=5")
-  from wakea_jax.data.tasks import arithmetic
+  assert a.records == sources.load_source("task:arithmetic?seed=1&n=5").records and len(a) == 5
+  assert a.records != sources.load_source("task:arithmetic?n=5&seed=2").records
+  assert len(sources.load_source("task:smalltalk")) == 1000  # default n
+  for spec, match in [("task:nope?n=3", "unknown task 'nope'"),
+                      ("task:arithmetic?count=5", "unknown parameter"),
+                      ("task:arithmetic?n=five", "'n' must be one integer"),
+                      ("task:arithmetic?n=0", "'n' must be >= 1")]:
+    with pytest.raises(ValueError, match=match):
+      sources.load_source(spec)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_tasks_are_deterministic_valid_and_written_as_jsonl(tmp_path, name):
+  records = TASKS[name](50, 7)
+  assert records == TASKS[name](50, 7) and records != TASKS[name](50, 8)
+  sources.write_jsonl(records, tmp_path / "t.jsonl")
+  assert sources.read_file(tmp_path / "t.jsonl").records == records
+
+
+def test_arithmetic_dialogues_call_the_calculator_and_copy_its_result():
+  ops = set()
+  for record in arithmetic.generate(200, seed=0):
+    messages = record["messages"]
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    call = messages[-3]["tool_calls"][0]
+    assert call["name"] == "calculator" and set(call["arguments"]) == {"expression"}
+    expr = call["arguments"]["expression"]
+    result = messages[-2]["content"]
+    assert result == str(arithmetic.evaluate(expr))
+    assert result in messages[-1]["content"]
+    ops |= {op for op in "+-*" if op in expr[1:]}
+    # The rendered call parses back to the same call.
+    assert chat.parse_tool_calls(chat.render_text(messages[-3:-2])) == [call]
+  assert ops == {"+", "-", "*"}
   assert arithmetic.evaluate("12 * 3") == 36 and arithmetic.evaluate("5-9") == -4
+  with pytest.raises(ValueError, match="not a generated expression"):
+    arithmetic.evaluate("12")

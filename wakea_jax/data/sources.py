@@ -1,26 +1,41 @@
 """Training-data sources: local JSONL / JSON / Parquet files and bundled task generators.
 
-Two record schemas are accepted:
-  {"messages": [...]}                               chat, tool calls, reasoning (see chat.py)
-  {"prompt": str, "response": str, "system"?: str}  turned into a system/user/assistant chat
+Formats (chosen by the file suffix; files are read locally, never from a hub):
+  .jsonl    one record per line; blank lines are ignored
+  .json     one JSON list of records
+  .parquet  one record per row (read with pyarrow)
 
-Every record is validated when the source is loaded, so an error names the file, the line
-(JSONL; the record index for JSON and Parquet) and the field:
-  `data/x.jsonl:17: field 'response' must be a string`.
-A malformed record raises by default; with `on_error="skip_and_count"` it is logged with its
-location and counted in `Source.skipped` instead, never dropped silently.
+Record schemas:
+  {"messages": [...], "tools"?: [...]}               chat, tool calls, reasoning (see chat.py);
+                                                      optional tool JSON schemas for the prompt
+  {"prompt": str, "response": str, "system"?: str}   becomes a [system,] user, assistant chat
 
-Records are held in memory (a list): the sources here are fine-tuning sets of thousands to
-a few hundred thousand examples. `Source` is a grain random-access data source.
+Every record is validated when the source is loaded, so an error names the location and the
+field: `data/x.jsonl:17: field 'response' must be a string`. The location is `path:LINE`
+for JSONL (1-based, as editors count) and `path[INDEX]` for JSON and Parquet (the 0-based
+record index, as `records[INDEX]` would find it). A malformed record raises by default; with
+`on_error="skip_and_count"` it is logged with its location and counted in `Source.skipped`,
+never dropped silently. A file that cannot be read at all (bad suffix, not a JSON list,
+unreadable Parquet) always raises.
+
+Bundled generators (`wakea_jax.data.tasks.TASKS`) are named by a task spec
+`task:NAME?n=1000&seed=0` (`n` examples, default 1000; `seed`, default 0).
+
+Memory: a `Source` holds all its validated records in memory (a Python list). The sources
+here are fine-tuning sets of thousands to a few hundred thousand short conversations;
+larger corpora would need an offset index instead. `Source` is a grain random-access data
+source (`__len__`, `__getitem__`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from wakea_jax.data import chat
@@ -29,95 +44,175 @@ from wakea_jax.data.tasks import TASKS
 _log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip_and_count")
+TASK_PREFIX = "task:"
+_TASK_PARAMS = ("n", "seed")
+_DEFAULT_TASK_SIZE = 1000
+
+Record = dict[str, Any]  # {"messages": [...]} plus "tools" when the record has tool schemas
 
 
 class Source:
-  """A list of validated chat records with their origins; grain RandomAccessDataSource."""
+  """Validated chat records with their locations; a grain RandomAccessDataSource.
 
-  def __init__(self, name: str, records: list[list[dict]], origins: list[str],
-               skipped: list[str] | None = None):
+  `source[i]` is `{"messages": [...], "tools": [...] | None, "origin": "path:line"}`.
+  `records` are the records in the `{"messages": ..., "tools"?: ...}` schema, so
+  `write_jsonl(source.records, path)` writes a file that loads back to the same source.
+  `skipped` holds one message (with its location) per malformed record that was skipped.
+  """
+
+  def __init__(self, name: str, records: list[Record], origins: list[str],
+               skipped: Sequence[str] = ()) -> None:
+    if len(records) != len(origins):
+      raise ValueError(f"{name}: {len(records)} records but {len(origins)} origins")
     self.name = name
     self.records = records
     self.origins = origins
-    self.skipped = skipped or []
+    self.skipped = list(skipped)
 
   def __len__(self) -> int:
     return len(self.records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"messages": self.records[index], "origin": self.origins[index]}
+    record = self.records[index]
+    return {"messages": record["messages"], "tools": record.get("tools"),
+            "origin": self.origins[index]}
 
   def __repr__(self) -> str:
     return f"Source({self.name!r}, {len(self)} records, {len(self.skipped)} skipped)"
 
 
-def to_messages(record: Any, where: str) -> list[dict]:
-  """Validates one raw record and returns its chat messages; errors start with `where`."""
-  if not isinstance(record, dict):
-    raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-  if "messages" in record:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
+# chat.py names the message and field ("message 2: field 'content' ..."); a source names the
+# record field instead, so the message is rewritten as a path inside the record.
+_CHAT_FIELD_ERROR = re.compile(r"^message (\d+): field '([^']*)'(.*)$", re.DOTALL)
+_CHAT_MESSAGE_ERROR = re.compile(r"^message (\d+): (.*)$", re.DOTALL)
+
+
+def _chat_error(where: str, err: ValueError, fields: Mapping[int, str] | None) -> ValueError:
+  """Rewrites a chat.py validation error as `{where}: field 'messages[i].x' ...`.
+
+  `fields` maps message indices back to record fields for prompt/response records
+  (message 1's content is the record's 'response', etc.).
+  """
+  text = str(err)
+  if match := _CHAT_FIELD_ERROR.match(text):
+    index, field, rest = int(match[1]), match[2], match[3]
+    if fields is not None and field == "content" and index in fields:
+      return ValueError(f"{where}: field '{fields[index]}'{rest}")
+    return ValueError(f"{where}: field 'messages[{index}].{field}'{rest}")
+  if match := _CHAT_MESSAGE_ERROR.match(text):
+    return ValueError(f"{where}: field 'messages[{match[1]}]': {match[2]}")
+  return ValueError(f"{where}: {text}")
+
+
+def _type_name(value: Any) -> str:
+  return "null" if value is None else type(value).__name__
+
+
+def to_record(raw: Any, where: str) -> Record:
+  """Validates one raw record and returns it as `{"messages": [...], "tools"?: [...]}`.
+
+  Raises ValueError starting with `where` and naming the field.
+  """
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"{where}: a record must be a JSON object, got {_type_name(raw)}")
+  fields: dict[int, str] | None = None
+  if "messages" in raw:
+    messages = raw["messages"]
+    if not isinstance(messages, list):
+      raise ValueError(f"{where}: field 'messages' must be a list, got {_type_name(messages)}")
+    if not messages:
       raise ValueError(f"{where}: field 'messages' must be a non-empty list")
-  elif "prompt" in record or "response" in record:
+  elif "prompt" in raw or "response" in raw:
     for field in ("prompt", "response"):
-      if field not in record:
+      if field not in raw:
         raise ValueError(f"{where}: field '{field}' is missing")
-      if not isinstance(record[field], str):
-        raise ValueError(f"{where}: field '{field}' must be a string")
-    messages = [{"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["response"]}]
-    if record.get("system") is not None:
-      if not isinstance(record["system"], str):
-        raise ValueError(f"{where}: field 'system' must be a string")
-      messages.insert(0, {"role": "system", "content": record["system"]})
+      if not isinstance(raw[field], str):
+        raise ValueError(
+            f"{where}: field '{field}' must be a string, got {_type_name(raw[field])}")
+    messages = [{"role": "user", "content": raw["prompt"]},
+                {"role": "assistant", "content": raw["response"]}]
+    fields = {0: "prompt", 1: "response"}
+    if raw.get("system") is not None:
+      if not isinstance(raw["system"], str):
+        raise ValueError(
+            f"{where}: field 'system' must be a string, got {_type_name(raw['system'])}")
+      messages.insert(0, {"role": "system", "content": raw["system"]})
+      fields = {0: "system", 1: "prompt", 2: "response"}
   else:
     raise ValueError(f"{where}: needs field 'messages' or fields 'prompt' and 'response'")
+
+  tools = raw.get("tools")
+  if tools is not None:
+    if not isinstance(tools, list):
+      raise ValueError(f"{where}: field 'tools' must be a list, got {_type_name(tools)}")
+    for k, tool in enumerate(tools):
+      if not isinstance(tool, Mapping):
+        raise ValueError(f"{where}: field 'tools[{k}]' must be a JSON object, got "
+                         f"{_type_name(tool)}")
   try:
-    chat.render_text(messages)  # full structural validation of every message
-  except ValueError as e:
-    raise ValueError(f"{where}: field 'messages': {e}") from None
-  if not any(m.get("role") == "assistant" for m in messages):
+    # Full structural validation of every message (roles, tool calls, reasoning, delimiters).
+    chat.render_text(messages, tools=tools)
+  except ValueError as err:
+    raise _chat_error(where, err, fields) from None
+  if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
     raise ValueError(f"{where}: field 'messages' has no assistant message to train on")
-  return messages
+  record: Record = {"messages": [dict(m) for m in messages]}
+  if tools:
+    record["tools"] = [dict(t) for t in tools]
+  return record
 
 
-def _raw_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
-  """(location, raw record) pairs; JSON decoding errors are yielded as exceptions."""
-  suffix = path.suffix.lower()
-  if suffix == ".jsonl":
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_no}"
-        try:
-          yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-          yield where, ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-  elif suffix == ".json":
-    try:
-      data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-      raise ValueError(f"{path}: a .json source must hold a list of records")
-    for index, record in enumerate(data):
-      yield f"{path}[{index}]", record
-  elif suffix == ".parquet":
-    import pyarrow.parquet as pq  # noqa: PLC0415  (only needed for parquet)
-    try:
-      table = pq.read_table(path)
-    except Exception as e:
-      raise ValueError(f"{path}: cannot read parquet ({e})") from None
-    for index, record in enumerate(table.to_pylist()):
-      yield f"{path}[row {index}]", _drop_nulls(record)
-  else:
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+  with open(path, "rb") as f:
+    for line_no, raw_line in enumerate(f, 1):
+      where = f"{path}:{line_no}"
+      try:
+        # utf-8-sig: a byte-order mark on the first line is not part of the JSON.
+        line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as err:
+        yield where, ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+        continue
+      if not line.strip():
+        continue
+      try:
+        yield where, json.loads(line)
+      except json.JSONDecodeError as err:
+        yield where, ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+  try:
+    data = json.loads(path.read_bytes().decode("utf-8-sig"))
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
+                     ) from None
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: a .json source must hold a list of records, got "
+                     f"{_type_name(data)}")
+  for index, record in enumerate(data):
+    yield f"{path}[{index}]", record
+
+
+def _parquet_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (parquet only)
+  try:
+    parquet = pq.ParquetFile(path)
+    batches = parquet.iter_batches(batch_size=1024)
+  except Exception as err:  # pyarrow raises several unrelated types for unreadable files
+    raise ValueError(f"{path}: cannot read Parquet file ({err})") from None
+  index = 0
+  for batch in batches:
+    for row in batch.to_pylist():
+      yield f"{path}[{index}]", _drop_nulls(row)
+      index += 1
 
 
 def _drop_nulls(value: Any) -> Any:
-  """Parquet fills absent struct fields with None; drop them so validation sees JSON."""
+  """Parquet structs have one schema per column, so a key absent from one record comes back
+  as null; dropping nulls restores the JSON record (a genuine null is lost, which the chat
+  schema treats the same as absent)."""
   if isinstance(value, dict):
     return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
   if isinstance(value, list):
@@ -125,59 +220,90 @@ def _drop_nulls(value: Any) -> Any:
   return value
 
 
-def read_file(path: str | pathlib.Path, *, on_error: str = "raise") -> Source:
+_READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
+
+
+def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
+  """Loads and validates a .jsonl/.json/.parquet file (see the module docstring)."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"data source {path} does not exist")
-  records, origins, skipped = [], [], []
-  for where, raw in _raw_records(path):
+  reader = _READERS.get(path.suffix.lower())
+  if reader is None:
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or "
+                     ".parquet")
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: data source does not exist")
+  if path.is_dir():
+    raise IsADirectoryError(f"{path}: expected a data file, found a directory")
+  records: list[Record] = []
+  origins: list[str] = []
+  skipped: list[str] = []
+  for where, raw in reader(path):
     try:
       if isinstance(raw, Exception):
         raise raw
-      records.append(to_messages(raw, where))
+      records.append(to_record(raw, where))
       origins.append(where)
-    except ValueError as e:
+    except ValueError as err:
       if on_error == "raise":
         raise
-      _log.warning("skipping malformed record: %s", e)
-      skipped.append(str(e))
-  if not records:
-    raise ValueError(f"{path}: no valid records" + (f" ({len(skipped)} skipped)" if skipped
-                                                     else ""))
+      _log.warning("skipping malformed record: %s", err)
+      skipped.append(str(err))
   if skipped:
-    _log.warning("%s: skipped %d malformed record(s)", path, len(skipped))
+    _log.warning("%s: skipped %d malformed record(s), kept %d", path, len(skipped),
+                 len(records))
+  if not records:
+    raise ValueError(f"{path}: no valid records" +
+                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
   return Source(str(path), records, origins, skipped)
 
 
 def parse_task_spec(spec: str) -> tuple[str, int, int]:
   """`task:NAME?n=1000&seed=0` -> (NAME, n, seed)."""
-  parsed = urllib.parse.urlparse(spec)
-  name = parsed.path
+  if not spec.startswith(TASK_PREFIX):
+    raise ValueError(f"{spec!r} is not a task spec; expected 'task:NAME?n=..&seed=..'")
+  name, _, query = spec[len(TASK_PREFIX):].partition("?")
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r} in source {spec!r}; tasks: {sorted(TASKS)}")
-  query = dict(urllib.parse.parse_qsl(parsed.query))
-  unknown = sorted(set(query) - {"n", "seed"})
-  if unknown:
-    raise ValueError(f"source {spec!r}: unknown parameter(s) {unknown}; use n and seed")
+    raise ValueError(f"{spec}: unknown task {name!r}; tasks: {sorted(TASKS)}")
   try:
-    return name, int(query.get("n", 1000)), int(query.get("seed", 0))
+    params = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
   except ValueError:
-    raise ValueError(f"source {spec!r}: n and seed must be integers") from None
+    raise ValueError(f"{spec}: malformed parameters {query!r}; use n=..&seed=..") from None
+  unknown = sorted(set(params) - set(_TASK_PARAMS))
+  if unknown:
+    raise ValueError(f"{spec}: unknown parameter(s) {unknown}; use {list(_TASK_PARAMS)}")
+  values = {}
+  for key, default in (("n", _DEFAULT_TASK_SIZE), ("seed", 0)):
+    given = params.get(key, [str(default)])
+    try:
+      if len(given) != 1:
+        raise ValueError
+      values[key] = int(given[0])
+    except ValueError:
+      raise ValueError(f"{spec}: parameter {key!r} must be one integer, got {given}") from None
+  if values["n"] < 1:
+    raise ValueError(f"{spec}: parameter 'n' must be >= 1, got {values['n']}")
+  return name, values["n"], values["seed"]
 
 
-def load_source(spec: str, *, on_error: str = "raise") -> Source:
-  """A file path (.jsonl/.json/.parquet) or a bundled task `task:NAME?n=..&seed=..`."""
-  if spec.startswith("task:"):
-    name, n, seed = parse_task_spec(spec)
-    raw = TASKS[name](n, seed)
-    records = [to_messages(r, f"{spec}[{i}]") for i, r in enumerate(raw)]
-    return Source(spec, records, [f"{spec}[{i}]" for i in range(len(records))])
+def load_task(spec: str) -> Source:
+  name, n, seed = parse_task_spec(spec)
+  raw = TASKS[name](n, seed)
+  # Generated records are validated like files: a generator bug fails here, not mid-training.
+  records = [to_record(r, f"{spec}[{i}]") for i, r in enumerate(raw)]
+  return Source(spec, records, [f"{spec}[{i}]" for i in range(len(records))])
+
+
+def load_source(spec: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
+  """A .jsonl/.json/.parquet path, or a bundled task `task:NAME?n=..&seed=..`."""
+  if isinstance(spec, str) and spec.startswith(TASK_PREFIX):
+    return load_task(spec)
   return read_file(spec, on_error=on_error)
 
 
-def write_jsonl(records: list[dict], path: str | pathlib.Path) -> None:
+def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
+  """Writes records (e.g. a task's output or `Source.records`) one JSON object per line."""
   with open(path, "w", encoding="utf-8") as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,14 +1,18 @@
-"""Bundled generators of training data: name -> function(num_examples, seed) -> records.
+"""Bundled generators of training data: a plain dict from name to generator.
 
-Each record is `{"messages": [...]}` in the chat format of `wakea_jax.data.chat`. Sources name
-them as `task:NAME?n=1000&seed=0` (see `wakea_jax.data.sources.load_source`).
+Every generator is `generate(num_examples: int, seed: int = 0) -> list[dict]`, deterministic
+in its arguments, returning records `{"messages": [...]}` in the chat format of
+`wakea_jax.data.chat`. Data configs name them with a task spec,
+`"task:arithmetic?n=2000&seed=0"` (see `wakea_jax.data.sources.load_source`); to get a
+file instead, `sources.write_jsonl(TASKS["arithmetic"](2000, 0), "arithmetic.jsonl")`.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from wakea_jax.data.tasks import arithmetic, smalltalk
 
-TASKS: dict[str, Callable[[int, int], list[dict]]] = {
+TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.generate,
     "smalltalk": smalltalk.generate,
 }

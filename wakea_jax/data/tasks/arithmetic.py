@@ -1,52 +1,93 @@
 """Calculator dialogues: the user asks an arithmetic question, the assistant calls the
 calculator tool, reads the result and answers with it.
 
-The answer is a copy of the tool result, so a small model can learn the whole protocol
-(when to call, the JSON of the call, copying the result) from a few thousand examples.
+    user       What is 23*19?
+    assistant  <tool_call>{"name": "calculator", "arguments": {"expression": "23*19"}}</tool_call>
+    tool       437
+    assistant  23*19 = 437.
+
+Operands are multi-digit (+ and - up to 4 digits, * up to 3 by 2 digits). The question
+names the operator as a symbol or a word ("23 times 19"), but the tool call always carries
+the symbolic expression, and the final answer is a template around the tool's result, so a
+small model can learn the whole protocol (when to call, the JSON of the call, copying the
+result) from a few thousand examples. A system prompt is present in a quarter of the
+dialogues so the model does not depend on one; leaving it out of the rest keeps most
+dialogues short enough that two fit in a 256-token row.
+
+Deterministic: the same (num_examples, seed) always gives the same records, on any
+platform (`random.Random` seeded with a string is stable across Python versions >= 3.2).
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
-SYSTEM = "You are a helpful assistant. Use the calculator tool for arithmetic."
+TOOL_NAME = "calculator"
+# The JSON schema a tool-calling prompt would list (chat.render(..., tools=[CALCULATOR_TOOL])).
+# The generated records do not include it: rendered, it costs ~120 tokens per example.
+CALCULATOR_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": "Evaluates an arithmetic expression and returns the exact result.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "e.g. 23*19"}},
+            "required": ["expression"],
+        },
+    },
+}
 
-_QUESTIONS = ("What is {e}?", "Compute {e}.", "Please calculate {e}.", "{e} = ?",
-              "How much is {e}?", "Can you work out {e}?")
-_ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.")
+SYSTEMS = ("You are a helpful assistant. Use the calculator tool for arithmetic.",
+           "You are a careful assistant with a calculator tool. Never do arithmetic in "
+           "your head.")
+_WORDS = {"+": ("plus", "added to"), "-": ("minus",), "*": ("times", "multiplied by")}
+_QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?",
+              "How much is {q}?", "Can you work out {q}?", "what's {q}")
+_ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
 
 
-def expression(rng: random.Random) -> str:
+def expression(rng: random.Random) -> tuple[int, str, int]:
+  """(a, op, b) with multi-digit operands."""
   op = rng.choice("+-*")
   if op == "*":
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-  else:
-    a, b = rng.randint(10, 9999), rng.randint(10, 9999)
-  return f"{a}{op}{b}" if rng.random() < 0.5 else f"{a} {op} {b}"
+    return rng.randint(2, 999), op, rng.randint(2, 99)
+  return rng.randint(10, 9999), op, rng.randint(10, 9999)
 
 
 def evaluate(expr: str) -> int:
-  """Exact integer value of a generated `a op b` expression (no eval)."""
+  """Exact value of a generated `a op b` expression (spaces allowed; no eval)."""
+  text = expr.replace(" ", "")
+  # Search from index 1 so that a leading minus sign is not taken for the operator.
   for op in "*+-":
-    left, sep, right = expr.replace(" ", "").partition(op)
-    if sep and left and right:
-      a, b = int(left), int(right)
+    k = text.find(op, 1)
+    if k > 0:
+      a, b = int(text[:k]), int(text[k + 1:])
       return a * b if op == "*" else a + b if op == "+" else a - b
   raise ValueError(f"not a generated expression: {expr!r}")
 
 
-def make_dialogue(expr: str, rng: random.Random) -> dict:
-  result = evaluate(expr)
-  return {"messages": [
-      {"role": "system", "content": SYSTEM},
-      {"role": "user", "content": rng.choice(_QUESTIONS).format(e=expr)},
+def make_dialogue(a: int, op: str, b: int, rng: random.Random) -> dict[str, Any]:
+  """One record; the final answer is a function of the tool's result (its text, copied)."""
+  spaced = rng.random() < 0.5
+  expr = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
+  spoken = f"{a} {rng.choice(_WORDS[op])} {b}" if rng.random() < 0.25 else expr
+  result = str(evaluate(expr))  # what the calculator tool returns
+  messages: list[dict[str, Any]] = []
+  if rng.random() < 0.25:
+    messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
+  messages += [
+      {"role": "user", "content": rng.choice(_QUESTIONS).format(q=spoken)},
       {"role": "assistant", "content": "",
-       "tool_calls": [{"name": "calculator", "arguments": {"expression": expr}}]},
-      {"role": "tool", "content": str(result)},
-      {"role": "assistant", "content": rng.choice(_ANSWERS).format(e=expr, r=result)},
-  ]}
+       "tool_calls": [{"name": TOOL_NAME, "arguments": {"expression": expr}}]},
+      {"role": "tool", "content": result},
+      {"role": "assistant", "content": rng.choice(_ANSWERS).format(e=expr, q=spoken, r=result)},
+  ]
+  return {"messages": messages}
 
 
-def generate(num_examples: int, seed: int = 0) -> list[dict]:
+def generate(num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
+  """`num_examples` calculator dialogues, `{"messages": [...]}` each."""
   rng = random.Random(f"arithmetic-{seed}")
-  return [make_dialogue(expression(rng), rng) for _ in range(num_examples)]
+  return [make_dialogue(*expression(rng), rng) for _ in range(num_examples)]
