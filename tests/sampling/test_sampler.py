@@ -1,0 +1,190 @@
+"""Sampler: greedy == full-forward argmax, trainer log-prob parity, padding invariance,
+transformers `generate` parity, sampling modes, stops and compile-once bucketing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wakea_jax.models.config import get_preset
+from wakea_jax.models.transformer import create_model
+from wakea_jax.objectives.sft import token_logprobs
+from wakea_jax.sampling import Sampler
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55]]
+
+
+def _randomise(model, seed: int) -> None:
+  # Scaled up from the init so that the logits are far from uniform and argmax is stable.
+  rng = np.random.default_rng(seed)
+  flat = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
+    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
+    flat.append((path, var.replace(jnp.asarray(value))))
+  nnx.update(model, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = get_preset("tiny")
+  model = create_model(config)
+  _randomise(model, seed=3)
+  graphdef, params = nnx.split(model)
+  return config, graphdef, params, model
+
+
+def _sampler(tiny, **kwargs) -> Sampler:
+  config, graphdef, _, _ = tiny
+  return Sampler(graphdef, config, **kwargs)
+
+
+@jax.jit
+def _full_forward(model, ids):
+  return model(ids)
+
+
+def _reference_greedy(model, prompt, n, width=48):
+  """Step-by-step argmax of a full forward without cache (right padding to one width keeps
+  it to one compilation; the causal mask makes the padding invisible to earlier tokens)."""
+  ids = list(prompt)
+  for _ in range(n):
+    padded = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
+    ids.append(int(jnp.argmax(_full_forward(model, padded)[0, len(ids) - 1])))
+  return ids[len(prompt):]
+
+
+def test_greedy_matches_full_forward_argmax_and_padding_is_invisible(tiny):
+  _, _, params, model = tiny
+  sampler = _sampler(tiny, temperature=0.0)
+  batched = sampler.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(0))
+  for i, prompt in enumerate(PROMPTS):
+    alone = sampler.generate(params, [prompt], max_new_tokens=10, rng=jax.random.key(0))
+    assert alone.tokens[0] == batched.tokens[i] == _reference_greedy(model, prompt, 10)
+    np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], atol=1e-5)
+  assert batched.lengths == [10, 10, 10] and batched.stop_reason == ["length"] * 3
+  assert len(set(map(tuple, batched.tokens))) == 3   # non-trivial model
+
+
+def test_logprobs_match_trainer_recomputation(tiny):
+  _, _, params, model = tiny
+  sampler = _sampler(tiny, temperature=0.8, top_k=40)
+  out = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(1))
+  worst = 0.0
+  for prompt, tokens, logprobs in zip(PROMPTS, out.tokens, out.logprobs):
+    n = len(prompt) + len(tokens)
+    ids = jnp.asarray([prompt + tokens + [0] * (48 - n)], jnp.int32)
+    ref = token_logprobs(_full_forward(model, ids)[:, :-1], ids[:, 1:])[0, len(prompt) - 1:n - 1]
+    worst = max(worst, float(np.abs(np.asarray(ref) - logprobs).max()))
+  print(f"max |sampler logprob - trainer logprob| = {worst:.2e}")
+  assert worst < 1e-4
+
+
+def test_sampling_modes(tiny):
+  _, _, params, _ = tiny
+  kw = dict(max_new_tokens=8)
+  greedy = _sampler(tiny, temperature=0.0).generate(params, PROMPTS, rng=jax.random.key(0), **kw)
+  for sampler in (_sampler(tiny, top_k=1), _sampler(tiny, top_p=1e-6),
+                  _sampler(tiny, temperature=0.7, top_k=5, top_p=1e-6)):
+    assert sampler.generate(params, PROMPTS, rng=jax.random.key(9), **kw).tokens == greedy.tokens
+  sampler = _sampler(tiny, temperature=1.5, top_p=0.95)
+  a = sampler.generate(params, PROMPTS, rng=jax.random.key(4), **kw)
+  b = sampler.generate(params, PROMPTS, rng=jax.random.key(4), **kw)
+  c = sampler.generate(params, PROMPTS, rng=jax.random.key(5), **kw)
+  assert a.tokens == b.tokens and a.tokens != c.tokens
+  # The processed log-prob is of the tempered, truncated distribution, so it differs.
+  assert not np.allclose(np.concatenate(a.logprobs), np.concatenate(a.processed_logprobs))
+
+
+def test_stops_and_max_new_tokens(tiny):
+  _, _, params, _ = tiny
+  greedy = _sampler(tiny, temperature=0.0)
+  free = greedy.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0)).tokens
+  stop = free[0][4]
+  first = [row.index(stop) + 1 if stop in row else 12 for row in free]
+  out = _sampler(tiny, temperature=0.0, stop_ids=(stop,)).generate(
+      params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0))
+  assert out.lengths == first and out.tokens[0] == free[0][:first[0]]
+  assert out.stop_reason[0] == "stop_id"
+  short = greedy.generate(params, PROMPTS, max_new_tokens=[3, 5, 12], rng=jax.random.key(0))
+  assert short.lengths == [3, 5, 12] and short.tokens[1] == free[1][:5]
+
+  class CharTokenizer:   # token t decodes to chr(ord('a') + t % 26): strings span tokens
+    def decode(self, ids):
+      return "".join(chr(ord("a") + t % 26) for t in ids)
+
+  text = CharTokenizer().decode(free[2])
+  target = text[5:7]                      # straddles tokens 5 and 6
+  expected = text.index(target) + 2
+  out = _sampler(tiny, temperature=0.0, chunk_steps=4).generate(
+      params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), stop_strings=[target],
+      tokenizer=CharTokenizer())
+  assert out.tokens[2] == free[2][:expected] and out.stop_reason[2] == "stop_string"
+  assert len(out.logprobs[2]) == expected
+  # Driven by hand: the cut row's cache end index is rewound to prompt + kept tokens.
+  sampler = _sampler(tiny, temperature=0.0)
+  state = sampler.start(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0))
+  state = sampler.decode(params, state, jnp.asarray(12, jnp.int32))
+  state, cut = sampler.apply_stop_strings(state, [target], CharTokenizer())
+  assert cut[2] == expected and bool(state.done[2])
+  assert int(state.cache.end_index[2]) == len(PROMPTS[2]) + expected
+  for row in set(range(3)) - set(cut):
+    assert int(state.cache.end_index[row]) == len(PROMPTS[row]) + 12
+
+
+def test_prefill_appends_to_a_subset_and_resumes(tiny):
+  _, _, params, model = tiny
+  sampler = _sampler(tiny, temperature=0.0)
+  state = sampler.start(params, PROMPTS[:2], max_new_tokens=6, rng=jax.random.key(0))
+  state = sampler.decode(params, state, jnp.asarray(3, jnp.int32))
+  first = np.asarray(state.tokens)[:, :3].tolist()
+  # Append two "tool" tokens to row 1 only, then continue decoding both rows.
+  extra = jnp.asarray([[0, 0], [77, 78]], jnp.int32)
+  mask = jnp.asarray([[0, 0], [1, 1]], jnp.int32)
+  cache, logits = sampler.prefill(params, state.cache, extra, mask)
+  state = state.replace(cache=cache, logits=jnp.where(mask.any(1)[:, None], logits,
+                                                      state.logits))
+  state = sampler.decode(params, state, jnp.asarray(3, jnp.int32))
+  tokens = np.asarray(state.tokens)[:, :6].tolist()
+  assert tokens[0] == _reference_greedy(model, PROMPTS[0], 6)
+  row1 = PROMPTS[1] + first[1] + [77, 78]
+  assert tokens[1][3:] == _reference_greedy(model, row1, 3)
+
+
+def test_prompt_lengths_in_one_bucket_compile_once(tiny):
+  _, _, params, _ = tiny
+  sampler = _sampler(tiny, temperature=0.0, min_prompt_bucket=32)
+  sampler.generate(params, [[1] * 20, [2] * 3], max_new_tokens=5, rng=jax.random.key(0))
+  before = sampler.compile_count()
+  assert before > 0
+  sampler.generate(params, [[1] * 9, [3] * 30], max_new_tokens=7, rng=jax.random.key(0))
+  assert sampler.compile_count() == before
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from wakea_jax.checkpoints import hf
+
+  cfg = transformers.LlamaConfig(
+      vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      rms_norm_eps=1e-6, attn_implementation="eager")
+  torch.manual_seed(0)
+  ref = transformers.LlamaForCausalLM(cfg).eval()
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
+  ref.save_pretrained(tmp_path)
+  model = hf.load_model(tmp_path)
+  graphdef, params = nnx.split(model)
+  sampler = Sampler(graphdef, model.config, temperature=0.0)
+  out = sampler.generate(params, PROMPTS, max_new_tokens=16, rng=jax.random.key(0))
+  for prompt, tokens in zip(PROMPTS, out.tokens):
+    with torch.no_grad():
+      hf_out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                            min_new_tokens=16, eos_token_id=None, pad_token_id=0)
+    assert tokens == hf_out[0, len(prompt):].tolist()

@@ -1,0 +1,138 @@
+r"""Sampling benchmark: bench56m, batch 8, prompt 128, 128 new tokens, top-k 50, float32.
+
+  python tools/bench_sample.py [--batch=8 --prompt=128 --new=128 --top_k=50 --no_torch]
+
+Prints prefill time, per-step decode time and generated tokens/s of `wakea_jax.sampling`,
+a memory-bandwidth bound per decode step (bytes of parameters + KV cache read per step over
+a memcpy bandwidth measured in the same run), and, when torch and transformers are
+installed, `transformers` `generate` on the same shapes (LlamaForCausalLM, random init,
+do_sample with top_k, exactly `new` tokens) with the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+_PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
+_PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt length.")
+_NEW = flags.DEFINE_integer("new", 128, "New tokens per sequence.")
+_TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
+_NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers reference.")
+
+
+def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+  """Bytes moved per second (read + write) by a large numpy copy."""
+  import numpy as np
+  src = np.ones(megabytes * 2 ** 20 // 4, np.float32)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    np.copyto(dst, src)
+  return 2 * src.nbytes * repeats / (time.perf_counter() - start)
+
+
+def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, float, int]:
+  """-> (prefill seconds, decode seconds for `new` steps, bytes read per decode step)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from wakea_jax.models.config import get_preset
+  from wakea_jax.models.layers import KVCache
+  from wakea_jax.models.transformer import create_model
+  from wakea_jax.sampling import Sampler
+
+  cfg = get_preset(_PRESET.value)
+  graphdef, params = nnx.split(create_model(cfg))
+  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k)
+  prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt)).tolist()
+  width, steps, capacity = sampler.buckets(prompt, new)
+
+  def timed_run(seed: int) -> tuple[float, float, jax.Array]:
+    start = time.perf_counter()
+    state = sampler.start(params, prompts, max_new_tokens=new, rng=jax.random.key(seed))
+    jax.block_until_ready(state)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    state = sampler.decode(params, state, jnp.asarray(steps, jnp.int32))
+    jax.block_until_ready(state)
+    assert int(state.num_generated.min()) == new
+    return prefill_s, time.perf_counter() - start, state
+
+  start = time.perf_counter()
+  timed_run(0)
+  print(f"jax: compile + first run {time.perf_counter() - start:.1f}s "
+        f"(prompt bucket {width}, cache capacity {capacity})")
+  prefill_s, decode_s, state = timed_run(1)
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state.cache))
+  return prefill_s, decode_s, param_bytes + cache_bytes
+
+
+def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    print("torch/transformers not installed: skipping the transformers reference")
+    return None
+  from wakea_jax.models.config import get_preset
+  cfg = get_preset(_PRESET.value)
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=max(prompt + new, 512), attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(hf_config).float().eval()
+  ids = torch.randint(1, cfg.vocab_size, (batch, prompt))
+
+  def run(n: int) -> None:
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           top_k=top_k, top_p=1.0, temperature=1.0, min_new_tokens=n,
+                           max_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (batch, prompt + n)
+
+  run(2)   # warm-up
+  start = time.perf_counter()
+  run(new)
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  import jax
+  from wakea_jax.models.config import get_preset
+
+  b, p, n, k = _BATCH.value, _PROMPT.value, _NEW.value, _TOP_K.value
+  cfg = get_preset(_PRESET.value)
+  bandwidth = memcpy_bandwidth()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
+  print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
+        f"{n} new tokens, top-k {k}")
+  prefill_s, decode_s, step_bytes = bench_jax(b, p, n, k)
+  step_s = decode_s / n
+  bound_s = step_bytes / bandwidth
+  jax_s = prefill_s + decode_s
+  print(f"wakea_jax: prefill {prefill_s * 1e3:.1f} ms, decode {step_s * 1e3:.2f} ms/step, "
+        f"{b * n / jax_s:,.0f} generated tokens/s ({b * n / decode_s:,.0f} in decode)")
+  print(f"bandwidth bound: {step_bytes / 1e6:.1f} MB read per decode step (params + KV cache) "
+        f"-> {bound_s * 1e3:.2f} ms/step; measured step is {step_s / bound_s:.1f}x the bound")
+  if not _NO_TORCH.value:
+    torch_s = bench_torch(b, p, n, k)
+    if torch_s:
+      print(f"transformers generate: {torch_s:.2f} s, {b * n / torch_s:,.0f} generated tokens/s")
+      print(f"ratio wakea_jax / transformers tokens/s: {torch_s / jax_s:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,310 @@
+"""Batched autoregressive sampling with a KV cache: jitted prefill + `lax.while_loop` decode.
+
+`Sampler` is a frozen, hashable dataclass (model graphdef + static settings); params are an
+argument, so one compiled sampler serves every policy update of an RL run. Pieces:
+
+  prefill(params, cache, tokens [b, t], mask [b, t]) -> (cache, logits [b, vocab])
+      Appends the real (mask 1) tokens of each row to that row's cache at its end index;
+      rows whose mask is all zero do not advance (their returned logits are meaningless, so
+      callers merge with `jnp.where(mask.any(1)[:, None], new, old)`). This is both the
+      prompt prefill and the "append tool output mid-generation to some rows" step.
+  decode(params, state, num_steps) -> state
+      Up to `num_steps` sampling steps (a `lax.while_loop` that also exits when every row is
+      done); the state, and with it the cache, is donated.
+  generate(params, prompts, *, max_new_tokens, rng, ...) -> SampleOutput   (host API)
+
+Log-probs. `SampleOutput.logprobs` is log p(token) under the *unmodified* model distribution
+(temperature 1, no top-k/top-p), i.e. exactly `objectives.sft.token_logprobs` on a full
+forward of prompt + completion, which is what a trainer recomputes as the behaviour policy.
+`processed_logprobs` is log q(token) under the distribution actually sampled from (tempered
+and truncated; 0 for greedy), which importance corrections for truncated sampling need.
+
+Stop strings. Strings can straddle token boundaries and only exist after detokenisation, so
+they are checked on the host: decoding runs in chunks of `chunk_steps` steps inside the jit,
+and between chunks the host decodes each still-running row, finds the first stop string,
+keeps the shortest token prefix whose text contains it, marks the row done and rewinds the
+row's cache end index to that prefix (slot s holds position s, so the at most `chunk_steps`
+extra tokens written past it are simply stale slots that get overwritten on resume). Stop
+token ids, by contrast, are checked inside the loop every step.
+
+Bucketing. The prompt width is rounded up to a power of two (at least `min_prompt_bucket`)
+and the cache capacity to a multiple of 128 above prompt bucket + decode steps (max new
+tokens rounded to a power of two) + 1, so new
+prompt lengths and max_new_tokens within a bucket reuse the compiled functions (max new
+tokens is a per-row array, not a static). The batch size is not bucketed. `compile_count()`
+reports how many executables the jitted functions hold (for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import Array
+
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.layers import KVCache
+
+STOP_NONE, STOP_ID = 0, 1  # device-side stop codes; stop strings are found on the host
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """Everything the decode loop carries. Token columns are decode steps."""
+  cache: KVCache
+  logits: Array            # [b, vocab] float32: the distribution of each row's next token
+  tokens: Array            # [b, steps] int32, pad_id after a row is done
+  logprobs: Array          # [b, steps] float32, log p under the unmodified distribution
+  processed_logprobs: Array  # [b, steps] float32, log q under the sampling distribution
+  num_generated: Array     # [b] int32
+  limit: Array             # [b] int32: max new tokens of each row
+  done: Array              # [b] bool: finished or paused rows do not advance their cache
+  stop_code: Array         # [b] int32, STOP_NONE or STOP_ID
+  step: Array              # [] int32: next column of `tokens`
+  rng: Array               # key
+
+  def replace(self, **changes: Any) -> "DecodeState":
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  tokens: list[list[int]]             # generated tokens per row (stop token included)
+  logprobs: list[np.ndarray]          # float32 per token, log p under temperature-1 logits
+  processed_logprobs: list[np.ndarray]
+  lengths: list[int]
+  stop_reason: list[str]              # "stop_id", "stop_string" or "length"
+
+
+def _round_pow2(n: int, minimum: int) -> int:
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  graphdef: nnx.GraphDef
+  config: ModelConfig
+  temperature: float = 1.0          # 0 means greedy
+  top_k: int = 0                    # 0 disables
+  top_p: float = 1.0                # 1 disables
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  chunk_steps: int = 16             # decode steps per jitted call when stop strings are used
+  min_prompt_bucket: int = 16
+
+  def __post_init__(self) -> None:
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0 or self.top_k > self.config.vocab_size:
+      raise ValueError(f"top_k must be in [0, vocab_size={self.config.vocab_size}], "
+                       f"got {self.top_k}")
+    if self.chunk_steps < 1:
+      raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
+
+  # ---------------------------------------------------------------------------------------
+  # Jitted pieces
+  # ---------------------------------------------------------------------------------------
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array
+              ) -> tuple[KVCache, Array]:
+    """Appends tokens [b, t] (mask [b, t], right-padded) -> (cache, last logits [b, vocab]).
+
+    Every row's `end_index + t` must stay <= capacity, masked rows included (their writes
+    land in stale slots, but an out-of-range write would be clamped onto valid ones).
+    """
+    model = nnx.merge(self.graphdef, params)
+    logits, cache = model(tokens, attention_mask=mask, cache=cache)
+    last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    return cache, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def decode(self, params: nnx.State, state: DecodeState, num_steps: Array) -> DecodeState:
+    """Runs up to `num_steps` steps, stopping early once every row is done."""
+    model = nnx.merge(self.graphdef, params)
+    stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
+    end_step = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
+
+    def cond(s: DecodeState) -> Array:
+      return (s.step < end_step) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+      key = jax.random.fold_in(s.rng, s.step)
+      token, processed = self._sample(s.logits, key)
+      active = ~s.done
+      logp = jax.nn.log_softmax(s.logits, axis=-1)
+      logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+      token = jnp.where(active, token, self.pad_id)
+      column = lambda buf, new: jax.lax.dynamic_update_slice(
+          buf, new[:, None].astype(buf.dtype), (0, s.step))
+      num_generated = s.num_generated + active.astype(jnp.int32)
+      hit_stop = active & jnp.isin(token, stop_ids) if self.stop_ids else jnp.zeros_like(active)
+      done = s.done | hit_stop | (num_generated >= s.limit)
+      # Done rows feed padding with mask 0: their end index does not move.
+      logits, cache = model(token[:, None], attention_mask=active[:, None].astype(jnp.int32),
+                            cache=s.cache)
+      return s.replace(
+          cache=cache, logits=jnp.where(active[:, None], logits[:, 0], s.logits),
+          tokens=column(s.tokens, token),
+          logprobs=column(s.logprobs, jnp.where(active, logp, 0.0)),
+          processed_logprobs=column(s.processed_logprobs, jnp.where(active, processed, 0.0)),
+          num_generated=num_generated, done=done,
+          stop_code=jnp.where(hit_stop, STOP_ID, s.stop_code), step=s.step + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+  def _sample(self, logits: Array, key: Array) -> tuple[Array, Array]:
+    """-> (token [b], log q(token) under the processed distribution [b])."""
+    if self.temperature == 0.0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1])
+    if self.top_k:
+      values, indices = jax.lax.top_k(logits, self.top_k)     # sorted descending
+    elif self.top_p < 1.0:
+      indices = jnp.argsort(-logits, axis=-1)
+      values = jnp.take_along_axis(logits, indices, axis=-1)
+    else:
+      values, indices = logits, None
+    values = values / self.temperature
+    if self.top_p < 1.0:
+      # Nucleus (arXiv 1904.09751 §3.1): keep the smallest prefix of the sorted tokens whose
+      # mass reaches p, i.e. drop a token when the mass strictly before it already does.
+      probs = jax.nn.softmax(values, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      values = jnp.where(mass_before < self.top_p, values, -jnp.inf)
+    choice = jax.random.categorical(key, values, axis=-1)
+    processed = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None],
+                                    axis=1)[:, 0]
+    token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None],
+                                                               axis=1)[:, 0]
+    return token.astype(jnp.int32), processed
+
+  def compile_count(self) -> int:
+    """Executables held by the jitted prefill and decode (all Sampler instances)."""
+    return Sampler.prefill._cache_size() + Sampler.decode._cache_size()
+
+  # ---------------------------------------------------------------------------------------
+  # Host API
+  # ---------------------------------------------------------------------------------------
+
+  def apply_stop_strings(self, state: DecodeState, stop_strings: Sequence[str], tokenizer: Any,
+                         *, skip: np.ndarray | None = None, cut: dict[int, int] | None = None
+                         ) -> tuple[DecodeState, dict[int, int]]:
+    """Host check between decode chunks: stops rows whose text contains a stop string.
+
+    Such a row keeps the shortest token prefix containing the string; it is marked done and
+    its cache end index is rewound by the tokens dropped (their slots become stale). Rows in
+    `cut` (already cut) or flagged in `skip` are not looked at. Returns (state, cut) where
+    `cut` maps row -> kept number of generated tokens.
+    """
+    cut = dict(cut or {})
+    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+    new: dict[int, int] = {}
+    for row in range(tokens.shape[0]):
+      if row in cut or (skip is not None and skip[row]):
+        continue
+      kept = _stop_string_cut(tokenizer, tokens[row, :counts[row]].tolist(), stop_strings)
+      if kept is not None:
+        new[row] = kept
+    if not new:
+      return state, cut
+    rows = np.array(sorted(new))
+    keep = np.array([new[r] for r in rows], np.int32)
+    pad = np.arange(tokens.shape[1])[None, :] >= keep[:, None]
+    rewind = state.cache.end_index.at[rows].add(keep - counts[rows])
+    state = state.replace(
+        done=state.done.at[rows].set(True), num_generated=state.num_generated.at[rows].set(keep),
+        tokens=state.tokens.at[rows].set(np.where(pad, self.pad_id, tokens[rows])),
+        cache=dataclasses.replace(state.cache, end_index=rewind))
+    cut.update(new)
+    return state, cut
+
+  def buckets(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """(prompt width, decode steps, cache capacity) for a batch."""
+    width = _round_pow2(prompt_len, self.min_prompt_bucket)
+    steps = _round_pow2(max_new_tokens, self.min_prompt_bucket)
+    # Capacity only needs a multiple of 128, not a power of two: every decode step attends
+    # over the whole capacity, so over-allocation costs bandwidth on each step.
+    return width, steps, -(-(width + steps + 1) // 128) * 128
+
+  def start(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
+            max_new_tokens: int | Sequence[int], rng: Array) -> DecodeState:
+    """Prefills right-padded prompts into a fresh cache -> the initial decode state."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    batch = len(prompts)
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,))
+    if limits.min() < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    width, steps, capacity = self.buckets(max(map(len, prompts)), int(limits.max()))
+    if capacity > self.config.max_seq_len:
+      raise ValueError(f"prompt ({max(map(len, prompts))}) + max_new_tokens ({limits.max()}) "
+                       f"needs a cache of {capacity} > max_seq_len {self.config.max_seq_len}")
+    tokens = np.full((batch, width), self.pad_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+      mask[i, :len(p)] = 1
+    cache = KVCache.create(self.config, batch, capacity)
+    cache, logits = self.prefill(params, cache, jnp.asarray(tokens), jnp.asarray(mask))
+    return DecodeState(
+        cache=cache, logits=logits, tokens=jnp.full((batch, steps), self.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, steps)), processed_logprobs=jnp.zeros((batch, steps)),
+        num_generated=jnp.zeros((batch,), jnp.int32), limit=jnp.asarray(limits),
+        done=jnp.zeros((batch,), bool), stop_code=jnp.zeros((batch,), jnp.int32),
+        step=jnp.zeros((), jnp.int32), rng=rng)
+
+  def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
+               max_new_tokens: int | Sequence[int], rng: Array,
+               stop_strings: Sequence[str] = (), tokenizer: Any = None) -> SampleOutput:
+    """Samples completions of token-id prompts (any lengths; padded and bucketed here)."""
+    if stop_strings and tokenizer is None:
+      raise ValueError("stop_strings need a tokenizer to decode with")
+    state = self.start(params, prompts, max_new_tokens=max_new_tokens, rng=rng)
+    batch, steps = state.tokens.shape
+    # Without stop strings one call runs to the end; with them the host looks between chunks.
+    chunk = jnp.asarray(self.chunk_steps if stop_strings else steps, jnp.int32)
+    cut: dict[int, int] = {}   # row -> kept length, for rows stopped by a stop string
+    settled = np.zeros(batch, bool)   # rows already done at a previous check
+    while True:
+      state = self.decode(params, state, chunk)
+      if stop_strings:
+        state, cut = self.apply_stop_strings(state, stop_strings, tokenizer, skip=settled,
+                                             cut=cut)
+      settled = np.asarray(state.done)
+      if settled.all() or int(state.step) >= steps:
+        break
+    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+    logprobs, processed = np.asarray(state.logprobs), np.asarray(state.processed_logprobs)
+    codes = np.asarray(state.stop_code)
+    reasons = ["stop_string" if r in cut else "stop_id" if codes[r] == STOP_ID else "length"
+               for r in range(batch)]
+    return SampleOutput(
+        tokens=[tokens[r, :counts[r]].tolist() for r in range(batch)],
+        logprobs=[logprobs[r, :counts[r]] for r in range(batch)],
+        processed_logprobs=[processed[r, :counts[r]] for r in range(batch)],
+        lengths=[int(c) for c in counts], stop_reason=reasons)
+
+
+def _stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[str]
+                     ) -> int | None:
+  """Length of the shortest prefix of `tokens` whose text contains a stop string, or None."""
+  text = tokenizer.decode(tokens)
+  if not any(s in text for s in stop_strings):
+    return None
+  lo, hi = 1, len(tokens)   # the text of a prefix only grows, so binary search is exact
+  while lo < hi:
+    mid = (lo + hi) // 2
+    prefix = tokenizer.decode(tokens[:mid])
+    if any(s in prefix for s in stop_strings):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
