@@ -81,16 +81,15 @@ def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
   except ImportError:
     print("torch/transformers not installed: skipping the transformers reference")
     return None
+  from wakea_jax.checkpoints import hf
   from wakea_jax.models.config import get_preset
   cfg = get_preset(_PRESET.value)
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-      max_position_embeddings=max(prompt + new, 512), attn_implementation="sdpa")
+  # The same architecture as ours, through the exporter's own config mapping.
+  hf_values = hf.config_to_hf(cfg.replace(max_seq_len=max(prompt + new, 512)),
+                              "LlamaForCausalLM")
+  hf_config = transformers.LlamaConfig(**hf_values, attn_implementation="sdpa")
   model = transformers.LlamaForCausalLM(hf_config).float().eval()
   ids = torch.randint(1, cfg.vocab_size, (batch, prompt))
 
