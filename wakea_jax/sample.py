@@ -1,0 +1,110 @@
+r"""Sampling binary: chat with a checkpoint, with tools executed as the model calls them.
+
+  python -m wakea_jax.sample --checkpoint=/tmp/wakea_quickstart/export/model \
+      --prompt="What is 23*19? Use the calculator."
+  python -m wakea_jax.sample --checkpoint=DIR --prompts_file=prompts.txt --temperature=0.7 \
+      --top_p=0.9 --tools=calculator,python --max_new_tokens=256
+
+--checkpoint is a wakea_jax model directory (model_config.json; e.g. the trainer's
+export/model) or a Hugging Face directory (config.json). One prompt per line in
+--prompts_file; they are sampled as one batch.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from wakea_jax import logs
+from wakea_jax.checkpoints import export, hf
+from wakea_jax.data import chat
+from wakea_jax.data import tokenizer as tokenizer_lib
+from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
+from wakea_jax.toolbox import default_router
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (ours or Hugging Face).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer path; empty: the bundled one.")
+_PROMPT = flags.DEFINE_string("prompt", "", "A single user prompt.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "One user prompt per line.")
+_SYSTEM = flags.DEFINE_string("system", "", "Optional system message.")
+_TOOLS = flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 disables.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 disables.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Model tokens per sequence.")
+_MAX_CALLS = flags.DEFINE_integer("max_tool_calls", 2, "Tool calls per sequence.")
+_MAX_TOOL_TOKENS = flags.DEFINE_integer("max_tool_tokens", 64, "Tokens per injected tool turn.")
+_SCHEMAS = flags.DEFINE_bool("tool_schemas_in_prompt", False,
+                             "Render the enabled tools' JSON schemas into the system prompt "
+                             "(Qwen style); off for models trained without them.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load_checkpoint(path: str | pathlib.Path):
+  path = pathlib.Path(path)
+  if (path / "model_config.json").exists():
+    return export.load_model_dir(path)
+  if (path / "config.json").exists():
+    return hf.load_model(path)
+  raise FileNotFoundError(f"--checkpoint={path}: neither a wakea_jax model directory "
+                          "(model_config.json) nor a Hugging Face directory (config.json)")
+
+
+def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", system: str = "",
+        tools: Sequence[str] = ("calculator",), temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, max_new_tokens: int = 128, max_tool_calls: int = 2,
+        max_tool_tokens: int = 64, tool_schemas_in_prompt: bool = False, seed: int = 0
+        ) -> tuple[list[str], ToolLoopOutput]:
+  """Samples a reply for each prompt; returns (transcripts, raw output)."""
+  if not prompts:
+    raise ValueError("no prompts given (--prompt or --prompts_file)")
+  tok = (tokenizer_lib.load_tokenizer(tokenizer_path) if tokenizer_path
+         else tokenizer_lib.default_tokenizer())
+  model = load_checkpoint(checkpoint)
+  graphdef, params = nnx.split(model)
+  router = default_router(enabled=tuple(tools))
+  stop_ids = tuple(i for i in (tok.token_to_id(tokenizer_lib.IM_END), tok.eos_id) if i is not None)
+  sampler = Sampler(graphdef, model.config, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stop_ids=stop_ids, pad_id=tok.pad_id or 0)
+  tool_schemas = router.tool_schemas() if tools and tool_schemas_in_prompt else None
+  prompt_ids = []
+  for text in prompts:
+    messages = ([{"role": "system", "content": system}] if system else [])
+    messages.append({"role": "user", "content": text})
+    prompt_ids.append(chat.render(messages, tok, tools=tool_schemas,
+                                  add_generation_prompt=True).input_ids.tolist())
+  out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tok, router=router,
+                      rng=jax.random.key(seed), max_new_tokens=max_new_tokens,
+                      max_tool_calls=max_tool_calls, max_tool_tokens=max_tool_tokens)
+  transcripts = [f"user: {p}\nassistant: {out.text(tok, i)}" for i, p in enumerate(prompts)]
+  return transcripts, out
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _CHECKPOINT.value:
+    raise app.UsageError("--checkpoint is required")
+  logs.quiet_library_logs()
+  prompts = [_PROMPT.value] if _PROMPT.value else []
+  if _PROMPTS_FILE.value:
+    lines = pathlib.Path(_PROMPTS_FILE.value).read_text(encoding="utf-8").splitlines()
+    prompts += [line for line in lines if line.strip()]
+  transcripts, out = run(_CHECKPOINT.value, prompts, tokenizer_path=_TOKENIZER.value,
+                         system=_SYSTEM.value, tools=[t for t in _TOOLS.value if t],
+                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                         max_new_tokens=_MAX_NEW.value, max_tool_calls=_MAX_CALLS.value,
+                         max_tool_tokens=_MAX_TOOL_TOKENS.value,
+                         tool_schemas_in_prompt=_SCHEMAS.value, seed=_SEED.value)
+  for transcript, calls, reason in zip(transcripts, out.num_tool_calls, out.stop_reason):
+    print(transcript)
+    print(f"[{calls} tool call(s), stopped: {reason}]\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

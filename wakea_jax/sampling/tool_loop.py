@@ -1,0 +1,169 @@
+"""Tool-augmented decoding: pause a sequence at its tool call, run the tool, inject the result
+into that sequence's KV cache, and resume it, while the rest of the batch keeps its state.
+
+The loop drives `Sampler` in chunks. A row stops at `<|im_end|>` (or eos); if the assistant
+turn it just finished contains `<tool_call>` blocks and the row has calls left, the host
+parses them (`chat.parse_tool_calls`), runs each through the `Router` (a malformed call or a
+failing tool becomes an `Error: ...` response the model sees), tokenises the tool turn
+exactly as `chat.render` would:
+
+  <|im_end|>  \\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
+  <|im_start|>assistant\\n
+
+and appends it to that row's cache with `Sampler.prefill` under a row mask (other rows do
+not move), then clears the row's done flag. Tool tokens are marked in `tool_mask` so that
+RL can exclude them from the loss; their log-probs are 0.
+
+Budgets: `max_new_tokens` counts model-generated tokens per row (tool tokens excluded);
+`max_tool_calls` caps tool turns per row; each tool turn is cut to `max_tool_tokens` tokens
+(the result text is truncated, the closing markup kept). The cache is sized for the prompt,
+the generation budget and the tool-turn budget up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wakea_jax.data import chat
+from wakea_jax.data.tokenizer import IM_END, Tokenizer
+from wakea_jax.sampling.sampler import STOP_NONE, Sampler
+from wakea_jax.toolbox.router import Router
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolLoopOutput:
+  tokens: list[list[int]]         # per row: generated and injected tokens, in order
+  logprobs: list[np.ndarray]      # per token; 0 for tool tokens
+  tool_mask: list[np.ndarray]     # per token: 1 where the token came from a tool turn
+  num_tool_calls: list[int]
+  stop_reason: list[str]          # "stop_id", "length", "capacity"
+
+  def text(self, tokenizer: Tokenizer, row: int) -> str:
+    return tokenizer.decode(self.tokens[row])
+
+
+def tool_turn_ids(results: Sequence[str], tokenizer: Tokenizer) -> list[int]:
+  """Token ids that follow an assistant's `<|im_end|>` for these tool results, as render()
+  produces them in a full conversation (untrusted result text included)."""
+  messages = [{"role": "assistant", "content": "",
+               "tool_calls": [{"name": "t", "arguments": {}}] * len(results)}]
+  messages += [{"role": "tool", "content": r} for r in results]
+  ids = chat.render(messages, tokenizer, add_generation_prompt=True).input_ids.tolist()
+  im_end = tokenizer.token_to_id(IM_END)
+  return ids[ids.index(im_end) + 1:]
+
+
+def _results_for(text: str, router: Router) -> list[str]:
+  calls = chat.parse_tool_calls(text, strict=False)
+  results = []
+  for call in calls:
+    if "error" in call:
+      results.append(f"Error: malformed tool call: {call['error']}")
+    else:
+      results.append(router.call_parsed(call).text)
+  return results
+
+
+def _last_turn(tokens: list[int], tool_mask: list[int]) -> list[int]:
+  """The model tokens generated since the last tool turn (the current assistant turn)."""
+  start = len(tokens)
+  while start > 0 and not tool_mask[start - 1]:
+    start -= 1
+  return tokens[start:]
+
+
+def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, limit: int
+                   ) -> list[int]:
+  """Cuts result texts until the tool turn fits `limit` tokens (markup is kept whole)."""
+  while len(ids) > limit and any(results):
+    longest = max(range(len(results)), key=lambda i: len(results[i]))
+    keep = max(0, len(results[longest]) * limit // len(ids) - 16)
+    results[longest] = results[longest][:keep] + " [truncated]" if keep else "[truncated]"
+    ids = tool_turn_ids(results, tokenizer)
+  return ids[:limit]
+
+
+def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequence[int]], *,
+                  tokenizer: Tokenizer, router: Router, rng: jax.Array,
+                  max_new_tokens: int = 256, max_tool_calls: int = 4,
+                  max_tool_tokens: int = 128, chunk_steps: int = 16) -> ToolLoopOutput:
+  """Samples completions of `prompts` (ids ending with the assistant generation prompt),
+  executing tool calls as they complete. See the module docstring."""
+  im_end = tokenizer.token_to_id(IM_END)
+  if im_end is None or im_end not in sampler.stop_ids:
+    raise ValueError("the sampler's stop_ids must include the tokenizer's <|im_end|> id")
+  batch = len(prompts)
+  reserve = max_tool_calls * max_tool_tokens
+  state = sampler.start(params, prompts, max_new_tokens=max_new_tokens + reserve, rng=rng)
+  state = state.replace(limit=jnp.full((batch,), max_new_tokens, jnp.int32))
+  capacity = state.cache.capacity
+  chunk = jnp.asarray(min(chunk_steps, state.tokens.shape[1]), jnp.int32)
+
+  tokens: list[list[int]] = [[] for _ in range(batch)]
+  logprobs: list[list[float]] = [[] for _ in range(batch)]
+  tool_mask: list[list[int]] = [[] for _ in range(batch)]
+  calls = [0] * batch
+  reason = [""] * batch
+  while True:
+    was_active = ~np.asarray(state.done)
+    before = np.asarray(state.num_generated)
+    state = sampler.decode(params, state, chunk)
+    after = np.asarray(state.num_generated)
+    new_tokens, new_logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
+    for row in np.nonzero(was_active)[0]:
+      d = int(after[row] - before[row])   # an active row writes columns 0..d-1 of the chunk
+      tokens[row] += new_tokens[row, :d].tolist()
+      logprobs[row] += new_logprobs[row, :d].tolist()
+      tool_mask[row] += [0] * d
+    done = np.asarray(state.done)
+    codes = np.asarray(state.stop_code)
+    resume_rows, injections = [], []
+    for row in np.nonzero(was_active & done)[0]:
+      stopped_on_turn_end = codes[row] != STOP_NONE and tokens[row] and tokens[row][-1] == im_end
+      turn = tokenizer.decode(_last_turn(tokens[row], tool_mask[row]))
+      if not (stopped_on_turn_end and chat.TOOL_CALL_START in turn):
+        reason[row] = "stop_id" if codes[row] != STOP_NONE else "length"
+        continue
+      if calls[row] >= max_tool_calls or after[row] >= max_new_tokens:
+        reason[row] = "length" if after[row] >= max_new_tokens else "stop_id"
+        continue
+      results = _results_for(turn, router)
+      ids = tool_turn_ids(results, tokenizer)
+      ids = _truncate_turn(ids, results, tokenizer, max_tool_tokens)
+      if int(state.cache.end_index[row]) + len(ids) + (max_new_tokens - after[row]) > capacity:
+        reason[row] = "capacity"
+        continue
+      calls[row] += 1
+      tokens[row] += ids
+      logprobs[row] += [0.0] * len(ids)
+      tool_mask[row] += [1] * len(ids)
+      resume_rows.append(row)
+      injections.append(ids)
+    if resume_rows:
+      width = 1 << max(0, max(map(len, injections)) - 1).bit_length()  # bucketed: few compiles
+      inject = np.full((batch, width), sampler.pad_id, np.int32)
+      mask = np.zeros((batch, width), np.int32)
+      for row, ids in zip(resume_rows, injections):
+        inject[row, :len(ids)] = ids
+        mask[row, :len(ids)] = 1
+      cache, logits = sampler.prefill(params, state.cache, jnp.asarray(inject), jnp.asarray(mask))
+      resumed = jnp.zeros((batch,), bool).at[jnp.asarray(resume_rows)].set(True)
+      state = state.replace(cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
+                            done=state.done & ~resumed,
+                            stop_code=jnp.where(resumed, STOP_NONE, state.stop_code))
+    if bool(np.all(np.asarray(state.done))):
+      break
+    # Each chunk's columns are harvested above, so the buffers are reused from column 0; the
+    # key moves on so that the next chunk's per-step keys (fold_in(rng, step)) are fresh.
+    state = state.replace(step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(state.rng, 1))
+  return ToolLoopOutput(
+      tokens=tokens, logprobs=[np.asarray(l, np.float32) for l in logprobs],
+      tool_mask=[np.asarray(m, np.int32) for m in tool_mask], num_tool_calls=calls,
+      stop_reason=[r or "length" for r in reason])
