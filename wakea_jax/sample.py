@@ -27,23 +27,28 @@ from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
 from wakea_jax.toolbox import default_router
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (ours or Hugging Face).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer path; empty: the bundled one.")
-_PROMPT = flags.DEFINE_string("prompt", "", "A single user prompt.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "One user prompt per line.")
-_SYSTEM = flags.DEFINE_string("system", "", "Optional system message.")
-_TOOLS = flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "0 disables.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 disables.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Model tokens per sequence.")
-_MAX_CALLS = flags.DEFINE_integer("max_tool_calls", 2, "Tool calls per sequence.")
-_MAX_TOOL_TOKENS = flags.DEFINE_integer("max_tool_tokens", 64, "Tokens per injected tool turn.")
-_SCHEMAS = flags.DEFINE_bool("tool_schemas_in_prompt", False,
-                             "Render the enabled tools' JSON schemas into the system prompt "
-                             "(Qwen style); off for models trained without them.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+# Flags are defined when run as a binary only: other binaries (convert) define --checkpoint
+# too, and tests import both modules into one process.
+FLAGS = flags.FLAGS
 
+
+def _define_flags() -> None:
+  flags.DEFINE_string("checkpoint", None, "Model directory (ours or Hugging Face).")
+  flags.DEFINE_string("tokenizer", "", "Tokenizer path; empty: the bundled one.")
+  flags.DEFINE_string("prompt", "", "A single user prompt.")
+  flags.DEFINE_string("prompts_file", "", "One user prompt per line.")
+  flags.DEFINE_string("system", "", "Optional system message.")
+  flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none).")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "0 disables.")
+  flags.DEFINE_float("top_p", 1.0, "1 disables.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Model tokens per sequence.")
+  flags.DEFINE_integer("max_tool_calls", 2, "Tool calls per sequence.")
+  flags.DEFINE_integer("max_tool_tokens", 64, "Tokens per injected tool turn.")
+  flags.DEFINE_bool("tool_schemas_in_prompt", False,
+                    "Render the enabled tools' JSON schemas into the system prompt (Qwen style); "
+                    "off for models trained without them.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def load_checkpoint(path: str | pathlib.Path):
   path = pathlib.Path(path)
@@ -88,23 +93,24 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _CHECKPOINT.value:
+  if not FLAGS.checkpoint:
     raise app.UsageError("--checkpoint is required")
   logs.quiet_library_logs()
-  prompts = [_PROMPT.value] if _PROMPT.value else []
-  if _PROMPTS_FILE.value:
-    lines = pathlib.Path(_PROMPTS_FILE.value).read_text(encoding="utf-8").splitlines()
+  prompts = [FLAGS.prompt] if FLAGS.prompt else []
+  if FLAGS.prompts_file:
+    lines = pathlib.Path(FLAGS.prompts_file).read_text(encoding="utf-8").splitlines()
     prompts += [line for line in lines if line.strip()]
-  transcripts, out = run(_CHECKPOINT.value, prompts, tokenizer_path=_TOKENIZER.value,
-                         system=_SYSTEM.value, tools=[t for t in _TOOLS.value if t],
-                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                         max_new_tokens=_MAX_NEW.value, max_tool_calls=_MAX_CALLS.value,
-                         max_tool_tokens=_MAX_TOOL_TOKENS.value,
-                         tool_schemas_in_prompt=_SCHEMAS.value, seed=_SEED.value)
+  transcripts, out = run(FLAGS.checkpoint, prompts, tokenizer_path=FLAGS.tokenizer,
+                         system=FLAGS.system, tools=[t for t in FLAGS.tools if t],
+                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                         max_new_tokens=FLAGS.max_new_tokens, max_tool_calls=FLAGS.max_tool_calls,
+                         max_tool_tokens=FLAGS.max_tool_tokens,
+                         tool_schemas_in_prompt=FLAGS.tool_schemas_in_prompt, seed=FLAGS.seed)
   for transcript, calls, reason in zip(transcripts, out.num_tool_calls, out.stop_reason):
     print(transcript)
     print(f"[{calls} tool call(s), stopped: {reason}]\n")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
