@@ -28,6 +28,7 @@ from wakea_jax.checkpoints import hf
 from wakea_jax.data import chat
 from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.models import transformer
+from wakea_jax.objectives.sft import sft_loss
 from wakea_jax.parallel import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/demo.py).",
@@ -70,14 +71,6 @@ def make_batch(conversations: list[list[dict]], tok: tokenizer_lib.Tokenizer, ba
   return {"input_ids": ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
 
 
-def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Sum of masked next-token NLL and the number of predicted tokens."""
-  logits, targets, mask = logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]
-  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model_config = config_lib.model_config_from(config.model)
   tok = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
@@ -103,7 +96,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   def forward_loss(state, batch):
     logits = transformer.apply(graphdef, state, batch["input_ids"],
                                attention_mask=batch["attention_mask"])
-    total, count = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    total, sums = sft_loss(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    count = sums["tokens"]
     return total / jnp.maximum(count, 1.0), count
 
   with mesh_lib.logical_rules(mesh, rules):

@@ -148,16 +148,11 @@ def train_loop(
         writer.write_scalars(step, scalars)
         last.update(scalars)
       if step % config.checkpoint_every == 0 or step == config.steps:
-        checkpoints.save(step, state, data_state=_jsonable(data_state), meta=meta,
+        checkpoints.save(step, state, data_state=data_state, meta=meta,
                          metrics=eval_metrics)
   finally:
     checkpoints.wait_until_finished()
     writer.flush()
   return state, last
 
-
-def _jsonable(data_state: Any) -> Any:
-  if isinstance(data_state, bytes):
-    return {"bytes": data_state.decode("latin-1")}
-  return data_state
 

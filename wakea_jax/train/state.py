@@ -81,6 +81,3 @@ def state_shardings(state: TrainState) -> Any:
   """The current shardings of every leaf (used as the step's out_shardings)."""
   return jax.tree.map(lambda x: x.sharding, state)
 
-
-def param_bytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
