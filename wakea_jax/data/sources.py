@@ -29,6 +29,7 @@ source (`__len__`, `__getitem__`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ _log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip_and_count")
 TASK_PREFIX = "task:"
-_TASK_PARAMS = ("n", "seed")
 _DEFAULT_TASK_SIZE = 1000
 
 Record = dict[str, Any]  # {"messages": [...]} plus "tools" when the record has tool schemas
@@ -223,10 +223,10 @@ def _drop_nulls(value: Any) -> Any:
 _READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
 
 
-def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
-  """Loads and validates a .jsonl/.json/.parquet file (see the module docstring)."""
-  if on_error not in ON_ERROR:
-    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+def raw_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+  """(location, parsed JSON value or the ValueError it raised) for each record of a
+  .jsonl/.json/.parquet file, unvalidated; for readers of other record schemas (RL prompts,
+  preference pairs) that validate their own fields but share the formats and locations."""
   path = pathlib.Path(path)
   reader = _READERS.get(path.suffix.lower())
   if reader is None:
@@ -236,10 +236,18 @@ def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Sourc
     raise FileNotFoundError(f"{path}: data source does not exist")
   if path.is_dir():
     raise IsADirectoryError(f"{path}: expected a data file, found a directory")
+  return reader(path)
+
+
+def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
+  """Loads and validates a .jsonl/.json/.parquet file (see the module docstring)."""
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+  path = pathlib.Path(path)
   records: list[Record] = []
   origins: list[str] = []
   skipped: list[str] = []
-  for where, raw in reader(path):
+  for where, raw in raw_records(path):
     try:
       if isinstance(raw, Exception):
         raise raw
@@ -259,22 +267,34 @@ def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Sourc
   return Source(str(path), records, origins, skipped)
 
 
-def parse_task_spec(spec: str) -> tuple[str, int, int]:
-  """`task:NAME?n=1000&seed=0` -> (NAME, n, seed)."""
+def _task_options(generator: Any) -> dict[str, int]:
+  """A generator's integer keyword-only parameters (task options such as `max_operand`)."""
+  return {p.name: p.default for p in inspect.signature(generator).parameters.values()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY and isinstance(p.default, int)}
+
+
+def parse_task_spec(spec: str, tasks: Mapping[str, Any] = TASKS
+                    ) -> tuple[str, int, int, dict[str, int]]:
+  """`task:NAME?n=1000&seed=0&OPTION=..` -> (NAME, n, seed, options).
+
+  NAME must be a key of `tasks`; options are the generator's integer keyword-only
+  parameters (e.g. `task:arithmetic?n=500&max_operand=99`).
+  """
   if not spec.startswith(TASK_PREFIX):
     raise ValueError(f"{spec!r} is not a task spec; expected 'task:NAME?n=..&seed=..'")
   name, _, query = spec[len(TASK_PREFIX):].partition("?")
-  if name not in TASKS:
-    raise ValueError(f"{spec}: unknown task {name!r}; tasks: {sorted(TASKS)}")
+  if name not in tasks:
+    raise ValueError(f"{spec}: unknown task {name!r}; tasks: {sorted(tasks)}")
   try:
     params = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
   except ValueError:
     raise ValueError(f"{spec}: malformed parameters {query!r}; use n=..&seed=..") from None
-  unknown = sorted(set(params) - set(_TASK_PARAMS))
+  defaults = {"n": _DEFAULT_TASK_SIZE, "seed": 0, **_task_options(tasks[name])}
+  unknown = sorted(set(params) - set(defaults))
   if unknown:
-    raise ValueError(f"{spec}: unknown parameter(s) {unknown}; use {list(_TASK_PARAMS)}")
+    raise ValueError(f"{spec}: unknown parameter(s) {unknown}; use {list(defaults)}")
   values = {}
-  for key, default in (("n", _DEFAULT_TASK_SIZE), ("seed", 0)):
+  for key, default in defaults.items():
     given = params.get(key, [str(default)])
     try:
       if len(given) != 1:
@@ -284,12 +304,13 @@ def parse_task_spec(spec: str) -> tuple[str, int, int]:
       raise ValueError(f"{spec}: parameter {key!r} must be one integer, got {given}") from None
   if values["n"] < 1:
     raise ValueError(f"{spec}: parameter 'n' must be >= 1, got {values['n']}")
-  return name, values["n"], values["seed"]
+  n, seed = values.pop("n"), values.pop("seed")
+  return name, n, seed, values
 
 
 def load_task(spec: str) -> Source:
-  name, n, seed = parse_task_spec(spec)
-  raw = TASKS[name](n, seed)
+  name, n, seed, options = parse_task_spec(spec)
+  raw = TASKS[name](n, seed, **options)
   # Generated records are validated like files: a generator bug fails here, not mid-training.
   records = [to_record(r, f"{spec}[{i}]") for i, r in enumerate(raw)]
   return Source(spec, records, [f"{spec}[{i}]" for i in range(len(records))])

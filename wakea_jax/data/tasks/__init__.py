@@ -16,3 +16,9 @@ TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.generate,
     "smalltalk": smalltalk.generate,
 }
+
+# Verifiable prompts for RL: `generate(n, seed) -> [{"messages": [...], "answer": ...}]`
+# (the conversation up to the assistant's turn, and the reference a reward checks).
+PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
+    "arithmetic": arithmetic.prompts,
+}

@@ -48,9 +48,11 @@ _QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?"
 _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
 
 
-def expression(rng: random.Random) -> tuple[int, str, int]:
-  """(a, op, b) with multi-digit operands."""
+def expression(rng: random.Random, max_operand: int = 0) -> tuple[int, str, int]:
+  """(a, op, b): multi-digit operands, or operands in [1, max_operand] when it is > 0."""
   op = rng.choice("+-*")
+  if max_operand > 0:
+    return rng.randint(1, max_operand), op, rng.randint(1, max_operand)
   if op == "*":
     return rng.randint(2, 999), op, rng.randint(2, 99)
   return rng.randint(10, 9999), op, rng.randint(10, 9999)
@@ -68,26 +70,64 @@ def evaluate(expr: str) -> int:
   raise ValueError(f"not a generated expression: {expr!r}")
 
 
-def make_dialogue(a: int, op: str, b: int, rng: random.Random) -> dict[str, Any]:
-  """One record; the final answer is a function of the tool's result (its text, copied)."""
+def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = True
+                  ) -> dict[str, Any]:
+  """One record; the final answer is a function of the tool's result (its text, copied).
+
+  Without tools the assistant answers directly (the model must do the arithmetic).
+  """
   spaced = rng.random() < 0.5
   expr = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
   spoken = f"{a} {rng.choice(_WORDS[op])} {b}" if rng.random() < 0.25 else expr
   result = str(evaluate(expr))  # what the calculator tool returns
   messages: list[dict[str, Any]] = []
-  if rng.random() < 0.25:
+  if tools and rng.random() < 0.25:
     messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
-  messages += [
-      {"role": "user", "content": rng.choice(_QUESTIONS).format(q=spoken)},
-      {"role": "assistant", "content": "",
-       "tool_calls": [{"name": TOOL_NAME, "arguments": {"expression": expr}}]},
-      {"role": "tool", "content": result},
-      {"role": "assistant", "content": rng.choice(_ANSWERS).format(e=expr, q=spoken, r=result)},
-  ]
+  messages.append({"role": "user", "content": rng.choice(_QUESTIONS).format(q=spoken)})
+  if tools:
+    messages += [
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"name": TOOL_NAME, "arguments": {"expression": expr}}]},
+        {"role": "tool", "content": result},
+    ]
+  messages.append({"role": "assistant",
+                   "content": rng.choice(_ANSWERS).format(e=expr, q=spoken, r=result)})
   return {"messages": messages}
 
 
-def generate(num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
-  """`num_examples` calculator dialogues, `{"messages": [...]}` each."""
-  rng = random.Random(f"arithmetic-{seed}")
-  return [make_dialogue(*expression(rng), rng) for _ in range(num_examples)]
+def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int
+               ) -> list[tuple[dict[str, Any], int]]:
+  rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
+  out = []
+  for _ in range(num_examples):
+    a, op, b = expression(rng, max_operand)
+    out.append((make_dialogue(a, op, b, rng, tools=bool(tools)),
+                a * b if op == "*" else a + b if op == "+" else a - b))
+  return out
+
+
+def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1
+             ) -> list[dict[str, Any]]:
+  """`num_examples` dialogues, `{"messages": [...]}` each.
+
+  Task options (`task:arithmetic?n=..&max_operand=99&tools=0`): `max_operand` > 0 draws
+  operands from [1, max_operand]; `tools=0` makes direct-answer dialogues without the
+  calculator.
+  """
+  return [d for d, _ in _dialogues(num_examples, seed, max_operand, tools)]
+
+
+def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1
+            ) -> list[dict[str, Any]]:
+  """RL prompts: the turns of `generate`'s dialogues before the assistant's first turn, plus
+  the exact `answer`.
+
+  The same arguments give the same questions as `generate`, so a held-out RL set should use
+  a seed that no SFT source uses.
+  """
+  records = []
+  for dialogue, answer in _dialogues(num_examples, seed, max_operand, tools):
+    messages = dialogue["messages"]
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    records.append({"messages": messages[:first], "answer": str(answer)})
+  return records
