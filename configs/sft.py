@@ -21,6 +21,7 @@ def get_config(arg=None):
   variant = arg or "quickstart"
   config = config_lib.base_config()
   config.variant = variant
+  config.objective = "sft"
   config.model = config_lib.model_config_dict(
       "tiny", vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=384, max_seq_len=512)

@@ -13,9 +13,26 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+import importlib
+
 from wakea_jax import logs
 from wakea_jax.parallel import distributed
-from wakea_jax.train.run import run
+
+# config.objective -> "module:function" of the `run(config, workdir)` that trains it.
+# Imported lazily so that one objective's dependencies never load for another.
+OBJECTIVES = {
+    "sft": "wakea_jax.train.run:run",
+    "dpo": "wakea_jax.train.preference:run",
+    "grpo": "wakea_jax.rl.learner:run",
+    "ppo": "wakea_jax.rl.learner:run",
+}
+
+
+def runner_for(objective: str):
+  if objective not in OBJECTIVES:
+    raise app.UsageError(f"config.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
+  module, name = OBJECTIVES[objective].split(":")
+  return getattr(importlib.import_module(module), name)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sft.py:quickstart.",
                                           lock_config=True)
@@ -31,7 +48,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdir is required")
   logs.quiet_library_logs()
   distributed.initialize()
-  run(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  runner_for(config.get("objective", "sft"))(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

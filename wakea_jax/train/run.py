@@ -32,7 +32,7 @@ from wakea_jax.train import state as state_lib
 from wakea_jax.train import step as step_lib
 
 
-def _load_or_create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def load_or_create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                           rules: mesh_lib.Rules) -> transformer.Transformer:
   model_config = config_lib.model_config_from(config.model)
   source = config.init_from
@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   tokenizer = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
                else tokenizer_lib.default_tokenizer())
 
-  model = _load_or_create_model(config, mesh, rules)
+  model = load_or_create_model(config, mesh, rules)
   model_config = model.config
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
