@@ -44,3 +44,74 @@ def mesh_from(config: ml_collections.ConfigDict,
 
 def rules_from(config: ml_collections.ConfigDict) -> mesh_lib.Rules:
   return mesh_lib.normalize_rules([tuple(rule) for rule in config.sharding_rules])
+
+
+def rl_base_config(objective: str) -> ml_collections.ConfigDict:
+  """The RL config shared by configs/grpo.py and configs/ppo.py (see rl/learner.py)."""
+  config = base_config()
+  config.objective = objective
+  config.model = model_config_dict(
+      "tiny", vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+      head_dim=32, mlp_dim=384, max_seq_len=512)
+  config.init_from = ""     # an SFT export (wakea_jax model dir) or an HF dir; empty: scratch
+  config.tokenizer = ""
+  config.grad_accum = 1
+
+  config.data = ml_collections.ConfigDict()
+  config.data.prompts = "task:arithmetic?n=4000&seed=100&max_operand=99&tools=0"
+  config.data.eval_prompts = "task:arithmetic?n=128&seed=777&max_operand=99&tools=0"
+
+  config.rollout = ml_collections.ConfigDict(dict(
+      group_size=8, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+      tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16))
+
+  config.rl = ml_collections.ConfigDict(dict(
+      steps=100, prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
+      dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,
+      log_every=1, eval_every=25, checkpoint_every=25, keep_checkpoints=2,
+      async_checkpoint=True))
+
+  # The policy loss (objectives/grpo.py PolicyLossConfig).
+  config.loss = ml_collections.ConfigDict(dict(
+      ratio="token", eps_low=0.2, eps_high=0.2, aggregation="seq_mean_token_mean",
+      loss_constant=0.0, kl_beta=0.0, kl_estimator="k3"))
+
+  # Reward components: name -> options (rl/rewards.py build_reward); weights may be
+  # schedules ((step, weight), ...).
+  config.reward = ml_collections.ConfigDict({"math": {"weight": 1.0}})
+
+  config.eval = ml_collections.ConfigDict(dict(
+      correct_reward="math", num_samples=8, pass_k=(1, 8), temperature=1.0, at_start=True))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=5, decay_steps=None, min_lr_ratio=1.0, b1=0.9,
+      b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  config.optimizer.decay_steps = ml_collections.FieldReference(None, field_type=int)
+
+  config.lora = ml_collections.ConfigDict(dict(
+      enabled=False, rank=16, alpha=32.0, dropout=0.0,
+      targets=("q", "k", "v", "o", "gate", "up", "down"), quantize_base=""))
+  config.export = ml_collections.ConfigDict(dict(enabled=True))
+  return config
+
+
+def shrink_rl_for_tests(config: ml_collections.ConfigDict) -> None:
+  """A from-scratch model small enough for the test suite."""
+  config.model.embed_dim = 32
+  config.model.num_layers = 1
+  config.model.num_heads = 2
+  config.model.num_kv_heads = 1
+  config.model.head_dim = 16
+  config.model.mlp_dim = 64
+  config.model.max_seq_len = 256
+  config.data.prompts = "task:arithmetic?n=64&seed=100&max_operand=9&tools=0"
+  config.data.eval_prompts = "task:arithmetic?n=8&seed=777&max_operand=9&tools=0"
+  config.rollout.group_size = 4
+  config.rollout.max_new_tokens = 8
+  config.rl.steps = 4
+  config.rl.prompts_per_step = 4
+  config.rl.eval_every = 2
+  config.rl.checkpoint_every = 2
+  config.eval.num_samples = 2
+  config.eval.pass_k = (1, 2)
+  config.export.enabled = False

@@ -1,0 +1,91 @@
+"""Held-out evaluation of a policy on verifiable prompts: greedy accuracy and pass@k.
+
+A completion is correct when the reward named by `correct_reward` (a `rewards.REWARDS`
+entry, e.g. "math") gives it at least `threshold`. pass@k uses the unbiased estimator of
+Chen et al. 2021 (arXiv 2107.03374 eq. 1) from n >= k samples per prompt:
+pass@k = E[1 - C(n - c, k) / C(n, k)], c the number of correct samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.rl.prompts import PromptRecord
+from wakea_jax.rl.rewards import Sample
+from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts
+from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.toolbox.router import Router
+
+CorrectFn = Callable[[Sequence[Sample]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_samples: int = 8         # n samples per prompt for pass@k (0: greedy only)
+  pass_k: tuple[int, ...] = (1, 8)
+  temperature: float = 1.0
+  batch_prompts: int = 64      # prompts per sampler call
+
+  def __post_init__(self) -> None:
+    if self.num_samples and any(k > self.num_samples for k in self.pass_k):
+      raise ValueError(f"eval.pass_k {self.pass_k} needs eval.num_samples >= {max(self.pass_k)}")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples with c correct (Chen et al. 2021, eq. 1)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _correct(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord],
+             group: int, *, tokenizer: Tokenizer, rollout: RolloutConfig, correct: CorrectFn,
+             router: Router | None, rng: jax.Array, batch_prompts: int
+             ) -> tuple[np.ndarray, list[str]]:
+  """[num_prompts, group] correctness, and the first completion text of each prompt."""
+  config = dataclasses.replace(rollout, group_size=group)
+  rows, texts = [], []
+  for start in range(0, len(prompts), batch_prompts):
+    chunk = prompts[start:start + batch_prompts]
+    out = generate_rollouts(sampler, params, chunk, tokenizer=tokenizer, config=config,
+                            rng=jax.random.fold_in(rng, start), router=router)
+    rows.append(np.asarray(correct(out.samples()), np.float32).reshape(len(chunk), group))
+    texts += out.texts[::group]
+  return np.concatenate(rows), texts
+
+
+def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence[PromptRecord],
+                    *, tokenizer: Tokenizer, rollout: RolloutConfig, correct: CorrectFn,
+                    config: EvalConfig = EvalConfig(), router: Router | None = None,
+                    stop_ids: tuple[int, ...] = (), pad_id: int = 0, seed: int = 0,
+                    model_config: Any = None) -> dict[str, Any]:
+  """{"greedy_accuracy", "pass@k"..., "eval_seconds", "examples": [(prompt, completion)]}."""
+  start = time.perf_counter()
+  greedy = Sampler(graphdef, model_config, temperature=0.0, stop_ids=stop_ids, pad_id=pad_id)
+  rng = jax.random.key(seed)
+  common = dict(tokenizer=tokenizer, rollout=rollout, correct=correct, router=router,
+                batch_prompts=config.batch_prompts)
+  greedy_ok, texts = _correct(greedy, params, prompts, 1, rng=rng, **common)
+  result: dict[str, Any] = {"greedy_accuracy": float(greedy_ok.mean())}
+  if config.num_samples:
+    sampler = Sampler(graphdef, model_config, temperature=config.temperature,
+                      stop_ids=stop_ids, pad_id=pad_id)
+    ok, _ = _correct(sampler, params, prompts, config.num_samples,
+                     rng=jax.random.fold_in(rng, 1), **common)
+    n = config.num_samples
+    counts = ok.sum(axis=1).astype(int)
+    for k in config.pass_k:
+      result[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in counts]))
+    result["sample_accuracy"] = float(ok.mean())
+  result["seconds"] = time.perf_counter() - start
+  result["examples"] = [(p.text, t) for p, t in zip(prompts[:4], texts[:4])]
+  return result

@@ -1,0 +1,143 @@
+"""RL prompt sources: verifiable prompts with the reference a reward checks.
+
+Record schemas (JSONL / JSON / Parquet, read like SFT sources, or a bundled task spec
+`task:NAME?n=..&seed=..` from `wakea_jax.data.tasks.PROMPT_TASKS`):
+
+  {"messages": [... up to the assistant's turn], "answer"?: any, ...}
+  {"prompt": str, "system"?: str, "answer"?: any, ...}
+
+Any other field (e.g. "tests" for code tasks) travels to the rewards in `meta`. Every record
+is validated when loaded; an error names `file:line` and the field.
+
+`PromptIterator` walks the prompts in a seeded order, reshuffled every epoch, and its state
+(epoch, position) is a small JSON dict saved with each checkpoint, so a resumed RL run sees
+the prompts it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from wakea_jax.data import chat
+from wakea_jax.data import sources
+from wakea_jax.data.tasks import PROMPT_TASKS
+from wakea_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+  messages: tuple[Mapping[str, Any], ...]   # system/user (and earlier) turns
+  answer: Any = None
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  origin: str = ""
+
+  def render(self, tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]] | None = None
+             ) -> list[int]:
+    """Prompt ids ending with the assistant generation prompt."""
+    rendered = chat.render(list(self.messages), tokenizer, tools=tools,
+                           add_generation_prompt=True)
+    return rendered.input_ids.tolist()
+
+  @property
+  def text(self) -> str:
+    return "\n".join(str(m.get("content", "")) for m in self.messages)
+
+
+def to_prompt_record(raw: Any, where: str) -> PromptRecord:
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"{where}: a prompt record must be a JSON object, got "
+                     f"{type(raw).__name__}")
+  if "messages" in raw and "prompt" in raw:
+    raise ValueError(f"{where}: give either field 'messages' or field 'prompt', not both")
+  if "messages" in raw:
+    messages = raw["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+    if messages[-1].get("role") == "assistant" if isinstance(messages[-1], Mapping) else False:
+      raise ValueError(f"{where}: field 'messages' must end before the assistant's answer "
+                       "(the last message is an assistant turn)")
+    rest = {k: v for k, v in raw.items() if k not in ("messages", "answer")}
+  elif "prompt" in raw:
+    if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
+      raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+      raise ValueError(f"{where}: field 'system' must be a string")
+    messages = ([{"role": "system", "content": system}] if system else [])
+    messages.append({"role": "user", "content": raw["prompt"]})
+    rest = {k: v for k, v in raw.items() if k not in ("prompt", "system", "answer")}
+  else:
+    raise ValueError(f"{where}: field 'messages' (or 'prompt') is missing")
+  # chat.render validates roles, contents and tool calls; re-raise with the location.
+  try:
+    chat.render_text(messages, add_generation_prompt=True)
+  except ValueError as err:
+    raise ValueError(f"{where}: field 'messages': {err}") from None
+  return PromptRecord(messages=tuple(messages), answer=raw.get("answer"), meta=rest,
+                      origin=where)
+
+
+def load_prompts(spec: str | os.PathLike[str]) -> list[PromptRecord]:
+  """A .jsonl/.json/.parquet file or `task:NAME?n=..&seed=..` -> validated prompt records."""
+  if isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX):
+    name, n, seed, options = sources.parse_task_spec(spec, tasks=PROMPT_TASKS)
+    pairs = [(f"{spec}[{i}]", r) for i, r in enumerate(PROMPT_TASKS[name](n, seed, **options))]
+  else:
+    pairs = list(sources.raw_records(spec))
+  records = []
+  for where, raw in pairs:
+    if isinstance(raw, Exception):
+      raise raw
+    records.append(to_prompt_record(raw, where))
+  if not records:
+    raise ValueError(f"{spec}: no prompt records")
+  return records
+
+
+class PromptIterator:
+  """Seeded, epoch-reshuffled batches of prompts with a JSON state for exact resume."""
+
+  def __init__(self, records: Sequence[PromptRecord], batch_size: int, seed: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not records:
+      raise ValueError("no prompts")
+    self.records = list(records)
+    self.batch_size = batch_size
+    self.seed = seed
+    self.epoch = 0
+    self.position = 0
+    self._order = self._shuffled(0)
+
+  def _shuffled(self, epoch: int) -> list[int]:
+    order = list(range(len(self.records)))
+    random.Random(f"prompts-{self.seed}-{epoch}").shuffle(order)
+    return order
+
+  def take(self, n: int) -> list[PromptRecord]:
+    out = []
+    while len(out) < n:
+      if self.position >= len(self._order):
+        self.epoch += 1
+        self.position = 0
+        self._order = self._shuffled(self.epoch)
+      out.append(self.records[self._order[self.position]])
+      self.position += 1
+    return out
+
+  def __next__(self) -> list[PromptRecord]:
+    return self.take(self.batch_size)
+
+  def __iter__(self) -> "PromptIterator":
+    return self
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self._order = self._shuffled(self.epoch)

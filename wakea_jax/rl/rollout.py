@@ -1,0 +1,160 @@
+"""Rollouts: prompts -> G sampled completions each (tool loop on or off) -> a train batch.
+
+`generate_rollouts` runs the jitted sampler (and, with tools, `run_tool_loop`, which pauses a
+row at its tool call, executes it and injects the response) and returns flat per-row
+results, group-major: rows g*G .. g*G+G-1 are the G completions of prompt g.
+
+`to_batch` lays rows out as fixed-shape arrays for the jitted update: the sequence is
+prompt + completion, `input_ids = seq[:-1]`, `targets = seq[1:]`, and `loss_mask` is 1
+exactly on the targets the policy generated, so prompt tokens, padding and tool-output
+tokens (injected by the tool loop) are excluded from every loss. The width is rounded up to
+a multiple of `width_multiple` so that the update compiles once per width bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.rl.prompts import PromptRecord
+from wakea_jax.rl.rewards import Sample
+from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.tool_loop import run_tool_loop
+from wakea_jax.toolbox.router import Router
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  group_size: int = 8
+  max_new_tokens: int = 128
+  max_tool_calls: int = 2
+  max_tool_tokens: int = 64
+  chunk_steps: int = 16
+
+  def __post_init__(self) -> None:
+    for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+    if self.max_tool_calls < 0:
+      raise ValueError(f"rollout.max_tool_calls must be >= 0, got {self.max_tool_calls}")
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """Flat, group-major rows (len = num_prompts * group_size)."""
+  prompts: list[PromptRecord]          # one per row (repeated within a group)
+  prompt_ids: list[list[int]]
+  completion_ids: list[list[int]]      # model and tool tokens, in order
+  sampler_logprobs: list[np.ndarray]   # per completion token; 0 for tool tokens
+  tool_mask: list[np.ndarray]          # 1 on tool-output tokens
+  num_tool_calls: list[int]
+  stop_reason: list[str]
+  texts: list[str]                     # decoded completions
+  group_size: int
+
+  def __len__(self) -> int:
+    return len(self.completion_ids)
+
+  @property
+  def num_groups(self) -> int:
+    return len(self) // self.group_size
+
+  def samples(self) -> list[Sample]:
+    """What the rewards see about each row."""
+    out = []
+    for i, prompt in enumerate(self.prompts):
+      tool_text = self.texts[i]
+      model_tokens = int(len(self.completion_ids[i]) - self.tool_mask[i].sum())
+      out.append(Sample(
+          prompt=prompt.text, completion=tool_text, answer=prompt.answer, meta=prompt.meta,
+          num_tool_calls=self.num_tool_calls[i],
+          tool_errors=tool_text.count("<tool_response>\nError:"),
+          truncated=self.stop_reason[i] in ("length", "capacity"),
+          num_tokens=model_tokens))
+    return out
+
+  def select(self, groups: Sequence[int]) -> "Rollouts":
+    """The rows of the given groups, in that order."""
+    rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
+    pick = lambda xs: [xs[r] for r in rows]
+    return Rollouts(
+        prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
+        completion_ids=pick(self.completion_ids), sampler_logprobs=pick(self.sampler_logprobs),
+        tool_mask=pick(self.tool_mask), num_tool_calls=pick(self.num_tool_calls),
+        stop_reason=pick(self.stop_reason), texts=pick(self.texts), group_size=self.group_size)
+
+  @staticmethod
+  def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
+    first = parts[0]
+    merged = {f.name: [x for p in parts for x in getattr(p, f.name)]
+              for f in dataclasses.fields(Rollouts) if f.name != "group_size"}
+    return Rollouts(**merged, group_size=first.group_size)
+
+
+def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord], *,
+                      tokenizer: Tokenizer, config: RolloutConfig, rng: jax.Array,
+                      router: Router | None = None, tool_schemas: Any = None) -> Rollouts:
+  """G completions of each prompt. With a `router` the tool loop runs tool calls."""
+  g = config.group_size
+  rows = [p for p in prompts for _ in range(g)]
+  rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
+  prompt_ids = [rendered[id(p)] for p in rows]
+  if router is not None and config.max_tool_calls > 0:
+    out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tokenizer, router=router,
+                        rng=rng, max_new_tokens=config.max_new_tokens,
+                        max_tool_calls=config.max_tool_calls,
+                        max_tool_tokens=config.max_tool_tokens, chunk_steps=config.chunk_steps)
+    tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
+    calls, reasons = out.num_tool_calls, out.stop_reason
+  else:
+    out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
+    tokens, logprobs = out.tokens, out.logprobs
+    tool_mask = [np.zeros(len(t), np.int32) for t in tokens]
+    calls, reasons = [0] * len(rows), out.stop_reason
+  return Rollouts(prompts=rows, prompt_ids=prompt_ids, completion_ids=[list(t) for t in tokens],
+                  sampler_logprobs=[np.asarray(l, np.float32) for l in logprobs],
+                  tool_mask=[np.asarray(m, np.int32) for m in tool_mask],
+                  num_tool_calls=list(calls), stop_reason=list(reasons),
+                  texts=[tokenizer.decode(t) for t in tokens], group_size=g)
+
+
+def batch_width(rollouts: Rollouts, multiple: int = 64) -> int:
+  longest = max(len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids))
+  return -(-(longest - 1) // multiple) * multiple
+
+
+def to_batch(rollouts: Rollouts, *, width: int | None = None, pad_id: int = 0,
+             width_multiple: int = 64) -> dict[str, np.ndarray]:
+  """Fixed-shape arrays [rows, width]: input_ids, targets, loss_mask, segment_ids,
+  positions, sampler_logprobs (aligned with targets)."""
+  width = width or batch_width(rollouts, width_multiple)
+  n = len(rollouts)
+  batch = {
+      "input_ids": np.full((n, width), pad_id, np.int32),
+      "targets": np.full((n, width), pad_id, np.int32),
+      "loss_mask": np.zeros((n, width), np.float32),
+      "segment_ids": np.zeros((n, width), np.int32),
+      "positions": np.zeros((n, width), np.int32),
+      "sampler_logprobs": np.zeros((n, width), np.float32),
+  }
+  for r in range(n):
+    prompt, completion = rollouts.prompt_ids[r], rollouts.completion_ids[r]
+    seq = np.asarray(prompt + completion, np.int32)
+    length = len(seq) - 1
+    if length > width:
+      raise ValueError(f"row {r} needs width {length} > {width}")
+    batch["input_ids"][r, :length] = seq[:-1]
+    batch["targets"][r, :length] = seq[1:]
+    batch["segment_ids"][r, :length] = 1
+    batch["positions"][r, :length] = np.arange(length)
+    start = len(prompt) - 1          # the position whose target is the first completion token
+    k = len(completion)
+    batch["loss_mask"][r, start:start + k] = 1 - rollouts.tool_mask[r]
+    batch["sampler_logprobs"][r, start:start + k] = rollouts.sampler_logprobs[r]
+  return batch

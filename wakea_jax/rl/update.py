@@ -1,0 +1,102 @@
+"""Model-level pieces of the RL update: scoring rollouts and the GRPO / PPO loss functions.
+
+The loss functions have the train step's signature `loss_fn(model, batch, rng) ->
+(loss_sum, sums)` (see train/step.py) and wrap the pure objectives in
+`objectives/grpo.py` and `objectives/ppo.py`. A batch comes from `rollout.to_batch` plus:
+
+  old_logprobs [b, t]   log-probs of the behaviour policy (the params that sampled), as the
+                        trainer computes them (`make_score_fn`), so ratio = 1 at the first
+                        update and the sampler/trainer gap is measured, not assumed away
+  advantages   [b] or [b, t]
+  ref_logprobs [b, t]   only when a KL term is on
+  old_values, returns [b, t]   PPO only
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+from wakea_jax.objectives import grpo as grpo_lib
+from wakea_jax.objectives import ppo as ppo_lib
+from wakea_jax.objectives.sft import token_logprobs
+
+
+def _forward(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, Array, Array | None]:
+  """(token log-probs [b, t], token entropies [b, t] (no gradient), values or None)."""
+  out = model.forward(batch["input_ids"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"])
+  logits = out.logits.astype(jnp.float32)
+  logprobs = token_logprobs(logits, batch["targets"])
+  logp_all = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return logprobs, entropy, out.values
+
+
+def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
+  return {"entropy": jnp.sum(entropy * mask)}
+
+
+def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
+                   loss_config: grpo_lib.PolicyLossConfig) -> tuple[Array, dict[str, Array]]:
+  """GRPO-family loss (GRPO, Dr. GRPO, DAPO, GSPO per `loss_config`)."""
+  del rng
+  logprobs, entropy, _ = _forward(model, batch)
+  mask = batch["loss_mask"]
+  loss_sum, sums = grpo_lib.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                                        mask, loss_config, ref_logprobs=batch.get("ref_logprobs"))
+  return loss_sum, {**sums, **_common_sums(entropy, mask)}
+
+
+def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
+                loss_config: grpo_lib.PolicyLossConfig, ppo_config: ppo_lib.PPOConfig
+                ) -> tuple[Array, dict[str, Array]]:
+  """Clipped policy loss on GAE advantages + vf_coef * clipped value loss, token-mean."""
+  del rng
+  logprobs, entropy, values = _forward(model, batch)
+  if values is None:
+    raise ValueError("PPO needs a model with a value head (model.value_head=True)")
+  mask = batch["loss_mask"]
+  p_sum, p_sums = grpo_lib.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                                       mask, loss_config)
+  v_sum, v_sums = ppo_lib.value_loss(values, batch["old_values"], batch["returns"], mask,
+                                     clip=ppo_config.value_clip)
+  v_sums.pop("weight")
+  return (p_sum + ppo_config.vf_coef * v_sum,
+          {**p_sums, **v_sums, "policy_loss": p_sum, "value_loss": v_sum,
+           **_common_sums(entropy, mask)})
+
+
+def make_score_fn(graphdef: nnx.GraphDef) -> Callable[..., Any]:
+  """Jitted `score(params, frozen, batch) -> (logprobs [b, t], values [b, t] or None)`."""
+
+  @jax.jit
+  def score(params: nnx.State, frozen: nnx.State, batch: dict[str, Array]
+            ) -> tuple[Array, Array | None]:
+    model = nnx.merge(graphdef, params, frozen)
+    model.eval()
+    logprobs, _, values = _forward(model, batch)
+    return logprobs * batch["loss_mask"], values
+
+  return score
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "kl_beta", "kl_estimator",
+                                             "whiten"))
+def ppo_targets(scores: Array, old_logprobs: Array, ref_logprobs: Array, old_values: Array,
+                mask: Array, *, gamma: float, lam: float, kl_beta: float, kl_estimator: str,
+                whiten: bool) -> tuple[Array, Array, Array]:
+  """(advantages, returns, token rewards) for PPO: KL-shaped rewards -> GAE -> whitening."""
+  rewards = ppo_lib.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask,
+                                         beta=kl_beta, estimator=kl_estimator)
+  advantages, returns = ppo_lib.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
+  if whiten:
+    advantages = ppo_lib.whiten(advantages, mask)
+  return advantages, returns, rewards
+
