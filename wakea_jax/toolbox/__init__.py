@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from wakea_jax.retrieval.index import is_index_dir
 from wakea_jax.toolbox import calculator, retrieval, sandbox, web
 from wakea_jax.toolbox.retrieval import BM25, Document, Hit, SearchBackend
 from wakea_jax.toolbox.router import ArgumentError, Router, Tool, ToolResult, validate_arguments
@@ -21,7 +22,8 @@ def default_router(
     sandbox_config: SandboxConfig = SandboxConfig(),
     tool_timeout_s: float | None = 30.0,
 ) -> Router:
-  """Builds a Router with the named tools. A search tool needs a backend or a corpus (BM25).
+  """Builds a Router with the named tools. A search tool needs a backend or a corpus: an
+  index directory (dense + BM25 hybrid) or documents / a JSONL file (BM25).
   `web_backend` is treated as online; `web_corpus` gives the offline-labelled local search."""
   tools = []
   for name in enabled:
@@ -33,7 +35,11 @@ def default_router(
       if retrieval_backend is None:
         if retrieval_corpus is None:
           raise ValueError("tool 'retrieve' needs retrieval_corpus or retrieval_backend")
-        retrieval_backend = BM25(retrieval.as_documents(retrieval_corpus))
+        if isinstance(retrieval_corpus, str) and is_index_dir(retrieval_corpus):
+          # A directory written by `python -m wakea_jax.build_index`: hybrid dense + BM25.
+          retrieval_backend = retrieval.load_backend(retrieval_corpus)
+        else:
+          retrieval_backend = BM25(retrieval.as_documents(retrieval_corpus))
       tool = retrieval.make_tool(retrieval_backend)
     elif name == "web_search":
       if web_backend is not None:

@@ -1,95 +1,43 @@
-"""Retrieval tool: a `SearchBackend` protocol and an in-memory BM25 backend over a local corpus.
+"""Retrieval tool: a `SearchBackend` protocol, backends, and the `retrieve` tool.
 
-BM25 is the stand-in until the retrieval package backs this protocol with a ScaNN index; the
-tool only depends on `search(query, k) -> list[Hit]`.
+Backends: BM25 over a local corpus (in memory), or a saved index directory written by
+`python -m wakea_jax.build_index` (dense ScaNN, BM25 over its documents, or both fused):
+
+  make_tool(BM25(as_documents("corpus/")))
+  make_tool(load_backend("index_dir/", mode="hybrid"))
+  make_index_tool("index_dir/")
+
+`Hit`, `Document` and `BM25` live in `wakea_jax.retrieval` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-import re
-from collections import Counter
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Protocol
 
-import numpy as np
-
+from wakea_jax.retrieval.bm25 import BM25, tokenize
+from wakea_jax.retrieval.store import Document, DocumentStore, Hit, read_jsonl_records
 from wakea_jax.toolbox.router import Tool
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-@dataclasses.dataclass(frozen=True)
-class Hit:
-  doc_id: str
-  score: float
-  text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-  doc_id: str
-  text: str
+__all__ = ["BM25", "Document", "Hit", "SearchBackend", "tokenize", "load_corpus", "as_documents",
+           "load_backend", "make_tool", "make_index_tool", "format_hits", "snippet",
+           "SEARCH_PARAMETERS", "BACKEND_MODES"]
 
 
 class SearchBackend(Protocol):
   def search(self, query: str, k: int) -> list[Hit]: ...
 
 
-def tokenize(text: str) -> list[str]:
-  return _TOKEN.findall(text.lower())
-
-
-class BM25:
-  """Okapi BM25 (Robertson & Zaragoza 2009, "The Probabilistic Relevance Framework", eq. 3.15)
-  with the non-negative idf log(1 + (N - n + 0.5) / (n + 0.5)) used by Lucene."""
-
-  def __init__(self, documents: Sequence[Document], k1: float = 1.5, b: float = 0.75):
-    if not documents:
-      raise ValueError("BM25 needs at least one document")
-    self.documents = list(documents)
-    self.k1, self.b = k1, b
-    counts = [Counter(tokenize(d.text)) for d in self.documents]
-    self.vocab = {t: i for i, t in enumerate(sorted(set().union(*counts)))}
-    self.doc_len = np.array([sum(c.values()) for c in counts], dtype=np.float64)
-    self.avg_len = max(float(self.doc_len.mean()), 1e-9)
-    # Posting lists: term id -> (doc indices, term frequencies); fine for local corpora.
-    postings: dict[int, tuple[list[int], list[int]]] = {}
-    for doc, c in enumerate(counts):
-      for term, tf in c.items():
-        docs, tfs = postings.setdefault(self.vocab[term], ([], []))
-        docs.append(doc)
-        tfs.append(tf)
-    self.postings = {t: (np.array(d), np.array(f, dtype=np.float64))
-                     for t, (d, f) in postings.items()}
-    n = len(self.documents)
-    self.idf = {t: math.log(1.0 + (n - len(d) + 0.5) / (len(d) + 0.5))
-                for t, (d, _) in self.postings.items()}
-
-  def scores(self, query: str) -> np.ndarray:
-    scores = np.zeros(len(self.documents))
-    norm = self.k1 * (1.0 - self.b + self.b * self.doc_len / self.avg_len)
-    for term in tokenize(query):
-      t = self.vocab.get(term)
-      if t is None:
-        continue
-      docs, tf = self.postings[t]
-      scores[docs] += self.idf[t] * tf * (self.k1 + 1.0) / (tf + norm[docs])
-    return scores
-
-  def search(self, query: str, k: int) -> list[Hit]:
-    scores = self.scores(query)
-    # Stable sort on -score keeps ties in corpus order, so results are deterministic.
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [Hit(self.documents[i].doc_id, float(scores[i]), self.documents[i].text)
-            for i in order if scores[i] > 0]
-
-
 def load_corpus(path: str) -> list[Document]:
   """Documents from a directory (recursively: .txt/.md are one document each, .jsonl one per
-  line with a "text" and optional "id" field) or from a single such file."""
+  line with a "text" and optional "id" field) or from a single such file. A saved index
+  directory gives the documents of its store."""
+  from wakea_jax.retrieval import index as index_lib  # scann is imported lazily there
+
+  if os.path.isdir(path) and index_lib.is_index_dir(path):
+    # A saved index: its (chunked) documents, not its internal files.
+    index_lib.read_meta(path)
+    return list(DocumentStore.load(os.path.join(path, index_lib.DOCUMENTS_FILE)))
   files = ([path] if os.path.isfile(path) else
            sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs))
   if not files:
@@ -101,17 +49,8 @@ def load_corpus(path: str) -> list[Document]:
       with open(file, encoding="utf-8") as f:
         documents.append(Document(rel, f.read()))
     elif file.endswith(".jsonl"):
-      with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
-          if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{file}:{line_no}: field 'text' is missing or not a string")
-          documents.append(Document(str(record.get("id", f"{rel}:{line_no}")), record["text"]))
+      for line_no, record in read_jsonl_records(file):
+        documents.append(Document(str(record.get("id", f"{rel}:{line_no}")), record["text"]))
   if not documents:
     raise FileNotFoundError(f"{path}: no .txt, .md or .jsonl documents found")
   return documents
@@ -161,3 +100,27 @@ def make_tool(backend: SearchBackend, k: int = 3, max_chars: int = 500) -> Tool:
       run=lambda arguments: format_hits(
           backend.search(arguments["query"], _k(arguments, k)), max_chars),
   )
+
+
+BACKEND_MODES = ("dense", "bm25", "hybrid")
+
+
+def load_backend(directory: str, mode: str = "hybrid", *, embedder=None,
+                 embedder_path: str | None = None) -> SearchBackend:
+  """A backend over a saved index directory: "dense" (ScaNN / exact), "bm25" (over the
+  index's documents; no embedder loaded) or "hybrid" (both, reciprocal-rank fused)."""
+  from wakea_jax.retrieval import hybrid, index as index_lib
+
+  if mode not in BACKEND_MODES:
+    raise ValueError(f"unknown retrieval mode {mode!r}; choose one of {BACKEND_MODES}")
+  if mode == "bm25":
+    index_lib.read_meta(directory)
+    return BM25(DocumentStore.load(os.path.join(directory, index_lib.DOCUMENTS_FILE)))
+  dense = index_lib.DenseIndex.load(directory, embedder=embedder, embedder_path=embedder_path)
+  return dense if mode == "dense" else hybrid.HybridRetriever(dense)
+
+
+def make_index_tool(directory: str, mode: str = "hybrid", k: int = 3, max_chars: int = 500,
+                    **kwargs) -> Tool:
+  """The `retrieve` tool over a saved index directory (see `load_backend`)."""
+  return make_tool(load_backend(directory, mode, **kwargs), k=k, max_chars=max_chars)
