@@ -76,7 +76,6 @@ def test_dpo_run_learns_preferences_and_resume_is_a_no_op(straight_run, pairs_fi
   assert losses[0] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at step 1
   assert np.mean(losses[-5:]) < losses[0] - 0.05
   assert last["eval_accuracy"] >= 0.9 and last["eval_loss"] < np.log(2) - 0.05
-  assert records[0]["accuracy"] == 0.0  # zero margins are not "correct"
 
   checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert preference.run(config, workdir) == {}

@@ -42,7 +42,6 @@ from flax import nnx
 
 from wakea_jax import config_lib
 from wakea_jax import toolbox
-from wakea_jax.checkpoints import export as export_lib
 from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.models import lora as lora_lib
@@ -170,14 +169,13 @@ class Learner:
 
   def _build_model(self) -> None:
     config = self.config
-    model = run_lib.load_or_create_model(config, self.mesh, self.rules)
+    model, lora_config = run_lib.build_model(config, self.mesh, self.rules,
+                                             tokenizer=self.tokenizer)
     if self.objective == "ppo" and not model.config.value_head:
+      if lora_config is not None:
+        raise ValueError("PPO with LoRA needs a model that already has a value head")
       model = add_value_head(model, config.seed, self.mesh, self.rules)
     self.model_config = model.config
-    lora_config = run_lib.lora_config_from(config)
-    if lora_config is not None:
-      model = lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(config.seed))
-      nnx.update(model, mesh_lib.shard_state(nnx.state(model), self.mesh, self.rules))
     self.lora_config = lora_config
     rl = self.rl
     self.total_updates = rl.steps * rl.num_iterations * rl.minibatches
@@ -415,12 +413,8 @@ class Learner:
     finally:
       self.checkpoints.close()
       writer.close()
-    if self.config.export.enabled and jax.process_count() == 1:
-      model = nnx.merge(self.graphdef, self.state.params, self.state.frozen)
-      if self.lora_config is not None:
-        model = lora_lib.merge_lora(model)
-      export_lib.save_model_dir(model, self.workdir / "export" / "model", overwrite=True)
-      logging.info("exported to %s", self.workdir / "export" / "model")
+    run_lib.export_trained(self.config, self.graphdef, self.state, self.lora_config,
+                           self.workdir / "export")
     return last
 
   def _eval_scalars(self, writer: metrics_lib.MetricWriter, step: int) -> dict[str, float]:

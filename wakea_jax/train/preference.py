@@ -29,14 +29,11 @@ from absl import logging
 from flax import nnx
 
 from wakea_jax import config_lib
-from wakea_jax.checkpoints import export as export_lib
-from wakea_jax.checkpoints import hf
 from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.data import preferences as pref_lib
 from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.models import lora as lora_lib
 from wakea_jax.objectives import dpo
-from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.train import flops as flops_lib
 from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import metrics as metrics_lib
@@ -99,16 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   tokenizer = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
                else tokenizer_lib.default_tokenizer())
 
-  model = run_lib.load_or_create_model(config, mesh, rules)
+  model, lora_config = run_lib.build_model(config, mesh, rules, tokenizer=tokenizer)
   model_config = model.config
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
-                     f"is {model_config.vocab_size} (config.model.vocab_size)")
-  lora_config = run_lib.lora_config_from(config)
-  if lora_config is not None:
-    model = lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(config.seed))
-    # Adapters are created on the default device; lay them out on the mesh like the rest.
-    nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
   trainable = lora_lib.trainable_filter(lora_config)
 
   loop_config = loop_lib.LoopConfig(**config.train.to_dict())
@@ -167,15 +156,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     writer.close()
   logging.info("data: %s", train_iter.stats)
 
-  if config.export.enabled and jax.process_count() > 1:
-    logging.warning("export after training is single-host only for now; skipped. Convert the "
-                    "final checkpoint with python -m wakea_jax.convert on one host.")
-  elif config.export.enabled:
-    model = nnx.merge(graphdef, state.params, state.frozen)
-    if lora_config is not None:
-      model = lora_lib.merge_lora(model)
-    export_lib.save_model_dir(model, workdir / "export" / "model")
-    if config.export.hf:
-      hf.save_model(model, workdir / "export" / "hf")
-    logging.info("exported to %s", workdir / "export")
+  run_lib.export_trained(config, graphdef, state, lora_config, workdir / "export")
   return last

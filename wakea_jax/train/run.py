@@ -52,6 +52,42 @@ def load_or_create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.M
   return model
 
 
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                rules: mesh_lib.Rules, *, tokenizer: Any = None
+                ) -> tuple[transformer.Transformer, lora_lib.LoRAConfig | None]:
+  """The model to train (scratch or imported) with LoRA adapters when config.lora asks."""
+  model = load_or_create_model(config, mesh, rules)
+  if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+                     f"is {model.config.vocab_size} (config.model.vocab_size)")
+  lora_config = lora_config_from(config)
+  if lora_config is not None:
+    model = lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(config.seed))
+    # Adapters are created on the default device; lay them out on the mesh like the rest.
+    nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
+  return model, lora_config
+
+
+def export_trained(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                   state: state_lib.TrainState, lora_config: lora_lib.LoRAConfig | None,
+                   directory: pathlib.Path) -> None:
+  """Writes the trained model (LoRA merged) to directory/model and, with config.export.hf,
+  an HF checkpoint to directory/hf; a previous export there is replaced."""
+  if not config.export.enabled:
+    return
+  if jax.process_count() > 1:
+    logging.warning("export after training is single-host only for now; skipped. Convert the "
+                    "final checkpoint with python -m wakea_jax.convert on one host.")
+    return
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  if lora_config is not None:
+    model = lora_lib.merge_lora(model)
+  export_lib.save_model_dir(model, directory / "model")
+  if config.export.get("hf", False):
+    hf.save_model(model, directory / "hf")
+  logging.info("exported to %s", directory)
+
+
 def lora_config_from(config: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
   if not config.lora.enabled:
     return None
@@ -85,16 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   tokenizer = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
                else tokenizer_lib.default_tokenizer())
 
-  model = load_or_create_model(config, mesh, rules)
+  model, lora_config = build_model(config, mesh, rules, tokenizer=tokenizer)
   model_config = model.config
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
-                     f"is {model_config.vocab_size} (config.model.vocab_size)")
-  lora_config = lora_config_from(config)
-  if lora_config is not None:
-    model = lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(config.seed))
-    # Adapters are created on the default device; lay them out on the mesh like the rest.
-    nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
   trainable = lora_lib.trainable_filter(lora_config)
 
   loop_config = loop_lib.LoopConfig(**config.train.to_dict())
@@ -140,15 +168,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   if stats is not None:
     logging.info("data: %s", stats)
 
-  if config.export.enabled and jax.process_count() > 1:
-    logging.warning("export after training is single-host only for now; skipped. Convert the "
-                    "final checkpoint with python -m wakea_jax.convert on one host.")
-  elif config.export.enabled:
-    model = nnx.merge(graphdef, state.params, state.frozen)
-    if lora_config is not None:
-      model = lora_lib.merge_lora(model)
-    export_lib.save_model_dir(model, workdir / "export" / "model")
-    if config.export.hf:
-      hf.save_model(model, workdir / "export" / "hf")
-    logging.info("exported to %s", workdir / "export")
+  export_trained(config, graphdef, state, lora_config, workdir / "export")
   return last
