@@ -2,7 +2,8 @@
 
 Variants:
   arithmetic  GRPO on bundled arithmetic prompts from an SFT'd model (set
-              --config.init_from=WORKDIR/export/model of an SFT run); exact-answer reward.
+              --config.init_from=WORKDIR/export/model of a configs/sft.py:arithmetic run);
+              exact-answer reward.
   dr_grpo     the same with Dr. GRPO (arXiv 2503.20783): mean-only advantages, token sums
               over a constant.
   dapo        the same with DAPO (arXiv 2503.14476): clip-higher, token-mean, dynamic
@@ -34,7 +35,8 @@ def get_config(arg=None):
     config.loss.aggregation = "token_mean"
     config.rl.dynamic_sampling = True
     config.rl.overlong_filter = True
-    config.reward.overlong = {"weight": 1.0, "max_len": 32, "cache": 8}
+    config.reward.overlong = {"weight": 1.0, "max_len": config.rollout.max_new_tokens,
+                              "cache": 16}
   elif variant == "gspo":
     config.loss.ratio = "sequence"
     config.loss.eps_low = 3e-4

@@ -19,14 +19,14 @@ def get_config(arg=None):
   variant = arg or "arithmetic"
   config = config_lib.rl_base_config("ppo")
   config.variant = variant
-  # PPO samples one completion per prompt by default; the critic is the baseline.
+  # The critic is the baseline, so fewer completions per prompt than GRPO.
   config.rollout.group_size = 4
   config.rl.minibatches = 2
-  config.rl.num_iterations = 2
+  config.rl.num_iterations = 1
   config.loss.aggregation = "token_mean"
   config.ppo = ml_collections.ConfigDict(dict(
-      gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, kl_beta=0.02, kl_estimator="k1",
-      whiten_advantages=True))
+      gamma=1.0, lam=1.0, vf_coef=0.1, value_clip=0.2, kl_beta=0.02, kl_estimator="k1",
+      whiten_advantages=True, value_trunk_gradient=False))
   if variant == "arithmetic":
     pass
   elif variant == "test":

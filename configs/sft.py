@@ -3,6 +3,8 @@
 Variants:
   quickstart  a ~1M-parameter model from scratch on bundled generated data (calculator
               dialogues + small talk); a few minutes on a 2-core CPU.
+  arithmetic  the start of the RL learning demonstration: two-operand arithmetic answered
+              directly, 30% of the answers showing their work; stopped at partial accuracy.
   test        an even smaller run for the test suite (resume, NaN guard).
   lora        LoRA on an imported checkpoint: set --config.init_from=/path/to/hf_dir.
   qlora       the same with the frozen base in 4-bit NF4.
@@ -58,6 +60,14 @@ def get_config(arg=None):
 
   if variant == "quickstart":
     pass
+  elif variant == "arithmetic":
+    config.data.sources = (("task:arithmetic?n=20000&max_operand=99&tools=0&worked=30", 1.0),)
+    config.data.eval_sources = (
+        ("task:arithmetic?n=64&seed=5&max_operand=99&tools=0&worked=30", 1.0),)
+    config.train.steps = 1500
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.export.hf = False
   elif variant == "test":
     config.model.embed_dim = 64
     config.model.num_layers = 2
@@ -80,5 +90,6 @@ def get_config(arg=None):
     config.optimizer.learning_rate = 2e-4
     config.optimizer.weight_decay = 0.0
   else:
-    raise ValueError(f"unknown sft variant {variant!r}; use quickstart, test, lora or qlora")
+    raise ValueError(f"unknown sft variant {variant!r}; use quickstart, arithmetic, test, lora or "
+                     "qlora")
   return config

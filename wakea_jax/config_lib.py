@@ -58,17 +58,17 @@ def rl_base_config(objective: str) -> ml_collections.ConfigDict:
   config.grad_accum = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.prompts = "task:arithmetic?n=4000&seed=100&max_operand=99&tools=0"
-  config.data.eval_prompts = "task:arithmetic?n=128&seed=777&max_operand=99&tools=0"
+  config.data.prompts = "task:arithmetic?n=8000&seed=100&max_operand=99&tools=0"
+  config.data.eval_prompts = "task:arithmetic?n=256&seed=777&max_operand=99&tools=0"
 
   config.rollout = ml_collections.ConfigDict(dict(
-      group_size=8, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+      group_size=8, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
       tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16))
 
   config.rl = ml_collections.ConfigDict(dict(
-      steps=100, prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
+      steps=200, prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
       dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,
-      log_every=1, eval_every=25, checkpoint_every=25, keep_checkpoints=2,
+      log_every=1, eval_every=50, checkpoint_every=50, keep_checkpoints=2,
       async_checkpoint=True))
 
   # The policy loss (objectives/grpo.py PolicyLossConfig).

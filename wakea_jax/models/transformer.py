@@ -100,6 +100,12 @@ class Transformer(nnx.Module):
                        attention_mask=attention_mask, cache=cache)
     return out.logits if cache is None else (out.logits, out.cache)
 
+  def value_from(self, hidden: Array) -> Array:
+    """The value head on final hidden states [b, t, e] -> [b, t] float32."""
+    return (jnp.einsum("bte,e->bt", hidden.astype(jnp.float32),
+                       self.value_head[...].astype(jnp.float32))
+            + self.value_bias[...].astype(jnp.float32))
+
   def forward(self, input_ids: Array, *, positions: Array | None = None,
               segment_ids: Array | None = None, attention_mask: Array | None = None,
               cache: KVCache | None = None) -> DecoderOutput:
@@ -137,11 +143,7 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(dt),
                           preferred_element_type=jnp.float32)
     logits = mesh_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"))
-    values = None
-    if c.value_head:
-      values = (jnp.einsum("bte,e->bt", hidden.astype(jnp.float32),
-                           self.value_head[...].astype(jnp.float32))
-                + self.value_bias[...].astype(jnp.float32))
+    values = self.value_from(hidden) if c.value_head else None
     new_cache = None
     if cache is not None:
       advance = (jnp.sum(attention_mask.astype(jnp.int32), axis=1) if attention_mask is not None

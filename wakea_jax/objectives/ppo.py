@@ -131,6 +131,10 @@ class PPOConfig:
   kl_beta: float = 0.05
   kl_estimator: str = "k1"
   whiten_advantages: bool = True
+  # Whether the value loss trains the shared trunk. False: the value head reads
+  # stop-gradient hidden states, so an untrained critic cannot disturb the policy (with a
+  # small model and a zero-initialised head this is what keeps PPO from degrading it).
+  value_trunk_gradient: bool = False
 
   def __post_init__(self) -> None:
     for name in ("gamma", "lam", "vf_coef", "value_clip", "kl_beta"):
@@ -144,5 +148,6 @@ class PPOConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
     check_kl_estimator(self.kl_estimator, field="kl_estimator")
-    if not isinstance(self.whiten_advantages, bool):
-      raise ValueError(f"whiten_advantages: must be a bool, got {self.whiten_advantages!r}")
+    for name in ("whiten_advantages", "value_trunk_gradient"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")

@@ -271,7 +271,7 @@ class Learner:
     rollouts, total, components, keep, stats = self.collect(step)
     t1 = time.perf_counter()
     g = self.rollout_config.group_size
-    batch = rollout_lib.to_batch(rollouts, pad_id=self.pad_id)
+    batch = rollout_lib.to_batch(rollouts, pad_id=self.pad_id, width_multiple=32)
     mask = batch["loss_mask"]
     mask *= np.repeat(keep, g)[:, None]
     truncated = np.array([r in ("length", "capacity") for r in rollouts.stop_reason])

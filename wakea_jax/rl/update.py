@@ -28,14 +28,18 @@ from wakea_jax.objectives import ppo as ppo_lib
 from wakea_jax.objectives.sft import token_logprobs
 
 
-def _forward(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, Array, Array | None]:
-  """(token log-probs [b, t], token entropies [b, t] (no gradient), values or None)."""
+def _forward(model: nnx.Module, batch: dict[str, Array], *, with_hidden: bool = False
+             ) -> tuple[Any, ...]:
+  """(token log-probs [b, t], token entropies [b, t] (no gradient), values or None) and,
+  with `with_hidden`, the final hidden states."""
   out = model.forward(batch["input_ids"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"])
   logits = out.logits.astype(jnp.float32)
   logprobs = token_logprobs(logits, batch["targets"])
   logp_all = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  if with_hidden:
+    return logprobs, entropy, out.values, out.hidden
   return logprobs, entropy, out.values
 
 
@@ -59,9 +63,11 @@ def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
                 ) -> tuple[Array, dict[str, Array]]:
   """Clipped policy loss on GAE advantages + vf_coef * clipped value loss, token-mean."""
   del rng
-  logprobs, entropy, values = _forward(model, batch)
-  if values is None:
+  if not model.config.value_head:
     raise ValueError("PPO needs a model with a value head (model.value_head=True)")
+  logprobs, entropy, values, hidden = _forward(model, batch, with_hidden=True)
+  if not ppo_config.value_trunk_gradient:
+    values = model.value_from(jax.lax.stop_gradient(hidden))
   mask = batch["loss_mask"]
   p_sum, p_sums = grpo_lib.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
                                        mask, loss_config)

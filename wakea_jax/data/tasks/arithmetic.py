@@ -49,10 +49,12 @@ _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}
 
 
 def expression(rng: random.Random, max_operand: int = 0) -> tuple[int, str, int]:
-  """(a, op, b): multi-digit operands, or operands in [1, max_operand] when it is > 0."""
+  """(a, op, b): multi-digit operands, or, when max_operand > 0, operands in
+  [1, max_operand] with a one-digit multiplier for `*`."""
   op = rng.choice("+-*")
   if max_operand > 0:
-    return rng.randint(1, max_operand), op, rng.randint(1, max_operand)
+    return rng.randint(1, max_operand), op, rng.randint(2 if op == "*" else 1,
+                                                        9 if op == "*" else max_operand)
   if op == "*":
     return rng.randint(2, 999), op, rng.randint(2, 99)
   return rng.randint(10, 9999), op, rng.randint(10, 9999)
@@ -70,11 +72,31 @@ def evaluate(expr: str) -> int:
   raise ValueError(f"not a generated expression: {expr!r}")
 
 
-def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = True
-                  ) -> dict[str, Any]:
+def worked_answer(a: int, op: str, b: int) -> str:
+  """The answer with the work shown in small steps (tens, then ones; or tens times the
+  multiplier, then ones times it), each easier than the whole sum for a small model:
+  "47 + 80 = 127, 127 + 5 = 132. The answer is 132."."""
+  if op == "*":
+    tens, ones = a // 10 * 10, a % 10
+    steps = (f"{a} * {b} = {tens} * {b} + {ones} * {b} = {tens * b} + {ones * b} = {a * b}"
+             if tens and ones else f"{a} * {b} = {a * b}")
+    return f"{steps}. The answer is {a * b}."
+  sign = 1 if op == "+" else -1
+  tens, ones = b // 10 * 10, b % 10
+  if tens and ones:
+    mid = a + sign * tens
+    steps = f"{a} {op} {tens} = {mid}, {mid} {op} {ones} = {a + sign * b}"
+  else:
+    steps = f"{a} {op} {b} = {a + sign * b}"
+  return f"{steps}. The answer is {a + sign * b}."
+
+
+def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = True,
+                  worked: int = 0) -> dict[str, Any]:
   """One record; the final answer is a function of the tool's result (its text, copied).
 
-  Without tools the assistant answers directly (the model must do the arithmetic).
+  Without tools the assistant answers directly (the model must do the arithmetic), and in
+  `worked` percent of the dialogues it shows its work first (`worked_answer`).
   """
   spaced = rng.random() < 0.5
   expr = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
@@ -90,35 +112,40 @@ def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = Tru
          "tool_calls": [{"name": TOOL_NAME, "arguments": {"expression": expr}}]},
         {"role": "tool", "content": result},
     ]
-  messages.append({"role": "assistant",
-                   "content": rng.choice(_ANSWERS).format(e=expr, q=spoken, r=result)})
+  template = rng.choice(_ANSWERS)
+  if not tools and worked and rng.random() * 100 < worked:
+    answer = worked_answer(a, op, b)
+  else:
+    answer = template.format(e=expr, q=spoken, r=result)
+  messages.append({"role": "assistant", "content": answer})
   return {"messages": messages}
 
 
-def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int
+def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worked: int
                ) -> list[tuple[dict[str, Any], int]]:
   rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
   out = []
   for _ in range(num_examples):
     a, op, b = expression(rng, max_operand)
-    out.append((make_dialogue(a, op, b, rng, tools=bool(tools)),
+    out.append((make_dialogue(a, op, b, rng, tools=bool(tools), worked=worked),
                 a * b if op == "*" else a + b if op == "+" else a - b))
   return out
 
 
-def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1
-             ) -> list[dict[str, Any]]:
+def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
+             worked: int = 0) -> list[dict[str, Any]]:
   """`num_examples` dialogues, `{"messages": [...]}` each.
 
-  Task options (`task:arithmetic?n=..&max_operand=99&tools=0`): `max_operand` > 0 draws
-  operands from [1, max_operand]; `tools=0` makes direct-answer dialogues without the
-  calculator.
+  Task options (`task:arithmetic?n=..&max_operand=99&tools=0&worked=30`): `max_operand` > 0
+  draws operands from [1, max_operand] (one-digit multipliers); `tools=0` makes
+  direct-answer dialogues without the calculator; `worked` is the percentage of those that
+  show the work before the answer.
   """
-  return [d for d, _ in _dialogues(num_examples, seed, max_operand, tools)]
+  return [d for d, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
 
 
-def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1
-            ) -> list[dict[str, Any]]:
+def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
+            worked: int = 0) -> list[dict[str, Any]]:
   """RL prompts: the turns of `generate`'s dialogues before the assistant's first turn, plus
   the exact `answer`.
 
@@ -126,7 +153,7 @@ def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: in
   a seed that no SFT source uses.
   """
   records = []
-  for dialogue, answer in _dialogues(num_examples, seed, max_operand, tools):
+  for dialogue, answer in _dialogues(num_examples, seed, max_operand, tools, worked):
     messages = dialogue["messages"]
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     records.append({"messages": messages[:first], "answer": str(answer)})
