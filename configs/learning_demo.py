@@ -58,7 +58,7 @@ def get_config(arg=None):
       samples_per_prompt=8, temperature=1.0))
   dpo = _load("dpo", "default")
   dpo.data.seq_len = 128
-  dpo.optimizer.learning_rate = 1e-4
+  dpo.optimizer.learning_rate = 1e-5   # 1e-4 measured: likelihood displacement, accuracy fell
   dpo.optimizer.warmup_steps = 10
   dpo.train.steps = 150
   dpo.train.log_every = 10

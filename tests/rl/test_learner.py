@@ -1,12 +1,12 @@
 """The RL learner end to end on a tiny from-scratch model: GRPO variants, PPO, resume."""
 
+import importlib.util
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from wakea_jax import config_lib
 from wakea_jax.rl import learner as learner_lib
 from wakea_jax.train import metrics as metrics_lib
 
@@ -14,8 +14,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(name, variant="test", **overrides):
-  from ml_collections import config_flags  # noqa: F401  (config files import it)
-  import importlib.util
   spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -112,3 +110,14 @@ def test_bad_config_errors(tmp_path):
     learner_lib.run(_config("grpo", **{"rl.prompts_per_step": 0}), tmp_path)
   with pytest.raises(ValueError, match="rl.advantage"):
     learner_lib.run(_config("grpo", **{"rl.advantage": "nope"}), tmp_path)
+
+
+def test_grpo_with_the_tool_loop_in_rollouts(tmp_path):
+  """The `tools` path: rollouts go through run_tool_loop (a random tiny model rarely calls a
+  tool; the masking of tool tokens is tested in test_rollout.py and sampling/test_tool_loop)."""
+  config = _config("grpo", **{"rl.steps": 1, "eval.at_start": False,
+                              "rollout.tools": ("calculator",)})
+  learner = learner_lib.Learner(config, tmp_path)
+  assert learner.router is not None and "calculator" in learner.router.tools
+  last = learner.train()
+  assert np.isfinite(last["loss"]) and "tool_calls" in last

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wakea_jax.rl.answers import final_response
+
 if TYPE_CHECKING:
   from wakea_jax.rl.rewards import Sample
 
@@ -177,7 +179,6 @@ class LLMJudge:
 
   def score(self, sample: Sample) -> float:
     """Reward in [0, 1] for one sample; 0 on any failure (counted)."""
-    from wakea_jax.rl.rewards import final_response  # rewards imports this module
 
     prompt = self.config.rubric.format(question=sample.prompt,
                                        reference=_reference_text(sample.answer),
