@@ -10,7 +10,6 @@ Hugging Face checkpoint, re-imports it and checks the logits agree.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from ml_collections import config_flags
 from wakea_jax import config_lib
 from wakea_jax.checkpoints import hf
 from wakea_jax.data import chat
+from wakea_jax.data import sources
 from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.models import transformer
 from wakea_jax.objectives.sft import sft_loss
@@ -40,17 +40,12 @@ _BUNDLED_CHATS = pathlib.Path(__file__).parent / "data" / "assets" / "demo_chats
 
 def load_chats(path: pathlib.Path) -> list[list[dict]]:
   conversations = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or "messages" not in record:
-        raise ValueError(f"{path}:{line_no}: field 'messages' is missing")
-      conversations.append(record["messages"])
+  for line_no, record in sources.jsonl_lines(path):
+    if isinstance(record, Exception):
+      raise record
+    if not isinstance(record, dict) or "messages" not in record:
+      raise ValueError(f"{path}:{line_no}: field 'messages' is missing")
+    conversations.append(record["messages"])
   if not conversations:
     raise ValueError(f"{path}: no conversations")
   return conversations

@@ -55,6 +55,7 @@ from flax import nnx
 
 from wakea_jax.data import chat
 from wakea_jax.data import sources
+from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import arithmetic
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.objectives import dpo
@@ -65,13 +66,9 @@ OVERLENGTH = ("truncate", "drop")
 SIDES = ("chosen", "rejected")
 
 
-def _type_name(value: Any) -> str:
-  return "null" if value is None else type(value).__name__
-
-
 def _response_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
   bad = ValueError(f"{where}: field '{field}' must be a non-empty string, an assistant message "
-                   f"or a list of messages, got {_type_name(value)}")
+                   f"or a list of messages, got {sources.type_name(value)}")
   if isinstance(value, str):
     if not value.strip():
       raise ValueError(f"{where}: field '{field}' must be a non-empty string")
@@ -83,7 +80,7 @@ def _response_messages(value: Any, field: str, where: str) -> list[dict[str, Any
   for k, message in enumerate(value):
     if not isinstance(message, Mapping):
       raise ValueError(f"{where}: field '{field}[{k}]' must be a message object, got "
-                       f"{_type_name(message)}")
+                       f"{sources.type_name(message)}")
   for k in (0, len(value) - 1):
     if value[k].get("role") != "assistant":
       raise ValueError(f"{where}: field '{field}[{k}].role' must be 'assistant' (a response "
@@ -99,33 +96,8 @@ def to_pair(raw: Any, where: str) -> dict[str, Any]:
   """
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a preference record must be a JSON object, got "
-                     f"{_type_name(raw)}")
-  if "messages" in raw and "prompt" in raw:
-    raise ValueError(f"{where}: give either field 'messages' or field 'prompt', not both")
-  if "messages" in raw:
-    prompt = raw["messages"]
-    if not isinstance(prompt, list) or not prompt:
-      raise ValueError(f"{where}: field 'messages' must be a non-empty list, got "
-                       f"{_type_name(prompt)}")
-    for k, message in enumerate(prompt):
-      if not isinstance(message, Mapping):
-        raise ValueError(f"{where}: field 'messages[{k}]' must be a message object, got "
-                         f"{_type_name(message)}")
-    if prompt[-1].get("role") == "assistant":
-      raise ValueError(f"{where}: field 'messages' must end before the assistant's answer "
-                       "(the last message is an assistant turn)")
-    prompt = [dict(m) for m in prompt]
-  elif "prompt" in raw:
-    if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
-      raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got "
-                       f"{_type_name(raw['prompt'])}")
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-      raise ValueError(f"{where}: field 'system' must be a string, got {_type_name(system)}")
-    prompt = ([{"role": "system", "content": system}] if system else [])
-    prompt.append({"role": "user", "content": raw["prompt"]})
-  else:
-    raise ValueError(f"{where}: field 'prompt' (or 'messages') is missing")
+                     f"{sources.type_name(raw)}")
+  prompt = sources.prompt_messages(raw, where)
   pair: dict[str, Any] = {"prompt": prompt}
   for side in SIDES:
     if side not in raw:
@@ -329,43 +301,26 @@ class PreferenceIterator:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.dataset = dataset
     self.batch_size = batch_size
-    self.seed = seed
-    self.epoch = 0
-    self.position = 0
-    self._order = self._shuffled(0)
-
-  def _shuffled(self, epoch: int) -> list[int]:
-    order = list(range(len(self.dataset)))
-    random.Random(f"preferences-{self.seed}-{epoch}").shuffle(order)
-    return order
+    self.order = EpochOrder(len(dataset), seed, name="preferences")
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    indices = []
-    while len(indices) < self.batch_size:
-      if self.position >= len(self._order):
-        self.epoch += 1
-        self.position = 0
-        self._order = self._shuffled(self.epoch)
-      indices.append(self._order[self.position])
-      self.position += 1
-    return self.dataset.batch(indices)
+    return self.dataset.batch(self.order.take(self.batch_size))
 
   def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "position": self.position, "num_pairs": len(self.dataset)}
+    return {**self.order.get_state(), "num_pairs": len(self.dataset)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if int(state.get("num_pairs", len(self.dataset))) != len(self.dataset):
       _log.warning("resuming a preference iterator saved over %s pairs on %d pairs; the "
                    "order differs", state.get("num_pairs"), len(self.dataset))
-    self.epoch, self.position = int(state["epoch"]), int(state["position"])
-    self._order = self._shuffled(self.epoch)
+    self.order.set_state(state)
 
   @property
   def stats(self) -> dict[str, int]:
-    return {**self.dataset.stats, "epoch": self.epoch}
+    return {**self.dataset.stats, "epoch": self.order.epoch}
 
 
 # ---- reference log-probs --------------------------------------------------------------------

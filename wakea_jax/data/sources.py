@@ -104,7 +104,8 @@ def _chat_error(where: str, err: ValueError, fields: Mapping[int, str] | None) -
   return ValueError(f"{where}: {text}")
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+  """The JSON-ish name of a value's type for error messages."""
   return "null" if value is None else type(value).__name__
 
 
@@ -114,12 +115,12 @@ def to_record(raw: Any, where: str) -> Record:
   Raises ValueError starting with `where` and naming the field.
   """
   if not isinstance(raw, Mapping):
-    raise ValueError(f"{where}: a record must be a JSON object, got {_type_name(raw)}")
+    raise ValueError(f"{where}: a record must be a JSON object, got {type_name(raw)}")
   fields: dict[int, str] | None = None
   if "messages" in raw:
     messages = raw["messages"]
     if not isinstance(messages, list):
-      raise ValueError(f"{where}: field 'messages' must be a list, got {_type_name(messages)}")
+      raise ValueError(f"{where}: field 'messages' must be a list, got {type_name(messages)}")
     if not messages:
       raise ValueError(f"{where}: field 'messages' must be a non-empty list")
   elif "prompt" in raw or "response" in raw:
@@ -128,14 +129,14 @@ def to_record(raw: Any, where: str) -> Record:
         raise ValueError(f"{where}: field '{field}' is missing")
       if not isinstance(raw[field], str):
         raise ValueError(
-            f"{where}: field '{field}' must be a string, got {_type_name(raw[field])}")
+            f"{where}: field '{field}' must be a string, got {type_name(raw[field])}")
     messages = [{"role": "user", "content": raw["prompt"]},
                 {"role": "assistant", "content": raw["response"]}]
     fields = {0: "prompt", 1: "response"}
     if raw.get("system") is not None:
       if not isinstance(raw["system"], str):
         raise ValueError(
-            f"{where}: field 'system' must be a string, got {_type_name(raw['system'])}")
+            f"{where}: field 'system' must be a string, got {type_name(raw['system'])}")
       messages.insert(0, {"role": "system", "content": raw["system"]})
       fields = {0: "system", 1: "prompt", 2: "response"}
   else:
@@ -144,11 +145,11 @@ def to_record(raw: Any, where: str) -> Record:
   tools = raw.get("tools")
   if tools is not None:
     if not isinstance(tools, list):
-      raise ValueError(f"{where}: field 'tools' must be a list, got {_type_name(tools)}")
+      raise ValueError(f"{where}: field 'tools' must be a list, got {type_name(tools)}")
     for k, tool in enumerate(tools):
       if not isinstance(tool, Mapping):
         raise ValueError(f"{where}: field 'tools[{k}]' must be a JSON object, got "
-                         f"{_type_name(tool)}")
+                         f"{type_name(tool)}")
   try:
     # Full structural validation of every message (roles, tool calls, reasoning, delimiters).
     chat.render_text(messages, tools=tools)
@@ -162,7 +163,42 @@ def to_record(raw: Any, where: str) -> Record:
   return record
 
 
-def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+def prompt_messages(raw: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+  """The prompt of a record that awaits an answer (RL prompts, preference pairs):
+  `"messages"` (ending before the assistant's turn) or `"prompt"` with an optional
+  `"system"`. Raises ValueError starting with `where` and naming the field."""
+  if "messages" in raw and "prompt" in raw:
+    raise ValueError(f"{where}: give either field 'messages' or field 'prompt', not both")
+  if "messages" in raw:
+    prompt = raw["messages"]
+    if not isinstance(prompt, list) or not prompt:
+      raise ValueError(f"{where}: field 'messages' must be a non-empty list, got "
+                       f"{type_name(prompt)}")
+    for k, message in enumerate(prompt):
+      if not isinstance(message, Mapping):
+        raise ValueError(f"{where}: field 'messages[{k}]' must be a message object, got "
+                         f"{type_name(message)}")
+    if prompt[-1].get("role") == "assistant":
+      raise ValueError(f"{where}: field 'messages' must end before the assistant's answer "
+                       "(the last message is an assistant turn)")
+    prompt = [dict(m) for m in prompt]
+  elif "prompt" in raw:
+    if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
+      raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got "
+                       f"{type_name(raw['prompt'])}")
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+      raise ValueError(f"{where}: field 'system' must be a string, got {type_name(system)}")
+    prompt = ([{"role": "system", "content": system}] if system else [])
+    prompt.append({"role": "user", "content": raw["prompt"]})
+  else:
+    raise ValueError(f"{where}: field 'prompt' (or 'messages') is missing")
+  return prompt
+
+
+def jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+  """(1-based line number, parsed JSON value or the ValueError naming `path:line`) for each
+  non-blank line of a JSONL file: the one JSONL reader that other record readers share."""
   with open(path, "rb") as f:
     for line_no, raw_line in enumerate(f, 1):
       where = f"{path}:{line_no}"
@@ -170,14 +206,19 @@ def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
         # utf-8-sig: a byte-order mark on the first line is not part of the JSON.
         line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")
       except UnicodeDecodeError as err:
-        yield where, ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+        yield line_no, ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
         continue
       if not line.strip():
         continue
       try:
-        yield where, json.loads(line)
+        yield line_no, json.loads(line)
       except json.JSONDecodeError as err:
-        yield where, ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+        yield line_no, ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+  for line_no, value in jsonl_lines(path):
+    yield f"{path}:{line_no}", value
 
 
 def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
@@ -190,7 +231,7 @@ def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
                      ) from None
   if not isinstance(data, list):
     raise ValueError(f"{path}: a .json source must hold a list of records, got "
-                     f"{_type_name(data)}")
+                     f"{type_name(data)}")
   for index, record in enumerate(data):
     yield f"{path}[{index}]", record
 

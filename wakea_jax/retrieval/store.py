@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from wakea_jax.data import sources
+
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
@@ -43,17 +45,12 @@ class EmptyCorpusError(ValueError):
 def read_jsonl_records(file: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, record) for each non-blank line of a JSONL file whose records carry a
   string "text"; raises ValueError naming the file and line otherwise."""
-  with open(file, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{file}:{line_no}: field 'text' is missing or not a string")
-      yield line_no, record
+  for line_no, record in sources.jsonl_lines(file):
+    if isinstance(record, Exception):
+      raise record
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+      raise ValueError(f"{file}:{line_no}: field 'text' is missing or not a string")
+    yield line_no, record
 
 
 class DocumentStore:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wakea_jax.data import chat
 from wakea_jax.data import sources
+from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
 from wakea_jax.data.tokenizer import Tokenizer
 
@@ -50,28 +50,9 @@ class PromptRecord:
 def to_prompt_record(raw: Any, where: str) -> PromptRecord:
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a prompt record must be a JSON object, got "
-                     f"{type(raw).__name__}")
-  if "messages" in raw and "prompt" in raw:
-    raise ValueError(f"{where}: give either field 'messages' or field 'prompt', not both")
-  if "messages" in raw:
-    messages = raw["messages"]
-    if not isinstance(messages, list) or not messages:
-      raise ValueError(f"{where}: field 'messages' must be a non-empty list")
-    if messages[-1].get("role") == "assistant" if isinstance(messages[-1], Mapping) else False:
-      raise ValueError(f"{where}: field 'messages' must end before the assistant's answer "
-                       "(the last message is an assistant turn)")
-    rest = {k: v for k, v in raw.items() if k not in ("messages", "answer")}
-  elif "prompt" in raw:
-    if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
-      raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-      raise ValueError(f"{where}: field 'system' must be a string")
-    messages = ([{"role": "system", "content": system}] if system else [])
-    messages.append({"role": "user", "content": raw["prompt"]})
-    rest = {k: v for k, v in raw.items() if k not in ("prompt", "system", "answer")}
-  else:
-    raise ValueError(f"{where}: field 'messages' (or 'prompt') is missing")
+                     f"{sources.type_name(raw)}")
+  messages = sources.prompt_messages(raw, where)
+  rest = {k: v for k, v in raw.items() if k not in ("messages", "prompt", "system", "answer")}
   # chat.render validates roles, contents and tool calls; re-raise with the location.
   try:
     chat.render_text(messages, add_generation_prompt=True)
@@ -104,30 +85,12 @@ class PromptIterator:
   def __init__(self, records: Sequence[PromptRecord], batch_size: int, seed: int = 0):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not records:
-      raise ValueError("no prompts")
     self.records = list(records)
     self.batch_size = batch_size
-    self.seed = seed
-    self.epoch = 0
-    self.position = 0
-    self._order = self._shuffled(0)
-
-  def _shuffled(self, epoch: int) -> list[int]:
-    order = list(range(len(self.records)))
-    random.Random(f"prompts-{self.seed}-{epoch}").shuffle(order)
-    return order
+    self.order = EpochOrder(len(self.records), seed, name="prompts")
 
   def take(self, n: int) -> list[PromptRecord]:
-    out = []
-    while len(out) < n:
-      if self.position >= len(self._order):
-        self.epoch += 1
-        self.position = 0
-        self._order = self._shuffled(self.epoch)
-      out.append(self.records[self._order[self.position]])
-      self.position += 1
-    return out
+    return [self.records[i] for i in self.order.take(n)]
 
   def __next__(self) -> list[PromptRecord]:
     return self.take(self.batch_size)
@@ -136,8 +99,7 @@ class PromptIterator:
     return self
 
   def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "position": self.position}
+    return self.order.get_state()
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    self.epoch, self.position = int(state["epoch"]), int(state["position"])
-    self._order = self._shuffled(self.epoch)
+    self.order.set_state(state)
