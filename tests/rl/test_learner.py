@@ -116,7 +116,8 @@ def test_grpo_with_the_tool_loop_in_rollouts(tmp_path):
   """The `tools` path: rollouts go through run_tool_loop (a random tiny model rarely calls a
   tool; the masking of tool tokens is tested in test_rollout.py and sampling/test_tool_loop)."""
   config = _config("grpo", **{"rl.steps": 1, "eval.at_start": False,
-                              "rollout.tools": ("calculator",)})
+                              "rollout.tools": ("calculator",), "rollout.max_tool_calls": 1,
+                              "rollout.max_tool_tokens": 32})
   learner = learner_lib.Learner(config, tmp_path)
   assert learner.router is not None and "calculator" in learner.router.tools
   last = learner.train()
