@@ -69,13 +69,7 @@ def get_config(arg=None):
     config.lora.enabled = True
     config.optimizer.learning_rate = 5e-5
   elif variant == "test":
-    config.model.embed_dim = 32
-    config.model.num_layers = 1
-    config.model.num_heads = 2
-    config.model.num_kv_heads = 1
-    config.model.head_dim = 16
-    config.model.mlp_dim = 64
-    config.model.max_seq_len = 64
+    config_lib.shrink_model_for_tests(config.model, max_seq_len=64)
     config.data.sources = ("task:arithmetic?n=32&seed=0",)
     # The first 16 training pairs (same generator and seed): reward accuracy on seen pairs.
     config.data.eval_sources = ("task:arithmetic?n=16&seed=0",)

@@ -95,15 +95,15 @@ def rl_base_config(objective: str) -> ml_collections.ConfigDict:
   return config
 
 
+def shrink_model_for_tests(model: ml_collections.ConfigDict, max_seq_len: int) -> None:
+  """A from-scratch model small enough for the test suite (one layer, width 32)."""
+  model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+               mlp_dim=64, max_seq_len=max_seq_len)
+
+
 def shrink_rl_for_tests(config: ml_collections.ConfigDict) -> None:
-  """A from-scratch model small enough for the test suite."""
-  config.model.embed_dim = 32
-  config.model.num_layers = 1
-  config.model.num_heads = 2
-  config.model.num_kv_heads = 1
-  config.model.head_dim = 16
-  config.model.mlp_dim = 64
-  config.model.max_seq_len = 256
+  """An RL run small enough for the test suite."""
+  shrink_model_for_tests(config.model, max_seq_len=256)
   config.data.prompts = "task:arithmetic?n=64&seed=100&max_operand=9&tools=0"
   config.data.eval_prompts = "task:arithmetic?n=8&seed=777&max_operand=9&tools=0"
   config.rollout.group_size = 4
