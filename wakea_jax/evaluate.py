@@ -20,20 +20,11 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from wakea_jax.checkpoints import export as export_lib
-from wakea_jax.checkpoints import hf
 from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import learner as learner_lib
 from wakea_jax.rl import prompts as prompts_lib
-from wakea_jax.rl import rewards as rewards_lib
-
-
-def load_any_model(path: str | pathlib.Path) -> Any:
-  directory = pathlib.Path(path)
-  if (directory / "config.json").exists() and not (directory / "model_config.json").exists():
-    return hf.load_model(directory)
-  return export_lib.load_model_dir(directory)
+from wakea_jax.train import run as run_lib
 
 
 def evaluate(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
@@ -41,16 +32,15 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   """Evaluates the model in `checkpoint` on `config.data.eval_prompts`."""
   if not config.data.eval_prompts:
     raise ValueError("config.data.eval_prompts is empty: nothing to evaluate on")
-  model = load_any_model(checkpoint)
+  model = run_lib.load_pretrained(checkpoint)
   graphdef, params = nnx.split(model)
   tokenizer = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
                else tokenizer_lib.default_tokenizer())
   stop_ids, pad_id = learner_lib.sampling_ids(tokenizer)
-  correct = rewards_lib.build_reward({config.eval.correct_reward: {"weight": 1.0}})
   result = eval_lib.evaluate_policy(
       graphdef, params, prompts_lib.load_prompts(config.data.eval_prompts),
       tokenizer=tokenizer, rollout=learner_lib.rollout_config_from(config),
-      correct=lambda samples: correct(samples)[0], config=learner_lib.eval_config_from(config),
+      correct=learner_lib.correctness_fn(config), config=learner_lib.eval_config_from(config),
       router=learner_lib.router_from(config), stop_ids=stop_ids, pad_id=pad_id,
       seed=config.seed, model_config=model.config)
   result["checkpoint"] = str(checkpoint)

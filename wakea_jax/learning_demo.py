@@ -78,7 +78,7 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
   prompts = prompts_lib.load_prompts(prompts_spec)
   g = config.pairs.samples_per_prompt
   rollout = learner_lib.rollout_config_from(config.grpo)
-  correct = rewards_lib.build_reward({config.grpo.eval.correct_reward: {"weight": 1.0}})
+  correct = learner_lib.correctness_fn(config.grpo)
   pairs = []
   for start in range(0, len(prompts), 64):
     chunk = prompts[start:start + 64]
@@ -86,7 +86,7 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
         sampler, params, chunk, tokenizer=tokenizer,
         config=rollout_lib.RolloutConfig(**{**rollout.__dict__, "group_size": g}),
         rng=jax.random.fold_in(jax.random.key(seed), start))
-    ok = np.asarray(correct(out.samples())[0]).reshape(len(chunk), g) > 0.5
+    ok = np.asarray(correct(out.samples())).reshape(len(chunk), g) > 0.5
     for i, prompt in enumerate(chunk):
       good = [out.texts[i * g + j] for j in range(g) if ok[i, j]]
       bad = [out.texts[i * g + j] for j in range(g) if not ok[i, j]]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Any
@@ -105,6 +104,12 @@ def router_from(config: ml_collections.ConfigDict) -> toolbox.Router | None:
   return toolbox.default_router(enabled=tools) if tools else None
 
 
+def correctness_fn(config: ml_collections.ConfigDict) -> eval_lib.CorrectFn:
+  """samples -> [n] raw values of the reward named by config.eval.correct_reward."""
+  reward = rewards_lib.build_reward({config.eval.correct_reward: {"weight": 1.0}})
+  return lambda samples: reward(samples)[0]
+
+
 def eval_config_from(config: ml_collections.ConfigDict) -> eval_lib.EvalConfig:
   e = config.eval
   return eval_lib.EvalConfig(num_samples=e.num_samples, pass_k=tuple(e.pass_k),
@@ -156,8 +161,7 @@ class Learner:
     self._build_model()
     self._build_sampling()
     self.reward = rewards_lib.build_reward(config.reward.to_dict())
-    eval_reward = config.eval.correct_reward
-    self.correct = rewards_lib.build_reward({eval_reward: {"weight": 1.0}})
+    self.correct = correctness_fn(config)
     self.prompts = prompts_lib.PromptIterator(prompts_lib.load_prompts(config.data.prompts),
                                               self.rl.prompts_per_step, seed=config.seed)
     self.eval_prompts = (prompts_lib.load_prompts(config.data.eval_prompts)
@@ -371,7 +375,7 @@ class Learner:
   def evaluate(self) -> dict[str, Any]:
     result = eval_lib.evaluate_policy(
         self.graphdef, self.policy_params(), self.eval_prompts, tokenizer=self.tokenizer,
-        rollout=self.rollout_config, correct=lambda s: self.correct(s)[0],
+        rollout=self.rollout_config, correct=self.correct,
         config=eval_config_from(self.config),
         router=self.router, stop_ids=self.stop_ids, pad_id=self.pad_id, seed=self.config.seed,
         model_config=self.model_config)
@@ -383,10 +387,7 @@ class Learner:
         self.workdir / "checkpoints", keep=rl.keep_checkpoints,
         best_metric="eval_greedy_accuracy" if self.eval_prompts else None, best_mode="max",
         async_save=rl.async_checkpoint)
-    writer = metrics_lib.create_writer(self.workdir)
-    meta = {"model_config": self.model_config.to_dict(),
-            "config": json.loads(self.config.to_json())}
-    (self.workdir / "config.json").write_text(self.config.to_json(indent=2))
+    writer, meta = run_lib.start_run_files(self.config, self.workdir, self.model_config)
     start = self.checkpoints.latest_step() or 0
     if start:
       self.state, data_state, _ = self.checkpoints.restore(self.state)

@@ -17,7 +17,6 @@ evaluation on config.data.eval_sources, export at the end. What differs:
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Iterable, Mapping
 
@@ -36,7 +35,6 @@ from wakea_jax.models import lora as lora_lib
 from wakea_jax.objectives import dpo
 from wakea_jax.train import flops as flops_lib
 from wakea_jax.train import loop as loop_lib
-from wakea_jax.train import metrics as metrics_lib
 from wakea_jax.train import optimizer as opt_lib
 from wakea_jax.train import run as run_lib
 from wakea_jax.train import state as state_lib
@@ -143,17 +141,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   # The loop counts the tokens of input_ids, which hold both sides of every pair.
   per_token = (flops_lib.lora_train_flops_per_token if lora_config
                else flops_lib.train_flops_per_token)(model_config, data.seq_len)
-  writer = metrics_lib.create_writer(workdir)
-  meta = {"model_config": model_config.to_dict(), "config": json.loads(config.to_json())}
-  (workdir / "config.json").write_text(config.to_json(indent=2))
-  try:
-    state, last = loop_lib.train_loop(
-        state=state, train_step=train_step, eval_step=eval_step, train_iter=train_iter,
-        eval_batches=eval_batches, config=loop_config, checkpoints=checkpoints, writer=writer,
-        mesh=mesh, rules=rules, flops_per_token=per_token, meta=meta)
-  finally:
-    checkpoints.close()
-    writer.close()
+  state, last = run_lib.run_train_loop(
+      config, workdir, model_config, checkpoints=checkpoints, state=state,
+      train_step=train_step, eval_step=eval_step, train_iter=train_iter,
+      eval_batches=eval_batches, config=loop_config, mesh=mesh, rules=rules,
+      flops_per_token=per_token)
   logging.info("data: %s", train_iter.stats)
 
   run_lib.export_trained(config, graphdef, state, lora_config, workdir / "export")

@@ -32,23 +32,33 @@ from wakea_jax.train import state as state_lib
 from wakea_jax.train import step as step_lib
 
 
+def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
+                    rules: mesh_lib.Rules | None = None, **hf_overrides: Any
+                    ) -> transformer.Transformer:
+  """A Hugging Face directory (config.json; `hf_overrides` go to hf.load_model) or a
+  wakea_jax model directory (model_config.json)."""
+  path = pathlib.Path(path)
+  if (path / "config.json").exists():
+    return hf.load_model(path, mesh=mesh, rules=rules, **hf_overrides)
+  if (path / "model_config.json").exists():
+    return export_lib.load_model_dir(path, mesh=mesh, rules=rules)
+  raise FileNotFoundError(f"{path}: neither a Hugging Face directory (config.json) nor a "
+                          "wakea_jax model directory (model_config.json)")
+
+
 def load_or_create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                           rules: mesh_lib.Rules) -> transformer.Transformer:
   model_config = config_lib.model_config_from(config.model)
-  source = config.init_from
-  if not source:
+  if not config.init_from:
     return transformer.create_model(model_config, seed=config.seed, mesh=mesh, rules=rules)
-  path = pathlib.Path(source)
-  if (path / "config.json").exists():
-    model = hf.load_model(path, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
-                          mesh=mesh, rules=rules, remat_policy=model_config.remat_policy,
-                          value_head=model_config.value_head)
-  elif (path / "model_config.json").exists():
-    model = export_lib.load_model_dir(path, mesh=mesh, rules=rules)
-  else:
-    raise FileNotFoundError(f"config.init_from={source!r}: neither a Hugging Face directory "
-                            "(config.json) nor a wakea_jax model directory (model_config.json)")
-  logging.info("initialised from %s", source)
+  try:
+    model = load_pretrained(config.init_from, mesh=mesh, rules=rules,
+                            dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                            remat_policy=model_config.remat_policy,
+                            value_head=model_config.value_head)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.init_from: {e}") from None
+  logging.info("initialised from %s", config.init_from)
   return model
 
 
@@ -66,6 +76,26 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     # Adapters are created on the default device; lay them out on the mesh like the rest.
     nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
   return model, lora_config
+
+
+def start_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    model_config: Any) -> tuple[metrics_lib.MetricWriter, dict[str, Any]]:
+  """Writes workdir/config.json and returns (metric writer, checkpoint meta) for a run."""
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  meta = {"model_config": model_config.to_dict(), "config": json.loads(config.to_json())}
+  return metrics_lib.create_writer(workdir), meta
+
+
+def run_train_loop(run_config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   model_config: Any, *, checkpoints: CheckpointManager, **loop_args: Any
+                   ) -> tuple[state_lib.TrainState, dict[str, float]]:
+  """`loop.train_loop` with the run's files, closing the checkpoints and writer after."""
+  writer, meta = start_run_files(run_config, workdir, model_config)
+  try:
+    return loop_lib.train_loop(checkpoints=checkpoints, writer=writer, meta=meta, **loop_args)
+  finally:
+    checkpoints.close()
+    writer.close()
 
 
 def export_trained(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -153,17 +183,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   checkpoints = CheckpointManager(workdir / "checkpoints", keep=loop_config.keep_checkpoints,
                                   best_metric="eval_loss" if eval_batches else None,
                                   async_save=loop_config.async_checkpoint)
-  writer = metrics_lib.create_writer(workdir)
-  meta = {"model_config": model_config.to_dict(), "config": json.loads(config.to_json())}
-  (workdir / "config.json").write_text(config.to_json(indent=2))
-  try:
-    state, last = loop_lib.train_loop(
-        state=state, train_step=train_step, eval_step=eval_step, train_iter=train_iter,
-        eval_batches=eval_batches, config=loop_config, checkpoints=checkpoints, writer=writer,
-        mesh=mesh, rules=rules, flops_per_token=per_token, meta=meta)
-  finally:
-    checkpoints.close()
-    writer.close()
+  state, last = run_train_loop(
+      config, workdir, model_config, checkpoints=checkpoints, state=state,
+      train_step=train_step, eval_step=eval_step, train_iter=train_iter,
+      eval_batches=eval_batches, config=loop_config, mesh=mesh, rules=rules,
+      flops_per_token=per_token)
   stats = getattr(train_iter, "stats", None)
   if stats is not None:
     logging.info("data: %s", stats)
