@@ -3,38 +3,30 @@
 Pure functions of arrays. Losses are returned as sums with their denominators so that they
 stay exact under gradient accumulation and across data-parallel shards (token-weighted).
 
-The vocabulary-sized work is written so XLA fuses it into few passes over the logits: the
-target logit is picked with an iota comparison (a fused reduction whose gradient is an
-elementwise select) rather than a gather (whose gradient is a scatter into a zeroed
-[batch, seq, vocab] buffer), accuracy compares the target logit with the row maximum rather
-than running argmax (a slow variadic reduction on CPU), and the log-partition uses a plain
-max-shifted sum (jax.nn.logsumexp adds infinity handling that costs a full extra pass).
-On the bench56m CPU benchmark this took the LM-head loss from ~3.8 s to ~2.8 s per step.
+The vocabulary-sized reductions come from `models/scoring.py` (an iota-compare pick and a
+max-shifted log-partition that XLA fuses into few passes over the logits); accuracy compares
+the target logit with the row maximum rather than running argmax (a slow variadic reduction
+on CPU). On the bench56m CPU benchmark this took the LM-head loss from ~3.8 s to ~2.8 s per
+step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import Array
 
+from wakea_jax.models.scoring import (
+    chunk_logits,
+    log_partition,
+    pick,
+    seq_chunking,
+    to_chunks,
+    token_logprobs,
+)
 
-def _pick(logits: Array, targets: Array) -> Array:
-  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-  return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-
-
-def _log_partition(logits: Array) -> tuple[Array, Array]:
-  """(log sum exp, row max); the max is a constant for differentiation (exact gradient)."""
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  log_z = jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)) + row_max
-  return log_z, row_max
-
-
-def token_logprobs(logits: Array, targets: Array) -> Array:
-  """log p(target) per position: [batch, seq, vocab], [batch, seq] -> [batch, seq] float32."""
-  logits = logits.astype(jnp.float32)
-  return _pick(logits, targets) - _log_partition(logits)[0]
+__all__ = ["chunked_sft_loss", "sft_loss", "sft_loss_fn", "token_logprobs"]
 
 
 def sft_loss(logits: Array, targets: Array, loss_mask: Array, *, z_loss: float = 0.0
@@ -46,8 +38,8 @@ def sft_loss(logits: Array, targets: Array, loss_mask: Array, *, z_loss: float =
   """
   mask = loss_mask.astype(jnp.float32)
   logits = logits.astype(jnp.float32)
-  log_z, row_max = _log_partition(logits)
-  picked = _pick(logits, targets)
+  log_z, row_max = log_partition(logits)
+  picked = pick(logits, targets)
   nll = log_z - picked
   nll_sum = jnp.sum(nll * mask)
   loss_sum = nll_sum
@@ -72,23 +64,11 @@ def chunked_sft_loss(hidden: Array, head: Array, targets: Array, loss_mask: Arra
   hidden [b, t, e] (compute dtype), head [e, v]; returns what `sft_loss` returns.
   """
   b, t, _ = hidden.shape
-  seq_chunk = max(1, min(t, chunk_tokens // max(b, 1)))
-  pad = (-t) % seq_chunk
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-  n = (t + pad) // seq_chunk
-
-  def chunks(x: Array) -> Array:  # [b, n*c, ...] -> [n, b, c, ...]
-    return jnp.swapaxes(x.reshape((b, n, seq_chunk) + x.shape[2:]), 0, 1)
+  seq_chunk, n, pad = seq_chunking(b, t, chunk_tokens)
 
   @jax.checkpoint
   def one(h: Array, tg: Array, m: Array) -> tuple[Array, dict[str, Array]]:
-    # A 2-D matmul: XLA:CPU's backward for it is much faster than for the rank-3 einsum.
-    logits = jnp.dot(h.reshape(-1, h.shape[-1]), head, preferred_element_type=jnp.float32)
-    logits = logits.reshape(h.shape[:-1] + (head.shape[-1],))
-    return sft_loss(logits, tg, m, z_loss=z_loss)
+    return sft_loss(chunk_logits(h, head), tg, m, z_loss=z_loss)
 
   def body(carry, xs):
     loss_sum, sums = one(*xs)
@@ -96,6 +76,23 @@ def chunked_sft_loss(hidden: Array, head: Array, targets: Array, loss_mask: Arra
 
   zero = jnp.zeros((), jnp.float32)
   init = (zero, {"nll_sum": zero, "tokens": zero, "correct": zero})
+  chunks = lambda x: to_chunks(x, n, seq_chunk, pad)
   (loss_sum, sums), _ = jax.lax.scan(
-      body, init, (chunks(hidden), chunks(targets), chunks(loss_mask.astype(jnp.float32))))
+      body, init, (chunks(hidden), chunks(targets), chunks(loss_mask).astype(jnp.float32)))
   return loss_sum, sums
+
+
+def sft_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *, z_loss: float = 0.0,
+                chunk_tokens: int = 1024) -> tuple[Array, dict[str, Array]]:
+  """The train step's `loss_fn(model, batch, rng)` for SFT over a packed batch
+  {input_ids, targets, loss_mask, segment_ids, positions}.
+
+  The loss is computed from the final hidden states in chunks (`chunked_sft_loss`); the
+  model's full logits are never used, so XLA drops them.
+  """
+  del rng
+  out = model.forward(batch["input_ids"], positions=batch.get("positions"),
+                      segment_ids=batch.get("segment_ids"))
+  loss_sum, sums = chunked_sft_loss(out.hidden, model.head_weight(), batch["targets"],
+                                    batch["loss_mask"], chunk_tokens=chunk_tokens, z_loss=z_loss)
+  return loss_sum, {**sums, "weight": sums["tokens"]}

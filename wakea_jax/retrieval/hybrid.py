@@ -62,7 +62,9 @@ FUSIONS: dict[str, Callable[[Sequence[Sequence[Hit]], Sequence[float]], list[Hit
 class Reranker(Protocol):
   """Rescores candidate hits for a query; returns them best first (scores replaced)."""
 
-  def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]: ...
+  def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
+    """Returns `hits` reordered best first, each with its new score."""
+    ...
 
 
 RELEVANCE_PROMPT = ("Document: {document}\nQuestion: {query}\n"
@@ -85,6 +87,10 @@ class LogProbReranker:
     self.max_document_chars = max_document_chars
 
   def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
+    """Hits sorted by the log-probability of `answer`, which replaces their scores.
+
+    Documents are cut to `max_document_chars` in the prompt; ties keep the input order.
+    """
     if not hits:
       return []
     prompts = [self.template.format(document=h.text[:self.max_document_chars], query=query)
@@ -103,7 +109,7 @@ class LogProbReranker:
     import jax.numpy as jnp
     from flax import nnx
 
-    from wakea_jax.objectives.dpo import sequence_logps
+    from wakea_jax.models.scoring import sequence_logps
 
     @nnx.jit
     def score(model, input_ids, targets, mask):
@@ -154,6 +160,7 @@ class HybridRetriever:
     return rows
 
   def search(self, query: str, k: int = 10) -> list[Hit]:
+    """The top `k` hits: max(k, candidates) per ranking, fused, then reranked if one is set."""
     n = max(k, self.candidates)
     fused = FUSIONS[self.fusion]([self.index.search(query, n), self.bm25.search(query, n)],
                                  self.weights)[:n]

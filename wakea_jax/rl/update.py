@@ -23,24 +23,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from wakea_jax.models import scoring
 from wakea_jax.objectives import grpo as grpo_lib
 from wakea_jax.objectives import ppo as ppo_lib
-from wakea_jax.objectives.sft import token_logprobs
 
 
-def _forward(model: nnx.Module, batch: dict[str, Array], *, with_hidden: bool = False
-             ) -> tuple[Any, ...]:
-  """(token log-probs [b, t], token entropies [b, t] (no gradient), values or None) and,
-  with `with_hidden`, the final hidden states."""
-  out = model.forward(batch["input_ids"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"])
-  logits = out.logits.astype(jnp.float32)
-  logprobs = token_logprobs(logits, batch["targets"])
-  logp_all = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  if with_hidden:
-    return logprobs, entropy, out.values, out.hidden
-  return logprobs, entropy, out.values
+def _forward(model: nnx.Module, batch: dict[str, Array]) -> scoring.TokenScores:
+  """Token log-probs, entropies (no gradient), values and hidden states of the rollout rows,
+  from hidden states in sequence chunks (the [b, t, vocab] logits never exist whole)."""
+  return scoring.score_tokens(model, batch, with_entropy=True)
 
 
 def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
@@ -48,35 +39,36 @@ def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
 
 
 def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
-                   loss_config: grpo_lib.PolicyLossConfig) -> tuple[Array, dict[str, Array]]:
+                   loss_config: grpo_lib.LossConfig) -> tuple[Array, dict[str, Array]]:
   """GRPO-family loss (GRPO, Dr. GRPO, DAPO, GSPO per `loss_config`)."""
   del rng
-  logprobs, entropy, _ = _forward(model, batch)
+  scores = _forward(model, batch)
   mask = batch["loss_mask"]
-  loss_sum, sums = grpo_lib.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+  loss_sum, sums = grpo_lib.policy_loss(scores.logprobs, batch["old_logprobs"], batch["advantages"],
                                         mask, loss_config, ref_logprobs=batch.get("ref_logprobs"))
-  return loss_sum, {**sums, **_common_sums(entropy, mask)}
+  return loss_sum, {**sums, **_common_sums(scores.entropy, mask)}
 
 
 def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
-                loss_config: grpo_lib.PolicyLossConfig, ppo_config: ppo_lib.PPOConfig
+                loss_config: grpo_lib.LossConfig, ppo_config: ppo_lib.PPOConfig
                 ) -> tuple[Array, dict[str, Array]]:
   """Clipped policy loss on GAE advantages + vf_coef * clipped value loss, token-mean."""
   del rng
   if not model.config.value_head:
     raise ValueError("PPO needs a model with a value head (model.value_head=True)")
-  logprobs, entropy, values, hidden = _forward(model, batch, with_hidden=True)
+  scores = _forward(model, batch)
+  values = scores.values
   if not ppo_config.value_trunk_gradient:
-    values = model.value_from(jax.lax.stop_gradient(hidden))
+    values = model.value_from(jax.lax.stop_gradient(scores.hidden))
   mask = batch["loss_mask"]
-  p_sum, p_sums = grpo_lib.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+  p_sum, p_sums = grpo_lib.policy_loss(scores.logprobs, batch["old_logprobs"], batch["advantages"],
                                        mask, loss_config)
   v_sum, v_sums = ppo_lib.value_loss(values, batch["old_values"], batch["returns"], mask,
                                      clip=ppo_config.value_clip)
   v_sums.pop("weight")
   return (p_sum + ppo_config.vf_coef * v_sum,
           {**p_sums, **v_sums, "policy_loss": p_sum, "value_loss": v_sum,
-           **_common_sums(entropy, mask)})
+           **_common_sums(scores.entropy, mask)})
 
 
 def make_score_fn(graphdef: nnx.GraphDef) -> Callable[..., Any]:
@@ -87,8 +79,8 @@ def make_score_fn(graphdef: nnx.GraphDef) -> Callable[..., Any]:
             ) -> tuple[Array, Array | None]:
     model = nnx.merge(graphdef, params, frozen)
     model.eval()
-    logprobs, _, values = _forward(model, batch)
-    return logprobs * batch["loss_mask"], values
+    scores = scoring.score_tokens(model, batch)
+    return scores.logprobs * batch["loss_mask"], scores.values
 
   return score
 
