@@ -16,10 +16,11 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
+from wakea_jax.checkpoints.bert import TENSOR_RULES, load_bert
 from wakea_jax.checkpoints.hf import HOOKS
-from wakea_jax.models.text_encoder import (TENSOR_RULES, BertConfig, BertEncoder, MiniLMEmbedder,
-                                           bucket, load_bert)
+from wakea_jax.models.text_encoder import BertConfig, BertEncoder
 from wakea_jax.retrieval.embed import packaged_model_dir
+from wakea_jax.retrieval.minilm import MiniLMEmbedder, bucket
 
 LONG_TEXT = (
     "Retrieval-augmented generation combines a parametric language model with a non-parametric "

@@ -11,7 +11,7 @@ import pytest
 
 from wakea_jax.rl import judge as judge_lib
 from wakea_jax.rl import rewards
-from wakea_jax.rl.rewards import Sample
+from wakea_jax.rl.samples import Sample
 
 _KEY = "sk-test-secret-123"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wakea_jax.rl import rewards
-from wakea_jax.rl.rewards import Sample
+from wakea_jax.rl.samples import Sample
 
 TOOL_COMPLETION = (
     '<tool_call>{"name": "calculator", "arguments": {"expression": "23*19"}}</tool_call>'
@@ -89,7 +89,8 @@ def test_squad_normalize():
 def test_exact_match_reward():
   fn = rewards.REWARDS["exact_match"]()
   samples = [_s("<answer>the Paris.</answer>", ["paris", "Paris, France"]),
-             _s("Paris", "paris"), _s("It is Paris.", "paris"), _s("<answer>Lyon</answer>", "Paris")]
+             _s("Paris", "paris"), _s("It is Paris.", "paris"),
+             _s("<answer>Lyon</answer>", "Paris")]
   np.testing.assert_array_equal(fn(samples), [1, 1, 0, 0])
   whole = rewards.REWARDS["exact_match"](whole_response=True)
   np.testing.assert_array_equal(whole([_s("<answer>x</answer>", "x")]), [0])
@@ -124,7 +125,8 @@ def test_code_reward_pass_fail_crash_timeout():
   tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]
   meta = {"tests": tests}
   samples = [
-      _s("```python\ndef add(a, b):\n  return a - b\n```\n" + _code("def add(a, b):\n  return a + b"),
+      _s("```python\ndef add(a, b):\n  return a - b\n```\n"
+         + _code("def add(a, b):\n  return a + b"),
          meta=meta),                                               # last block wins: 2/3
       _s(_code("def add(a, b):\n  return 0"), meta=meta),          # 1/3 (the 0 == 0 one)
       _s(_code("raise SystemExit(3)"), meta=meta),                 # crash -> 0

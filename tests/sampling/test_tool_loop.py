@@ -18,9 +18,9 @@ from wakea_jax.data.tokenizer import IM_END, default_tokenizer
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.layers import KVCache
-from wakea_jax.sampling.sampler import STOP_ID, STOP_NONE, DecodeState, Sampler
+from wakea_jax.sampling.sampler import STOP_ID, DecodeState, Sampler
 from wakea_jax.sampling.tool_loop import run_tool_loop, tool_turn_ids
-from wakea_jax.toolbox import default_router
+from wakea_jax.toolbox.registry import default_router
 
 TOK = default_tokenizer()
 IM_END_ID = TOK.token_to_id(IM_END)
@@ -46,7 +46,8 @@ class ScriptedSampler:
     batch = len(prompts)
     for row in range(batch):
       self._load_next_turn(row)
-    cache = KVCache(keys=(jnp.zeros((batch, 4096, 1, 2)),), values=(jnp.zeros((batch, 4096, 1, 2)),),
+    zeros = jnp.zeros((batch, 4096, 1, 2))
+    cache = KVCache(keys=(zeros,), values=(zeros,),
                     end_index=jnp.asarray([len(p) for p in prompts], jnp.int32))
     return DecodeState(cache=cache, logits=jnp.zeros((batch, 4)),
                        tokens=jnp.zeros((batch, 64), jnp.int32), logprobs=jnp.zeros((batch, 64)),

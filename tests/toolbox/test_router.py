@@ -1,10 +1,11 @@
 import time
 
-from wakea_jax.data import chat
-from wakea_jax.toolbox import Router, Tool, default_router
-from wakea_jax.toolbox.router import ArgumentError, validate_arguments
-
 import pytest
+
+from wakea_jax.data import chat
+from wakea_jax.toolbox import Router, Tool
+from wakea_jax.toolbox.registry import default_router
+from wakea_jax.toolbox.router import ArgumentError, validate_arguments
 
 ECHO = Tool(
     name="echo", description="Repeat text.",

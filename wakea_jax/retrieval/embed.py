@@ -39,6 +39,7 @@ class Embedder(Protocol):
   dim: int
 
   def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+    """Embeds `texts` as float32 [len(texts), dim], running at most `batch_size` texts at a time."""
     ...
 
 
@@ -63,6 +64,7 @@ class HashEmbedder:
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
   def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+    """Hashed, L2-normalised features of each text: float32 [len(texts), dim]."""
     del batch_size  # no batching needed on the host
     if isinstance(texts, str):
       raise TypeError("embed takes a sequence of strings, not one string")
@@ -109,7 +111,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, *,
   match = _HASH_NAME.fullmatch(name)
   if match and path is None:
     return HashEmbedder(int(match.group(1)))
-  from wakea_jax.models.text_encoder import MiniLMEmbedder  # jax/flax only when needed
+  from wakea_jax.retrieval.minilm import MiniLMEmbedder  # jax/flax only when needed
   directory = pathlib.Path(path) if path is not None else packaged_model_dir(name)
   return MiniLMEmbedder.from_dir(directory, name=name)
 

@@ -15,7 +15,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
-import logging
 import os
 import re
 import threading
@@ -23,16 +22,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from absl import logging
 
 from wakea_jax.rl.answers import final_response
-
-if TYPE_CHECKING:
-  from wakea_jax.rl.rewards import Sample
-
-_LOG = logging.getLogger(__name__)
+from wakea_jax.rl.samples import Sample
 
 DEFAULT_RUBRIC = """You are grading a response to a question against a reference answer.
 
@@ -64,6 +60,8 @@ _RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
+  """Where the judge model is served and how it is asked (an OpenAI-compatible endpoint)."""
+
   url: str                        # base URL; requests go to {url}/chat/completions
   model: str
   api_key_env: str | None = None  # name of the environment variable holding the key
@@ -138,7 +136,7 @@ class LLMJudge:
       if first:
         self._logged.add(kind)
     if first:
-      _LOG.warning("judge %s: %s (reward 0; further %s failures are only counted)",
+      logging.warning("judge %s: %s (reward 0; further %s failures are only counted)",
                    kind, detail, kind)
 
   def _headers(self) -> dict[str, str]:
@@ -206,6 +204,7 @@ class LLMJudge:
     return value / 10.0
 
   def __call__(self, samples: Sequence[Sample]) -> np.ndarray:
+    """Scores in [0, 1] per sample, requests in parallel; a failed request scores 0."""
     if not samples:
       return np.zeros(0, np.float32)
     with concurrent.futures.ThreadPoolExecutor(min(self.config.workers, len(samples))) as pool:

@@ -11,7 +11,6 @@ appears inside a tool response is the tool's, not the model's, and must not earn
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import inspect
 import math
 import re
@@ -23,27 +22,14 @@ import numpy as np
 
 from wakea_jax.rl import judge as judge_lib
 from wakea_jax.rl.answers import (  # re-exported: the rewards' public parsing helpers
-    extract_answer,
-    final_response,
-    math_equal,
-    squad_normalize,
-    without_tool_responses,
+  extract_answer,
+  final_response,
+  math_equal,
+  squad_normalize,
+  without_tool_responses,
 )
+from wakea_jax.rl.samples import Sample
 from wakea_jax.toolbox import sandbox
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """What a reward sees about one completion."""
-  prompt: str
-  completion: str           # decoded completion text, ChatML markup included when tools ran
-  answer: Any = None        # reference: str, number, or a list of accepted answers
-  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. "tests" for code
-  num_tool_calls: int = 0
-  tool_errors: int = 0      # tool responses that were "Error: ..."
-  truncated: bool = False   # hit the length limit
-  num_tokens: int = 0       # completion tokens the model generated (tool responses excluded)
-
 
 RewardFn = Callable[[Sequence[Sample]], np.ndarray]
 Schedule = Sequence[tuple[float, float]]
@@ -277,6 +263,7 @@ class CompositeReward:
                        for name, (fn, weight) in components.items()}
 
   def weights(self, step: float = 0) -> dict[str, float]:
+    """Each component's weight at `step`."""
     return {name: schedule_value(w, step) for name, (_, w) in self.components.items()}
 
   def __call__(self, samples: Sequence[Sample], step: float = 0
@@ -329,3 +316,10 @@ def build_reward(spec: Mapping[str, Any]) -> CompositeReward:
                        f"{', '.join(['weight', 'type', *valid])}") from None
     components[name] = (fn, weight)
   return CompositeReward(components)
+
+
+def correctness_reward(name: str) -> RewardFn:
+  """samples -> [n] raw values of the single reward `name` (e.g. "math"): what evaluation
+  counts as correct (with a threshold of 0.5)."""
+  composite = build_reward({name: {"weight": 1.0}})
+  return lambda samples: composite(samples)[0]

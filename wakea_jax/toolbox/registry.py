@@ -1,0 +1,54 @@
+"""The tool registry: `default_router(enabled=...)` builds a Router with the named tools."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from wakea_jax.retrieval.index import is_index_dir
+from wakea_jax.toolbox import calculator, retrieval, sandbox, web
+from wakea_jax.toolbox.retrieval import BM25, Document, SearchBackend
+from wakea_jax.toolbox.router import Router, Tool
+from wakea_jax.toolbox.sandbox import SandboxConfig
+
+TOOL_NAMES = ("calculator", "python", "retrieve", "web_search")
+
+
+def default_router(
+    enabled: Iterable[str] = ("calculator",),
+    retrieval_corpus: str | Iterable[str | Document] | None = None,
+    retrieval_backend: SearchBackend | None = None,
+    web_corpus: str | Iterable[str | Document] | None = None,
+    web_backend: SearchBackend | None = None,
+    sandbox_config: SandboxConfig = SandboxConfig(),
+    tool_timeout_s: float | None = 30.0,
+) -> Router:
+  """Builds a Router with the named tools. A search tool needs a backend or a corpus: an
+  index directory (dense + BM25 hybrid) or documents / a JSONL file (BM25).
+  `web_backend` is treated as online; `web_corpus` gives the offline-labelled local search."""
+  tools = []
+  for name in enabled:
+    if name == "calculator":
+      tool = calculator.make_tool()
+    elif name == "python":
+      tool = sandbox.make_tool(sandbox_config)
+    elif name == "retrieve":
+      if retrieval_backend is None:
+        if retrieval_corpus is None:
+          raise ValueError("tool 'retrieve' needs retrieval_corpus or retrieval_backend")
+        if isinstance(retrieval_corpus, str) and is_index_dir(retrieval_corpus):
+          # A directory written by `python -m wakea_jax.build_index`: hybrid dense + BM25.
+          retrieval_backend = retrieval.load_backend(retrieval_corpus)
+        else:
+          retrieval_backend = BM25(retrieval.as_documents(retrieval_corpus))
+      tool = retrieval.make_tool(retrieval_backend)
+    elif name == "web_search":
+      if web_backend is not None:
+        tool = web.make_tool(web_backend, offline=False)
+      elif web_corpus is not None:
+        tool = web.make_tool(BM25(retrieval.as_documents(web_corpus)), offline=True)
+      else:
+        raise ValueError("tool 'web_search' needs web_corpus (offline) or web_backend")
+    else:
+      raise ValueError(f"unknown tool {name!r}; known: {', '.join(TOOL_NAMES)}")
+    tools.append(Tool(tool.name, tool.description, tool.parameters, tool.run, tool_timeout_s))
+  return Router(tools)
