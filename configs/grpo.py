@@ -17,12 +17,14 @@ Variants:
       --config.init_from=/tmp/sft/export/model
 """
 
-from wakea_jax import config_lib
+from wakea_jax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
   variant = arg or "arithmetic"
-  config = config_lib.rl_base_config("grpo")
+  config = common.rl_config("grpo")
   config.variant = variant
   if variant == "arithmetic":
     pass
@@ -42,12 +44,12 @@ def get_config(arg=None):
     config.loss.eps_low = 3e-4
     config.loss.eps_high = 4e-4
   elif variant == "tools":
-    config.data.prompts = "task:arithmetic?n=4000&seed=100&max_operand=999"
-    config.data.eval_prompts = "task:arithmetic?n=128&seed=777&max_operand=999"
+    config.data.sources = "task:arithmetic?n=4000&seed=100&max_operand=999"
+    config.data.eval_sources = "task:arithmetic?n=128&seed=777&max_operand=999"
     config.rollout.tools = ("calculator",)
     config.rollout.max_new_tokens = 96
   elif variant == "test":
-    config_lib.shrink_rl_for_tests(config)
+    common.shrink_rl_for_tests(config)
   else:
     raise ValueError(f"unknown grpo variant {variant!r}; use arithmetic, dr_grpo, dapo, gspo, "
                      "tools or test")

@@ -5,31 +5,26 @@ from that SFT model, each evaluated on the same held-out prompts.
 
 The stages are the ordinary configs (configs/sft.py, grpo.py, ppo.py, dpo.py) nested here
 as config.sft, config.grpo, config.ppo, config.dpo, so any field can be overridden
-(`--config.grpo.rl.steps=300`) and every stage can be re-run alone with the same values.
+(`--config.grpo.train.steps=300`) and every stage can be re-run alone with the same values.
 """
-
-import importlib.util
-import pathlib
 
 import ml_collections
 
-from wakea_jax import config_lib
+from wakea_jax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 # Held-out prompts for every stage (a seed no training source uses); configs/grpo.py's default.
 EVAL_PROMPTS = "task:arithmetic?n=256&seed=777&max_operand=99&tools=0"
 
 
 def _load(name: str, variant: str) -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_wakea_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_files.sibling(__file__, name).get_config(variant)
 
 
 def get_config(arg=None):
   del arg
-  config = config_lib.base_config()
+  config = common.base_config()
   config.objective = "learning_demo"
   config.grpo_seeds = (0, 1)
   config.run_ppo = True
@@ -40,15 +35,15 @@ def get_config(arg=None):
   config.sft = _load("sft", "arithmetic")
 
   grpo = _load("grpo", "arithmetic")
-  grpo.data.eval_prompts = EVAL_PROMPTS
-  grpo.rl.steps = 250
-  grpo.rl.checkpoint_every = 50
+  grpo.data.eval_sources = EVAL_PROMPTS
+  grpo.train.steps = 250
+  grpo.train.checkpoint_every = 50
   config.grpo = grpo
 
   ppo = _load("ppo", "arithmetic")
-  ppo.data.eval_prompts = EVAL_PROMPTS
-  ppo.rl.steps = 150
-  ppo.rl.checkpoint_every = 50
+  ppo.data.eval_sources = EVAL_PROMPTS
+  ppo.train.steps = 150
+  ppo.train.checkpoint_every = 50
   config.ppo = ppo
 
   # DPO on pairs sampled from the SFT model: chosen = a correct completion, rejected = a

@@ -5,11 +5,13 @@
   --config.model.num_layers=4 --config.mesh.tensor=2
 """
 
-from wakea_jax import config_lib
+from wakea_jax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
+  config = common.base_config()
   config.preset = arg or "tiny"
-  config.model = config_lib.model_config_dict(config.preset)
+  config.model = common.model_config_dict(config.preset)
   return config

@@ -12,12 +12,14 @@ Variants:
 
 import ml_collections
 
-from wakea_jax import config_lib
+from wakea_jax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
   variant = arg or "arithmetic"
-  config = config_lib.rl_base_config("ppo")
+  config = common.rl_config("ppo")
   config.variant = variant
   # The critic is the baseline, so fewer completions per prompt than GRPO.
   config.rollout.group_size = 4
@@ -30,7 +32,7 @@ def get_config(arg=None):
   if variant == "arithmetic":
     pass
   elif variant == "test":
-    config_lib.shrink_rl_for_tests(config)
+    common.shrink_rl_for_tests(config)
   else:
     raise ValueError(f"unknown ppo variant {variant!r}; use arithmetic or test")
   return config

@@ -14,49 +14,28 @@ Variants:
       --config.tokenizer=/models/Qwen3-0.6B --config.data.sources='(("my.jsonl", 1.0),)' ...
 """
 
-import ml_collections
+from wakea_jax import config_files
 
-from wakea_jax import config_lib
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
   variant = arg or "quickstart"
-  config = config_lib.base_config()
+  config = common.run_config("sft")
   config.variant = variant
-  config.objective = "sft"
-  config.model = config_lib.model_config_dict(
-      "tiny", vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
-      head_dim=32, mlp_dim=384, max_seq_len=512)
-  config.init_from = ""     # HF dir or wakea_jax model dir; empty: random init from config.model
-  config.tokenizer = ""     # .model / HF dir; empty: the bundled SentencePiece tokenizer
-  config.grad_accum = 1
-
-  config.data = ml_collections.ConfigDict()
   # (source, weight) pairs: a .jsonl/.json/.parquet path or a bundled task ("task:NAME?...").
-  config.data.sources = (("task:arithmetic?n=4000&seed=0", 0.7), ("task:smalltalk?n=1000&seed=0", 0.3))
+  config.data.sources = (("task:arithmetic?n=4000&seed=0", 0.7),
+                         ("task:smalltalk?n=1000&seed=0", 0.3))
   config.data.eval_sources = (("task:arithmetic?n=200&seed=1234", 1.0),)
   config.data.seq_len = 256
   config.data.batch_size = 16
   config.data.eval_batch_size = 16
-  config.data.eval_batches = 4
+  config.data.eval_batches = 4        # 0: every evaluation example
   config.data.packing = True
   config.data.overlength = "truncate"   # or "drop"; either way counted and reported
+  config.data.on_error = "raise"        # or "skip_and_count" malformed records
   config.data.seed = 0
-
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=30, decay_steps=None, min_lr_ratio=0.1, b1=0.9,
-      b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
-  config.optimizer.decay_steps = ml_collections.FieldReference(None, field_type=int)
-
-  config.train = ml_collections.ConfigDict(dict(
-      steps=300, log_every=20, eval_every=100, checkpoint_every=100, keep_checkpoints=3,
-      async_checkpoint=True, peak_flops=0.0))
-
-  config.lora = ml_collections.ConfigDict(dict(
-      enabled=False, rank=16, alpha=32.0, dropout=0.0,
-      targets=("q", "k", "v", "o", "gate", "up", "down"), quantize_base=""))
-
-  config.export = ml_collections.ConfigDict(dict(enabled=True, hf=True))
+  config.train.update(steps=300, log_every=20, eval_every=100, checkpoint_every=100)
 
   if variant == "quickstart":
     pass

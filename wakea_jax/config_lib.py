@@ -1,117 +1,165 @@
-"""Turning ml_collections ConfigDicts (the binary boundary) into library objects.
+"""The ConfigDict boundary: every config section becomes its frozen dataclass here, and only here.
 
-ConfigDicts stop here: binaries call these helpers and pass frozen dataclasses, meshes and
-rule tuples into the library.
+Binaries (and the tests and notebooks that stand in for them) call these; the library
+below takes the dataclasses. A section and its dataclass share a name:
+
+  config.model       models.config.ModelConfig        config.rl       rl.learner.RLConfig
+  config.mesh        parallel.mesh.MeshConfig         config.rollout  rl.rollout.RolloutConfig
+  config.data        data.config.DataConfig           config.loss     objectives.grpo.LossConfig
+  config.optimizer   train.optimizer.OptimizerConfig  config.ppo      objectives.ppo.PPOConfig
+  config.train       train.loop.TrainConfig           config.eval     rl.evaluation.EvalConfig
+  config.lora        models.lora.LoRAConfig           config.reward   rewards.build_reward spec
+  config.export      train.setup.ExportConfig
+  config.preference  objectives.dpo.PreferenceConfig
+
+An unknown field is an error naming `config.<section>.<field>`, and so is a value the
+dataclass rejects.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-import jax
 import ml_collections
 
-from wakea_jax.models.config import ModelConfig, get_preset
+from wakea_jax.data.config import DataConfig
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.lora import LoRAConfig
+from wakea_jax.objectives.dpo import PreferenceConfig
+from wakea_jax.objectives.grpo import LossConfig
+from wakea_jax.objectives.ppo import PPOConfig
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.rl.evaluation import EvalConfig
+from wakea_jax.rl.learner import RLConfig, RLRunConfig
+from wakea_jax.rl.rollout import RolloutConfig
+from wakea_jax.train.loop import TrainConfig
+from wakea_jax.train.optimizer import OptimizerConfig
+from wakea_jax.train.setup import ExportConfig, RunConfig
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "mesh": mesh_lib.MeshConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "lora": LoRAConfig,
+    "export": ExportConfig,
+    "preference": PreferenceConfig,
+    "rl": RLConfig,
+    "rollout": RolloutConfig,
+    "loss": LossConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+}
+
+T = TypeVar("T")
+Config = ml_collections.ConfigDict | Mapping[str, Any]
 
 
-def model_config_dict(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """A ConfigDict holding every ModelConfig field of `preset`, so each is overridable."""
-  values = get_preset(preset, **overrides).to_dict()
-  return ml_collections.ConfigDict(values)
+def _plain(value: Any) -> Any:
+  """ConfigDict / lists -> dicts / tuples (frozen dataclasses want hashable tuples)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
 
 
-def model_config_from(config: ml_collections.ConfigDict | dict[str, Any]) -> ModelConfig:
-  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  return ModelConfig.from_dict(values)
+def typed(cls: type[T], values: Config, where: str) -> T:
+  """`cls(**values)` with errors that name `config.<where>.<field>`."""
+  values = _plain(values)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"config.{where}: unknown field {unknown[0]!r} ({cls.__name__} has "
+                     f"{', '.join(sorted(names))})")
+  try:
+    return cls(**values)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.{where}: {e}") from e
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Fields every binary shares: seed, mesh sizes, logical-axis rules."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # Mesh axis sizes; -1 takes the remaining devices.
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  # Logical axis -> mesh axes; strings, lists of strings or None.
-  config.sharding_rules = [list(rule) for rule in mesh_lib.DEFAULT_RULES]
-  return config
+def section(config: Config, name: str) -> Any:
+  """The dataclass of `config.<name>` (see SECTIONS)."""
+  if name not in SECTIONS:
+    raise KeyError(f"no dataclass for config section {name!r}; known: {sorted(SECTIONS)}")
+  if name not in config:
+    raise ValueError(f"the config has no '{name}' section")
+  if name == "model":
+    return model_config_from(config["model"])
+  if name == "lora":
+    return lora_config_from(config["lora"])
+  return typed(SECTIONS[name], config[name], name)
 
 
-def mesh_from(config: ml_collections.ConfigDict,
-              devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-  return mesh_lib.create_mesh(dict(config.mesh), devices)
+def model_config_from(values: Config) -> ModelConfig:
+  """config.model -> ModelConfig (with its own field validation)."""
+  try:
+    return ModelConfig.from_dict(dict(_plain(values)))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model: {e}") from e
 
 
-def rules_from(config: ml_collections.ConfigDict) -> mesh_lib.Rules:
-  return mesh_lib.normalize_rules([tuple(rule) for rule in config.sharding_rules])
+def lora_config_from(values: Config) -> LoRAConfig | None:
+  """config.lora -> LoRAConfig, or None unless `enabled`."""
+  values = dict(_plain(values))
+  if not values.pop("enabled", False):
+    return None
+  values["quantize_base"] = values.get("quantize_base") or None
+  return typed(LoRAConfig, values, "lora")
 
 
-def rl_base_config(objective: str) -> ml_collections.ConfigDict:
-  """The RL config shared by configs/grpo.py and configs/ppo.py (see rl/learner.py)."""
-  config = base_config()
-  config.objective = objective
-  config.model = model_config_dict(
-      "tiny", vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
-      head_dim=32, mlp_dim=384, max_seq_len=512)
-  config.init_from = ""     # an SFT export (wakea_jax model dir) or an HF dir; empty: scratch
-  config.tokenizer = ""
-  config.grad_accum = 1
-
-  config.data = ml_collections.ConfigDict()
-  config.data.prompts = "task:arithmetic?n=8000&seed=100&max_operand=99&tools=0"
-  config.data.eval_prompts = "task:arithmetic?n=256&seed=777&max_operand=99&tools=0"
-
-  config.rollout = ml_collections.ConfigDict(dict(
-      group_size=8, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-      tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16))
-
-  config.rl = ml_collections.ConfigDict(dict(
-      steps=200, prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
-      dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,
-      log_every=1, eval_every=50, checkpoint_every=50, keep_checkpoints=2,
-      async_checkpoint=True))
-
-  # The policy loss (objectives/grpo.py PolicyLossConfig).
-  config.loss = ml_collections.ConfigDict(dict(
-      ratio="token", eps_low=0.2, eps_high=0.2, aggregation="seq_mean_token_mean",
-      loss_constant=0.0, kl_beta=0.0, kl_estimator="k3"))
-
-  # Reward components: name -> options (rl/rewards.py build_reward); weights may be
-  # schedules ((step, weight), ...).
-  config.reward = ml_collections.ConfigDict({"math": {"weight": 1.0}})
-
-  config.eval = ml_collections.ConfigDict(dict(
-      correct_reward="math", num_samples=8, pass_k=(1, 8), temperature=1.0, at_start=True))
-
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=5, decay_steps=None, min_lr_ratio=1.0, b1=0.9,
-      b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
-  config.optimizer.decay_steps = ml_collections.FieldReference(None, field_type=int)
-
-  config.lora = ml_collections.ConfigDict(dict(
-      enabled=False, rank=16, alpha=32.0, dropout=0.0,
-      targets=("q", "k", "v", "o", "gate", "up", "down"), quantize_base=""))
-  config.export = ml_collections.ConfigDict(dict(enabled=True))
-  return config
+def mesh_from(config: Config, devices: Any = None) -> Any:
+  """The device mesh of config.mesh."""
+  return mesh_lib.create_mesh(section(config, "mesh").shape, devices)
 
 
-def shrink_model_for_tests(model: ml_collections.ConfigDict, max_seq_len: int) -> None:
-  """A from-scratch model small enough for the test suite (one layer, width 32)."""
-  model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-               mlp_dim=64, max_seq_len=max_seq_len)
+def rules_from(config: Config) -> mesh_lib.Rules:
+  """config.sharding_rules as a validated rules tuple."""
+  return mesh_lib.normalize_rules([tuple(rule) for rule in config["sharding_rules"]])
 
 
-def shrink_rl_for_tests(config: ml_collections.ConfigDict) -> None:
-  """An RL run small enough for the test suite."""
-  shrink_model_for_tests(config.model, max_seq_len=256)
-  config.data.prompts = "task:arithmetic?n=64&seed=100&max_operand=9&tools=0"
-  config.data.eval_prompts = "task:arithmetic?n=8&seed=777&max_operand=9&tools=0"
-  config.rollout.group_size = 4
-  config.rollout.max_new_tokens = 8
-  config.rl.steps = 4
-  config.rl.prompts_per_step = 4
-  config.rl.eval_every = 2
-  config.rl.checkpoint_every = 2
-  config.eval.num_samples = 2
-  config.eval.pass_k = (1, 2)
-  config.export.enabled = False
+def _record(config: Config) -> dict[str, Any]:
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json())
+  return json.loads(json.dumps(_plain(config), default=str))
+
+
+def run_config(config: Config) -> RunConfig:
+  """The sections every runner shares (train/setup.py RunConfig)."""
+  get = config.get
+  sections = {name: section(config, name)
+              for name in ("data", "optimizer", "train", "export") if name in config}
+  return RunConfig(
+      model=section(config, "model"),
+      objective=get("objective", "sft"),
+      seed=int(get("seed", 0)),
+      mesh=section(config, "mesh") if "mesh" in config else mesh_lib.MeshConfig(),
+      sharding_rules=rules_from(config) if "sharding_rules" in config else mesh_lib.DEFAULT_RULES,
+      init_from=get("init_from", "") or "",
+      tokenizer=get("tokenizer", "") or "",
+      grad_accum=int(get("grad_accum", 1)),
+      lora=section(config, "lora") if "lora" in config else None,
+      record=_record(config),
+      **sections)
+
+
+def rl_run_config(config: Config) -> RLRunConfig:
+  """The RL sections (rl, rollout, loss, ppo, eval, reward) of a GRPO or PPO config."""
+  return RLRunConfig(
+      rl=section(config, "rl"),
+      rollout=section(config, "rollout"),
+      loss=section(config, "loss"),
+      ppo=section(config, "ppo") if "ppo" in config else None,
+      eval=section(config, "eval"),
+      reward=_plain(config["reward"]))
+
+
+def preference_config(config: Config) -> PreferenceConfig:
+  """config.preference."""
+  return section(config, "preference")

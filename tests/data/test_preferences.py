@@ -3,17 +3,12 @@
 import json
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from wakea_jax.data import preferences as pref
 from wakea_jax.data import sources
 from wakea_jax.data import tokenizer as tokenizer_lib
-from wakea_jax.models import transformer
-from wakea_jax.models.config import get_preset
-from wakea_jax.objectives import dpo
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
@@ -133,23 +128,3 @@ def test_task_spec_and_files_load_the_same_pairs(tmp_path, tok):
   for k in from_file.arrays:
     np.testing.assert_array_equal(from_file.arrays[k], from_task.arrays[k])
   assert from_file.origins[2] == f"{path}:3"
-
-
-def test_reference_logps_are_stored_per_pair_index(tok):
-  config = get_preset("tiny", vocab_size=1024, embed_dim=32, num_layers=1, num_heads=2,
-                      num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=32)
-  model = transformer.create_model(config, seed=0)
-  graphdef, state = nnx.split(model)
-  dataset = pref.load_dataset("task:arithmetic?n=6&seed=0", tok, seq_len=32)
-  ref = pref.compute_reference_logps(graphdef, state, dataset.batches(4))
-  assert sorted(ref) == list(range(6))  # the padded last batch adds nothing
-  for i in (0, 5):
-    batch = dataset.batch([i])
-    logp, _ = dpo.sequence_logps(model, jnp.asarray(batch["input_ids"]),
-                                 jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]))
-    np.testing.assert_allclose(ref[i], np.asarray(logp), rtol=1e-5)
-  pref.attach_reference(dataset, graphdef, state, batch_size=4)
-  batch = next(pref.PreferenceIterator(dataset, batch_size=3, seed=1))
-  for k, i in enumerate(batch["pair_index"]):
-    assert batch["ref_chosen_logps"][k] == pytest.approx(ref[int(i)][0], rel=1e-6)
-    assert batch["ref_rejected_logps"][k] == pytest.approx(ref[int(i)][1], rel=1e-6)

@@ -71,7 +71,8 @@ def test_tools_field_is_kept_and_rendered(tmp_path):
      r"field 'messages\[1\].content' is missing"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",'
      ' "tool_calls": [{"arguments": {}}]}]}', r"field 'messages\[1\].tool_calls\[0\].name'"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', r"field 'messages' has no assistant message"),
+    ('{"messages": [{"role": "user", "content": "x"}]}',
+     r"field 'messages' has no assistant message"),
     ('{"prompt": ', r"invalid JSON"),
     ('[1, 2]', r"a record must be a JSON object, got list"),
     ('{"text": "x"}', r"needs field 'messages' or fields 'prompt' and 'response'"),

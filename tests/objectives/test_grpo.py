@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wakea_jax.objectives.grpo import LOSS_AGGREGATIONS, PolicyLossConfig, policy_loss
+from wakea_jax.objectives.grpo import LOSS_AGGREGATIONS, LossConfig, policy_loss
 
 B, T = 6, 10
 LOSS_CONSTANT = 12.0
@@ -41,7 +41,7 @@ def _inputs(seed: int = 0, per_token_adv: bool = False):
   return logprobs, old, adv, mask, ref
 
 
-def _reference(logprobs, old, adv, mask, cfg: PolicyLossConfig, ref=None):
+def _reference(logprobs, old, adv, mask, cfg: LossConfig, ref=None):
   """Loop transcription: returns (loss_sum, sums) as floats."""
   loss_sum = weight = tokens = clipped = approx_kl = ratio_sum = ref_kl = 0.0
   for i in range(logprobs.shape[0]):
@@ -83,10 +83,10 @@ def _reference(logprobs, old, adv, mask, cfg: PolicyLossConfig, ref=None):
   return loss_sum, sums
 
 
-def _config(aggregation: str, ratio: str, kl: str | None = None, **kw) -> PolicyLossConfig:
+def _config(aggregation: str, ratio: str, kl: str | None = None, **kw) -> LossConfig:
   # Sequence ratios average the token log-ratios and sit near 1, so GSPO clips tightly.
   eps_low, eps_high = (0.15, 0.28) if ratio == "token" else (0.03, 0.045)
-  return PolicyLossConfig(ratio=ratio, eps_low=eps_low, eps_high=eps_high, aggregation=aggregation,
+  return LossConfig(ratio=ratio, eps_low=eps_low, eps_high=eps_high, aggregation=aggregation,
                           loss_constant=LOSS_CONSTANT if aggregation == "seq_sum_constant" else 0.0,
                           kl_beta=0.0 if kl is None else 0.07, kl_estimator=kl or "k3", **kw)
 
@@ -123,8 +123,8 @@ def test_inputs_exercise_both_clip_sides() -> None:
   r = np.exp(logprobs - old)[mask > 0]
   a = np.broadcast_to(adv[:, None], mask.shape)[mask > 0]
   assert np.any((a > 0) & (r > 1.28)) and np.any((a < 0) & (r < 0.85))
-  swapped = PolicyLossConfig(eps_low=0.28, eps_high=0.15, aggregation="token_mean")
-  unclipped = PolicyLossConfig(eps_low=1.0, eps_high=1e6, aggregation="token_mean")
+  swapped = LossConfig(eps_low=0.28, eps_high=0.15, aggregation="token_mean")
+  unclipped = LossConfig(eps_low=1.0, eps_high=1e6, aggregation="token_mean")
   for wrong in (swapped, unclipped):
     assert abs(_reference(logprobs, old, adv, mask, wrong)[0] - float(got)) > 1e-3
 
@@ -147,7 +147,7 @@ def test_sequence_ratio_is_exp_mean_log_ratio() -> None:
 def test_gspo_gradient_equals_sequence_objective(eps) -> None:
   logprobs, old, adv, mask, _ = _inputs(seed=5)
   logprobs = np.where(mask > 0, logprobs, 0.0).astype(np.float32)
-  cfg = PolicyLossConfig(ratio="sequence", eps_low=eps[0], eps_high=eps[1])
+  cfg = LossConfig(ratio="sequence", eps_low=eps[0], eps_high=eps[1])
 
   def ours(lp):
     loss_sum, sums = policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), cfg)
@@ -261,7 +261,7 @@ def test_no_nan_from_masked_garbage_or_empty_rows() -> None:
   for aggregation in LOSS_AGGREGATIONS:
     cfg = _config(aggregation, "sequence", "k3")
 
-    def f(lp):
+    def f(lp, cfg=cfg):
       loss_sum, sums = policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
                                    cfg, jnp.asarray(ref))
       return loss_sum / sums["weight"], sums
@@ -290,17 +290,17 @@ def test_no_nan_from_masked_garbage_or_empty_rows() -> None:
 ])
 def test_invalid_config(kwargs, field) -> None:
   with pytest.raises(ValueError, match=field):
-    PolicyLossConfig(**kwargs)
+    LossConfig(**kwargs)
 
 
 def test_defaults_and_call_errors() -> None:
-  cfg = PolicyLossConfig()
+  cfg = LossConfig()
   assert (cfg.ratio, cfg.eps_low, cfg.eps_high, cfg.aggregation, cfg.loss_constant,
           cfg.kl_beta, cfg.kl_estimator) == ("token", 0.2, 0.2, "seq_mean_token_mean", 0.0,
                                              0.0, "k3")
   z = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match="ref_logprobs"):
-    policy_loss(z, z, jnp.zeros(2), z, PolicyLossConfig(kl_beta=0.1))
+    policy_loss(z, z, jnp.zeros(2), z, LossConfig(kl_beta=0.1))
   with pytest.raises(ValueError, match="advantages"):
     policy_loss(z, z, jnp.zeros(3), z, cfg)
   with pytest.raises(ValueError, match="mask"):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from wakea_jax import config_lib
 from wakea_jax.data.tokenizer import IM_END, default_tokenizer
 from wakea_jax.models import transformer
+from wakea_jax.models.config import get_preset
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl import update as update_lib
@@ -21,9 +21,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-  config = config_lib.model_config_from(config_lib.model_config_dict(
+  config = get_preset(
       "tiny", vocab_size=1024, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
-      head_dim=16, mlp_dim=64, max_seq_len=256))
+      head_dim=16, mlp_dim=64, max_seq_len=256)
   return transformer.create_model(config, seed=3)
 
 

@@ -47,21 +47,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from wakea_jax.data import chat
 from wakea_jax.data import sources as sources_lib
+from wakea_jax.data.config import ON_ERROR, OVERLENGTH, DataConfig
 from wakea_jax.data.tokenizer import Tokenizer
 
-_log = logging.getLogger(__name__)
-
-OVERLENGTH = ("truncate", "drop")
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 # Per-source counters kept in the iterator state; "examples" counts tokenised examples
 # that reached the packer (or the padder), before the over-length policy.
@@ -74,6 +72,8 @@ _FEATURES = ("input_ids", "targets", "loss_mask")
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
+  """One data source and its mixture weight (relative to the other sources' weights)."""
+
   path: str  # a .jsonl/.json/.parquet path, or a bundled task "task:NAME?n=..&seed=.."
   weight: float = 1.0
 
@@ -113,10 +113,25 @@ class PipelineConfig:
       raise ValueError(f"overlength must be one of {OVERLENGTH}, got {self.overlength!r}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
-    if self.on_error not in sources_lib.ON_ERROR:
-      raise ValueError(f"on_error must be one of {sources_lib.ON_ERROR}, got {self.on_error!r}")
+    if self.on_error not in ON_ERROR:
+      raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
     if self.read_threads < 0 or self.prefetch_batches < 0:
       raise ValueError("read_threads and prefetch_batches must be >= 0")
+
+
+def pipeline_config(data: DataConfig, *, eval_split: bool = False) -> PipelineConfig:
+  """The pipeline for `config.data`'s training sources (or, with `eval_split`, its held-out
+  ones: their own batch size and a seed one higher)."""
+  sources = data.eval_sources if eval_split else data.sources
+  return PipelineConfig(
+      sources=tuple(SourceSpec(spec, weight) for spec, weight in sources),
+      seq_len=data.seq_len,
+      batch_size=data.eval_batch_size if eval_split else data.batch_size,
+      seed=data.seed + (1 if eval_split else 0),
+      packing=data.packing,
+      overlength=data.overlength,
+      on_error=data.on_error,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +141,7 @@ class DataStats:
   counts: dict[str, dict[str, int]]  # source name -> counter -> value
 
   def total(self, counter: str) -> int:
+    """The sum of `counter` over all sources."""
     return sum(c[counter] for c in self.counts.values())
 
   def as_metrics(self, prefix: str = "data/") -> dict[str, int]:
@@ -134,6 +150,7 @@ class DataStats:
     return {f"{prefix}{key}": self.total(key) for key in keys}
 
   def summary(self) -> str:
+    """One log line: per source, the example count and any non-zero other counters."""
     parts = []
     for name, c in self.counts.items():
       lost = ", ".join(f"{k} {v}" for k, v in c.items() if k != "examples" and v)
@@ -174,12 +191,12 @@ class _NextTokenIterator(grain.DatasetIterator):
       what = {"truncated": f"longer than seq_len + 1 = {limit}, truncated",
               "dropped_overlength": f"longer than seq_len + 1 = {limit}, dropped",
               "dropped_no_target": f"no assistant target in the first {limit}, dropped"}
-      _log.warning("%s: %d tokens, %s (further cases are only counted)", origin, length,
+      logging.warning("%s: %d tokens, %s (further cases are only counted)", origin, length,
                    what[COUNTERS[counter]])
     lost = sum(sum(c[1:]) for c in self._counts)
     if lost & (lost - 1) == 0:  # 1, 2, 4, 8, ...: a summary without flooding the log
       stats = DataStats({n: dict(zip(COUNTERS, c)) for n, c in zip(self._names, self._counts)})
-      _log.warning("data: %d over-length example(s) so far: %s", lost, stats.summary())
+      logging.warning("data: %d over-length example(s) so far: %s", lost, stats.summary())
 
   def __next__(self) -> dict[str, np.ndarray]:
     while True:
@@ -367,19 +384,25 @@ class PipelineIterator:
     except StopIteration:
       self._exhausted = True
       if any(self.stats.total(k) for k in COUNTERS[1:]):
-        _log.warning("data: end of input; %s", self.stats.summary())
+        logging.warning("data: end of input; %s", self.stats.summary())
       raise
 
   def get_state(self) -> dict[str, Any]:
+    """A JSON-serialisable state (version, config fingerprint, grain's state) for `set_state`."""
     return {"version": _STATE_VERSION, "fingerprint": self._fingerprint,
             "grain": self._iterator.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a `get_state()` dict, exactly when the data config and data are unchanged.
+
+    A state saved with a different config or data is applied with a warning; one of another
+    version (or not a state at all) raises ValueError.
+    """
     if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
       raise ValueError(f"not a data iterator state of version {_STATE_VERSION}: "
                        f"{str(state)[:200]}")
     if state.get("fingerprint") != self._fingerprint:
-      _log.warning("resuming the data iterator from a state saved with a different data "
+      logging.warning("resuming the data iterator from a state saved with a different data "
                    "config or data; batches will differ from the original run's")
     self._iterator.set_state(state["grain"])
     self._exhausted = False
@@ -399,6 +422,7 @@ class PipelineIterator:
         for name, s, c in zip(_stat_names(self._sources), self._sources, counts)})
 
   def close(self) -> None:
+    """Stops the prefetch thread and releases the grain iterator; later use raises ValueError."""
     self._closer()
 
 

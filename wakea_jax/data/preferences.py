@@ -34,36 +34,31 @@ Batches (numpy, b = `batch_size` pairs): input_ids, targets, loss_mask [2b, seq_
 pair_mask [b] float32 (0 on padding rows of the last eval batch); and, once reference
 log-probs are attached, ref_chosen_logps and ref_rejected_logps [b] float32.
 
-Reference log-probs (dpo, ipo) are computed once, before training, by
-`compute_reference_logps` over the dataset's batches, and stored per pair index in the
+Reference log-probs (dpo, ipo) are computed once, before training, by the preference
+runner (`train/preference.py`) over the dataset's batches, and stored per pair index in the
 dataset (`PreferenceDataset.set_reference`), so every later batch just looks them up; the
 reference is the initial model (with LoRA: the base, since fresh adapters are zero).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from absl import logging
 
-from wakea_jax.data import chat
-from wakea_jax.data import sources
+from wakea_jax.data import chat, sources
+from wakea_jax.data.config import OVERLENGTH
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import arithmetic
 from wakea_jax.data.tokenizer import Tokenizer
-from wakea_jax.objectives import dpo
 
-_log = logging.getLogger(__name__)
-
-OVERLENGTH = ("truncate", "drop")
 SIDES = ("chosen", "rejected")
+# The per-row fields of a pair batch (rows [:b] chosen, rows [b:] rejected).
+PAIR_FIELDS = ("input_ids", "targets", "loss_mask")
 
 
 def _response_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
@@ -183,12 +178,12 @@ class PreferenceDataset:
     self.name = name
     self.seq_len = seq_len
     self.stats = {"pairs": 0, "truncated": 0, "dropped": 0, "identical": 0}
-    rows: dict[str, list[np.ndarray]] = {f"{s}_{f}": [] for s in SIDES for f in dpo.PAIR_FIELDS}
+    rows: dict[str, list[np.ndarray]] = {f"{s}_{f}": [] for s in SIDES for f in PAIR_FIELDS}
     self.origins: list[str] = []
     for pair, where in zip(pairs, origins):
       if pair["chosen"] == pair["rejected"]:
         if not self.stats["identical"]:
-          _log.warning("%s: chosen == rejected (a pair without a preference; counted)", where)
+          logging.warning("%s: chosen == rejected (a pair without a preference; counted)", where)
         self.stats["identical"] += 1
       sides, reason = {}, None
       for side in SIDES:
@@ -203,12 +198,12 @@ class PreferenceDataset:
         sides[side] = (ids, mask)
       if reason is not None:
         if not self.stats["dropped"]:
-          _log.warning("%s: pair dropped (%s; counted)", where, reason)
+          logging.warning("%s: pair dropped (%s; counted)", where, reason)
         self.stats["dropped"] += 1
         continue
       if any(k.endswith("_cut") for k in sides):
         if not self.stats["truncated"]:
-          _log.warning("%s: response truncated to seq_len=%d (counted)", where, seq_len)
+          logging.warning("%s: response truncated to seq_len=%d (counted)", where, seq_len)
         self.stats["truncated"] += 1
       for side in SIDES:
         ids, mask = sides[side]
@@ -224,7 +219,7 @@ class PreferenceDataset:
       raise ValueError(f"{name}: no preference pairs left after dropping {self.stats['dropped']} "
                        f"over-length pair(s) (seq_len={seq_len})")
     if self.stats["dropped"] or self.stats["truncated"]:
-      _log.info("%s: %s", name, self.stats)
+      logging.info("%s: %s", name, self.stats)
     self.arrays = {k: np.stack(v) for k, v in rows.items()}
     self.reference: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -250,7 +245,7 @@ class PreferenceDataset:
     take = np.concatenate([index, np.zeros(pad, np.int32)])
     pair_mask = np.concatenate([np.ones(len(index)), np.zeros(pad)]).astype(np.float32)
     batch = {f: np.concatenate([self.arrays[f"{s}_{f}"][take] for s in SIDES])
-             for f in dpo.PAIR_FIELDS}
+             for f in PAIR_FIELDS}
     batch["loss_mask"] = batch["loss_mask"] * np.tile(pair_mask, 2)[:, None]  # padding: 0
     batch["pair_index"] = take
     batch["pair_mask"] = pair_mask
@@ -310,53 +305,17 @@ class PreferenceIterator:
     return self.dataset.batch(self.order.take(self.batch_size))
 
   def get_state(self) -> dict[str, int]:
+    """{"epoch", "position", "num_pairs"}, JSON-serialisable (see the class docstring)."""
     return {**self.order.get_state(), "num_pairs": len(self.dataset)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from `get_state()`; warns if it was saved over a different number of pairs."""
     if int(state.get("num_pairs", len(self.dataset))) != len(self.dataset):
-      _log.warning("resuming a preference iterator saved over %s pairs on %d pairs; the "
+      logging.warning("resuming a preference iterator saved over %s pairs on %d pairs; the "
                    "order differs", state.get("num_pairs"), len(self.dataset))
     self.order.set_state(state)
 
   @property
   def stats(self) -> dict[str, int]:
+    """The dataset's counters (pairs, truncated, dropped, identical) plus the current epoch."""
     return {**self.dataset.stats, "epoch": self.order.epoch}
-
-
-# ---- reference log-probs --------------------------------------------------------------------
-
-def compute_reference_logps(graphdef: nnx.GraphDef, params: nnx.State | Sequence[nnx.State],
-                            batches: Iterable[Mapping[str, np.ndarray]]
-                            ) -> dict[int, tuple[float, float]]:
-  """{pair_index: (ref_chosen_logp, ref_rejected_logp)} under the model
-  `nnx.merge(graphdef, *params)` (`params` one state or a tuple, e.g. (params, frozen)).
-
-  Run once before training on the initial model; padding rows (pair_mask 0) are skipped.
-  One jitted forward per batch shape.
-  """
-  states = tuple(params) if isinstance(params, (tuple, list)) else (params,)
-
-  @jax.jit
-  def logps(states, batch):
-    model = nnx.merge(graphdef, *states)
-    model.eval()
-    pc, pr, _, _ = dpo.pair_logps(model, batch)
-    return pc, pr
-
-  out: dict[int, tuple[float, float]] = {}
-  for batch in batches:
-    fields = {f: jnp.asarray(batch[f]) for f in dpo.PAIR_FIELDS}
-    pc, pr = jax.device_get(logps(states, fields))
-    mask = np.asarray(batch.get("pair_mask", np.ones(len(pc))))
-    for i, c, r, m in zip(np.asarray(batch["pair_index"]), pc, pr, mask):
-      if m > 0:
-        out[int(i)] = (float(c), float(r))
-  return out
-
-
-def attach_reference(dataset: PreferenceDataset, graphdef: nnx.GraphDef,
-                     params: nnx.State | Sequence[nnx.State], batch_size: int) -> None:
-  """Computes the dataset's reference log-probs and stores them per pair index."""
-  ref = compute_reference_logps(graphdef, params, dataset.batches(batch_size))
-  dataset.set_reference(np.array([ref[i][0] for i in range(len(dataset))]),
-                        np.array([ref[i][1] for i in range(len(dataset))]))

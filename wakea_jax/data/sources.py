@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import os
 import pathlib
 import re
@@ -39,12 +38,12 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from absl import logging
+
 from wakea_jax.data import chat
+from wakea_jax.data.config import ON_ERROR
 from wakea_jax.data.tasks import TASKS
 
-_log = logging.getLogger(__name__)
-
-ON_ERROR = ("raise", "skip_and_count")
 TASK_PREFIX = "task:"
 _DEFAULT_TASK_SIZE = 1000
 
@@ -297,10 +296,10 @@ def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Sourc
     except ValueError as err:
       if on_error == "raise":
         raise
-      _log.warning("skipping malformed record: %s", err)
+      logging.warning("skipping malformed record: %s", err)
       skipped.append(str(err))
   if skipped:
-    _log.warning("%s: skipped %d malformed record(s), kept %d", path, len(skipped),
+    logging.warning("%s: skipped %d malformed record(s), kept %d", path, len(skipped),
                  len(records))
   if not records:
     raise ValueError(f"{path}: no valid records" +
@@ -350,6 +349,7 @@ def parse_task_spec(spec: str, tasks: Mapping[str, Any] = TASKS
 
 
 def load_task(spec: str) -> Source:
+  """A `Source` of the records a task spec `task:NAME?n=..&seed=..` generates, validated."""
   name, n, seed, options = parse_task_spec(spec)
   raw = TASKS[name](n, seed, **options)
   # Generated records are validated like files: a generator bug fails here, not mid-training.

@@ -32,7 +32,8 @@ Losses (h is the margin the sigmoid / square acts on):
          no reference. rewards: lambda * mean per-token log-prob (TRL's), so the margin is
          > 0 exactly when the odds ratio is > 1.
 
-`sequence_logps` turns a model and next-token rows into the per-sequence sums, and
+`pair_logps` turns a model and stacked pair rows into the per-sequence sums (through
+`models/scoring.py`, chunked over the sequence so the logits never exist whole), and
 `dpo_loss_fn` is the `loss_fn(model, batch, rng)` for `train.step.make_train_step`.
 """
 
@@ -42,18 +43,22 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-from wakea_jax.objectives.sft import token_logprobs
+from wakea_jax.models.scoring import sequence_logps
 
-LossTerms = tuple[Array, Array, Array]  # per pair: (loss [b], chosen_reward [b], rejected_reward [b])
+# Per pair: (loss [b], chosen_reward [b], rejected_reward [b]).
+LossTerms = tuple[Array, Array, Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
+  """config.preference: the loss and its hyperparameters (module docstring)."""
+
   loss: str = "dpo"
   beta: float = 0.1
   label_smoothing: float = 0.0   # cDPO eps in [0, 0.5): probability that a label is flipped
@@ -79,6 +84,7 @@ class PreferenceConfig:
 
   @property
   def needs_reference(self) -> bool:
+    """Whether the loss compares against a reference model's log-probs (dpo, ipo)."""
     return self.loss in NEEDS_REFERENCE
 
 
@@ -165,6 +171,10 @@ def preference_loss(chosen_logps: Array, rejected_logps: Array,
                      "(ref_chosen_logps, ref_rejected_logps)")
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
   pc, pr = f32(chosen_logps), f32(rejected_logps)
+  chex.assert_rank(pc, 1)
+  chex.assert_equal_shape([x for x in (pc, pr, f32(chosen_tokens), f32(rejected_tokens),
+                                       f32(ref_chosen_logps), f32(ref_rejected_logps))
+                           if x is not None])
   if ref_chosen_logps is None:
     rc = rr = jnp.zeros_like(pc)
   else:
@@ -188,24 +198,6 @@ def preference_loss(chosen_logps: Array, rejected_logps: Array,
       "rejected_reward": masked(rejected_reward),
   }
   return loss_sum, sums
-
-
-def sequence_logps(model: nnx.Module, input_ids: Array, targets: Array, loss_mask: Array,
-                   positions: Array | None = None, segment_ids: Array | None = None
-                   ) -> tuple[Array, Array]:
-  """Per-row sums of the targets' log-probs under `model`, over `loss_mask`.
-
-  input_ids, targets [b, t] int32 (next-token rows: targets = ids[1:]), loss_mask [b, t]
-  -> (logp_sum [b] float32, tokens [b] float32). The full [b, t, vocab] logits are
-  materialised; preference rows are short responses, so that is affordable.
-  """
-  out = model.forward(input_ids, positions=positions, segment_ids=segment_ids)
-  mask = loss_mask.astype(jnp.float32)
-  logps = token_logprobs(out.logits, targets)
-  return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
-
-
-PAIR_FIELDS = ("input_ids", "targets", "loss_mask")
 
 
 def pair_logps(model: nnx.Module, batch: dict[str, Array]
@@ -242,4 +234,5 @@ def dpo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
 
 
 def make_loss_fn(config: PreferenceConfig) -> Callable[..., tuple[Array, dict[str, Array]]]:
+  """`dpo_loss_fn` bound to `config`: the train step's loss_fn(model, batch, rng)."""
   return functools.partial(dpo_loss_fn, config=config)

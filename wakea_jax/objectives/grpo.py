@@ -1,6 +1,6 @@
 """Clipped policy-gradient loss for GRPO and its variants (DAPO, Dr. GRPO, GSPO).
 
-One pure function, `policy_loss`, configured by a frozen `PolicyLossConfig`:
+One pure function, `policy_loss`, configured by a frozen `LossConfig`:
 
   per token      l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
                        (+ kl_beta * KL_t(pi || ref))
@@ -38,7 +38,7 @@ RATIO_MODES: tuple[str, ...] = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyLossConfig:
+class LossConfig:
   """Static configuration of `policy_loss` (hashable, safe to close over under jit)."""
 
   ratio: str = "token"
@@ -86,7 +86,7 @@ def _check_shapes(logprobs: Array, old_logprobs: Array, advantages: Array, mask:
 
 
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                config: PolicyLossConfig, ref_logprobs: Array | None = None
+                config: LossConfig, ref_logprobs: Array | None = None
                 ) -> tuple[Array, dict[str, Array]]:
   """Clipped surrogate loss sum and metric sums.
 

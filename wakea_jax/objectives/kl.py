@@ -12,7 +12,7 @@ Pure functions of arrays; the estimate is per token and the caller masks and sum
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import Array

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -31,6 +32,8 @@ def gae(token_rewards: Array, values: Array, mask: Array, *, gamma: float = 1.0,
     delta_t = r_t + gamma * V_t' - V_t,   A_t = delta_t + gamma * lam * A_t',   R_t = A_t + V_t.
   Masked tokens get A = R = 0 and leave the recursion unchanged; their rewards are ignored.
   """
+  chex.assert_rank(mask, 2)
+  chex.assert_equal_shape([token_rewards, values, mask])
   valid = mask > 0
   rewards = jnp.where(valid, token_rewards.astype(jnp.float32), 0.0)
   values = jnp.where(valid, values.astype(jnp.float32), 0.0)
@@ -59,6 +62,8 @@ def kl_penalized_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, ma
   eq. 2. scores [b]; logprobs, ref_logprobs, mask [b, t] -> token_rewards [b, t] float32
   (0 on masked tokens; all 0 in a row without valid tokens).
   """
+  chex.assert_rank([scores, mask], [1, 2])
+  chex.assert_equal_shape([logprobs, ref_logprobs, mask])
   valid = mask > 0
   logprobs = jnp.where(valid, logprobs.astype(jnp.float32), 0.0)
   ref_logprobs = jnp.where(valid, ref_logprobs.astype(jnp.float32), 0.0)
@@ -97,6 +102,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *,
   tokens), "value_clipped" (tokens where the clipped term was strictly larger) and
   "value_error" (sum of (v - R)^2).
   """
+  chex.assert_equal_shape([values, old_values, returns, mask])
   valid = mask > 0
   maskf = valid.astype(jnp.float32)
   values = jnp.where(valid, values.astype(jnp.float32), 0.0)
@@ -122,7 +128,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *,
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  """Static PPO hyperparameters (the policy clip lives in grpo.PolicyLossConfig)."""
+  """Static PPO hyperparameters (the policy clip lives in grpo.LossConfig)."""
 
   gamma: float = 1.0
   lam: float = 0.95

@@ -16,18 +16,34 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """config.mesh: the size of each mesh axis; -1 takes the remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def shape(self) -> dict[str, int]:
+    """{axis name: size} in MESH_AXES order."""
+    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -50,7 +66,6 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
 )
 
-_log = logging.getLogger(__name__)
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, MeshAxes]] | None] = (
     contextvars.ContextVar("wakea_logical_rules", default=None))
 
@@ -147,7 +162,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None 
         so_far = math.prod(mesh.shape[a] for a in kept)
         if shape[dim] % (so_far * size):
           if size > 1:
-            _log.info("logical axis %r (size %d) not divisible by mesh axis %r (size %d); "
+            logging.info("logical axis %r (size %d) not divisible by mesh axis %r (size %d); "
                       "replicating it there", name, shape[dim], axis, size)
           continue
       kept.append(axis)

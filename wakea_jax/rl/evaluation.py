@@ -1,7 +1,7 @@
 """Held-out evaluation of a policy on verifiable prompts: greedy accuracy and pass@k.
 
-A completion is correct when the reward named by `correct_reward` (a `rewards.REWARDS`
-entry, e.g. "math") gives it at least `threshold`. pass@k uses the unbiased estimator of
+A completion's correctness is the value of the reward named by `correct_reward` (a
+`rewards.REWARDS` entry, e.g. "math": 1 correct, 0 not). pass@k uses the unbiased estimator of
 Chen et al. 2021 (arXiv 2107.03374 eq. 1) from n >= k samples per prompt:
 pass@k = E[1 - C(n - c, k) / C(n, k)], c the number of correct samples.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,10 +19,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.checkpoints import loader
+from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, chat_stop_ids, tokenizer_from
 from wakea_jax.rl.prompts import PromptRecord
-from wakea_jax.rl.rewards import Sample
-from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts
+from wakea_jax.rl.rewards import correctness_reward
+from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts, router_for
+from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.toolbox.router import Router
 
@@ -30,12 +33,16 @@ CorrectFn = Callable[[Sequence[Sample]], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  num_samples: int = 8         # n samples per prompt for pass@k (0: greedy only)
+  """config.eval: held-out evaluation of a policy."""
+
+  correct_reward: str = "math"   # the reward (rewards.REWARDS) whose value is correctness (0/1)
+  num_samples: int = 8           # n samples per prompt for pass@k (0: greedy only)
   pass_k: tuple[int, ...] = (1, 8)
   temperature: float = 1.0
-  batch_prompts: int = 64      # prompts per sampler call
+  batch_prompts: int = 64        # prompts per sampler call
 
   def __post_init__(self) -> None:
+    object.__setattr__(self, "pass_k", tuple(self.pass_k))
     if self.num_samples and any(k > self.num_samples for k in self.pass_k):
       raise ValueError(f"eval.pass_k {self.pass_k} needs eval.num_samples >= {max(self.pass_k)}")
 
@@ -89,3 +96,18 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
   result["seconds"] = time.perf_counter() - start
   result["examples"] = [(p.text, t) for p, t in zip(prompts[:4], texts[:4])]
   return result
+
+
+def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
+                        rollout: RolloutConfig, config: EvalConfig, tokenizer_path: str = "",
+                        seed: int = 0) -> dict[str, Any]:
+  """`evaluate_policy` of the model at `checkpoint` (any kind `checkpoints.loader` reads),
+  sampled like `rollout` (tools included), correct per `config.correct_reward`."""
+  model = loader.load_model(checkpoint)
+  graphdef, params = nnx.split(model)
+  tokenizer = tokenizer_from(tokenizer_path)
+  return evaluate_policy(
+      graphdef, params, prompts, tokenizer=tokenizer, rollout=rollout,
+      correct=correctness_reward(config.correct_reward), config=config,
+      router=router_for(rollout), stop_ids=chat_stop_ids(tokenizer),
+      pad_id=chat_pad_id(tokenizer), seed=seed, model_config=model.config)

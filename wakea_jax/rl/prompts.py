@@ -21,8 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wakea_jax.data import chat
-from wakea_jax.data import sources
+from wakea_jax.data import chat, sources
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
 from wakea_jax.data.tokenizer import Tokenizer
@@ -30,6 +29,8 @@ from wakea_jax.data.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
+  """One RL prompt: the conversation so far, its reference answer and metadata."""
+
   messages: tuple[Mapping[str, Any], ...]   # system/user (and earlier) turns
   answer: Any = None
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -44,10 +45,13 @@ class PromptRecord:
 
   @property
   def text(self) -> str:
+    """The messages' contents joined by newlines (what rewards and logs see)."""
     return "\n".join(str(m.get("content", "")) for m in self.messages)
 
 
 def to_prompt_record(raw: Any, where: str) -> PromptRecord:
+  """Validates one raw record (`prompt` or `messages`, `answer`, extra fields as meta);
+  errors start with `where` and name the field."""
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a prompt record must be a JSON object, got "
                      f"{sources.type_name(raw)}")
@@ -62,8 +66,13 @@ def to_prompt_record(raw: Any, where: str) -> PromptRecord:
                       origin=where)
 
 
-def load_prompts(spec: str | os.PathLike[str]) -> list[PromptRecord]:
-  """A .jsonl/.json/.parquet file or `task:NAME?n=..&seed=..` -> validated prompt records."""
+def load_prompts(spec: str | os.PathLike[str] | Sequence[str]) -> list[PromptRecord]:
+  """A .jsonl/.json/.parquet file or `task:NAME?n=..&seed=..` -> validated prompt records;
+  a list of them -> their records pooled, in order."""
+  if isinstance(spec, Sequence) and not isinstance(spec, str):
+    if not spec:
+      raise ValueError("no prompt sources given")
+    return [record for one in spec for record in load_prompts(one)]
   if isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX):
     name, n, seed, options = sources.parse_task_spec(spec, tasks=PROMPT_TASKS)
     pairs = [(f"{spec}[{i}]", r) for i, r in enumerate(PROMPT_TASKS[name](n, seed, **options))]
@@ -90,16 +99,19 @@ class PromptIterator:
     self.order = EpochOrder(len(self.records), seed, name="prompts")
 
   def take(self, n: int) -> list[PromptRecord]:
+    """The next `n` prompts of the epoch order (an epoch boundary may fall inside)."""
     return [self.records[i] for i in self.order.take(n)]
 
   def __next__(self) -> list[PromptRecord]:
     return self.take(self.batch_size)
 
-  def __iter__(self) -> "PromptIterator":
+  def __iter__(self) -> PromptIterator:
     return self
 
   def get_state(self) -> dict[str, int]:
+    """The position (epoch, offset) as JSON."""
     return self.order.get_state()
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from a position `get_state` returned."""
     self.order.set_state(state)

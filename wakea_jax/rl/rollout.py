@@ -23,26 +23,42 @@ from flax import nnx
 
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.rl.prompts import PromptRecord
-from wakea_jax.rl.rewards import Sample
+from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import run_tool_loop
+from wakea_jax.toolbox.registry import default_router
 from wakea_jax.toolbox.router import Router
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  group_size: int = 8
+  """config.rollout: how completions are sampled for training (and evaluation)."""
+
+  group_size: int = 8              # completions per prompt (G)
   max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0                   # 0 disables
+  top_p: float = 1.0               # 1 disables
+  tools: tuple[str, ...] = ()      # toolbox names; empty: no tool loop
   max_tool_calls: int = 2
   max_tool_tokens: int = 64
-  chunk_steps: int = 16
+  chunk_steps: int = 16            # decode steps per while_loop chunk
 
   def __post_init__(self) -> None:
+    object.__setattr__(self, "tools", tuple(self.tools))
     for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
     if self.max_tool_calls < 0:
       raise ValueError(f"rollout.max_tool_calls must be >= 0, got {self.max_tool_calls}")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"rollout: temperature ({self.temperature}) and top_k ({self.top_k}) "
+                       f"must be >= 0 and top_p ({self.top_p}) in (0, 1]")
+
+
+def router_for(config: RolloutConfig) -> Router | None:
+  """The tool router for `config.tools` (None: rollouts without tools)."""
+  return default_router(enabled=config.tools) if config.tools else None
 
 
 @dataclasses.dataclass
@@ -63,6 +79,7 @@ class Rollouts:
 
   @property
   def num_groups(self) -> int:
+    """Prompts in these rollouts (rows / group size)."""
     return len(self) // self.group_size
 
   def samples(self) -> list[Sample]:
@@ -79,7 +96,7 @@ class Rollouts:
           num_tokens=model_tokens))
     return out
 
-  def select(self, groups: Sequence[int]) -> "Rollouts":
+  def select(self, groups: Sequence[int]) -> Rollouts:
     """The rows of the given groups, in that order."""
     rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
     pick = lambda xs: [xs[r] for r in rows]
@@ -90,7 +107,8 @@ class Rollouts:
         stop_reason=pick(self.stop_reason), texts=pick(self.texts), group_size=self.group_size)
 
   @staticmethod
-  def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
+  def concat(parts: Sequence[Rollouts]) -> Rollouts:
+    """The rows of `parts` one after another (same group size)."""
     first = parts[0]
     merged = {f.name: [x for p in parts for x in getattr(p, f.name)]
               for f in dataclasses.fields(Rollouts) if f.name != "group_size"}
@@ -118,13 +136,14 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
     tool_mask = [np.zeros(len(t), np.int32) for t in tokens]
     calls, reasons = [0] * len(rows), out.stop_reason
   return Rollouts(prompts=rows, prompt_ids=prompt_ids, completion_ids=[list(t) for t in tokens],
-                  sampler_logprobs=[np.asarray(l, np.float32) for l in logprobs],
+                  sampler_logprobs=[np.asarray(lp, np.float32) for lp in logprobs],
                   tool_mask=[np.asarray(m, np.int32) for m in tool_mask],
                   num_tool_calls=list(calls), stop_reason=list(reasons),
                   texts=[tokenizer.decode(t) for t in tokens], group_size=g)
 
 
 def batch_width(rollouts: Rollouts, multiple: int = 64) -> int:
+  """The train batch width: the longest prompt + completion - 1, rounded up to `multiple`."""
   longest = max(len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids))
   return -(-(longest - 1) // multiple) * multiple
 
