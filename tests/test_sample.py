@@ -15,7 +15,7 @@ def test_sample_run_from_checkpoint(tmp_path, kind):
   transcripts, out = sample.run(str(tmp_path / "ckpt"), ["What is 2+2?", "Hi"],
                                 max_new_tokens=6)
   assert len(transcripts) == 2 and transcripts[0].startswith("user: What is 2+2?\nassistant: ")
-  assert all(len(t) >= 1 for t in out.tokens) and all(l.sum() <= 6 for l in
+  assert all(len(t) >= 1 for t in out.tokens) and all(n.sum() <= 6 for n in
                                                         (1 - m for m in out.tool_mask))
   # Greedy is deterministic.
   again, _ = sample.run(str(tmp_path / "ckpt"), ["What is 2+2?", "Hi"], max_new_tokens=6)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from wakea_jax.retrieval import chunking, index as index_lib
+from wakea_jax.retrieval import chunking
+from wakea_jax.retrieval import index as index_lib
 from wakea_jax.retrieval.store import Hit
 
 FLAGS = flags.FLAGS
@@ -86,6 +87,7 @@ def run(*, docs: Sequence[str] = (), out: str | None = None, load: str | None = 
 
 
 def main(argv: Sequence[str]) -> None:
+  """Builds an index (--docs, --out) or queries one (--load, --query) and prints the result."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = index_lib.IndexConfig(brute_force_below=FLAGS.brute_force_below,

@@ -17,16 +17,20 @@ from absl import app, flags
 
 from wakea_jax.checkpoints import export, hf
 
-_FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "HF checkpoint directory to write.")
-_OUT = flags.DEFINE_string("out", None, "Model directory to write (with --from_hf).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory to read (with --to_hf).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "Stored dtype; default: the source's.")
-_ARCHITECTURE = flags.DEFINE_enum("architecture", None, sorted(hf.ARCHITECTURES),
-                                  "HF architecture for --to_hf; default: inferred.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Also replace a non-empty output directory that is no checkpoint.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
+  flags.DEFINE_string("to_hf", None, "HF checkpoint directory to write.")
+  flags.DEFINE_string("out", None, "Model directory to write (with --from_hf).")
+  flags.DEFINE_string("checkpoint", None, "Model directory to read (with --to_hf).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Stored dtype; default: the source's.")
+  flags.DEFINE_enum("architecture", None, sorted(hf.ARCHITECTURES),
+                    "HF architecture for --to_hf; default: inferred.")
+  flags.DEFINE_bool("overwrite", False,
+                    "Also replace a non-empty output directory that is no checkpoint.")
 
 USAGE = ("choose exactly one direction: --from_hf=DIR --out=DIR (HF -> model dir), "
          "--checkpoint=DIR --to_hf=DIR (model dir -> HF), or --from_hf=DIR --to_hf=DIR (HF -> HF)")
@@ -72,16 +76,18 @@ def run(*, from_hf: str | None = None, to_hf: str | None = None, out: str | None
 
 
 def main(argv: Sequence[str]) -> None:
+  """Converts per the flags and prints the directory written."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    written = run(from_hf=_FROM_HF.value, to_hf=_TO_HF.value, out=_OUT.value,
-                  checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value,
-                  architecture=_ARCHITECTURE.value, overwrite=_OVERWRITE.value)
+    written = run(from_hf=FLAGS.from_hf, to_hf=FLAGS.to_hf, out=FLAGS.out,
+                  checkpoint=FLAGS.checkpoint, dtype=FLAGS.dtype,
+                  architecture=FLAGS.architecture, overwrite=FLAGS.overwrite)
   except ConvertUsageError as e:
     raise app.UsageError(str(e)) from e
   print(f"wrote {written}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

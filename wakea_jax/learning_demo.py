@@ -14,6 +14,7 @@ also on held-out preference pairs. The table goes to stdout, results.md and resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -23,22 +24,25 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
-from wakea_jax.checkpoints import export as export_lib
+from wakea_jax import config_lib, logs, trainers
+from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
-from wakea_jax.data import tokenizer as tokenizer_lib
-from wakea_jax.rl import learner as learner_lib
+from wakea_jax.data.config import pooled_specs
+from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids, tokenizer_from
+from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.train import preference as preference_lib
-from wakea_jax.train import run as sft_lib
 
-EXPORT = pathlib.Path("export") / "model"
+EXPORT = loader.RUN_EXPORT
+FLAGS = flags.FLAGS
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -48,18 +52,23 @@ def _timed(fn, *args) -> tuple[Any, float]:
 
 
 def _evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path) -> dict[str, Any]:
-  from wakea_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
-  result = evaluate_lib.evaluate(rl_config, model_dir)
-  return {k: v for k, v in result.items() if k not in ("examples", "checkpoint", "prompts")}
+  """Greedy accuracy and pass@k of the model in `model_dir` on the RL config's eval prompts."""
+  data = config_lib.section(rl_config, "data")
+  result = eval_lib.evaluate_checkpoint(
+      model_dir, prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources")),
+      rollout=config_lib.section(rl_config, "rollout"),
+      config=config_lib.section(rl_config, "eval"), tokenizer_path=rl_config.tokenizer,
+      seed=rl_config.seed)
+  return {k: v for k, v in result.items() if k != "examples"}
 
 
 def preference_accuracy(dpo_config: ml_collections.ConfigDict, model_dir: pathlib.Path,
                         pairs_file: pathlib.Path) -> float:
   """Fraction of the pairs in `pairs_file` whose chosen response the model in `model_dir`
   gives a higher log-probability than the rejected one."""
-  model = export_lib.load_model_dir(model_dir)
+  model = loader.load_model(model_dir)
   graphdef, params = nnx.split(model)
-  dataset = preference_data.load_dataset([str(pairs_file)], tokenizer_lib.default_tokenizer(),
+  dataset = preference_data.load_dataset([str(pairs_file)], tokenizer_from(dpo_config.tokenizer),
                                          seq_len=dpo_config.data.seq_len)
   return preference_lib.preference_accuracy(
       graphdef, params, dataset.batches(dpo_config.data.eval_batch_size))
@@ -69,22 +78,20 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
                seed: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
   """(correct, wrong) completion pairs of the model in `model_dir`, one per prompt that has
   both among `samples_per_prompt` samples."""
-  model = export_lib.load_model_dir(model_dir)
+  model = loader.load_model(model_dir)
   graphdef, params = nnx.split(model)
-  tokenizer = tokenizer_lib.default_tokenizer()
-  stop_ids, pad_id = learner_lib.sampling_ids(tokenizer)
+  tokenizer = tokenizer_from(config.grpo.tokenizer)
   sampler = Sampler(graphdef, model.config, temperature=config.pairs.temperature,
-                    stop_ids=stop_ids, pad_id=pad_id)
+                    stop_ids=chat_stop_ids(tokenizer), pad_id=chat_pad_id(tokenizer))
   prompts = prompts_lib.load_prompts(prompts_spec)
   g = config.pairs.samples_per_prompt
-  rollout = learner_lib.rollout_config_from(config.grpo)
-  correct = learner_lib.correctness_fn(config.grpo)
+  rollout = dataclasses.replace(config_lib.section(config.grpo, "rollout"), group_size=g)
+  correct = rewards_lib.correctness_reward(config.grpo.eval.correct_reward)
   pairs = []
   for start in range(0, len(prompts), 64):
     chunk = prompts[start:start + 64]
     out = rollout_lib.generate_rollouts(
-        sampler, params, chunk, tokenizer=tokenizer,
-        config=rollout_lib.RolloutConfig(**{**rollout.__dict__, "group_size": g}),
+        sampler, params, chunk, tokenizer=tokenizer, config=rollout,
         rng=jax.random.fold_in(jax.random.key(seed), start))
     ok = np.asarray(correct(out.samples())).reshape(len(chunk), g) > 0.5
     for i, prompt in enumerate(chunk):
@@ -105,18 +112,19 @@ def _rl_stage(stage: ml_collections.ConfigDict, sft_model: pathlib.Path, seed: i
   stage = stage.copy_and_resolve_references()
   stage.seed = seed
   stage.init_from = str(sft_model)
-  stage.data.eval_prompts = ""
+  stage.data.eval_sources = ""
   return stage
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) every stage in `workdir`; returns the results written to results.json."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   results: dict[str, Any] = {"rows": [], "timing_s": {}}
   total_start = time.perf_counter()
 
   sft_dir = workdir / "sft"
-  _, seconds = _timed(sft_lib.run, config.sft, sft_dir)
+  _, seconds = _timed(trainers.run, config.sft, sft_dir)
   results["timing_s"]["sft"] = seconds
   sft_model = sft_dir / EXPORT
   base = _evaluate(config.grpo, sft_model)
@@ -126,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   for seed in config.grpo_seeds:
     grpo = _rl_stage(config.grpo, sft_model, seed)
     out = workdir / f"grpo_seed{seed}"
-    _, seconds = _timed(learner_lib.run, grpo, out)
+    _, seconds = _timed(trainers.run, grpo, out)
     row = _evaluate(config.grpo, out / EXPORT)
     results["rows"].append({"stage": "GRPO", "seed": seed, **row})
     results["timing_s"][f"grpo_seed{seed}"] = seconds
@@ -135,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   if config.run_ppo:
     ppo = _rl_stage(config.ppo, sft_model, config.ppo.seed)
     out = workdir / "ppo"
-    _, seconds = _timed(learner_lib.run, ppo, out)
+    _, seconds = _timed(trainers.run, ppo, out)
     row = _evaluate(config.ppo, out / EXPORT)
     results["rows"].append({"stage": "PPO", "seed": ppo.seed, **row})
     results["timing_s"]["ppo"] = seconds
@@ -158,7 +166,7 @@ def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model
   pair_dir.mkdir(parents=True, exist_ok=True)
   files = {}
   for split, spec, seed in (("train", config.pairs.train_prompts, 0),
-                            ("eval", config.grpo.data.eval_prompts, 1)):
+                            ("eval", config.grpo.data.eval_sources, 1)):
     path = pair_dir / f"{split}.jsonl"
     if not path.exists():
       pairs, stats = make_pairs(config, sft_model, spec, seed)
@@ -177,7 +185,7 @@ def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model
   dpo.data.eval_sources = ((str(files["eval"]), 1.0),)
   out = workdir / "dpo"
   before = preference_accuracy(dpo, sft_model, files["eval"])
-  last, seconds = _timed(preference_lib.run, dpo, out)
+  last, seconds = _timed(trainers.run, dpo, out)
   after = preference_accuracy(dpo, out / EXPORT, files["eval"])
   row = _evaluate(config.grpo, out / EXPORT)
   results["rows"].append({"stage": "DPO", "seed": dpo.seed, **row})
@@ -190,6 +198,7 @@ def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model
 
 
 def format_table(results: dict[str, Any]) -> str:
+  """The results as a Markdown table plus the gain, DPO and wall-time lines."""
   rows = results["rows"]
   keys = [k for k in ("greedy_accuracy", "pass@1", "pass@8") if k in rows[0]]
   lines = ["| stage | seed | " + " | ".join(keys) + " |",
@@ -216,21 +225,21 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  from wakea_jax import logs
-
-  _CONFIG = config_flags.DEFINE_config_file(
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file(
       "config", "configs/learning_demo.py", "The demonstration config.", lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.")
-
-  def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.quiet_library_logs()
-    run(_CONFIG.value, _WORKDIR.value)
-
+  flags.DEFINE_string("workdir", None, "Where every stage writes.")
   flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs every stage and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -20,12 +20,12 @@ from absl import app, flags
 from flax import nnx
 
 from wakea_jax import logs
-from wakea_jax.checkpoints import export, hf
+from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
-from wakea_jax.data import tokenizer as tokenizer_lib
+from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids, tokenizer_from
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
-from wakea_jax.toolbox import default_router
+from wakea_jax.toolbox.registry import default_router
 
 # Flags are defined when run as a binary only: other binaries (convert) define --checkpoint
 # too, and tests import both modules into one process.
@@ -50,16 +50,6 @@ def _define_flags() -> None:
                     "off for models trained without them.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
-def load_checkpoint(path: str | pathlib.Path):
-  path = pathlib.Path(path)
-  if (path / "model_config.json").exists():
-    return export.load_model_dir(path)
-  if (path / "config.json").exists():
-    return hf.load_model(path)
-  raise FileNotFoundError(f"--checkpoint={path}: neither a wakea_jax model directory "
-                          "(model_config.json) nor a Hugging Face directory (config.json)")
-
-
 def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", system: str = "",
         tools: Sequence[str] = ("calculator",), temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, max_new_tokens: int = 128, max_tool_calls: int = 2,
@@ -68,14 +58,15 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
   """Samples a reply for each prompt; returns (transcripts, raw output)."""
   if not prompts:
     raise ValueError("no prompts given (--prompt or --prompts_file)")
-  tok = (tokenizer_lib.load_tokenizer(tokenizer_path) if tokenizer_path
-         else tokenizer_lib.default_tokenizer())
-  model = load_checkpoint(checkpoint)
+  tok = tokenizer_from(tokenizer_path)
+  try:
+    model = loader.load_model(checkpoint)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"--checkpoint: {e}") from None
   graphdef, params = nnx.split(model)
   router = default_router(enabled=tuple(tools))
-  stop_ids = tuple(i for i in (tok.token_to_id(tokenizer_lib.IM_END), tok.eos_id) if i is not None)
   sampler = Sampler(graphdef, model.config, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stop_ids=stop_ids, pad_id=tok.pad_id or 0)
+                    stop_ids=chat_stop_ids(tok), pad_id=chat_pad_id(tok))
   tool_schemas = router.tool_schemas() if tools and tool_schemas_in_prompt else None
   prompt_ids = []
   for text in prompts:
@@ -91,6 +82,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
 
 
 def main(argv: Sequence[str]) -> None:
+  """Samples and prints a transcript per prompt."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.checkpoint:

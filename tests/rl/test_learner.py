@@ -1,37 +1,25 @@
 """The RL learner end to end on a tiny from-scratch model: GRPO variants, PPO, resume."""
 
-import importlib.util
 import pathlib
 
+import chex
 import jax
 import numpy as np
 import pytest
 
+from wakea_jax import trainers
+from wakea_jax.checkpoints.manager import CheckpointManager
+from wakea_jax.config_files import get_config
 from wakea_jax.rl import learner as learner_lib
 from wakea_jax.train import metrics as metrics_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def _config(name, variant="test", **overrides):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return get_config(f"{name}:{variant}", **overrides)
 
 
 def _params(workdir):
-  config = _config("grpo")
-  learner = learner_lib.Learner(config, pathlib.Path(workdir))
-  learner.checkpoints = None
-  from wakea_jax.checkpoints.manager import CheckpointManager
+  learner = trainers.make_learner(_config("grpo"), workdir)
   manager = CheckpointManager(pathlib.Path(workdir) / "checkpoints")
   state, _, _ = manager.restore(learner.state)
   manager.close()
@@ -39,7 +27,7 @@ def _params(workdir):
 
 
 def test_grpo_runs_logs_and_checkpoints(tmp_path):
-  last = learner_lib.run(_config("grpo"), tmp_path)
+  last = trainers.run(_config("grpo"), tmp_path)
   for key in ("reward_mean", "reward_std", "reward/math_mean", "zero_variance_fraction",
               "clip_fraction", "approx_kl", "entropy", "response_length",
               "logprob_gap_sampler_trainer", "time/rollout_s", "time/reward_s",
@@ -53,13 +41,14 @@ def test_grpo_runs_logs_and_checkpoints(tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [2, 4]
   # A finished run resumes to "nothing to do".
-  again = learner_lib.run(_config("grpo"), tmp_path)
+  again = trainers.run(_config("grpo"), tmp_path)
   assert again == {}
 
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-  overrides = {"rl.checkpoint_every": 1, "rl.eval_every": 100, "eval.at_start": False}
-  learner_lib.run(_config("grpo", **overrides), tmp_path / "straight")
+  overrides = {"train.checkpoint_every": 1, "train.eval_every": 100,
+               "train.eval_at_start": False}
+  trainers.run(_config("grpo", **overrides), tmp_path / "straight")
 
   original = learner_lib.Learner.step
 
@@ -70,11 +59,10 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
 
   monkeypatch.setattr(learner_lib.Learner, "step", crash_at_3)
   with pytest.raises(KeyboardInterrupt):
-    learner_lib.run(_config("grpo", **overrides), tmp_path / "resumed")
+    trainers.run(_config("grpo", **overrides), tmp_path / "resumed")
   monkeypatch.setattr(learner_lib.Learner, "step", original)
-  learner_lib.run(_config("grpo", **overrides), tmp_path / "resumed")
-  for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "resumed")):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  trainers.run(_config("grpo", **overrides), tmp_path / "resumed")
+  chex.assert_trees_all_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
 
 
 @pytest.mark.parametrize("variant_overrides", [
@@ -87,8 +75,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     {"loss.kl_beta": 0.05, "loss.kl_estimator": "k3", "rl.advantage": "rloo"},
 ])
 def test_grpo_family_variants_run(tmp_path, variant_overrides):
-  overrides = {"rl.steps": 2, "eval.at_start": False, **variant_overrides}
-  last = learner_lib.run(_config("grpo", **overrides), tmp_path)
+  overrides = {"train.steps": 2, "train.eval_at_start": False, **variant_overrides}
+  last = trainers.run(_config("grpo", **overrides), tmp_path)
   assert np.isfinite(last["loss"]) and np.isfinite(last["grad_norm"])
   if "loss.kl_beta" in variant_overrides:
     assert "ref_kl" in last and last["ref_kl"] >= 0.0
@@ -97,8 +85,8 @@ def test_grpo_family_variants_run(tmp_path, variant_overrides):
 
 
 def test_ppo_runs_with_a_value_head(tmp_path):
-  config = _config("ppo", **{"rl.steps": 2, "eval.at_start": False})
-  learner = learner_lib.Learner(config, tmp_path)
+  config = _config("ppo", **{"train.steps": 2, "train.eval_at_start": False})
+  learner = trainers.make_learner(config, tmp_path)
   assert learner.model_config.value_head
   last = learner.train()
   assert np.isfinite(last["value_mse"]) and np.isfinite(last["loss"])
@@ -107,18 +95,18 @@ def test_ppo_runs_with_a_value_head(tmp_path):
 
 def test_bad_config_errors(tmp_path):
   with pytest.raises(ValueError, match="rl.prompts_per_step"):
-    learner_lib.run(_config("grpo", **{"rl.prompts_per_step": 0}), tmp_path)
+    trainers.run(_config("grpo", **{"rl.prompts_per_step": 0}), tmp_path)
   with pytest.raises(ValueError, match="rl.advantage"):
-    learner_lib.run(_config("grpo", **{"rl.advantage": "nope"}), tmp_path)
+    trainers.run(_config("grpo", **{"rl.advantage": "nope"}), tmp_path)
 
 
 def test_grpo_with_the_tool_loop_in_rollouts(tmp_path):
   """The `tools` path: rollouts go through run_tool_loop (a random tiny model rarely calls a
   tool; the masking of tool tokens is tested in test_rollout.py and sampling/test_tool_loop)."""
-  config = _config("grpo", **{"rl.steps": 1, "eval.at_start": False,
+  config = _config("grpo", **{"train.steps": 1, "train.eval_at_start": False,
                               "rollout.tools": ("calculator",), "rollout.max_tool_calls": 1,
                               "rollout.max_tool_tokens": 32})
-  learner = learner_lib.Learner(config, tmp_path)
+  learner = trainers.make_learner(config, tmp_path)
   assert learner.router is not None and "calculator" in learner.router.tools
   last = learner.train()
   assert np.isfinite(last["loss"]) and "tool_calls" in last

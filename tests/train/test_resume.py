@@ -1,7 +1,6 @@
 """End-to-end SFT runs: exact resume after SIGKILL, and the NaN guard keeping the last
 good checkpoint."""
 
-import json
 import os
 import pathlib
 import signal
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import metrics as metrics_lib
+from wakea_jax.train import supervised
 from wakea_jax.train.state import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -104,8 +103,6 @@ class _FakeIterator:
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-
   def train_step(state, batch):
     del batch
     finite = int(state.step) + 1 != 7  # the 7th step produces a NaN
@@ -113,18 +110,26 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     return new, {"loss_sum": np.float32(1.0 if finite else np.nan), "weight": np.float32(1.0),
                  "grad_norm": np.float32(1.0), "finite": finite}
 
+  iterator = _FakeIterator()
+
+  def step_fn(state, step):
+    del step
+    batch = next(iterator)
+    state, out = train_step(state, batch)
+    return state, {k: float(v) for k, v in out.items()}, float(batch["input_ids"].size)
+
   state = TrainState(step=jnp.asarray(0, jnp.int32), params={"w": jnp.zeros(2)}, frozen={},
                      opt_state=(), rng=jnp.zeros(2, jnp.uint32))
   manager = CheckpointManager(tmp_path / "ckpt", keep=2)
   writer = metrics_lib.create_writer(tmp_path)
-  config = loop_lib.LoopConfig(steps=20, log_every=1, eval_every=100, checkpoint_every=5)
+  config = loop_lib.TrainConfig(steps=20, log_every=1, eval_every=100, checkpoint_every=5)
   with pytest.raises(loop_lib.NonFiniteLossError,
                      match=r"at step 7 .*Last good checkpoint: step 5 in"):
     loop_lib.train_loop(
-        state=state, train_step=train_step, eval_step=None, train_iter=_FakeIterator(),
-        eval_batches=[], config=config, checkpoints=manager, writer=writer, mesh=mesh,
-        rules=(("act_batch", None),), flops_per_token=1.0)
+        state=state, step_fn=step_fn, data=iterator, summarize=supervised.sums_summary,
+        config=config, checkpoints=manager, writer=writer, flops_per_token=1.0)
   assert manager.latest_step() == 5
-  assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 7))
+  records = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 7))
   writer.close()
   manager.close()

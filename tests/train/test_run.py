@@ -1,27 +1,20 @@
 """run(): LoRA / QLoRA fine-tuning of an imported checkpoint, and the merged export."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from wakea_jax.checkpoints import export, hf
+from wakea_jax.config_files import get_config
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
 from wakea_jax.train import metrics as metrics_lib
-from wakea_jax.train.run import run
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from wakea_jax.trainers import run
 
 
 def _sft_config(variant):
-  spec = importlib.util.spec_from_file_location("sft_config", ROOT / "configs/sft.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return get_config(f"sft:{variant}")
 
 
 @pytest.mark.parametrize("variant", ["lora", "qlora"])

@@ -1,5 +1,6 @@
 """Train step: exact gradient accumulation, token weighting, NaN guard, sharding."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,7 @@ def test_sft_loss_matches_numpy():
   z_sum, _ = sft_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z_loss=0.1)
   np.testing.assert_allclose(z_sum, expected + 0.1 * (log_z ** 2 * mask).sum(), rtol=1e-5)
   # Gradient: softmax - onehot on masked rows (the textbook form, independent of our code).
-  grad = jax.grad(lambda l: sft_loss(l, jnp.asarray(targets), jnp.asarray(mask))[0])(
+  grad = jax.grad(lambda x: sft_loss(x, jnp.asarray(targets), jnp.asarray(mask))[0])(
       jnp.asarray(logits))
   onehot = np.eye(7)[targets]
   np.testing.assert_allclose(grad, (np.exp(logp) - onehot) * mask[..., None], atol=1e-6)
@@ -74,8 +75,7 @@ def test_gradient_accumulation_is_exact(accum):
                              rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
   assert float(m1["weight"]) == float(m2["weight"]) == batch["loss_mask"].sum()
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, atol=1e-7)
+  chex.assert_trees_all_close(s1.params, s2.params, atol=1e-7, rtol=0)
   assert int(s1.step) == int(s2.step) == 1
 
 
@@ -108,10 +108,8 @@ def test_non_finite_step_changes_nothing():
   new_state, metrics = jax.jit(step_lib.make_train_step(graphdef, optimizer))(state, batch)
   assert not bool(metrics["finite"])
   assert int(new_state.step) == 0
-  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(state.opt_state)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(new_state.params, state.params)
+  chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
 
 
 def test_sharded_donated_step_equals_single_device():
@@ -128,8 +126,7 @@ def test_sharded_donated_step_equals_single_device():
     new_state, metrics = step(sharded, mesh_lib.shard_batch(batch, mesh))
   assert all(x.is_deleted() for x in jax.tree.leaves(sharded.params))  # donated
   np.testing.assert_allclose(metrics["loss_sum"], ref_metrics["loss_sum"], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-5, rtol=0)
   for a, s in zip(jax.tree.leaves(new_state), jax.tree.leaves(shardings)):
     assert a.sharding == s
 

@@ -80,14 +80,17 @@ class Tokenizer(Protocol):
 
   @property
   def bos_id(self) -> int | None:
+    """Beginning-of-sequence id, or None if the tokenizer has none."""
     ...
 
   @property
   def eos_id(self) -> int | None:
+    """End-of-sequence id, or None if the tokenizer has none."""
     ...
 
   @property
   def pad_id(self) -> int | None:
+    """Padding id, or None if the tokenizer has none (callers choose their own fallback)."""
     ...
 
   @property
@@ -96,9 +99,11 @@ class Tokenizer(Protocol):
     ...
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Ids of `text`, BOS/EOS only when asked; special-token text becomes its single id."""
     ...
 
   def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    """Text of `ids`; `skip_special` drops the ids of `special_ids`, else every id is rendered."""
     ...
 
   def token_to_id(self, piece: str) -> int | None:
@@ -231,11 +236,13 @@ class SentencePieceTokenizer(_TokenizerIds):
     self._special_id_set = frozenset(special.values())
 
   def token_to_id(self, piece: str) -> int | None:
+    """Id of the piece with exactly this text, or None (SentencePiece alone would answer UNK)."""
     token_id = self._sp.piece_to_id(piece)
     # piece_to_id answers UNK for anything unknown; only an exact match is a real entry.
     return token_id if self._sp.id_to_piece(token_id) == piece else None
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Ids of `text`, BOS/EOS only when asked; a literal U+2581 is kept (as byte pieces)."""
     if not isinstance(text, str):
       raise TypeError(f"encode expects str, got {type(text).__name__}")
     if _SP_SPACE in text and self._sp_space_ids:
@@ -257,6 +264,7 @@ class SentencePieceTokenizer(_TokenizerIds):
     return ids
 
   def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    """Text of `ids`; control and UNK ids render as their piece text unless `skip_special`."""
     ids = _checked_ids(ids, self._vocab_size)
     if skip_special:
       ids = [i for i in ids if i not in self._special_id_set]
@@ -370,15 +378,18 @@ class HFTokenizer(_TokenizerIds):
     return named
 
   def token_to_id(self, piece: str) -> int | None:
+    """Id of the vocabulary entry or added token with exactly this text, or None."""
     return self._tok.token_to_id(piece)
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Ids of `text` without the post-processor template; BOS/EOS only when asked."""
     if not isinstance(text, str):
       raise TypeError(f"encode expects str, got {type(text).__name__}")
     ids = self._tok.encode(text, add_special_tokens=False).ids
     return _with_bos_eos(ids, self, add_bos, add_eos, self._json_path)
 
   def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    """Text of `ids`; `skip_special` drops the ids of `special_ids`, else every id is rendered."""
     ids = _checked_ids(ids, self._vocab_size)
     if skip_special:
       ids = [i for i in ids if i not in self._special_id_set]
@@ -419,3 +430,21 @@ def default_tokenizer() -> SentencePieceTokenizer:
     Cached: tokenizers are immutable after construction, so one instance can be shared.
     """
   return SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH)
+
+
+def tokenizer_from(path: str | os.PathLike[str] | None) -> SentencePieceTokenizer | HFTokenizer:
+  """`load_tokenizer(path)`, or the bundled tokenizer when `path` is empty (config.tokenizer)."""
+  return load_tokenizer(path) if path else default_tokenizer()
+
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """The ids that end an assistant turn when sampling chats: end of turn and EOS."""
+  return tuple(i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id)
+               if i is not None and i >= 0)
+
+
+def chat_pad_id(tokenizer: Tokenizer) -> int:
+  """The tokenizer's pad id, or 0 when it has none (padding is masked either way)."""
+  pad = tokenizer.pad_id
+  return pad if pad is not None and pad >= 0 else 0

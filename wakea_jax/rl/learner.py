@@ -1,12 +1,13 @@
 """The RL learner: prompts -> sampler (G completions, tool loop) -> rewards -> advantages ->
-jitted updates -> metrics -> checkpoints; resumable like SFT.
+jitted updates, driven by the shared training loop (checkpoints, evaluation, metrics, NaN
+guard, progress) and built by the shared run setup.
 
     python -m wakea_jax.train --config=configs/grpo.py:arithmetic --workdir=/tmp/grpo
     python -m wakea_jax.train --config=configs/ppo.py:arithmetic --workdir=/tmp/ppo
 
 One RL step:
-  1. rollout   `rollout.prompts_per_step` prompts x `rollout.group_size` completions from
-               the current policy (jitted prefill + while_loop decode; with tools, the tool
+  1. rollout   `rl.prompts_per_step` prompts x `rollout.group_size` completions from the
+               current policy (jitted prefill + while_loop decode; with tools, the tool
                loop runs each call and injects its result into that row's cache).
   2. reward    host-side rewards per completion (`rewards.build_reward(config.reward)`).
                DAPO dynamic sampling (arXiv 2503.14476 §3.2): groups whose rewards do not
@@ -21,7 +22,8 @@ One RL step:
                shuffled minibatches, one optimizer step each (the jitted, donated step of
                train/step.py with the GRPO or PPO loss).
 Checkpoints hold the train state and the prompt iterator's position; the rollout RNG is
-derived from (seed, step), so a resumed run continues exactly.
+derived from (seed, step), so a resumed run continues exactly. `config.train` sets the
+cadence (steps are RL steps), as for every other objective.
 """
 
 from __future__ import annotations
@@ -30,21 +32,15 @@ import dataclasses
 import functools
 import pathlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import logging
-from flax import nnx
 
-from wakea_jax import config_lib
-from wakea_jax import toolbox
-from wakea_jax.checkpoints.manager import CheckpointManager
-from wakea_jax.data import tokenizer as tokenizer_lib
-from wakea_jax.models import lora as lora_lib
-from wakea_jax.models import transformer
+from wakea_jax.data.config import pooled_specs
+from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids
 from wakea_jax.objectives import grpo as grpo_lib
 from wakea_jax.objectives import ppo as ppo_lib
 from wakea_jax.parallel import mesh as mesh_lib
@@ -56,16 +52,16 @@ from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl import update as update_lib
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.train import loop as loop_lib
-from wakea_jax.train import metrics as metrics_lib
-from wakea_jax.train import optimizer as opt_lib
-from wakea_jax.train import run as run_lib
-from wakea_jax.train import state as state_lib
-from wakea_jax.train import step as step_lib
+from wakea_jax.train import setup as setup_lib
+from wakea_jax.train.state import TrainState
+
+OBJECTIVES = ("grpo", "ppo")
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  steps: int = 100
+  """config.rl: what one RL step does (the cadence is config.train's)."""
+
   prompts_per_step: int = 16
   num_iterations: int = 1          # passes over each batch of rollouts (GRPO's mu)
   minibatches: int = 1             # optimizer steps per pass
@@ -73,16 +69,9 @@ class RLConfig:
   dynamic_sampling: bool = False
   max_sampling_rounds: int = 3
   overlong_filter: bool = False
-  log_every: int = 1
-  eval_every: int = 25
-  checkpoint_every: int = 25
-  keep_checkpoints: int = 2
-  async_checkpoint: bool = True
 
   def __post_init__(self) -> None:
-    for name in ("steps", "prompts_per_step", "num_iterations", "minibatches",
-                 "max_sampling_rounds", "log_every", "eval_every", "checkpoint_every",
-                 "keep_checkpoints"):
+    for name in ("prompts_per_step", "num_iterations", "minibatches", "max_sampling_rounds"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
     if self.advantage not in adv_lib.ADVANTAGE_ESTIMATORS:
@@ -90,141 +79,88 @@ class RLConfig:
                        f"{sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
 
 
-def sampling_ids(tokenizer: tokenizer_lib.Tokenizer) -> tuple[tuple[int, ...], int]:
-  """(stop ids: end of turn and eos, pad id) for chat rollouts."""
-  stop_ids = tuple(i for i in (tokenizer.token_to_id(tokenizer_lib.IM_END), tokenizer.eos_id)
-                   if i is not None and i >= 0)
-  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
-  return stop_ids, pad_id
+@dataclasses.dataclass(frozen=True)
+class RLRunConfig:
+  """The RL-specific sections beside the shared RunConfig."""
+
+  rl: RLConfig = RLConfig()
+  rollout: rollout_lib.RolloutConfig = rollout_lib.RolloutConfig()
+  loss: grpo_lib.LossConfig = grpo_lib.LossConfig()
+  ppo: ppo_lib.PPOConfig | None = None           # PPO runs only
+  eval: eval_lib.EvalConfig = eval_lib.EvalConfig()
+  reward: Mapping[str, Any] = dataclasses.field(
+      default_factory=lambda: {"math": {"weight": 1.0}})   # rewards.build_reward spec
 
 
-def router_from(config: ml_collections.ConfigDict) -> toolbox.Router | None:
-  """The tool router for `config.rollout.tools` (None: rollouts without tools)."""
-  tools = tuple(config.rollout.tools)
-  return toolbox.default_router(enabled=tools) if tools else None
-
-
-def correctness_fn(config: ml_collections.ConfigDict) -> eval_lib.CorrectFn:
-  """samples -> [n] raw values of the reward named by config.eval.correct_reward."""
-  reward = rewards_lib.build_reward({config.eval.correct_reward: {"weight": 1.0}})
-  return lambda samples: reward(samples)[0]
-
-
-def eval_config_from(config: ml_collections.ConfigDict) -> eval_lib.EvalConfig:
-  e = config.eval
-  return eval_lib.EvalConfig(num_samples=e.num_samples, pass_k=tuple(e.pass_k),
-                             temperature=e.temperature)
-
-
-def rollout_config_from(config: ml_collections.ConfigDict) -> rollout_lib.RolloutConfig:
-  names = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
-  return rollout_lib.RolloutConfig(
-      **{k: v for k, v in config.rollout.to_dict().items() if k in names})
-
-
-def add_value_head(model: transformer.Transformer, seed: int, mesh: jax.sharding.Mesh,
-                   rules: mesh_lib.Rules) -> transformer.Transformer:
-  """The same model with a freshly initialised value head (zero output at the start)."""
-  config = dataclasses.replace(model.config, value_head=True)
-  fresh = transformer.create_model(config, seed=seed, mesh=mesh, rules=rules)
-  fresh.value_head[...] = jnp.zeros_like(fresh.value_head[...])
-  nnx.update(fresh, nnx.state(model))
-  return fresh
+def _check(objective: str, rl_run: RLRunConfig) -> None:
+  if objective not in OBJECTIVES:
+    raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {objective!r}")
+  if objective == "ppo":
+    if rl_run.ppo is None:
+      raise ValueError("objective 'ppo' needs the config.ppo section")
+    # The value loss is a token mean; the policy loss must share its denominator, and the
+    # KL to the reference is a reward penalty in PPO (ppo.kl_beta), not a loss term.
+    if rl_run.loss.aggregation != "token_mean":
+      raise ValueError(f"PPO needs loss.aggregation='token_mean', got "
+                       f"{rl_run.loss.aggregation!r}")
+    if rl_run.loss.kl_beta:
+      raise ValueError("PPO puts the KL in the reward: set ppo.kl_beta, not loss.kl_beta")
 
 
 class Learner:
-  """Holds everything one RL run needs; `run()` below drives it from a config."""
+  """Holds everything one RL run needs; `train()` runs it through the shared loop."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
-    self.config = config
-    self.workdir = workdir
-    self.objective = config.objective
-    if self.objective not in ("grpo", "ppo"):
-      raise ValueError(f"config.objective must be 'grpo' or 'ppo', got {self.objective!r}")
-    self.mesh = config_lib.mesh_from(config)
-    self.rules = config_lib.rules_from(config)
-    self.rl = RLConfig(**config.rl.to_dict())
-    self.rollout_config = rollout_config_from(config)
-    self.loss_config = grpo_lib.PolicyLossConfig(**config.loss.to_dict())
-    self.ppo_config = (ppo_lib.PPOConfig(**config.ppo.to_dict())
-                       if self.objective == "ppo" else None)
+  def __init__(self, run: setup_lib.RunConfig, rl_run: RLRunConfig, workdir: pathlib.Path):
+    _check(run.objective, rl_run)
+    self.run = run
+    self.workdir = pathlib.Path(workdir)
+    self.objective = run.objective
+    self.rl = rl_run.rl
+    self.rollout = rl_run.rollout
+    self.eval_config = rl_run.eval
+    self.ppo_config = rl_run.ppo if self.objective == "ppo" else None
     if self.ppo_config is not None:
-      # The value loss is a token mean; the policy loss must share its denominator, and the
-      # KL to the reference is a reward penalty in PPO (ppo.kl_beta), not a loss term.
-      if self.loss_config.aggregation != "token_mean":
-        raise ValueError("PPO needs loss.aggregation='token_mean', got "
-                         f"{self.loss_config.aggregation!r}")
-      if self.loss_config.kl_beta:
-        raise ValueError("PPO puts the KL in the reward: set ppo.kl_beta, not loss.kl_beta")
-    self.tokenizer = (tokenizer_lib.load_tokenizer(config.tokenizer) if config.tokenizer
-                      else tokenizer_lib.default_tokenizer())
-    self._build_model()
-    self._build_sampling()
-    self.reward = rewards_lib.build_reward(config.reward.to_dict())
-    self.correct = correctness_fn(config)
-    self.prompts = prompts_lib.PromptIterator(prompts_lib.load_prompts(config.data.prompts),
-                                              self.rl.prompts_per_step, seed=config.seed)
-    self.eval_prompts = (prompts_lib.load_prompts(config.data.eval_prompts)
-                         if config.data.eval_prompts else [])
-
-  # ------------------------------------------------------------------------------------
-  # Construction
-  # ------------------------------------------------------------------------------------
-
-  def _build_model(self) -> None:
-    config = self.config
-    model, lora_config = run_lib.build_model(config, self.mesh, self.rules,
-                                             tokenizer=self.tokenizer)
-    if self.objective == "ppo" and not model.config.value_head:
-      if lora_config is not None:
-        raise ValueError("PPO with LoRA needs a model that already has a value head")
-      model = add_value_head(model, config.seed, self.mesh, self.rules)
-    self.model_config = model.config
-    self.lora_config = lora_config
-    rl = self.rl
-    self.total_updates = rl.steps * rl.num_iterations * rl.minibatches
-    optimizer_config = opt_lib.OptimizerConfig(**config.optimizer.to_dict())
-    optimizer = opt_lib.make_optimizer(optimizer_config, self.total_updates)
-    schedule = opt_lib.learning_rate_schedule(optimizer_config, self.total_updates)
-    self.graphdef, self.state = state_lib.create_train_state(
-        model, optimizer, trainable=lora_lib.trainable_filter(lora_config), seed=config.seed)
-    del model
-    # The reference policy is the initial one; kept only when a KL term needs it.
-    kl_beta = self.ppo_config.kl_beta if self.ppo_config else self.loss_config.kl_beta
-    self.reference = (jax.tree.map(jnp.copy, self.state.params) if kl_beta > 0 else None)
-    if self.objective == "ppo":
-      loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=self.loss_config,
+      loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=rl_run.loss,
                                   ppo_config=self.ppo_config)
     else:
-      loss_fn = functools.partial(update_lib.policy_loss_fn, loss_config=self.loss_config)
-    self.train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(self.graphdef, optimizer, loss_fn,
-                                 accum_steps=config.grad_accum, schedule=schedule),
-        state_lib.state_shardings(self.state))
-    self.score = update_lib.make_score_fn(self.graphdef)
-
-  def _build_sampling(self) -> None:
-    r = self.config.rollout
-    self.stop_ids, self.pad_id = sampling_ids(self.tokenizer)
-    self.sampler = Sampler(self.graphdef, self.model_config, temperature=r.temperature,
+      loss_fn = functools.partial(update_lib.policy_loss_fn, loss_config=rl_run.loss)
+    rl = self.rl
+    self.built = setup_lib.setup(
+        run, loss_fn, total_updates=run.train.steps * rl.num_iterations * rl.minibatches,
+        value_head=self.ppo_config is not None)
+    self.state = self.built.state
+    self.tokenizer = self.built.tokenizer
+    self.model_config = self.built.model_config
+    # The reference policy is the initial one; kept only when a KL term needs it.
+    kl_beta = self.ppo_config.kl_beta if self.ppo_config else rl_run.loss.kl_beta
+    self.reference = jax.tree.map(jnp.copy, self.state.params) if kl_beta > 0 else None
+    self.score = update_lib.make_score_fn(self.built.graphdef)
+    self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
+    r = self.rollout
+    self.sampler = Sampler(self.built.graphdef, self.model_config, temperature=r.temperature,
                            top_k=r.top_k, top_p=r.top_p, stop_ids=self.stop_ids,
                            pad_id=self.pad_id, chunk_steps=r.chunk_steps)
-    self.router = router_from(self.config)
+    self.router = rollout_lib.router_for(r)
+    self.reward = rewards_lib.build_reward(rl_run.reward)
+    self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
+    data = run.data
+    self.prompts = prompts_lib.PromptIterator(
+        prompts_lib.load_prompts(pooled_specs(data.sources)), rl.prompts_per_step,
+        seed=run.seed)
+    self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources,
+                                                               "eval_sources"))
+                         if data.eval_sources else [])
 
-  def policy_params(self) -> nnx.State:
+  def policy_params(self) -> Any:
     """One state (trainable + frozen) for the sampler, which merges with the same graphdef."""
-    return nnx.merge_state(self.state.params, self.state.frozen)
-
-  # ------------------------------------------------------------------------------------
-  # One step
-  # ------------------------------------------------------------------------------------
+    return self.built.policy_params(self.state)
 
   def collect(self, step: int) -> tuple[rollout_lib.Rollouts, np.ndarray, dict[str, np.ndarray],
                                         np.ndarray, dict[str, float]]:
     """Rollouts with rewards; (rollouts, total [n], components, group_keep [P], stats)."""
-    rl, g = self.rl, self.rollout_config.group_size
+    rl, g = self.rl, self.rollout.group_size
     params = self.policy_params()
-    key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+    key = jax.random.fold_in(jax.random.key(self.run.seed + 1), step)
     parts: list[rollout_lib.Rollouts] = []
     totals: list[np.ndarray] = []
     comps: list[dict[str, np.ndarray]] = []
@@ -238,7 +174,7 @@ class Learner:
     while True:
       prompts = self.prompts.take(need)
       rollouts = rollout_lib.generate_rollouts(
-          self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout_config,
+          self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
       t_reward = time.perf_counter()
       total, components = self.reward(rollouts.samples(), step)
@@ -271,10 +207,11 @@ class Learner:
     return merged, all_total, all_comps, keep, stats
 
   def step(self, step: int) -> dict[str, float]:
+    """One RL step (rollout, reward, score, update) on `self.state`; host metrics."""
     t0 = time.perf_counter()
     rollouts, total, components, keep, stats = self.collect(step)
     t1 = time.perf_counter()
-    g = self.rollout_config.group_size
+    g = self.rollout.group_size
     batch = rollout_lib.to_batch(rollouts, pad_id=self.pad_id, width_multiple=32)
     mask = batch["loss_mask"]
     mask *= np.repeat(keep, g)[:, None]
@@ -282,8 +219,8 @@ class Learner:
     if self.rl.overlong_filter:
       mask *= ~truncated[:, None]
     sampler_logprobs = batch.pop("sampler_logprobs")
-    device_batch = mesh_lib.shard_batch(batch, self.mesh, self.rules)
-    with mesh_lib.logical_rules(self.mesh, self.rules):
+    device_batch = mesh_lib.shard_batch(batch, self.built.mesh, self.built.rules)
+    with mesh_lib.logical_rules(self.built.mesh, self.built.rules):
       old_logprobs, old_values = self.score(self.state.params, self.state.frozen, device_batch)
       ref_logprobs = (self.score(self.reference, self.state.frozen, device_batch)[0]
                       if self.reference is not None else None)
@@ -313,6 +250,8 @@ class Learner:
     lengths = np.array([len(c) - m.sum() for c, m in zip(rollouts.completion_ids,
                                                          rollouts.tool_mask)], np.float32)
     metrics = {
+        "finite": sums.pop("finite", 1.0),
+        "generated_tokens": float(lengths.sum()),
         "reward_mean": float(total.mean()), "reward_std": float(total.std()),
         **{f"reward/{k}_mean": float(v.mean()) for k, v in components.items()},
         **{f"reward/{k}_std": float(v.std()) for k, v in components.items()},
@@ -344,91 +283,81 @@ class Learner:
       raise ValueError(f"{n} rollout rows cannot be split into rl.minibatches="
                        f"{rl.minibatches}")
     size = n // rl.minibatches
-    rng = np.random.default_rng([self.config.seed, step])
+    rng = np.random.default_rng([self.run.seed, step])
     totals: dict[str, float] = {}
+    updates = 0
     for _ in range(rl.num_iterations):
       order = rng.permutation(n) if rl.minibatches > 1 else np.arange(n)
       for m in range(rl.minibatches):
         rows = order[m * size:(m + 1) * size]
         mb = {k: v[rows] for k, v in batch.items()}
-        with mesh_lib.logical_rules(self.mesh, self.rules):
-          self.state, out = self.train_step(self.state,
-                                            mesh_lib.shard_batch(mb, self.mesh, self.rules))
+        mesh, rules = self.built.mesh, self.built.rules
+        with mesh_lib.logical_rules(mesh, rules):
+          self.state, out = self.built.train_step(self.state,
+                                                  mesh_lib.shard_batch(mb, mesh, rules))
         host = {k: float(v) for k, v in jax.device_get(out).items()}
-        if not host.pop("finite", 1.0):
-          raise loop_lib.NonFiniteLossError(
-              f"non-finite RL loss or gradient at step {step + 1}; the update was not "
-              f"applied. Last good checkpoint: {self.checkpoints.latest_step()} in "
-              f"{self.checkpoints.directory}")
+        finite = host.pop("finite", 1.0)
         for k, v in host.items():
           totals[k] = totals.get(k, 0.0) + v
-    updates = rl.num_iterations * rl.minibatches
+        updates += 1
+        if not finite:  # not applied; the loop stops the run, naming the last checkpoint
+          totals["finite"] = 0.0
+          return self._averaged(totals, updates)
+    return self._averaged(totals, updates)
+
+  @staticmethod
+  def _averaged(totals: dict[str, float], updates: int) -> dict[str, float]:
     for k in ("grad_norm", "learning_rate"):
       if k in totals:
-        totals[k] /= updates
+        totals[k] /= max(updates, 1)
     return totals
 
   # ------------------------------------------------------------------------------------
-  # Evaluation, checkpoints, the loop
+  # Evaluation and the loop
   # ------------------------------------------------------------------------------------
 
   def evaluate(self) -> dict[str, Any]:
-    result = eval_lib.evaluate_policy(
-        self.graphdef, self.policy_params(), self.eval_prompts, tokenizer=self.tokenizer,
-        rollout=self.rollout_config, correct=self.correct,
-        config=eval_config_from(self.config),
-        router=self.router, stop_ids=self.stop_ids, pad_id=self.pad_id, seed=self.config.seed,
+    """Greedy accuracy and pass@k of the current policy on the held-out prompts."""
+    return eval_lib.evaluate_policy(
+        self.built.graphdef, self.policy_params(), self.eval_prompts, tokenizer=self.tokenizer,
+        rollout=self.rollout, correct=self.correct, config=self.eval_config,
+        router=self.router, stop_ids=self.stop_ids, pad_id=self.pad_id, seed=self.run.seed,
         model_config=self.model_config)
-    return result
 
   def train(self) -> dict[str, float]:
-    rl = self.rl
-    self.checkpoints = CheckpointManager(
-        self.workdir / "checkpoints", keep=rl.keep_checkpoints,
-        best_metric="eval_greedy_accuracy" if self.eval_prompts else None, best_mode="max",
-        async_save=rl.async_checkpoint)
-    writer, meta = run_lib.start_run_files(self.config, self.workdir, self.model_config)
-    start = self.checkpoints.latest_step() or 0
-    if start:
-      self.state, data_state, _ = self.checkpoints.restore(self.state)
-      self.prompts.set_state(data_state["prompts"])
-      logging.info("resumed from RL step %d in %s", start, self.checkpoints.directory)
-    last: dict[str, float] = {}
+    """Runs (or resumes) the run to config.train.steps, exports, returns the last scalars."""
+    checkpoints = setup_lib.checkpoint_manager(
+        self.run, self.workdir,
+        best_metric="eval_greedy_accuracy" if self.eval_prompts else None, best_mode="max")
+    writer, meta = setup_lib.start_run_files(self.run, self.workdir, self.model_config)
+
+    def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict[str, float], float]:
+      self.state = state
+      metrics = self.step(step)
+      return self.state, metrics, metrics.pop("generated_tokens", 0.0)
+
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+      self.state = state
+      result = self.evaluate()
+      writer.write_texts(step, {"eval_example": "\n\n".join(f"{p}\n=> {c}"
+                                                            for p, c in result["examples"])})
+      return {f"eval_{k}": float(v) for k, v in result.items() if k != "examples"}
+
     try:
-      if start == 0 and self.eval_prompts and self.config.eval.at_start:
-        last.update(self._eval_scalars(writer, 0))
-      for step in range(start, rl.steps):
-        metrics = self.step(step)
-        done = step + 1
-        scalars = metrics if done % rl.log_every == 0 or done == rl.steps else {}
-        eval_scalars: dict[str, float] = {}
-        if self.eval_prompts and (done % rl.eval_every == 0 or done == rl.steps):
-          eval_scalars = self._eval_scalars(writer, done)
-        if scalars:
-          writer.write_scalars(done, scalars)
-        last.update(metrics)
-        last.update(eval_scalars)
-        if done % rl.checkpoint_every == 0 or done == rl.steps:
-          self.checkpoints.save(done, self.state, data_state={"prompts": self.prompts.get_state()},
-                                meta=meta, metrics=eval_scalars)
+      self.state, last = loop_lib.train_loop(
+          state=self.state, step_fn=step_fn, data=self.prompts,
+          summarize=loop_lib.mean_summary, evaluate=evaluate if self.eval_prompts else None,
+          config=self.run.train, checkpoints=checkpoints, writer=writer, meta=meta)
     finally:
-      self.checkpoints.close()
+      checkpoints.close()
       writer.close()
-    run_lib.export_trained(self.config, self.graphdef, self.state, self.lora_config,
-                           self.workdir / "export")
+    setup_lib.export_trained(self.built, self.state, self.workdir / "export")
     return last
 
-  def _eval_scalars(self, writer: metrics_lib.MetricWriter, step: int) -> dict[str, float]:
-    result = self.evaluate()
-    scalars = {f"eval_{k}": float(v) for k, v in result.items() if k != "examples"}
-    writer.write_scalars(step, scalars)
-    writer.write_texts(step, {"eval_example": "\n\n".join(f"{p}\n=> {c}"
-                                                          for p, c in result["examples"])})
-    return scalars
 
-
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains (or resumes) a GRPO-family or PPO run per `config` in `workdir`."""
+def run(run_config: setup_lib.RunConfig, rl_run: RLRunConfig, workdir: str | pathlib.Path
+        ) -> dict[str, float]:
+  """Trains (or resumes) a GRPO-family or PPO run in `workdir`."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  return Learner(config, workdir).train()
+  return Learner(run_config, rl_run, workdir).train()

@@ -13,6 +13,7 @@ from wakea_jax.models.config import ModelConfig
 
 
 def matmul_params(config: ModelConfig) -> int:
+  """Number of weights used in matmuls per token: attention, MLP and the LM head, not embeddings."""
   c = config
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
@@ -20,12 +21,14 @@ def matmul_params(config: ModelConfig) -> int:
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token at `seq_len`: 2 per matmul weight plus full attention."""
   c = config
   attention = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * seq_len
   return 2.0 * matmul_params(config) + attention
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training (forward + backward) FLOPs per token: 3x forward."""
   return 3.0 * forward_flops_per_token(config, seq_len)
 
 

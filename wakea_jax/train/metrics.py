@@ -28,18 +28,23 @@ class MetricWriter:
   """clu's MetricWriter interface; the methods a subclass does not support do nothing."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Records numeric `scalars` (name -> value) at `step`; a no-op here."""
     pass
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Records text summaries (tag -> string) at `step`; a no-op here."""
     pass
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Records the run's hyperparameters once; a no-op here."""
     pass
 
   def flush(self) -> None:
+    """Pushes buffered writes to their destination; a no-op here."""
     pass
 
   def close(self) -> None:
+    """Flushes and releases the writer's resources; a no-op here."""
     pass
 
 
@@ -47,38 +52,47 @@ class LoggingWriter(MetricWriter):
   """One absl log line per write: `[step] loss=2.31, tokens_per_s=1.2e+04`."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs one line: `[step] name=value, ...` with values to 6 significant digits."""
     logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Logs one line per text: `[step] tag: text`."""
     for k, v in texts.items():
       logging.info("[%d] %s: %s", step, k, v)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Logs the hyperparameters as one dict."""
     logging.info("hparams: %s", dict(hparams))
 
 
 class MultiWriter(MetricWriter):
+  """Fans every call out to each of `writers`, in order."""
 
   def __init__(self, writers: list[MetricWriter]):
     self.writers = writers
 
   def write_scalars(self, step, scalars):
+    """Writes the scalars to every writer."""
     for w in self.writers:
       w.write_scalars(step, scalars)
 
   def write_texts(self, step, texts):
+    """Writes the texts to every writer."""
     for w in self.writers:
       w.write_texts(step, texts)
 
   def write_hparams(self, hparams):
+    """Writes the hyperparameters to every writer."""
     for w in self.writers:
       w.write_hparams(hparams)
 
   def flush(self):
+    """Flushes every writer."""
     for w in self.writers:
       w.flush()
 
   def close(self):
+    """Closes every writer."""
     for w in self.writers:
       w.close()
 
@@ -98,10 +112,12 @@ class TensorBoardWriter(MetricWriter):
     self._writer.add_event(event)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one event holding a `simple_value` summary per scalar."""
     self._add(step, [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                      for k, v in scalars.items()])
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Writes one event holding a string tensor per text, tagged for the text plugin."""
     from tensorboard.compat.proto import tensor_pb2  # noqa: PLC0415
     values = []
     for tag, text in texts.items():
@@ -112,12 +128,15 @@ class TensorBoardWriter(MetricWriter):
     self._add(step, values)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Writes the hyperparameters as indented JSON text under tag `hparams` at step 0."""
     self.write_texts(0, {"hparams": json.dumps(dict(hparams), default=str, indent=1)})
 
   def flush(self) -> None:
+    """Flushes pending events to the event file."""
     self._writer.flush()
 
   def close(self) -> None:
+    """Flushes and closes the event file."""
     self._writer.close()
 
 
@@ -128,14 +147,17 @@ class JsonlWriter(MetricWriter):
     self._file = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one JSON line: {"step": n, name: value, ...}, flushed at once."""
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
 
   def flush(self) -> None:
+    """Flushes the file."""
     self._file.flush()
 
   def close(self) -> None:
+    """Closes the file."""
     self._file.close()
 
 
@@ -150,12 +172,14 @@ def create_writer(workdir: str | pathlib.Path | None) -> MetricWriter:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, float]]:
+  """Reads back a `metrics.jsonl` as a list of per-step dicts, skipping blank lines."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 class Throughput:
-  """Steps/s, ETA, tokens/s, TFLOP/s and MFU over each logging interval."""
+  """Steps/s, ETA, tokens/s, TFLOP/s and MFU over each logging interval (TFLOP/s and MFU
+  only when FLOPs per token are known)."""
 
   def __init__(self, *, total_steps: int, flops_per_token: float, peak_flops: float | None,
                start_step: int):
@@ -167,23 +191,31 @@ class Throughput:
     self._tokens = 0.0
 
   def add_tokens(self, tokens: float) -> None:
+    """Adds `tokens` processed since the last `measure` to the interval's count."""
     self._tokens += tokens
 
   def measure(self, step: int) -> dict[str, float]:
+    """Returns the rates over the interval since the last call and starts a new one.
+
+    Keys: `steps_per_s`, `tokens_per_s`, `eta_s` (seconds left at this interval's pace), plus
+    `tflops_per_s` when `flops_per_token` is set and `mfu` (fraction of `peak_flops`) when both are.
+    """
     now = time.perf_counter()
     elapsed = max(now - self._last_time, 1e-9)
     steps = step - self._last_step
     out = {
         "steps_per_s": steps / elapsed,
         "tokens_per_s": self._tokens / elapsed,
-        "tflops_per_s": self._tokens * self.flops_per_token / elapsed / 1e12,
         "eta_s": (self.total_steps - step) * elapsed / max(steps, 1),
     }
-    if self.peak_flops:
-      out["mfu"] = out["tflops_per_s"] * 1e12 / self.peak_flops
+    if self.flops_per_token:
+      out["tflops_per_s"] = self._tokens * self.flops_per_token / elapsed / 1e12
+      if self.peak_flops:
+        out["mfu"] = out["tflops_per_s"] * 1e12 / self.peak_flops
     self._last_time, self._last_step, self._tokens = now, step, 0.0
     return out
 
 
 def to_float(x: Any) -> float:
+  """Fetches a (device) scalar to the host as a Python float."""
   return float(np.asarray(jax.device_get(x)))

@@ -10,6 +10,12 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  """config.optimizer: AdamW hyperparameters, the learning-rate schedule and gradient clipping.
+
+  `clip_norm=None` (or 0) turns global-norm clipping off. `learning_rate`, `warmup_steps` and
+  `min_lr_ratio` are validated on creation.
+  """
+
   learning_rate: float = 3e-4
   warmup_steps: int = 100
   # Cosine decay to `min_lr_ratio * learning_rate` at `decay_steps` (default: total steps).
@@ -31,6 +37,11 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Learning rate per optimizer step: linear warmup from 0, then cosine decay.
+
+  Decays from `learning_rate` to `min_lr_ratio * learning_rate` at `decay_steps` (default
+  `total_steps`, at least `warmup_steps + 1`); with no warmup it starts at the peak.
+  """
   decay_steps = max(config.decay_steps or total_steps, config.warmup_steps + 1)
   if config.warmup_steps == 0:
     return optax.cosine_decay_schedule(config.learning_rate, decay_steps,
@@ -46,6 +57,7 @@ def decay_mask(params):
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping (if `clip_norm`) then AdamW on the schedule, decaying matrices only."""
   parts = []
   if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))

@@ -27,7 +27,8 @@ class TrainState:
   opt_state: optax.OptState
   rng: Array
 
-  def replace(self, **changes: Any) -> "TrainState":
+  def replace(self, **changes: Any) -> TrainState:
+    """Returns a copy with the given fields replaced (the state is frozen)."""
     return dataclasses.replace(self, **changes)
 
 

@@ -12,31 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax import Array
 
-from wakea_jax.objectives.sft import chunked_sft_loss
+from wakea_jax.objectives.sft import sft_loss_fn
 from wakea_jax.train.state import TrainState
 
 LossFn = Callable[[nnx.Module, dict[str, Array], Array], tuple[Array, dict[str, Array]]]
-
-
-def sft_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *, z_loss: float = 0.0,
-                chunk_tokens: int = 1024) -> tuple[Array, dict[str, Array]]:
-  """SFT over a packed batch {input_ids, targets, loss_mask, segment_ids, positions}.
-
-  The loss is computed from the final hidden states in chunks (`chunked_sft_loss`); the
-  model's full logits are never used, so XLA drops them.
-  """
-  del rng
-  out = model.forward(batch["input_ids"], positions=batch.get("positions"),
-                      segment_ids=batch.get("segment_ids"))
-  loss_sum, sums = chunked_sft_loss(out.hidden, model.head_weight(), batch["targets"],
-                                    batch["loss_mask"], chunk_tokens=chunk_tokens, z_loss=z_loss)
-  return loss_sum, {**sums, "weight": sums["tokens"]}
 
 
 def split_microbatches(batch: dict[str, Array], num: int) -> dict[str, Array]:
@@ -65,6 +51,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
   def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+    chex.assert_rank(batch["input_ids"], 2)
+    chex.assert_type(batch["input_ids"], int)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     reseed = _has_rng_state(state.frozen)
 
@@ -90,8 +78,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       def body(carry, xs):
         g_acc, l_acc, s_acc = carry
         mb, i = xs
-        (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+        (loss, s), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss,
                 jax.tree.map(jnp.add, s_acc, s)), None
 
       (grads, loss_sum, sums), _ = jax.lax.scan(

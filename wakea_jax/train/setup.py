@@ -1,0 +1,222 @@
+"""The one run setup: typed run config -> mesh, tokenizer, model (+ LoRA, + value head),
+optimizer, train state and the jitted train step; plus the run's files and its export.
+
+Every runner (SFT `train/sft.py`, preference `train/preference.py`, RL `rl/learner.py`) is
+a thin composition of `setup(...)`, its loss function and the shared loop
+(`train/loop.py`); a new objective adds a loss and a config, not a copy of this sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from clu import parameter_overview
+from flax import nnx
+
+from wakea_jax.checkpoints import export as export_lib
+from wakea_jax.checkpoints import hf, loader
+from wakea_jax.checkpoints.manager import CheckpointManager
+from wakea_jax.data import tokenizer as tokenizer_lib
+from wakea_jax.data.config import DataConfig
+from wakea_jax.models import lora as lora_lib
+from wakea_jax.models import transformer
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.train import flops as flops_lib
+from wakea_jax.train import metrics as metrics_lib
+from wakea_jax.train import optimizer as opt_lib
+from wakea_jax.train import state as state_lib
+from wakea_jax.train import step as step_lib
+from wakea_jax.train.loop import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """config.export: the final model goes to workdir/export/model (LoRA merged) and, with
+  `hf`, a Hugging Face checkpoint to workdir/export/hf."""
+
+  enabled: bool = True
+  hf: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The sections every runner shares (see configs/common.py); objective-specific sections
+  (preference, rl, rollout, loss, ppo, eval, reward) go to their runner beside it."""
+
+  model: ModelConfig
+  objective: str = "sft"
+  seed: int = 0
+  mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()
+  sharding_rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+  init_from: str = ""      # HF dir, wakea_jax model dir or run workdir; empty: from scratch
+  tokenizer: str = ""      # .model / tokenizer.json / HF dir; empty: the bundled tokenizer
+  grad_accum: int = 1
+  data: DataConfig = DataConfig()
+  optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  lora: lora_lib.LoRAConfig | None = None
+  export: ExportConfig = ExportConfig()
+  # The configuration as the user gave it (JSON), written to workdir/config.json and into
+  # every checkpoint's metadata.
+  record: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self) -> None:
+    if self.grad_accum < 1:
+      raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclasses.dataclass
+class Setup:
+  """What `setup` built. `state` is the (initial, or to-be-restored) train state."""
+
+  run: RunConfig
+  mesh: jax.sharding.Mesh
+  rules: mesh_lib.Rules
+  tokenizer: tokenizer_lib.Tokenizer
+  model_config: ModelConfig
+  graphdef: nnx.GraphDef
+  state: state_lib.TrainState
+  optimizer: optax.GradientTransformation
+  train_step: Any            # jitted, donated: (state, batch) -> (state, metric sums)
+  loss_fn: step_lib.LossFn
+  total_updates: int         # optimizer steps over the whole run (the schedule's length)
+
+  def eval_step(self) -> Any:
+    """Jitted (params, frozen, batch) -> metric sums of `loss_fn` (no dropout)."""
+    return step_lib.make_eval_step(self.graphdef, self.loss_fn)
+
+  def policy_params(self, state: state_lib.TrainState | None = None) -> nnx.State:
+    """One state (trainable + frozen) that merges with `graphdef` into the model."""
+    state = self.state if state is None else state
+    return nnx.merge_state(state.params, state.frozen)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the model (LoRA-aware) at `seq_len`."""
+    per_token = (flops_lib.lora_train_flops_per_token if self.run.lora
+                 else flops_lib.train_flops_per_token)
+    return per_token(self.model_config, seq_len)
+
+
+def add_value_head(model: transformer.Transformer, seed: int, mesh: jax.sharding.Mesh,
+                   rules: mesh_lib.Rules) -> transformer.Transformer:
+  """The same model with a freshly initialised value head (zero output at the start)."""
+  config = dataclasses.replace(model.config, value_head=True)
+  fresh = transformer.create_model(config, seed=seed, mesh=mesh, rules=rules)
+  fresh.value_head[...] = jnp.zeros_like(fresh.value_head[...])
+  nnx.update(fresh, nnx.state(model))
+  return fresh
+
+
+def build_model(run: RunConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, *,
+                tokenizer: tokenizer_lib.Tokenizer | None = None, value_head: bool = False
+                ) -> transformer.Transformer:
+  """The model to train: from `run.init_from` (any checkpoint kind) or from scratch, with a
+  value head when asked (added zero-initialised if missing) and LoRA adapters per run.lora."""
+  model_config = run.model
+  if not run.init_from:
+    model = transformer.create_model(model_config, seed=run.seed, mesh=mesh, rules=rules)
+  else:
+    try:
+      model = loader.load_model(run.init_from, mesh=mesh, rules=rules,
+                                dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                                remat_policy=model_config.remat_policy,
+                                value_head=model_config.value_head)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.init_from: {e}") from None
+    logging.info("initialised from %s", run.init_from)
+  if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+                     f"is {model.config.vocab_size} (config.model.vocab_size)")
+  if value_head and not model.config.value_head:
+    if run.lora is not None:
+      raise ValueError("a value head cannot be added under LoRA: start from a model that "
+                       "already has one")
+    model = add_value_head(model, run.seed, mesh, rules)
+  if run.lora is not None:
+    model = lora_lib.apply_lora(model, run.lora, rngs=nnx.Rngs(run.seed))
+    # Adapters are created on the default device; lay them out on the mesh like the rest.
+    nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
+  return model
+
+
+def setup(run: RunConfig, loss_fn: step_lib.LossFn, *, total_updates: int | None = None,
+          value_head: bool = False) -> Setup:
+  """Builds everything a run needs up to (and including) the jitted train step.
+
+  `total_updates` is the number of optimizer steps (default `run.train.steps`), which sets
+  the learning-rate schedule's length.
+  """
+  mesh = mesh_lib.create_mesh(run.mesh.shape)
+  rules = mesh_lib.normalize_rules(run.sharding_rules)
+  tokenizer = tokenizer_lib.tokenizer_from(run.tokenizer)
+  model = build_model(run, mesh, rules, tokenizer=tokenizer, value_head=value_head)
+  model_config = model.config
+  total_updates = total_updates or run.train.steps
+  optimizer = opt_lib.make_optimizer(run.optimizer, total_updates)
+  schedule = opt_lib.learning_rate_schedule(run.optimizer, total_updates)
+  graphdef, state = state_lib.create_train_state(
+      model, optimizer, trainable=lora_lib.trainable_filter(run.lora), seed=run.seed)
+  del model
+  _log_parameters(state)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, optimizer, loss_fn, accum_steps=run.grad_accum,
+                               schedule=schedule),
+      state_lib.state_shardings(state))
+  return Setup(run=run, mesh=mesh, rules=rules, tokenizer=tokenizer, model_config=model_config,
+               graphdef=graphdef, state=state, optimizer=optimizer, train_step=train_step,
+               loss_fn=loss_fn, total_updates=total_updates)
+
+
+def _log_parameters(state: state_lib.TrainState) -> None:
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
+  logging.info("trainable parameters %.3fM, frozen %.3fM", n_trainable / 1e6, n_frozen / 1e6)
+  if jax.process_index() == 0:
+    table = parameter_overview.get_parameter_overview(nnx.to_pure_dict(state.params),
+                                                      include_stats=False)
+    logging.info("trainable parameters:\n%s", table)
+
+
+def checkpoint_manager(run: RunConfig, workdir: pathlib.Path, *, best_metric: str | None,
+                       best_mode: str = "min") -> CheckpointManager:
+  """The run's orbax manager under workdir/checkpoints, with run.train's retention."""
+  return CheckpointManager(workdir / "checkpoints", keep=run.train.keep_checkpoints,
+                           best_metric=best_metric, best_mode=best_mode,
+                           async_save=run.train.async_checkpoint)
+
+
+def start_run_files(run: RunConfig, workdir: pathlib.Path, model_config: ModelConfig
+                    ) -> tuple[metrics_lib.MetricWriter, dict[str, Any]]:
+  """Writes workdir/config.json; returns (metric writer, checkpoint metadata)."""
+  record = dict(run.record)
+  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+  meta = {"model_config": model_config.to_dict(), "config": record}
+  return metrics_lib.create_writer(workdir), meta
+
+
+def export_trained(built: Setup, state: state_lib.TrainState, directory: pathlib.Path) -> None:
+  """Writes the trained model (LoRA merged) to directory/model and, with run.export.hf, an HF
+  checkpoint to directory/hf; a previous export there is replaced."""
+  run = built.run
+  if not run.export.enabled:
+    return
+  if jax.process_count() > 1:
+    logging.warning("export after training is single-host only for now; skipped. Convert the "
+                    "final checkpoint with python -m wakea_jax.convert on one host.")
+    return
+  model = nnx.merge(built.graphdef, state.params, state.frozen)
+  if run.lora is not None:
+    model = lora_lib.merge_lora(model)
+  export_lib.save_model_dir(model, directory / "model")
+  if run.export.hf:
+    hf.save_model(model, directory / "hf")
+  logging.info("exported to %s", directory)

@@ -1,0 +1,66 @@
+"""config.objective -> the trainer that runs it, from a ConfigDict.
+
+`run(config, workdir)` is the one importable entry of `python -m wakea_jax.train`: it turns
+the ConfigDict into typed sections (config_lib) and calls the objective's runner. Tests,
+notebooks and the learning demonstration call it the same way.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from wakea_jax import config_lib
+from wakea_jax.rl import learner
+from wakea_jax.train import preference, sft
+
+Trainer = Callable[[ml_collections.ConfigDict, str | pathlib.Path], dict[str, Any]]
+
+
+def train_sft(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+              ) -> dict[str, Any]:
+  """Supervised fine-tuning (train/sft.py)."""
+  return sft.run(config_lib.run_config(config), workdir)
+
+
+def train_preference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                     ) -> dict[str, Any]:
+  """DPO / IPO / SimPO / ORPO (train/preference.py)."""
+  return preference.run(config_lib.run_config(config), config_lib.preference_config(config),
+                        workdir)
+
+
+def train_rl(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+             ) -> dict[str, Any]:
+  """GRPO family or PPO (rl/learner.py)."""
+  return learner.run(config_lib.run_config(config), config_lib.rl_run_config(config), workdir)
+
+
+def make_learner(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                 ) -> learner.Learner:
+  """The RL learner of a GRPO / PPO config, built but not run."""
+  return learner.Learner(config_lib.run_config(config), config_lib.rl_run_config(config),
+                         pathlib.Path(workdir))
+
+
+TRAINERS: dict[str, Trainer] = {
+    "sft": train_sft,
+    "dpo": train_preference,
+    "grpo": train_rl,
+    "ppo": train_rl,
+}
+
+
+def trainer_for(objective: str) -> Trainer:
+  """The trainer of `objective`; a clear error for an unknown one."""
+  if objective not in TRAINERS:
+    raise ValueError(f"config.objective={objective!r} is not one of {sorted(TRAINERS)}")
+  return TRAINERS[objective]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains (or resumes) the run `config` describes in `workdir`; the last logged metrics."""
+  return trainer_for(config.get("objective", "sft"))(config, workdir)
