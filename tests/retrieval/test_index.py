@@ -4,8 +4,14 @@ import os
 import numpy as np
 import pytest
 
-from wakea_jax.retrieval.index import (DenseIndex, EmbedderMismatchError, IndexConfig,
-                                       IndexFormatError, exact_top_k, resolve_params)
+from wakea_jax.retrieval.index import (
+  DenseIndex,
+  EmbedderMismatchError,
+  IndexConfig,
+  IndexFormatError,
+  exact_top_k,
+  resolve_params,
+)
 from wakea_jax.retrieval.store import Document, DuplicateIdError, EmptyCorpusError
 
 try:
@@ -161,3 +167,39 @@ def test_meta_records_build(tmp_path):
   assert meta["embedder"] == {"name": "hash-32", "dim": 32}
   assert meta["backend"] == "scann" and meta["num_documents"] == 400
   assert meta["params"]["num_leaves"] == 20 and "documents.jsonl" in meta["files"]
+
+
+def test_brute_force_vectors_are_a_zarr_array_not_a_pickle(tmp_path):
+  emb = embedder()
+  index = DenseIndex.build(corpus(50), emb)
+  directory = index.save(tmp_path / "idx")
+  meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+  assert meta["version"] == 2
+  zarr_files = [f for f in meta["files"] if f.startswith("embeddings.zarr/")]
+  assert "embeddings.zarr/zarr.json" in zarr_files and len(zarr_files) >= 2  # header + chunk
+  assert not any(f.endswith((".npy", ".pkl")) for f in meta["files"])
+  loaded = DenseIndex.load(directory, embedder=emb)
+  np.testing.assert_array_equal(loaded.vectors(), index.vectors())
+  # A corrupted chunk is caught by its checksum before tensorstore reads it.
+  chunk = next(p for p in tmp_path.joinpath("idx", "embeddings.zarr", "c").rglob("*")
+               if p.is_file())
+  chunk.write_bytes(chunk.read_bytes()[:-4] + b"\0\0\0\0")
+  with pytest.raises(IndexFormatError, match="sha256"):
+    DenseIndex.load(directory, embedder=emb)
+
+
+def test_version_1_directories_with_npy_vectors_still_load(tmp_path):
+  emb = embedder()
+  index = DenseIndex.build(corpus(30), emb)
+  directory = tmp_path / "idx"
+  index.save(directory)
+  # Rewrite it as version 1 wrote it: the vectors as embeddings.npy.
+  import shutil
+  shutil.rmtree(directory / "embeddings.zarr")
+  np.save(directory / "embeddings.npy", index.vectors())
+  meta = json.loads((directory / "meta.json").read_text())
+  meta["version"] = 1
+  meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith("embeddings.zarr")}
+  (directory / "meta.json").write_text(json.dumps(meta))
+  np.testing.assert_array_equal(DenseIndex.load(directory, embedder=emb).vectors(),
+                                index.vectors())

@@ -11,7 +11,8 @@ Directory layout (all files listed with size and sha256 in meta.json, written la
 
   meta.json          format, version, embedder {name, dim}, backend, build params, counts
   documents.jsonl    the DocumentStore (row i = vector i)
-  embeddings.npy     float32 [n, dim]    (brute-force backend only)
+  embeddings.zarr/   float32 [n, dim]    (brute-force backend only; zarr via tensorstore,
+                                          see retrieval/vectors.py)
   scann/             ScaNN assets        (scann backend only; serialized with relative paths)
 
 ScaNN reference: Guo et al. 2020, "Accelerating Large-Scale Inference with Anisotropic Vector
@@ -32,13 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from wakea_jax.retrieval import vectors as vectors_lib
 from wakea_jax.retrieval.store import Document, DocumentStore, EmptyCorpusError, Hit
 
 FORMAT = "wakea_jax.retrieval.index"
-VERSION = 1
+VERSION = 2
+# Versions this code reads: 1 kept the brute-force vectors in embeddings.npy.
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 DOCUMENTS_FILE = "documents.jsonl"
-EMBEDDINGS_FILE = "embeddings.npy"
+EMBEDDINGS_DIR = "embeddings.zarr"
+EMBEDDINGS_NPY = "embeddings.npy"   # version 1
 SCANN_DIR = "scann"
 BACKENDS = ("brute_force", "scann")
 
@@ -156,9 +161,9 @@ def read_meta(directory: str, *, verify: bool = True) -> dict[str, Any]:
     raise IndexFormatError(f"{meta_path}: not valid JSON ({e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise IndexFormatError(f"{meta_path}: field 'format' is not {FORMAT!r}")
-  if meta.get("version") != VERSION:
+  if meta.get("version") not in READABLE_VERSIONS:
     raise IndexFormatError(f"{meta_path}: field 'version' is {meta.get('version')!r}; this "
-                           f"code reads version {VERSION}")
+                           f"code reads versions {READABLE_VERSIONS}")
   for field in ("embedder", "backend", "params", "num_documents", "files"):
     if field not in meta:
       raise IndexFormatError(f"{meta_path}: field {field!r} is missing")
@@ -218,10 +223,12 @@ class DenseIndex:
 
   @property
   def backend(self) -> str:
+    """The searcher in use: "brute_force" (exact) or "scann"; may change on `rebuild`."""
     return self.params["backend"]
 
   @property
   def dim(self) -> int:
+    """The embedding dimension (the embedder's)."""
     return self.embedder.dim
 
   def __len__(self) -> int:
@@ -309,10 +316,12 @@ class DenseIndex:
     return rows, scores
 
   def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+    """Up to `k` hits per query, best first (fewer only when the corpus is smaller)."""
     rows, scores = self.search_vectors(_embed(self.embedder, list(queries), 64), k)
     return [self.store.hits(r[r >= 0], s[r >= 0]) for r, s in zip(rows, scores)]
 
   def search(self, query: str, k: int = 10) -> list[Hit]:
+    """The best `k` hits for one query, best first."""
     return self.search_batch([query], k)[0]
 
   # ----------------------------------------------------------------------------- saving
@@ -334,7 +343,7 @@ class DenseIndex:
       os.chmod(tmp, 0o755)
       self.store.save(os.path.join(tmp, DOCUMENTS_FILE))
       if self.backend == "brute_force":
-        np.save(os.path.join(tmp, EMBEDDINGS_FILE), self._vectors)
+        vectors_lib.write_matrix(os.path.join(tmp, EMBEDDINGS_DIR), self._vectors)
       else:
         os.makedirs(os.path.join(tmp, SCANN_DIR))
         self._searcher.serialize(os.path.join(tmp, SCANN_DIR), relative_path=True)
@@ -394,14 +403,7 @@ class DenseIndex:
                              f"says {n}")
     config = IndexConfig(**meta.get("config", {}))
     if meta["backend"] == "brute_force":
-      path = os.path.join(directory, EMBEDDINGS_FILE)
-      try:
-        vectors = np.load(path, allow_pickle=False)
-      except (OSError, ValueError) as e:
-        raise IndexFormatError(f"{path}: unreadable ({e})") from None
-      if vectors.shape != (n, built["dim"]) or vectors.dtype != np.float32:
-        raise IndexFormatError(f"{path}: {vectors.dtype} {vectors.shape}, expected float32 "
-                               f"({n}, {built['dim']})")
+      vectors = _read_vectors(directory, meta["version"], (n, built["dim"]))
       return cls(store, embedder, meta["params"], config=config, vectors=vectors)
     import scann
 
@@ -414,6 +416,24 @@ class DenseIndex:
       raise IndexFormatError(f"{scann_dir}: ScaNN holds {searcher.size()} vectors, meta.json "
                              f"says {n} documents")
     return cls(store, embedder, meta["params"], config=config, searcher=searcher)
+
+
+def _read_vectors(directory: str, version: int, shape: tuple[int, int]) -> np.ndarray:
+  """The brute-force backend's float32 vectors (zarr since version 2, .npy before)."""
+  if version >= 2:
+    try:
+      return vectors_lib.read_matrix(os.path.join(directory, EMBEDDINGS_DIR), shape=shape,
+                                     dtype="float32")
+    except ValueError as e:
+      raise IndexFormatError(str(e)) from None
+  path = os.path.join(directory, EMBEDDINGS_NPY)
+  try:
+    vectors = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise IndexFormatError(f"{path}: unreadable ({e})") from None
+  if vectors.shape != shape or vectors.dtype != np.float32:
+    raise IndexFormatError(f"{path}: {vectors.dtype} {vectors.shape}, expected float32 {shape}")
+  return vectors
 
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 1024
