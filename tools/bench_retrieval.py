@@ -103,8 +103,9 @@ def main() -> None:
         f"({time.perf_counter() - start:.1f}s)")
 
   truth, truth_scores = exact_top_k(db, queries, args.k)
+  random_pairs = (queries[:200] @ db[:2000].T).mean()
   print(f"cosine: top-1 {truth_scores[:, 0].mean():.3f}, top-{args.k} "
-        f"{truth_scores[:, -1].mean():.3f}, random pairs {(queries[:200] @ db[:2000].T).mean():.3f}")
+        f"{truth_scores[:, -1].mean():.3f}, random pairs {random_pairs:.3f}")
   store = DocumentStore(Document(str(i), "") for i in range(len(db)))
   start = time.perf_counter()
   index = DenseIndex.from_vectors(store, db, _VectorsOnly("bench", dim), IndexConfig())
@@ -128,7 +129,8 @@ def main() -> None:
   for leaves in sweep:
     rows, _ = index.search_vectors(queries, args.k, leaves_to_search=leaves)
     recall = np.mean([len(set(r) & set(t)) / args.k for r, t in zip(rows, truth)])
-    qps = _qps(lambda q: index.search_vectors(q, args.k, leaves_to_search=leaves), queries,
+    qps = _qps(lambda q, leaves=leaves: index.search_vectors(q, args.k,
+                                                             leaves_to_search=leaves), queries,
                args.repeats)
     print(f"scann leaves_to_search={leaves}: recall@{args.k} {recall:.4f}, {qps:,.0f} "
           f"queries/s, {qps / brute_qps:.1f}x brute force")

@@ -42,8 +42,8 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
+
   from wakea_jax.models.config import get_preset
-  from wakea_jax.models.layers import KVCache
   from wakea_jax.models.transformer import create_model
   from wakea_jax.sampling import Sampler
 
@@ -109,6 +109,7 @@ def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
 def main(argv):
   del argv
   import jax
+
   from wakea_jax.models.config import get_preset
 
   b, p, n, k = _BATCH.value, _PROMPT.value, _NEW.value, _TOP_K.value

@@ -40,6 +40,7 @@ def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
 def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str) -> float:
   import jax
   import numpy as np
+
   from wakea_jax.models import transformer
   from wakea_jax.models.config import get_preset
   from wakea_jax.train import optimizer as opt_lib
@@ -106,6 +107,7 @@ def bench_torch(preset: str, batch: int, seq: int, steps: int) -> float | None:
 def main(argv):
   del argv
   import jax
+
   from wakea_jax.models.config import get_preset
   from wakea_jax.train import flops
 

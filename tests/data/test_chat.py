@@ -196,7 +196,7 @@ def test_tools_in_system_prompt(tok: Tokenizer) -> None:
   messages = [{"role": "system", "content": "Sys."}, {"role": "user", "content": "Hi"}]
   text = render_text(messages, tools=[WEATHER_TOOL])
   schema = json.dumps(WEATHER_TOOL, ensure_ascii=False)
-  assert text.startswith(f"<|im_start|>system\nSys.\n\n# Tools\n\nYou may call one or more")
+  assert text.startswith("<|im_start|>system\nSys.\n\n# Tools\n\nYou may call one or more")
   assert f"<tools>\n{schema}\n</tools>" in text
   assert text.endswith(
       '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'

@@ -1,7 +1,12 @@
 import pytest
 
-from wakea_jax.retrieval.chunking import (chunk_file, chunk_python, chunk_text, count_words,
-                                          load_documents)
+from wakea_jax.retrieval.chunking import (
+  chunk_file,
+  chunk_python,
+  chunk_text,
+  count_words,
+  load_documents,
+)
 from wakea_jax.retrieval.store import EmptyCorpusError
 
 TEXT = " ".join(f"Sentence number {i} is here." for i in range(20))

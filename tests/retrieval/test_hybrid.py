@@ -1,12 +1,16 @@
 import numpy as np
 import pytest
 
-from wakea_jax.retrieval.hybrid import (FUSIONS, HybridRetriever, LogProbReranker,
-                                        reciprocal_rank_fusion, weighted_fusion)
+from wakea_jax.retrieval.embed import load_embedder
+from wakea_jax.retrieval.hybrid import (
+  FUSIONS,
+  HybridRetriever,
+  LogProbReranker,
+  reciprocal_rank_fusion,
+  weighted_fusion,
+)
 from wakea_jax.retrieval.index import DenseIndex
 from wakea_jax.retrieval.store import Document, Hit
-
-from wakea_jax.retrieval.embed import load_embedder
 
 
 def hits(*pairs):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import pathlib
@@ -29,6 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+from absl import logging
 from flax import nnx
 from safetensors import safe_open
 
@@ -39,7 +39,6 @@ from wakea_jax.parallel import mesh as mesh_lib
 PathLike = str | os.PathLike[str]
 Shape = tuple[int, ...]
 
-_log = logging.getLogger(__name__)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3"}
@@ -122,6 +121,8 @@ _NOT_IN_HF = (("value_head",), ("value_bias",))
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
+  """One tensor of a concrete model: its HF name, our parameter path and its layout hook."""
+
   hf_name: str
   path: tuple[str | int, ...]
   hook: Hook
@@ -476,7 +477,7 @@ def _export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[
         f"{unmapped[:5]}; not a plain nnx.Param: {absent[:5]}); merge LoRA adapters and "
         "dequantize weights (wakea_jax.models.lora.merge_lora) before export")
   if any(p in flat for p in _NOT_IN_HF):
-    _log.warning("the value head has no HF counterpart and is not exported")
+    logging.warning("the value head has no HF counterpart and is not exported")
   out = []
   for e in entries:
     value = flat[e.path].get_value()

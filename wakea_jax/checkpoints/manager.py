@@ -16,17 +16,19 @@ Retention: the latest `keep` checkpoints, plus the best one by `best_metric` whe
 
 from __future__ import annotations
 
-import logging
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-_log = logging.getLogger(__name__)
-
 
 class CheckpointManager:
+  """Saves and restores (train state, data-iterator state, meta) per step with Orbax.
+
+  Keeps the latest `keep` steps plus, with `best_metric`, the best step by that metric
+  (`best_mode` "min" or "max"). With `async_save` the writes finish in the background.
+  """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3,
                best_metric: str | None = None, best_mode: str = "min",
@@ -51,12 +53,15 @@ class CheckpointManager:
                                           item_names=("state", "data", "meta"))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None when the directory holds no checkpoint."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step, in ascending order."""
     return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
+    """The saved step with the best `best_metric`; None without one (or no step has metrics)."""
     return self._manager.best_step() if self.best_metric else None
 
   def save(self, step: int, state: Any, *, data_state: dict[str, Any] | None = None,
@@ -110,8 +115,10 @@ class CheckpointManager:
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
   def wait_until_finished(self) -> None:
+    """Blocks until the pending asynchronous save, if any, is fully written."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the pending save, then releases the Orbax manager."""
     self._manager.wait_until_finished()
     self._manager.close()

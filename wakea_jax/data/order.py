@@ -15,6 +15,10 @@ from typing import Any
 
 
 class EpochOrder:
+  """Indices 0..size-1 in a shuffled order that changes every epoch; state {"epoch", "position"}.
+
+  The order of epoch e depends only on (name, seed, e), so `set_state` recreates it exactly.
+  """
 
   def __init__(self, size: int, seed: int = 0, name: str = "records"):
     if size < 1:
@@ -44,8 +48,10 @@ class EpochOrder:
     return out
 
   def get_state(self) -> dict[str, int]:
+    """{"epoch", "position"}: JSON-serialisable, for `set_state` when resuming."""
     return {"epoch": self.epoch, "position": self.position}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from a `get_state()` dict; the epoch's order is regenerated from the seed."""
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
     self._order = self._shuffled(self.epoch)

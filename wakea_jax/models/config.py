@@ -82,24 +82,30 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> Any:
+    """The jnp dtype matmuls and activations run in (from `dtype`)."""
     return _DTYPES[self.dtype]
 
   @property
   def weight_dtype(self) -> Any:
+    """The jnp dtype weights are stored in (from `param_dtype`)."""
     return _DTYPES[self.param_dtype]
 
   @property
   def num_groups(self) -> int:
+    """Query heads per KV head (grouped-query attention)."""
     return self.num_heads // self.num_kv_heads
 
-  def replace(self, **changes: Any) -> "ModelConfig":
+  def replace(self, **changes: Any) -> ModelConfig:
+    """A copy with `changes` applied, validated again."""
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as plain Python values (`rope_scaling` as a dict or None), e.g. for JSON."""
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+    """The inverse of `to_dict`; an unknown key raises ValueError naming it."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -78,6 +78,7 @@ class RMSNorm(nnx.Module):
     self.scale = param(None, (dim,), axes, param_dtype, value=1.0)
 
   def __call__(self, x: Array) -> Array:
+    """Normalises x over its last axis; the result has x's shape and dtype."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # HF casts back to the input dtype before multiplying by the weight; we do the same so
@@ -113,6 +114,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
 
 def apply_rope(x: Array, positions: Array,
                inv_freq: np.ndarray) -> Array:
+  """Rotates x [b, t, heads, head_dim] by positions [b, t] * inv_freq; float32 math, x's dtype."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, h/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -144,7 +146,8 @@ class KVCache:
 
   @classmethod
   def create(cls, config: ModelConfig, batch: int, capacity: int,
-             dtype: Any | None = None) -> "KVCache":
+             dtype: Any | None = None) -> KVCache:
+    """An empty cache: zeros [batch, capacity, kv_heads, head_dim] per layer, end_index 0."""
     dtype = dtype or config.compute_dtype
     shape = (batch, capacity, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
@@ -153,6 +156,7 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
+    """Slots per sequence: the most tokens the cache can hold."""
     return self.keys[0].shape[1]
 
 
@@ -247,6 +251,12 @@ class Attention(nnx.Module):
       mask: Array,
       cache: tuple[Array, Array, Array] | None = None,
   ) -> tuple[Array, tuple[Array, Array] | None]:
+    """x [b, t, e], positions [b, t], mask [b, t, s] -> ([b, t, e], updated (keys, values) or None).
+
+    `cache` is this layer's (keys, values [b, s, kv_heads, head_dim], start [b] int32): the new
+    keys and values are written at `start` and attended to with the rest of the cache. Without
+    a cache s == t and no cache is returned.
+    """
     c = self.config
     dt = c.compute_dtype
 
@@ -291,6 +301,7 @@ class MLP(nnx.Module):
                            std=c.init_std / math.sqrt(2 * c.num_layers))
 
   def __call__(self, x: Array) -> Array:
+    """x [b, t, embed] -> [b, t, embed]."""
     dt = self.dtype
     gate = dense(x, self.gate_proj, "bte,em->btm", dt)
     up = dense(x, self.up_proj, "bte,em->btm", dt)
@@ -309,6 +320,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x, positions, mask, cache=None):
+    """x [b, t, e] -> (x [b, t, e], this layer's updated (keys, values) or None); see Attention."""
     attn_out, new_cache = self.attn(self.input_norm(x), positions, mask, cache)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))

@@ -116,6 +116,7 @@ class LoRAConfig:
 
   @property
   def scale(self) -> float:
+    """The factor of the low-rank branch: alpha / rank, or alpha / sqrt(rank) (rsLoRA)."""
     return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
 
 
@@ -175,6 +176,7 @@ class LoRAWeight(nnx.Module):
     return f"{x_sub},{in_sub}{r}->{batch}{r}", f"{batch}{r},{r}{out_sub}->{out}"
 
   def __call__(self, x: Array, equation: str, dtype: Any) -> Array:
+    """`einsum(equation, x, base)` + scale * (dropout(x) A) B, in `dtype` (as `dense` calls it)."""
     y = dense(x, self.base, equation, dtype)
     eq_a, eq_b = self._equations(equation)
     h = x
@@ -291,6 +293,7 @@ class MemoryReport:
     return self.frozen_bytes + 2 * self.adapter_bytes + self.optimizer_lora_bytes
 
   def lines(self) -> list[str]:
+    """One human-readable row per quantity, in MiB and in bytes."""
     rows = [
         ("model parameters, full precision", self.model_bytes),
         ("projection weights, full precision", self.projections_base_bytes),
@@ -336,6 +339,7 @@ def memory_report(model_config: ModelConfig, lora_config: LoRAConfig) -> MemoryR
 
 
 def main(argv: list[str] | None = None) -> None:
+  """CLI: prints the memory report of `--preset` for each rank, with and without NF4."""
   parser = argparse.ArgumentParser(description="Memory of full fine-tuning vs LoRA / QLoRA.")
   parser.add_argument("--preset", default="bench56m")
   parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])

@@ -74,10 +74,12 @@ class NF4Tensor:
 
   @property
   def double_quant(self) -> bool:
+    """Whether the absmax constants are double-quantized (int8 codes + per-group scales)."""
     return self.absmax is None
 
   @property
   def num_blocks(self) -> int:
+    """Number of `block_size` blocks of the flattened, zero-padded weight."""
     return self.codes.shape[0]
 
 
@@ -195,16 +197,19 @@ class NF4Weight(nnx.Module):
 
   @classmethod
   def from_param(cls, weight: nnx.Variable, block_size: int = 64, *,
-                 double_quant: bool = True) -> "NF4Weight":
+                 double_quant: bool = True) -> NF4Weight:
+    """Quantizes a Param's value to NF4, keeping its logical axes."""
     return cls(quantize_nf4(weight[...], block_size, double_quant=double_quant),
                weight.get_metadata().get("logical_axes"))
 
   def tensor(self) -> NF4Tensor:
+    """The stored arrays and metadata as an `NF4Tensor`."""
     fields = {name: (getattr(self, name)[...] if hasattr(self, name) else None)
               for name in _ARRAY_FIELDS}
     return NF4Tensor(**fields, shape=self.shape, dtype=self.dtype, block_size=self.block_size)
 
   def dequantize(self, dtype: Any | None = None) -> Array:
+    """The weight in its original shape, in `dtype` (default: the original dtype)."""
     return dequantize_nf4(self.tensor(), dtype)
 
   def to_param(self) -> nnx.Param:
@@ -213,4 +218,5 @@ class NF4Weight(nnx.Module):
     return nnx.Param(self.dequantize(), **metadata)
 
   def __call__(self, x: Array, equation: str, dtype: Any) -> Array:
+    """`einsum(equation, x, W)`, with W dequantized to `dtype` for this call only."""
     return jnp.einsum(equation, x, self.dequantize(dtype))

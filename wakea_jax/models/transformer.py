@@ -39,6 +39,8 @@ _REMAT = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecoderOutput:
+  """What `Transformer.forward` returns; `cache` is the updated KVCache when one was given."""
+
   logits: Array                 # [batch, seq, vocab] float32
   hidden: Array                 # [batch, seq, embed] final-normed hidden states
   values: Array | None = None   # [batch, seq] float32, when the config has a value head
@@ -96,6 +98,7 @@ class Transformer(nnx.Module):
   def __call__(self, input_ids: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, attention_mask: Array | None = None,
                cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+    """Float32 logits [batch, seq, vocab]; with `cache`, (logits, new_cache). See module docs."""
     out = self.forward(input_ids, positions=positions, segment_ids=segment_ids,
                        attention_mask=attention_mask, cache=cache)
     return out.logits if cache is None else (out.logits, out.cache)
@@ -109,6 +112,11 @@ class Transformer(nnx.Module):
   def forward(self, input_ids: Array, *, positions: Array | None = None,
               segment_ids: Array | None = None, attention_mask: Array | None = None,
               cache: KVCache | None = None) -> DecoderOutput:
+    """Like `__call__` (see the module docstring), but returns the whole `DecoderOutput`.
+
+    With a cache, `segment_ids` raise, and each sequence's end index advances by its number of
+    real tokens in `attention_mask` (by `seq` without one).
+    """
     c = self.config
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -200,4 +208,5 @@ def abstract_model(config: ModelConfig) -> Transformer:
 
 
 def count_params(model: nnx.Module) -> int:
+  """Total number of elements in the model's `nnx.Param` variables."""
   return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

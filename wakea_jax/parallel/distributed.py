@@ -8,12 +8,10 @@ SLURM and (with the right env) Kubernetes; elsewhere pass it explicitly.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
-
-_log = logging.getLogger(__name__)
+from absl import logging
 
 _AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS",
              "MEGASCALE_COORDINATOR_ADDRESS")
@@ -34,7 +32,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return False
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
-  _log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
             jax.process_index(), jax.process_count(), jax.local_device_count(),
             jax.device_count())
   return True

@@ -21,6 +21,7 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
 def tokenize(text: str) -> list[str]:
+  """Lowercased runs of word characters in `text`: the terms BM25 indexes and queries with."""
   return _TOKEN.findall(text.lower())
 
 
@@ -83,6 +84,7 @@ class BM25:
     return order, scores[order]
 
   def search(self, query: str, k: int) -> list[Hit]:
+    """The best `k` documents with a positive score for `query`, best first."""
     rows, scores = self.search_rows(query, k)
     return [Hit(self.documents[i].doc_id, float(s), self.documents[i].text)
             for i, s in zip(rows, scores)]

@@ -30,6 +30,8 @@ SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
+  """A piece of a source: its text, character span `[start, end)` and, for code, its name."""
+
   text: str
   start: int           # character offsets into the source
   end: int
@@ -38,6 +40,7 @@ class Chunk:
 
 
 def count_words(text: str) -> int:
+  """The default token count: runs of word characters plus single punctuation marks."""
   return len(_TOKEN.findall(text))
 
 

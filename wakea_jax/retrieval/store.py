@@ -19,6 +19,11 @@ from wakea_jax.data import sources
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
+  """One search result: the document's id and text with its score (higher is better).
+
+  Scores are only comparable within one retriever (cosine, BM25, fused or reranker scores).
+  """
+
   doc_id: str
   score: float
   text: str
@@ -26,6 +31,8 @@ class Hit:
 
 @dataclasses.dataclass(frozen=True)
 class Document:
+  """A retrievable text and its id (unique within a store); `metadata` is never compared."""
+
   doc_id: str
   text: str
   # Where the text came from (source file, chunk kind, qualified name, offsets); never
@@ -75,8 +82,9 @@ class DocumentStore:
         raise DuplicateIdError(f"duplicate document id {doc.doc_id!r}: already in the store "
                                f"(row {self._rows[doc.doc_id]})")
       if doc.doc_id in seen:
-        raise DuplicateIdError(f"duplicate document id {doc.doc_id!r}: documents {seen[doc.doc_id]} "
-                               f"and {i} of this batch{_source_note(documents, seen[doc.doc_id], i)}")
+        first = seen[doc.doc_id]
+        raise DuplicateIdError(f"duplicate document id {doc.doc_id!r}: documents {first} "
+                               f"and {i} of this batch{_source_note(documents, first, i)}")
       seen[doc.doc_id] = i
     start = len(self._documents)
     for doc in documents:
@@ -97,20 +105,25 @@ class DocumentStore:
     return doc_id in self._rows
 
   def row(self, doc_id: str) -> int:
+    """The row of `doc_id` (KeyError when absent)."""
     return self._rows[doc_id]
 
   def get(self, doc_id: str) -> Document:
+    """The document with id `doc_id` (KeyError when absent)."""
     return self._documents[self._rows[doc_id]]
 
   @property
   def texts(self) -> list[str]:
+    """Every document's text, in row order."""
     return [d.text for d in self._documents]
 
   def hits(self, rows: Sequence[int], scores: Sequence[float]) -> list[Hit]:
+    """`Hit`s for the documents at `rows` with the matching `scores`, in the given order."""
     return [Hit(self._documents[r].doc_id, float(s), self._documents[r].text)
             for r, s in zip(rows, scores)]
 
   def save(self, path: str) -> None:
+    """Writes the store as JSONL, one `{"id", "text"[, "metadata"]}` line per row."""
     with open(path, "w", encoding="utf-8") as f:
       for doc in self._documents:
         record: dict[str, Any] = {"id": doc.doc_id, "text": doc.text}
@@ -120,6 +133,7 @@ class DocumentStore:
 
   @classmethod
   def load(cls, path: str) -> DocumentStore:
+    """Reads a store written by `save`; raises naming the file (and line) if it is invalid."""
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: document store is missing")
     docs = []

@@ -9,7 +9,7 @@ Pure jnp, jittable (the estimator name and the shape are static).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import Array

@@ -103,7 +103,8 @@ def extract_answer(text: str, *, fallback: str | None = "last_number") -> str | 
 # Math equivalence
 # ------------------------------------------------------------------------------------------
 
-_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_COMMAND = re.compile(
+    r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")  # \frac12
 _SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +70,19 @@ class DecodeState:
   step: Array              # [] int32: next column of `tokens`
   rng: Array               # key
 
-  def replace(self, **changes: Any) -> "DecodeState":
+  def replace(self, **changes: Any) -> DecodeState:
+    """Returns a copy with the given fields replaced (the state is frozen)."""
     return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
+  """Per-row results of `Sampler.generate`, each list indexed by prompt.
+
+  `logprobs` and `processed_logprobs` are float32 arrays of one entry per generated token (see
+  the module docstring); `lengths` counts the generated tokens.
+  """
+
   tokens: list[list[int]]             # generated tokens per row (stop token included)
   logprobs: list[np.ndarray]          # float32 per token, log p under temperature-1 logits
   processed_logprobs: list[np.ndarray]
@@ -88,6 +96,12 @@ def _round_pow2(n: int, minimum: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
+  """A compiled-once sampler for one model graph; params are passed to each call.
+
+  Hashable (the static argument of its jitted methods). `temperature`, `top_k` and `top_p`
+  shape the sampling distribution; `stop_ids` end a row on device, stop strings on the host.
+  """
+
   graphdef: nnx.GraphDef
   config: ModelConfig
   temperature: float = 1.0          # 0 means greedy

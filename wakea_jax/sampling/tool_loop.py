@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,12 @@ from wakea_jax.toolbox.router import Router
 
 @dataclasses.dataclass(frozen=True)
 class ToolLoopOutput:
+  """Per-row results of `run_tool_loop`: model and tool tokens interleaved in order.
+
+  `logprobs` (float32) and `tool_mask` (int32) have one entry per token; a "capacity" stop
+  means the next tool turn would not have fitted in the KV cache.
+  """
+
   tokens: list[list[int]]         # per row: generated and injected tokens, in order
   logprobs: list[np.ndarray]      # per token; 0 for tool tokens
   tool_mask: list[np.ndarray]     # per token: 1 where the token came from a tool turn
@@ -46,6 +51,7 @@ class ToolLoopOutput:
   stop_reason: list[str]          # "stop_id", "length", "capacity"
 
   def text(self, tokenizer: Tokenizer, row: int) -> str:
+    """Decodes row `row`'s tokens, tool turns included, to text."""
     return tokenizer.decode(self.tokens[row])
 
 
@@ -164,6 +170,6 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
     # key moves on so that the next chunk's per-step keys (fold_in(rng, step)) are fresh.
     state = state.replace(step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(state.rng, 1))
   return ToolLoopOutput(
-      tokens=tokens, logprobs=[np.asarray(l, np.float32) for l in logprobs],
+      tokens=tokens, logprobs=[np.asarray(lp, np.float32) for lp in logprobs],
       tool_mask=[np.asarray(m, np.int32) for m in tool_mask], num_tool_calls=calls,
       stop_reason=[r or "length" for r in reason])

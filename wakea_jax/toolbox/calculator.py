@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from wakea_jax.toolbox.router import Tool, ToolError
 
@@ -93,6 +94,7 @@ def check_power(base: Number, exponent: Number) -> None:
 
 
 def check_product(a: Number, b: Number) -> None:
+  """Rejects an int * int product past MAX_RESULT_DIGITS digits before computing it."""
   if (isinstance(a, int) and isinstance(b, int)
       and _log10_abs(a) + _log10_abs(b) > MAX_RESULT_DIGITS):
     raise CalculatorError(f"result is too large (more than {MAX_RESULT_DIGITS} digits)")
@@ -144,6 +146,7 @@ def _eval(node: ast.AST, depth: int = 0) -> Number:
 
 
 def format_number(value: Number) -> str:
+  """Formats a result: ints exactly, integral floats below 1e16 as ints, else 12 digits."""
   if isinstance(value, bool):
     raise CalculatorError("boolean result")
   if isinstance(value, int):
@@ -176,10 +179,12 @@ def evaluate(expression: str) -> Number:
 
 
 def calculate(expression: str) -> str:
+  """Evaluates `expression` and returns the formatted result (raises CalculatorError)."""
   return format_number(evaluate(expression))
 
 
 def make_tool() -> Tool:
+  """The `calculator` tool: one required string argument, `expression`."""
   return Tool(
       name="calculator",
       description=("Evaluate an arithmetic expression exactly. Supports + - * / // % **, "

@@ -13,7 +13,8 @@ Backends: BM25 over a local corpus (in memory), or a saved index directory writt
 from __future__ import annotations
 
 import os
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from wakea_jax.retrieval.bm25 import BM25, tokenize
 from wakea_jax.retrieval.store import Document, DocumentStore, Hit, read_jsonl_records
@@ -25,7 +26,11 @@ __all__ = ["BM25", "Document", "Hit", "SearchBackend", "tokenize", "load_corpus"
 
 
 class SearchBackend(Protocol):
-  def search(self, query: str, k: int) -> list[Hit]: ...
+  """What the search tools query: BM25, DenseIndex, HybridRetriever, HttpSearchBackend."""
+
+  def search(self, query: str, k: int) -> list[Hit]:
+    """Returns the best `k` hits for `query`, best first."""
+    ...
 
 
 def load_corpus(path: str) -> list[Document]:
@@ -64,6 +69,7 @@ def as_documents(corpus: str | Iterable[str | Document]) -> list[Document]:
 
 
 def snippet(text: str, max_chars: int) -> str:
+  """Collapses whitespace; text over `max_chars` is cut at a word boundary and ends in " ..."."""
   text = " ".join(text.split())
   if len(text) <= max_chars:
     return text
@@ -73,6 +79,10 @@ def snippet(text: str, max_chars: int) -> str:
 
 
 def format_hits(hits: list[Hit], max_chars: int = 500, label: str = "") -> str:
+  """Numbered hits as the tool's response: `[i] doc_id (score s)` then a snippet per hit.
+
+  Prefixed with `label` on its own line when given; "No results." when `hits` is empty.
+  """
   header = f"{label}\n" if label else ""
   if not hits:
     return header + "No results."
@@ -93,6 +103,7 @@ def _k(arguments: dict, default: int) -> int:
 
 
 def make_tool(backend: SearchBackend, k: int = 3, max_chars: int = 500) -> Tool:
+  """The `retrieve` tool over `backend`: `query` and an optional `k` (clamped to 1-10)."""
   return Tool(
       name="retrieve",
       description="Search the local document collection and return the most relevant passages.",
@@ -109,7 +120,8 @@ def load_backend(directory: str, mode: str = "hybrid", *, embedder=None,
                  embedder_path: str | None = None) -> SearchBackend:
   """A backend over a saved index directory: "dense" (ScaNN / exact), "bm25" (over the
   index's documents; no embedder loaded) or "hybrid" (both, reciprocal-rank fused)."""
-  from wakea_jax.retrieval import hybrid, index as index_lib
+  from wakea_jax.retrieval import hybrid
+  from wakea_jax.retrieval import index as index_lib
 
   if mode not in BACKEND_MODES:
     raise ValueError(f"unknown retrieval mode {mode!r}; choose one of {BACKEND_MODES}")

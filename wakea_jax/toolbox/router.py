@@ -12,7 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 # JSON-schema type name -> Python check. bool is a subclass of int, so numbers exclude it.
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -37,7 +38,7 @@ class Tool:
   # Returns the text for the model, or a ToolResult when the tool itself knows the call failed
   # (e.g. the sandboxed program crashed). Raise ToolError for an expected failure whose message
   # is shown as-is; any other exception is reported with its type name.
-  run: Callable[[dict[str, Any]], "str | ToolResult"]
+  run: Callable[[dict[str, Any]], str | ToolResult]
   # Seconds before the call is abandoned with an error result; None waits forever. The worker
   # thread cannot be killed, so tools that may truly hang must bound themselves (the sandbox does).
   timeout_s: float | None = None
@@ -50,6 +51,11 @@ class Tool:
 
 @dataclasses.dataclass(frozen=True)
 class ToolResult:
+  """What the model sees for one call: `text`, and on failure `ok=False` with the bare `error`.
+
+  Failed results' `text` is "Error: " + `error`.
+  """
+
   text: str
   ok: bool
   error: str | None = None
@@ -131,6 +137,11 @@ class Router:
         self.tools[tool.name] = tool
 
   def call(self, name: Any, arguments: Any = None) -> ToolResult:
+    """Runs tool `name` on `arguments` (a dict, a JSON string or None) and returns its result.
+
+    Unknown tools, invalid JSON or arguments, timeouts and exceptions raised by the tool all
+    become error results, so model output can never make this raise.
+    """
     if not isinstance(name, str) or name not in self.tools:
       known = ", ".join(sorted(self.tools)) or "none"
       return _error(f"unknown tool {name!r} (available: {known})")
@@ -178,6 +189,7 @@ class Router:
       pool.shutdown(wait=False, cancel_futures=True)
 
   def tool_schemas(self) -> list[dict[str, Any]]:
+    """The schema of every registered tool, for `chat.render(tools=...)`."""
     return [tool.schema() for tool in self.tools.values()]
 
   def system_prompt_block(self) -> str:

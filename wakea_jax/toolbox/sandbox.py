@@ -55,6 +55,11 @@ from wakea_jax.toolbox.router import Tool, ToolResult
 
 @dataclasses.dataclass(frozen=True)
 class SandboxConfig:
+  """Limits for one `run_code` call; see the module docstring for how each is enforced.
+
+  Times are in seconds, sizes in MiB except `output_bytes` (kept per stream).
+  """
+
   cpu_s: int = 5
   wall_s: float = 10.0
   memory_mb: int = 512
@@ -71,6 +76,8 @@ class SandboxConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
+  """Outcome of one `run_code` call: decoded output, exit status and which limit, if any, hit."""
+
   stdout: str
   stderr: str
   exit_code: int | None
@@ -81,9 +88,11 @@ class SandboxResult:
 
   @property
   def ok(self) -> bool:
+    """Whether the code exited with status 0 within every limit."""
     return self.exit_code == 0 and self.limit_hit is None
 
   def to_text(self) -> str:
+    """The tool response: an `Error: ...` or `exit status 0` line, then stdout and stderr."""
     parts = []
     if self.limit_hit is not None:
       parts.append(f"Error: {_LIMIT_MESSAGES[self.limit_hit]}")
@@ -354,6 +363,7 @@ def _as_tool_result(result: SandboxResult) -> ToolResult:
 
 
 def make_tool(config: SandboxConfig = SandboxConfig()) -> Tool:
+  """The `python` tool: runs the `code` argument with `run_code` under `config`."""
   return Tool(
       name="python",
       description=("Run a Python 3 script (standard library only) in an isolated sandbox with no "

@@ -27,6 +27,7 @@ class HttpSearchBackend:
   timeout_s: float = 10.0
 
   def build_request(self, query: str, k: int) -> urllib.request.Request:
+    """The GET request for `query` and `k`, appending to any query string already in `url`."""
     params = urllib.parse.urlencode({"q": query, "k": k})
     separator = "&" if urllib.parse.urlsplit(self.url).query else "?"
     return urllib.request.Request(f"{self.url}{separator}{params}", headers=dict(self.headers),
@@ -34,6 +35,7 @@ class HttpSearchBackend:
 
   @staticmethod
   def parse_response(body: bytes) -> list[Hit]:
+    """Hits from a JSON response body, in its order; ValueError without a "results" list."""
     payload: Any = json.loads(body)
     results = payload.get("results") if isinstance(payload, dict) else None
     if not isinstance(results, list):
@@ -42,6 +44,7 @@ class HttpSearchBackend:
                 str(r.get("text") or r.get("snippet", ""))) for i, r in enumerate(results)]
 
   def search(self, query: str, k: int) -> list[Hit]:
+    """Fetches and parses the results for `query`, at most `k` (network errors propagate)."""
     with urllib.request.urlopen(self.build_request(query, k), timeout=self.timeout_s) as response:
       return self.parse_response(response.read())[:k]
 
