@@ -15,34 +15,13 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any
 
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from wakea_jax import config_lib, logs
-from wakea_jax.data.config import pooled_specs
-from wakea_jax.rl import evaluation as eval_lib
-from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax import logs, trainers
 
 FLAGS = flags.FLAGS
-
-
-def evaluate(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
-             ) -> dict[str, Any]:
-  """Evaluates the model in `checkpoint` on `config.data.eval_sources`."""
-  data = config_lib.section(config, "data")
-  if not data.eval_sources:
-    raise ValueError("config.data.eval_sources is empty: nothing to evaluate on")
-  prompts = prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"))
-  result = eval_lib.evaluate_checkpoint(
-      checkpoint, prompts, rollout=config_lib.section(config, "rollout"),
-      config=config_lib.section(config, "eval"), tokenizer_path=config.get("tokenizer", ""),
-      seed=config.get("seed", 0))
-  result["checkpoint"] = str(checkpoint)
-  result["prompts"] = [spec for spec, _ in data.eval_sources]
-  return result
 
 
 def _define_flags() -> None:
@@ -58,7 +37,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
-  result = evaluate(FLAGS.config, FLAGS.checkpoint)
+  result = trainers.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
   text = json.dumps(result, indent=2)
   print(text)
   if FLAGS.output:

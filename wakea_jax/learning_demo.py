@@ -14,7 +14,6 @@ also on held-out preference pairs. The table goes to stdout, results.md and resu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
@@ -32,12 +31,10 @@ from wakea_jax import config_lib, logs, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
-from wakea_jax.data.config import pooled_specs
 from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids, tokenizer_from
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
-from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.train import preference as preference_lib
 
@@ -53,13 +50,8 @@ def _timed(fn, *args) -> tuple[Any, float]:
 
 def _evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path) -> dict[str, Any]:
   """Greedy accuracy and pass@k of the model in `model_dir` on the RL config's eval prompts."""
-  data = config_lib.section(rl_config, "data")
-  result = eval_lib.evaluate_checkpoint(
-      model_dir, prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources")),
-      rollout=config_lib.section(rl_config, "rollout"),
-      config=config_lib.section(rl_config, "eval"), tokenizer_path=rl_config.tokenizer,
-      seed=rl_config.seed)
-  return {k: v for k, v in result.items() if k != "examples"}
+  result = trainers.evaluate_checkpoint(rl_config, model_dir)
+  return {k: v for k, v in result.items() if k not in ("examples", "checkpoint", "prompts")}
 
 
 def preference_accuracy(dpo_config: ml_collections.ConfigDict, model_dir: pathlib.Path,
@@ -85,22 +77,19 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
                     stop_ids=chat_stop_ids(tokenizer), pad_id=chat_pad_id(tokenizer))
   prompts = prompts_lib.load_prompts(prompts_spec)
   g = config.pairs.samples_per_prompt
-  rollout = dataclasses.replace(config_lib.section(config.grpo, "rollout"), group_size=g)
-  correct = rewards_lib.correctness_reward(config.grpo.eval.correct_reward)
+  correct, texts = eval_lib.sample_and_check(
+      sampler, params, prompts, g, tokenizer=tokenizer,
+      rollout=config_lib.section(config.grpo, "rollout"),
+      correct=rewards_lib.correctness_reward(config.grpo.eval.correct_reward), router=None,
+      rng=jax.random.key(seed))
   pairs = []
-  for start in range(0, len(prompts), 64):
-    chunk = prompts[start:start + 64]
-    out = rollout_lib.generate_rollouts(
-        sampler, params, chunk, tokenizer=tokenizer, config=rollout,
-        rng=jax.random.fold_in(jax.random.key(seed), start))
-    ok = np.asarray(correct(out.samples())).reshape(len(chunk), g) > 0.5
-    for i, prompt in enumerate(chunk):
-      good = [out.texts[i * g + j] for j in range(g) if ok[i, j]]
-      bad = [out.texts[i * g + j] for j in range(g) if not ok[i, j]]
-      if good and bad:
-        pairs.append({"messages": list(prompt.messages),
-                      "chosen": rewards_lib.final_response(good[0]),
-                      "rejected": rewards_lib.final_response(bad[0])})
+  for i, prompt in enumerate(prompts):
+    good = [texts[i * g + j] for j in range(g) if correct[i, j] > 0.5]
+    bad = [texts[i * g + j] for j in range(g) if not correct[i, j] > 0.5]
+    if good and bad:
+      pairs.append({"messages": list(prompt.messages),
+                    "chosen": rewards_lib.final_response(good[0]),
+                    "rejected": rewards_lib.final_response(bad[0])})
   stats = {"prompts": float(len(prompts)), "pairs": float(len(pairs))}
   return pairs, stats
 

@@ -14,7 +14,9 @@ from typing import Any
 import ml_collections
 
 from wakea_jax import config_lib
-from wakea_jax.rl import learner
+from wakea_jax.data.config import pooled_specs
+from wakea_jax.rl import evaluation, learner
+from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.train import preference, sft
 
 Trainer = Callable[[ml_collections.ConfigDict, str | pathlib.Path], dict[str, Any]]
@@ -59,6 +61,23 @@ def trainer_for(objective: str) -> Trainer:
   if objective not in TRAINERS:
     raise ValueError(f"config.objective={objective!r} is not one of {sorted(TRAINERS)}")
   return TRAINERS[objective]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
+                        ) -> dict[str, Any]:
+  """Held-out greedy accuracy and pass@k of the model at `checkpoint`, on the eval prompts,
+  rollout settings and correctness reward of the GRPO / PPO config `config`: the numbers
+  its run's periodic evaluation reports."""
+  data = config_lib.section(config, "data")
+  if not data.eval_sources:
+    raise ValueError("config.data.eval_sources is empty: nothing to evaluate on")
+  prompts = prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"))
+  result = evaluation.evaluate_checkpoint(
+      checkpoint, prompts, rollout=config_lib.section(config, "rollout"),
+      config=config_lib.section(config, "eval"), tokenizer_path=config.get("tokenizer", ""),
+      seed=config.get("seed", 0))
+  return {**result, "checkpoint": str(checkpoint),
+          "prompts": [spec for spec, _ in data.eval_sources]}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

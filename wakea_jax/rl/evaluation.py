@@ -54,11 +54,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _correct(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord],
-             group: int, *, tokenizer: Tokenizer, rollout: RolloutConfig, correct: CorrectFn,
-             router: Router | None, rng: jax.Array, batch_prompts: int
-             ) -> tuple[np.ndarray, list[str]]:
-  """[num_prompts, group] correctness, and the first completion text of each prompt."""
+def sample_and_check(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord],
+                     group: int, *, tokenizer: Tokenizer, rollout: RolloutConfig,
+                     correct: CorrectFn, router: Router | None, rng: jax.Array,
+                     batch_prompts: int = 64) -> tuple[np.ndarray, list[str]]:
+  """`group` completions per prompt, `batch_prompts` prompts per sampler call:
+  (correctness [num_prompts, group], completion texts, group-major)."""
   config = dataclasses.replace(rollout, group_size=group)
   rows, texts = [], []
   for start in range(0, len(prompts), batch_prompts):
@@ -66,7 +67,7 @@ def _correct(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord
     out = generate_rollouts(sampler, params, chunk, tokenizer=tokenizer, config=config,
                             rng=jax.random.fold_in(rng, start), router=router)
     rows.append(np.asarray(correct(out.samples()), np.float32).reshape(len(chunk), group))
-    texts += out.texts[::group]
+    texts += out.texts
   return np.concatenate(rows), texts
 
 
@@ -81,13 +82,13 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
   rng = jax.random.key(seed)
   common = dict(tokenizer=tokenizer, rollout=rollout, correct=correct, router=router,
                 batch_prompts=config.batch_prompts)
-  greedy_ok, texts = _correct(greedy, params, prompts, 1, rng=rng, **common)
+  greedy_ok, texts = sample_and_check(greedy, params, prompts, 1, rng=rng, **common)
   result: dict[str, Any] = {"greedy_accuracy": float(greedy_ok.mean())}
   if config.num_samples:
     sampler = Sampler(graphdef, model_config, temperature=config.temperature,
                       stop_ids=stop_ids, pad_id=pad_id)
-    ok, _ = _correct(sampler, params, prompts, config.num_samples,
-                     rng=jax.random.fold_in(rng, 1), **common)
+    ok, _ = sample_and_check(sampler, params, prompts, config.num_samples,
+                             rng=jax.random.fold_in(rng, 1), **common)
     n = config.num_samples
     counts = ok.sum(axis=1).astype(int)
     for k in config.pass_k:
