@@ -8,9 +8,10 @@ reranker (`retrieval/hybrid.py`).
 The log-probs are computed from the final hidden states in chunks of the sequence, each
 spanning the whole batch: a chunk's logits ([batch, chunk, vocab]) are formed, reduced to
 per-token log-probs and entropies, and dropped; under differentiation they are recomputed
-in the backward pass (`jax.checkpoint`). Memory for logits is then chunk_tokens x vocab
-floats instead of batch x seq x vocab, which is what lets a 151,936-entry vocabulary (Qwen)
-be scored and trained at useful lengths.
+in the backward pass (`jax.checkpoint`). Memory for logits is then at most LOGITS_BUDGET
+floats (64 MiB) instead of batch x seq x vocab, which is what lets a 151,936-entry
+vocabulary (Qwen) be scored and trained at useful lengths; a small vocabulary gets one
+chunk and no rematerialisation, so it pays nothing for this.
 
 The vocabulary-sized reductions are written so XLA fuses them into few passes: the target
 logit is picked with an iota comparison (its gradient is an elementwise select, not a
@@ -28,8 +29,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-# Tokens (batch x sequence positions) whose logits exist at once.
-DEFAULT_CHUNK_TOKENS = 1024
+# How many float32 logits may exist at once when the chunk size is left to this module:
+# 2**24 (64 MiB) is one chunk for a 1,024-entry vocabulary up to 16k tokens, and ~110
+# tokens per chunk for Qwen's 151,936 entries.
+LOGITS_BUDGET = 2**24
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+  """Tokens per chunk that keep one chunk's logits within LOGITS_BUDGET floats."""
+  return max(1, LOGITS_BUDGET // max(vocab_size, 1))
 
 
 def pick(logits: Array, targets: Array) -> Array:
@@ -75,19 +83,21 @@ def chunk_logits(hidden: Array, head: Array) -> Array:
 
 
 def hidden_token_logprobs(hidden: Array, head: Array, targets: Array, *,
-                          chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                          chunk_tokens: int | None = None,
                           with_entropy: bool = False) -> tuple[Array, Array | None]:
   """(log p(targets) [b, t], entropy [b, t] or None) from hidden [b, t, e] and head [e, v].
 
+  `chunk_tokens` (default: `default_chunk_tokens(vocab)`) bounds the tokens whose logits
+  exist at once. When everything fits in one chunk, no scan or rematerialisation is added.
   The entropy of the full next-token distribution carries no gradient (a diagnostic).
   """
   chex.assert_rank(hidden, 3)
   chex.assert_rank(head, 2)
   chex.assert_equal_shape_prefix([hidden, targets], 2)
   b, t, _ = hidden.shape
+  chunk_tokens = chunk_tokens or default_chunk_tokens(head.shape[-1])
   seq_chunk, n, pad = seq_chunking(b, t, chunk_tokens)
 
-  @jax.checkpoint
   def one(h: Array, tg: Array) -> tuple[Array, Array]:
     logits = chunk_logits(h, head)
     log_z, _ = log_partition(logits)
@@ -99,8 +109,13 @@ def hidden_token_logprobs(hidden: Array, head: Array, targets: Array, *,
     probs = jnp.exp(fixed - fixed_z[..., None])
     return logprobs, fixed_z - jnp.sum(probs * fixed, axis=-1)
 
+  if n == 1:
+    logprobs, entropy = one(hidden, targets)
+    return logprobs, entropy if with_entropy else None
+  remat = jax.checkpoint(one)
+
   def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
-    return carry, one(*xs)
+    return carry, remat(*xs)
 
   _, (logprobs, entropy) = jax.lax.scan(
       body, None, (to_chunks(hidden, n, seq_chunk, pad), to_chunks(targets, n, seq_chunk, pad)))
@@ -123,7 +138,7 @@ class TokenScores:
 
 
 def score_tokens(model: nnx.Module, batch: dict[str, Array], *, with_entropy: bool = False,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> TokenScores:
+                 chunk_tokens: int | None = None) -> TokenScores:
   """Scores `batch` {input_ids, targets[, positions, segment_ids]} under `model`.
 
   The model's full logits are never used, so XLA drops them from the compiled graph.
@@ -138,7 +153,7 @@ def score_tokens(model: nnx.Module, batch: dict[str, Array], *, with_entropy: bo
 
 def sequence_logps(model: nnx.Module, input_ids: Array, targets: Array, loss_mask: Array,
                    positions: Array | None = None, segment_ids: Array | None = None, *,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Array, Array]:
+                   chunk_tokens: int | None = None) -> tuple[Array, Array]:
   """Per-row sums of the targets' log-probs over `loss_mask`.
 
   input_ids, targets [b, t] int32 (next-token rows: targets = ids[1:]), loss_mask [b, t]
