@@ -8,7 +8,7 @@ inside a tool response is the tool's, not the model's.
 from __future__ import annotations
 
 import fractions
-import math
+import importlib.util
 import re
 import string
 import threading
@@ -22,6 +22,7 @@ from wakea_jax.data.tokenizer import (
     TOOL_RESPONSE_END,
     TOOL_RESPONSE_START,
 )
+from wakea_jax.toolbox.isolation import IsolatedPool, WorkerError
 
 # ------------------------------------------------------------------------------------------
 # Reading the model's answer
@@ -59,8 +60,9 @@ def final_response(completion: str) -> str:
   return text.strip()
 
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACES = re.compile(r"[{}]")
 # A number not glued to a word ("x2", "v1.2"): optional sign (only when not a binary minus, as
 # in "3-5"), thousands groups or plain digits, optional decimals, optional "/denominator".
 _NUMBER = re.compile(
@@ -69,16 +71,37 @@ _NUMBER = re.compile(
 
 
 def _last_boxed(text: str) -> str | None:
-  """Content of the last \\boxed{...} whose braces balance (nesting allowed)."""
-  found = None
-  for match in _BOXED.finditer(text):
-    depth, i = 1, match.end()
-    while i < len(text) and depth:
-      depth += {"{": 1, "}": -1}.get(text[i], 0)
-      i += 1
-    if depth == 0:
-      found = text[match.end():i - 1]
-  return found.strip() if found is not None else None
+  """Content of the last \\boxed{...} whose braces balance (nesting allowed).
+
+  One pass over the braces with a stack (linear: 100k characters of unclosed `\\boxed{`
+  took minutes when each opening was scanned to the end separately).
+  """
+  boxed_opens = {match.end() - 1 for match in _BOXED.finditer(text)}
+  if not boxed_opens:
+    return None
+  stack: list[int] = []
+  best: tuple[int, int] | None = None   # (content start, content end) of the last one
+  for match in _BRACES.finditer(text):
+    i = match.start()
+    if text[i] == "{":
+      stack.append(i)
+    elif stack:
+      opened = stack.pop()
+      if opened in boxed_opens and (best is None or opened + 1 > best[0]):
+        best = (opened + 1, i)
+  return text[best[0]:best[1]].strip() if best is not None else None
+
+
+def _last_tagged(text: str) -> str | None:
+  """Content of the last <answer>...</answer> (linear even with many unclosed tags)."""
+  found, pos = None, 0
+  while (start := text.find(_ANSWER_OPEN, pos)) >= 0:
+    end = text.find(_ANSWER_CLOSE, start + len(_ANSWER_OPEN))
+    if end < 0:
+      break
+    found = text[start + len(_ANSWER_OPEN):end]
+    pos = end + len(_ANSWER_CLOSE)
+  return found
 
 
 def extract_answer(text: str, *, fallback: str | None = "last_number") -> str | None:
@@ -86,9 +109,9 @@ def extract_answer(text: str, *, fallback: str | None = "last_number") -> str | 
   the last number (ints, decimals, negatives, 1,234, 3/4), else None."""
   if fallback not in (None, "last_number"):
     raise ValueError(f"extract_answer: fallback must be 'last_number' or None, got {fallback!r}")
-  tagged = _ANSWER_TAG.findall(text)
-  if tagged:
-    return tagged[-1].strip()
+  tagged = _last_tagged(text)
+  if tagged is not None:
+    return tagged.strip()
   boxed = _last_boxed(text)
   if boxed is not None:
     return boxed
@@ -113,8 +136,18 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LEADING_VAR = re.compile(r"^[A-Za-z]\w{0,2}=(?!=)")  # "x=5" -> "5"
 _SIMPLE_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
 _FRACTION = re.compile(r"^(-?)\(?(-?(?:\d+(?:\.\d*)?|\.\d+))\)?/\(?(-?(?:\d+(?:\.\d*)?|\.\d+))\)?$")
-_REL_TOL = 1e-6
+_REL_TOL = fractions.Fraction(1, 10**6)
 _SYMPY_MAX_CHARS = 200
+# An answer longer than this is not compared (a math answer is short; normalising and
+# comparing unbounded text costs time a reward does not have).
+MAX_ANSWER_CHARS = 1000
+# Numbers compared exactly may have at most this many digits and this decimal exponent:
+# enough for any answer, small enough that Fraction arithmetic stays microseconds
+# ("1e400" compared to a float once raised OverflowError; "1/1e1000000" took 27 s).
+_MAX_DIGITS = 400
+_MAX_EXPONENT = 400
+_DIGIT_RUN = re.compile(r"\d+")
+_EXPONENT = re.compile(r"e[-+]?(\d+)", re.IGNORECASE)
 # Names the sympy path accepts; any other multi-letter identifier is refused, because
 # parse_expr evaluates its input with eval().
 _SYMPY_NAMES = ("sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "oo")
@@ -154,6 +187,13 @@ def _normalize_math(text: Any) -> tuple[str, bool]:
   return s.rstrip("%"), percent
 
 
+def _oversized(s: str) -> bool:
+  """Whether `s` has a digit run or a decimal exponent past what answers ever need."""
+  if any(len(run) > _MAX_DIGITS for run in _DIGIT_RUN.findall(s)):
+    return True
+  return any(int(e[-6:]) > _MAX_EXPONENT or len(e) > 6 for e in _EXPONENT.findall(s))
+
+
 def _to_number(s: str) -> fractions.Fraction | None:
   if _SIMPLE_NUMBER.match(s):
     return fractions.Fraction(s)
@@ -168,11 +208,14 @@ def _to_number(s: str) -> fractions.Fraction | None:
 
 
 def _close(a: fractions.Fraction, b: fractions.Fraction) -> bool:
-  return a == b or math.isclose(float(a), float(b), rel_tol=_REL_TOL)
+  """Equal within a relative 1e-6, in exact arithmetic (no float overflow)."""
+  return a == b or abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
 
 
 def _sympy_safe(s: str) -> bool:
   if len(s) > _SYMPY_MAX_CHARS or "__" in s or not re.fullmatch(r"[0-9A-Za-z+\-*/^(). ]+", s):
+    return False
+  if any(len(run) > 30 for run in _DIGIT_RUN.findall(s)):   # no huge literals for sympy
     return False
   return all(len(name) == 1 or name in _SYMPY_NAMES for name in re.findall(r"[A-Za-z]+", s))
 
@@ -210,26 +253,26 @@ def _sympy_equal_unguarded(a: str, b: str) -> bool:
   return False
 
 
+_SYMPY_FN = "wakea_jax.rl.answers:_sympy_equal_unguarded"
+_sympy_pool: IsolatedPool | None = None
+_sympy_lock = threading.Lock()
+
+
 def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
-  """sympy equivalence in a daemon thread, False on a parse error, timeout or missing sympy."""
-  try:
-    import sympy  # noqa: F401  (optional: numeric-only comparison without it)
-  except ImportError:
+  """sympy equivalence in a worker process killed at `timeout_s` (a thread could not be
+  stopped while sympy holds the GIL); False on a parse error, a timeout or without sympy."""
+  global _sympy_pool
+  if importlib.util.find_spec("sympy") is None:  # optional: numeric-only comparison
     return False
   if not (_sympy_safe(a) and _sympy_safe(b)):
     return False
-  result: list[bool] = []
-
-  def work() -> None:
-    try:
-      result.append(_sympy_equal_unguarded(a, b))
-    except Exception:  # any parse or evaluation failure means "not shown equal"
-      result.append(False)
-
-  worker = threading.Thread(target=work, daemon=True, name="math_equal_sympy")
-  worker.start()
-  worker.join(timeout_s)
-  return bool(result and result[0])
+  with _sympy_lock:
+    if _sympy_pool is None:
+      _sympy_pool = IsolatedPool([_SYMPY_FN], size=1, memory_bytes=1 << 30)
+  try:
+    return bool(_sympy_pool.call(_SYMPY_FN, a, b, timeout_s=timeout_s))
+  except (TimeoutError, WorkerError, OSError):
+    return False
 
 
 def math_equal(prediction: Any, reference: Any, *, timeout_s: float = 2.0) -> bool:
@@ -245,12 +288,16 @@ def math_equal(prediction: Any, reference: Any, *, timeout_s: float = 2.0) -> bo
     return any(math_equal(prediction, r, timeout_s=timeout_s) for r in reference)
   if reference is None:
     return False
+  if len(str(prediction)) > MAX_ANSWER_CHARS or len(str(reference)) > MAX_ANSWER_CHARS:
+    return False
   a, a_percent = _normalize_math(prediction)
   b, b_percent = _normalize_math(reference)
   if not a or not b:
     return False
   if a == b or a.lower() == b.lower():
     return True
+  if _oversized(a) or _oversized(b):
+    return False
   x, y = _to_number(a), _to_number(b)
   if x is not None and y is not None:
     xs = [x, x / 100] if a_percent else [x]

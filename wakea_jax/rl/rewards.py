@@ -10,6 +10,7 @@ appears inside a tool response is the tool's, not the model's, and must not earn
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import inspect
 import math
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from wakea_jax.rl import judge as judge_lib
 from wakea_jax.rl.answers import (  # re-exported: the rewards' public parsing helpers
@@ -43,6 +45,24 @@ def _require_answer(sample: Sample, index: int, reward: str) -> None:
     raise ValueError(f"sample {index}: the {reward!r} reward needs an answer, got None")
 
 
+# Failures on model output, per reward name: a reward never raises for what a model wrote
+# (one bad completion must not cost the whole batch), it scores 0 and is counted here.
+FAILURES: collections.Counter[str] = collections.Counter()
+
+
+def _guarded(reward: str, score: Callable[[], float]) -> float:
+  """score(), or 0.0 (logged once per reward, counted in FAILURES) when it raises."""
+  try:
+    return score()
+  except Exception as e:  # noqa: BLE001  (model output must never crash the batch)
+    if not FAILURES[reward]:
+      logging.warning("reward %r failed on a completion (scored 0; further failures are only "
+                      "counted in rewards.FAILURES): %s: %s", reward, type(e).__name__,
+                      str(e)[:200])
+    FAILURES[reward] += 1
+    return 0.0
+
+
 # ------------------------------------------------------------------------------------------
 # Reward factories
 # ------------------------------------------------------------------------------------------
@@ -53,8 +73,9 @@ def math_reward(*, fallback: str | None = "last_number", timeout_s: float = 2.0)
     out = np.zeros(len(samples), np.float32)
     for i, s in enumerate(samples):
       _require_answer(s, i, "math")
-      predicted = extract_answer(final_response(s.completion), fallback=fallback)
-      out[i] = float(math_equal(predicted, s.answer, timeout_s=timeout_s))
+      out[i] = _guarded("math", lambda s=s: float(math_equal(
+          extract_answer(final_response(s.completion), fallback=fallback), s.answer,
+          timeout_s=timeout_s)))
     return out
   return reward
 
@@ -69,12 +90,15 @@ def exact_match_reward(*, whole_response: bool = False,
   """
   def reward(samples: Sequence[Sample]) -> np.ndarray:
     out = np.zeros(len(samples), np.float32)
-    for i, s in enumerate(samples):
-      _require_answer(s, i, "exact_match")
+    def score(s: Sample) -> float:
       text = final_response(s.completion)
       candidate = None if whole_response else extract_answer(text, fallback=fallback)
       candidate = squad_normalize(text if candidate is None else candidate)
-      out[i] = float(any(candidate == squad_normalize(a) for a in _accepted(s.answer)))
+      return float(any(candidate == squad_normalize(a) for a in _accepted(s.answer)))
+
+    for i, s in enumerate(samples):
+      _require_answer(s, i, "exact_match")
+      out[i] = _guarded("exact_match", lambda s=s: score(s))
     return out
   return reward
 
@@ -104,11 +128,14 @@ def format_reward(*, tags: Sequence[str] = ("<think>", "</think>", "<answer>", "
 
   def reward(samples: Sequence[Sample]) -> np.ndarray:
     out = np.zeros(len(samples), np.float32)
-    for i, s in enumerate(samples):
+    def score(s: Sample) -> float:
       text = (final_response(s.completion) if scope == "final"
               else without_tool_responses(s.completion))
       found = _in_order(text, tags)
-      out[i] = found / len(tags) if partial else float(found == len(tags))
+      return found / len(tags) if partial else float(found == len(tags))
+
+    for i, s in enumerate(samples):
+      out[i] = _guarded("format", lambda s=s: score(s))
     return out
   return reward
 
@@ -146,6 +173,11 @@ def extract_code(text: str) -> str | None:
 
 def _code_score(code: str | None, tests: Sequence[str], config: sandbox.SandboxConfig,
                 all_or_nothing: bool) -> float:
+  return _guarded("code", lambda: _run_tests(code, tests, config, all_or_nothing))
+
+
+def _run_tests(code: str | None, tests: Sequence[str], config: sandbox.SandboxConfig,
+               all_or_nothing: bool) -> float:
   if code is None:
     return 0.0
   marker = f"@@wakea-test-{secrets.token_hex(8)}@@"

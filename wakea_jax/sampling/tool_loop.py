@@ -66,11 +66,19 @@ def tool_turn_ids(results: Sequence[str], tokenizer: Tokenizer) -> list[int]:
   return ids[ids.index(im_end) + 1:]
 
 
+# Calls run per assistant turn; more are answered with an error without running (a turn of
+# hundreds of calls would otherwise run hundreds of sandboxes).
+MAX_CALLS_PER_TURN = 8
+
+
 def _results_for(text: str, router: Router) -> list[str]:
   calls = chat.parse_tool_calls(text, strict=False)
   results = []
-  for call in calls:
-    if "error" in call:
+  for index, call in enumerate(calls):
+    if index >= MAX_CALLS_PER_TURN:
+      results.append(f"Error: more than {MAX_CALLS_PER_TURN} tool calls in one turn; this one "
+                     "was not run")
+    elif "error" in call:
       results.append(f"Error: malformed tool call: {call['error']}")
     else:
       results.append(router.call_parsed(call).text)

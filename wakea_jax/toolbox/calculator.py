@@ -50,11 +50,35 @@ def _log(x: Number, base: Number | None = None) -> float:
   return math.log(x) if base is None else math.log(x, base)
 
 
+def _round(x: Number, ndigits: Number | None = None) -> Number:
+  # round(1, -10**8) computes 10**(10**8): bound the digits before Python tries.
+  if ndigits is None:
+    return round(x)
+  if isinstance(ndigits, float):
+    if not ndigits.is_integer():
+      raise CalculatorError("round() needs an integer number of digits")
+    ndigits = int(ndigits)
+  if abs(ndigits) > MAX_RESULT_DIGITS:
+    raise CalculatorError(f"round() digits {_fmt_short(ndigits)} exceed the bound "
+                          f"{MAX_RESULT_DIGITS}")
+  return round(x, ndigits)
+
+
+def _bounded_args(fn: Callable[..., Number], max_args: int = 2) -> Callable[..., Number]:
+  """`fn` refusing more than `max_args` arguments (min/max take any number otherwise)."""
+  def call(*args: Number) -> Number:
+    if len(args) > max_args:
+      raise CalculatorError(f"at most {max_args} arguments")
+    return fn(*args)
+  return call
+
+
 FUNCTIONS: dict[str, Callable[..., Number]] = {
     "sqrt": math.sqrt, "log": _log, "log10": math.log10, "log2": math.log2, "exp": math.exp,
     "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos,
-    "atan": math.atan, "floor": math.floor, "ceil": math.ceil, "abs": abs, "round": round,
-    "min": min, "max": max, "factorial": _factorial, "gcd": math.gcd,
+    "atan": math.atan, "floor": math.floor, "ceil": math.ceil, "abs": abs, "round": _round,
+    "min": _bounded_args(min, 64), "max": _bounded_args(max, 64), "factorial": _factorial,
+    "gcd": _bounded_args(math.gcd, 64),
 }
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
@@ -183,8 +207,17 @@ def calculate(expression: str) -> str:
   return format_number(evaluate(expression))
 
 
-def make_tool() -> Tool:
-  """The `calculator` tool: one required string argument, `expression`."""
+def run_isolated(arguments: dict[str, Any]) -> list[Any]:
+  """The tool call as the router's worker process runs it: [ok, text]."""
+  try:
+    return [True, calculate(arguments["expression"])]
+  except CalculatorError as e:
+    return [False, str(e)]
+
+
+def make_tool(timeout_s: float | None = 10.0) -> Tool:
+  """The `calculator` tool: one required string argument, `expression`. The router runs
+  it in a killable worker process (`run_isolated`), so `timeout_s` is a hard deadline."""
   return Tool(
       name="calculator",
       description=("Evaluate an arithmetic expression exactly. Supports + - * / // % **, "
@@ -193,4 +226,6 @@ def make_tool() -> Tool:
                   "properties": {"expression": {"type": "string",
                                                 "description": "e.g. (3 + 4) * sqrt(2)"}}},
       run=lambda arguments: calculate(arguments["expression"]),
+      timeout_s=timeout_s,
+      isolated="wakea_jax.toolbox.calculator:run_isolated",
   )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from wakea_jax.retrieval.index import is_index_dir
 from wakea_jax.toolbox import calculator, retrieval, sandbox, web
 from wakea_jax.toolbox.retrieval import BM25, Document, SearchBackend
-from wakea_jax.toolbox.router import Router, Tool
+from wakea_jax.toolbox.router import Router
 from wakea_jax.toolbox.sandbox import SandboxConfig
 
 TOOL_NAMES = ("calculator", "python", "retrieve", "web_search")
@@ -50,5 +51,5 @@ def default_router(
         raise ValueError("tool 'web_search' needs web_corpus (offline) or web_backend")
     else:
       raise ValueError(f"unknown tool {name!r}; known: {', '.join(TOOL_NAMES)}")
-    tools.append(Tool(tool.name, tool.description, tool.parameters, tool.run, tool_timeout_s))
+    tools.append(dataclasses.replace(tool, timeout_s=tool_timeout_s))
   return Router(tools)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from wakea_jax.toolbox.isolation import IsolatedPool
 
 # JSON-schema type name -> Python check. bool is a subclass of int, so numbers exclude it.
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -39,9 +42,13 @@ class Tool:
   # (e.g. the sandboxed program crashed). Raise ToolError for an expected failure whose message
   # is shown as-is; any other exception is reported with its type name.
   run: Callable[[dict[str, Any]], str | ToolResult]
-  # Seconds before the call is abandoned with an error result; None waits forever. The worker
-  # thread cannot be killed, so tools that may truly hang must bound themselves (the sandbox does).
+  # Seconds before the call is abandoned with an error result; None waits forever.
   timeout_s: float | None = None
+  # "module:function" of an isolated twin of `run` (arguments dict -> [ok, text]) that the
+  # router runs in a killable worker process (toolbox/isolation.py), so that `timeout_s` is
+  # a hard deadline even for a call that holds the GIL. Tools without it run in a thread,
+  # which cannot be killed: they must bound themselves (the sandbox and searches do).
+  isolated: str | None = None
 
   def schema(self) -> dict[str, Any]:
     """The OpenAI/Qwen function format that `chat.render(tools=...)` takes."""
@@ -124,6 +131,8 @@ class Router:
   """Dispatches parsed tool calls to a registry of `Tool`s; never raises on model input."""
 
   def __init__(self, tools: Mapping[str, Tool] | list[Tool] | tuple[Tool, ...]):
+    self._pool: IsolatedPool | None = None
+    self._pool_lock = threading.Lock()
     if isinstance(tools, Mapping):
       for key, tool in tools.items():
         if key != tool.name:
@@ -178,8 +187,9 @@ class Router:
       return _error(f"malformed tool call {_short(call)}: expected an object")
     return self.call(call.get("name"), call.get("arguments", {}))
 
-  @staticmethod
-  def _run(tool: Tool, arguments: dict[str, Any]) -> str | ToolResult:
+  def _run(self, tool: Tool, arguments: dict[str, Any]) -> str | ToolResult:
+    if tool.isolated is not None:
+      return self._run_isolated(tool, arguments)
     if tool.timeout_s is None:
       return tool.run(arguments)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -187,6 +197,21 @@ class Router:
       return pool.submit(tool.run, arguments).result(timeout=tool.timeout_s)
     finally:
       pool.shutdown(wait=False, cancel_futures=True)
+
+  def _run_isolated(self, tool: Tool, arguments: dict[str, Any]) -> ToolResult:
+    with self._pool_lock:
+      if self._pool is None:
+        self._pool = IsolatedPool([t.isolated for t in self.tools.values() if t.isolated])
+    try:
+      ok, text = self._pool.call(tool.isolated, arguments, timeout_s=tool.timeout_s)
+    except TimeoutError:
+      raise concurrent.futures.TimeoutError from None
+    return ToolResult(text=text, ok=True) if ok else _error(f"{tool.name}: {text}")
+
+  def close(self) -> None:
+    """Stops the worker processes of isolated tools (they also end with the process)."""
+    if self._pool is not None:
+      self._pool.close()
 
   def tool_schemas(self) -> list[dict[str, Any]]:
     """The schema of every registered tool, for `chat.render(tools=...)`."""
