@@ -173,13 +173,29 @@ class _NextTokenIterator(grain.DatasetIterator):
   policy. Runs on the consuming thread, so the counts are exact and part of the state."""
 
   def __init__(self, parent: grain.DatasetIterator, seq_len: int, overlength: str,
-               names: Sequence[str]) -> None:
+               names: Sequence[str], sizes: Sequence[int]) -> None:
     super().__init__(parent)
     self._seq_len = seq_len
     self._overlength = overlength
     self._names = tuple(names)
+    self._sizes = tuple(sizes)
     self._counts = [[0] * len(COUNTERS) for _ in names]
     self._reported: set[tuple[int, int]] = set()
+    # Examples dropped in a row, per source. A source that drops two full passes in a row
+    # (epochs are reshuffled, so one usable example can sit at the start of one pass and the
+    # end of the next) has nothing usable at this seq_len: training would drop and log
+    # forever, or its mixture weight would silently go to the others.
+    self._dropped_in_a_row = [0] * len(names)
+
+  def _dropped(self, source: int, counter: int, origin: str, length: int) -> None:
+    self._count(source, counter, origin, length)
+    self._dropped_in_a_row[source] += 1
+    if self._dropped_in_a_row[source] >= 2 * max(self._sizes[source], 1):
+      counts = dict(zip(COUNTERS, self._counts[source]))
+      raise ValueError(
+          f"data source {self._names[source]}: no usable example at seq_len={self._seq_len} "
+          f"(overlength={self._overlength!r}): {counts} after {self._dropped_in_a_row[source]} "
+          "examples in a row; raise data.seq_len, use overlength='truncate', or drop the source")
 
   def _count(self, source: int, counter: int, origin: str, length: int) -> None:
     self._counts[source][counter] += 1
@@ -208,13 +224,14 @@ class _NextTokenIterator(grain.DatasetIterator):
       truncated = length - 1 > self._seq_len
       if truncated:
         if self._overlength == "drop":
-          self._count(source, _DROPPED_OVERLENGTH, origin, length)
+          self._dropped(source, _DROPPED_OVERLENGTH, origin, length)
           continue
         ids, mask = ids[:self._seq_len + 1], mask[:self._seq_len + 1]
       loss_mask = np.asarray(mask[1:], np.float32)
       if not loss_mask.any():  # e.g. a long prompt: the answer was cut off entirely
-        self._count(source, _DROPPED_NO_TARGET, origin, length)
+        self._dropped(source, _DROPPED_NO_TARGET, origin, length)
         continue
+      self._dropped_in_a_row[source] = 0
       if truncated:
         self._count(source, _TRUNCATED, origin, length)
       return {"input_ids": np.asarray(ids[:-1], np.int32),
@@ -235,9 +252,9 @@ class _NextTokenIterator(grain.DatasetIterator):
 class _NextTokenDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, seq_len: int, overlength: str,
-               names: Sequence[str]) -> None:
+               names: Sequence[str], sizes: Sequence[int]) -> None:
     super().__init__(parent)
-    self._args = (seq_len, overlength, tuple(names))
+    self._args = (seq_len, overlength, tuple(names), tuple(sizes))
     self.live: _NextTokenIterator | None = None  # the latest iterator, for its final counts
 
   def __iter__(self) -> _NextTokenIterator:
@@ -307,7 +324,8 @@ def _dataset(config: PipelineConfig, loaded: Sequence[sources_lib.Source], token
   examples = _NextTokenDataset(
       mixed.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=4 * config.batch_size)),
-      config.seq_len, config.overlength, _stat_names(loaded))
+      config.seq_len, config.overlength, _stat_names(loaded),
+      [-(-len(s) // shard.shard_count) for s in loaded])
   if config.packing:
     # One packing group = batch_size rows, so a group is one batch and leakage across
     # groups (hence across checkpoints) is bounded. Bins are not shuffled: the examples
