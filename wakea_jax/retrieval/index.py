@@ -26,12 +26,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from wakea_jax.retrieval import vectors as vectors_lib
 from wakea_jax.retrieval.store import Document, DocumentStore, EmptyCorpusError, Hit
@@ -45,6 +47,12 @@ DOCUMENTS_FILE = "documents.jsonl"
 EMBEDDINGS_DIR = "embeddings.zarr"
 EMBEDDINGS_NPY = "embeddings.npy"   # version 1
 SCANN_DIR = "scann"
+_SCANN_DOCIDS = "scann_docids.pkl"
+_ASSET_PATH = re.compile(r'asset_path:\s*"([^"]*)"')
+# Texts embedded at save and again at load: the index's fingerprint of its encoder.
+PROBE_TEXTS = ("retrieval probe: the quick brown fox jumps over the lazy dog",
+               "def add(a, b):\n    return a + b",
+               "Photosynthesis converts light energy into chemical energy in plants.")
 BACKENDS = ("brute_force", "scann")
 
 
@@ -124,14 +132,16 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _file_table(directory: str) -> dict[str, dict[str, Any]]:
+def _file_table(directory: str, *, hashes: bool = True) -> dict[str, dict[str, Any]]:
+  """Every file below `directory` but meta.json: {relative path: {bytes, sha256}}."""
   table = {}
-  for root, _, files in os.walk(directory):
-    for name in sorted(files):
+  for root, dirs, files in os.walk(directory):
+    for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
       path = os.path.join(root, name)
       rel = os.path.relpath(path, directory).replace(os.sep, "/")
       if rel != META_FILE:
-        table[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        table[rel] = ({"bytes": os.path.getsize(path), "sha256": _sha256(path)} if hashes
+                      else {})
   return dict(sorted(table.items()))
 
 
@@ -171,6 +181,10 @@ def read_meta(directory: str, *, verify: bool = True) -> dict[str, Any]:
     raise IndexFormatError(f"{meta_path}: field 'backend' is {meta['backend']!r}, not one of "
                            f"{BACKENDS}")
   if verify:
+    present = set(_file_table(directory, hashes=False))
+    for rel in sorted(present - set(meta["files"])):
+      raise IndexFormatError(f"{os.path.join(directory, rel)}: not listed in meta.json (an "
+                             "index directory holds only the files its save wrote)")
     for rel, expected in meta["files"].items():
       path = os.path.join(directory, rel)
       if not os.path.isfile(path):
@@ -345,11 +359,16 @@ class DenseIndex:
       if self.backend == "brute_force":
         vectors_lib.write_matrix(os.path.join(tmp, EMBEDDINGS_DIR), self._vectors)
       else:
-        os.makedirs(os.path.join(tmp, SCANN_DIR))
-        self._searcher.serialize(os.path.join(tmp, SCANN_DIR), relative_path=True)
+        scann_dir = os.path.join(tmp, SCANN_DIR)
+        os.makedirs(scann_dir)
+        self._searcher.serialize(scann_dir, relative_path=True)
+        # ScaNN pickles the document ids beside its assets, and its loader unpickles them:
+        # our ids are the row numbers, rebuilt on load, so the pickle is never written.
+        os.remove(os.path.join(scann_dir, _SCANN_DOCIDS))
       meta = {
           "format": FORMAT, "version": VERSION,
-          "embedder": {"name": self.embedder.name, "dim": int(self.embedder.dim)},
+          "embedder": {"name": self.embedder.name, "dim": int(self.embedder.dim),
+                       "probe": _probe(self.embedder).round(6).tolist()},
           "backend": self.backend, "params": self.params,
           "config": dataclasses.asdict(self.config),
           "num_documents": len(self.store), "files": _file_table(tmp),
@@ -396,6 +415,7 @@ class DenseIndex:
       if embedder.dim != built["dim"]:
         raise EmbedderMismatchError(f"{meta_path}: embedder {built['name']!r} now has dimension "
                                     f"{embedder.dim}, the index {built['dim']}")
+    _check_probe(embedder, built, meta_path)
     store = DocumentStore.load(os.path.join(directory, DOCUMENTS_FILE))
     n = meta["num_documents"]
     if len(store) != n:
@@ -405,17 +425,54 @@ class DenseIndex:
     if meta["backend"] == "brute_force":
       vectors = _read_vectors(directory, meta["version"], (n, built["dim"]))
       return cls(store, embedder, meta["params"], config=config, vectors=vectors)
-    import scann
-
-    scann_dir = os.path.join(directory, SCANN_DIR)
-    try:
-      searcher = scann.scann_ops_pybind.load_searcher(scann_dir, assets_backcompat_shim=False)
-    except Exception as e:  # ScaNN raises RuntimeError/ValueError from C++ with varied text
-      raise IndexFormatError(f"{scann_dir}: ScaNN could not load its assets ({e})") from None
-    if searcher.size() != n:
-      raise IndexFormatError(f"{scann_dir}: ScaNN holds {searcher.size()} vectors, meta.json "
-                             f"says {n} documents")
+    searcher = _load_scann(os.path.join(directory, SCANN_DIR), n)
     return cls(store, embedder, meta["params"], config=config, searcher=searcher)
+
+
+def _probe(embedder: Any) -> np.ndarray:
+  """The embedder's vectors for PROBE_TEXTS: a fingerprint of the encoder an index needs."""
+  return np.asarray(embedder.embed(list(PROBE_TEXTS)), np.float32)
+
+
+def _check_probe(embedder: Any, built: dict[str, Any], meta_path: str) -> None:
+  """Refuses an embedder that does not reproduce the index's probe vectors (a wrong name in
+  meta.json, other weights under the same name): its queries would search garbage."""
+  if "probe" not in built:   # indexes written before the probe existed
+    logging.warning("%s: no embedder probe; cannot check that %r is the encoder this index "
+                    "was built with", meta_path, built.get("name"))
+    return
+  want = np.asarray(built["probe"], np.float32)
+  got = _probe(embedder)
+  if want.shape != got.shape or not np.all(np.sum(want * got, axis=-1) >= 0.999):
+    raise EmbedderMismatchError(
+        f"{meta_path}: embedder {embedder.name!r} does not reproduce the probe vectors this "
+        f"index was built with (meta.json names {built.get('name')!r}); load it with the "
+        "encoder that built it, or rebuild the index")
+
+
+def _load_scann(scann_dir: str, n: int) -> Any:
+  """ScaNN's searcher from its assets, without its loader: that one unpickles
+  scann_docids.pkl. Asset paths must stay inside the directory."""
+  from scann.scann_ops.py import scann_ops_pybind as scann_ops
+
+  assets_path = os.path.join(scann_dir, "scann_assets.pbtxt")
+  try:
+    with open(assets_path, encoding="utf-8") as f:
+      assets = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise IndexFormatError(f"{assets_path}: unreadable ({e})") from None
+  for path in _ASSET_PATH.findall(assets):
+    if os.path.isabs(path) or ".." in path.split("/") or "\\" in path:
+      raise IndexFormatError(f"{assets_path}: asset path {path!r} leaves the index directory")
+  try:
+    searcher = scann_ops.ScannSearcher(scann_ops.scann_pybind.ScannNumpy(scann_dir, assets),
+                                       docids=[str(i) for i in range(n)])
+  except Exception as e:  # ScaNN raises RuntimeError/ValueError from C++ with varied text
+    raise IndexFormatError(f"{scann_dir}: ScaNN could not load its assets ({e})") from None
+  if searcher.size() != n:
+    raise IndexFormatError(f"{scann_dir}: ScaNN holds {searcher.size()} vectors, meta.json "
+                           f"says {n} documents")
+  return searcher
 
 
 def _read_vectors(directory: str, version: int, shape: tuple[int, int]) -> np.ndarray:
