@@ -1,38 +1,38 @@
-"""Runs untrusted Python in a separate, resource-limited process.
+"""Runs untrusted Python in a separate, resource-limited, isolated process.
 
-What is enforced by the kernel (holds even against hostile code):
-  * CPU time: RLIMIT_CPU (SIGXCPU, then SIGKILL one second later).
-  * Wall time: the parent kills the whole process group at `wall_s`; when the network namespace
-    is available the child also runs in its own PID namespace, so every descendant dies with it
-    even if it called setsid().
-  * Memory: RLIMIT_AS (address space, per process).
-  * File size: RLIMIT_FSIZE bounds any single file written.
-  * Processes: RLIMIT_NPROC, but NOTE the kernel ignores it for root (uid 0 outside a user
-    namespace), which is the case in some containers; there only the preamble guard, the PID
-    namespace and the wall-time kill bound a fork bomb.
-  * Network: with `unshare -rn` (unprivileged user + network namespace) the child sees only a
-    down loopback device, so no connection can leave it, not even to the host's 127.0.0.1.
-    `network_isolated` in the result says whether this was in force. The same call gives it a
-    PID namespace with its own /proc (`--mount-proc`), so it cannot see host processes or read
-    their /proc/<pid>/environ.
-  * Environment: the child gets only PATH, LANG, HOME and TMPDIR (HOME/TMPDIR = its temp dir);
-    `-I` also makes Python ignore PYTHON* variables and the user site directory.
-  * Output: at most `output_bytes` per stream are kept; past that the child is killed.
-  * Files (namespaced mode, `readonly_root` in the result): the working directory is a private
-    tmpfs of `workdir_mb`, every other mount is remounted read-only inside the sandbox's mount
-    namespace, and a nested user namespace locks that, so writes anywhere else fail with EROFS.
+Backends, best first (`SandboxConfig.backend="auto"` takes the first that works here):
 
-What is only a Python-level guard (a preamble run before the code; bypassable by e.g. ctypes,
-which is why `ctypes` import is also refused, but not a security boundary):
-  * Writes outside the working directory (`open`, `os.open`, remove/rename/mkdir...): the only
-    write protection when namespaces are unavailable.
-  * Sockets, when no network namespace could be made.
-  * fork/exec/subprocess (off unless `allow_subprocesses`).
-Reads are NOT restricted: the code can read any file the host user can read (other processes'
-/proc entries are hidden in namespaced mode). For hostile code at scale, also run the host as a
-dedicated unprivileged user or inside a container/gVisor.
+  bwrap    bubblewrap (Debian package `bubblewrap`): new user, PID, network, IPC, UTS and
+           cgroup namespaces; the code runs as uid/gid 65534 in its user namespace with every
+           capability dropped, in a minimal root it cannot see past: read-only /usr and the
+           Python installation, a private /proc and /dev, a private tmpfs /tmp and a tmpfs
+           working directory of `workdir_mb`; the rest of `/` is read-only and empty. No host
+           file, directory or UNIX socket is reachable (there is no path to one).
+  unshare  util-linux `unshare -rn --pid --fork --mount-proc`: user, network, PID and mount
+           namespaces; every host mount is remounted read-only inside (so files stay
+           *readable*) and the working directory is a private tmpfs. Host UNIX sockets are
+           reachable by path here: only the Python-level guard refuses AF_UNIX connections.
+  none     no namespaces: resource limits and the Python-level guard only.
 
-The child runs `python -I -S`: no site-packages, so only the standard library is importable.
+Enforced by the kernel on every backend (set by the child itself before the code runs, so
+the trainer's multithreaded process is never forked with a `preexec_fn`):
+  * CPU time: RLIMIT_CPU (SIGXCPU, then SIGKILL one second later); wall time: the parent
+    kills the process group (and with a PID namespace everything in it dies with its init).
+  * Memory: a cgroup memory limit on the whole process tree where the kernel delegates one
+    (v1 `memory` or v2 `memory.max` under this process's cgroup), else RLIMIT_AS per process,
+    i.e. at most `memory_mb` x `max_processes` in all (see `SandboxResult.memory_bound`).
+  * Processes: a cgroup `pids.max` where delegated, else RLIMIT_NPROC, which the kernel
+    ignores when the host user is root (the sandbox's uid maps to the caller's): then only the
+    PID namespace, the Python guard and the wall-time kill bound a fork bomb
+    (`SandboxResult.process_bound` says which held).
+  * File size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps; output past
+    `output_bytes` per stream kills the child.
+  * Environment: only PATH, LANG, HOME and TMPDIR; `python -I -S -B` (standard library only).
+
+The Python-level guard (a preamble before the code; bypassable by native code, which is why
+`ctypes` is refused, but not a security boundary) refuses writes and `chdir` outside the
+working directory, process creation unless `allow_subprocesses` (patched in `os`, `posix` and
+`_posixsubprocess`), and without a network namespace all sockets.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -49,8 +48,11 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 from wakea_jax.toolbox.router import Tool, ToolResult
+
+BACKENDS = ("auto", "bwrap", "unshare", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +67,18 @@ class SandboxConfig:
   memory_mb: int = 512
   output_bytes: int = 64 * 1024
   file_size_mb: int = 16
-  workdir_mb: int = 64  # size of the private tmpfs working directory (namespaced mode only)
-  # RLIMIT_NPROC counts every process and thread of the user (per user namespace on newer
-  # kernels), so it must leave room for the host's own threads; it is no-op for root.
-  max_processes: int = 256
+  workdir_mb: int = 64  # size of the private tmpfs working directory (namespaced backends)
+  # The whole tree's processes (pids cgroup), else RLIMIT_NPROC, which counts every process
+  # and thread of the host user in kernels that do not namespace it: leave room for them.
+  max_processes: int = 64
   max_open_files: int = 64
   isolate_network: bool = True
   allow_subprocesses: bool = False
+  backend: str = "auto"
+
+  def __post_init__(self) -> None:
+    if self.backend not in BACKENDS:
+      raise ValueError(f"sandbox backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +88,13 @@ class SandboxResult:
   stdout: str
   stderr: str
   exit_code: int | None
-  limit_hit: str | None  # "cpu", "wall", "memory", "output", "file_size" or None
+  limit_hit: str | None  # "cpu", "wall", "memory", "output", "file_size", "processes" or None
   network_isolated: bool
-  # True when every mount but the working directory was read-only (kernel-enforced) for the run.
+  # True when nothing of the host was writable for the run (kernel-enforced).
   readonly_root: bool = False
+  backend: str = "none"          # the backend that ran it
+  process_bound: str = "rlimit"  # "cgroup" (pids.max) or "rlimit" (RLIMIT_NPROC)
+  memory_bound: str = "rlimit"   # "cgroup" (whole tree) or "rlimit" (per process)
 
   @property
   def ok(self) -> bool:
@@ -110,21 +120,35 @@ class SandboxResult:
 _LIMIT_MESSAGES = {
     "cpu": "CPU time limit exceeded", "wall": "wall-clock time limit exceeded",
     "memory": "memory limit exceeded", "output": "output size limit exceeded",
-    "file_size": "file size limit exceeded",
+    "file_size": "file size limit exceeded", "processes": "process limit exceeded",
 }
 
-# Runs inside the child before the user's code. Python-level guard only (see module docstring).
+# Runs inside the child before the user's code. It waits for the parent's "go" (sent once the
+# process tree is in its cgroup), sets its own limits, builds the mounts of the unshare
+# backend, then installs the Python-level guard.
 _PREAMBLE = r'''
-import builtins, io, os, sys
+import builtins, io, os, posix, resource, sys
+if sys.stdin.buffer.read(3) != b"go\n":
+  os._exit(125)
+os.environ.pop("PWD", None)  # bwrap's --chdir sets it
+_null = os.open("/dev/null", os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+_MIB = 1024 * 1024
+for _limit, _value in ((resource.RLIMIT_CPU, (CPU_S, CPU_S + 1)),
+                       (resource.RLIMIT_AS, (MEMORY_MB * _MIB,) * 2),
+                       (resource.RLIMIT_FSIZE, (FILE_SIZE_MB * _MIB,) * 2),
+                       (resource.RLIMIT_NPROC, (MAX_PROCESSES,) * 2),
+                       (resource.RLIMIT_NOFILE, (MAX_OPEN_FILES,) * 2),
+                       (resource.RLIMIT_CORE, (0, 0))):
+  resource.setrlimit(_limit, _value)
 _ROOT = os.path.realpath(os.getcwd())
-with open("main.py", encoding="utf-8") as _f:
+with open(CODE_PATH, encoding="utf-8") as _f:
   _source = _f.read()
-if NETWORK_ISOLATED:
+if BACKEND == "unshare":
   # We are PID 1 of fresh user + mount namespaces, with CAP_SYS_ADMIN over them only. Give the
   # code a private tmpfs as working directory and make every other mount read-only; then enter
-  # a nested user namespace, which locks those read-only flags (the code keeps capabilities only
-  # over the nested namespace and cannot remount them writable). Kernel-enforced, and confined
-  # to this mount namespace: the host's mounts are untouched.
+  # a nested user namespace, which locks those read-only flags. Confined to this namespace.
   import ctypes
   _libc = ctypes.CDLL(None, use_errno=True)
   _FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024,
@@ -159,8 +183,11 @@ if NETWORK_ISOLATED:
   except OSError:
     pass
   del ctypes, _libc
-  with open("main.py", "w", encoding="utf-8") as _f:  # for tracebacks' source lines
-    _f.write(_source)
+elif BACKEND == "bwrap":
+  sys.stderr.write(READONLY_MARKER + "\n")
+  sys.stderr.flush()
+with open("main.py", "w", encoding="utf-8") as _f:  # the code, for tracebacks' source lines
+  _f.write(_source)
 def _inside(path):
   if isinstance(path, int):
     return True  # an already-open descriptor
@@ -180,7 +207,7 @@ def _guarded_os_open(path, flags, *args, **kwargs):
   if flags & _WRITE_FLAGS and not _inside(path):
     _refuse("writing", path)
   return _os_open(path, flags, *args, **kwargs)
-os.open = _guarded_os_open
+os.open = posix.open = _guarded_os_open
 def _guard_paths(name, count):
   real = getattr(os, name)
   def guarded(*args, **kwargs):
@@ -189,9 +216,11 @@ def _guard_paths(name, count):
         _refuse(name, path)
     return real(*args, **kwargs)
   setattr(os, name, guarded)
+  if hasattr(posix, name):
+    setattr(posix, name, guarded)
 for _name, _count in [("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("makedirs", 1),
                       ("rename", 2), ("replace", 2), ("chmod", 1), ("chown", 1), ("symlink", 2),
-                      ("link", 2), ("truncate", 1), ("utime", 1)]:
+                      ("link", 2), ("truncate", 1), ("utime", 1), ("chdir", 1)]:
   if hasattr(os, _name):
     _guard_paths(_name, _count)
 sys.modules["ctypes"] = None  # ctypes would bypass every guard above
@@ -201,60 +230,239 @@ if not ALLOW_SUBPROCESSES:
   for _name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp", "execvpe",
                 "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
                 "spawnvpe", "posix_spawn", "posix_spawnp"):
-    if hasattr(os, _name):
-      setattr(os, _name, _no_processes)
+    for _module in (os, posix):
+      if hasattr(_module, _name):
+        setattr(_module, _name, _no_processes)
   import _posixsubprocess
   _posixsubprocess.fork_exec = _no_processes
+import socket
+def _no_network(*args, **kwargs):
+  raise PermissionError("sandbox: network access is not allowed")
+def _guard_socket(name):
+  # UNIX sockets live at filesystem paths, which a network namespace does not cover.
+  real = getattr(socket.socket, name)
+  def guarded(self, *args, **kwargs):
+    if self.family == socket.AF_UNIX or not NETWORK_ISOLATED:
+      _no_network()
+    return real(self, *args, **kwargs)
+  setattr(socket.socket, name, guarded)
+for _name in ("connect", "connect_ex", "sendto", "sendmsg", "bind"):
+  _guard_socket(_name)
 if not NETWORK_ISOLATED:
-  import socket
-  def _no_network(*args, **kwargs):
-    raise PermissionError("sandbox: network access is not allowed")
-  socket.socket.connect = socket.socket.connect_ex = socket.socket.bind = _no_network
-  socket.socket.sendto = _no_network
   socket.create_connection = socket.getaddrinfo = _no_network
 del _name, _count
 _globals = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
 exec(compile(_source, "main.py", "exec"), _globals)
 '''
 
-
-# -r: user namespace (root inside, nobody's privileges outside); -n: empty network namespace;
-# --pid --fork: the code runs as PID 1 of a new PID namespace, so all its descendants die with
-# it; --kill-child: it dies if unshare is killed; --mount-proc: /proc shows only that namespace.
-_NAMESPACE_FLAGS = ("-rn", "--pid", "--fork", "--kill-child", "--mount-proc")
-
+# -r: user namespace (root inside, the caller's privileges outside); -n: empty network
+# namespace; --pid --fork: the code runs as PID 1 of a new PID namespace, so all its
+# descendants die with it; --kill-child: it dies if unshare is killed; --mount-proc: /proc
+# shows only that namespace.
+_UNSHARE_FLAGS = ("-rn", "--pid", "--fork", "--kill-child", "--mount-proc")
 
 # First stderr line from the bootstrap when the read-only root is in force; removed from output.
 _READONLY_MARKER = "\x00wakea-sandbox: read-only root"
 _BOOT_FRAME = re.compile(r'  File "[^"]*_boot\.py", line \d+, in \S+\n(?:    .*\n)*')
+_PYTHON = os.path.realpath(sys.executable)
+
+
+def _bwrap_command(workdir: str, code_dir: str, config: SandboxConfig) -> list[str]:
+  """The bwrap argv: a minimal read-only root with the interpreter, a tmpfs workdir."""
+  mounts = ["--ro-bind", "/usr", "/usr"]
+  for name in ("bin", "lib", "lib32", "lib64", "sbin"):
+    path = f"/{name}"
+    if os.path.islink(path):
+      mounts += ["--symlink", os.readlink(path), path]
+    elif os.path.isdir(path):
+      mounts += ["--ro-bind", path, path]
+  for prefix in {sys.base_prefix, os.path.dirname(os.path.dirname(_PYTHON))}:
+    if not prefix.startswith("/usr/"):
+      mounts += ["--ro-bind", prefix, prefix]
+  return [
+      shutil.which("bwrap"), "--unshare-all", *([] if config.isolate_network else ["--share-net"]),
+      "--die-with-parent", "--new-session", "--uid", "65534", "--gid", "65534",
+      "--cap-drop", "ALL", *mounts, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+      "--ro-bind", code_dir, "/.wakea_code",
+      "--size", str(config.workdir_mb * 1024 * 1024), "--tmpfs", workdir,
+      "--remount-ro", "/", "--chdir", workdir, "--",
+      _PYTHON, "-I", "-S", "-B", "/.wakea_code/_boot.py"]
 
 
 @functools.cache
-def network_namespace_available() -> bool:
-  """Whether `unshare -rn --pid --fork --mount-proc` works here (needs user namespaces)."""
-  unshare = shutil.which("unshare")
-  if unshare is None:
+def _backend_works(backend: str) -> bool:
+  """Whether `backend` can start a Python here (probed once per process)."""
+  if backend == "none":
+    return True
+  tool = "bwrap" if backend == "bwrap" else "unshare"
+  if shutil.which(tool) is None:
     return False
-  try:
-    probe = subprocess.run(
-        [unshare, *_NAMESPACE_FLAGS, sys.executable, "-I", "-S", "-c", "0"],
-        capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
-  except (OSError, subprocess.SubprocessError):
-    return False
+  with tempfile.TemporaryDirectory(prefix="wakea_sandbox_probe_") as tmp:
+    with open(os.path.join(tmp, "_boot.py"), "w") as f:
+      f.write("import sys\nsys.exit(0)\n")
+    if backend == "bwrap":
+      command = _bwrap_command(tmp, tmp, SandboxConfig(backend="bwrap"))
+    else:
+      command = [shutil.which("unshare"), *_UNSHARE_FLAGS, _PYTHON, "-I", "-S", "-c", "0"]
+    try:
+      probe = subprocess.run(command, capture_output=True, timeout=20,
+                             env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.SubprocessError):
+      return False
   return probe.returncode == 0
 
 
-def _set_limits(config: SandboxConfig) -> None:
-  """Runs in the child between fork and exec."""
-  mib = 1024 * 1024
-  # Soft CPU limit sends SIGXCPU; the hard limit one second later is SIGKILL.
-  resource.setrlimit(resource.RLIMIT_CPU, (config.cpu_s, config.cpu_s + 1))
-  resource.setrlimit(resource.RLIMIT_AS, (config.memory_mb * mib,) * 2)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (config.file_size_mb * mib,) * 2)
-  resource.setrlimit(resource.RLIMIT_NPROC, (config.max_processes,) * 2)
-  resource.setrlimit(resource.RLIMIT_NOFILE, (config.max_open_files,) * 2)
-  resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def choose_backend(config: SandboxConfig) -> str:
+  """The backend `config` runs on here: its own, or with "auto" the best that works."""
+  if config.backend != "auto":
+    if not _backend_works(config.backend):
+      raise RuntimeError(f"sandbox backend {config.backend!r} does not work on this host")
+    return config.backend
+  for backend in ("bwrap", "unshare"):
+    if _backend_works(backend):
+      return backend
+  return "none"
 
+
+def network_namespace_available() -> bool:
+  """Whether a namespaced backend (bwrap or unshare) works here."""
+  return choose_backend(SandboxConfig()) != "none"
+
+
+# ------------------------------------------------------------------------------------------
+# cgroups: process and memory bounds on the whole tree, where the kernel delegates them
+# ------------------------------------------------------------------------------------------
+
+def _own_cgroups() -> dict[str, str]:
+  """{controller (v1) or "" (v2): this process's cgroup path}."""
+  out = {}
+  try:
+    with open("/proc/self/cgroup") as f:
+      for line in f:
+        _, controllers, path = line.rstrip("\n").split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+          out[name] = path
+  except OSError:
+    pass
+  return out
+
+
+def _cgroup_mounts() -> dict[str, str]:
+  """{controller (v1) or "" (v2): mount point}."""
+  out = {}
+  try:
+    with open("/proc/self/mounts") as f:
+      for line in f:
+        _, point, fstype, options = line.split()[:4]
+        if fstype == "cgroup2":
+          out.setdefault("", point)
+        elif fstype == "cgroup":
+          for option in options.split(","):
+            if option in ("pids", "memory"):
+              out[option] = point
+  except OSError:
+    pass
+  return out
+
+
+class _Cgroup:
+  """A fresh child cgroup (pids and memory) holding one sandbox's processes, best effort."""
+
+  def __init__(self, config: SandboxConfig) -> None:
+    self.dirs: dict[str, str] = {}   # controller -> directory
+    own, mounts = _own_cgroups(), _cgroup_mounts()
+    name = f"wakea-sandbox-{uuid.uuid4().hex[:12]}"
+    memory = config.memory_mb * 1024 * 1024
+    for controller, files in (("pids", {"pids.max": str(config.max_processes)}),
+                              ("memory", {"memory.limit_in_bytes": str(memory)})):
+      v1 = controller in mounts and controller in own
+      base = (os.path.join(mounts[controller], own[controller].lstrip("/")) if v1 else
+              os.path.join(mounts.get("", ""), own.get("", "/").lstrip("/"))
+              if "" in mounts else None)
+      if base is None:
+        continue
+      if not v1:
+        files = {"pids.max": files.get("pids.max")} if controller == "pids" else {
+            "memory.max": str(memory), "memory.swap.max": "0"}
+      path = os.path.join(base, name if v1 else f"{name}")
+      try:
+        os.makedirs(path, exist_ok=True)
+        for file, value in files.items():
+          with open(os.path.join(path, file), "w") as f:
+            f.write(value)
+      except OSError:
+        self._remove(path)
+        continue
+      self.dirs[controller] = path
+
+  def add_tree(self, root_pid: int) -> None:
+    """Moves `root_pid` and all its descendants into the cgroup."""
+    pids = [root_pid]
+    for pid in pids:
+      try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+          with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+      except OSError:
+        pass
+    for path in self.dirs.values():
+      for pid in pids:
+        try:
+          with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        except OSError:
+          pass
+
+  def hit(self, controller: str) -> bool:
+    """Whether the controller's limit refused something during the run."""
+    path = self.dirs.get(controller)
+    if path is None:
+      return False
+    for file, key in (("memory.failcnt", None), ("pids.events", "max"),
+                      ("memory.events", "oom_kill")):
+      try:
+        with open(os.path.join(path, file)) as f:
+          text = f.read()
+      except OSError:
+        continue
+      if key is None:
+        return int(text.strip() or 0) > 0
+      for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and int(value) > 0:
+          return True
+    return False
+
+  def close(self) -> None:
+    """Kills anything left in the cgroup and removes it."""
+    for path in self.dirs.values():
+      self._remove(path)
+
+  @staticmethod
+  def _remove(path: str) -> None:
+    for _ in range(50):
+      try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+          pids = [int(p) for p in f.read().split()]
+      except OSError:
+        pids = []
+      for pid in pids:
+        try:
+          os.kill(pid, signal.SIGKILL)
+        except OSError:
+          pass
+      try:
+        os.rmdir(path)
+        return
+      except FileNotFoundError:
+        return
+      except OSError:
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------
+# Running code
+# ------------------------------------------------------------------------------------------
 
 def _reader(stream, limit: int, sink: bytearray, overflow: threading.Event, on_overflow) -> None:
   while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
@@ -268,37 +476,93 @@ def _reader(stream, limit: int, sink: bytearray, overflow: threading.Event, on_o
 
 def run_code(code: str, config: SandboxConfig = SandboxConfig()) -> SandboxResult:
   """Runs `code` as a script in a fresh temp directory (deleted afterwards)."""
+  backend = choose_backend(config)
   workdir = tempfile.mkdtemp(prefix="wakea_sandbox_")
+  code_dir = tempfile.mkdtemp(prefix="wakea_sandbox_code_")
   try:
-    isolated = config.isolate_network and network_namespace_available()
-    with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+    isolated = config.isolate_network and backend != "none"
+    with open(os.path.join(code_dir, "main.py"), "w", encoding="utf-8") as f:
       f.write(code)
-    boot = (f"ALLOW_SUBPROCESSES = {config.allow_subprocesses!r}\n"
-            f"NETWORK_ISOLATED = {isolated!r}\nWORKDIR_MB = {int(config.workdir_mb)}\n"
-            f"READONLY_MARKER = {_READONLY_MARKER!r}\n" + _PREAMBLE)
-    with open(os.path.join(workdir, "_boot.py"), "w", encoding="utf-8") as f:
+    settings = dict(
+        ALLOW_SUBPROCESSES=config.allow_subprocesses, NETWORK_ISOLATED=isolated,
+        WORKDIR_MB=int(config.workdir_mb), READONLY_MARKER=_READONLY_MARKER, BACKEND=backend,
+        CPU_S=int(config.cpu_s), MEMORY_MB=int(config.memory_mb),
+        FILE_SIZE_MB=int(config.file_size_mb), MAX_PROCESSES=int(config.max_processes),
+        MAX_OPEN_FILES=int(config.max_open_files),
+        CODE_PATH=("/.wakea_code" if backend == "bwrap" else code_dir) + "/main.py")
+    boot = "".join(f"{k} = {v!r}\n" for k, v in settings.items()) + _PREAMBLE
+    with open(os.path.join(code_dir, "_boot.py"), "w", encoding="utf-8") as f:
       f.write(boot)
-    command = [sys.executable, "-I", "-S", "-B", "_boot.py"]
-    if isolated:
-      command = [shutil.which("unshare"), *_NAMESPACE_FLAGS] + command
+    os.chmod(code_dir, 0o755)
+    for name in ("main.py", "_boot.py"):
+      os.chmod(os.path.join(code_dir, name), 0o644)
+    if backend == "bwrap":
+      command = _bwrap_command(workdir, code_dir, config)
+    else:
+      command = [_PYTHON, "-I", "-S", "-B", os.path.join(code_dir, "_boot.py")]
+      if backend == "unshare":
+        command = [shutil.which("unshare"), *_UNSHARE_FLAGS] + command
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-    return _supervise(command, workdir, env, config, isolated)
+    if backend == "bwrap":   # bwrap passes the environment through; set it for the child
+      env = {"PATH": "/usr/bin:/bin"}
+      command[1:1] = ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG",
+                      "C.UTF-8", "--setenv", "HOME", workdir, "--setenv", "TMPDIR", workdir]
+    return _supervise(command, workdir, env, config, backend, isolated)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(code_dir, ignore_errors=True)
 
 
 def _supervise(command: list[str], workdir: str, env: dict[str, str], config: SandboxConfig,
-               isolated: bool) -> SandboxResult:
-  proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True, preexec_fn=lambda: _set_limits(config))
+               backend: str, isolated: bool) -> SandboxResult:
+  cgroup = _Cgroup(config)
+  try:
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    return _watch(proc, cgroup, config, backend, isolated)
+  finally:
+    cgroup.close()
 
+
+def _wait_for_boot(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+  """Waits until the tree under `proc` holds the Python that will read "go": after that the
+  launcher forks nothing more, so moving the tree into the cgroup cannot miss a process."""
+  deadline = time.monotonic() + timeout_s
+  python = _PYTHON.encode()
+  while time.monotonic() < deadline and proc.poll() is None:
+    pids = [proc.pid]
+    for pid in pids:
+      try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+          with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          argv = f.read().split(b"\0")
+        if argv[0] == python and any(a.endswith(b"_boot.py") for a in argv):
+          return
+      except OSError:
+        pass
+    time.sleep(0.002)
+
+
+def _watch(proc: subprocess.Popen, cgroup: _Cgroup, config: SandboxConfig, backend: str,
+           isolated: bool) -> SandboxResult:
   def kill() -> None:
     try:
       os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
 
+  if cgroup.dirs:
+    cgroup.add_tree(proc.pid)   # at once: what it forks from now on is born inside
+    _wait_for_boot(proc)
+    cgroup.add_tree(proc.pid)   # and anything it forked before that
+  try:
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+  except OSError:
+    pass
   out, err = bytearray(), bytearray()
   overflow = threading.Event()
   readers = [threading.Thread(target=_reader, args=(s, config.output_bytes, b, overflow, kill),
@@ -306,7 +570,7 @@ def _supervise(command: list[str], workdir: str, env: dict[str, str], config: Sa
   for t in readers:
     t.start()
   # Reap with wait4 rather than Popen.wait to get the rusage of the child and everything it
-  # reaped: under `unshare --fork` a SIGXCPU death is reported as a plain exit status 1, so the
+  # reaped: under a PID namespace a SIGXCPU death is reported as a plain exit status, so the
   # CPU time consumed is the reliable sign that the CPU limit was hit.
   timed_out = False
   start = time.monotonic()
@@ -340,21 +604,28 @@ def _supervise(command: list[str], workdir: str, env: dict[str, str], config: Sa
   if readonly_root:
     stderr = stderr[len(_READONLY_MARKER) + 1:]
   code = proc.returncode
+  # bwrap reports a child killed by signal s as exit status 128 + s.
+  signalled = {-code if code is not None and code < 0 else
+               code - 128 if code is not None and code > 128 else None}
   limit = None
   if overflow.is_set():
     limit = "output"
   elif timed_out:
     limit = "wall"
-  elif code in (-signal.SIGXCPU, -signal.SIGKILL) or cpu_used >= config.cpu_s - 0.05:
-    limit = "cpu"
-  elif code == -signal.SIGXFSZ or "File too large" in stderr:
-    limit = "file_size"
-  elif "MemoryError" in stderr:
+  elif cgroup.hit("memory") or "MemoryError" in stderr:
     limit = "memory"
+  elif signalled & {signal.SIGXCPU, signal.SIGKILL} or cpu_used >= config.cpu_s - 0.05:
+    limit = "cpu"
+  elif signal.SIGXFSZ in signalled or "File too large" in stderr:
+    limit = "file_size"
+  elif cgroup.hit("pids") or "Resource temporarily unavailable" in stderr:
+    limit = "processes"
   if limit == "output":
     stdout += "\n[output truncated]" if len(out) >= config.output_bytes else ""
     stderr += "\n[output truncated]" if len(err) >= config.output_bytes else ""
-  return SandboxResult(stdout, stderr, code, limit, isolated, readonly_root)
+  return SandboxResult(stdout, stderr, code, limit, isolated, readonly_root, backend,
+                       "cgroup" if "pids" in cgroup.dirs else "rlimit",
+                       "cgroup" if "memory" in cgroup.dirs else "rlimit")
 
 
 def _as_tool_result(result: SandboxResult) -> ToolResult:
