@@ -8,6 +8,13 @@ drives import and export. RoPE needs no permutation: our layers use HF's rotate_
 
 Import reads one tensor at a time and, given a mesh, places it straight onto its shards, so a
 large model is never whole on one device.
+
+Import is strict about types, so a damaged checkpoint fails with the file and the field or
+tensor named rather than loading as something else: config.json integer fields must be JSON
+integers (not 2.5, not true), float fields finite numbers, flags booleans; every tensor must
+be stored in a floating dtype (`LOADABLE_DTYPES`: an int64 or bool tensor is an error, not a
+silent cast); and a file safetensors cannot open (truncated, not safetensors) is an error
+naming the file.
 """
 
 from __future__ import annotations
@@ -163,6 +170,39 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
+# Fields config_from_hf reads, by JSON type; None (or absent) means "use the default".
+_INT_FIELDS = _REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+
+
+def _int(value: Any, field: str, source: str) -> int:
+  """`value` if it is a JSON integer (bools are not), else a ValueError naming the field."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{source}: field '{field}' must be an integer, got {value!r}")
+  return value
+
+
+def _float(value: Any, field: str, source: str, *, positive: bool = False) -> float:
+  """`value` as a float if it is a finite JSON number (and > 0 when `positive`)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{source}: field '{field}' must be a finite number, got {value!r}")
+  if positive and value <= 0:
+    raise ValueError(f"{source}: field '{field}' must be > 0, got {value!r}")
+  return float(value)
+
+
+def _check_field_types(hf: dict[str, Any], source: str) -> None:
+  """Type checks of the top-level fields config_from_hf reads (None means absent)."""
+  for field in _INT_FIELDS:
+    if hf.get(field) is not None:
+      _int(hf[field], field, source)
+  for field in _FLOAT_FIELDS:
+    if hf.get(field) is not None:
+      _float(hf[field], field, source)
+  for field in _BOOL_FIELDS:
+    if hf.get(field) is not None and not isinstance(hf[field], bool):
+      raise ValueError(f"{source}: field '{field}' must be true or false, got {hf[field]!r}")
 
 
 def read_hf_config(path: PathLike) -> dict[str, Any]:
@@ -202,12 +242,25 @@ def _rope_from_hf(hf: dict[str, Any], max_len: int, source: str
                   ) -> tuple[float, RopeScaling | None]:
   # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions a
   # top-level `rope_theta` plus an optional `rope_scaling` dict ("type" before "rope_type").
-  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+  raw = hf.get(field) or {}
+  if not isinstance(raw, dict):
+    raise ValueError(f"{source}: field '{field}' must be an object, got {raw!r}")
+  params = dict(raw)
   if params and all(isinstance(v, dict) for v in params.values()):
     raise NotImplementedError(f"{source}: per-layer-type {field} {sorted(params)} not supported")
-  theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
-  if float(params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0) != 1.0:
+  if params.get("rope_theta") is not None:
+    theta = _float(params["rope_theta"], f"{field}.rope_theta", source, positive=True)
+  elif hf.get("rope_theta") is not None:
+    theta = _float(hf["rope_theta"], "rope_theta", source, positive=True)
+  else:
+    theta = 10_000.0
+  partial = 1.0
+  for where, values in ((f"{field}.", params), ("", hf)):
+    if values.get("partial_rotary_factor") is not None:
+      partial = _float(values["partial_rotary_factor"], f"{where}partial_rotary_factor", source)
+      break
+  if partial != 1.0:
     raise NotImplementedError(f"{source}: partial_rotary_factor != 1 is not supported")
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type == "default":
@@ -215,14 +268,18 @@ def _rope_from_hf(hf: dict[str, Any], max_len: int, source: str
   if rope_type != "llama3":
     raise NotImplementedError(f"{source}: {field}.rope_type={rope_type!r} is not supported "
                               "(only 'default' and 'llama3')")
-  try:
-    scaling = RopeScaling(
-        factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings") or max_len))
-  except KeyError as e:
-    raise ValueError(f"{source}: {field} of rope_type 'llama3' lacks field {e.args[0]!r}") from e
+  missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+  if missing:
+    raise ValueError(f"{source}: {field} of rope_type 'llama3' lacks field {missing[0]!r}")
+  factors = {k: _float(params[k], f"{field}.{k}", source, positive=True)
+             for k in ("factor", "low_freq_factor", "high_freq_factor")}
+  original = params.get("original_max_position_embeddings")
+  if original is None:
+    original = max_len
+  elif _int(original, f"{field}.original_max_position_embeddings", source) <= 0:
+    raise ValueError(f"{source}: field '{field}.original_max_position_embeddings' must be > 0, "
+                     f"got {original}")
+  scaling = RopeScaling(original_max_position_embeddings=original, **factors)
   return theta, scaling
 
 
@@ -233,6 +290,7 @@ def config_from_hf(hf_config: dict[str, Any], *, source: str = "config.json") ->
   missing = [k for k in _REQUIRED if hf.get(k) is None]
   if missing:
     raise ValueError(f"{source}: required field(s) {missing} missing")
+  _check_field_types(hf, source)
   if hf.get("hidden_act", "silu") != "silu":
     raise NotImplementedError(f"{source}: hidden_act={hf['hidden_act']!r} not supported "
                               "(only 'silu')")
@@ -320,6 +378,9 @@ def config_to_hf(config: ModelConfig, architecture: str | None = None,
 # ------------------------------------------------------------------------------------------
 
 _RAW_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16)}
+# safetensors dtypes import accepts (cast to the model's param_dtype); anything else (I64,
+# BOOL, F8_*, ...) is an error naming the file and tensor, never a silent cast.
+LOADABLE_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 class _SafetensorsReader:
@@ -346,7 +407,12 @@ class _SafetensorsReader:
     for name in files:
       if not (directory / name).is_file():
         raise FileNotFoundError(f"{directory / name} (listed in {index.name}) is missing")
-      handle = self._handles[name] = safe_open(str(directory / name), framework="numpy")
+      try:
+        handle = safe_open(str(directory / name), framework="numpy")
+      except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+        raise ValueError(f"{directory / name}: not a readable safetensors file (truncated or "
+                         f"damaged?): {e}") from e
+      self._handles[name] = handle
       self.weight_map.update({key: name for key in handle.keys()})
     if index.is_file():
       absent = sorted(k for k, f in weight_map.items() if self.weight_map.get(k) != f)
@@ -359,11 +425,25 @@ class _SafetensorsReader:
   def shape(self, name: str) -> Shape:
     return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
 
+  def dtype(self, name: str) -> str:
+    """The safetensors dtype string of tensor `name` ("F32", "BF16", "I64", ...)."""
+    return self._handles[self.weight_map[name]].get_slice(name).get_dtype()
+
+  def check_dtype(self, name: str) -> None:
+    """Raises ValueError naming the file and tensor if `name` is not a floating tensor."""
+    if (dtype := self.dtype(name)) not in LOADABLE_DTYPES:
+      raise ValueError(f"{self.file(name)}: tensor {name!r} has dtype {dtype}; weights must be "
+                       f"one of {list(LOADABLE_DTYPES)} (no silent cast from {dtype})")
+
   def read(self, name: str) -> np.ndarray:
+    self.check_dtype(name)
     handle = self._handles[self.weight_map[name]]
-    dtype = handle.get_slice(name).get_dtype()
+    dtype = self.dtype(name)
     if dtype not in _RAW_DTYPES:
-      return handle.get_tensor(name)
+      try:
+        return handle.get_tensor(name)
+      except Exception as e:  # SafetensorError, or OSError if the file changed since opening
+        raise ValueError(f"{self.file(name)}: cannot read tensor {name!r}: {e}") from e
     # Read the raw bytes at the offsets the header gives (header: u64 length + JSON).
     file = self.weight_map[name]
     with open(self.directory / file, "rb") as f:
@@ -374,6 +454,9 @@ class _SafetensorsReader:
       begin, end = header[name]["data_offsets"]
       f.seek(data_start + begin)
       data = f.read(end - begin)
+    if len(data) != end - begin:
+      raise ValueError(f"{self.file(name)}: tensor {name!r} is truncated ({len(data)} of "
+                       f"{end - begin} bytes)")
     return np.frombuffer(data, _RAW_DTYPES[dtype]).reshape(self.shape(name))
 
 
@@ -421,7 +504,8 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
     sharding = shardings.get(path)
     return jax.device_put(array, sharding.get_value() if sharding is not None else None)
 
-  for e in entries:  # every shape is checked before any data is read
+  for e in entries:  # every shape and dtype is checked before any data is read
+    reader.check_dtype(e.hf_name)
     want = e.hook.hf_shape(tuple(expected[e.path].get_value().shape))
     if (got := reader.shape(e.hf_name)) != want:
       raise ValueError(f"{reader.file(e.hf_name)}: tensor {e.hf_name!r} has shape {got}, "

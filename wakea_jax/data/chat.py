@@ -66,11 +66,30 @@ assistant message become the same single ids the model emits at inference; `<|im
 data. System, user and tool text (and tool schemas) are untrusted: any substring equal to a
 control token of the tokenizer is encoded one character at a time, so it decodes to the same
 text but can never become a control id (no injected turn ends, no fake tool responses).
+
+Validation (every `render`/`render_text`). A message may only have the keys in
+`MESSAGE_KEYS`; any other key with a non-null value (a misspelt `contnet`, `tool_call`) is an
+error naming it, since its data would be dropped silently (a null value carries nothing, as
+with Parquet's absent keys). Rendered text must be valid Unicode: a lone surrogate such as
+"\\ud800" (which `json.loads` accepts) is an error naming the field, not a tokenizer crash
+later. Tool-call arguments and tool schemas must be standard JSON: NaN and Infinity are
+errors, and so is nesting deeper than `MAX_JSON_DEPTH` levels.
+
+Training targets get stricter checks (`validate_training_messages`, run by
+`wakea_jax.data.sources` on every record): no empty assistant turns, no malformed
+`<tool_call>` block written in assistant content, and no `tool` message that answers no call.
+
+Parsing generated text (`parse_tool_calls`) reads model output, which is untrusted: standard
+JSON only (no NaN/Infinity, no out-of-range floats), at most `MAX_JSON_DEPTH` levels deep,
+integers within Python's int-string limit, and the raw text it keeps of a bad block is cut
+to `MAX_RAW_CHARS` characters. With `strict=False` it never raises on any text.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import re
 import weakref
 from collections.abc import Mapping, Sequence
@@ -94,6 +113,15 @@ from wakea_jax.data.tokenizer import (
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 # Accepted spellings of an assistant message's reasoning (ours, the issue's, HF/Qwen3's).
 REASONING_KEYS: tuple[str, ...] = ("reasoning", "think", "reasoning_content")
+# Every key a message may have. `name` and `tool_call_id` (OpenAI) are accepted but not
+# rendered; any other key with a non-null value is an error naming it.
+MESSAGE_KEYS: tuple[str, ...] = ("role", "content", "tool_calls", "name", "tool_call_id",
+                                 *REASONING_KEYS)
+# Deepest JSON nesting accepted in tool calls (the call object itself is level 1) and tool
+# schemas; deeper values are errors rather than recursion limits hit later.
+MAX_JSON_DEPTH = 100
+# At most this many characters of a malformed tool-call block are kept in `raw`.
+MAX_RAW_CHARS = 2000
 
 # Qwen2.5/Qwen3 tool instructions, verbatim, so imported Qwen models see familiar text.
 TOOLS_HEADER = (
@@ -126,7 +154,10 @@ class RenderedChat:
 
 
 class ToolCallParseError(ValueError):
-  """A `<tool_call>` block in generated text that is not a valid call."""
+  """A `<tool_call>` block in generated text that is not a valid call.
+
+  `raw` is the block's text, cut to `MAX_RAW_CHARS` characters (see `parse_tool_calls`).
+  """
 
   def __init__(self, index: int, reason: str, raw: str) -> None:
     super().__init__(f"tool call {index}: {reason}; text: {raw[:200]!r}")
@@ -154,11 +185,95 @@ def _is_list(value: Any) -> bool:
   return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(text: str, where: str) -> None:
+  """Raises ValueError if `text` has a lone surrogate (not encodable, so not tokenizable)."""
+  if match := _SURROGATE.search(text):
+    raise ValueError(f"{where} contains a lone surrogate (U+{ord(match.group()):04X} at "
+                     f"character {match.start()}), which is not valid Unicode text")
+
+
+def _json_depth(value: Any, limit: int) -> int:
+  """Nesting depth of dicts/lists in `value` (a scalar is 0), counted up to `limit + 1`."""
+  depth, stack = 0, [(value, 1)]
+  while stack:
+    item, level = stack.pop()
+    if isinstance(item, Mapping):
+      children = item.values()
+    elif isinstance(item, (list, tuple)):
+      children = item
+    else:
+      continue
+    depth = max(depth, level)
+    if depth > limit:
+      break
+    stack.extend((child, level + 1) for child in children)
+  return depth
+
+
 def _json(value: Any, where: str) -> str:
+  """`value` as standard JSON text, or a ValueError starting with `where`."""
+  if _json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    raise ValueError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
   try:
-    return json.dumps(value, ensure_ascii=False)
-  except (TypeError, ValueError) as err:
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+  except ValueError as err:
+    if "Out of range float" in str(err):
+      raise ValueError(f"{where} contains NaN or Infinity, which is not valid JSON") from None
     raise ValueError(f"{where} is not JSON-serialisable: {err}") from err
+  except (TypeError, RecursionError) as err:
+    raise ValueError(f"{where} is not JSON-serialisable: {err}") from err
+  _check_unicode(text, where)
+  return text
+
+
+class _JSONRejected(ValueError):
+  """Raised by the `json.loads` hooks of `_loads` for a value it refuses."""
+
+
+def _reject_constant(name: str) -> Any:
+  raise _JSONRejected(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise _JSONRejected(f"number {text[:40]} is out of range")
+  return value
+
+
+def _bounded_int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:  # Python's int-string conversion limit (sys.get_int_max_str_digits)
+    raise _JSONRejected(f"integer of {len(text.lstrip('-'))} digits is too long") from None
+
+
+def _loads(text: str) -> Any:
+  """`json.loads` for untrusted text: standard JSON only (no NaN/Infinity, finite floats,
+  integers within Python's limit), at most `MAX_JSON_DEPTH` levels deep. Every failure is a
+  ValueError whose message is a short reason starting with "invalid JSON"."""
+  too_deep = f"invalid JSON (nested more than {MAX_JSON_DEPTH} levels deep)"
+  try:
+    value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                       parse_int=_bounded_int)
+  except json.JSONDecodeError as err:
+    raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+                     ) from None
+  except _JSONRejected as err:
+    raise ValueError(f"invalid JSON ({err})") from None
+  except RecursionError:
+    raise ValueError(too_deep) from None
+  if _json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    raise ValueError(too_deep)
+  # A lone surrogate, literal or escaped ("\\ud800"), is not text a tool or tokenizer takes.
+  if _SURROGATE.search(text) or _SURROGATE_ESCAPE.search(text):
+    if match := _SURROGATE.search(json.dumps(value, ensure_ascii=False)):
+      raise ValueError(f"invalid JSON (lone surrogate U+{ord(match.group()):04X})")
+  return value
 
 
 def _normalize_tool_call(call: Any, where: str, path: str) -> dict[str, Any]:
@@ -176,20 +291,28 @@ def _normalize_tool_call(call: Any, where: str, path: str) -> dict[str, Any]:
   name = call.get("name")
   if not isinstance(name, str) or not name.strip():
     raise error(f"{path}.name", f"must be a non-empty string, got {name!r}")
+  _check_unicode(name, f"{where}: field '{path}.name'")
   if "arguments" not in call:
     raise error(f"{path}.arguments", "is missing")
   arguments = call["arguments"]
   if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
     try:
-      arguments = json.loads(arguments)
-    except json.JSONDecodeError as err:
-      raise error(f"{path}.arguments", f"is a string but not valid JSON: {err}") from err
+      arguments = _loads(arguments)
+    except ValueError as err:
+      reason = str(err).removeprefix("invalid JSON ")
+      raise error(f"{path}.arguments", f"is a string but not valid JSON {reason}") from None
   if not isinstance(arguments, Mapping):
     raise error(f"{path}.arguments",
                 f"must be a JSON object (dict), got {type(arguments).__name__}")
   normalized = {"name": name, "arguments": dict(arguments)}
   _json(normalized, f"{where}: field '{path}.arguments'")
   return normalized
+
+
+def _shown(key: Any) -> str:
+  """A message key as it can be printed in an error (escaped if not plain text)."""
+  text = str(key)
+  return text if text.isprintable() and not _SURROGATE.search(text) else ascii(text)[1:-1]
 
 
 def _validate_message(index: int, message: Any) -> _Message:
@@ -201,6 +324,12 @@ def _validate_message(index: int, message: Any) -> _Message:
   role = message["role"]
   if role not in ROLES:
     raise ValueError(f"{where}: field 'role' must be one of {ROLES}, got {role!r}")
+  for key, value in message.items():
+    if key not in MESSAGE_KEYS and value is not None:
+      close = difflib.get_close_matches(str(key), MESSAGE_KEYS, n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise ValueError(f"{where}: field '{_shown(key)}' is not a message field{hint}; "
+                       f"message fields are {list(MESSAGE_KEYS)}")
 
   raw_calls = message.get("tool_calls")
   if raw_calls is not None and role != "assistant":
@@ -232,6 +361,9 @@ def _validate_message(index: int, message: Any) -> _Message:
       raise ValueError(f"{where}: field 'content' is missing")
   if not isinstance(content, str):
     raise ValueError(f"{where}: field 'content' must be a string, got {type(content).__name__}")
+  _check_unicode(content, f"{where}: field 'content'")
+  if reasoning is not None:
+    _check_unicode(reasoning, f"{where}: field '{given[0]}'")
 
   if role == "assistant":
     fields = {"content": content, (given[0] if given else "reasoning"): reasoning or ""}
@@ -432,6 +564,60 @@ def render(
   return RenderedChat(input_ids=input_ids, loss_mask=loss_mask, text="".join(s.text for s in spans))
 
 
+def validate_training_messages(messages: Sequence[Message]) -> None:
+  """Checks a conversation that is a training target, beyond what `render` needs.
+
+    Every assistant turn is trained on, so each must be something the model should learn to
+    write. Raises ValueError naming the message index (and field) for:
+
+    * an empty assistant turn: blank content (empty or whitespace), no tool calls and no
+      reasoning text (it would teach the model to end its turn at once);
+    * a `<tool_call>` block written in an assistant message's content that
+      `parse_tool_calls(strict=True)` rejects (broken JSON, NaN, unterminated, ...);
+    * a `tool` message that answers no call: each run of consecutive `tool` messages must
+      directly follow an assistant message that made at least as many calls (`tool_calls`
+      plus `<tool_call>` blocks in its content).
+
+    Also runs the structural validation of `render` (roles, fields, tool calls, Unicode).
+    """
+  if not _is_list(messages):
+    raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+  msgs = [_validate_message(i, m) for i, m in enumerate(messages)]
+  calls_made, results = 0, 0  # of the assistant message the current tool run answers
+  for i, message in enumerate(msgs):
+    where = f"message {i}"
+    if message.role == "assistant":
+      try:
+        inline = parse_tool_calls(message.content, strict=True)
+      except ToolCallParseError as err:
+        raise ValueError(f"{where}: field 'content' has a malformed {TOOL_CALL_START} block "
+                         f"(tool call {err.index}: {err.reason})") from None
+      if (not message.content.strip() and not message.tool_calls and not inline
+          and not (message.reasoning or "").strip()):
+        raise ValueError(f"{where}: field 'content' is empty in an assistant turn without tool "
+                         "calls or reasoning (it would teach the model to end its turn at once)")
+      calls_made, results = len(message.tool_calls) + len(inline), 0
+    elif message.role == "tool":
+      results += 1
+      if i == 0 or (msgs[i - 1].role not in ("assistant", "tool")):
+        previous = (f"the message before it is a '{msgs[i - 1].role}' message" if i
+                    else "it is the first message")
+        raise ValueError(f"{where}: a 'tool' message must follow an assistant message's tool "
+                         f"call, but {previous}")
+      if results > calls_made:
+        raise ValueError(f"{where}: tool result {results} answers no call: the assistant "
+                         f"message before it made {calls_made} tool call(s)")
+    else:
+      calls_made, results = 0, 0
+
+
+def _cut(raw: str) -> str:
+  """`raw` cut to `MAX_RAW_CHARS` characters, saying how many were dropped."""
+  if len(raw) <= MAX_RAW_CHARS:
+    return raw
+  return f"{raw[:MAX_RAW_CHARS]}...[{len(raw) - MAX_RAW_CHARS} more characters]"
+
+
 def parse_tool_calls(text: str, *, strict: bool = True) -> list[dict[str, Any]]:
   """Extracts `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks from `text`.
 
@@ -442,13 +628,19 @@ def parse_tool_calls(text: str, *, strict: bool = True) -> list[dict[str, Any]]:
     appears in the list as `{"error": reason, "raw": block text}` so that a tool loop can
     report it back to the model. Blocks inside `<think>` are not treated specially: pass the
     assistant content, not the reasoning, if that matters.
+
+    `text` is untrusted model output. Only standard JSON is accepted: NaN, Infinity and
+    out-of-range floats (1e999), integers longer than Python's int-string limit, and nesting
+    deeper than `MAX_JSON_DEPTH` levels are invalid JSON. `raw` (in the dict and in
+    `ToolCallParseError.raw`) is cut to `MAX_RAW_CHARS` characters. With `strict=False` this
+    never raises for any `text` (a str).
     """
   calls: list[dict[str, Any]] = []
 
   def bad(reason: str, raw: str) -> None:
     if strict:
-      raise ToolCallParseError(len(calls), reason, raw)
-    calls.append({"error": reason, "raw": raw})
+      raise ToolCallParseError(len(calls), reason, _cut(raw))
+    calls.append({"error": reason, "raw": _cut(raw)})
 
   pos = 0
   while (start := text.find(TOOL_CALL_START, pos)) >= 0:
@@ -460,9 +652,9 @@ def parse_tool_calls(text: str, *, strict: bool = True) -> list[dict[str, Any]]:
     raw = text[body_start:end]
     pos = end + len(TOOL_CALL_END)
     try:
-      call = json.loads(raw)
-    except json.JSONDecodeError as err:
-      bad(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})", raw)
+      call = _loads(raw)
+    except ValueError as err:
+      bad(str(err), raw)
       continue
     if not isinstance(call, dict):
       bad(f"expected a JSON object, got {type(call).__name__}", raw)
@@ -473,9 +665,10 @@ def parse_tool_calls(text: str, *, strict: bool = True) -> list[dict[str, Any]]:
       continue
     if isinstance(arguments, str):
       try:
-        arguments = json.loads(arguments)
-      except json.JSONDecodeError:
-        pass  # reported just below as a non-object
+        arguments = _loads(arguments)
+      except ValueError as err:
+        bad(f"'arguments' must be a JSON object (it is a string with {err})", raw)
+        continue
     if not isinstance(arguments, dict):
       bad("'arguments' must be a JSON object", raw)
       continue

@@ -18,6 +18,14 @@ record index, as `records[INDEX]` would find it). A malformed record raises by d
 never dropped silently. A file that cannot be read at all (bad suffix, not a JSON list,
 unreadable Parquet) always raises.
 
+Malformed means: a JSONL line that Python's json cannot parse (syntax, nesting too deep for
+the parser, an integer over Python's int-string limit), a record outside the schemas above,
+anything `chat.render` refuses (roles, unknown message keys such as a misspelt `contnet`,
+tool calls that are not standard JSON (NaN, Infinity), lone surrogates, turn delimiters in
+assistant text), and, since every record is a training target, what
+`chat.validate_training_messages` refuses: empty assistant turns, malformed `<tool_call>`
+blocks written in assistant content, and `tool` messages that answer no call.
+
 Bundled generators (`wakea_jax.data.tasks.TASKS`) are named by a task spec
 `task:NAME?n=1000&seed=0` (`n` examples, default 1000; `seed`, default 0).
 
@@ -150,8 +158,10 @@ def to_record(raw: Any, where: str) -> Record:
         raise ValueError(f"{where}: field 'tools[{k}]' must be a JSON object, got "
                          f"{type_name(tool)}")
   try:
-    # Full structural validation of every message (roles, tool calls, reasoning, delimiters).
+    # Full structural validation of every message (roles, tool calls, reasoning, delimiters),
+    # then the checks of a training target (empty turns, inline tool calls, orphan results).
     chat.render_text(messages, tools=tools)
+    chat.validate_training_messages(messages)
   except ValueError as err:
     raise _chat_error(where, err, fields) from None
   if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
@@ -209,10 +219,20 @@ def jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
         continue
       if not line.strip():
         continue
-      try:
-        yield line_no, json.loads(line)
-      except json.JSONDecodeError as err:
-        yield line_no, ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+      yield line_no, _parse_json(line, where)
+
+
+def _parse_json(text: str, where: str) -> Any:
+  """`json.loads(text)`, or the ValueError (starting with `where`) saying why not; the
+  parser's RecursionError (deep nesting) and int-limit ValueError included."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as err:
+    return ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+  except RecursionError:
+    return ValueError(f"{where}: invalid JSON (nested too deeply for the JSON parser)")
+  except ValueError as err:  # an integer longer than Python's int-string conversion limit
+    return ValueError(f"{where}: invalid JSON ({str(err).split(';')[0]})")
 
 
 def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
@@ -228,6 +248,10 @@ def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
   except json.JSONDecodeError as err:
     raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
                      ) from None
+  except RecursionError:
+    raise ValueError(f"{path}: invalid JSON (nested too deeply for the JSON parser)") from None
+  except ValueError as err:  # an integer longer than Python's int-string conversion limit
+    raise ValueError(f"{path}: invalid JSON ({str(err).split(';')[0]})") from None
   if not isinstance(data, list):
     raise ValueError(f"{path}: a .json source must hold a list of records, got "
                      f"{type_name(data)}")
