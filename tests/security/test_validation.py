@@ -430,3 +430,14 @@ def test_config_valid_neighbours_still_load(checkpoint):
   config = hf.load_model(checkpoint).config
   assert config.rope_theta == 500000.0 and isinstance(config.rope_theta, float)
   assert config.head_dim == 8 and config.norm_eps == 1e-5  # head_dim: hidden // heads
+
+
+@pytest.mark.parametrize("response, message", [
+    ("   ", "must be a non-empty string"),
+    ({"role": "assistant", "content": "<tool_call>{broken</tool_call>"}, "malformed <tool_call>"),
+    ({"role": "assistant", "content": "ok", "contnet": "x"}, "contnet"),
+])
+def test_preference_responses_meet_the_training_rules(response, message):
+  from wakea_jax.data import preferences
+  with pytest.raises(ValueError, match=message):
+    preferences.to_pair({"prompt": "q", "chosen": response, "rejected": "no"}, "pairs.jsonl:3")

@@ -98,7 +98,8 @@ def to_pair(raw: Any, where: str) -> dict[str, Any]:
     if side not in raw:
       raise ValueError(f"{where}: field '{side}' is missing")
     pair[side] = _response_messages(raw[side], side, where)
-    try:  # full structural validation (roles, tool calls, delimiters) of prompt + response
+    try:  # what SFT targets must satisfy: no empty turns, no malformed inline tool calls
+      chat.validate_training_messages(prompt + pair[side])
       chat.render_text(prompt + pair[side])
     except ValueError as err:
       raise ValueError(f"{where}: field '{side}' (with the prompt): {err}") from None
