@@ -76,8 +76,13 @@ def _nonfinite_message(step: int, metrics: dict[str, float],
     loss = metrics["loss_sum"] / max(metrics.get("weight", 1.0), 1.0)
   else:
     loss = metrics.get("loss", float("nan"))
-  good = checkpoints.latest_step()
-  where = f"step {good} in {checkpoints.directory}" if good is not None else "none"
+  good = checkpoints.latest_verified_step()  # the newest step that matches its manifest
+  if good is not None:
+    where = f"step {good} in {checkpoints.directory}"
+  else:
+    good = checkpoints.latest_verified_step(include_unverifiable=True)
+    where = (f"step {good} in {checkpoints.directory} (saved without a manifest: unverified)"
+             if good is not None else "none")
   return (f"non-finite loss or gradient at step {step} (loss={loss:.4g}, "
           f"grad_norm={metrics.get('grad_norm', float('nan')):.4g}); training stopped "
           f"without applying it. Last good checkpoint: {where}")
@@ -100,9 +105,11 @@ def train_loop(
 
   Returns the final state and the last value of every logged scalar.
   """
-  start = checkpoints.latest_step() or 0
-  if start:
-    state, data_state, _ = checkpoints.restore(state)
+  start = 0
+  if checkpoints.latest_step():
+    # The newest step that verifies against its manifest; damaged newer ones are skipped
+    # (with a warning), and no intact step at all is an error, not a silent fresh start.
+    start, state, data_state, _ = checkpoints.restore_with_step(state)
     if data_state:
       data.set_state(data_state)
     logging.info("resumed from step %d in %s", start, checkpoints.directory)

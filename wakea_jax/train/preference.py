@@ -120,7 +120,8 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
 
   checkpoints = setup_lib.checkpoint_manager(
       run_config, workdir, best_metric="eval_loss" if eval_set is not None else None)
-  latest = checkpoints.latest_step()
+  # The step resume will use (a damaged newest step is skipped), not merely the newest.
+  latest = checkpoints.latest_verified_step(include_unverifiable=True)
   finished = latest is not None and latest >= run_config.train.steps
   if preference.needs_reference and not finished:
     # The reference is the initial model: computed before any step, also on resume (the
