@@ -1,4 +1,5 @@
-"""Security acceptance tests for the code sandbox: every attack ends in a clear error result
+"""Security acceptance tests for the code sandbox, the original attack list (the probe's
+escapes are in test_sandbox_escapes.py): every attack ends in a clear error result
 within its limits, and the host is unharmed. Limits are small so the suite stays fast."""
 
 import os
