@@ -63,3 +63,22 @@ def test_a_source_with_a_few_usable_examples_keeps_training(tmp_path, tok):
   for _ in range(20):  # 40 usable rows: many passes over the file
     batch = next(it)
     assert np.asarray(batch["loss_mask"]).sum() > 0
+
+
+def test_the_train_binary_config_can_skip_and_count_malformed_records(tmp_path, tok):
+  """config.data.on_error reaches the pipeline (the train binary could not set it)."""
+  from wakea_jax import config_lib
+  from wakea_jax.config_files import get_config
+  path = tmp_path / "mixed.jsonl"
+  good = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "hello"}]})
+  path.write_text("\n".join([good, '{"messages": [{"role": "user", "contnet": "x"}]}', good])
+                  + "\n")
+  config = get_config("sft:test", **{"data.on_error": "skip_and_count",
+                                     "data.sources": ((str(path), 1.0),)})
+  data = config_lib.run_config(config).data
+  assert data.on_error == "skip_and_count"
+  it = pipeline.build_pipeline(pipeline.pipeline_config(data), tok)
+  next(it)
+  with pytest.raises(ValueError, match="data.on_error must be one of"):
+    config_lib.run_config(get_config("sft:test", **{"data.on_error": "ignore"}))
