@@ -52,3 +52,28 @@ def test_restore_errors(tmp_path):
     manager.restore(wrong)
   with pytest.raises(ValueError, match="keep"):
     CheckpointManager(tmp_path / "x", keep=0)
+
+
+def test_the_loader_reads_every_checkpoint_kind(tmp_path):
+  """HF directory, wakea_jax model directory, and a run workdir (which also holds a
+  config.json: the run's configuration record, not an HF config)."""
+  import json
+
+  from wakea_jax.checkpoints import export, hf, loader
+  from wakea_jax.models import transformer
+  from wakea_jax.models.config import get_preset
+  model = transformer.create_model(get_preset("tiny", vocab_size=64, embed_dim=32, num_layers=1,
+                                              num_heads=2, num_kv_heads=1, head_dim=16,
+                                              mlp_dim=64, max_seq_len=32), seed=0)
+  hf.save_model(model, tmp_path / "hf")
+  export.save_model_dir(model, tmp_path / "native")
+  run = tmp_path / "run"
+  export.save_model_dir(model, run / "export" / "model")
+  (run / "config.json").write_text(json.dumps({"objective": "sft", "seed": 0}))
+  assert loader.resolve(tmp_path / "hf") == ("hf", tmp_path / "hf")
+  assert loader.resolve(tmp_path / "native") == ("native", tmp_path / "native")
+  assert loader.resolve(run) == ("native", run / "export" / "model")
+  for path in ("hf", "native", "run"):
+    assert loader.load_model(tmp_path / path).config.num_layers == 1
+  with pytest.raises(FileNotFoundError, match="neither a wakea_jax model directory"):
+    loader.resolve(tmp_path)

@@ -25,12 +25,13 @@ RUN_EXPORT = pathlib.Path("export") / "model"
 def resolve(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
   """(kind, directory) of a checkpoint path: kind is "hf" or "native"."""
   path = pathlib.Path(path)
-  if (path / "config.json").is_file():
-    return "hf", path
   if (path / export.CONFIG_FILE).is_file():
     return "native", path
+  # Before config.json: a run's workdir has one too (the run's configuration record).
   if (path / RUN_EXPORT / export.CONFIG_FILE).is_file():
     return "native", path / RUN_EXPORT
+  if (path / "config.json").is_file():
+    return "hf", path
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   raise FileNotFoundError(
