@@ -365,6 +365,19 @@ def _cgroup_mounts() -> dict[str, str]:
   return out
 
 
+def _process_tree(root_pid: int) -> list[int]:
+  """`root_pid` and its descendants alive now (from /proc/<pid>/task/<tid>/children)."""
+  pids = [root_pid]
+  for pid in pids:
+    try:
+      for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+          pids += [int(p) for p in f.read().split()]
+    except OSError:
+      pass
+  return pids
+
+
 class _Cgroup:
   """A fresh child cgroup (pids and memory) holding one sandbox's processes, best effort."""
 
@@ -373,18 +386,18 @@ class _Cgroup:
     own, mounts = _own_cgroups(), _cgroup_mounts()
     name = f"wakea-sandbox-{uuid.uuid4().hex[:12]}"
     memory = config.memory_mb * 1024 * 1024
-    for controller, files in (("pids", {"pids.max": str(config.max_processes)}),
-                              ("memory", {"memory.limit_in_bytes": str(memory)})):
-      v1 = controller in mounts and controller in own
-      base = (os.path.join(mounts[controller], own[controller].lstrip("/")) if v1 else
-              os.path.join(mounts.get("", ""), own.get("", "/").lstrip("/"))
-              if "" in mounts else None)
-      if base is None:
+    # controller -> (files to write under cgroup v1, under v2)
+    limits = {"pids": ({"pids.max": str(config.max_processes)},) * 2,
+              "memory": ({"memory.limit_in_bytes": str(memory)},
+                         {"memory.max": str(memory), "memory.swap.max": "0"})}
+    for controller, (v1_files, v2_files) in limits.items():
+      if controller in mounts and controller in own:
+        base, files = os.path.join(mounts[controller], own[controller].lstrip("/")), v1_files
+      elif "" in mounts:
+        base, files = os.path.join(mounts[""], own.get("", "/").lstrip("/")), v2_files
+      else:
         continue
-      if not v1:
-        files = {"pids.max": files.get("pids.max")} if controller == "pids" else {
-            "memory.max": str(memory), "memory.swap.max": "0"}
-      path = os.path.join(base, name if v1 else f"{name}")
+      path = os.path.join(base, name)
       try:
         os.makedirs(path, exist_ok=True)
         for file, value in files.items():
@@ -397,14 +410,7 @@ class _Cgroup:
 
   def add_tree(self, root_pid: int) -> None:
     """Moves `root_pid` and all its descendants into the cgroup."""
-    pids = [root_pid]
-    for pid in pids:
-      try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-          with open(f"/proc/{pid}/task/{task}/children") as f:
-            pids += [int(p) for p in f.read().split()]
-      except OSError:
-        pass
+    pids = _process_tree(root_pid)
     for path in self.dirs.values():
       for pid in pids:
         try:
@@ -531,18 +537,14 @@ def _wait_for_boot(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
   deadline = time.monotonic() + timeout_s
   python = _PYTHON.encode()
   while time.monotonic() < deadline and proc.poll() is None:
-    pids = [proc.pid]
-    for pid in pids:
+    for pid in _process_tree(proc.pid):
       try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-          with open(f"/proc/{pid}/task/{task}/children") as f:
-            pids += [int(p) for p in f.read().split()]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
           argv = f.read().split(b"\0")
-        if argv[0] == python and any(a.endswith(b"_boot.py") for a in argv):
-          return
       except OSError:
-        pass
+        continue
+      if argv[0] == python and any(a.endswith(b"_boot.py") for a in argv):
+        return
     time.sleep(0.002)
 
 
