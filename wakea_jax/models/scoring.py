@@ -138,14 +138,22 @@ class TokenScores:
 
 
 def score_tokens(model: nnx.Module, batch: dict[str, Array], *, with_entropy: bool = False,
-                 chunk_tokens: int | None = None) -> TokenScores:
+                 chunk_tokens: int | None = None, vocab_limit: int | None = None
+                 ) -> TokenScores:
   """Scores `batch` {input_ids, targets[, positions, segment_ids]} under `model`.
 
   The model's full logits are never used, so XLA drops them from the compiled graph.
+  `vocab_limit` (the tokenizer's vocab_size when the embedding is padded past it, as
+  Qwen's 151,936 rows for 151,665 ids) restricts the softmax to ids below it: the
+  distribution the sampler draws from (`Sampler.vocab_limit`), so sampler and trainer
+  log-probs agree even where the padded rows carry mass (a random init).
   """
   out = model.forward(batch["input_ids"], positions=batch.get("positions"),
                       segment_ids=batch.get("segment_ids"))
-  logprobs, entropy = hidden_token_logprobs(out.hidden, model.head_weight(), batch["targets"],
+  head = model.head_weight()
+  if vocab_limit is not None and vocab_limit < head.shape[-1]:
+    head = head[:, :vocab_limit]
+  logprobs, entropy = hidden_token_logprobs(out.hidden, head, batch["targets"],
                                             chunk_tokens=chunk_tokens,
                                             with_entropy=with_entropy)
   return TokenScores(logprobs=logprobs, entropy=entropy, values=out.values, hidden=out.hidden)
