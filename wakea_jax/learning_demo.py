@@ -31,7 +31,8 @@ from wakea_jax import config_lib, logs, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
-from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids, tokenizer_from
+from wakea_jax.data.chat import chat_stop_ids
+from wakea_jax.data.tokenizer import chat_pad_id, tokenizer_from
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib

@@ -22,7 +22,8 @@ from flax import nnx
 from wakea_jax import logs
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
-from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids, tokenizer_from
+from wakea_jax.data.chat import chat_stop_ids
+from wakea_jax.data.tokenizer import chat_pad_id, tokenizer_from
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
 from wakea_jax.toolbox.registry import default_router

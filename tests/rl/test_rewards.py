@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from wakea_jax.rl import rewards
+from wakea_jax.rl.answers import final_response
 from wakea_jax.rl.samples import Sample
 
 TOOL_COMPLETION = (
@@ -19,16 +20,16 @@ def _s(completion: str, answer=None, **kwargs) -> Sample:
 # --- final_response / extract_answer --------------------------------------------------------
 
 def test_final_response_takes_last_assistant_turn():
-  assert rewards.final_response(TOOL_COMPLETION) == "The answer is 437."
-  assert rewards.final_response("Plain <answer>4</answer><|im_end|><|endoftext|>") == (
+  assert final_response(TOOL_COMPLETION) == "The answer is 437."
+  assert final_response("Plain <answer>4</answer><|im_end|><|endoftext|>") == (
       "Plain <answer>4</answer>")
 
 
 def test_answer_only_in_tool_response_is_not_credited():
   # The loop stopped after the tool answered: the model itself never stated 437.
   completion = TOOL_COMPLETION[:TOOL_COMPLETION.index("<|im_start|>assistant")]
-  assert rewards.final_response(completion) == ""
-  assert rewards.extract_answer(rewards.final_response(completion)) is None
+  assert final_response(completion) == ""
+  assert rewards.extract_answer(final_response(completion)) is None
   fn = rewards.REWARDS["math"]()
   np.testing.assert_array_equal(fn([_s(completion, 437), _s(TOOL_COMPLETION, 437)]), [0.0, 1.0])
 

@@ -41,7 +41,7 @@ def _rollouts(tool_rows=()):
       sampler_logprobs=[-np.arange(1, len(c) + 1, dtype=np.float32) * (1 - m)
                         for c, m in zip(comps, tool_mask)],
       tool_mask=tool_mask, num_tool_calls=[0] * 4, stop_reason=["stop_id"] * 4,
-      texts=["a"] * 4, group_size=2)
+      texts=["a"] * 4, finals=["a"] * 4, tool_errors=[0] * 4, group_size=2)
 
 
 def test_to_batch_alignment_and_tool_mask():

@@ -14,12 +14,13 @@ import numpy as np
 from flax import nnx
 
 from wakea_jax.data import chat
+from wakea_jax.data.chat import tool_turn_ids
 from wakea_jax.data.tokenizer import IM_END, default_tokenizer
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.layers import KVCache
 from wakea_jax.sampling.sampler import STOP_ID, DecodeState, Sampler
-from wakea_jax.sampling.tool_loop import run_tool_loop, tool_turn_ids
+from wakea_jax.sampling.tool_loop import run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 
 TOK = default_tokenizer()

@@ -98,6 +98,7 @@ from typing import Any
 
 import numpy as np
 
+from wakea_jax.data.chat_template import TRAIN, UNTRUSTED, ChatTemplate
 from wakea_jax.data.tokenizer import (
     IM_END,
     IM_START,
@@ -469,16 +470,20 @@ def _spans(
 @dataclass(frozen=True)
 class _TokenizerPlan:
   control_pattern: re.Pattern[str] | None
+  templates: Mapping[str, ChatTemplate]  # the tokenizer's own; empty: ChatML
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, _TokenizerPlan] = weakref.WeakKeyDictionary()
 
 
 def _make_plan(tokenizer: Tokenizer) -> _TokenizerPlan:
-  for token in (IM_START, IM_END):
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None or tokenizer.encode(token) != [token_id]:
-      raise ValueError(f"{tokenizer!r} has no single id for the chat token {token!r}")
+  sources = dict(getattr(tokenizer, "chat_templates", None) or {})
+  if not sources:
+    for token in (IM_START, IM_END):
+      token_id = tokenizer.token_to_id(token)
+      if token_id is None or tokenizer.encode(token) != [token_id]:
+        raise ValueError(f"{tokenizer!r} has no chat template and no single id for the ChatML "
+                         f"token {token!r}")
   for a, b in (("x", "y"), ("user", "\n"), ("\n", "Hi"), (" a", " b")):
     got = tokenizer.decode(tokenizer.encode(a) + tokenizer.encode(b))
     if got != a + b:
@@ -489,7 +494,13 @@ def _make_plan(tokenizer: Tokenizer) -> _TokenizerPlan:
   # Longest first, so that a control token containing another one is matched whole.
   controls = sorted((t for t in tokenizer.special_ids if len(t) > 1), key=len, reverse=True)
   pattern = re.compile("|".join(map(re.escape, controls))) if controls else None
-  return _TokenizerPlan(control_pattern=pattern)
+  strings = dict(getattr(tokenizer, "token_strings", None) or {})
+  templates = {
+      name: ChatTemplate(source, controls=controls, token_strings=strings,
+                         origin=f"{tokenizer!r} chat template {name!r}")
+      for name, source in sources.items()
+  }
+  return _TokenizerPlan(control_pattern=pattern, templates=templates)
 
 
 def _plan(tokenizer: Tokenizer) -> _TokenizerPlan:
@@ -501,6 +512,31 @@ def _plan(tokenizer: Tokenizer) -> _TokenizerPlan:
     plan = _make_plan(tokenizer)
     _PLANS[tokenizer] = plan
   return plan
+
+
+def chat_template(tokenizer: Tokenizer, *, tools: bool = False) -> ChatTemplate | None:
+  """The tokenizer's own chat template ("tool_use" when `tools` and it has one), or None when
+  chats are rendered as ChatML."""
+  templates = _plan(tokenizer).templates
+  if tools and "tool_use" in templates:
+    return templates["tool_use"]
+  return templates.get("default") or next(iter(templates.values()), None)
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int:
+  """The id that ends an assistant turn: `<|im_end|>` for ChatML, else the template's."""
+  template = chat_template(tokenizer)
+  token = IM_END if template is None else template.turn_end
+  token_id = tokenizer.token_to_id(token)
+  if token_id is None:
+    raise ValueError(f"{tokenizer!r}: the end-of-turn token {token!r} has no id")
+  return token_id
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """The ids that end an assistant turn when sampling chats: end of turn and EOS."""
+  ids = (end_of_turn_id(tokenizer), tokenizer.eos_id)
+  return tuple(dict.fromkeys(i for i in ids if i is not None and i >= 0))
 
 
 def _encode_untrusted(tokenizer: Tokenizer, text: str,
@@ -522,14 +558,80 @@ def _encode_untrusted(tokenizer: Tokenizer, text: str,
   return ids
 
 
+def _template_message(message: Message, parsed: _Message) -> dict[str, Any]:
+  """A validated message as chat templates read it (the OpenAI/transformers shape)."""
+  out: dict[str, Any] = {"role": parsed.role, "content": parsed.content}
+  if parsed.reasoning is not None:  # transformers passes reasoning under these names
+    out["reasoning_content"] = out["thinking"] = parsed.reasoning
+  if parsed.tool_calls:  # only when there are calls: Llama's template tests the key's presence
+    out["tool_calls"] = [{"type": "function", "function": dict(call)}
+                         for call in parsed.tool_calls]
+  for key in ("name", "tool_call_id"):
+    if message.get(key) is not None:
+      out[key] = message[key]
+  return out
+
+
+def _template_spans(template: ChatTemplate, messages: Sequence[Message],
+                    tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
+                    template_kwargs: Mapping[str, Any]) -> list[_Span]:
+  if not _is_list(messages):
+    raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+  if not messages:
+    raise ValueError("messages is empty")
+  parsed = [_validate_message(i, m) for i, m in enumerate(messages)]
+  _validate_tools(tools)
+  for i, message in enumerate(parsed):
+    if message.role != "assistant":
+      continue
+    texts = {"content": message.content, "reasoning": message.reasoning or ""}
+    texts.update({f"tool_calls[{j}]": json.dumps(c, ensure_ascii=False)
+                  for j, c in enumerate(message.tool_calls)})
+    for field, text in texts.items():
+      for delimiter in template.delimiters:
+        if delimiter in text:
+          raise ValueError(f"message {i}: field '{field}' contains the turn delimiter "
+                           f"{delimiter!r} of the chat template")
+  template_messages = [_template_message(m, p) for m, p in zip(messages, parsed)]
+  text, regions = template.regions(template_messages, tools=list(tools) if tools else None,
+                                   add_generation_prompt=add_generation_prompt,
+                                   **template_kwargs)
+  spans, pos = [], 0
+  for region in regions:
+    if region.start > pos:
+      spans.append(_Span(text[pos:region.start], trusted=True, train=False))
+    spans.append(_Span(text[region.start:region.end], trusted=region.kind != UNTRUSTED,
+                       train=region.kind == TRAIN))
+    pos = region.end
+  if pos < len(text):
+    spans.append(_Span(text[pos:], trusted=True, train=False))
+  return [span for span in spans if span.text]
+
+
+def _chat_spans(messages: Sequence[Message], tokenizer: Tokenizer | None,
+                tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
+                template_kwargs: Mapping[str, Any] | None) -> list[_Span]:
+  template = None if tokenizer is None else chat_template(tokenizer, tools=bool(tools))
+  if template is None:
+    if template_kwargs:
+      raise ValueError(f"template_kwargs {sorted(template_kwargs)} need a tokenizer with a chat "
+                       "template; ChatML takes none")
+    return _spans(messages, tools, add_generation_prompt)
+  return _template_spans(template, messages, tools, add_generation_prompt, template_kwargs or {})
+
+
 def render_text(
     messages: Sequence[Message],
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
+    tokenizer: Tokenizer | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
-  """The rendered conversation as a string (see the module docstring for the layout)."""
-  return "".join(span.text for span in _spans(messages, tools, add_generation_prompt))
+  """The rendered conversation as a string: ChatML (see the module docstring), or the
+  tokenizer's own chat template when `tokenizer` has one."""
+  spans = _chat_spans(messages, tokenizer, tools, add_generation_prompt, template_kwargs)
+  return "".join(span.text for span in spans)
 
 
 def render(
@@ -538,14 +640,17 @@ def render(
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> RenderedChat:
   """Renders and tokenises `messages`, with a loss mask over the assistant's output.
 
-    Raises ValueError naming the message index and field for malformed messages, and for a
-    tokenizer that lacks single ids for `<|im_start|>`/`<|im_end|>` or cannot be encoded span
-    by span.
+    The tokenizer's own chat template renders the text when it has one (`template_kwargs`,
+    e.g. `{"enable_thinking": False}`, go to it, as in `apply_chat_template`); otherwise the
+    layout is ChatML. Raises ValueError naming the message index and field for malformed
+    messages, and for a tokenizer that cannot be encoded span by span or (ChatML) lacks single
+    ids for `<|im_start|>`/`<|im_end|>`.
     """
-  spans = _spans(messages, tools, add_generation_prompt)
+  spans = _chat_spans(messages, tokenizer, tools, add_generation_prompt, template_kwargs)
   plan = _plan(tokenizer)
   ids: list[int] = []
   mask: list[int] = []
@@ -562,6 +667,57 @@ def render(
   input_ids.flags.writeable = False
   loss_mask.flags.writeable = False
   return RenderedChat(input_ids=input_ids, loss_mask=loss_mask, text="".join(s.text for s in spans))
+
+
+def parse_turn_tool_calls(text: str, tokenizer: Tokenizer) -> list[dict[str, Any]]:
+  """The tool calls of one generated assistant turn, in the chat format's own syntax.
+
+    ChatML and templates with `<tool_call>` blocks: `parse_tool_calls(text, strict=False)`.
+    Templates whose calls are a JSON turn (Llama 3.1+: `{"name": ..., "parameters": {...}}`,
+    optionally after `<|python_tag|>`): the whole turn, without its end-of-turn token, is one
+    call when it is a JSON object with a "name"; a turn that starts with "{" and mentions
+    "name" but does not parse is a malformed call; anything else is an answer (no calls).
+    Never raises; malformed calls are `{"error", "raw"}` as in `parse_tool_calls`.
+    """
+  template = chat_template(tokenizer, tools=True)
+  if template is None or template.tool_style != "json":
+    return parse_tool_calls(text, strict=False)
+  body = text
+  for token in (template.turn_end, *template.delimiters, "<|python_tag|>", "<|eom_id|>"):
+    body = body.replace(token, "")
+  body = body.strip()
+  if not body.startswith("{"):
+    return []
+  try:
+    call = _loads(body)
+  except ValueError as err:
+    return [{"error": str(err), "raw": _cut(body)}] if '"name"' in body else []
+  if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+    return [{"error": "'name' must be a non-empty string", "raw": _cut(body)}]
+  arguments = call.get("parameters", call.get("arguments", {}))
+  if isinstance(arguments, str):
+    try:
+      arguments = _loads(arguments)
+    except ValueError as err:
+      return [{"error": f"'parameters' is a string with {err}", "raw": _cut(body)}]
+  if not isinstance(arguments, dict):
+    return [{"error": "'parameters' must be a JSON object", "raw": _cut(body)}]
+  return [{"name": call["name"], "arguments": arguments}]
+
+
+def tool_turn_ids(results: Sequence[str], tokenizer: Tokenizer) -> list[int]:
+  """The ids that follow a generated assistant turn (its end-of-turn token included) when
+  tools answered its calls with `results`: the tool turn(s) and the next generation prompt,
+  exactly as `render` writes them inside a whole conversation (results are untrusted)."""
+  template = chat_template(tokenizer, tools=True)
+  calls = len(results) if template is None or template.tool_style != "json" else 1
+  messages: list[dict[str, Any]] = [{"role": "user", "content": "?"}, {
+      "role": "assistant", "content": "",
+      "tool_calls": [{"name": "t", "arguments": {}}] * calls}]
+  messages += [{"role": "tool", "content": r} for r in results]
+  rendered = render(messages, tokenizer, add_generation_prompt=True)
+  last = int(np.nonzero(rendered.loss_mask)[0][-1])
+  return rendered.input_ids[last + 1:].tolist()
 
 
 def validate_training_messages(messages: Sequence[Message]) -> None:

@@ -110,6 +110,17 @@ class Tokenizer(Protocol):
     """Id of a vocabulary entry (exact piece/token text), or None if there is none."""
     ...
 
+  @property
+  def chat_templates(self) -> Mapping[str, str]:
+    """The tokenizer's own jinja chat templates by name ("default", "tool_use"); empty when
+    it has none, and chats are then rendered as ChatML (see `wakea_jax.data.chat`)."""
+    ...
+
+  @property
+  def token_strings(self) -> Mapping[str, str]:
+    """"bos_token"/"eos_token"/"pad_token"/"unk_token" -> text, as chat templates read them."""
+    ...
+
 
 def _read_bytes(path: Path, what: str) -> bytes:
   if not path.exists():
@@ -235,6 +246,18 @@ class SentencePieceTokenizer(_TokenizerIds):
     self._special_ids = special
     self._special_id_set = frozenset(special.values())
 
+  @property
+  def chat_templates(self) -> Mapping[str, str]:
+    """None: a `.model` file carries no chat template (chats render as ChatML, see chat.py)."""
+    return {}
+
+  @property
+  def token_strings(self) -> Mapping[str, str]:
+    """bos_token/eos_token/pad_token/unk_token -> their piece text, for the ones it has."""
+    ids = {"bos_token": self._bos_id, "eos_token": self._eos_id, "pad_token": self._pad_id,
+           "unk_token": self._sp.unk_id()}
+    return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i is not None and i >= 0}
+
   def token_to_id(self, piece: str) -> int | None:
     """Id of the piece with exactly this text, or None (SentencePiece alone would answer UNK)."""
     token_id = self._sp.piece_to_id(piece)
@@ -354,6 +377,9 @@ class HFTokenizer(_TokenizerIds):
     self._bos_id, self._eos_id = ids["bos_token"], ids["eos_token"]
     self._pad_id = ids["pad_token"]
 
+    self._token_strings = {k: named[k][0] for k, i in ids.items() if i is not None}
+    self._chat_templates = self._read_chat_templates(json_path.parent)
+
     special = {t.content: i for i, t in added.items() if t.special}
     special.update({named[k][0]: i for k, i in ids.items() if i is not None})
     special.update(_chat_special_ids(self))
@@ -376,6 +402,44 @@ class HFTokenizer(_TokenizerIds):
               config_path,
           )
     return named
+
+  @staticmethod
+  def _read_chat_templates(directory: Path) -> dict[str, str]:
+    # As transformers saves them: chat_template.jinja (and chat_templates/NAME.jinja) beside
+    # tokenizer.json win over the "chat_template" field of tokenizer_config.json, which is a
+    # string or a list of {"name", "template"}.
+    templates: dict[str, str] = {}
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+      value = _read_json_object(config_path).get("chat_template")
+      where = f"{config_path}: chat_template"
+      if isinstance(value, str):
+        templates["default"] = value
+      elif isinstance(value, list):
+        for k, entry in enumerate(value):
+          if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+                  and isinstance(entry.get("template"), str)):
+            raise ValueError(f"{where}[{k}]: expected {{'name': str, 'template': str}}")
+          templates[entry["name"]] = entry["template"]
+      elif value is not None:
+        raise ValueError(f"{where}: expected a string or a list of named templates, got "
+                         f"{type(value).__name__}")
+    for path in sorted((directory / "chat_templates").glob("*.jinja")):
+      templates[path.stem] = _read_bytes(path, "chat template").decode("utf-8")
+    if (directory / "chat_template.jinja").is_file():
+      templates["default"] = _read_bytes(directory / "chat_template.jinja",
+                                         "chat template").decode("utf-8")
+    return templates
+
+  @property
+  def chat_templates(self) -> Mapping[str, str]:
+    """The tokenizer's own chat templates by name ("default", "tool_use", ...); may be empty."""
+    return dict(self._chat_templates)
+
+  @property
+  def token_strings(self) -> Mapping[str, str]:
+    """bos_token/eos_token/pad_token/unk_token -> their text, for the ones the tokenizer has."""
+    return dict(self._token_strings)
 
   def token_to_id(self, piece: str) -> int | None:
     """Id of the vocabulary entry or added token with exactly this text, or None."""
@@ -435,13 +499,6 @@ def default_tokenizer() -> SentencePieceTokenizer:
 def tokenizer_from(path: str | os.PathLike[str] | None) -> SentencePieceTokenizer | HFTokenizer:
   """`load_tokenizer(path)`, or the bundled tokenizer when `path` is empty (config.tokenizer)."""
   return load_tokenizer(path) if path else default_tokenizer()
-
-
-
-def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-  """The ids that end an assistant turn when sampling chats: end of turn and EOS."""
-  return tuple(i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id)
-               if i is not None and i >= 0)
 
 
 def chat_pad_id(tokenizer: Tokenizer) -> int:

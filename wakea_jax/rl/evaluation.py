@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from wakea_jax.checkpoints import loader
-from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, chat_stop_ids, tokenizer_from
+from wakea_jax.data.chat import chat_stop_ids
+from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, tokenizer_from
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.rewards import correctness_reward
 from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts, router_for

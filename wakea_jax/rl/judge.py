@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from wakea_jax.rl.answers import final_response
 from wakea_jax.rl.samples import Sample
 
 DEFAULT_RUBRIC = """You are grading a response to a question against a reference answer.
@@ -180,7 +179,7 @@ class LLMJudge:
 
     prompt = self.config.rubric.format(question=sample.prompt,
                                        reference=_reference_text(sample.answer),
-                                       response=final_response(sample.completion))
+                                       response=sample.final)
     body = json.dumps({"model": self.config.model,
                        "messages": [{"role": "user", "content": prompt}],
                        "temperature": self.config.temperature,

@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.config import pooled_specs
-from wakea_jax.data.tokenizer import chat_pad_id, chat_stop_ids
+from wakea_jax.data.tokenizer import chat_pad_id
 from wakea_jax.objectives import grpo as grpo_lib
 from wakea_jax.objectives import ppo as ppo_lib
 from wakea_jax.parallel import mesh as mesh_lib

@@ -4,7 +4,7 @@ A reward function maps a batch of `Sample`s to float32 [n]. `REWARDS` names thei
 `build_reward(spec)` turns a config mapping {name: {"weight": w, **options}} into a
 `CompositeReward`, whose weights may follow a piecewise-linear schedule in the training step.
 
-Answers are read from the model's *last assistant turn* only (`final_response`): text that
+Answers are read from the model's *last assistant turn* only (`Sample.final`): text that
 appears inside a tool response is the tool's, not the model's, and must not earn credit.
 """
 
@@ -25,7 +25,6 @@ from absl import logging
 from wakea_jax.rl import judge as judge_lib
 from wakea_jax.rl.answers import (  # re-exported: the rewards' public parsing helpers
   extract_answer,
-  final_response,
   math_equal,
   squad_normalize,
   without_tool_responses,
@@ -74,7 +73,7 @@ def math_reward(*, fallback: str | None = "last_number", timeout_s: float = 2.0)
     for i, s in enumerate(samples):
       _require_answer(s, i, "math")
       out[i] = _guarded("math", lambda s=s: float(math_equal(
-          extract_answer(final_response(s.completion), fallback=fallback), s.answer,
+          extract_answer(s.final, fallback=fallback), s.answer,
           timeout_s=timeout_s)))
     return out
   return reward
@@ -91,7 +90,7 @@ def exact_match_reward(*, whole_response: bool = False,
   def reward(samples: Sequence[Sample]) -> np.ndarray:
     out = np.zeros(len(samples), np.float32)
     def score(s: Sample) -> float:
-      text = final_response(s.completion)
+      text = s.final
       candidate = None if whole_response else extract_answer(text, fallback=fallback)
       candidate = squad_normalize(text if candidate is None else candidate)
       return float(any(candidate == squad_normalize(a) for a in _accepted(s.answer)))
@@ -129,7 +128,7 @@ def format_reward(*, tags: Sequence[str] = ("<think>", "</think>", "<answer>", "
   def reward(samples: Sequence[Sample]) -> np.ndarray:
     out = np.zeros(len(samples), np.float32)
     def score(s: Sample) -> float:
-      text = (final_response(s.completion) if scope == "final"
+      text = (s.final if scope == "final"
               else without_tool_responses(s.completion))
       found = _in_order(text, tags)
       return found / len(tags) if partial else float(found == len(tags))
@@ -204,7 +203,7 @@ def code_reward(*, timeout_s: float = 10.0, memory_mb: int = 512, all_or_nothing
       if not tests or isinstance(tests, str) or not all(isinstance(t, str) for t in tests):
         raise ValueError(f"sample {i}: the 'code' reward needs meta['tests'], a non-empty list "
                          f"of assert strings, got {tests!r}")
-      jobs.append((extract_code(final_response(s.completion)), list(tests)))
+      jobs.append((extract_code(s.final), list(tests)))
     # Sandboxes are separate processes: threads only wait on them.
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       scores = pool.map(lambda job: _code_score(*job, config, all_or_nothing), jobs)

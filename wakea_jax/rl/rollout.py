@@ -72,6 +72,8 @@ class Rollouts:
   num_tool_calls: list[int]
   stop_reason: list[str]
   texts: list[str]                     # decoded completions
+  finals: list[str]                    # decoded last assistant turn (no stop token)
+  tool_errors: list[int]               # tool results that were "Error: ..."
   group_size: int
 
   def __len__(self) -> int:
@@ -91,9 +93,9 @@ class Rollouts:
       out.append(Sample(
           prompt=prompt.text, completion=tool_text, answer=prompt.answer, meta=prompt.meta,
           num_tool_calls=self.num_tool_calls[i],
-          tool_errors=tool_text.count("<tool_response>\nError:"),
+          tool_errors=self.tool_errors[i],
           truncated=self.stop_reason[i] in ("length", "capacity"),
-          num_tokens=model_tokens))
+          num_tokens=model_tokens, final_text=self.finals[i]))
     return out
 
   def select(self, groups: Sequence[int]) -> Rollouts:
@@ -104,7 +106,8 @@ class Rollouts:
         prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
         completion_ids=pick(self.completion_ids), sampler_logprobs=pick(self.sampler_logprobs),
         tool_mask=pick(self.tool_mask), num_tool_calls=pick(self.num_tool_calls),
-        stop_reason=pick(self.stop_reason), texts=pick(self.texts), group_size=self.group_size)
+        stop_reason=pick(self.stop_reason), texts=pick(self.texts), finals=pick(self.finals),
+        tool_errors=pick(self.tool_errors), group_size=self.group_size)
 
   @staticmethod
   def concat(parts: Sequence[Rollouts]) -> Rollouts:
@@ -129,17 +132,33 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
                         max_tool_calls=config.max_tool_calls,
                         max_tool_tokens=config.max_tool_tokens, chunk_steps=config.chunk_steps)
     tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
-    calls, reasons = out.num_tool_calls, out.stop_reason
+    calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
   else:
     out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
     tokens, logprobs = out.tokens, out.logprobs
     tool_mask = [np.zeros(len(t), np.int32) for t in tokens]
-    calls, reasons = [0] * len(rows), out.stop_reason
+    calls, reasons, errors = [0] * len(rows), out.stop_reason, [0] * len(rows)
   return Rollouts(prompts=rows, prompt_ids=prompt_ids, completion_ids=[list(t) for t in tokens],
                   sampler_logprobs=[np.asarray(lp, np.float32) for lp in logprobs],
                   tool_mask=[np.asarray(m, np.int32) for m in tool_mask],
                   num_tool_calls=list(calls), stop_reason=list(reasons),
-                  texts=[tokenizer.decode(t) for t in tokens], group_size=g)
+                  texts=[tokenizer.decode(t) for t in tokens],
+                  finals=[tokenizer.decode(final_turn(t, m, sampler.stop_ids))
+                          for t, m in zip(tokens, tool_mask)],
+                  tool_errors=list(errors), group_size=g)
+
+
+def final_turn(tokens: Sequence[int], tool_mask: Sequence[int], stop_ids: Sequence[int]
+               ) -> list[int]:
+  """The tokens of the last assistant turn: after the last tool token, without a final stop
+  id (the tool turn ends with the next generation prompt, so what follows is model output)."""
+  start = len(tokens)
+  while start > 0 and not tool_mask[start - 1]:
+    start -= 1
+  turn = list(tokens[start:])
+  if turn and turn[-1] in stop_ids:
+    turn.pop()
+  return turn
 
 
 def batch_width(rollouts: Rollouts, multiple: int = 64) -> int:

@@ -1,11 +1,13 @@
 """Tool-augmented decoding: pause a sequence at its tool call, run the tool, inject the result
 into that sequence's KV cache, and resume it, while the rest of the batch keeps its state.
 
-The loop drives `Sampler` in chunks. A row stops at `<|im_end|>` (or eos); if the assistant
-turn it just finished contains `<tool_call>` blocks and the row has calls left, the host
-parses them (`chat.parse_tool_calls`), runs each through the `Router` (a malformed call or a
-failing tool becomes an `Error: ...` response the model sees), tokenises the tool turn
-exactly as `chat.render` would:
+The loop drives `Sampler` in chunks. A row stops at the chat format's end-of-turn token
+(`<|im_end|>` for ChatML and Qwen, `<|eot_id|>` for Llama 3) or eos; if the assistant turn it
+just finished holds tool calls in the format's syntax (`chat.parse_turn_tool_calls`:
+`<tool_call>` blocks, or a JSON call turn for Llama 3.1+) and the row has calls left, the host
+runs each through the `Router` (a malformed call or a failing tool becomes an `Error: ...`
+response the model sees), tokenises the tool turn exactly as `chat.render` would in a whole
+conversation (`chat.tool_turn_ids`), for ChatML:
 
   <|im_end|>  \\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
   <|im_start|>assistant\\n
@@ -31,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from wakea_jax.data import chat
-from wakea_jax.data.tokenizer import IM_END, Tokenizer
+from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.sampling.sampler import STOP_NONE, Sampler
 from wakea_jax.toolbox.router import Router
 
@@ -48,6 +50,7 @@ class ToolLoopOutput:
   logprobs: list[np.ndarray]      # per token; 0 for tool tokens
   tool_mask: list[np.ndarray]     # per token: 1 where the token came from a tool turn
   num_tool_calls: list[int]
+  tool_errors: list[int]          # per row: tool results that were "Error: ..."
   stop_reason: list[str]          # "stop_id", "length", "capacity"
 
   def text(self, tokenizer: Tokenizer, row: int) -> str:
@@ -55,24 +58,12 @@ class ToolLoopOutput:
     return tokenizer.decode(self.tokens[row])
 
 
-def tool_turn_ids(results: Sequence[str], tokenizer: Tokenizer) -> list[int]:
-  """Token ids that follow an assistant's `<|im_end|>` for these tool results, as render()
-  produces them in a full conversation (untrusted result text included)."""
-  messages = [{"role": "assistant", "content": "",
-               "tool_calls": [{"name": "t", "arguments": {}}] * len(results)}]
-  messages += [{"role": "tool", "content": r} for r in results]
-  ids = chat.render(messages, tokenizer, add_generation_prompt=True).input_ids.tolist()
-  im_end = tokenizer.token_to_id(IM_END)
-  return ids[ids.index(im_end) + 1:]
-
-
 # Calls run per assistant turn; more are answered with an error without running (a turn of
 # hundreds of calls would otherwise run hundreds of sandboxes).
 MAX_CALLS_PER_TURN = 8
 
 
-def _results_for(text: str, router: Router) -> list[str]:
-  calls = chat.parse_tool_calls(text, strict=False)
+def _results_for(calls: list[dict], router: Router) -> list[str]:
   results = []
   for index, call in enumerate(calls):
     if index >= MAX_CALLS_PER_TURN:
@@ -100,7 +91,7 @@ def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, lim
     longest = max(range(len(results)), key=lambda i: len(results[i]))
     keep = max(0, len(results[longest]) * limit // len(ids) - 16)
     results[longest] = results[longest][:keep] + " [truncated]" if keep else "[truncated]"
-    ids = tool_turn_ids(results, tokenizer)
+    ids = chat.tool_turn_ids(results, tokenizer)
   return ids[:limit]
 
 
@@ -110,9 +101,10 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
                   max_tool_tokens: int = 128, chunk_steps: int = 16) -> ToolLoopOutput:
   """Samples completions of `prompts` (ids ending with the assistant generation prompt),
   executing tool calls as they complete. See the module docstring."""
-  im_end = tokenizer.token_to_id(IM_END)
-  if im_end is None or im_end not in sampler.stop_ids:
-    raise ValueError("the sampler's stop_ids must include the tokenizer's <|im_end|> id")
+  turn_end = chat.end_of_turn_id(tokenizer)
+  if turn_end not in sampler.stop_ids:
+    raise ValueError(f"the sampler's stop_ids {sampler.stop_ids} must include the chat format's "
+                     f"end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
   state = sampler.start(params, prompts, max_new_tokens=max_new_tokens + reserve, rng=rng)
@@ -124,6 +116,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   logprobs: list[list[float]] = [[] for _ in range(batch)]
   tool_mask: list[list[int]] = [[] for _ in range(batch)]
   calls = [0] * batch
+  errors = [0] * batch
   reason = [""] * batch
   while True:
     was_active = ~np.asarray(state.done)
@@ -140,16 +133,19 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
     codes = np.asarray(state.stop_code)
     resume_rows, injections = [], []
     for row in np.nonzero(was_active & done)[0]:
-      stopped_on_turn_end = codes[row] != STOP_NONE and tokens[row] and tokens[row][-1] == im_end
+      stopped_on_turn_end = (codes[row] != STOP_NONE and tokens[row]
+                             and tokens[row][-1] == turn_end)
       turn = tokenizer.decode(_last_turn(tokens[row], tool_mask[row]))
-      if not (stopped_on_turn_end and chat.TOOL_CALL_START in turn):
+      found = chat.parse_turn_tool_calls(turn, tokenizer) if stopped_on_turn_end else []
+      if not found:
         reason[row] = "stop_id" if codes[row] != STOP_NONE else "length"
         continue
       if calls[row] >= max_tool_calls or after[row] >= max_new_tokens:
         reason[row] = "length" if after[row] >= max_new_tokens else "stop_id"
         continue
-      results = _results_for(turn, router)
-      ids = tool_turn_ids(results, tokenizer)
+      results = _results_for(found, router)
+      errors[row] += sum(r.startswith("Error:") for r in results)
+      ids = chat.tool_turn_ids(results, tokenizer)
       ids = _truncate_turn(ids, results, tokenizer, max_tool_tokens)
       if int(state.cache.end_index[row]) + len(ids) + (max_new_tokens - after[row]) > capacity:
         reason[row] = "capacity"
@@ -180,4 +176,4 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   return ToolLoopOutput(
       tokens=tokens, logprobs=[np.asarray(lp, np.float32) for lp in logprobs],
       tool_mask=[np.asarray(m, np.int32) for m in tool_mask], num_tool_calls=calls,
-      stop_reason=[r or "length" for r in reason])
+      tool_errors=errors, stop_reason=[r or "length" for r in reason])
