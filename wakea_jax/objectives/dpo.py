@@ -200,21 +200,24 @@ def preference_loss(chosen_logps: Array, rejected_logps: Array,
   return loss_sum, sums
 
 
-def pair_logps(model: nnx.Module, batch: dict[str, Array]
+def pair_logps(model: nnx.Module, batch: dict[str, Array], *, chunk_tokens: int | None = None
                ) -> tuple[Array, Array, Array, Array]:
   """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each [b].
 
   `batch` holds input_ids, targets, loss_mask [2b, t]: rows [:b] are the chosen responses,
   rows [b:] the rejected ones of the same pairs, in the same order; one forward pass.
+  `chunk_tokens` (default: scoring's logits budget) bounds the tokens whose logits exist at
+  once.
   """
   logps, tokens = sequence_logps(model, batch["input_ids"], batch["targets"],
-                                 batch["loss_mask"])
+                                 batch["loss_mask"], chunk_tokens=chunk_tokens)
   b = batch["input_ids"].shape[0] // 2
   return logps[:b], logps[b:], tokens[:b], tokens[b:]
 
 
 def dpo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
-                config: PreferenceConfig) -> tuple[Array, dict[str, Array]]:
+                config: PreferenceConfig, chunk_tokens: int | None = None
+                ) -> tuple[Array, dict[str, Array]]:
   """`loss_fn(model, batch, rng)` for `make_train_step` / `make_eval_step`.
 
   The batch stacks each pair's two sides (see data/preferences.py):
@@ -227,7 +230,7 @@ def dpo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
   b+j+k, ..., i.e. its own pairs j, j+k, ... in both halves, matching the [b] fields.
   """
   del rng
-  pc, pr, nc, nr = pair_logps(model, batch)
+  pc, pr, nc, nr = pair_logps(model, batch, chunk_tokens=chunk_tokens)
   return preference_loss(pc, pr, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"),
                          config=config, chosen_tokens=nc, rejected_tokens=nr,
                          pair_mask=batch.get("pair_mask"))
