@@ -1,10 +1,15 @@
 """models/scoring.py: chunked token log-probs against full logits and a NumPy log-softmax."""
 
+import functools
+import math
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from wakea_jax.models import scoring, transformer
 from wakea_jax.models.config import get_preset
@@ -100,3 +105,93 @@ def test_score_tokens_matches_the_model_forward():
   chex.assert_trees_all_close(scores.values, out.values)
   chex.assert_trees_all_close(scores.hidden, out.hidden)
   assert scores.entropy is None
+
+
+# ------------------------------------------------------------------------------------------
+# Every consumer, as the trainers call it: no [b, t, vocab] buffer in the compiled gradient.
+# ------------------------------------------------------------------------------------------
+
+_VOCAB, _B, _T = 1000, 4, 13
+
+
+def _logits_rows(hlo: str, vocab: int) -> list[int]:
+  """Rows (product of the leading dims) of every f32 buffer of the optimised HLO whose last
+  dim is the vocabulary."""
+  rows = []
+  for dims in re.findall(r"f32\[([\d,]+)\]", hlo):
+    shape = [int(d) for d in dims.split(",")]
+    if len(shape) >= 2 and shape[-1] == vocab:
+      rows.append(math.prod(shape[:-1]))
+  return rows
+
+
+def _consumer_batch(rows):
+  rng = np.random.default_rng(7)
+  mask = np.zeros((rows, _T), np.float32)
+  mask[:, 4:] = 1.0
+  return {"input_ids": rng.integers(1, _VOCAB, (rows, _T)).astype(np.int32),
+          "targets": rng.integers(1, _VOCAB, (rows, _T)).astype(np.int32),
+          "loss_mask": mask, "segment_ids": np.ones((rows, _T), np.int32),
+          "positions": np.tile(np.arange(_T, dtype=np.int32), (rows, 1)),
+          "old_logprobs": np.full((rows, _T), -7.0, np.float32),
+          "ref_logprobs": np.full((rows, _T), -7.0, np.float32),
+          "advantages": rng.normal(size=(rows, _T)).astype(np.float32),
+          "old_values": np.zeros((rows, _T), np.float32),
+          "returns": np.ones((rows, _T), np.float32),
+          "pair_mask": np.ones(rows // 2, np.float32),
+          "ref_chosen_logps": np.full(rows // 2, -60.0, np.float32),
+          "ref_rejected_logps": np.full(rows // 2, -60.0, np.float32)}
+
+
+def _full_logits_loss_fn(model, batch, rng):
+  """The unchunked form, to show the check detects [b, t, vocab] logits."""
+  del rng
+  logits = model.forward(batch["input_ids"]).logits
+  logprobs = scoring.token_logprobs(logits, batch["targets"])
+  return jnp.sum(logprobs * batch["loss_mask"]), {}
+
+
+def _consumers():
+  from wakea_jax.objectives import dpo, grpo, ppo, sft
+  from wakea_jax.rl import update
+
+  loss_config = grpo.LossConfig(kl_beta=0.05)
+  return {
+      "grpo": functools.partial(update.policy_loss_fn, loss_config=loss_config),
+      "ppo": functools.partial(update.ppo_loss_fn, loss_config=grpo.LossConfig(),
+                               ppo_config=ppo.PPOConfig()),
+      "dpo": dpo.make_loss_fn(dpo.PreferenceConfig()),
+      "orpo": dpo.make_loss_fn(dpo.PreferenceConfig(loss="orpo")),
+      # SFT's chunk size is its own argument (default 1024 tokens), not the logits budget.
+      "sft": functools.partial(sft.sft_loss_fn, chunk_tokens=8),
+      "scorer": lambda model, batch, rng: (jnp.sum(scoring.score_tokens(
+          model, batch, with_entropy=True).logprobs), {}),
+      "full_logits": _full_logits_loss_fn,
+  }
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo", "dpo", "orpo", "sft", "scorer",
+                                  "full_logits"])
+def test_no_consumer_materialises_the_whole_logits(name, monkeypatch):
+  """With the logits budget at 8 tokens' worth, the loss functions the trainers use (default
+  chunking) compile, value and gradient, with no f32 buffer of >= b*t rows of vocabulary
+  entries; only the deliberately unchunked loss has one (the check can fail)."""
+  monkeypatch.setattr(scoring, "LOGITS_BUDGET", 8 * _VOCAB)
+  config = get_preset("tiny", vocab_size=_VOCAB, embed_dim=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=32,
+                      value_head=name == "ppo")
+  model = transformer.create_model(config, seed=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = jax.tree.map(jnp.asarray, _consumer_batch(_B))
+  loss_fn = _consumers()[name]
+
+  def loss(p):
+    return loss_fn(nnx.merge(graphdef, p, rest), batch, jax.random.key(0))[0]
+
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+  rows = _logits_rows(hlo, _VOCAB)
+  assert rows, "no logits found in the HLO: the check would pass vacuously"
+  if name == "full_logits":
+    assert max(rows) >= _B * _T
+  else:
+    assert max(rows) < _B * _T, f"{name}: a logits buffer of {max(rows)} rows"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from wakea_jax.models import scoring, transformer
 from wakea_jax.models.config import get_preset
@@ -167,12 +168,12 @@ def _tiny_model():
   return transformer.create_model(config, seed=0)
 
 
-def _pair_batch(b=4, t=10, seed=0):
+def _pair_batch(b=4, t=10, seed=0, vocab=64):
   rng = np.random.default_rng(seed)
   mask = np.zeros((2 * b, t), np.float32)
   mask[:, 5:] = 1.0
-  return {"input_ids": rng.integers(1, 64, (2 * b, t)).astype(np.int32),
-          "targets": rng.integers(1, 64, (2 * b, t)).astype(np.int32),
+  return {"input_ids": rng.integers(1, vocab, (2 * b, t)).astype(np.int32),
+          "targets": rng.integers(1, vocab, (2 * b, t)).astype(np.int32),
           "loss_mask": mask,
           "pair_mask": np.ones(b, np.float32),
           "ref_chosen_logps": rng.normal(-30, 2, b).astype(np.float32),
@@ -219,3 +220,40 @@ def test_reference_free_loss_fn_runs_without_reference_keys(name):
   loss, sums = dpo.dpo_loss_fn(model, batch, jax.random.key(0),
                                config=dpo.PreferenceConfig(loss=name, beta=2.0))
   assert np.isfinite(float(loss)) and float(sums["weight"]) == 4
+
+
+@pytest.mark.parametrize(("name", "chunk_tokens"),
+                         [("dpo", 1), ("dpo", 12), ("ipo", 12), ("simpo", 12), ("orpo", 12)])
+def test_loss_fn_equals_full_logits_loss_and_gradients(name, chunk_tokens):
+  """dpo_loss_fn scores the pairs in sequence chunks (12 tokens over 6 rows: 2 positions per
+  chunk, 6 chunks, the last one padded); loss, metric sums and parameter gradients equal
+  those of the whole [2b, t, vocab] logits of the model's forward pass."""
+  vocab = 1000
+  config = get_preset("tiny", vocab_size=vocab, embed_dim=32, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=32)
+  model = transformer.create_model(config, seed=0)
+  batch = jax.tree.map(jnp.asarray, _pair_batch(b=3, t=11, seed=5, vocab=vocab))
+  pref = dpo.PreferenceConfig(loss=name, beta=2.0 if name == "simpo" else 0.1)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def full(p):
+    logits = nnx.merge(graphdef, p, rest).forward(batch["input_ids"]).logits
+    chex.assert_shape(logits, (6, 11, vocab))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                               batch["targets"][..., None], axis=-1)[..., 0]
+    sums, tokens = jnp.sum(logp * batch["loss_mask"], -1), jnp.sum(batch["loss_mask"], -1)
+    return dpo.preference_loss(sums[:3], sums[3:], batch["ref_chosen_logps"],
+                               batch["ref_rejected_logps"], config=pref,
+                               chosen_tokens=tokens[:3], rejected_tokens=tokens[3:],
+                               pair_mask=batch["pair_mask"])
+
+  def chunked(p):
+    return dpo.dpo_loss_fn(nnx.merge(graphdef, p, rest), batch, jax.random.key(0), config=pref,
+                           chunk_tokens=chunk_tokens)
+
+  (want, want_sums), want_grads = jax.value_and_grad(full, has_aux=True)(params)
+  (got, got_sums), got_grads = jax.value_and_grad(chunked, has_aux=True)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(got_sums, want_sums, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-5)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(got_grads)) > 1e-3
