@@ -31,12 +31,11 @@ from wakea_jax import config_lib, logs, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
-from wakea_jax.data.chat import chat_stop_ids
-from wakea_jax.data.tokenizer import chat_pad_id, tokenizer_from
+from wakea_jax.data.tokenizer import tokenizer_from
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
-from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.train import preference as preference_lib
 
 EXPORT = loader.RUN_EXPORT
@@ -74,8 +73,8 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
   model = loader.load_model(model_dir)
   graphdef, params = nnx.split(model)
   tokenizer = tokenizer_from(config.grpo.tokenizer)
-  sampler = Sampler(graphdef, model.config, temperature=config.pairs.temperature,
-                    stop_ids=chat_stop_ids(tokenizer), pad_id=chat_pad_id(tokenizer))
+  sampler = chat_sampler(graphdef, model.config, tokenizer, model_source=f"the model {model_dir}",
+                         temperature=config.pairs.temperature)
   prompts = prompts_lib.load_prompts(prompts_spec)
   g = config.pairs.samples_per_prompt
   correct, texts = eval_lib.sample_and_check(

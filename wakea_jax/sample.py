@@ -22,9 +22,8 @@ from flax import nnx
 from wakea_jax import logs
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
-from wakea_jax.data.chat import chat_stop_ids
-from wakea_jax.data.tokenizer import chat_pad_id, tokenizer_from
-from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 
@@ -66,8 +65,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
     raise FileNotFoundError(f"--checkpoint: {e}") from None
   graphdef, params = nnx.split(model)
   router = default_router(enabled=tuple(tools))
-  sampler = Sampler(graphdef, model.config, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stop_ids=chat_stop_ids(tok), pad_id=chat_pad_id(tok))
+  sampler = chat_sampler(graphdef, model.config, tok, model_source=f"--checkpoint {checkpoint}",
+                         temperature=temperature, top_k=top_k, top_p=top_p)
   tool_schemas = router.tool_schemas() if tools and tool_schemas_in_prompt else None
   prompt_ids = []
   for text in prompts:

@@ -26,7 +26,7 @@ from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.rewards import correctness_reward
 from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts, router_for
 from wakea_jax.rl.samples import Sample
-from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.sampler import Sampler, chat_sampler, check_vocab
 from wakea_jax.toolbox.router import Router
 
 CorrectFn = Callable[[Sequence[Sample]], np.ndarray]
@@ -79,15 +79,16 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
                     model_config: Any = None) -> dict[str, Any]:
   """{"greedy_accuracy", "pass@k"..., "eval_seconds", "examples": [(prompt, completion)]}."""
   start = time.perf_counter()
-  greedy = Sampler(graphdef, model_config, temperature=0.0, stop_ids=stop_ids, pad_id=pad_id)
+  greedy = chat_sampler(graphdef, model_config, tokenizer, temperature=0.0, stop_ids=stop_ids,
+                        pad_id=pad_id)
   rng = jax.random.key(seed)
   common = dict(tokenizer=tokenizer, rollout=rollout, correct=correct, router=router,
                 batch_prompts=config.batch_prompts)
   greedy_ok, texts = sample_and_check(greedy, params, prompts, 1, rng=rng, **common)
   result: dict[str, Any] = {"greedy_accuracy": float(greedy_ok.mean())}
   if config.num_samples:
-    sampler = Sampler(graphdef, model_config, temperature=config.temperature,
-                      stop_ids=stop_ids, pad_id=pad_id)
+    sampler = chat_sampler(graphdef, model_config, tokenizer, temperature=config.temperature,
+                           stop_ids=stop_ids, pad_id=pad_id)
     ok, _ = sample_and_check(sampler, params, prompts, config.num_samples,
                              rng=jax.random.fold_in(rng, 1), **common)
     n = config.num_samples
@@ -108,6 +109,7 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[Prompt
   model = loader.load_model(checkpoint)
   graphdef, params = nnx.split(model)
   tokenizer = tokenizer_from(tokenizer_path)
+  check_vocab(tokenizer, model.config, model_source=f"the checkpoint {checkpoint}")
   return evaluate_policy(
       graphdef, params, prompts, tokenizer=tokenizer, rollout=rollout,
       correct=correctness_reward(config.correct_reward), config=config,

@@ -51,7 +51,7 @@ from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl import update as update_lib
-from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import setup as setup_lib
 from wakea_jax.train.state import TrainState
@@ -121,26 +121,32 @@ class Learner:
     self.eval_config = rl_run.eval
     self.ppo_config = rl_run.ppo if self.objective == "ppo" else None
     if self.ppo_config is not None:
-      loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=rl_run.loss,
-                                  ppo_config=self.ppo_config)
+      self.loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=rl_run.loss,
+                                       ppo_config=self.ppo_config)
     else:
-      loss_fn = functools.partial(update_lib.policy_loss_fn, loss_config=rl_run.loss)
+      self.loss_fn = functools.partial(update_lib.policy_loss_fn, loss_config=rl_run.loss)
+    # Scores and losses are over the tokenizer's ids, the distribution the sampler draws
+    # from (a padded embedding's extra rows are masked there). Setup builds the tokenizer;
+    # the loss reads the limit when the train step is first traced, after that.
+    self.vocab_limit: int | None = None
     rl = self.rl
     self.built = setup_lib.setup(
-        run, loss_fn, total_updates=run.train.steps * rl.num_iterations * rl.minibatches,
+        run, self._loss, total_updates=run.train.steps * rl.num_iterations * rl.minibatches,
         value_head=self.ppo_config is not None)
     self.state = self.built.state
     self.tokenizer = self.built.tokenizer
+    self.vocab_limit = self.tokenizer.vocab_size
     self.model_config = self.built.model_config
     # The reference policy is the initial one; kept only when a KL term needs it.
     kl_beta = self.ppo_config.kl_beta if self.ppo_config else rl_run.loss.kl_beta
     self.reference = jax.tree.map(jnp.copy, self.state.params) if kl_beta > 0 else None
-    self.score = update_lib.make_score_fn(self.built.graphdef)
+    self.score = update_lib.make_score_fn(self.built.graphdef, vocab_limit=self.vocab_limit)
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
     r = self.rollout
-    self.sampler = Sampler(self.built.graphdef, self.model_config, temperature=r.temperature,
-                           top_k=r.top_k, top_p=r.top_p, stop_ids=self.stop_ids,
-                           pad_id=self.pad_id, chunk_steps=r.chunk_steps)
+    self.sampler = chat_sampler(self.built.graphdef, self.model_config, self.tokenizer,
+                                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                chunk_steps=r.chunk_steps)
     self.router = rollout_lib.router_for(r)
     self.reward = rewards_lib.build_reward(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
@@ -151,6 +157,10 @@ class Learner:
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources,
                                                                "eval_sources"))
                          if data.eval_sources else [])
+
+  def _loss(self, model: Any, batch: dict[str, Any], rng: jax.Array) -> Any:
+    """The train step's loss: the objective's, over the tokenizer's ids (`vocab_limit`)."""
+    return self.loss_fn(model, batch, rng, vocab_limit=self.vocab_limit)
 
   def policy_params(self) -> Any:
     """One state (trainable + frozen) for the sampler, which merges with the same graphdef."""

@@ -19,6 +19,17 @@ forward of prompt + completion, which is what a trainer recomputes as the behavi
 `processed_logprobs` is log q(token) under the distribution actually sampled from (tempered
 and truncated; 0 for greedy), which importance corrections for truncated sampling need.
 
+Vocabulary. A model's embedding may have more rows than its tokenizer has ids (Qwen pads
+151,665 ids to 151,936 rows; a from-scratch model may round its vocabulary up). Ids at or
+above `vocab_limit` (the tokenizer's vocab_size) cannot be decoded, so their logits are -inf
+before anything else: they are never sampled nor picked greedily, and both log-probs above
+are log-softmaxes over the valid ids only. The trainer scores with the same restriction
+(`models.scoring.score_tokens(..., vocab_limit=...)`, wired by the RL learner), so the
+sampler/trainer comparison holds also where padded rows carry mass (a random init; a
+trained model gives them ~0). `chat_sampler` builds a Sampler for a model and a tokenizer,
+with the limit, chat stop ids and pad id, after `check_vocab` (a tokenizer larger than the
+embedding is an error naming both sizes).
+
 Stop strings. Strings can straddle token boundaries and only exist after detokenisation, so
 they are checked on the host: decoding runs in chunks of `chunk_steps` steps inside the jit,
 and between chunks the host decodes each still-running row, finds the first stop string,
@@ -48,6 +59,8 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from wakea_jax.data.chat import chat_stop_ids
+from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.layers import KVCache
 
@@ -100,6 +113,8 @@ class Sampler:
 
   Hashable (the static argument of its jitted methods). `temperature`, `top_k` and `top_p`
   shape the sampling distribution; `stop_ids` end a row on device, stop strings on the host.
+  `vocab_limit` (0: the model's vocab_size) is the tokenizer's vocab_size: ids at or above it
+  are never produced (see the module docstring).
   """
 
   graphdef: nnx.GraphDef
@@ -111,17 +126,33 @@ class Sampler:
   pad_id: int = 0
   chunk_steps: int = 16             # decode steps per jitted call when stop strings are used
   min_prompt_bucket: int = 16
+  vocab_limit: int = 0              # ids >= this are masked; 0: all of config.vocab_size
 
   def __post_init__(self) -> None:
+    if not 0 <= self.vocab_limit <= self.config.vocab_size:
+      raise ValueError(f"vocab_limit must be in [0, vocab_size={self.config.vocab_size}] "
+                       f"(0: all), got {self.vocab_limit}")
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0 or self.top_k > self.config.vocab_size:
-      raise ValueError(f"top_k must be in [0, vocab_size={self.config.vocab_size}], "
+    if self.top_k < 0 or self.top_k > self.valid_vocab:
+      raise ValueError(f"top_k must be in [0, {self.valid_vocab}] (the valid vocabulary), "
                        f"got {self.top_k}")
     if self.chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
+
+  @property
+  def valid_vocab(self) -> int:
+    """The number of ids that can be sampled: `vocab_limit`, or the model's vocab_size."""
+    return self.vocab_limit or self.config.vocab_size
+
+  def mask_logits(self, logits: Array) -> Array:
+    """logits [..., vocab] with the ids >= `valid_vocab` set to -inf."""
+    if self.valid_vocab >= logits.shape[-1]:
+      return logits
+    valid = jnp.arange(logits.shape[-1]) < self.valid_vocab
+    return jnp.where(valid, logits, -jnp.inf)
 
   # ---------------------------------------------------------------------------------------
   # Jitted pieces
@@ -152,9 +183,10 @@ class Sampler:
 
     def body(s: DecodeState) -> DecodeState:
       key = jax.random.fold_in(s.rng, s.step)
-      token, processed = self._sample(s.logits, key)
+      logits = self.mask_logits(s.logits)
+      token, processed = self._sample(logits, key)
       active = ~s.done
-      logp = jax.nn.log_softmax(s.logits, axis=-1)
+      logp = jax.nn.log_softmax(logits, axis=-1)
       logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
       token = jnp.where(active, token, self.pad_id)
       column = lambda buf, new: jax.lax.dynamic_update_slice(
@@ -305,6 +337,37 @@ class Sampler:
         logprobs=[logprobs[r, :counts[r]] for r in range(batch)],
         processed_logprobs=[processed[r, :counts[r]] for r in range(batch)],
         lengths=[int(c) for c in counts], stop_reason=reasons)
+
+
+def check_vocab(tokenizer: Tokenizer, model_config: ModelConfig, *,
+                model_source: str = "the model") -> int:
+  """The tokenizer's vocab_size, checked to fit the model's embedding.
+
+  Every place a model meets a tokenizer calls this (run setup, sampling, evaluation): a
+  tokenizer with more ids than the embedding has rows is a ValueError naming both sizes,
+  the tokenizer and `model_source` (a path, or a config field). An embedding larger than
+  the tokenizer is fine; the extra ids are masked by the sampler (`Sampler.vocab_limit`).
+  """
+  n, rows = tokenizer.vocab_size, model_config.vocab_size
+  if n > rows:
+    path = getattr(tokenizer, "path", None)
+    name = f"at {path}" if path is not None else repr(tokenizer)
+    raise ValueError(f"the tokenizer {name} has {n} ids but {model_source} has "
+                     f"{rows} embedding rows (vocab_size {rows}): ids {rows}..{n - 1} would "
+                     "have no embedding; use the model's own tokenizer or a model with "
+                     f"vocab_size >= {n}")
+  return n
+
+
+def chat_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, tokenizer: Tokenizer, *,
+                 model_source: str = "the model", **settings: Any) -> Sampler:
+  """A Sampler for chats of `tokenizer`: `vocab_limit` = its vocab_size (after
+  `check_vocab`), stop ids = end of turn and EOS, and its pad id; `settings` are the other
+  Sampler fields (temperature, top_k, ...; stop_ids / pad_id override the defaults)."""
+  limit = check_vocab(tokenizer, model_config, model_source=model_source)
+  settings.setdefault("stop_ids", chat_stop_ids(tokenizer))
+  settings.setdefault("pad_id", chat_pad_id(tokenizer))
+  return Sampler(graphdef, model_config, vocab_limit=limit, **settings)
 
 
 def _stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[str]

@@ -30,6 +30,7 @@ from wakea_jax.models import lora as lora_lib
 from wakea_jax.models import transformer
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.sampling.sampler import check_vocab
 from wakea_jax.train import flops as flops_lib
 from wakea_jax.train import metrics as metrics_lib
 from wakea_jax.train import optimizer as opt_lib
@@ -133,9 +134,10 @@ def build_model(run: RunConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, 
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.init_from: {e}") from None
     logging.info("initialised from %s", run.init_from)
-  if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
-                     f"is {model.config.vocab_size} (config.model.vocab_size)")
+  if tokenizer is not None:
+    check_vocab(tokenizer, model.config,
+                model_source=(f"config.init_from {run.init_from}" if run.init_from
+                              else "config.model"))
   if value_head and not model.config.value_head:
     if run.lora is not None:
       raise ValueError("a value head cannot be added under LoRA: start from a model that "
