@@ -40,7 +40,7 @@ def run_config(objective: str) -> ml_collections.ConfigDict:
   config.objective = objective
   config.model = model_config_dict("tiny", **SMALL_MODEL)
   config.init_from = ""     # HF dir, wakea_jax model dir or run workdir; empty: from scratch
-  config.tokenizer = ""     # .model / HF dir; empty: the bundled SentencePiece tokenizer
+  config.tokenizer = ""     # .model / HF dir; empty: init_from's tokenizer, else the bundled one
   config.grad_accum = 1
   config.data = ml_collections.ConfigDict()
   config.optimizer = ml_collections.ConfigDict(dict(

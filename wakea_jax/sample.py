@@ -58,7 +58,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
   """Samples a reply for each prompt; returns (transcripts, raw output)."""
   if not prompts:
     raise ValueError("no prompts given (--prompt or --prompts_file)")
-  tok = tokenizer_from(tokenizer_path)
+  tok = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
   try:
     model = loader.load_model(checkpoint)
   except FileNotFoundError as e:

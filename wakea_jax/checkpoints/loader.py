@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -50,3 +51,33 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
   if kind == "hf":
     return hf.load_model(directory, mesh=mesh, rules=rules, **hf_overrides)
   return export.load_model_dir(directory, mesh=mesh, rules=rules)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_path(init_from: str | pathlib.Path, *, _depth: int = 0) -> str:
+  """The tokenizer that belongs to the checkpoint at `init_from`, or "" when it has none.
+
+  Looked for, in order: tokenizer files in the directory itself (an HF model directory), in
+  a run workdir's export/model and export/hf, then the run's recorded `tokenizer` or, failing
+  that, its own `init_from` (a run started from an HF model and not told otherwise used that
+  model's tokenizer). "" means the bundled tokenizer.
+  """
+  if not init_from or _depth > 8:
+    return ""
+  path = pathlib.Path(init_from)
+  for directory in (path, path / RUN_EXPORT, path / "export" / "hf"):
+    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+      return str(directory)
+  record_path = path / "config.json"
+  if (path / RUN_EXPORT).is_dir() and record_path.is_file():
+    try:
+      record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+      return ""
+    if isinstance(record, dict):
+      if record.get("tokenizer"):
+        return str(record["tokenizer"])
+      return tokenizer_path(record.get("init_from") or "", _depth=_depth + 1)
+  return ""

@@ -108,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[Prompt
   sampled like `rollout` (tools included), correct per `config.correct_reward`."""
   model = loader.load_model(checkpoint)
   graphdef, params = nnx.split(model)
-  tokenizer = tokenizer_from(tokenizer_path)
+  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
   check_vocab(tokenizer, model.config, model_source=f"the checkpoint {checkpoint}")
   return evaluate_policy(
       graphdef, params, prompts, tokenizer=tokenizer, rollout=rollout,

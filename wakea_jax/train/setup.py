@@ -59,7 +59,7 @@ class RunConfig:
   mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()
   sharding_rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
   init_from: str = ""      # HF dir, wakea_jax model dir or run workdir; empty: from scratch
-  tokenizer: str = ""      # .model / tokenizer.json / HF dir; empty: the bundled tokenizer
+  tokenizer: str = ""      # .model / tokenizer.json / HF dir; empty: init_from's, else bundled
   grad_accum: int = 1
   data: DataConfig = DataConfig()
   optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
@@ -159,7 +159,8 @@ def setup(run: RunConfig, loss_fn: step_lib.LossFn, *, total_updates: int | None
   """
   mesh = mesh_lib.create_mesh(run.mesh.shape)
   rules = mesh_lib.normalize_rules(run.sharding_rules)
-  tokenizer = tokenizer_lib.tokenizer_from(run.tokenizer)
+  # An imported model brings its own tokenizer (and chat template) unless one is named.
+  tokenizer = tokenizer_lib.tokenizer_from(run.tokenizer or loader.tokenizer_path(run.init_from))
   model = build_model(run, mesh, rules, tokenizer=tokenizer, value_head=value_head)
   model_config = model.config
   total_updates = total_updates or run.train.steps
