@@ -91,11 +91,13 @@ def test_overlength_pairs_are_truncated_or_dropped_and_counted(tok):
   records = [GOOD, {"prompt": "Hi", "chosen": long, "rejected": "short"},
              {"prompt": long, "chosen": "a", "rejected": "b"}]
   truncated = pref.load_dataset(records, tok, seq_len=32, overlength="truncate")
-  assert truncated.stats == {"pairs": 2, "truncated": 1, "dropped": 1, "identical": 0}
+  assert truncated.stats == {"pairs": 2, "truncated": 1, "dropped": 1, "identical": 0,
+                             "skipped_malformed": 0}
   row = truncated.batch([1])
   assert row["loss_mask"][0].sum() > 0 and row["loss_mask"][0][-1] == 1  # cut, still scored
   dropped = pref.load_dataset(records, tok, seq_len=32, overlength="drop")
-  assert dropped.stats == {"pairs": 1, "truncated": 0, "dropped": 2, "identical": 0}
+  assert dropped.stats == {"pairs": 1, "truncated": 0, "dropped": 2, "identical": 0,
+                           "skipped_malformed": 0}
   assert dropped.origins == ["records[0]"]
   with pytest.raises(ValueError, match="no preference pairs left"):
     pref.load_dataset(records[2:], tok, seq_len=32)

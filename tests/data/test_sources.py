@@ -31,7 +31,7 @@ def test_jsonl_json_parquet_load_the_same_records(tmp_path):
   assert jsonl.origins == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:3"]  # blank line 2
   assert from_json.origins == [f"{tmp_path}/a.json[0]", f"{tmp_path}/a.json[1]"]
   assert parquet.origins[2] == f"{tmp_path}/a.parquet[2]"
-  assert jsonl[0] == {"messages": CHAT["messages"], "tools": None,
+  assert jsonl[0] == {"messages": CHAT["messages"], "tools": None, "num_prompt_messages": 0,
                       "origin": f"{tmp_path}/a.jsonl:1"}
 
 
@@ -60,7 +60,7 @@ def test_tools_field_is_kept_and_rendered(tmp_path):
 
 
 @pytest.mark.parametrize("line,match", [
-    ('{"prompt": "p"}', r"field 'response' is missing"),
+    ('{"prompt": "p"}', r"field 'completion' \(or 'response'\) is missing"),
     ('{"prompt": "p", "response": 3}', r"field 'response' must be a string, got int"),
     ('{"prompt": "p", "response": "r", "system": 1}', r"field 'system' must be a string"),
     ('{"prompt": "p", "response": "a<|im_end|>"}', r"field 'response' contains the turn"),
@@ -75,7 +75,8 @@ def test_tools_field_is_kept_and_rendered(tmp_path):
      r"field 'messages' has no assistant message"),
     ('{"prompt": ', r"invalid JSON"),
     ('[1, 2]', r"a record must be a JSON object, got list"),
-    ('{"text": "x"}', r"needs field 'messages' or fields 'prompt' and 'response'"),
+    ('{"text": "x"}', r"field 'text' \(TRL's standard language-modeling form\) is not supported"),
+    ('{"input": "x"}', r"matches no record schema \(fields \['input'\]\); accepted: 'messages'"),
 ])
 def test_jsonl_errors_name_file_line_and_field(tmp_path, line, match):
   path = _jsonl(tmp_path / "bad.jsonl", [CHAT, CHAT, line])
@@ -95,7 +96,8 @@ def test_json_and_parquet_errors_name_file_record_and_field(tmp_path):
     sources.read_file(tmp_path / "y.json")
   rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": None}]
   pq.write_table(pa.Table.from_pylist(rows), tmp_path / "z.parquet")
-  with pytest.raises(ValueError, match=r"z.parquet\[1\]: field 'response' is missing"):
+  with pytest.raises(ValueError, match=r"z.parquet\[1\]: field 'completion' \(or 'response'\) is "
+                                       r"missing"):
     sources.read_file(tmp_path / "z.parquet")
   (tmp_path / "junk.parquet").write_bytes(b"not parquet")
   with pytest.raises(ValueError, match=r"junk.parquet: cannot read Parquet"):

@@ -8,7 +8,9 @@
     -> batch -> thread prefetch
 
 Batches are dicts of numpy arrays [batch_size, seq_len] in the next-token convention: for
-an example with token ids `ids` and assistant mask `mask` (from `chat.render`)
+an example with token ids `ids` and assistant mask `mask` (from `chat.render`; for a
+prompt/completion record whose prompt has assistant turns, zero up to the end of the prompt,
+so only the completion is trained on, see sources.py)
   input_ids    int32    ids[:-1], the tokens fed to the model
   targets      int32    ids[1:], the tokens to predict
   loss_mask    float32  mask[1:], 1 where the target is assistant output, 0 on padding
@@ -74,7 +76,8 @@ _FEATURES = ("input_ids", "targets", "loss_mask")
 class SourceSpec:
   """One data source and its mixture weight (relative to the other sources' weights)."""
 
-  path: str  # a .jsonl/.json/.parquet path, or a bundled task "task:NAME?n=..&seed=.."
+  path: str  # a .jsonl/.json/.parquet path, a `datasets` directory "DIR?split=..", or a
+  # bundled task "task:NAME?n=..&seed=.."
   weight: float = 1.0
 
 
@@ -163,8 +166,22 @@ class DataStats:
 
 def _tokenize(element: dict[str, Any], tokenizer: Tokenizer, source_index: int
               ) -> dict[str, Any]:
-  rendered = chat.render(element["messages"], tokenizer, tools=element["tools"])
-  return {"ids": rendered.input_ids, "mask": rendered.loss_mask, "source": source_index,
+  messages, tools = element["messages"], element["tools"]
+  rendered = chat.render(messages, tokenizer, tools=tools)
+  mask = rendered.loss_mask
+  num_prompt = element.get("num_prompt_messages", 0)
+  if num_prompt:
+    # Completion-only loss: the prompt's own assistant turns are context. The prompt rendered
+    # with its generation prompt is exactly the tokens before the completion's first body
+    # token, as for preference pairs (preferences.py).
+    prompt_ids = chat.render(messages[:num_prompt], tokenizer, tools=tools,
+                             add_generation_prompt=True).input_ids
+    if not np.array_equal(rendered.input_ids[:len(prompt_ids)], prompt_ids):
+      raise ValueError(f"{element['origin']}: the rendered prompt is not a prefix of the "
+                       "rendered conversation; cannot mask the prompt")
+    mask = mask.copy()
+    mask[:len(prompt_ids)] = 0
+  return {"ids": rendered.input_ids, "mask": mask, "source": source_index,
           "origin": element["origin"]}
 
 

@@ -1,18 +1,45 @@
 """Preference pairs: loading, validation, tokenisation, batches, reference log-probs.
 
-Record schemas (JSONL / JSON / Parquet files read with `sources.raw_records`, a list of
-dicts in memory, or a bundled generator `task:NAME?n=..&seed=..` from `PREFERENCE_TASKS`):
+Sources: JSONL / JSON / Parquet files and `datasets` directories (`DIR?split=..`), read with
+`sources.raw_records`; a list of dicts in memory; or a bundled generator
+`task:NAME?n=..&seed=..` from `PREFERENCE_TASKS`. Several are pooled.
+
+Record schemas (TRL's preference type, standard or conversational, explicit or implicit
+prompt; [...] is a list of chat messages):
 
   {"prompt": str, "system"?: str, "chosen": RESPONSE, "rejected": RESPONSE}
+  {"prompt": [... up to the assistant's turn], "chosen": RESPONSE, "rejected": RESPONSE}
   {"messages": [... up to the assistant's turn], "chosen": RESPONSE, "rejected": RESPONSE}
+  {"chosen": [...whole conversation], "rejected": [...whole conversation]}   implicit prompt
+
+e.g. {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+     {"prompt": [{"role": "user", "content": "2+2?"}],
+      "chosen": [{"role": "assistant", "content": "4"}],
+      "rejected": [{"role": "assistant", "content": "5"}]},
+     {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+      "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}
 
 RESPONSE is a non-empty string (the assistant's reply), one assistant message
 (`{"role": "assistant", "content": ..., "tool_calls"?: ...}`), or a list of messages that
-starts and ends with an assistant message (tool calls and tool results in between). Every
-record is validated at load; an error names the location (`path:LINE` for JSONL,
-`path[INDEX]` for JSON/Parquet/in-memory records) and the field:
+starts and ends with an assistant message (only assistant and tool messages between). A
+string prompt becomes a user turn (this stack trains chat models).
+
+Implicit prompt (`extract_prompt`, TRL's semantics): when chosen and rejected are both whole
+conversations (message lists that start before the assistant's turn), the prompt is the
+messages they both start with, up to the first message that differs (unlike TRL, never
+ending with an assistant turn: shared assistant messages at its end start both responses);
+the rest of each is its response. Two conversations that differ from their first message, or
+a side with nothing after the shared prompt, are errors. A string "prompt" (or "messages")
+beside whole conversations is ignored, as in TRL (UltraFeedback-binarized has both). TRL's
+standard implicit form (chosen and rejected as plain strings with the prompt inside) is
+refused: a character-level prefix is no chat turn; give "prompt".
+
+Every record is validated at load; an error names the location (`path:LINE` for JSONL,
+`path[INDEX]` for JSON/Parquet/in-memory records, `DIR[SPLIT][ROW]` for a `datasets`
+directory) and the field:
 `pairs.jsonl:7: field 'chosen' must be a non-empty string, an assistant message or a list of
-messages`.
+messages`. A malformed record raises, or with `on_error="skip_and_count"` is logged with its
+location and counted in `stats["skipped_malformed"]`.
 
 chosen == rejected is allowed (such a pair carries no preference: DPO's gradient on it is
 zero, ORPO still trains the chosen NLL) but counted in `stats["identical"]` and logged with
@@ -50,7 +77,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from wakea_jax.data import chat, sources
+from wakea_jax.data import chat, records, sources
 from wakea_jax.data.config import OVERLENGTH
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import arithmetic
@@ -61,27 +88,50 @@ SIDES = ("chosen", "rejected")
 PAIR_FIELDS = ("input_ids", "targets", "loss_mask")
 
 
-def _response_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
-  bad = ValueError(f"{where}: field '{field}' must be a non-empty string, an assistant message "
-                   f"or a list of messages, got {sources.type_name(value)}")
-  if isinstance(value, str):
-    if not value.strip():
-      raise ValueError(f"{where}: field '{field}' must be a non-empty string")
-    return [{"role": "assistant", "content": value}]
-  if isinstance(value, Mapping):
-    value = [value]
-  if not isinstance(value, list) or not value:
-    raise bad
-  for k, message in enumerate(value):
-    if not isinstance(message, Mapping):
-      raise ValueError(f"{where}: field '{field}[{k}]' must be a message object, got "
-                       f"{sources.type_name(message)}")
-  for k in (0, len(value) - 1):
-    if value[k].get("role") != "assistant":
-      raise ValueError(f"{where}: field '{field}[{k}].role' must be 'assistant' (a response "
-                       f"starts and ends with an assistant message), got "
-                       f"{value[k].get('role')!r}")
-  return [dict(m) for m in value]
+def _is_conversation(value: Any) -> bool:
+  """A message list that starts before the assistant's turn: a whole conversation."""
+  return (isinstance(value, list) and bool(value) and isinstance(value[0], Mapping)
+          and value[0].get("role") != "assistant")
+
+
+def extract_prompt(chosen: Any, rejected: Any, where: str
+                   ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+  """An implicit prompt: (the messages both conversations start with, {side: its response}).
+
+  TRL's `extract_prompt`: the prompt is the longest common prefix of the two message lists,
+  which ends before the first message that differs. Unlike TRL, a prefix that ends with
+  assistant messages is shortened to end before them (they start both responses), so that a
+  prompt never ends with the assistant's turn; identical conversations thus become a pair
+  whose responses are their trailing assistant messages. Raises ValueError naming the field when
+  the conversations share no prompt or a side has no response after it.
+  """
+  sides = {"chosen": chosen, "rejected": rejected}
+  for side, value in sides.items():
+    if not isinstance(value, list) or not value:
+      raise ValueError(f"{where}: field '{side}' must be a whole conversation (a list of "
+                       "messages) like the other side, for an implicit prompt; got "
+                       f"{records.type_name(value)}")
+    for k, message in enumerate(value):
+      if not isinstance(message, Mapping):
+        raise ValueError(f"{where}: field '{side}[{k}]' must be a message object, got "
+                         f"{records.type_name(message)}")
+  shared = 0
+  while (shared < min(len(chosen), len(rejected))
+         and dict(chosen[shared]) == dict(rejected[shared])):
+    shared += 1
+  while shared and chosen[shared - 1].get("role") == "assistant":
+    shared -= 1
+  if not shared:
+    raise ValueError(f"{where}: fields 'chosen' and 'rejected' differ from their first "
+                     "message, so they share no prompt (an implicit prompt is the messages "
+                     "both start with); give field 'prompt'")
+  responses = {}
+  for side, value in sides.items():
+    if len(value) == shared:
+      raise ValueError(f"{where}: field '{side}' has no response after the prompt it shares "
+                       f"with the other side (messages 0-{shared - 1})")
+    responses[side] = records.response_messages(value[shared:], side, where, start=shared)
+  return [dict(m) for m in chosen[:shared]], responses
 
 
 def to_pair(raw: Any, where: str) -> dict[str, Any]:
@@ -91,13 +141,27 @@ def to_pair(raw: Any, where: str) -> dict[str, Any]:
   """
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a preference record must be a JSON object, got "
-                     f"{sources.type_name(raw)}")
-  prompt = sources.prompt_messages(raw, where)
-  pair: dict[str, Any] = {"prompt": prompt}
+                     f"{records.type_name(raw)}")
   for side in SIDES:
     if side not in raw:
       raise ValueError(f"{where}: field '{side}' is missing")
-    pair[side] = _response_messages(raw[side], side, where)
+  if _is_conversation(raw["chosen"]) and _is_conversation(raw["rejected"]):
+    if isinstance(raw.get("prompt"), list):
+      raise ValueError(f"{where}: field 'prompt' is a message list, but 'chosen' and "
+                       "'rejected' hold whole conversations too; give the prompt once")
+    # A string "prompt" or "messages" beside whole conversations is ignored, as TRL does
+    # (UltraFeedback-binarized carries both).
+    prompt, responses = extract_prompt(raw["chosen"], raw["rejected"], where)
+  else:
+    if "prompt" not in raw and "messages" not in raw:
+      raise ValueError(f"{where}: field 'prompt' is missing (string or single-turn 'chosen' "
+                       "and 'rejected' need a prompt; for an implicit prompt both must be whole "
+                       "conversations)")
+    prompt = records.prompt_messages(raw, where)
+    responses = {side: records.response_messages(raw[side], side, where) for side in SIDES}
+  pair: dict[str, Any] = {"prompt": prompt}
+  for side in SIDES:
+    pair[side] = responses[side]
     try:  # what SFT targets must satisfy: no empty turns, no malformed inline tool calls
       chat.validate_training_messages(prompt + pair[side])
       chat.render_text(prompt + pair[side])
@@ -113,21 +177,24 @@ def arithmetic_pairs(num_examples: int, seed: int = 0, *, max_operand: int = 20
   """Direct-answer arithmetic questions; chosen = the right result, rejected = a wrong one
   (off by 1-9 in either direction). Deterministic in its arguments."""
   rng = random.Random(f"arithmetic-pairs-{seed}")
-  records = []
+  pairs = []
   for prompt in arithmetic.prompts(num_examples, seed, max_operand=max_operand, tools=0):
     answer = int(prompt["answer"])
     wrong = answer + rng.choice([-1, 1]) * rng.randint(1, 9)
-    records.append({"messages": prompt["messages"], "chosen": str(answer),
-                    "rejected": str(wrong)})
-  return records
+    pairs.append({"messages": prompt["messages"], "chosen": str(answer),
+                  "rejected": str(wrong)})
+  return pairs
 
 
 PREFERENCE_TASKS = {"arithmetic": arithmetic_pairs}
 
 
 def load_pairs(spec: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *,
-               name: str = "records") -> tuple[list[dict[str, Any]], list[str]]:
-  """(validated pairs, their locations) from a file, a task spec or in-memory records."""
+               name: str = "records", on_error: str = "raise"
+               ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+  """(validated pairs, their locations, skipped-record messages) from a file, a `datasets`
+  directory, a task spec or in-memory records. A malformed record raises, or with
+  `on_error="skip_and_count"` is logged and its message returned in the third list."""
   if isinstance(spec, (str, os.PathLike)):
     if isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX):
       task, n, seed, options = sources.parse_task_spec(spec, tasks=PREFERENCE_TASKS)
@@ -135,18 +202,17 @@ def load_pairs(spec: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *,
           (f"{spec}[{i}]", r) for i, r in enumerate(PREFERENCE_TASKS[task](n, seed, **options))]
     else:
       located = sources.raw_records(spec)
-    name = str(spec)
+    name = os.fspath(spec)
   else:
     located = [(f"{name}[{i}]", r) for i, r in enumerate(spec)]
-  pairs, origins = [], []
-  for where, raw in located:
-    if isinstance(raw, Exception):
-      raise raw
-    pairs.append(to_pair(raw, where))
-    origins.append(where)
+  pairs, origins, skipped = sources.validate_all(located, to_pair, on_error=on_error)
+  if skipped:
+    logging.warning("%s: skipped %d malformed preference record(s), kept %d", name,
+                    len(skipped), len(pairs))
   if not pairs:
-    raise ValueError(f"{name}: no preference pairs")
-  return pairs, origins
+    raise ValueError(f"{name}: no preference pairs" +
+                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
+  return pairs, origins, skipped
 
 
 # ---- tokenisation and the dataset -----------------------------------------------------------
@@ -171,14 +237,15 @@ class PreferenceDataset:
 
   def __init__(self, pairs: Sequence[Mapping[str, Any]], origins: Sequence[str],
                tokenizer: Tokenizer, *, seq_len: int, overlength: str = "truncate",
-               name: str = "pairs") -> None:
+               name: str = "pairs", skipped: int = 0) -> None:
     if overlength not in OVERLENGTH:
       raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
     if seq_len < 2:
       raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     self.name = name
     self.seq_len = seq_len
-    self.stats = {"pairs": 0, "truncated": 0, "dropped": 0, "identical": 0}
+    self.stats = {"pairs": 0, "truncated": 0, "dropped": 0, "identical": 0,
+                  "skipped_malformed": skipped}
     rows: dict[str, list[np.ndarray]] = {f"{s}_{f}": [] for s in SIDES for f in PAIR_FIELDS}
     self.origins: list[str] = []
     for pair, where in zip(pairs, origins):
@@ -266,22 +333,24 @@ class PreferenceDataset:
 
 def load_dataset(specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
                  | Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, seq_len: int,
-                 overlength: str = "truncate") -> PreferenceDataset:
-  """One dataset from a file / task spec, several of them (pooled), or in-memory records."""
+                 overlength: str = "truncate", on_error: str = "raise") -> PreferenceDataset:
+  """One dataset from a file / directory / task spec, several of them (pooled), or in-memory
+  records; `on_error="skip_and_count"` skips malformed records (`stats["skipped_malformed"]`)."""
   if isinstance(specs, (str, os.PathLike)):
     specs = [specs]
   if specs and all(isinstance(s, Mapping) for s in specs):
-    pairs, origins = load_pairs(specs)  # type: ignore[arg-type]
+    pairs, origins, skipped = load_pairs(specs, on_error=on_error)  # type: ignore[arg-type]
     name = "records"
   else:
-    pairs, origins = [], []
+    pairs, origins, skipped = [], [], []
     for spec in specs:
-      p, o = load_pairs(spec)  # type: ignore[arg-type]
+      p, o, s = load_pairs(spec, on_error=on_error)  # type: ignore[arg-type]
       pairs += p
       origins += o
+      skipped += s
     name = ",".join(str(s) for s in specs)
   return PreferenceDataset(pairs, origins, tokenizer, seq_len=seq_len, overlength=overlength,
-                           name=name)
+                           name=name, skipped=len(skipped))
 
 
 class PreferenceIterator:

@@ -1,30 +1,40 @@
-"""Training-data sources: local JSONL / JSON / Parquet files and bundled task generators.
+"""Training-data sources: local files, `datasets` directories and bundled task generators.
 
-Formats (chosen by the file suffix; files are read locally, never from a hub):
-  .jsonl    one record per line; blank lines are ignored
-  .json     one JSON list of records
-  .parquet  one record per row (read with pyarrow)
+A source spec is one of (read locally, never from the Hub):
+  FILE.jsonl   one record per line; blank lines are ignored
+  FILE.json    one JSON list of records
+  FILE.parquet one record per row (read with pyarrow)
+  DIR          a `datasets` directory: saved with `save_to_disk` (a Dataset or a DatasetDict),
+               or a Hub-style folder of data files (`data/train-00000-of-00001.parquet`,
+               `train.jsonl`, ..., read with `datasets.load_dataset`, streaming, offline);
+               `DIR?split=test` chooses the split, default "train" (see dataset_dirs.py)
+  task:NAME?n=1000&seed=0   a bundled generator (below)
 
-Record schemas:
-  {"messages": [...], "tools"?: [...]}               chat, tool calls, reasoning (see chat.py);
-                                                      optional tool JSON schemas for the prompt
-  {"prompt": str, "response": str, "system"?: str}   becomes a [system,] user, assistant chat
+Record schemas (records.py has the rules; one example each):
+  {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+  {"prompt": "2+2?", "completion": "4"}                             TRL standard
+  {"prompt": [{"role": "user", "content": "2+2?"}],                 TRL conversational;
+   "completion": [{"role": "assistant", "content": "4"}]}           completion-only loss
+  {"prompt": "2+2?", "response": "4", "system": "Be brief."}
+with optional "tools" (tool JSON schemas) and "system" (beside a string prompt). A string
+prompt becomes a user turn and a string completion the assistant's reply: this stack trains
+chat models. Only the completion is trained on, as in TRL; with "messages", every assistant
+turn is.
 
 Every record is validated when the source is loaded, so an error names the location and the
-field: `data/x.jsonl:17: field 'response' must be a string`. The location is `path:LINE`
-for JSONL (1-based, as editors count) and `path[INDEX]` for JSON and Parquet (the 0-based
-record index, as `records[INDEX]` would find it). A malformed record raises by default; with
+field: `data/x.jsonl:17: field 'completion[0].content' must be a string`. The location is
+`path:LINE` for JSONL (1-based, as editors count), `path[INDEX]` for JSON and Parquet (the
+0-based record index, as `records[INDEX]` would find it), and `DIR[SPLIT][ROW]` (`DIR[ROW]` for
+a saved single Dataset) for a `datasets` directory. A malformed record raises by default; with
 `on_error="skip_and_count"` it is logged with its location and counted in `Source.skipped`,
-never dropped silently. A file that cannot be read at all (bad suffix, not a JSON list,
-unreadable Parquet) always raises.
+never dropped silently. A source that cannot be read at all (bad suffix, not a JSON list,
+unreadable Parquet, a directory `datasets` cannot load, a split that does not exist) always
+raises.
 
 Malformed means: a JSONL line that Python's json cannot parse (syntax, nesting too deep for
-the parser, an integer over Python's int-string limit), a record outside the schemas above,
-anything `chat.render` refuses (roles, unknown message keys such as a misspelt `contnet`,
-tool calls that are not standard JSON (NaN, Infinity), lone surrogates, turn delimiters in
-assistant text), and, since every record is a training target, what
-`chat.validate_training_messages` refuses: empty assistant turns, malformed `<tool_call>`
-blocks written in assistant content, and `tool` messages that answer no call.
+the parser, an integer over Python's int-string limit), or a record that records.py refuses: a
+record outside the schemas (the error lists them), anything `chat.render` refuses, and what
+`chat.validate_training_messages` refuses of a training target.
 
 Bundled generators (`wakea_jax.data.tasks.TASKS`) are named by a task spec
 `task:NAME?n=1000&seed=0` (`n` examples, default 1000; `seed`, default 0).
@@ -41,28 +51,30 @@ import inspect
 import json
 import os
 import pathlib
-import re
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from absl import logging
 
-from wakea_jax.data import chat
+from wakea_jax.data import dataset_dirs
 from wakea_jax.data.config import ON_ERROR
+from wakea_jax.data.records import Record, to_record, type_name
 from wakea_jax.data.tasks import TASKS
 
 TASK_PREFIX = "task:"
 _DEFAULT_TASK_SIZE = 1000
-
-Record = dict[str, Any]  # {"messages": [...]} plus "tools" when the record has tool schemas
+T = TypeVar("T")
 
 
 class Source:
   """Validated chat records with their locations; a grain RandomAccessDataSource.
 
-  `source[i]` is `{"messages": [...], "tools": [...] | None, "origin": "path:line"}`.
-  `records` are the records in the `{"messages": ..., "tools"?: ...}` schema, so
+  `source[i]` is `{"messages": [...], "tools": [...] | None, "num_prompt_messages": int,
+  "origin": "path:line"}`: the first `num_prompt_messages` messages are context only (their
+  assistant turns are not trained on; 0 when every assistant turn is a target).
+  `records` are in the `{"messages": ..., "tools"?: ...}` schema, or, for a conversational
+  prompt with assistant turns, `{"prompt": [...], "completion": [...], "tools"?: ...}`, so
   `write_jsonl(source.records, path)` writes a file that loads back to the same source.
   `skipped` holds one message (with its location) per malformed record that was skipped.
   """
@@ -81,128 +93,43 @@ class Source:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self.records[index]
-    return {"messages": record["messages"], "tools": record.get("tools"),
-            "origin": self.origins[index]}
+    if "completion" in record:
+      messages, num_prompt = record["prompt"] + record["completion"], len(record["prompt"])
+    else:
+      messages, num_prompt = record["messages"], 0
+    return {"messages": messages, "tools": record.get("tools"),
+            "num_prompt_messages": num_prompt, "origin": self.origins[index]}
 
   def __repr__(self) -> str:
     return f"Source({self.name!r}, {len(self)} records, {len(self.skipped)} skipped)"
 
 
-# chat.py names the message and field ("message 2: field 'content' ..."); a source names the
-# record field instead, so the message is rewritten as a path inside the record.
-_CHAT_FIELD_ERROR = re.compile(r"^message (\d+): field '([^']*)'(.*)$", re.DOTALL)
-_CHAT_MESSAGE_ERROR = re.compile(r"^message (\d+): (.*)$", re.DOTALL)
+def validate_all(located: Iterable[tuple[str, Any]], convert: Callable[[Any, str], T], *,
+                 on_error: str = "raise") -> tuple[list[T], list[str], list[str]]:
+  """(converted values, their locations, skip messages) of (location, raw record) pairs.
 
-
-def _chat_error(where: str, err: ValueError, fields: Mapping[int, str] | None) -> ValueError:
-  """Rewrites a chat.py validation error as `{where}: field 'messages[i].x' ...`.
-
-  `fields` maps message indices back to record fields for prompt/response records
-  (message 1's content is the record's 'response', etc.).
+  `convert(raw, where)` validates one record; a raw value that is an exception (a JSONL line
+  that did not parse) is raised. A ValueError raises with `on_error="raise"`; with
+  "skip_and_count" it is logged and its message kept in the third list. Shared by every
+  record reader (SFT sources, preference pairs, RL prompts).
   """
-  text = str(err)
-  if match := _CHAT_FIELD_ERROR.match(text):
-    index, field, rest = int(match[1]), match[2], match[3]
-    if fields is not None and field == "content" and index in fields:
-      return ValueError(f"{where}: field '{fields[index]}'{rest}")
-    return ValueError(f"{where}: field 'messages[{index}].{field}'{rest}")
-  if match := _CHAT_MESSAGE_ERROR.match(text):
-    return ValueError(f"{where}: field 'messages[{match[1]}]': {match[2]}")
-  return ValueError(f"{where}: {text}")
-
-
-def type_name(value: Any) -> str:
-  """The JSON-ish name of a value's type for error messages."""
-  return "null" if value is None else type(value).__name__
-
-
-def to_record(raw: Any, where: str) -> Record:
-  """Validates one raw record and returns it as `{"messages": [...], "tools"?: [...]}`.
-
-  Raises ValueError starting with `where` and naming the field.
-  """
-  if not isinstance(raw, Mapping):
-    raise ValueError(f"{where}: a record must be a JSON object, got {type_name(raw)}")
-  fields: dict[int, str] | None = None
-  if "messages" in raw:
-    messages = raw["messages"]
-    if not isinstance(messages, list):
-      raise ValueError(f"{where}: field 'messages' must be a list, got {type_name(messages)}")
-    if not messages:
-      raise ValueError(f"{where}: field 'messages' must be a non-empty list")
-  elif "prompt" in raw or "response" in raw:
-    for field in ("prompt", "response"):
-      if field not in raw:
-        raise ValueError(f"{where}: field '{field}' is missing")
-      if not isinstance(raw[field], str):
-        raise ValueError(
-            f"{where}: field '{field}' must be a string, got {type_name(raw[field])}")
-    messages = [{"role": "user", "content": raw["prompt"]},
-                {"role": "assistant", "content": raw["response"]}]
-    fields = {0: "prompt", 1: "response"}
-    if raw.get("system") is not None:
-      if not isinstance(raw["system"], str):
-        raise ValueError(
-            f"{where}: field 'system' must be a string, got {type_name(raw['system'])}")
-      messages.insert(0, {"role": "system", "content": raw["system"]})
-      fields = {0: "system", 1: "prompt", 2: "response"}
-  else:
-    raise ValueError(f"{where}: needs field 'messages' or fields 'prompt' and 'response'")
-
-  tools = raw.get("tools")
-  if tools is not None:
-    if not isinstance(tools, list):
-      raise ValueError(f"{where}: field 'tools' must be a list, got {type_name(tools)}")
-    for k, tool in enumerate(tools):
-      if not isinstance(tool, Mapping):
-        raise ValueError(f"{where}: field 'tools[{k}]' must be a JSON object, got "
-                         f"{type_name(tool)}")
-  try:
-    # Full structural validation of every message (roles, tool calls, reasoning, delimiters),
-    # then the checks of a training target (empty turns, inline tool calls, orphan results).
-    chat.render_text(messages, tools=tools)
-    chat.validate_training_messages(messages)
-  except ValueError as err:
-    raise _chat_error(where, err, fields) from None
-  if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
-    raise ValueError(f"{where}: field 'messages' has no assistant message to train on")
-  record: Record = {"messages": [dict(m) for m in messages]}
-  if tools:
-    record["tools"] = [dict(t) for t in tools]
-  return record
-
-
-def prompt_messages(raw: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-  """The prompt of a record that awaits an answer (RL prompts, preference pairs):
-  `"messages"` (ending before the assistant's turn) or `"prompt"` with an optional
-  `"system"`. Raises ValueError starting with `where` and naming the field."""
-  if "messages" in raw and "prompt" in raw:
-    raise ValueError(f"{where}: give either field 'messages' or field 'prompt', not both")
-  if "messages" in raw:
-    prompt = raw["messages"]
-    if not isinstance(prompt, list) or not prompt:
-      raise ValueError(f"{where}: field 'messages' must be a non-empty list, got "
-                       f"{type_name(prompt)}")
-    for k, message in enumerate(prompt):
-      if not isinstance(message, Mapping):
-        raise ValueError(f"{where}: field 'messages[{k}]' must be a message object, got "
-                         f"{type_name(message)}")
-    if prompt[-1].get("role") == "assistant":
-      raise ValueError(f"{where}: field 'messages' must end before the assistant's answer "
-                       "(the last message is an assistant turn)")
-    prompt = [dict(m) for m in prompt]
-  elif "prompt" in raw:
-    if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
-      raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got "
-                       f"{type_name(raw['prompt'])}")
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-      raise ValueError(f"{where}: field 'system' must be a string, got {type_name(system)}")
-    prompt = ([{"role": "system", "content": system}] if system else [])
-    prompt.append({"role": "user", "content": raw["prompt"]})
-  else:
-    raise ValueError(f"{where}: field 'prompt' (or 'messages') is missing")
-  return prompt
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+  values: list[T] = []
+  origins: list[str] = []
+  skipped: list[str] = []
+  for where, raw in located:
+    try:
+      if isinstance(raw, Exception):
+        raise raw
+      values.append(convert(raw, where))
+      origins.append(where)
+    except ValueError as err:
+      if on_error == "raise":
+        raise
+      logging.warning("skipping malformed record: %s", err)
+      skipped.append(str(err))
+  return values, origins, skipped
 
 
 def jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
@@ -274,9 +201,9 @@ def _parquet_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
 
 
 def _drop_nulls(value: Any) -> Any:
-  """Parquet structs have one schema per column, so a key absent from one record comes back
-  as null; dropping nulls restores the JSON record (a genuine null is lost, which the chat
-  schema treats the same as absent)."""
+  """Parquet and Arrow (`datasets`) structs have one schema per column, so a key absent from
+  one record comes back as null; dropping nulls restores the JSON record (a genuine null is
+  lost, which the chat schema treats the same as absent)."""
   if isinstance(value, dict):
     return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
   if isinstance(value, list):
@@ -287,48 +214,41 @@ def _drop_nulls(value: Any) -> Any:
 _READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
 
 
-def raw_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+def raw_records(spec: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
   """(location, parsed JSON value or the ValueError it raised) for each record of a
-  .jsonl/.json/.parquet file, unvalidated; for readers of other record schemas (RL prompts,
-  preference pairs) that validate their own fields but share the formats and locations."""
-  path = pathlib.Path(path)
-  reader = _READERS.get(path.suffix.lower())
-  if reader is None:
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or "
-                     ".parquet")
+  .jsonl/.json/.parquet file or a `datasets` directory (`DIR?split=..`), unvalidated; for
+  readers of other record schemas (RL prompts, preference pairs) that validate their own
+  fields but share the formats and locations. Raises (FileNotFoundError, ValueError) at once
+  for a source that cannot be read."""
+  path, options = dataset_dirs.split_spec(spec)
   if not path.exists():
     raise FileNotFoundError(f"{path}: data source does not exist")
   if path.is_dir():
-    raise IsADirectoryError(f"{path}: expected a data file, found a directory")
+    return ((where, _drop_nulls(row)) for where, row in dataset_dirs.rows(path, options))
+  if options:
+    raise ValueError(f"{os.fspath(spec)}: options such as '?split=' are for dataset "
+                     "directories; this is not a directory")
+  reader = _READERS.get(path.suffix.lower())
+  if reader is None:
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, "
+                     ".parquet or a `datasets` directory")
   return reader(path)
 
 
-def read_file(path: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
-  """Loads and validates a .jsonl/.json/.parquet file (see the module docstring)."""
+def read_file(spec: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
+  """Loads and validates a .jsonl/.json/.parquet file or a `datasets` directory (see the
+  module docstring)."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-  path = pathlib.Path(path)
-  records: list[Record] = []
-  origins: list[str] = []
-  skipped: list[str] = []
-  for where, raw in raw_records(path):
-    try:
-      if isinstance(raw, Exception):
-        raise raw
-      records.append(to_record(raw, where))
-      origins.append(where)
-    except ValueError as err:
-      if on_error == "raise":
-        raise
-      logging.warning("skipping malformed record: %s", err)
-      skipped.append(str(err))
+  name = os.fspath(spec)
+  records, origins, skipped = validate_all(raw_records(spec), to_record, on_error=on_error)
   if skipped:
-    logging.warning("%s: skipped %d malformed record(s), kept %d", path, len(skipped),
-                 len(records))
+    logging.warning("%s: skipped %d malformed record(s), kept %d", name, len(skipped),
+                    len(records))
   if not records:
-    raise ValueError(f"{path}: no valid records" +
+    raise ValueError(f"{name}: no valid records" +
                      (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
-  return Source(str(path), records, origins, skipped)
+  return Source(name, records, origins, skipped)
 
 
 def _task_options(generator: Any) -> dict[str, int]:
@@ -382,7 +302,8 @@ def load_task(spec: str) -> Source:
 
 
 def load_source(spec: str | os.PathLike[str], *, on_error: str = "raise") -> Source:
-  """A .jsonl/.json/.parquet path, or a bundled task `task:NAME?n=..&seed=..`."""
+  """A .jsonl/.json/.parquet path, a `datasets` directory (`DIR?split=..`), or a bundled task
+  `task:NAME?n=..&seed=..`."""
   if isinstance(spec, str) and spec.startswith(TASK_PREFIX):
     return load_task(spec)
   return read_file(spec, on_error=on_error)

@@ -1,13 +1,17 @@
 """RL prompt sources: verifiable prompts with the reference a reward checks.
 
-Record schemas (JSONL / JSON / Parquet, read like SFT sources, or a bundled task spec
-`task:NAME?n=..&seed=..` from `wakea_jax.data.tasks.PROMPT_TASKS`):
+Record schemas (JSONL / JSON / Parquet files and `datasets` directories `DIR?split=..`, read
+like SFT sources, or a bundled task spec `task:NAME?n=..&seed=..` from
+`wakea_jax.data.tasks.PROMPT_TASKS`); TRL's prompt-only type, standard or conversational:
 
+  {"prompt": str, "system"?: str, "answer"?: any, ...}      {"prompt": "2+2?", "answer": "4"}
+  {"prompt": [... up to the assistant's turn], "answer"?: any, ...}
   {"messages": [... up to the assistant's turn], "answer"?: any, ...}
-  {"prompt": str, "system"?: str, "answer"?: any, ...}
 
 Any other field (e.g. "tests" for code tasks) travels to the rewards in `meta`. Every record
-is validated when loaded; an error names `file:line` and the field.
+is validated when loaded; an error names the location (`file:line`, `file[INDEX]`,
+`DIR[SPLIT][ROW]`) and the field. A malformed record raises, or with
+`on_error="skip_and_count"` is logged with its location and skipped.
 
 `PromptIterator` walks the prompts in a seeded order, reshuffled every epoch, and its state
 (epoch, position) is a small JSON dict saved with each checkpoint, so a resumed RL run sees
@@ -18,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from wakea_jax.data import chat, sources
+from absl import logging
+
+from wakea_jax.data import chat, records, sources
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
 from wakea_jax.data.tokenizer import Tokenizer
@@ -54,38 +60,41 @@ def to_prompt_record(raw: Any, where: str) -> PromptRecord:
   errors start with `where` and name the field."""
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a prompt record must be a JSON object, got "
-                     f"{sources.type_name(raw)}")
-  messages = sources.prompt_messages(raw, where)
+                     f"{records.type_name(raw)}")
+  messages = records.prompt_messages(raw, where)
   rest = {k: v for k, v in raw.items() if k not in ("messages", "prompt", "system", "answer")}
   # chat.render validates roles, contents and tool calls; re-raise with the location.
   try:
     chat.render_text(messages, add_generation_prompt=True)
   except ValueError as err:
-    raise ValueError(f"{where}: field 'messages': {err}") from None
+    field = "messages" if "messages" in raw else "prompt"
+    raise ValueError(f"{where}: field '{field}': {err}") from None
   return PromptRecord(messages=tuple(messages), answer=raw.get("answer"), meta=rest,
                       origin=where)
 
 
-def load_prompts(spec: str | os.PathLike[str] | Sequence[str]) -> list[PromptRecord]:
-  """A .jsonl/.json/.parquet file or `task:NAME?n=..&seed=..` -> validated prompt records;
-  a list of them -> their records pooled, in order."""
+def load_prompts(spec: str | os.PathLike[str] | Sequence[str], *, on_error: str = "raise"
+                 ) -> list[PromptRecord]:
+  """A .jsonl/.json/.parquet file, a `datasets` directory or `task:NAME?n=..&seed=..` ->
+  validated prompt records; a list of them -> their records pooled, in order."""
   if isinstance(spec, Sequence) and not isinstance(spec, str):
     if not spec:
       raise ValueError("no prompt sources given")
-    return [record for one in spec for record in load_prompts(one)]
+    return [record for one in spec for record in load_prompts(one, on_error=on_error)]
   if isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX):
     name, n, seed, options = sources.parse_task_spec(spec, tasks=PROMPT_TASKS)
-    pairs = [(f"{spec}[{i}]", r) for i, r in enumerate(PROMPT_TASKS[name](n, seed, **options))]
+    located: Iterable[tuple[str, Any]] = [
+        (f"{spec}[{i}]", r) for i, r in enumerate(PROMPT_TASKS[name](n, seed, **options))]
   else:
-    pairs = list(sources.raw_records(spec))
-  records = []
-  for where, raw in pairs:
-    if isinstance(raw, Exception):
-      raise raw
-    records.append(to_prompt_record(raw, where))
-  if not records:
-    raise ValueError(f"{spec}: no prompt records")
-  return records
+    located = sources.raw_records(spec)
+  prompts, _, skipped = sources.validate_all(located, to_prompt_record, on_error=on_error)
+  if skipped:
+    logging.warning("%s: skipped %d malformed prompt record(s), kept %d", spec, len(skipped),
+                    len(prompts))
+  if not prompts:
+    raise ValueError(f"{spec}: no prompt records" +
+                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
+  return prompts
 
 
 class PromptIterator:
