@@ -28,7 +28,7 @@ import re
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -573,13 +573,15 @@ def _export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[
 
 def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
                max_shard_size: int | str = "5GB", architecture: str | None = None,
-               overwrite: bool = False, extra_files: Sequence[PathLike] = ()) -> pathlib.Path:
+               overwrite: bool = False, extra_files: Sequence[PathLike] = (),
+               files: Mapping[str, bytes] | None = None) -> pathlib.Path:
   """Writes `model` as an HF checkpoint directory that transformers loads.
 
   `dtype` (default: the model's param_dtype) is what tensors are stored in. Checkpoints larger
   than `max_shard_size` are split into shards with an index. `architecture` defaults to the
   family inferred from the config (`infer_architecture`). `extra_files` (tokenizer files, a
-  generation_config.json, ...) are copied in. The directory appears atomically: it is written
+  generation_config.json, ...) are copied in, and `files` (relative name -> contents, e.g.
+  from `checkpoints.tokenizer_files`) written. The directory appears atomically: it is written
   beside `path` and renamed. A previous HF checkpoint at `path` (a directory with config.json)
   is replaced; any other non-empty directory is an error unless `overwrite`.
   """
@@ -615,6 +617,12 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
     (temp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for extra in extra_files:
       shutil.copy2(extra, temp / pathlib.Path(extra).name)
+    for name, contents in (files or {}).items():
+      file = temp / name
+      if temp.resolve() not in file.resolve().parents:
+        raise ValueError(f"file name {name!r} leaves the checkpoint directory")
+      file.parent.mkdir(parents=True, exist_ok=True)
+      file.write_bytes(contents)
     replace_dir(temp, target)
   except BaseException:
     shutil.rmtree(temp, ignore_errors=True)
