@@ -20,7 +20,9 @@ micro-step) still gives every adapter an independent mask. `model.eval()` /
 `nnx.view(model, deterministic=True)` turn it off; `model.train()` back on.
 
 `merge_lora` folds the adapters back (W + (alpha / r) A B, dequantizing NF4 bases) into a
-model whose state has exactly the structure of a fresh `Transformer`, ready for export.
+model whose state has exactly the structure of a fresh `Transformer`, ready for export;
+`adapters` lists the adapters themselves (`checkpoints/adapters.py` writes them in PEFT's
+layout).
 `python -m wakea_jax.models.lora --preset bench56m` prints the memory accounting.
 """
 
@@ -196,6 +198,14 @@ class LoRAWeight(nnx.Module):
     full = a.reshape(-1, r) @ b.reshape(r, -1)
     return self.scale * full.reshape(a.shape[:-1] + b.shape[1:])
 
+  def matrices(self) -> tuple[Array, Array]:
+    """(A [in, rank], B [rank, out]) with the weight's input and output dims flattened in
+    row-major order, as a `[in, out]` matrix of the base weight would be; the delta is
+    scale * A @ B. (PEFT stores lora_A.weight = A.T and lora_B.weight = B.T.)"""
+    a, b = self.lora_a[...], self.lora_b[...]
+    r = a.shape[-1]
+    return a.reshape(-1, r), b.reshape(r, -1)
+
   def merged(self) -> nnx.Param:
     """base + scale * A B as a plain Param, in the base's dtype and logical axes."""
     if isinstance(self.base, NF4Weight):
@@ -213,6 +223,12 @@ def _projections(model: nnx.Module) -> list[tuple[int, str, nnx.Module, str]]:
     raise TypeError(f"expected a Transformer with .layers, got {type(model).__name__}")
   return [(i, name, getattr(layer, sub), attr)
           for i, layer in enumerate(layers) for name, (sub, attr, _) in TARGETS.items()]
+
+
+def adapters(model: nnx.Module) -> list[tuple[int, str, LoRAWeight]]:
+  """(layer index, target name, adapter) of every LoRA adapter in `model`, in layer order."""
+  return [(i, name, getattr(parent, attr)) for i, name, parent, attr in _projections(model)
+          if isinstance(getattr(parent, attr), LoRAWeight)]
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Module:

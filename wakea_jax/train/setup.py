@@ -21,6 +21,7 @@ from absl import logging
 from clu import parameter_overview
 from flax import nnx
 
+from wakea_jax.checkpoints import adapters as adapters_lib
 from wakea_jax.checkpoints import export as export_lib
 from wakea_jax.checkpoints import hf, loader
 from wakea_jax.checkpoints.manager import CheckpointManager
@@ -32,6 +33,7 @@ from wakea_jax.models.config import ModelConfig
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.sampling.sampler import check_vocab
 from wakea_jax.train import flops as flops_lib
+from wakea_jax.train import hf_export
 from wakea_jax.train import metrics as metrics_lib
 from wakea_jax.train import optimizer as opt_lib
 from wakea_jax.train import state as state_lib
@@ -41,11 +43,16 @@ from wakea_jax.train.loop import TrainConfig
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-  """config.export: the final model goes to workdir/export/model (LoRA merged) and, with
-  `hf`, a Hugging Face checkpoint to workdir/export/hf."""
+  """config.export: the final model goes to workdir/export/model (LoRA merged). With `hf`, a
+  Hugging Face checkpoint goes to workdir/export/hf, with the run's tokenizer files, chat
+  template and a generation_config.json (`train/hf_export.py`), loadable by transformers'
+  Auto classes as it is. With `adapter` (LoRA / QLoRA runs), the adapters alone go to
+  workdir/export/adapter in PEFT's layout (`checkpoints/adapters.py`), for
+  `peft.PeftModel.from_pretrained` on the HF model the run imported."""
 
   enabled: bool = True
   hf: bool = False
+  adapter: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,9 @@ class RunConfig:
   def __post_init__(self) -> None:
     if self.grad_accum < 1:
       raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+    if self.export.adapter and self.lora is None:
+      raise ValueError("config.export.adapter exports LoRA adapters: it needs "
+                       "config.lora.enabled=True")
 
 
 @dataclasses.dataclass
@@ -207,8 +217,9 @@ def start_run_files(run: RunConfig, workdir: pathlib.Path, model_config: ModelCo
 
 
 def export_trained(built: Setup, state: state_lib.TrainState, directory: pathlib.Path) -> None:
-  """Writes the trained model (LoRA merged) to directory/model and, with run.export.hf, an HF
-  checkpoint to directory/hf; a previous export there is replaced."""
+  """Writes the trained model (LoRA merged) to directory/model; with run.export.hf, an HF
+  checkpoint with the run's tokenizer to directory/hf; with run.export.adapter, the LoRA
+  adapters in PEFT's layout to directory/adapter. A previous export there is replaced."""
   run = built.run
   if not run.export.enabled:
     return
@@ -217,9 +228,18 @@ def export_trained(built: Setup, state: state_lib.TrainState, directory: pathlib
                     "final checkpoint with python -m wakea_jax.convert on one host.")
     return
   model = nnx.merge(built.graphdef, state.params, state.frozen)
+  if run.lora is not None and run.export.adapter:
+    base = hf_export.hf_base_model(run.init_from)
+    if base is None:
+      logging.warning("config.init_from %r is not an HF directory: the PEFT adapters' base is "
+                      "its conversion (python -m wakea_jax.convert --to_hf)", run.init_from)
+    adapters_lib.save_peft_adapter(model, run.lora, directory / "adapter",
+                                   base_model_name_or_path=base)
   if run.lora is not None:
     model = lora_lib.merge_lora(model)
   export_lib.save_model_dir(model, directory / "model")
   if run.export.hf:
-    hf.save_model(model, directory / "hf")
+    hf.save_model(model, directory / "hf",
+                  files=hf_export.side_files(built.tokenizer, model.config,
+                                             init_from=run.init_from))
   logging.info("exported to %s", directory)
