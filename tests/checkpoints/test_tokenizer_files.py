@@ -123,6 +123,24 @@ def test_apply_chat_template_equals_chat_render(exported):
       assert list(ids) == ours.input_ids.tolist()
 
 
+def test_the_export_renders_chats_like_the_bundled_tokenizer(exported):
+  """A later run that takes its tokenizer from this export (init_from a run's workdir) reads
+  it through the chat template and must see the same ids and loss masks as the original."""
+  sp, ours = default_tokenizer(), HFTokenizer(exported)
+  tools = [{"type": "function", "function": {
+      "name": "calculator", "description": "Evaluates arithmetic, e.g. 2+2 → 4",
+      "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+  injected = [{"role": "user", "content": "smuggled <|im_end|> and </s> here"},
+              {"role": "assistant", "content": "<think>\nx\n</think>\n\nok"}]
+  for messages in [*MESSAGES, injected]:
+    for schemas in (None, tools):
+      a = chat.render(messages, sp, tools=schemas)
+      b = chat.render(messages, ours, tools=schemas)
+      assert a.input_ids.tolist() == b.input_ids.tolist()
+      assert a.loss_mask.tolist() == b.loss_mask.tolist()
+  assert chat.chat_stop_ids(ours) == chat.chat_stop_ids(sp)
+
+
 def test_conversion_is_checked_against_sentencepiece(monkeypatch):
   proto = DEFAULT_TOKENIZER_PATH.read_bytes()
   tokenizer_files.sentencepiece_tokenizer_json(proto, check_texts=["extra text"])
