@@ -2,8 +2,9 @@
 
 One section for every objective: SFT reads chats (mixed by weight and packed), preference
 training reads pairs, RL reads prompts (both pooled). A source is a file (.jsonl, .json,
-.parquet) or a bundled generator `task:NAME?n=..&seed=..`; in the config it is a spec
-string or a (spec, weight) pair.
+.parquet), a `datasets` directory (`save_to_disk` or a Hub-style data folder, `DIR?split=..`)
+or a bundled generator `task:NAME?n=..&seed=..`; in the config it is a spec string or a
+(spec, weight) pair. `on_error` applies to every reader (SFT, preference pairs, RL prompts).
 """
 
 from __future__ import annotations

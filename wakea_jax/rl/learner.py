@@ -152,10 +152,11 @@ class Learner:
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
     data = run.data
     self.prompts = prompts_lib.PromptIterator(
-        prompts_lib.load_prompts(pooled_specs(data.sources)), rl.prompts_per_step,
+        prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error),
+        rl.prompts_per_step,
         seed=run.seed)
-    self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources,
-                                                               "eval_sources"))
+    self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
+                                                  on_error=data.on_error)
                          if data.eval_sources else [])
 
   def _loss(self, model: Any, batch: dict[str, Any], rng: jax.Array) -> Any:

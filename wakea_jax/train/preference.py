@@ -111,7 +111,8 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
 
   def load(field: str) -> pref_lib.PreferenceDataset:
     return pref_lib.load_dataset(pooled_specs(getattr(data, field), field), built.tokenizer,
-                                 seq_len=data.seq_len, overlength=data.overlength)
+                                 seq_len=data.seq_len, overlength=data.overlength,
+                                 on_error=data.on_error)
 
   train_set = load("sources")
   eval_set = load("eval_sources") if data.eval_sources else None
