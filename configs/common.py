@@ -53,7 +53,7 @@ def run_config(objective: str) -> ml_collections.ConfigDict:
   config.lora = ml_collections.ConfigDict(dict(
       enabled=False, rank=16, alpha=32.0, dropout=0.0,
       targets=("q", "k", "v", "o", "gate", "up", "down"), quantize_base=""))
-  config.export = ml_collections.ConfigDict(dict(enabled=True, hf=True))
+  config.export = ml_collections.ConfigDict(dict(enabled=True, hf=True, adapter=False))
   return config
 
 
