@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from wakea_jax.checkpoints import loader
 
 
@@ -30,3 +32,10 @@ def test_hf_dir_run_workdir_and_chain(tmp_path):
   assert loader.tokenizer_path("") == ""
   scratch = run_dir("scratch", {"init_from": "", "tokenizer": ""})
   assert loader.tokenizer_path(scratch) == ""
+
+
+def test_a_run_without_export_is_named_as_such(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="a run workdir without an exported model"):
+    loader.resolve(tmp_path)

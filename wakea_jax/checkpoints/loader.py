@@ -32,6 +32,11 @@ def resolve(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
   if (path / RUN_EXPORT / export.CONFIG_FILE).is_file():
     return "native", path / RUN_EXPORT
   if (path / "config.json").is_file():
+    if (path / "checkpoints").is_dir():
+      raise FileNotFoundError(
+          f"{path}: a run workdir without an exported model ({RUN_EXPORT} is missing: the run "
+          "had config.export.enabled=False or has not finished); convert one of its "
+          "checkpoints or rerun with export on")
     return "hf", path
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
