@@ -6,12 +6,16 @@ Variants:
   arithmetic  the start of the RL learning demonstration: two-operand arithmetic answered
               directly, 30% of the answers showing their work; stopped at partial accuracy.
   test        an even smaller run for the test suite (resume, NaN guard).
+  imported    full fine-tuning of an imported model (--config.init_from=/path/to/hf_dir; its
+              tokenizer and chat template come with it) on tool-calling arithmetic and small
+              talk: low learning rate, 512-token rows, full remat, HF export. README "Bring your
+              own model".
   lora        LoRA on an imported checkpoint: set --config.init_from=/path/to/hf_dir.
   qlora       the same with the frozen base in 4-bit NF4.
 
   python -m wakea_jax.train --config=configs/sft.py:quickstart --workdir=/tmp/wakea_quickstart
   python -m wakea_jax.train --config=configs/sft.py:lora --config.init_from=/models/Qwen3-0.6B \
-      --config.tokenizer=/models/Qwen3-0.6B --config.data.sources='(("my.jsonl", 1.0),)' ...
+      --config.data.sources='(("my.jsonl", 1.0),)' ...
 """
 
 from wakea_jax import config_files
@@ -63,12 +67,22 @@ def get_config(arg=None):
     config.train.checkpoint_every = 5
     config.optimizer.warmup_steps = 5
     config.export.enabled = False
+  elif variant == "imported":
+    config.data.sources = (("task:arithmetic?n=4000&seed=0&tools=1", 0.7),
+                           ("task:smalltalk?n=1000&seed=0", 0.3))
+    config.data.eval_sources = (("task:arithmetic?n=64&seed=1234&tools=1", 1.0),)
+    config.data.seq_len = 512
+    config.data.batch_size = 8
+    config.data.eval_batch_size = 8
+    config.model.remat_policy = "full"
+    config.optimizer.update(learning_rate=1e-5, warmup_steps=20, weight_decay=0.0)
+    config.train.update(steps=200, eval_every=100, checkpoint_every=100)
   elif variant in ("lora", "qlora"):
     config.lora.enabled = True
     config.lora.quantize_base = "nf4" if variant == "qlora" else ""
     config.optimizer.learning_rate = 2e-4
     config.optimizer.weight_decay = 0.0
   else:
-    raise ValueError(f"unknown sft variant {variant!r}; use quickstart, arithmetic, test, lora or "
-                     "qlora")
+    raise ValueError(f"unknown sft variant {variant!r}; use quickstart, arithmetic, test, "
+                     "imported, lora or qlora")
   return config
