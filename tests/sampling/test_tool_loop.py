@@ -11,11 +11,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+import real_models
 from flax import nnx
 
 from wakea_jax.data import chat
 from wakea_jax.data.chat import tool_turn_ids
-from wakea_jax.data.tokenizer import IM_END, default_tokenizer
+from wakea_jax.data.tokenizer import IM_END, HFTokenizer, default_tokenizer
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.layers import KVCache
@@ -34,6 +36,7 @@ class ScriptedSampler:
   turns: list[list[str]]
   stop_ids: tuple = (IM_END_ID,)
   pad_id: int = 0
+  tok: object = TOK
 
   def __post_init__(self):
     self.queues = [[] for _ in self.turns]
@@ -41,7 +44,7 @@ class ScriptedSampler:
 
   def _load_next_turn(self, row):
     if self.turns[row]:
-      self.queues[row] = TOK.encode(self.turns[row].pop(0)) + [IM_END_ID]
+      self.queues[row] = self.tok.encode(self.turns[row].pop(0)) + [self.stop_ids[0]]
 
   def start(self, params, prompts, *, max_new_tokens, rng):
     batch = len(prompts)
@@ -72,7 +75,7 @@ class ScriptedSampler:
         tokens[row, step], logprobs[row, step] = token, -0.5
         count[row] += 1
         end[row] += 1
-        if token == IM_END_ID:
+        if token == self.stop_ids[0]:
           done[row], codes[row] = True, STOP_ID
         elif count[row] >= limit[row]:
           done[row] = True
@@ -93,6 +96,33 @@ class ScriptedSampler:
 def _prompt(text):
   return chat.render([{"role": "user", "content": text}], TOK,
                      add_generation_prompt=True).input_ids.tolist()
+
+
+@pytest.mark.parametrize("kind,template,call,answer", [
+    # Qwen3's template writes an (empty) think block in the final turn: the model does too.
+    ("qwen3", None, CALL, "<think>\n\n</think>\n\nIt is 437."),
+    ("llama3", "llama3_1",
+     '{"name": "calculator", "parameters": {"expression": "23*19"}}', "It is 437.")])
+def test_tool_loop_speaks_the_model_template(kind, template, call, answer, tmp_path):
+  """An imported model's own tool syntax: its calls are parsed, the tool turn is the one its
+  template renders in a whole conversation, and rows stop at its end-of-turn id."""
+  tok = HFTokenizer(real_models.build_tokenizer(kind, tmp_path, chat_template_name=template))
+  sampler = ScriptedSampler(turns=[[call, answer]], stop_ids=chat.chat_stop_ids(tok),
+                            tok=tok)
+  prompt = chat.render([{"role": "user", "content": "What is 23*19?"}], tok,
+                       add_generation_prompt=True).input_ids.tolist()
+  out = run_tool_loop(sampler, None, [prompt], tokenizer=tok, router=default_router(),
+                      rng=jax.random.key(0), max_new_tokens=200)
+  assert out.num_tool_calls == [1] and out.tool_errors == [0]
+  assert sampler.injected[0] == [tool_turn_ids(["437"], tok)]
+  full = chat.render([{"role": "user", "content": "What is 23*19?"},
+                      {"role": "assistant", "content": "", "tool_calls": [
+                          {"name": "calculator", "arguments": {"expression": "23*19"}}]},
+                      {"role": "tool", "content": "437"},
+                      {"role": "assistant", "content": "It is 437."}], tok)
+  # The whole transcript is what the template renders for the finished conversation.
+  assert prompt + out.tokens[0] == full.input_ids.tolist()[:len(prompt) + len(out.tokens[0])]
+  assert tok.decode(out.tokens[0]).endswith("It is 437." + chat.chat_template(tok).turn_end)
 
 
 def test_tool_call_is_executed_injected_and_masked():
