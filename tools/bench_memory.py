@@ -17,12 +17,28 @@ child alone, so it includes the Python/JAX runtime and XLA's compilation), its R
 train state is built (the same-run reference: what parameters + AdamW state cost before any
 step), XLA's compiled `memory_analysis()` (arguments + outputs - donated aliases + temporaries,
 the buffers of the step itself), compile and step seconds. A child whose RSS passes
---max_rss_gb is killed and reported as "did not fit", with XLA's estimate. GB = 1e9 bytes.
+--max_rss_gb is killed, and one whose step's buffers cannot be allocated fails; both are
+reported as "no: ..." beside XLA's estimate. GB = 1e9 bytes.
 
-Measured 2026-11-30 on this repo's CPU machine (lscpu "AMD EPYC", 2 cores, 23 GiB RAM), the
-default command above (full size: 28 layers, vocab 151,936, 8 x 512 and 4 pairs x 512):
+Measured 2026-11-30 on the project's CPU machine (lscpu "AMD EPYC", 2 cores, 23.5 GiB RAM,
+shared, so seconds are noisy). The default command (28 layers, vocab 151,936, GRPO 8 x 512
+tokens, DPO 4 pairs = 8 rows x 512 tokens); XLA buffers of one step, GB:
 
-  FIGURES_PLACEHOLDER
+                  remat=none        remat=full
+  grpo  before       43.04             41.69
+  grpo  after        33.84 (-9.20)     32.45 (-9.24)
+  dpo   before       40.55             39.20
+  dpo   after        33.84 (-6.71)     32.45 (-6.75)
+
+None fits 16 GB: each child builds its 7.6 GB state (RSS; params + AdamW moments) and its step
+then fails at once with RESOURCE_EXHAUSTED (XLA:CPU allocates a step's temporaries as one
+block). Chunking removes the logits; what is left is activations (~0.75 GB per layer at
+8 x 512, which remat_policy="full" does not reduce on XLA:CPU: the recomputation is merged
+back into the forward pass) and the optimizer update's parameter-sized temporaries.
+With --layers=4 --remat=none the steps fit this machine and peak RSS is measured:
+
+  grpo before  killed at 19.0 GB RSS (XLA 17.36)   after  9.12 GB (XLA 8.15), step 52.7 s
+  dpo  before  15.82 GB (XLA 14.87), step 43.0 s   after  9.04 GB (XLA 8.15), step 96.6 s
 """
 
 from __future__ import annotations
