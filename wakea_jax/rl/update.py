@@ -28,13 +28,15 @@ from wakea_jax.objectives import grpo as grpo_lib
 from wakea_jax.objectives import ppo as ppo_lib
 
 
-def _forward(model: nnx.Module, batch: dict[str, Array], vocab_limit: int | None = None
-             ) -> scoring.TokenScores:
+def _forward(model: nnx.Module, batch: dict[str, Array], chunk_tokens: int | None,
+             vocab_limit: int | None = None) -> scoring.TokenScores:
   """Token log-probs, entropies (no gradient), values and hidden states of the rollout rows,
   from hidden states in sequence chunks (the [b, t, vocab] logits never exist whole).
+  `chunk_tokens` (default: scoring's logits budget) bounds the tokens per chunk;
   `vocab_limit` (the tokenizer's vocab_size) restricts the softmax to the ids the sampler
   can produce."""
-  return scoring.score_tokens(model, batch, with_entropy=True, vocab_limit=vocab_limit)
+  return scoring.score_tokens(model, batch, with_entropy=True, chunk_tokens=chunk_tokens,
+                              vocab_limit=vocab_limit)
 
 
 def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
@@ -42,11 +44,11 @@ def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
 
 
 def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
-                   loss_config: grpo_lib.LossConfig, vocab_limit: int | None = None
-                   ) -> tuple[Array, dict[str, Array]]:
+                   loss_config: grpo_lib.LossConfig, chunk_tokens: int | None = None,
+                   vocab_limit: int | None = None) -> tuple[Array, dict[str, Array]]:
   """GRPO-family loss (GRPO, Dr. GRPO, DAPO, GSPO per `loss_config`)."""
   del rng
-  scores = _forward(model, batch, vocab_limit)
+  scores = _forward(model, batch, chunk_tokens, vocab_limit)
   mask = batch["loss_mask"]
   loss_sum, sums = grpo_lib.policy_loss(scores.logprobs, batch["old_logprobs"], batch["advantages"],
                                         mask, loss_config, ref_logprobs=batch.get("ref_logprobs"))
@@ -55,12 +57,13 @@ def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
 
 def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
                 loss_config: grpo_lib.LossConfig, ppo_config: ppo_lib.PPOConfig,
-                vocab_limit: int | None = None) -> tuple[Array, dict[str, Array]]:
+                chunk_tokens: int | None = None, vocab_limit: int | None = None
+                ) -> tuple[Array, dict[str, Array]]:
   """Clipped policy loss on GAE advantages + vf_coef * clipped value loss, token-mean."""
   del rng
   if not model.config.value_head:
     raise ValueError("PPO needs a model with a value head (model.value_head=True)")
-  scores = _forward(model, batch, vocab_limit)
+  scores = _forward(model, batch, chunk_tokens, vocab_limit)
   values = scores.values
   if not ppo_config.value_trunk_gradient:
     values = model.value_from(jax.lax.stop_gradient(scores.hidden))
@@ -75,8 +78,8 @@ def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
            **_common_sums(scores.entropy, mask)})
 
 
-def make_score_fn(graphdef: nnx.GraphDef, *, vocab_limit: int | None = None
-                  ) -> Callable[..., Any]:
+def make_score_fn(graphdef: nnx.GraphDef, *, chunk_tokens: int | None = None,
+                  vocab_limit: int | None = None) -> Callable[..., Any]:
   """Jitted `score(params, frozen, batch) -> (logprobs [b, t], values [b, t] or None)`."""
 
   @jax.jit
@@ -84,7 +87,8 @@ def make_score_fn(graphdef: nnx.GraphDef, *, vocab_limit: int | None = None
             ) -> tuple[Array, Array | None]:
     model = nnx.merge(graphdef, params, frozen)
     model.eval()
-    scores = scoring.score_tokens(model, batch, vocab_limit=vocab_limit)
+    scores = scoring.score_tokens(model, batch, chunk_tokens=chunk_tokens,
+                                  vocab_limit=vocab_limit)
     return scores.logprobs * batch["loss_mask"], scores.values
 
   return score
