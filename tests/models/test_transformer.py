@@ -135,6 +135,27 @@ def test_remat_policies_give_same_loss_and_grads(model, policy):
     np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_full_remat_really_frees_activations_on_cpu():
+  """XLA:CPU drops jax.checkpoint's recomputation (CSE merges it with the forward); the
+  model's own full remat must keep it: the compiled gradient's temporaries shrink."""
+  config = get_preset("tiny").replace(num_layers=6, embed_dim=64, mlp_dim=1024, num_heads=4,
+                                      num_kv_heads=2, head_dim=16, vocab_size=64)
+  ids = jax.random.randint(jax.random.key(0), (8, 256), 0, 64)
+
+  def temp_bytes(policy):
+    model = transformer.create_model(config.replace(remat_policy=policy), seed=0)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+      return jnp.mean(nnx.merge(graphdef, state).forward(ids).hidden ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(state).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  none, full = temp_bytes("none"), temp_bytes("full")
+  assert full < 0.6 * none, (full, none)
+
+
 def test_bfloat16_compute_with_float32_master_weights():
   cfg32 = get_preset("tiny")
   cfg16 = cfg32.replace(dtype="bfloat16")

@@ -88,12 +88,14 @@ class Transformer(nnx.Module):
       self.value_head = param(rngs, (c.embed_dim,), ("embed",), pd, std=c.init_std)
       self.value_bias = param(None, (), (), pd, value=0.0)
 
-  def head_weight(self) -> Array:
-    """The LM head as [embed, vocab] in the compute dtype (the embedding's transpose if tied)."""
+  def head_matrix(self) -> tuple[Array, bool]:
+    """(the LM head as stored, vocab_major): the embedding [vocab, embed] itself when tied,
+    else [embed, vocab]. Chunked scoring contracts against it directly, so a tied head is
+    never copied transposed (0.6 GB, and as much again for its gradient, at Qwen3-0.6B)."""
     dt = self.config.compute_dtype
     if self.config.tie_embeddings:
-      return self.embed[...].astype(dt).T
-    return self.lm_head[...].astype(dt)
+      return self.embed[...].astype(dt), True
+    return self.lm_head[...].astype(dt), False
 
   def __call__(self, input_ids: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, attention_mask: Array | None = None,
@@ -161,17 +163,53 @@ class Transformer(nnx.Module):
                          cache=new_cache)
 
 
+def _recompute_in_backward(fn: Any) -> Any:
+  """`fn(state, x, positions, mask)` whose backward pass recomputes it from its inputs: full
+  rematerialisation that XLA:CPU keeps.
+
+  XLA:CPU drops `jax.checkpoint`'s recomputation: common-subexpression elimination merges
+  the recomputed forward with the original one, so every layer's activations stay alive
+  until the backward pass and `remat_policy="full"` saved nothing (a Qwen3-0.6B GRPO step:
+  32.5 GB with remat, 33.8 GB without; tools/bench_memory.py). Here the backward recomputes
+  the layer from an input tied to the incoming cotangent (`x + ct[0] * 0`, which XLA may
+  not fold, since 0 * inf is NaN), so the recomputation can neither be merged with the
+  forward nor hoisted before the backward. Gradients are those of `fn`.
+  """
+
+  @jax.custom_vjp
+  def run(state: Any, x: Array, positions: Array, mask: Array) -> Array:
+    return fn(state, x, positions, mask)
+
+  def forward(state: Any, x: Array, positions: Array, mask: Array) -> tuple[Array, Any]:
+    return fn(state, x, positions, mask), (state, x, positions, mask)
+
+  def backward(residuals: Any, ct: Array) -> tuple[Any, ...]:
+    state, x, positions, mask = residuals
+    x = x + (ct.reshape(-1)[0] * 0).astype(x.dtype)
+    _, vjp = jax.vjp(lambda s, h: fn(s, h, positions, mask), state, x)
+    d_state, d_x = vjp(ct)
+    return d_state, d_x, None, None
+
+  run.defvjp(forward, backward)
+  return run
+
+
 def _run_layer(layer: DecoderLayer, policy: str, x: Array, positions: Array, mask: Array,
                layer_cache: Any) -> tuple[Array, Any]:
   if policy == "none":
     return layer(x, positions, mask, layer_cache)
-  # Plain jax.checkpoint over the layer's state: split inside the trace, merge inside the
-  # rematerialised function. Only trace-time cost; no NNX transform in the compiled graph.
+  # Over the layer's state: split inside the trace, merge inside the rematerialised
+  # function. Only trace-time cost; no NNX transform in the compiled graph.
   graphdef, state = nnx.split(layer)
 
   def run(state, x, positions, mask, layer_cache):
     return nnx.merge(graphdef, state)(x, positions, mask, layer_cache)
 
+  if policy == "full" and layer_cache is None and jax.default_backend() == "cpu":
+    def hidden_only(state, x, positions, mask):
+      return run(state, x, positions, mask, None)[0]
+
+    return _recompute_in_backward(hidden_only)(state, x, positions, mask), None
   return jax.checkpoint(run, policy=_REMAT[policy])(state, x, positions, mask, layer_cache)
 
 
