@@ -15,10 +15,10 @@ from wakea_jax.models import scoring, transformer
 from wakea_jax.models.config import get_preset
 
 
-def _tiny_model(value_head=False):
+def _tiny_model(value_head=False, tie_embeddings=False):
   config = get_preset("tiny", vocab_size=64, embed_dim=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64,
-                      value_head=value_head)
+                      value_head=value_head, tie_embeddings=tie_embeddings)
   return transformer.create_model(config, seed=0)
 
 
@@ -91,8 +91,10 @@ def test_entropy_carries_no_gradient():
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
-def test_score_tokens_matches_the_model_forward():
-  model = _tiny_model(value_head=True)
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_score_tokens_matches_the_model_forward(tied):
+  # Tied: the scorer contracts against the embedding [vocab, embed] directly.
+  model = _tiny_model(value_head=True, tie_embeddings=tied)
   rng = np.random.default_rng(3)
   ids = jnp.asarray(rng.integers(1, 64, (2, 9)), jnp.int32)
   targets = jnp.asarray(rng.integers(1, 64, (2, 9)), jnp.int32)
@@ -105,6 +107,10 @@ def test_score_tokens_matches_the_model_forward():
   chex.assert_trees_all_close(scores.values, out.values)
   chex.assert_trees_all_close(scores.hidden, out.hidden)
   assert scores.entropy is None
+  limited = scoring.score_tokens(model, {**batch, "targets": targets % 50}, chunk_tokens=4,
+                                 vocab_limit=50)
+  np.testing.assert_allclose(
+      limited.logprobs, scoring.token_logprobs(out.logits[..., :50], targets % 50), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

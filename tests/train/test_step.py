@@ -163,3 +163,10 @@ def test_chunked_loss_equals_full_loss_and_gradients(chunk_tokens):
     np.testing.assert_allclose(s2[k], s1[k], rtol=1e-6)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=1e-6)
+  # A tied head passed as the embedding [vocab, embed]: same loss, transposed gradient.
+  (l3, _), (gh, ge) = jax.value_and_grad(
+      lambda h, e: chunked_sft_loss(h, e, targets, mask, chunk_tokens=chunk_tokens, z_loss=1e-3,
+                                    vocab_major=True), argnums=(0, 1), has_aux=True)(hidden, head.T)
+  np.testing.assert_allclose(l3, l1, rtol=1e-6)
+  np.testing.assert_allclose(gh, g1[0], atol=1e-6)
+  np.testing.assert_allclose(ge.T, g1[1], atol=1e-6)

@@ -74,18 +74,22 @@ def to_chunks(x: Array, num_chunks: int, seq_chunk: int, pad: int) -> Array:
   return jnp.swapaxes(x.reshape((b, num_chunks, seq_chunk) + x.shape[2:]), 0, 1)
 
 
-def chunk_logits(hidden: Array, head: Array) -> Array:
-  """hidden [b, c, e] @ head [e, v] -> float32 [b, c, v] as one 2-D matmul (XLA:CPU's
+def chunk_logits(hidden: Array, head: Array, *, vocab_major: bool = False) -> Array:
+  """hidden [b, c, e] @ head [e, v] (or head [v, e] with `vocab_major`, a tied embedding,
+  contracted without a transposed copy) -> float32 [b, c, v] as one 2-D matmul (XLA:CPU's
   backward for it is much faster than for the rank-3 einsum)."""
-  logits = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), head,
-                   preferred_element_type=jnp.float32)
-  return logits.reshape(hidden.shape[:-1] + (head.shape[-1],))
+  contract = 1 if vocab_major else 0
+  logits = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), head,
+                               (((1, ), (contract, )), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return logits.reshape(hidden.shape[:-1] + (logits.shape[-1], ))
 
 
 def hidden_token_logprobs(hidden: Array, head: Array, targets: Array, *,
-                          chunk_tokens: int | None = None,
-                          with_entropy: bool = False) -> tuple[Array, Array | None]:
-  """(log p(targets) [b, t], entropy [b, t] or None) from hidden [b, t, e] and head [e, v].
+                          chunk_tokens: int | None = None, with_entropy: bool = False,
+                          vocab_major: bool = False) -> tuple[Array, Array | None]:
+  """(log p(targets) [b, t], entropy [b, t] or None) from hidden [b, t, e] and head [e, v]
+  (or [v, e] with `vocab_major`: see `chunk_logits`).
 
   `chunk_tokens` (default: `default_chunk_tokens(vocab)`) bounds the tokens whose logits
   exist at once. When everything fits in one chunk, no scan or rematerialisation is added.
@@ -95,11 +99,11 @@ def hidden_token_logprobs(hidden: Array, head: Array, targets: Array, *,
   chex.assert_rank(head, 2)
   chex.assert_equal_shape_prefix([hidden, targets], 2)
   b, t, _ = hidden.shape
-  chunk_tokens = chunk_tokens or default_chunk_tokens(head.shape[-1])
+  chunk_tokens = chunk_tokens or default_chunk_tokens(head.shape[0 if vocab_major else 1])
   seq_chunk, n, pad = seq_chunking(b, t, chunk_tokens)
 
   def one(h: Array, tg: Array) -> tuple[Array, Array]:
-    logits = chunk_logits(h, head)
+    logits = chunk_logits(h, head, vocab_major=vocab_major)
     log_z, _ = log_partition(logits)
     logprobs = pick(logits, tg) - log_z
     if not with_entropy:
@@ -150,12 +154,13 @@ def score_tokens(model: nnx.Module, batch: dict[str, Array], *, with_entropy: bo
   """
   out = model.forward(batch["input_ids"], positions=batch.get("positions"),
                       segment_ids=batch.get("segment_ids"))
-  head = model.head_weight()
-  if vocab_limit is not None and vocab_limit < head.shape[-1]:
-    head = head[:, :vocab_limit]
+  head, vocab_major = model.head_matrix()
+  vocab_axis = 0 if vocab_major else 1
+  if vocab_limit is not None and vocab_limit < head.shape[vocab_axis]:
+    head = jax.lax.slice_in_dim(head, 0, vocab_limit, axis=vocab_axis)
   logprobs, entropy = hidden_token_logprobs(out.hidden, head, batch["targets"],
                                             chunk_tokens=chunk_tokens,
-                                            with_entropy=with_entropy)
+                                            with_entropy=with_entropy, vocab_major=vocab_major)
   return TokenScores(logprobs=logprobs, entropy=entropy, values=out.values, hidden=out.hidden)
 
 
