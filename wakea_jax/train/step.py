@@ -66,7 +66,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum_steps == 1:
-      (loss_sum, sums), grads = grad_fn(state.params, batch, key)
+      # Differentiate the normalised loss: the gradients come out divided by the weight
+      # (a constant of the batch), so no second parameter-sized copy is made to divide them.
+      def normalised(params, mb, rng):
+        loss_sum, sums = micro_loss(params, mb, rng)
+        scale = 1.0 / jnp.maximum(jax.lax.stop_gradient(sums["weight"]), 1.0)
+        return loss_sum * scale, (loss_sum, sums)
+
+      (_, (loss_sum, sums)), grads = jax.value_and_grad(normalised, has_aux=True)(
+          state.params, batch, key)
     else:
       micro = split_microbatches(batch, accum_steps)
       zero_grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -86,7 +94,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
           body, (zero_grads, jnp.zeros((), jnp.float32), zero_sums),
           (micro, jnp.arange(accum_steps)))
     weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
+    if accum_steps > 1:
+      grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss_sum / weight
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
