@@ -20,25 +20,24 @@ the buffers of the step itself), compile and step seconds. A child whose RSS pas
 --max_rss_gb is killed, and one whose step's buffers cannot be allocated fails; both are
 reported as "no: ..." beside XLA's estimate. GB = 1e9 bytes.
 
-Measured 2026-11-30 on the project's CPU machine (lscpu "AMD EPYC", 2 cores, 23.5 GiB RAM,
-shared, so seconds are noisy). The default command (28 layers, vocab 151,936, GRPO 8 x 512
-tokens, DPO 4 pairs = 8 rows x 512 tokens); XLA buffers of one step, GB:
+Measured 2026-11-30 on the project's CPU machine (lscpu "AMD EPYC", 2 cores, 23.5 GiB RAM),
+the default command (28 layers, vocab 151,936, GRPO 8 x 512 tokens, DPO 4 pairs = 8 rows x 512
+tokens), 604 s in all. Peak RSS of the child (GB) / XLA buffers of one step (GB):
 
-                  remat=none        remat=full
-  grpo  before       43.04             41.69
-  grpo  after        33.84 (-9.20)     32.45 (-9.24)
-  dpo   before       40.55             39.20
-  dpo   after        33.84 (-6.71)     32.45 (-6.75)
+                  remat=none                        remat=full
+  grpo  before    no: XLA 42.81 (cannot allocate)   no: killed at 18.0 RSS, XLA 20.80
+  grpo  after     no: XLA 33.05 (cannot allocate)   yes: 14.56 RSS, XLA 12.80, step 136 s
+  dpo   before    no: XLA 40.32 (cannot allocate)   no: killed at 18.0 RSS, XLA 18.31
+  dpo   after     no: XLA 33.05 (cannot allocate)   yes: 14.53 RSS, XLA 12.80, step 133 s
 
-None fits 16 GB: each child builds its 7.6 GB state (RSS; params + AdamW moments) and its step
-then fails at once with RESOURCE_EXHAUSTED (XLA:CPU allocates a step's temporaries as one
-block). Chunking removes the logits; what is left is activations (~0.75 GB per layer at
-8 x 512, which remat_policy="full" does not reduce on XLA:CPU: the recomputation is merged
-back into the forward pass) and the optimizer update's parameter-sized temporaries.
-With --layers=4 --remat=none the steps fit this machine and peak RSS is measured:
-
-  grpo before  killed at 19.0 GB RSS (XLA 17.36)   after  9.12 GB (XLA 8.15), step 52.7 s
-  dpo  before  15.82 GB (XLA 14.87), step 43.0 s   after  9.04 GB (XLA 8.15), step 96.6 s
+The state alone (params + AdamW moments) is 7.6 GB of RSS. Chunked scoring saves 8.0 (GRPO)
+and 5.5 GB (DPO) of the step's buffers with full remat, 9.8 and 7.3 GB without. Without remat
+the activations (~0.75 GB per layer at 8 x 512) do not fit any variant. Three changes made
+the remat=full step fit: remat that XLA:CPU keeps (models/transformer.py: jax.checkpoint's
+recomputation was merged back into the forward by CSE, so "full" saved nothing: 32.45 GB
+before), the tied head contracted as the embedding itself (no transposed copy), and gradients
+taken of the weight-normalised loss (no second parameter-sized pass): 32.45 -> 16.15 ->
+12.80 GB of XLA buffers.
 """
 
 from __future__ import annotations
