@@ -62,10 +62,11 @@ def test_the_tool_timeout_is_a_hard_deadline():
 
 
 def test_a_turn_with_hundreds_of_calls_runs_only_the_first_few():
+  from wakea_jax.data import chat
   from wakea_jax.sampling import tool_loop
   runs = []
   tool = Tool("count", "counts", {"type": "object"}, run=lambda a: runs.append(1) or "ok")
   text = '<tool_call>{"name": "count", "arguments": {}}</tool_call>' * 300
-  results = tool_loop._results_for(text, Router([tool]))
+  results = tool_loop._results_for(chat.parse_tool_calls(text, strict=False), Router([tool]))
   assert len(results) == 300 and len(runs) == tool_loop.MAX_CALLS_PER_TURN
   assert results[-1].startswith("Error: more than")
