@@ -4,7 +4,8 @@
 The model has Qwen3-0.6B's (or Llama-3.2-1B's) real width, head layout, rope and padded
 vocabulary (151,936 / 128,256 rows), a locally built tokenizer of the real size with the real
 chat template, and 2 layers; `transformers` saves it, we import it, train it, export it, and
-`transformers` reloads the export with matching logits and the same greedy tokens.
+`transformers` reloads the export with matching logits and the same greedy tokens. Qwen3 is
+fully fine-tuned; Llama (twice as wide) trains LoRA adapters and also exports them for PEFT.
 
 The pipeline runs in a child process with 2 CPU devices (FSDP over both): XLA:CPU's memory
 for a 151,936-entry vocabulary grows with the number of fake devices, and 8 of them need
@@ -44,26 +45,34 @@ from wakea_jax.sampling.sampler import chat_sampler
 PROMPT = [{"role": "user", "content": "What is 12 plus 30?"}]
 # Batch and weights over 2 devices; full remat (the XLA:CPU-proof kind) on the real shapes.
 SHARED = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 1, "model.remat_policy": "full"}
+# Llama-3.2-1B's width (2,048, MLP 8,192) trains with LoRA: full AdamW at this width needs
+# ~20 GB here, too close to the CI machine's 23.5 GiB; LoRA also exports PEFT adapters.
+LORA = {"lora.enabled": True, "lora.rank": 8, "lora.alpha": 16.0, "export.adapter": True}
 
 
-def _sft_config(model_dir):
+def _extra(kind):
+  return LORA if kind == "llama3" else {}
+
+
+def _sft_config(model_dir, kind):
   config = get_config("sft:test", **{
       "init_from": str(model_dir), "train.steps": 3, "train.eval_every": 3,
       "train.checkpoint_every": 3, "data.seq_len": 192, "data.batch_size": 2,
       "data.eval_batch_size": 2, "data.eval_batches": 1, "optimizer.learning_rate": 1e-4,
-      "optimizer.warmup_steps": 1, "export.enabled": True, "export.hf": True, **SHARED})
+      "optimizer.warmup_steps": 1, "export.enabled": True, "export.hf": True, **SHARED,
+      **_extra(kind)})
   config.data.sources = (("task:arithmetic?n=32&seed=0&tools=1", 1.0),)
   config.data.eval_sources = (("task:arithmetic?n=4&seed=9&tools=1", 1.0),)
   return config
 
 
-def _grpo_config(sft_dir):
+def _grpo_config(sft_dir, kind):
   config = get_config("grpo:test", **{
       "init_from": str(sft_dir), "train.steps": 2, "train.eval_every": 2,
       "train.checkpoint_every": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 12,
       "rollout.max_tool_calls": 1, "rollout.max_tool_tokens": 48, "rl.prompts_per_step": 2,
       "eval.num_samples": 1, "eval.pass_k": (1, ), "export.enabled": True, "export.hf": True,
-      "optimizer.learning_rate": 1e-5, **SHARED})
+      "optimizer.learning_rate": 1e-5, **SHARED, **_extra(kind)})
   config.rollout.tools = ("calculator", )
   config.data.sources = "task:arithmetic?n=8&seed=100&max_operand=9&tools=1"
   config.data.eval_sources = "task:arithmetic?n=2&seed=777&max_operand=9&tools=1"
@@ -98,20 +107,20 @@ def stage_sft(kind, tmp_path):
   hf_dir = tmp_path / "hf"
   hf_config = json.loads((hf_dir / "config.json").read_text())
   assert HFTokenizer(hf_dir).vocab_size < hf_config["vocab_size"] or kind == "llama3"
-  sft = trainers.run(_sft_config(hf_dir), tmp_path / "sft")
+  sft = trainers.run(_sft_config(hf_dir, kind), tmp_path / "sft")
   assert np.isfinite(sft["loss"])
 
 
 def stage_grpo(kind, tmp_path):
-  del kind
-  grpo = trainers.run(_grpo_config(tmp_path / "sft"), tmp_path / "grpo")
+  grpo = trainers.run(_grpo_config(tmp_path / "sft", kind), tmp_path / "grpo")
   assert np.isfinite(grpo["loss"]) and "reward_mean" in grpo
   rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
   assert any("tool_calls" in r for r in rows)   # rollouts ran through the tool loop
 
 
 def stage_check(kind, tmp_path):
-  del kind
+  if kind == "llama3":   # the LoRA runs also wrote PEFT adapters
+    assert (tmp_path / "grpo" / "export" / "adapter" / "adapter_model.safetensors").is_file()
   hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
   tokenizer = HFTokenizer(tmp_path / "hf")
   export = tmp_path / "grpo" / "export" / "hf"
