@@ -205,14 +205,8 @@ def load_pairs(spec: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *,
     name = os.fspath(spec)
   else:
     located = [(f"{name}[{i}]", r) for i, r in enumerate(spec)]
-  pairs, origins, skipped = sources.validate_all(located, to_pair, on_error=on_error)
-  if skipped:
-    logging.warning("%s: skipped %d malformed preference record(s), kept %d", name,
-                    len(skipped), len(pairs))
-  if not pairs:
-    raise ValueError(f"{name}: no preference pairs" +
-                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
-  return pairs, origins, skipped
+  return sources.validate_all(located, to_pair, name=name, on_error=on_error,
+                              kind="preference record", empty="no preference pairs")
 
 
 # ---- tokenisation and the dataset -----------------------------------------------------------

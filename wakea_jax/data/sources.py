@@ -105,13 +105,15 @@ class Source:
 
 
 def validate_all(located: Iterable[tuple[str, Any]], convert: Callable[[Any, str], T], *,
-                 on_error: str = "raise") -> tuple[list[T], list[str], list[str]]:
+                 name: str, on_error: str = "raise", kind: str = "record",
+                 empty: str = "no valid records") -> tuple[list[T], list[str], list[str]]:
   """(converted values, their locations, skip messages) of (location, raw record) pairs.
 
   `convert(raw, where)` validates one record; a raw value that is an exception (a JSONL line
   that did not parse) is raised. A ValueError raises with `on_error="raise"`; with
-  "skip_and_count" it is logged and its message kept in the third list. Shared by every
-  record reader (SFT sources, preference pairs, RL prompts).
+  "skip_and_count" it is logged and its message kept in the third list, and the source `name`
+  logs how many `kind`s it skipped. No value at all is a ValueError "`name`: `empty`".
+  Shared by every record reader (SFT sources, preference pairs, RL prompts).
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -129,6 +131,12 @@ def validate_all(located: Iterable[tuple[str, Any]], convert: Callable[[Any, str
         raise
       logging.warning("skipping malformed record: %s", err)
       skipped.append(str(err))
+  if skipped:
+    logging.warning("%s: skipped %d malformed %s(s), kept %d", name, len(skipped), kind,
+                    len(values))
+  if not values:
+    raise ValueError(f"{name}: {empty}" +
+                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
   return values, origins, skipped
 
 
@@ -241,13 +249,8 @@ def read_file(spec: str | os.PathLike[str], *, on_error: str = "raise") -> Sourc
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
   name = os.fspath(spec)
-  records, origins, skipped = validate_all(raw_records(spec), to_record, on_error=on_error)
-  if skipped:
-    logging.warning("%s: skipped %d malformed record(s), kept %d", name, len(skipped),
-                    len(records))
-  if not records:
-    raise ValueError(f"{name}: no valid records" +
-                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
+  records, origins, skipped = validate_all(raw_records(spec), to_record, name=name,
+                                           on_error=on_error)
   return Source(name, records, origins, skipped)
 
 

@@ -25,8 +25,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import logging
-
 from wakea_jax.data import chat, records, sources
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
@@ -87,13 +85,9 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str], *, on_error: str 
         (f"{spec}[{i}]", r) for i, r in enumerate(PROMPT_TASKS[name](n, seed, **options))]
   else:
     located = sources.raw_records(spec)
-  prompts, _, skipped = sources.validate_all(located, to_prompt_record, on_error=on_error)
-  if skipped:
-    logging.warning("%s: skipped %d malformed prompt record(s), kept %d", spec, len(skipped),
-                    len(prompts))
-  if not prompts:
-    raise ValueError(f"{spec}: no prompt records" +
-                     (f" ({len(skipped)} malformed, skipped)" if skipped else ""))
+  prompts, _, _ = sources.validate_all(located, to_prompt_record, name=str(spec),
+                                       on_error=on_error, kind="prompt record",
+                                       empty="no prompt records")
   return prompts
 
 
