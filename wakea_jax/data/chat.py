@@ -316,7 +316,9 @@ def _shown(key: Any) -> str:
   return text if text.isprintable() and not _SURROGATE.search(text) else ascii(text)[1:-1]
 
 
-def _validate_message(index: int, message: Any) -> _Message:
+def _validate_message(index: int, message: Any,
+                      delimiters: Sequence[str] = (IM_START, IM_END)) -> _Message:
+  """The checked message; assistant text holding one of `delimiters` (turn markup) is refused."""
   where = f"message {index}"
   if not isinstance(message, Mapping):
     raise ValueError(f"{where}: expected a dict, got {type(message).__name__}")
@@ -370,7 +372,7 @@ def _validate_message(index: int, message: Any) -> _Message:
     fields = {"content": content, (given[0] if given else "reasoning"): reasoning or ""}
     fields.update({f"tool_calls[{j}]": _json(c, "") for j, c in enumerate(tool_calls)})
     for field, text in fields.items():
-      for delimiter in (IM_START, IM_END):
+      for delimiter in delimiters:
         if delimiter in text:
           raise ValueError(f"{where}: field '{field}' contains the turn delimiter {delimiter!r}")
   return _Message(role, content, reasoning, tool_calls)
@@ -579,19 +581,9 @@ def _template_spans(template: ChatTemplate, messages: Sequence[Message],
     raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
   if not messages:
     raise ValueError("messages is empty")
-  parsed = [_validate_message(i, m) for i, m in enumerate(messages)]
+  delimiters = (IM_START, IM_END, *template.delimiters)
+  parsed = [_validate_message(i, m, delimiters) for i, m in enumerate(messages)]
   _validate_tools(tools)
-  for i, message in enumerate(parsed):
-    if message.role != "assistant":
-      continue
-    texts = {"content": message.content, "reasoning": message.reasoning or ""}
-    texts.update({f"tool_calls[{j}]": json.dumps(c, ensure_ascii=False)
-                  for j, c in enumerate(message.tool_calls)})
-    for field, text in texts.items():
-      for delimiter in template.delimiters:
-        if delimiter in text:
-          raise ValueError(f"message {i}: field '{field}' contains the turn delimiter "
-                           f"{delimiter!r} of the chat template")
   template_messages = [_template_message(m, p) for m, p in zip(messages, parsed)]
   text, regions = template.regions(template_messages, tools=list(tools) if tools else None,
                                    add_generation_prompt=add_generation_prompt,

@@ -25,7 +25,7 @@ from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling.sampler import Sampler
-from wakea_jax.sampling.tool_loop import run_tool_loop
+from wakea_jax.sampling.tool_loop import last_turn, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 from wakea_jax.toolbox.router import Router
 
@@ -152,10 +152,7 @@ def final_turn(tokens: Sequence[int], tool_mask: Sequence[int], stop_ids: Sequen
                ) -> list[int]:
   """The tokens of the last assistant turn: after the last tool token, without a final stop
   id (the tool turn ends with the next generation prompt, so what follows is model output)."""
-  start = len(tokens)
-  while start > 0 and not tool_mask[start - 1]:
-    start -= 1
-  turn = list(tokens[start:])
+  turn = last_turn(tokens, tool_mask)
   if turn and turn[-1] in stop_ids:
     turn.pop()
   return turn

@@ -76,12 +76,12 @@ def _results_for(calls: list[dict], router: Router) -> list[str]:
   return results
 
 
-def _last_turn(tokens: list[int], tool_mask: list[int]) -> list[int]:
+def last_turn(tokens: Sequence[int], tool_mask: Sequence[int]) -> list[int]:
   """The model tokens generated since the last tool turn (the current assistant turn)."""
   start = len(tokens)
   while start > 0 and not tool_mask[start - 1]:
     start -= 1
-  return tokens[start:]
+  return list(tokens[start:])
 
 
 def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, limit: int
@@ -135,7 +135,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
     for row in np.nonzero(was_active & done)[0]:
       stopped_on_turn_end = (codes[row] != STOP_NONE and tokens[row]
                              and tokens[row][-1] == turn_end)
-      turn = tokenizer.decode(_last_turn(tokens[row], tool_mask[row]))
+      turn = tokenizer.decode(last_turn(tokens[row], tool_mask[row]))
       found = chat.parse_turn_tool_calls(turn, tokenizer) if stopped_on_turn_end else []
       if not found:
         reason[row] = "stop_id" if codes[row] != STOP_NONE else "length"
