@@ -248,7 +248,7 @@ class SentencePieceTokenizer(_TokenizerIds):
 
   @property
   def chat_templates(self) -> Mapping[str, str]:
-    """None: a `.model` file carries no chat template (chats render as ChatML, see chat.py)."""
+    """Empty: a `.model` file carries no chat template (chats render as ChatML, see chat.py)."""
     return {}
 
   @property
