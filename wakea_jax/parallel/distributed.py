@@ -2,8 +2,20 @@
 
 On Cloud TPU pods and SLURM/Kubernetes GPU clusters every host runs the same binary;
 `jax.distributed.initialize` must be called before any other JAX call so that
-`jax.devices()` lists the devices of all hosts. JAX auto-detects the coordinator on TPU VMs,
-SLURM and (with the right env) Kubernetes; elsewhere pass it explicitly.
+`jax.devices()` lists the devices of all hosts.
+
+Where the coordinator comes from, first match wins:
+  1. arguments (a binary's flags);
+  2. the environment: JAX_COORDINATOR_ADDRESS (host:port) with JAX_NUM_PROCESSES and
+     JAX_PROCESS_ID (what `launch/` and the tests set; a Kubernetes Indexed Job gives the
+     process id as JOB_COMPLETION_INDEX);
+  3. JAX's own cluster detection: Cloud TPU VMs (TPU_WORKER_HOSTNAMES), SLURM (SLURM_JOB_ID
+     with one task per host), MegaScale.
+Nothing of it set: a single-process run, and `initialize` does nothing.
+
+On CPU the cross-process collectives go through gloo
+(`jax_cpu_collectives_implementation`), which is what lets two local processes run a real
+multi-host job on a laptop or in CI.
 """
 
 from __future__ import annotations
@@ -13,8 +25,18 @@ import os
 import jax
 from absl import logging
 
-_AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS",
-             "MEGASCALE_COORDINATOR_ADDRESS")
+_AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_int(*names: str) -> int | None:
+  for name in names:
+    value = os.environ.get(name)
+    if value not in (None, ""):
+      try:
+        return int(value)
+      except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+  return None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -24,15 +46,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Single-host runs (the default, tests, laptops) skip initialisation unless `force` is set
   or a coordinator is given, so calling this from every binary is always safe.
   """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID", "JOB_COMPLETION_INDEX")
   explicit = coordinator_address is not None or num_processes is not None
   detected = any(os.environ.get(name) for name in _AUTO_ENV)
   if not (force or explicit or detected):
     return False
   if num_processes is not None and num_processes <= 1 and not force:
     return False
+  if coordinator_address is not None and (num_processes is None or process_id is None):
+    raise ValueError(f"coordinator {coordinator_address} given without the number of "
+                     "processes and this process's id (set JAX_NUM_PROCESSES and "
+                     "JAX_PROCESS_ID, or pass them)")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
+  # CPU collectives across processes (no-op for GPU/TPU backends); before any backend starts.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-            jax.process_index(), jax.process_count(), jax.local_device_count(),
-            jax.device_count())
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
   return True

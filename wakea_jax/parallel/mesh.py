@@ -28,6 +28,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from wakea_jax.parallel import multihost
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -205,17 +207,26 @@ def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 2) -> Nam
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """Places a pytree of host arrays [batch, ...] on the mesh, split along the batch axis."""
+  """Process-local host arrays [local_rows, ...] -> global arrays on the mesh, batch split.
+
+  Each process passes only its own rows (its data shard); the global batch is their
+  concatenation in process order (`jax.make_array_from_process_local_data`; see
+  `parallel/multihost.py`). On one process that is the whole batch, as before.
+  """
   rules = normalize_rules(rules)
 
   def put(x: Any) -> Any:
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x   # already global
+    x = np.asarray(x)
     sharding = batch_sharding(mesh, rules, max(x.ndim, 1))
     batch_ways = math.prod(mesh.shape[a] for a in _axes_of(sharding.spec[0]))
-    if x.ndim and x.shape[0] % batch_ways:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by the {batch_ways} "
-                       f"batch shards of mesh {dict(mesh.shape)}")
-    return jax.device_put(x, sharding)
+    local_ways = multihost.local_batch_blocks(sharding)
+    if x.ndim and x.shape[0] % local_ways:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by the {local_ways} "
+                       f"batch shards on this process (of {batch_ways}) of mesh "
+                       f"{dict(mesh.shape)}")
+    return multihost.to_global(x, sharding)
 
   return jax.tree.map(put, batch)
 
