@@ -32,9 +32,12 @@ def get_config(arg=None):
                          ("task:smalltalk?n=1000&seed=0", 0.3))
   config.data.eval_sources = (("task:arithmetic?n=200&seed=1234", 1.0),)
   config.data.seq_len = 256
-  config.data.batch_size = 16
+  config.data.batch_size = 16          # the global batch (rows of all processes together)
   config.data.eval_batch_size = 16
   config.data.eval_batches = 4        # 0: every evaluation example
+  # Logical data shards, 0: one per process. A fixed value (dividing batch_size, a multiple
+  # of the process count) gives the same batches on any number of hosts (resume included).
+  config.data.shards = 0
   config.data.packing = True
   config.data.overlength = "truncate"   # or "drop"; either way counted and reported
   config.data.on_error = "raise"        # or "skip_and_count" malformed records

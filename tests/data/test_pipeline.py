@@ -5,7 +5,6 @@ import dataclasses
 import json
 import logging
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,15 +230,68 @@ def test_skipped_records_show_in_the_stats(tmp_path):
     pipeline_lib.build_pipeline(_config(sources=(SpecS(str(path)),)), TOK)
 
 
-def test_processes_read_disjoint_shards(monkeypatch):
+def test_processes_read_disjoint_shards():
   shards = []
   for index in range(2):
-    monkeypatch.setattr(pipeline_lib, "_shard_options",
-                        lambda config, i=index: grain.sharding.ShardOptions(i, 2))
     cfg = _config(sources=(SpecS(ARITH),), num_epochs=1, drop_remainder=False)
-    shards.append(_segments(pipeline_lib.build_pipeline(cfg, TOK)))
+    shards.append(_segments(pipeline_lib.build_pipeline(cfg, TOK, process_index=index,
+                                                        process_count=2)))
   assert len(shards[0]) == len(shards[1]) == 32
   assert sorted(shards[0] + shards[1]) == sorted(_expected(ARITH))
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  # shards=4: one process builds all four shards, each of two processes two of them, each
+  # of four processes one; the global batch (process rows in process order) is the same.
+  cfg = _config(batch_size=8, shards=4)
+  one = _take(pipeline_lib.build_pipeline(cfg, TOK), 3)
+  assert all(b["input_ids"].shape == (8, 160) for b in one)
+  for count in (2, 4):
+    parts = [_take(pipeline_lib.build_pipeline(cfg, TOK, process_index=p, process_count=count),
+                   3) for p in range(count)]
+    for step, batch in enumerate(one):
+      for key in pipeline_lib.BATCH_KEYS:
+        np.testing.assert_array_equal(
+            np.concatenate([part[step][key] for part in parts]), batch[key])
+
+
+def test_resume_on_another_process_count():
+  # A state saved by one process (all four shards) resumes as process 1 of 2 with exactly
+  # that process's rows of the batches the uninterrupted run yields.
+  cfg = _config(batch_size=8, shards=4)
+  it = pipeline_lib.build_pipeline(cfg, TOK)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  assert sorted(state["shards"]) == ["0", "1", "2", "3"] and state["num_shards"] == 4
+  expected = _take(it, 2)
+  resumed = pipeline_lib.build_pipeline(cfg, TOK, process_index=1, process_count=2)
+  resumed.set_state(state)
+  for batch in expected:
+    np.testing.assert_array_equal(next(resumed)["input_ids"], batch["input_ids"][4:])
+  with pytest.raises(ValueError, match=r"saved with 4 logical data shards, this run has 2"):
+    pipeline_lib.build_pipeline(_config(batch_size=8, shards=2), TOK).set_state(state)
+
+
+def test_version_one_state_still_restores():
+  it = pipeline_lib.build_pipeline(_config(), TOK)
+  _take(it, 1)
+  state = it.get_state()
+  old = {"version": 1, "fingerprint": state["fingerprint"], "grain": state["shards"]["0"]}
+  expected = next(it)
+  resumed = pipeline_lib.build_pipeline(_config(), TOK)
+  resumed.set_state(old)
+  np.testing.assert_array_equal(next(resumed)["input_ids"], expected["input_ids"])
+
+
+@pytest.mark.parametrize("kw,count,match", [
+    ({"batch_size": 6, "shards": 4}, 1, r"data.batch_size=6 \(the global batch\) must be "
+                                        r"divisible by the 4 logical data shards"),
+    ({"shards": 3}, 2, r"data.shards=3 logical data shards cannot be split evenly over 2"),
+    ({"batch_size": 3}, 2, r"data.batch_size=3 .* 2 logical data shards .*process count"),
+])
+def test_shard_layout_errors(kw, count, match):
+  with pytest.raises(ValueError, match=match):
+    pipeline_lib.build_pipeline(_config(**kw), TOK, process_index=0, process_count=count)
 
 
 def test_eval_batches_are_fixed_complete_and_padded():
@@ -257,21 +309,26 @@ def test_eval_batches_are_fixed_complete_and_padded():
   assert len(pipeline_lib.make_eval_batches(cfg, TOK, num_batches=1)) == 1
 
 
-def test_eval_batches_match_across_processes(monkeypatch):
-  # 9 examples over 4 processes: the shards differ in size, the batch counts must not.
-  counts = set()
-  for index in range(4):
-    monkeypatch.setattr(pipeline_lib, "_shard_options",
-                        lambda config, i=index: grain.sharding.ShardOptions(i, 4))
-    cfg = _config(sources=(SpecS("task:arithmetic?n=9"),), packing=False, batch_size=2)
-    counts.add(len(pipeline_lib.make_eval_batches(cfg, TOK)))
-  assert counts == {2}
+def test_eval_batches_match_across_processes():
+  # 9 examples over 4 processes: the shards differ in size, the batch counts must not; and
+  # the processes' rows together are the one-process batches of the same shards.
+  cfg = _config(sources=(SpecS("task:arithmetic?n=9"),), packing=False, batch_size=8,
+                shards=4)
+  parts = [pipeline_lib.make_eval_batches(cfg, TOK, process_index=i, process_count=4)
+           for i in range(4)]
+  assert {len(p) for p in parts} == {2}
+  one = pipeline_lib.make_eval_batches(cfg, TOK)
+  for step, batch in enumerate(one):
+    np.testing.assert_array_equal(
+        np.concatenate([p[step]["segment_ids"] for p in parts]), batch["segment_ids"])
+  assert sorted(_segments(one)) == sorted(_expected("task:arithmetic?n=9"))
 
 
 @pytest.mark.parametrize("kw,match", [
     ({"sources": ()}, "empty"), ({"overlength": "cut"}, "overlength"),
     ({"sources": (SpecS(ARITH, 0.0),)}, "weight"), ({"num_epochs": 0}, "num_epochs"),
     ({"on_error": "ignore"}, "on_error"), ({"sources": (ARITH,)}, "SourceSpec"),
+    ({"shards": -1}, "data.shards"),
 ])
 def test_config_validation(kw, match):
   with pytest.raises(ValueError, match=match):

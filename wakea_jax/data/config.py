@@ -54,8 +54,11 @@ class DataConfig:
   sources: SourceList = ()
   eval_sources: SourceList = ()
   seq_len: int = 512
-  batch_size: int = 16           # per host: rows (SFT), pairs (preference)
+  batch_size: int = 16           # global (all processes): rows (SFT), pairs (preference)
   eval_batch_size: int = 16
+  # Logical data shards (SFT, data/pipeline.py); 0: one per process. A fixed value makes the
+  # batches the same on any process count dividing it, so a run can resume on another one.
+  shards: int = 0
   eval_batches: int = 0          # 0: every evaluation example
   packing: bool = True
   overlength: str = "truncate"   # or "drop"; either way counted and reported
@@ -68,6 +71,8 @@ class DataConfig:
     for name in ("seq_len", "batch_size", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+    if self.shards < 0:
+      raise ValueError(f"data.shards must be >= 0 (0: one per process), got {self.shards}")
     if self.eval_batches < 0:
       raise ValueError(f"data.eval_batches must be >= 0 (0: all), got {self.eval_batches}")
     if self.overlength not in OVERLENGTH:

@@ -1,13 +1,14 @@
 """grain input pipeline: sources -> shuffle -> chat tokenisation -> mixture -> packing -> batches.
 
-    per source: MapDataset.source -> shard by JAX process -> shuffle(seed) -> repeat(epochs)
+    per source: MapDataset.source -> records shard::shards -> shuffle(seed) -> repeat(epochs)
                 -> map(chat.render)
     MapDataset.mix(sources, weights) -> to_iter_dataset (read threads)
     -> next-token inputs + over-length policy (counted)
     -> FirstFitPackIterDataset (packing on) or pad each example (packing off)
-    -> batch -> thread prefetch
+    -> batch -> thread prefetch            (one such pipeline per logical shard; see below)
 
-Batches are dicts of numpy arrays [batch_size, seq_len] in the next-token convention: for
+Batches are dicts of numpy arrays [rows, seq_len] (rows = this process's share of
+`batch_size`) in the next-token convention: for
 an example with token ids `ids` and assistant mask `mask` (from `chat.render`; for a
 prompt/completion record whose prompt has assistant turns, zero up to the end of the prompt,
 so only the completion is trained on, see sources.py)
@@ -38,10 +39,19 @@ from the same config and data continues with exactly the batches the original wo
 produced. A state from a different config is applied anyway (with a warning), because
 changing the mixture mid-run is legitimate; the batches then differ.
 
-Multi-host. With `shard_by_process` each source is sliced by `grain.sharding.
-ShardByJaxProcess` (records `process_index::process_count`) before shuffling, and every
-process yields its own per-host batch of `batch_size` rows; the global batch is
-`batch_size * process_count` (see `wakea_jax.parallel.mesh.shard_batch`).
+Multi-host: logical shards. `batch_size` is the *global* batch. The data are split into
+`shards` logical shards (0: one per JAX process): shard s reads records `s::shards` of every
+source and is its own pipeline (shuffle, mixture, packing) producing batch_size / shards
+rows. Process p of P owns the contiguous shards [p*k, (p+1)*k), k = shards / P, and yields
+their rows concatenated in shard order, i.e. exactly its rows of the global batch
+(`wakea_jax.parallel.mesh.shard_batch` assembles them, process p's rows being global rows
+[p*n, (p+1)*n)). So the global batches depend on `shards`, never on the process count: with
+a fixed `shards` (e.g. 4) a 1-process run sees exactly the batches of a 2- or 4-process run,
+and a run can resume on a different number of hosts. The iterator state holds every
+shard's grain state (`get_state` gathers them from all processes; `set_state` takes the
+process's own), so a checkpoint written by process 0 resumes on any process count that
+divides `shards`. With one process and `shards` 0 or 1, batches and states are those of the
+single-host pipeline before logical shards (a version-1 state is still accepted).
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from absl import logging
 
@@ -61,6 +72,7 @@ from wakea_jax.data import chat
 from wakea_jax.data import sources as sources_lib
 from wakea_jax.data.config import ON_ERROR, OVERLENGTH, DataConfig
 from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.parallel import multihost
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 # Per-source counters kept in the iterator state; "examples" counts tokenised examples
@@ -68,7 +80,7 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 COUNTERS = ("examples", "truncated", "dropped_overlength", "dropped_no_target")
 _EXAMPLES, _TRUNCATED, _DROPPED_OVERLENGTH, _DROPPED_NO_TARGET = range(len(COUNTERS))
 _COUNTS_KEY = "wakea_counts"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: one grain state ("grain"); 2: one per logical shard ("shards")
 _FEATURES = ("input_ids", "targets", "loss_mask")
 
 
@@ -87,14 +99,16 @@ class PipelineConfig:
 
   sources: tuple[SourceSpec, ...]
   seq_len: int
-  batch_size: int  # per host
+  batch_size: int  # global: the rows of all shards (all processes) together
   seed: int = 0  # shuffle seed
   shuffle: bool = True
   packing: bool = True
   overlength: str = "truncate"  # or "drop"; counted either way
   num_epochs: int | None = None  # None: repeat forever (training)
   drop_remainder: bool = True  # a final partial batch (finite epochs only)
-  shard_by_process: bool = True  # each JAX process reads its own slice of every source
+  # Logical data shards (module docstring); 0: one per JAX process. A fixed value makes the
+  # batches independent of the process count (and resumable on another one).
+  shards: int = 0
   on_error: str = "raise"  # or "skip_and_count" for malformed records
   # Tokenising threads. 0 (default) tokenises on the batch-prefetch thread, which measured
   # fastest: tokenising holds the GIL, so more threads only contend for it.
@@ -120,6 +134,52 @@ class PipelineConfig:
       raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
     if self.read_threads < 0 or self.prefetch_batches < 0:
       raise ValueError("read_threads and prefetch_batches must be >= 0")
+    if self.shards < 0:
+      raise ValueError(f"data.shards must be >= 0 (0: one per process), got {self.shards}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+  """Which logical shards this process reads: process p of P owns [p*k, (p+1)*k)."""
+
+  shards: int
+  process_index: int
+  process_count: int
+
+  @property
+  def per_process(self) -> int:
+    """k: the shards each process owns."""
+    return self.shards // self.process_count
+
+  @property
+  def owned(self) -> range:
+    """This process's shards, in the order their rows are concatenated."""
+    k = self.per_process
+    return range(self.process_index * k, (self.process_index + 1) * k)
+
+
+def shard_layout(config: PipelineConfig, *, process_index: int | None = None,
+                 process_count: int | None = None, batch_field: str = "data.batch_size"
+                 ) -> ShardLayout:
+  """The logical shards of `config` for this process (default: the JAX process), validated.
+
+  Raises ValueError naming the config fields when `shards` is not a multiple of the process
+  count or `batch_size` (`batch_field`) does not split evenly over the shards.
+  """
+  count = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
+  if not 0 <= index < count:
+    raise ValueError(f"process index {index} is outside [0, {count})")
+  shards = config.shards or count
+  if shards % count:
+    raise ValueError(f"data.shards={config.shards} logical data shards cannot be split evenly "
+                     f"over {count} processes: use a multiple of the process count (or 0, one "
+                     "shard per process)")
+  if config.batch_size % shards:
+    raise ValueError(f"{batch_field}={config.batch_size} (the global batch) must be divisible "
+                     f"by the {shards} logical data shards (data.shards={config.shards}"
+                     f"{', i.e. the process count' if not config.shards else ''})")
+  return ShardLayout(shards=shards, process_index=index, process_count=count)
 
 
 def pipeline_config(data: DataConfig, *, eval_split: bool = False) -> PipelineConfig:
@@ -134,6 +194,7 @@ def pipeline_config(data: DataConfig, *, eval_split: bool = False) -> PipelineCo
       packing=data.packing,
       overlength=data.overlength,
       on_error=data.on_error,
+      shards=data.shards,
   )
 
 
@@ -300,36 +361,34 @@ def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "positions": row["input_ids_positions"].astype(np.int32)}
 
 
-def _shard_options(config: PipelineConfig) -> grain.sharding.ShardOptions:
-  if config.shard_by_process:
-    return grain.sharding.ShardByJaxProcess()
-  return grain.sharding.NoSharding()
-
-
 def _stat_names(loaded: Sequence[sources_lib.Source]) -> list[str]:
   """Source names as stats keys; a source listed twice gets its position appended."""
   names = [s.name for s in loaded]
   return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def _shuffle_seed(seed: int, source_index: int) -> int:
-  # A distinct, well-mixed 32-bit seed per (seed, source): nearby seeds give unrelated orders.
-  return int(np.random.SeedSequence([seed, source_index]).generate_state(1)[0])
+def _shuffle_seed(seed: int, source_index: int, shard: grain.sharding.ShardOptions) -> int:
+  # A distinct, well-mixed 32-bit seed per (seed, source[, shard]): nearby seeds give
+  # unrelated orders, and equally long shards are not shuffled in lockstep. One shard keeps
+  # the seed of the single-shard pipeline.
+  key = [seed, source_index] + ([shard.shard_index] if shard.shard_count > 1 else [])
+  return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def _dataset(config: PipelineConfig, loaded: Sequence[sources_lib.Source], tokenizer: Tokenizer,
              shard: grain.sharding.ShardOptions, *, concatenate: bool = False
              ) -> grain.IterDataset:
+  """One logical shard's pipeline; `config.batch_size` is the shard's rows per batch."""
   per_source = []
   for i, source in enumerate(loaded):
     ds = grain.MapDataset.source(source)
     if shard.shard_count > 1:
       if len(source) < shard.shard_count:
-        raise ValueError(f"{source.name}: {len(source)} records cannot be sharded over "
-                         f"{shard.shard_count} processes")
+        raise ValueError(f"{source.name}: {len(source)} records cannot be split into "
+                         f"{shard.shard_count} logical data shards (data.shards)")
       ds = ds[shard.shard_index::shard.shard_count]
     if config.shuffle:
-      ds = ds.shuffle(seed=_shuffle_seed(config.seed, i))
+      ds = ds.shuffle(seed=_shuffle_seed(config.seed, i, shard))
     ds = ds.repeat(config.num_epochs)  # reseeds the shuffle every epoch
     per_source.append(ds.map(lambda x, i=i: _tokenize(x, tokenizer, i)))
   if len(per_source) == 1:
@@ -360,7 +419,7 @@ def _dataset(config: PipelineConfig, loaded: Sequence[sources_lib.Source], token
 
 
 def _close_and_release(holder: list[Any]) -> None:
-  if holder:
+  while holder:
     holder.pop().close()
 
 
@@ -388,34 +447,43 @@ def _find_counts(state: Any) -> list[list[int]] | None:
   return None
 
 
-class PipelineIterator:
-  """Batches (dicts of numpy arrays), with get_state/set_state and data stats."""
+def _concat_rows(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  if len(parts) == 1:
+    return parts[0]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def __init__(self, dataset: grain.IterDataset, loaded: Sequence[sources_lib.Source],
-               fingerprint: str) -> None:
-    # The grain iterator lives only in this one-element list, so that closing can also
-    # release it. At interpreter exit, `weakref.finalize` stops the prefetch thread and
-    # frees the iterators while modules still exist; grain's own __del__ would otherwise
+
+class PipelineIterator:
+  """This process's rows of every global batch (dicts of numpy arrays), with
+  get_state/set_state over all logical shards and data stats."""
+
+  def __init__(self, datasets: Sequence[grain.IterDataset], loaded: Sequence[sources_lib.Source],
+               fingerprint: str, layout: ShardLayout) -> None:
+    # The grain iterators (one per owned shard) live only in this list, so that closing can
+    # also release them. At interpreter exit, `weakref.finalize` stops the prefetch threads
+    # and frees the iterators while modules still exist; grain's own __del__ would otherwise
     # run during teardown and print ignored exceptions.
-    self._holder = [iter(dataset)]
+    self._holder = [iter(d) for d in datasets]
     self._closer = weakref.finalize(self, _close_and_release, self._holder)
-    self._stage = _find_stage(dataset)
+    self._stages = [_find_stage(d) for d in datasets]
     self._exhausted = False
     self._sources = tuple(loaded)
     self._fingerprint = fingerprint
+    self.layout = layout
 
   @property
-  def _iterator(self) -> grain.DatasetIterator:
+  def _iterators(self) -> list[grain.DatasetIterator]:
     if not self._holder:
       raise ValueError("the data iterator is closed")
-    return self._holder[0]
+    return self._holder
 
   def __iter__(self) -> PipelineIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
-      return next(self._iterator)
+      # Finite epochs: the batch ends with the first shard that runs out.
+      return _concat_rows([next(it) for it in self._iterators])
     except StopIteration:
       self._exhausted = True
       if any(self.stats.total(k) for k in COUNTERS[1:]):
@@ -423,41 +491,79 @@ class PipelineIterator:
       raise
 
   def get_state(self) -> dict[str, Any]:
-    """A JSON-serialisable state (version, config fingerprint, grain's state) for `set_state`."""
+    """A JSON-serialisable state (version, config fingerprint, every shard's grain state)
+    for `set_state`. With several processes this gathers every process's shards, so every
+    process must call it at the same point (the train loop does, at each checkpoint)."""
+    local = {str(shard): it.get_state()
+             for shard, it in zip(self.layout.owned, self._iterators)}
+    shards: dict[str, Any] = {}
+    for part in multihost.gather_objects([local]):
+      shards.update(part)
     return {"version": _STATE_VERSION, "fingerprint": self._fingerprint,
-            "grain": self._iterator.get_state()}
+            "num_shards": self.layout.shards, "shards": shards}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a `get_state()` dict, exactly when the data config and data are unchanged.
 
-    A state saved with a different config or data is applied with a warning; one of another
-    version (or not a state at all) raises ValueError.
+    Each process takes its own shards' states, so the saving run may have had another
+    process count. A state saved with a different config or data is applied with a warning;
+    one with another number of logical shards, of another version, or not a state at all
+    raises ValueError.
     """
+    if isinstance(state, dict) and state.get("version") == 1 and "grain" in state:
+      # The single-host pipeline before logical shards: its one state is shard 0 of 1.
+      state = {**state, "version": _STATE_VERSION, "num_shards": 1,
+               "shards": {"0": state["grain"]}}
     if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
       raise ValueError(f"not a data iterator state of version {_STATE_VERSION}: "
                        f"{str(state)[:200]}")
+    shards = state.get("shards") or {}
+    if state.get("num_shards") != self.layout.shards or len(shards) != self.layout.shards:
+      raise ValueError(
+          f"the data iterator state was saved with {state.get('num_shards')} logical data "
+          f"shards, this run has {self.layout.shards} (data.shards="
+          f"{self.layout.shards if self.layout.shards != self.layout.process_count else 0} "
+          f"over {self.layout.process_count} process(es)); resume with "
+          f"--config.data.shards={state.get('num_shards')} on a process count that divides it")
     if state.get("fingerprint") != self._fingerprint:
       logging.warning("resuming the data iterator from a state saved with a different data "
-                   "config or data; batches will differ from the original run's")
-    self._iterator.set_state(state["grain"])
+                      "config or data; batches will differ from the original run's")
+    for shard, it in zip(self.layout.owned, self._iterators):
+      it.set_state(shards[str(shard)])
     self._exhausted = False
 
-  @property
-  def stats(self) -> DataStats:
-    """Counters as of the batches returned so far (see the module docstring)."""
-    if self._exhausted and self._stage is not None and self._stage.live is not None:
-      # At the end the state lags by the examples dropped after the last one packed;
-      # the consuming iterator has finished, so its own counts are final and exact.
-      counts = self._stage.live.get_state()[_COUNTS_KEY]
-    else:
-      counts = _find_counts(self._iterator.get_state()) or [[0] * len(COUNTERS)] * len(
-          self._sources)
+  def _counts(self) -> np.ndarray:
+    """Counters [source, counter] of this process's shards, summed."""
+    total = np.zeros((len(self._sources), len(COUNTERS)), np.int64)
+    for stage, it in zip(self._stages, self._iterators):
+      if self._exhausted and stage is not None and stage.live is not None:
+        # At the end the state lags by the examples dropped after the last one packed;
+        # the consuming iterator has finished, so its own counts are final and exact.
+        counts = stage.live.get_state()[_COUNTS_KEY]
+      else:
+        counts = _find_counts(it.get_state())
+      if counts is not None:
+        total += np.asarray(counts, np.int64)
+    return total
+
+  def _stats(self, counts: np.ndarray) -> DataStats:
     return DataStats({
         name: {**dict(zip(COUNTERS, map(int, c))), "skipped_malformed": len(s.skipped)}
         for name, s, c in zip(_stat_names(self._sources), self._sources, counts)})
 
+  @property
+  def stats(self) -> DataStats:
+    """Counters of this process's shards as of the batches returned so far (see the module
+    docstring); `skipped_malformed` counts the whole source (every process loads it)."""
+    return self._stats(self._counts())
+
+  def global_stats(self) -> DataStats:
+    """`stats` summed over all processes (a collective: every process must call it)."""
+    return self._stats(np.asarray(multihost.global_sum(self._counts())))
+
   def close(self) -> None:
-    """Stops the prefetch thread and releases the grain iterator; later use raises ValueError."""
+    """Stops the prefetch threads and releases the grain iterators; later use raises
+    ValueError."""
     self._closer()
 
 
@@ -466,22 +572,37 @@ def _load(config: PipelineConfig) -> list[sources_lib.Source]:
 
 
 def _fingerprint(config: PipelineConfig, loaded: Sequence[sources_lib.Source],
-                 shard: grain.sharding.ShardOptions) -> str:
-  # Settings that do not change which batches come out are left out.
+                 layout: ShardLayout) -> str:
+  # Settings that do not change which global batches come out are left out (the process
+  # count among them: the logical shards fix the batches).
   fields = dataclasses.asdict(config)
   for key in ("read_threads", "prefetch_batches", "on_error"):
     fields.pop(key)
   fields["lengths"] = [len(s) for s in loaded]
-  fields["shard"] = [shard.shard_index, shard.shard_count]
+  fields["shards"] = layout.shards
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_pipeline(config: PipelineConfig, tokenizer: Tokenizer) -> PipelineIterator:
-  """The training iterator: per-host batches of `config.batch_size` rows of `seq_len`."""
+def _shard_config(config: PipelineConfig, layout: ShardLayout) -> PipelineConfig:
+  return dataclasses.replace(config, batch_size=config.batch_size // layout.shards)
+
+
+def build_pipeline(config: PipelineConfig, tokenizer: Tokenizer, *,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> PipelineIterator:
+  """The training iterator: this process's rows of every global batch of
+  `config.batch_size` rows of `seq_len` (all of them on one process).
+
+  `process_index` / `process_count` default to the JAX process's; tests pass them to build
+  one process's view.
+  """
+  layout = shard_layout(config, process_index=process_index, process_count=process_count)
   loaded = _load(config)
-  shard = _shard_options(config)
-  return PipelineIterator(_dataset(config, loaded, tokenizer, shard), loaded,
-                          _fingerprint(config, loaded, shard))
+  shard_config = _shard_config(config, layout)
+  datasets = [_dataset(shard_config, loaded, tokenizer,
+                       grain.sharding.ShardOptions(shard, layout.shards))
+              for shard in layout.owned]
+  return PipelineIterator(datasets, loaded, _fingerprint(config, loaded, layout), layout)
 
 
 def _eval_batches(config: PipelineConfig, loaded: Sequence[sources_lib.Source],
@@ -500,31 +621,36 @@ def _empty_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 
 
 def make_eval_batches(config: PipelineConfig, tokenizer: Tokenizer,
-                      num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-  """A fixed, finite list of evaluation batches from `config.sources` (a held-out set).
+                      num_batches: int | None = None, *, process_index: int | None = None,
+                      process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """A fixed, finite list of evaluation batches from `config.sources` (a held-out set):
+  this process's rows of each global batch of `config.batch_size` rows.
 
-  One pass over each source in order (concatenated, not mixed; weights are ignored), no
-  shuffling, packed or padded as configured; at most `num_batches` batches (None: all).
-  The last batch is filled up with empty rows (loss_mask 0), so every batch has the same
-  shape. With several processes every process returns the same number of batches (needed
-  for the collective eval step): a process whose shard runs out first gets batches of empty
-  rows, computed from every shard's size, which each process can work out by itself.
+  Per logical shard: one pass over each source in order (concatenated, not mixed; weights
+  are ignored), no shuffling, packed or padded as configured; at most `num_batches` batches
+  per shard (None: all). Short batches are filled up with empty rows (loss_mask 0), so every
+  batch has the same shape, and every process returns the same number of batches (needed
+  for the collective eval step): the count of the longest shard, which each process works
+  out by itself; a shard that runs out first contributes empty rows.
   """
   if num_batches is not None and num_batches < 1:
     raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
-  config = dataclasses.replace(config, num_epochs=1, shuffle=False, drop_remainder=False,
-                               prefetch_batches=0)
+  layout = shard_layout(config, process_index=process_index, process_count=process_count,
+                        batch_field="data.eval_batch_size")
+  config = dataclasses.replace(_shard_config(config, layout), num_epochs=1, shuffle=False,
+                               drop_remainder=False, prefetch_batches=0)
   loaded = _load(config)
-  shard = _shard_options(config)
-  batches = _eval_batches(config, loaded, tokenizer, shard, num_batches)
-  if not batches:
+  per_shard = [_eval_batches(config, loaded, tokenizer,
+                             grain.sharding.ShardOptions(shard, layout.shards), num_batches)
+               for shard in range(layout.shards)]
+  target = max(len(b) for b in per_shard)
+  if not target:
     raise ValueError(f"evaluation sources {[s.path for s in config.sources]} yield no batches")
-  target = len(batches)
-  if shard.shard_count > 1:
-    for index in range(shard.shard_count):
-      if index != shard.shard_index:
-        other = grain.sharding.ShardOptions(index, shard.shard_count)
-        target = max(target, len(_eval_batches(config, loaded, tokenizer, other, num_batches)))
-  batches = [_empty_rows(b, config.batch_size - len(b["input_ids"])) for b in batches]
-  empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
-  return batches + [empty] * (target - len(batches))
+  template = next(b[0] for b in per_shard if b)
+  empty = {k: np.zeros((config.batch_size,) + v.shape[1:], v.dtype) for k, v in template.items()}
+  out = []
+  for i in range(target):
+    parts = [_empty_rows(per_shard[s][i], config.batch_size - len(per_shard[s][i]["input_ids"]))
+             if i < len(per_shard[s]) else empty for s in layout.owned]
+    out.append(_concat_rows(parts))
+  return out

@@ -18,6 +18,7 @@ import numpy as np
 
 from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.parallel import multihost
 from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import setup as setup_lib
 from wakea_jax.train.state import TrainState
@@ -34,6 +35,17 @@ class BatchIterator(Protocol):
 
   def set_state(self, state: Any) -> None:
     """Continues from a position `get_state` returned."""
+
+
+def check_global_batch(built: setup_lib.Setup, rows: int, field: str) -> None:
+  """Raises ValueError naming `field` when a global batch of `rows` does not split over the
+  mesh's batch shards (the 'act_batch' axes)."""
+  sharding = mesh_lib.batch_sharding(built.mesh, built.rules)
+  shards = multihost.batch_shards(sharding)
+  if rows % shards:
+    raise ValueError(f"{field}={rows} (the global batch) must be divisible by the {shards} "
+                     f"batch shards of mesh {dict(built.mesh.shape)} (the 'act_batch' axes "
+                     f"{multihost.batch_spec_axes(built.mesh, sharding.spec)})")
 
 
 def sums_summary(interval: dict[str, float], count: int) -> dict[str, float]:
@@ -82,7 +94,9 @@ def train_on_batches(built: setup_lib.Setup, workdir: pathlib.Path, *,
   def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict[str, float], float]:
     del step
     batch = next(train_iter)
-    tokens = float(np.asarray(batch["input_ids"]).size)
+    # Every process holds an equal share of the global batch, so this is the global count
+    # without a collective per step.
+    tokens = float(np.asarray(batch["input_ids"]).size) * jax.process_count()
     with mesh_lib.logical_rules(mesh, rules):
       state, out = train_step(state, mesh_lib.shard_batch(batch, mesh, rules))
     return state, {k: float(v) for k, v in jax.device_get(out).items()}, tokens
