@@ -41,7 +41,14 @@ sha256 and the directory holds no file the manifest does not list. Restore polic
     `restore_with_step` picks and names `latest_verified_step()` as the last good one.
   * Saving a step that already exists but is damaged replaces it (a run that fell back to
     an older step and trains past the damaged one again).
-Every process verifies for itself before restoring; on a shared filesystem they agree.
+
+Multi-host (`jax.distributed`, every process runs the same calls in the same order; the
+checkpoint directory is on a filesystem all processes share). Orbax writes the sharded
+arrays (each process its own shards) and, from process 0, the JSON items; `save`,
+`restore`, pruning (orbax's delete holds a barrier) and every step check are collective
+calls. Manifests are written and checked by process 0 alone, and its verdict on a step is
+sent to the others (`_agreed_check`), so all processes restore, keep, replace or skip the
+same step; the others never read a manifest that process 0 may be writing.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from wakea_jax.parallel import multihost
 
 MANIFEST_DIR = "manifests"
 _MANIFEST_FORMAT = 1
@@ -267,6 +276,13 @@ class CheckpointManager:
       return _DAMAGED, _join_problems(problems)
     return _VERIFIED, ""
 
+  def _agreed_check(self, step: int) -> tuple[str, str]:
+    """`_check(step)` as process 0 sees it, on every process (a collective when several)."""
+    verdict = self._check(step) if self._writes_manifests else None
+    if jax.process_count() > 1:
+      verdict = multihost.gather_objects([verdict])[0]
+    return verdict[0], verdict[1]
+
   def verify(self, step: int) -> bool:
     """True when `step` matches its manifest; False when it has none (cannot be verified).
 
@@ -276,7 +292,7 @@ class CheckpointManager:
     self._finish_saves()
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
-    verdict, reason = self._check(step)
+    verdict, reason = self._agreed_check(step)
     if verdict == _DAMAGED:
       raise CheckpointIntegrityError(
           f"checkpoint step {step} in {self.directory} is damaged: {reason}")
@@ -297,7 +313,7 @@ class CheckpointManager:
     self._finish_saves()
     unverifiable = None
     for step in sorted(self._manager.all_steps(), reverse=True):
-      verdict, reason = self._check(step)
+      verdict, reason = self._agreed_check(step)
       if verdict == _VERIFIED:
         return step
       if verdict == _DAMAGED:
@@ -327,7 +343,7 @@ class CheckpointManager:
     """
     self._finish_saves()  # the previous save, usually long done, and its manifest
     if step in self._manager.all_steps():
-      verdict, reason = self._check(step)
+      verdict, reason = self._agreed_check(step)
       if verdict != _DAMAGED:
         return False
       logging.warning("replacing damaged checkpoint step %d in %s (%s)", step, self.directory,
@@ -412,7 +428,7 @@ class CheckpointManager:
       skipped.append(f"step {candidate}: {reason}")
 
     for candidate in steps:
-      verdict, reason = self._check(candidate)
+      verdict, reason = self._agreed_check(candidate)
       if verdict == _NO_MANIFEST:
         unverifiable.append(candidate)
         logging.warning("checkpoint step %d in %s has %s; trying verified steps first",
