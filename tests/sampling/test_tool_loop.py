@@ -46,7 +46,19 @@ class ScriptedSampler:
     if self.turns[row]:
       self.queues[row] = self.tok.encode(self.turns[row].pop(0)) + [self.stop_ids[0]]
 
-  def start(self, params, prompts, *, max_new_tokens, rng):
+  mesh = None
+
+  def to_device(self, x):
+    return jnp.asarray(x)
+
+  def inject(self, params, state, tokens, mask):
+    cache, logits = self.prefill(params, state.cache, tokens, mask)
+    resumed = jnp.asarray(np.asarray(mask).any(1))
+    return state.replace(cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
+                         done=state.done & ~resumed,
+                         stop_code=jnp.where(resumed, 0, state.stop_code))
+
+  def start(self, params, prompts, *, max_new_tokens, rng, reserve=0):
     batch = len(prompts)
     for row in range(batch):
       self._load_next_turn(row)

@@ -48,6 +48,7 @@ reports how many executables the jitted functions hold (for tests).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -58,11 +59,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import Array
+from jax.sharding import Mesh, NamedSharding
 
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.layers import KVCache
+from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.parallel import multihost
 
 STOP_NONE, STOP_ID = 0, 1  # device-side stop codes; stop strings are found on the host
 
@@ -127,8 +131,14 @@ class Sampler:
   chunk_steps: int = 16             # decode steps per jitted call when stop strings are used
   min_prompt_bucket: int = 16
   vocab_limit: int = 0              # ids >= this are masked; 0: all of config.vocab_size
+  # With a mesh, prefill and decode run on it (see "Sharding" in the module docstring).
+  mesh: Mesh | None = None
+  rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
 
   def __post_init__(self) -> None:
+    object.__setattr__(self, "rules", mesh_lib.normalize_rules(self.rules))
+    if self.mesh is None and jax.process_count() > 1:
+      raise ValueError("a Sampler on several processes needs the run's mesh (Sampler(mesh=...))")
     if not 0 <= self.vocab_limit <= self.config.vocab_size:
       raise ValueError(f"vocab_limit must be in [0, vocab_size={self.config.vocab_size}] "
                        f"(0: all), got {self.vocab_limit}")
@@ -155,8 +165,60 @@ class Sampler:
     return jnp.where(valid, logits, -jnp.inf)
 
   # ---------------------------------------------------------------------------------------
+  # Sharding
+  # ---------------------------------------------------------------------------------------
+
+  def _rules(self) -> contextlib.AbstractContextManager:
+    """At trace time: the model's `constrain` calls annotate activations for the mesh."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return mesh_lib.logical_rules(self.mesh, self.rules)
+
+  def batch_sharding(self) -> NamedSharding | None:
+    """Where host rows go: the batch over the mesh's data and fsdp axes."""
+    return None if self.mesh is None else mesh_lib.batch_sharding(self.mesh, self.rules)
+
+  def batch_multiple(self) -> int:
+    """This process's row count must be a multiple of this (its batch shards)."""
+    sharding = self.batch_sharding()
+    return 1 if sharding is None else multihost.local_batch_blocks(sharding)
+
+  def to_device(self, x: Any) -> Array:
+    """Process-local host rows [rows, ...] -> a device array (global and batch-split on a
+    mesh)."""
+    sharding = self.batch_sharding()
+    return jnp.asarray(x) if sharding is None else multihost.to_global(np.asarray(x), sharding)
+
+  @staticmethod
+  def _constrain_cache(cache: KVCache) -> KVCache:
+    """The KV cache laid out like the activations: batch over data/fsdp, KV heads over
+    tensor (a leading layer axis, if the layers are stacked, replicated)."""
+    def one(x: Array) -> Array:
+      axes = ("act_batch", None, "act_heads", None)
+      return mesh_lib.constrain(x, (None,) * (x.ndim - 4) + axes)
+
+    return dataclasses.replace(cache, keys=jax.tree.map(one, cache.keys),
+                               values=jax.tree.map(one, cache.values),
+                               end_index=mesh_lib.constrain(cache.end_index, ("act_batch",)))
+
+  def _constrain_state(self, s: DecodeState) -> DecodeState:
+    rows = lambda x: mesh_lib.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    return s.replace(
+        cache=self._constrain_cache(s.cache),
+        logits=mesh_lib.constrain(s.logits, ("act_batch", "act_vocab")),
+        tokens=rows(s.tokens), logprobs=rows(s.logprobs),
+        processed_logprobs=rows(s.processed_logprobs), num_generated=rows(s.num_generated),
+        limit=rows(s.limit), done=rows(s.done), stop_code=rows(s.stop_code))
+
+  # ---------------------------------------------------------------------------------------
   # Jitted pieces
   # ---------------------------------------------------------------------------------------
+
+  @functools.partial(jax.jit, static_argnums=(0, 1, 2))
+  def empty_cache(self, batch: int, capacity: int) -> KVCache:
+    """A zero cache for `batch` (global) rows, created already laid out on the mesh."""
+    with self._rules():
+      return self._constrain_cache(KVCache.create(self.config, batch, capacity))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array
@@ -166,14 +228,25 @@ class Sampler:
     Every row's `end_index + t` must stay <= capacity, masked rows included (their writes
     land in stale slots, but an out-of-range write would be clamped onto valid ones).
     """
+    return self._prefill(params, cache, tokens, mask)
+
+  def _prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array
+               ) -> tuple[KVCache, Array]:
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model(tokens, attention_mask=mask, cache=cache)
-    last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
-    return cache, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    with self._rules():
+      logits, cache = model(tokens, attention_mask=mask, cache=self._constrain_cache(cache))
+      last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+      last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+      return (self._constrain_cache(cache),
+              mesh_lib.constrain(last_logits, ("act_batch", "act_vocab")))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def decode(self, params: nnx.State, state: DecodeState, num_steps: Array) -> DecodeState:
     """Runs up to `num_steps` steps, stopping early once every row is done."""
+    with self._rules():
+      return self._decode(params, self._constrain_state(state), num_steps)
+
+  def _decode(self, params: nnx.State, state: DecodeState, num_steps: Array) -> DecodeState:
     model = nnx.merge(self.graphdef, params)
     stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
     end_step = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
@@ -197,13 +270,13 @@ class Sampler:
       # Done rows feed padding with mask 0: their end index does not move.
       logits, cache = model(token[:, None], attention_mask=active[:, None].astype(jnp.int32),
                             cache=s.cache)
-      return s.replace(
+      return self._constrain_state(s.replace(
           cache=cache, logits=jnp.where(active[:, None], logits[:, 0], s.logits),
           tokens=column(s.tokens, token),
           logprobs=column(s.logprobs, jnp.where(active, logp, 0.0)),
           processed_logprobs=column(s.processed_logprobs, jnp.where(active, processed, 0.0)),
           num_generated=num_generated, done=done,
-          stop_code=jnp.where(hit_stop, STOP_ID, s.stop_code), step=s.step + 1)
+          stop_code=jnp.where(hit_stop, STOP_ID, s.stop_code), step=s.step + 1))
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -248,29 +321,47 @@ class Sampler:
     Such a row keeps the shortest token prefix containing the string; it is marked done and
     its cache end index is rewound by the tokens dropped (their slots become stale). Rows in
     `cut` (already cut) or flagged in `skip` are not looked at. Returns (state, cut) where
-    `cut` maps row -> kept number of generated tokens.
+    `cut` maps row -> kept number of generated tokens. Rows are this process's; every
+    process must call this together (the cut is one collective step when any row is cut).
     """
     cut = dict(cut or {})
-    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
-    new: dict[int, int] = {}
+    tokens, counts = multihost.to_host(state.tokens), multihost.to_host(state.num_generated)
+    keep = np.full(tokens.shape[0], -1, np.int32)
     for row in range(tokens.shape[0]):
       if row in cut or (skip is not None and skip[row]):
         continue
       kept = _stop_string_cut(tokenizer, tokens[row, :counts[row]].tolist(), stop_strings)
       if kept is not None:
-        new[row] = kept
-    if not new:
+        keep[row] = cut[row] = kept
+    if multihost.all_true(not (keep >= 0).any()):
       return state, cut
-    rows = np.array(sorted(new))
-    keep = np.array([new[r] for r in rows], np.int32)
-    pad = np.arange(tokens.shape[1])[None, :] >= keep[:, None]
-    rewind = state.cache.end_index.at[rows].add(keep - counts[rows])
-    state = state.replace(
-        done=state.done.at[rows].set(True), num_generated=state.num_generated.at[rows].set(keep),
-        tokens=state.tokens.at[rows].set(np.where(pad, self.pad_id, tokens[rows])),
-        cache=dataclasses.replace(state.cache, end_index=rewind))
-    cut.update(new)
-    return state, cut
+    return self._cut(state, self.to_device(keep)), cut
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+  def _cut(self, state: DecodeState, keep: Array) -> DecodeState:
+    """Rows with keep >= 0 keep their first `keep` tokens, are done, and rewind their cache."""
+    with self._rules():
+      hit = keep >= 0
+      drop = hit[:, None] & (jnp.arange(state.tokens.shape[1])[None, :] >= keep[:, None])
+      rewind = jnp.where(hit, state.cache.end_index + keep - state.num_generated,
+                         state.cache.end_index)
+      return self._constrain_state(state.replace(
+          done=state.done | hit, num_generated=jnp.where(hit, keep, state.num_generated),
+          tokens=jnp.where(drop, self.pad_id, state.tokens),
+          cache=dataclasses.replace(state.cache, end_index=rewind)))
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def inject(self, params: nnx.State, state: DecodeState, tokens: Array, mask: Array
+             ) -> DecodeState:
+    """Appends tokens [b, t] (mask [b, t]) to the rows that have any, and resumes them: their
+    next-token logits become those after the injected tokens and they are no longer done
+    (tool results, mid-generation). Rows without tokens are untouched."""
+    cache, logits = self._prefill(params, state.cache, tokens, mask)
+    with self._rules():
+      resumed = jnp.any(mask > 0, axis=1)
+      return self._constrain_state(state.replace(
+          cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
+          done=state.done & ~resumed, stop_code=jnp.where(resumed, STOP_NONE, state.stop_code)))
 
   def buckets(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(prompt width, decode steps, cache capacity) for a batch."""
@@ -281,62 +372,91 @@ class Sampler:
     return width, steps, -(-(width + steps + 1) // 128) * 128
 
   def start(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
-            max_new_tokens: int | Sequence[int], rng: Array) -> DecodeState:
-    """Prefills right-padded prompts into a fresh cache -> the initial decode state."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+            max_new_tokens: int | Sequence[int], rng: Array, reserve: int = 0) -> DecodeState:
+    """Prefills right-padded prompts into a fresh cache -> the initial decode state.
+
+    `reserve` extra cache slots (and decode columns) are kept for tokens injected later
+    (tool turns). On a mesh the rows are this process's; they are padded with finished
+    one-token rows up to a count that every process shares and the mesh's batch shards
+    divide, so the state can hold more rows than `prompts` (the extra ones come last and
+    never generate).
+    """
+    if any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
-    batch = len(prompts)
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,))
-    if limits.min() < 1:
+    if not prompts and self.mesh is None:
+      raise ValueError("no prompts to sample from")
+    real = len(prompts)
+    multiple = self.batch_multiple()
+    batch = -(-max(multihost.global_max(real), 1) // multiple) * multiple
+    limits = np.ones((batch,), np.int32)
+    limits[:real] = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (real,))
+    if real and limits[:real].min() < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    width, steps, capacity = self.buckets(max(map(len, prompts)), int(limits.max()))
+    longest = multihost.global_max(max(map(len, prompts), default=1))
+    most_new = multihost.global_max(int(limits.max()))
+    width, steps, capacity = self.buckets(longest, most_new + reserve)
     if capacity > self.config.max_seq_len:
-      raise ValueError(f"prompt ({max(map(len, prompts))}) + max_new_tokens ({limits.max()}) "
-                       f"needs a cache of {capacity} > max_seq_len {self.config.max_seq_len}")
+      raise ValueError(f"prompt ({longest}) + max_new_tokens ({most_new}) "
+                       + (f"+ reserve ({reserve}) " if reserve else "")
+                       + f"needs a cache of {capacity} > max_seq_len {self.config.max_seq_len}")
     tokens = np.full((batch, width), self.pad_id, np.int32)
     mask = np.zeros((batch, width), np.int32)
+    mask[real:, 0] = 1           # filler rows: one pad token, done from the start
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
       mask[i, :len(p)] = 1
-    cache = KVCache.create(self.config, batch, capacity)
-    cache, logits = self.prefill(params, cache, jnp.asarray(tokens), jnp.asarray(mask))
+    sharding = self.batch_sharding()
+    global_batch = (batch if sharding is None
+                    else batch // multiple * multihost.batch_shards(sharding))
+    cache, logits = self.prefill(params, self.empty_cache(global_batch, capacity),
+                                 self.to_device(tokens), self.to_device(mask))
+    filler = np.arange(batch) >= real
     return DecodeState(
-        cache=cache, logits=logits, tokens=jnp.full((batch, steps), self.pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, steps)), processed_logprobs=jnp.zeros((batch, steps)),
-        num_generated=jnp.zeros((batch,), jnp.int32), limit=jnp.asarray(limits),
-        done=jnp.zeros((batch,), bool), stop_code=jnp.zeros((batch,), jnp.int32),
+        cache=cache, logits=logits,
+        tokens=self.to_device(np.full((batch, steps), self.pad_id, np.int32)),
+        logprobs=self.to_device(np.zeros((batch, steps), np.float32)),
+        processed_logprobs=self.to_device(np.zeros((batch, steps), np.float32)),
+        num_generated=self.to_device(np.zeros((batch,), np.int32)),
+        limit=self.to_device(limits), done=self.to_device(filler),
+        stop_code=self.to_device(np.zeros((batch,), np.int32)),
         step=jnp.zeros((), jnp.int32), rng=rng)
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: Array,
                stop_strings: Sequence[str] = (), tokenizer: Any = None) -> SampleOutput:
-    """Samples completions of token-id prompts (any lengths; padded and bucketed here)."""
+    """Samples completions of token-id prompts (any lengths; padded and bucketed here).
+
+    On a mesh over several processes each process passes its own prompts and gets their
+    completions; every process must call it together.
+    """
     if stop_strings and tokenizer is None:
       raise ValueError("stop_strings need a tokenizer to decode with")
+    real = len(prompts)
     state = self.start(params, prompts, max_new_tokens=max_new_tokens, rng=rng)
-    batch, steps = state.tokens.shape
+    steps = state.tokens.shape[1]
     # Without stop strings one call runs to the end; with them the host looks between chunks.
     chunk = jnp.asarray(self.chunk_steps if stop_strings else steps, jnp.int32)
     cut: dict[int, int] = {}   # row -> kept length, for rows stopped by a stop string
-    settled = np.zeros(batch, bool)   # rows already done at a previous check
+    settled = multihost.to_host(state.done)   # rows already done at a previous check
     while True:
       state = self.decode(params, state, chunk)
       if stop_strings:
         state, cut = self.apply_stop_strings(state, stop_strings, tokenizer, skip=settled,
                                              cut=cut)
-      settled = np.asarray(state.done)
-      if settled.all() or int(state.step) >= steps:
+      settled = multihost.to_host(state.done)
+      if multihost.all_true(settled.all()) or int(state.step) >= steps:
         break
-    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
-    logprobs, processed = np.asarray(state.logprobs), np.asarray(state.processed_logprobs)
-    codes = np.asarray(state.stop_code)
+    host = multihost.to_host({"tokens": state.tokens, "counts": state.num_generated,
+                              "logprobs": state.logprobs, "processed": state.processed_logprobs,
+                              "codes": state.stop_code})
+    tokens, counts, codes = host["tokens"], host["counts"], host["codes"]
     reasons = ["stop_string" if r in cut else "stop_id" if codes[r] == STOP_ID else "length"
-               for r in range(batch)]
+               for r in range(real)]
     return SampleOutput(
-        tokens=[tokens[r, :counts[r]].tolist() for r in range(batch)],
-        logprobs=[logprobs[r, :counts[r]] for r in range(batch)],
-        processed_logprobs=[processed[r, :counts[r]] for r in range(batch)],
-        lengths=[int(c) for c in counts], stop_reason=reasons)
+        tokens=[tokens[r, :counts[r]].tolist() for r in range(real)],
+        logprobs=[host["logprobs"][r, :counts[r]] for r in range(real)],
+        processed_logprobs=[host["processed"][r, :counts[r]] for r in range(real)],
+        lengths=[int(c) for c in counts[:real]], stop_reason=reasons)
 
 
 def check_vocab(tokenizer: Tokenizer, model_config: ModelConfig, *,

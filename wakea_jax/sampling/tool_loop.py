@@ -34,6 +34,7 @@ from flax import nnx
 
 from wakea_jax.data import chat
 from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.parallel import multihost
 from wakea_jax.sampling.sampler import STOP_NONE, Sampler
 from wakea_jax.toolbox.router import Router
 
@@ -107,8 +108,9 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
                      f"end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
-  state = sampler.start(params, prompts, max_new_tokens=max_new_tokens + reserve, rng=rng)
-  state = state.replace(limit=jnp.full((batch,), max_new_tokens, jnp.int32))
+  state = sampler.start(params, prompts, max_new_tokens=max_new_tokens, reserve=reserve,
+                        rng=rng)
+  rows = len(multihost.to_host(state.done))   # this process's rows, fillers included
   capacity = state.cache.capacity
   chunk = jnp.asarray(min(chunk_steps, state.tokens.shape[1]), jnp.int32)
 
@@ -118,19 +120,22 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   calls = [0] * batch
   errors = [0] * batch
   reason = [""] * batch
+  # Every host decision below is this process's, about its own rows; the jitted calls are
+  # collective, so whether to make one is agreed across processes (multihost.all_true).
+  host = multihost.to_host({"done": state.done, "counts": state.num_generated})
   while True:
-    was_active = ~np.asarray(state.done)
-    before = np.asarray(state.num_generated)
+    was_active, before = ~host["done"][:batch], host["counts"][:batch]
     state = sampler.decode(params, state, chunk)
-    after = np.asarray(state.num_generated)
-    new_tokens, new_logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
+    host = multihost.to_host({"done": state.done, "counts": state.num_generated,
+                              "tokens": state.tokens, "logprobs": state.logprobs,
+                              "codes": state.stop_code, "end": state.cache.end_index})
+    after = host["counts"][:batch]
     for row in np.nonzero(was_active)[0]:
       d = int(after[row] - before[row])   # an active row writes columns 0..d-1 of the chunk
-      tokens[row] += new_tokens[row, :d].tolist()
-      logprobs[row] += new_logprobs[row, :d].tolist()
+      tokens[row] += host["tokens"][row, :d].tolist()
+      logprobs[row] += host["logprobs"][row, :d].tolist()
       tool_mask[row] += [0] * d
-    done = np.asarray(state.done)
-    codes = np.asarray(state.stop_code)
+    done, codes = host["done"][:batch], host["codes"][:batch]
     resume_rows, injections = [], []
     for row in np.nonzero(was_active & done)[0]:
       stopped_on_turn_end = (codes[row] != STOP_NONE and tokens[row]
@@ -147,7 +152,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       errors[row] += sum(r.startswith("Error:") for r in results)
       ids = chat.tool_turn_ids(results, tokenizer)
       ids = _truncate_turn(ids, results, tokenizer, max_tool_tokens)
-      if int(state.cache.end_index[row]) + len(ids) + (max_new_tokens - after[row]) > capacity:
+      if int(host["end"][row]) + len(ids) + (max_new_tokens - after[row]) > capacity:
         reason[row] = "capacity"
         continue
       calls[row] += 1
@@ -156,19 +161,17 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       tool_mask[row] += [1] * len(ids)
       resume_rows.append(row)
       injections.append(ids)
-    if resume_rows:
-      width = 1 << max(0, max(map(len, injections)) - 1).bit_length()  # bucketed: few compiles
-      inject = np.full((batch, width), sampler.pad_id, np.int32)
-      mask = np.zeros((batch, width), np.int32)
+    if not multihost.all_true(not resume_rows):
+      longest = multihost.global_max(max(map(len, injections), default=1))
+      width = 1 << max(0, longest - 1).bit_length()  # bucketed: few compiles
+      inject = np.full((rows, width), sampler.pad_id, np.int32)
+      mask = np.zeros((rows, width), np.int32)
       for row, ids in zip(resume_rows, injections):
         inject[row, :len(ids)] = ids
         mask[row, :len(ids)] = 1
-      cache, logits = sampler.prefill(params, state.cache, jnp.asarray(inject), jnp.asarray(mask))
-      resumed = jnp.zeros((batch,), bool).at[jnp.asarray(resume_rows)].set(True)
-      state = state.replace(cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
-                            done=state.done & ~resumed,
-                            stop_code=jnp.where(resumed, STOP_NONE, state.stop_code))
-    if bool(np.all(np.asarray(state.done))):
+      state = sampler.inject(params, state, sampler.to_device(inject), sampler.to_device(mask))
+      host["done"] = multihost.to_host(state.done)
+    if multihost.all_true(host["done"].all()):
       break
     # Each chunk's columns are harvested above, so the buffers are reused from column 0; the
     # key moves on so that the next chunk's per-step keys (fold_in(rng, step)) are fresh.
