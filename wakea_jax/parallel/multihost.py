@@ -163,3 +163,12 @@ def sync(name: str) -> None:
   """A barrier across processes (no-op on one)."""
   if process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def process_slice(items: Sequence[Any]) -> list[Any]:
+  """This process's contiguous share of a list every process holds in the same order:
+  process p of P gets items [p * k, (p + 1) * k) with k = ceil(len / P) (the last ones may
+  get fewer, or none)."""
+  count, index = process_count(), jax.process_index()
+  per = -(-len(items) // count)
+  return list(items[index * per:(index + 1) * per])

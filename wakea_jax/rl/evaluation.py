@@ -18,10 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from wakea_jax.checkpoints import loader
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, tokenizer_from
+from wakea_jax.parallel import multihost
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.rewards import correctness_reward
 from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts, router_for
@@ -64,7 +66,9 @@ def sample_and_check(sampler: Sampler, params: nnx.State, prompts: Sequence[Prom
   config = dataclasses.replace(rollout, group_size=group)
   rows, texts = [], []
   for start in range(0, len(prompts), batch_prompts):
-    chunk = prompts[start:start + batch_prompts]
+    # On several processes each samples its share of the chunk (the sampler call is
+    # collective, so every process runs the same number of chunks).
+    chunk = multihost.process_slice(prompts[start:start + batch_prompts])
     out = generate_rollouts(sampler, params, chunk, tokenizer=tokenizer, config=config,
                             rng=jax.random.fold_in(rng, start), router=router)
     rows.append(np.asarray(correct(out.samples()), np.float32).reshape(len(chunk), group))
@@ -76,28 +80,39 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
                     *, tokenizer: Tokenizer, rollout: RolloutConfig, correct: CorrectFn,
                     config: EvalConfig = EvalConfig(), router: Router | None = None,
                     stop_ids: tuple[int, ...] = (), pad_id: int = 0, seed: int = 0,
-                    model_config: Any = None) -> dict[str, Any]:
-  """{"greedy_accuracy", "pass@k"..., "eval_seconds", "examples": [(prompt, completion)]}."""
+                    model_config: Any = None, mesh: Mesh | None = None,
+                    rules: Any = None) -> dict[str, Any]:
+  """{"greedy_accuracy", "pass@k"..., "eval_seconds", "examples": [(prompt, completion)]}.
+
+  With a `mesh` the sampler runs on it; on several processes each process samples and
+  checks its share of the prompts and the figures cover all of them.
+  """
   start = time.perf_counter()
+  placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
   greedy = chat_sampler(graphdef, model_config, tokenizer, temperature=0.0, stop_ids=stop_ids,
-                        pad_id=pad_id)
+                        pad_id=pad_id, **placement)
   rng = jax.random.key(seed)
   common = dict(tokenizer=tokenizer, rollout=rollout, correct=correct, router=router,
                 batch_prompts=config.batch_prompts)
   greedy_ok, texts = sample_and_check(greedy, params, prompts, 1, rng=rng, **common)
-  result: dict[str, Any] = {"greedy_accuracy": float(greedy_ok.mean())}
+  mine = multihost.process_slice  # this process's prompts, in the order its texts come
+  shown = [p.text for start in range(0, len(prompts), config.batch_prompts)
+           for p in mine(prompts[start:start + config.batch_prompts])]
+  greedy_ok = multihost.gather_objects(greedy_ok.tolist())
+  result: dict[str, Any] = {"greedy_accuracy": float(np.mean(greedy_ok))}
   if config.num_samples:
     sampler = chat_sampler(graphdef, model_config, tokenizer, temperature=config.temperature,
-                           stop_ids=stop_ids, pad_id=pad_id)
+                           stop_ids=stop_ids, pad_id=pad_id, **placement)
     ok, _ = sample_and_check(sampler, params, prompts, config.num_samples,
                              rng=jax.random.fold_in(rng, 1), **common)
+    ok = np.asarray(multihost.gather_objects(ok.tolist()), np.float32)
     n = config.num_samples
     counts = ok.sum(axis=1).astype(int)
     for k in config.pass_k:
       result[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in counts]))
     result["sample_accuracy"] = float(ok.mean())
   result["seconds"] = time.perf_counter() - start
-  result["examples"] = [(p.text, t) for p, t in zip(prompts[:4], texts[:4])]
+  result["examples"] = list(zip(shown[:4], texts[:4]))
   return result
 
 

@@ -45,6 +45,7 @@ from wakea_jax.data.tokenizer import chat_pad_id
 from wakea_jax.objectives import grpo as grpo_lib
 from wakea_jax.objectives import ppo as ppo_lib
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.parallel import multihost
 from wakea_jax.rl import advantages as adv_lib
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
@@ -146,10 +147,14 @@ class Learner:
     self.sampler = chat_sampler(self.built.graphdef, self.model_config, self.tokenizer,
                                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                chunk_steps=r.chunk_steps)
+                                chunk_steps=r.chunk_steps, mesh=self.built.mesh,
+                                rules=self.built.rules)
     self.router = rollout_lib.router_for(r)
     self.reward = rewards_lib.build_reward(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
+    if rl.prompts_per_step % jax.process_count():
+      raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} must be divisible by the "
+                       f"{jax.process_count()} processes (each samples its share)")
     data = run.data
     self.prompts = prompts_lib.PromptIterator(
         prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error),
@@ -180,11 +185,15 @@ class Learner:
     dropped: list[int] = []
     offset = 0
     rounds = 0
+    # Every process draws the same global prompts (one order, so a run's data does not
+    # depend on the process count) and samples, rewards and runs tools for its own share.
+    processes = jax.process_count()
+    quota = rl.prompts_per_step // processes       # groups this process contributes
     need = rl.prompts_per_step
     zero_groups = 0
     reward_s = 0.0
     while True:
-      prompts = self.prompts.take(need)
+      prompts = multihost.process_slice(self.prompts.take(need))
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
@@ -201,20 +210,22 @@ class Learner:
         (dropped if zero and rl.dynamic_sampling else kept).append(offset + i)
       offset += len(flat)
       rounds += 1
-      if not rl.dynamic_sampling or len(kept) >= rl.prompts_per_step:
+      if not rl.dynamic_sampling or multihost.all_true(len(kept) >= quota):
         break
       if rounds >= rl.max_sampling_rounds:
         break
-      need = rl.prompts_per_step - len(kept)
-    groups = kept[:rl.prompts_per_step]
-    filler = dropped[:rl.prompts_per_step - len(groups)]
+      # The same number of new prompts for every process: the largest shortfall.
+      need = int(multihost.global_max(max(quota - len(kept), 0))) * processes
+    groups = kept[:quota]
+    filler = dropped[:quota - len(groups)]
     order = groups + filler
     merged = rollout_lib.Rollouts.concat(parts).select(order)
     all_total = np.concatenate(totals).reshape(-1, g)[order].reshape(-1)
     all_comps = {k: np.concatenate([c[k] for c in comps]).reshape(-1, g)[order].reshape(-1)
                  for k in comps[0]}
     keep = np.array([True] * len(groups) + [False] * len(filler))
-    stats = {"zero_variance_fraction": zero_groups / max(offset, 1),
+    stats = {"zero_variance_fraction": (multihost.global_sum(zero_groups)
+                                        / max(multihost.global_sum(offset), 1)),
              "sampling_rounds": float(rounds), "time/reward_s": reward_s}
     return merged, all_total, all_comps, keep, stats
 
@@ -224,7 +235,9 @@ class Learner:
     rollouts, total, components, keep, stats = self.collect(step)
     t1 = time.perf_counter()
     g = self.rollout.group_size
-    batch = rollout_lib.to_batch(rollouts, pad_id=self.pad_id, width_multiple=32)
+    # One width for every process's rows (they form one global batch).
+    width = int(multihost.global_max(rollout_lib.batch_width(rollouts, 32)))
+    batch = rollout_lib.to_batch(rollouts, width=width, pad_id=self.pad_id)
     mask = batch["loss_mask"]
     mask *= np.repeat(keep, g)[:, None]
     truncated = np.array([r in ("length", "capacity") for r in rollouts.stop_reason])
@@ -236,16 +249,18 @@ class Learner:
       old_logprobs, old_values = self.score(self.state.params, self.state.frozen, device_batch)
       ref_logprobs = (self.score(self.reference, self.state.frozen, device_batch)[0]
                       if self.reference is not None else None)
-    old_lp = np.asarray(old_logprobs)
+    old_lp = multihost.to_host(old_logprobs)       # this process's rows
     gap = float(np.max(np.abs(old_lp - sampler_logprobs * mask) * mask)) if mask.any() else 0.0
+    gap = float(multihost.global_max(gap))
     batch["old_logprobs"] = old_lp
     if ref_logprobs is not None:
-      batch["ref_logprobs"] = np.asarray(ref_logprobs)
+      batch["ref_logprobs"] = multihost.to_host(ref_logprobs)
     if self.objective == "ppo":
       p = self.ppo_config
       ref = batch.get("ref_logprobs", old_lp)
       adv, returns, _ = update_lib.ppo_targets(
-          jnp.asarray(total), jnp.asarray(old_lp), jnp.asarray(ref), old_values,
+          jnp.asarray(total), jnp.asarray(old_lp), jnp.asarray(ref),
+          jnp.asarray(multihost.to_host(old_values)),
           jnp.asarray(mask), gamma=p.gamma, lam=p.lam, kl_beta=p.kl_beta,
           kl_estimator=p.kl_estimator, whiten=p.whiten_advantages)
       batch.update(advantages=np.asarray(adv), returns=np.asarray(returns),
@@ -261,6 +276,10 @@ class Learner:
     n_tokens = max(sums.get("tokens", 0.0), 1.0)
     lengths = np.array([len(c) - m.sum() for c, m in zip(rollouts.completion_ids,
                                                          rollouts.tool_mask)], np.float32)
+    # Logged over the global batch: every process's rows.
+    total, lengths, truncated = (multihost.gather_rows(x) for x in (total, lengths, truncated))
+    components = {k: multihost.gather_rows(v) for k, v in components.items()}
+    tool_calls = multihost.gather_rows(np.asarray(rollouts.num_tool_calls, np.float32))
     metrics = {
         "finite": sums.pop("finite", 1.0),
         "generated_tokens": float(lengths.sum()),
@@ -274,7 +293,7 @@ class Learner:
         "entropy": sums.get("entropy", 0.0) / n_tokens,
         "response_length": float(lengths.mean()),
         "truncated_fraction": float(truncated.mean()),
-        "tool_calls": float(np.mean(rollouts.num_tool_calls)),
+        "tool_calls": float(np.mean(tool_calls)),
         "logprob_gap_sampler_trainer": gap,
         "grad_norm": sums["grad_norm"],
         "time/rollout_s": t1 - t0 - stats["time/reward_s"],
@@ -334,7 +353,7 @@ class Learner:
         self.built.graphdef, self.policy_params(), self.eval_prompts, tokenizer=self.tokenizer,
         rollout=self.rollout, correct=self.correct, config=self.eval_config,
         router=self.router, stop_ids=self.stop_ids, pad_id=self.pad_id, seed=self.run.seed,
-        model_config=self.model_config)
+        model_config=self.model_config, mesh=self.built.mesh, rules=self.built.rules)
 
   def train(self) -> dict[str, float]:
     """Runs (or resumes) the run to config.train.steps, exports, returns the last scalars."""
