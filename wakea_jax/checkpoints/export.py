@@ -13,6 +13,7 @@ import shutil
 import uuid
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -42,17 +43,28 @@ def save_model_dir(model: Transformer, path: PathLike, *, overwrite: bool = Fals
   """Writes `model` to the directory `path`, which appears atomically (written beside, renamed).
 
   A previous model directory at `path` is replaced; any other non-empty directory is an error
-  unless `overwrite`. Single-host only: the temporary name is per process and this process
-  renames it once orbax has finished (several hosts would need a shared name and a barrier).
+  unless `overwrite`. One process writes it: the temporary name is per process and this
+  process renames it once orbax has finished. Under `jax.distributed` (several processes)
+  the model must be fully addressable on this process (e.g. gathered to host, as
+  `train/setup.py` `export_trained` does on process 0), and orbax is told that this process
+  writes alone, so it waits for no other at its barriers.
   """
   target = pathlib.Path(path).absolute()
   check_writable(target, CONFIG_FILE, overwrite)
   state = _check_plain(model)
   temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   temp.mkdir(parents=True)
+  values = nnx.to_pure_dict(state)
+  options = {}
+  if jax.process_count() > 1:
+    # Orbax refuses host-local jax.Arrays in a multi-process job; NumPy copies it writes.
+    values = jax.tree.map(np.asarray, values)
+    me = jax.process_index()
+    options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me})
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(temp / PARAMS_DIR, nnx.to_pure_dict(state))
+    with ocp.StandardCheckpointer(**options) as checkpointer:
+      checkpointer.save(temp / PARAMS_DIR, values)
       checkpointer.wait_until_finished()
     config = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
     (temp / CONFIG_FILE).write_text(config + "\n")
