@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
   distributed.initialize()
+  logs.quiet_other_processes(jax.process_index())  # one log, process 0's
   config = FLAGS.config
   try:
     trainer = trainers.trainer_for(config.get("objective", "sft"))

@@ -17,9 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from wakea_jax.checkpoints import adapters as adapters_lib
 from wakea_jax.checkpoints import export as export_lib
@@ -40,6 +42,8 @@ from wakea_jax.train import state as state_lib
 from wakea_jax.train import step as step_lib
 from wakea_jax.train.loop import TrainConfig
 
+_EXPORT_TIMEOUT_S = 6 * 3600  # how long other processes wait for process 0's export
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
@@ -48,7 +52,8 @@ class ExportConfig:
   template and a generation_config.json (`train/hf_export.py`), loadable by transformers'
   Auto classes as it is. With `adapter` (LoRA / QLoRA runs), the adapters alone go to
   workdir/export/adapter in PEFT's layout (`checkpoints/adapters.py`), for
-  `peft.PeftModel.from_pretrained` on the HF model the run imported."""
+  `peft.PeftModel.from_pretrained` on the HF model the run imported. On several processes
+  the parameters are gathered to every host and process 0 writes (`export_trained`)."""
 
   enabled: bool = True
   hf: bool = False
@@ -219,15 +224,39 @@ def start_run_files(run: RunConfig, workdir: pathlib.Path, model_config: ModelCo
 def export_trained(built: Setup, state: state_lib.TrainState, directory: pathlib.Path) -> None:
   """Writes the trained model (LoRA merged) to directory/model; with run.export.hf, an HF
   checkpoint with the run's tokenizer to directory/hf; with run.export.adapter, the LoRA
-  adapters in PEFT's layout to directory/adapter. A previous export there is replaced."""
+  adapters in PEFT's layout to directory/adapter. A previous export there is replaced.
+
+  On several processes (a collective: every process calls it) the sharded parameters are
+  gathered to every host; process 0 writes from its copy, laid on one local device so that
+  LoRA merging runs there alone, while the others wait for it at a barrier.
+  """
   run = built.run
   if not run.export.enabled:
     return
+  params, frozen = state.params, state.frozen
   if jax.process_count() > 1:
-    logging.warning("export after training is single-host only for now; skipped. Convert the "
-                    "final checkpoint with python -m wakea_jax.convert on one host.")
+    params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+    if jax.process_index() == 0:
+      try:
+        _export(built, *jax.device_put((params, frozen), jax.local_devices()[0]), directory)
+      finally:  # release the others even when writing failed (the error is raised here)
+        _export_barrier()
+    else:
+      _export_barrier()
     return
-  model = nnx.merge(built.graphdef, state.params, state.frozen)
+  _export(built, params, frozen, directory)
+
+
+def _export_barrier() -> None:
+  # The coordination service's barrier, not a device collective: writing a large HF export
+  # can take far longer than a collective's timeout.
+  ocp.multihost.sync_global_processes("wakea_export", timeout=_EXPORT_TIMEOUT_S)
+
+
+def _export(built: Setup, params: nnx.State, frozen: nnx.State, directory: pathlib.Path
+            ) -> None:
+  run = built.run
+  model = nnx.merge(built.graphdef, params, frozen)
   if run.lora is not None and run.export.adapter:
     base = hf_export.hf_base_model(run.init_from)
     if base is None:
