@@ -61,6 +61,14 @@ Batches (numpy, b = `batch_size` pairs): input_ids, targets, loss_mask [2b, seq_
 pair_mask [b] float32 (0 on padding rows of the last eval batch); and, once reference
 log-probs are attached, ref_chosen_logps and ref_rejected_logps [b] float32.
 
+Multi-host. `batch_size` is the global number of pairs. The losses read a global batch
+as [chosen of all b pairs; rejected of all b pairs] (objectives/dpo.py), so a process cannot
+build its rows from its own pairs alone: every process loads and tokenises every pair (they
+are held in memory anyway), draws the same global batch from the same seeded order, and
+keeps its slice of the rows (`process_rows`: process p of P the rows [p*n/P, (p+1)*n/P) of
+each field with n rows), which `mesh.shard_batch` reassembles into exactly the one-process
+batch. The iterator state is the same on every process, so it resumes on any process count.
+
 Reference log-probs (dpo, ipo) are computed once, before training, by the preference
 runner (`train/preference.py`) over the dataset's batches, and stored per pair index in the
 dataset (`PreferenceDataset.set_reference`), so every later batch just looks them up; the
@@ -74,6 +82,7 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -347,17 +356,44 @@ def load_dataset(specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
                            name=name, skipped=len(skipped))
 
 
+def process_rows(batch: Mapping[str, np.ndarray], process_index: int, process_count: int
+                 ) -> dict[str, np.ndarray]:
+  """Process `process_index`'s rows of a global batch: of every field with n rows, rows
+  [p*n/P, (p+1)*n/P) (the layout `mesh.shard_batch` reassembles). Raises ValueError naming
+  the field when n does not split over the processes."""
+  if process_count == 1:
+    return dict(batch)
+  out = {}
+  for key, value in batch.items():
+    n = len(value)
+    if n % process_count:
+      raise ValueError(f"preference batch field {key!r} has {n} rows, which cannot be split "
+                       f"over {process_count} processes: data.batch_size (pairs, global) must "
+                       "be divisible by the process count")
+    per = n // process_count
+    out[key] = value[process_index * per:(process_index + 1) * per]
+  return out
+
+
 class PreferenceIterator:
   """Endless batches of pairs in a seeded order reshuffled every epoch; exact resume.
 
   `get_state()` is a JSON dict {"epoch", "position", "num_pairs"}; `set_state` on an
   iterator over the same dataset continues with the batches the original would have given.
-  A batch may span an epoch boundary. Single-host: every process reads every pair.
+  A batch may span an epoch boundary. `batch_size` pairs is the global batch; each process
+  yields its rows of it (module docstring, "Multi-host"); `process_index`/`process_count`
+  default to the JAX process's.
   """
 
-  def __init__(self, dataset: PreferenceDataset, batch_size: int, seed: int = 0) -> None:
+  def __init__(self, dataset: PreferenceDataset, batch_size: int, seed: int = 0, *,
+               process_index: int | None = None, process_count: int | None = None) -> None:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.process_index = jax.process_index() if process_index is None else process_index
+    if batch_size % self.process_count:
+      raise ValueError(f"data.batch_size={batch_size} pairs (the global batch) must be "
+                       f"divisible by the process count {self.process_count}")
     self.dataset = dataset
     self.batch_size = batch_size
     self.order = EpochOrder(len(dataset), seed, name="preferences")
@@ -366,7 +402,8 @@ class PreferenceIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return self.dataset.batch(self.order.take(self.batch_size))
+    return process_rows(self.dataset.batch(self.order.take(self.batch_size)),
+                        self.process_index, self.process_count)
 
   def get_state(self) -> dict[str, int]:
     """{"epoch", "position", "num_pairs"}, JSON-serialisable (see the class docstring)."""

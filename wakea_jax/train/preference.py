@@ -15,6 +15,7 @@ What differs from SFT (`train/sft.py`):
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Iterable, Mapping
 
@@ -23,21 +24,31 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from wakea_jax.data import preferences as pref_lib
 from wakea_jax.data.config import pooled_specs
 from wakea_jax.objectives import dpo
+from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.train import setup as setup_lib
 from wakea_jax.train import supervised
 
 States = nnx.State | tuple[nnx.State, ...]
 
 
-def pair_logps_fn(graphdef: nnx.GraphDef):
-  """Jitted (states, batch) -> (chosen_logps [b], rejected_logps [b]) under the model
-  `nnx.merge(graphdef, *states)` in eval mode."""
+def pair_logps_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None,
+                  rules: mesh_lib.Rules | None = None):
+  """Jitted (states, global batch) -> (chosen_logps [b], rejected_logps [b]) under the model
+  `nnx.merge(graphdef, *states)` in eval mode.
 
-  @jax.jit
+  With `mesh` the batch's rows are split over it like a training batch (each process puts
+  its rows, `preferences.process_rows`) and the log-probs come back replicated, whole on
+  every process: what a multi-host run needs. Without, the batch goes in as it is (one
+  process).
+  """
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+  @functools.partial(jax.jit, out_shardings=replicated)
   def logps(states: tuple[nnx.State, ...], batch: dict[str, jax.Array]):
     model = nnx.merge(graphdef, *states)
     model.eval()
@@ -46,19 +57,27 @@ def pair_logps_fn(graphdef: nnx.GraphDef):
 
   def run(params: States, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     states = tuple(params) if isinstance(params, (tuple, list)) else (params,)
-    fields = {f: jnp.asarray(batch[f]) for f in pref_lib.PAIR_FIELDS}
-    pc, pr = jax.device_get(logps(states, fields))
+    if mesh is None:
+      fields = {f: jnp.asarray(batch[f]) for f in pref_lib.PAIR_FIELDS}
+    else:
+      rows = pref_lib.process_rows({f: batch[f] for f in pref_lib.PAIR_FIELDS},
+                                   jax.process_index(), jax.process_count())
+      fields = mesh_lib.shard_batch(rows, mesh, rules)
+    pc, pr = logps(states, fields)
     return np.asarray(pc), np.asarray(pr)
 
   return run
 
 
 def compute_reference_logps(graphdef: nnx.GraphDef, params: States,
-                            batches: Iterable[Mapping[str, np.ndarray]]
+                            batches: Iterable[Mapping[str, np.ndarray]],
+                            mesh: jax.sharding.Mesh | None = None,
+                            rules: mesh_lib.Rules | None = None
                             ) -> dict[int, tuple[float, float]]:
   """{pair_index: (ref_chosen_logp, ref_rejected_logp)} under `params` (one state or a
-  tuple, e.g. (params, frozen)); padding rows (pair_mask 0) are skipped."""
-  logps = pair_logps_fn(graphdef)
+  tuple, e.g. (params, frozen)) over global `batches`; padding rows (pair_mask 0) are
+  skipped. `mesh`: see `pair_logps_fn` (needed on several processes)."""
+  logps = pair_logps_fn(graphdef, mesh, rules)
   out: dict[int, tuple[float, float]] = {}
   for batch in batches:
     pc, pr = logps(params, batch)
@@ -70,9 +89,11 @@ def compute_reference_logps(graphdef: nnx.GraphDef, params: States,
 
 
 def attach_reference(dataset: pref_lib.PreferenceDataset, graphdef: nnx.GraphDef,
-                     params: States, batch_size: int) -> None:
-  """Computes the dataset's reference log-probs and stores them per pair index."""
-  ref = compute_reference_logps(graphdef, params, dataset.batches(batch_size))
+                     params: States, batch_size: int, mesh: jax.sharding.Mesh | None = None,
+                     rules: mesh_lib.Rules | None = None) -> None:
+  """Computes the dataset's reference log-probs and stores them per pair index (on every
+  process, each holding every pair)."""
+  ref = compute_reference_logps(graphdef, params, dataset.batches(batch_size), mesh, rules)
   dataset.set_reference(np.array([ref[i][0] for i in range(len(dataset))]),
                         np.array([ref[i][1] for i in range(len(dataset))]))
 
@@ -108,6 +129,9 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   built = setup_lib.setup(run_config, dpo.make_loss_fn(preference))
+  supervised.check_global_batch(built, data.batch_size, "data.batch_size")
+  if data.eval_sources or preference.needs_reference:
+    supervised.check_global_batch(built, data.eval_batch_size, "data.eval_batch_size")
 
   def load(field: str) -> pref_lib.PreferenceDataset:
     return pref_lib.load_dataset(pooled_specs(getattr(data, field), field), built.tokenizer,
@@ -130,10 +154,14 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
     reference = (built.state.params, built.state.frozen)
     for dataset in (train_set, eval_set):
       if dataset is not None:
-        attach_reference(dataset, built.graphdef, reference, data.eval_batch_size)
+        attach_reference(dataset, built.graphdef, reference, data.eval_batch_size,
+                         built.mesh, built.rules)
 
   train_iter = pref_lib.PreferenceIterator(train_set, data.batch_size, seed=data.seed)
-  eval_batches = (eval_set.batches(data.eval_batch_size, num_batches=data.eval_batch_limit)
+  # Every process holds every pair; each feeds its rows of the global eval batches.
+  eval_batches = ([pref_lib.process_rows(b, jax.process_index(), jax.process_count())
+                   for b in eval_set.batches(data.eval_batch_size,
+                                             num_batches=data.eval_batch_limit)]
                   if eval_set is not None else [])
   # The loop counts the tokens of input_ids, which hold both sides of every pair.
   state, last = supervised.train_on_batches(built, workdir, train_iter=train_iter,
