@@ -3,6 +3,7 @@
   --config=configs/model.py            # tiny
   --config=configs/model.py:bench56m   # any preset name in wakea_jax.models.config.PRESETS
   --config.model.num_layers=4 --config.mesh.tensor=2
+  --config.model.scan_layers=true      # layers stacked and run under one lax.scan
 """
 
 from wakea_jax import config_files

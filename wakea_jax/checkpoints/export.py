@@ -19,7 +19,7 @@ from flax import nnx
 
 from wakea_jax.checkpoints.hf import PathLike, check_writable, replace_dir
 from wakea_jax.models.config import ModelConfig
-from wakea_jax.models.transformer import Transformer, abstract_model
+from wakea_jax.models.transformer import Transformer, abstract_model, convert_layers
 from wakea_jax.parallel import mesh as mesh_lib
 
 CONFIG_FILE = "model_config.json"
@@ -91,8 +91,13 @@ def read_model_config(path: PathLike) -> ModelConfig:
 
 
 def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                   rules: mesh_lib.Rules | None = None) -> Transformer:
-  """The model saved in `path`; with `mesh`, parameters are restored directly sharded."""
+                   rules: mesh_lib.Rules | None = None, scan_layers: bool | None = None
+                   ) -> Transformer:
+  """The model saved in `path`; with `mesh`, parameters are restored directly sharded.
+
+  `scan_layers` (default: as saved) asks for a layer layout (`ModelConfig.scan_layers`): a
+  directory saved in the other one is converted after loading (`convert_layers`).
+  """
   directory = pathlib.Path(path).absolute()
   config = read_model_config(directory)
   params = directory / PARAMS_DIR
@@ -113,4 +118,9 @@ def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
     raise ValueError(f"cannot restore {params} for the config in {directory / CONFIG_FILE}: "
                      f"{e}") from e
   nnx.replace_by_pure_dict(abstract_state, restored)
-  return nnx.merge(graphdef, abstract_state)
+  model = nnx.merge(graphdef, abstract_state)
+  if scan_layers is not None and scan_layers != config.scan_layers:
+    model = convert_layers(model, scan_layers)
+    if mesh is not None:
+      nnx.update(model, mesh_lib.shard_state(nnx.state(model), mesh, rules))
+  return model

@@ -128,11 +128,17 @@ _NOT_IN_HF = (("value_head",), ("value_bias",))
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
-  """One tensor of a concrete model: its HF name, our parameter path and its layout hook."""
+  """One tensor of a concrete model: its HF name, our parameter path and its layout hook.
+
+  In a `scan_layers` model a layer's tensor is row `layer` of the stacked parameter at `path`
+  ("layers.attn.q_proj"); otherwise `layer` is None and `path` names it alone
+  ("layers.3.attn.q_proj").
+  """
 
   hf_name: str
   path: tuple[str | int, ...]
   hook: Hook
+  layer: int | None = None
 
 
 def tensor_map(config: ModelConfig) -> list[TensorEntry]:
@@ -145,9 +151,14 @@ def tensor_map(config: ModelConfig) -> list[TensorEntry]:
       active = rule.when == "always" or bool(getattr(config, rule.when))
     if not active:
       continue
-    for i in (range(config.num_layers) if "{i}" in rule.hf else (0,)):
-      path = tuple(int(p) if p.isdigit() else p for p in rule.ours.format(i=i).split("."))
-      entries.append(TensorEntry(rule.hf.format(i=i), path, HOOKS[rule.hook]))
+    per_layer = "{i}" in rule.hf
+    for i in (range(config.num_layers) if per_layer else (0,)):
+      if per_layer and config.scan_layers:
+        ours, layer = rule.ours.replace("{i}.", ""), i
+      else:
+        ours, layer = rule.ours.format(i=i), None
+      path = tuple(int(p) if p.isdigit() else p for p in ours.split("."))
+      entries.append(TensorEntry(rule.hf.format(i=i), path, HOOKS[rule.hook], layer))
   return entries
 
 
@@ -471,9 +482,9 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
   """A Transformer with the weights of the HF checkpoint directory `path`.
 
   `dtype` is the compute dtype; `param_dtype` (default: `dtype`) what weights are stored in.
-  `config_overrides` replace ModelConfig fields (e.g. max_seq_len, remat_policy, value_head;
-  a value head is freshly initialised). With `mesh`, every tensor is put straight onto its
-  shards as it is read.
+  `config_overrides` replace ModelConfig fields (e.g. max_seq_len, remat_policy, scan_layers,
+  value_head; a value head is freshly initialised). With `mesh`, every tensor is put straight
+  onto its shards as it is read (a scan_layers parameter once all its layers are read).
   """
   directory = pathlib.Path(path)
   source = str(directory / "config.json")
@@ -504,16 +515,29 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
     sharding = shardings.get(path)
     return jax.device_put(array, sharding.get_value() if sharding is not None else None)
 
+  def our_shape(e: TensorEntry) -> Shape:  # one layer's shape for rows of stacked parameters
+    shape = tuple(expected[e.path].get_value().shape)
+    return shape if e.layer is None else shape[1:]
+
   for e in entries:  # every shape and dtype is checked before any data is read
     reader.check_dtype(e.hf_name)
-    want = e.hook.hf_shape(tuple(expected[e.path].get_value().shape))
+    want = e.hook.hf_shape(our_shape(e))
     if (got := reader.shape(e.hf_name)) != want:
       raise ValueError(f"{reader.file(e.hf_name)}: tensor {e.hf_name!r} has shape {got}, "
                        f"expected {want} from {source}")
   values: dict[tuple[Any, ...], jax.Array] = {}
+  rows: dict[tuple[Any, ...], dict[int, np.ndarray]] = {}
   for e in entries:
-    shape = tuple(expected[e.path].get_value().shape)
-    values[e.path] = put(e.path, e.hook.to_ours(reader.read(e.hf_name), shape))
+    array = e.hook.to_ours(reader.read(e.hf_name), our_shape(e))
+    if e.layer is None:
+      values[e.path] = put(e.path, array)
+      continue
+    # A stacked parameter is placed once its last layer is read: one parameter of all
+    # layers, not the whole model, is on the host at a time.
+    rows.setdefault(e.path, {})[e.layer] = array
+    if len(rows[e.path]) == config.num_layers:
+      values[e.path] = put(e.path, np.stack([rows[e.path][i] for i in range(config.num_layers)]))
+      del rows[e.path]
   for path in _NOT_IN_HF:
     if path in expected:  # the value head: N(0, init_std^2) and a zero bias, as in create_model
       shape = tuple(expected[path].get_value().shape)
@@ -565,9 +589,11 @@ def _export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[
   out = []
   for e in entries:
     value = flat[e.path].get_value()
-    size = math.prod(value.shape) * dtype.itemsize
-    out.append((e.hf_name, lambda v=value, h=e.hook: np.asarray(
-        h.to_hf(np.asarray(jax.device_get(v))).astype(dtype), order="C"), size))
+    shape = value.shape if e.layer is None else value.shape[1:]
+    size = math.prod(shape) * dtype.itemsize
+    out.append((e.hf_name, lambda v=value, h=e.hook, i=e.layer: np.asarray(
+        h.to_hf(np.asarray(jax.device_get(v if i is None else v[i]))).astype(dtype), order="C"),
+        size))
   return out
 
 

@@ -50,12 +50,14 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
   """The model at `path` (see the module docstring); with `mesh`, loaded straight onto it.
 
   `hf_overrides` (dtype, param_dtype, remat_policy, value_head, ...) apply to Hugging Face
-  directories; a wakea_jax model directory carries its own ModelConfig.
+  directories; a wakea_jax model directory carries its own ModelConfig, except that
+  `scan_layers`, when given, picks the layer layout of either kind (converted if needed).
   """
   kind, directory = resolve(path)
   if kind == "hf":
     return hf.load_model(directory, mesh=mesh, rules=rules, **hf_overrides)
-  return export.load_model_dir(directory, mesh=mesh, rules=rules)
+  return export.load_model_dir(directory, mesh=mesh, rules=rules,
+                               scan_layers=hf_overrides.get("scan_layers"))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

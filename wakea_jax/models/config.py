@@ -36,6 +36,8 @@ class ModelConfig:
 
   `head_dim` is independent of `embed_dim` (Qwen3 uses head_dim * num_heads != embed_dim).
   `param_dtype` is what weights are stored in (the master copy), `dtype` what matmuls run in.
+  `scan_layers` stacks the decoder layers' parameters over a leading "layers" axis and runs
+  them under one `lax.scan` (compile time independent of depth; see models/transformer.py).
   """
 
   vocab_size: int
@@ -57,6 +59,7 @@ class ModelConfig:
   remat_policy: str = "none"
   value_head: bool = False
   init_std: float = 0.02
+  scan_layers: bool = False
 
   def __post_init__(self) -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -77,6 +80,8 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ModelConfig.scan_layers must be true or false, got {self.scan_layers!r}")
     if isinstance(self.rope_scaling, dict):  # Accept plain dicts from ConfigDicts / JSON.
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

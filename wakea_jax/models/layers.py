@@ -138,26 +138,41 @@ class KVCache:
   Slots past `end_index` may hold stale values (e.g. right-padding written during prefill);
   the causal rule never lets a valid query see them, and they are overwritten as decoding
   proceeds. Writers must keep `end_index + new_tokens <= capacity` (the sampler checks it).
+
+  Two layouts, chosen by `create` from `ModelConfig.scan_layers`: a tuple of per-layer
+  [batch, capacity, kv_heads, head_dim] arrays (a Python loop over layers), or one stacked
+  [layers, batch, capacity, kv_heads, head_dim] array that `lax.scan` runs over together with
+  the stacked layer parameters. Code that only uses `create`, `capacity` and `end_index`
+  works with both.
   """
 
-  keys: tuple[Array, ...]    # each [batch, capacity, kv_heads, head_dim]
-  values: tuple[Array, ...]  # each [batch, capacity, kv_heads, head_dim]
-  end_index: Array           # [batch] int32
+  keys: tuple[Array, ...] | Array    # see the layouts above
+  values: tuple[Array, ...] | Array
+  end_index: Array                   # [batch] int32
 
   @classmethod
   def create(cls, config: ModelConfig, batch: int, capacity: int,
              dtype: Any | None = None) -> KVCache:
-    """An empty cache: zeros [batch, capacity, kv_heads, head_dim] per layer, end_index 0."""
+    """An empty cache in the layout of `config.scan_layers`, end_index 0."""
     dtype = dtype or config.compute_dtype
     shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    end_index = jnp.zeros((batch,), jnp.int32)
+    if config.scan_layers:
+      stacked = (config.num_layers,) + shape
+      return cls(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype), end_index)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-               jnp.zeros((batch,), jnp.int32))
+               end_index)
+
+  @property
+  def stacked(self) -> bool:
+    """Whether keys and values are single [layers, ...] arrays (the scan_layers layout)."""
+    return not isinstance(self.keys, (tuple, list))
 
   @property
   def capacity(self) -> int:
     """Slots per sequence: the most tokens the cache can hold."""
-    return self.keys[0].shape[1]
+    return self.keys.shape[2] if self.stacked else self.keys[0].shape[1]
 
 
 def _write(cache: Array, new: Array, start: Array) -> Array:

@@ -24,6 +24,12 @@ model whose state has exactly the structure of a fresh `Transformer`, ready for 
 `adapters` lists the adapters themselves (`checkpoints/adapters.py` writes them in PEFT's
 layout).
 `python -m wakea_jax.models.lora --preset bench56m` prints the memory accounting.
+
+On a `scan_layers` model the adapters (and NF4 bases) are built per layer exactly as on a
+looped one (same random A for the same seed) and then stacked with the layer parameters, so
+the scan carries them too; `adapters` and `merge_lora` see them one layer at a time. Adapter
+dropout is refused there: its per-adapter mask index is static, which a stacked layer cannot
+hold per layer.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from jax import Array
 from wakea_jax.models.config import ModelConfig, get_preset
 from wakea_jax.models.layers import dense
 from wakea_jax.models.quant import NF4Weight
-from wakea_jax.models.transformer import Transformer
+from wakea_jax.models.transformer import Transformer, layer_list, set_layers
 
 # Target name -> (submodule of a DecoderLayer, attribute, number of leading weight dims that
 # contract with the input). The layouts are those of layers.py.
@@ -216,18 +222,23 @@ class LoRAWeight(nnx.Module):
     return base.copy((value.astype(jnp.float32) + self.delta()).astype(value.dtype))
 
 
-def _projections(model: nnx.Module) -> list[tuple[int, str, nnx.Module, str]]:
-  """(layer index, target name, parent module, attribute) for every projection."""
-  layers = getattr(model, "layers", None)
-  if layers is None:
-    raise TypeError(f"expected a Transformer with .layers, got {type(model).__name__}")
+def _projections(layers: list[nnx.Module]) -> list[tuple[int, str, nnx.Module, str]]:
+  """(layer index, target name, parent module, attribute) for every projection of `layers`."""
   return [(i, name, getattr(layer, sub), attr)
           for i, layer in enumerate(layers) for name, (sub, attr, _) in TARGETS.items()]
 
 
+def _layers(model: nnx.Module) -> list[nnx.Module]:
+  """The decoder layers one per index (unstacked copies for a scan_layers model)."""
+  if getattr(model, "layers", None) is None:
+    raise TypeError(f"expected a Transformer with .layers, got {type(model).__name__}")
+  return layer_list(model)
+
+
 def adapters(model: nnx.Module) -> list[tuple[int, str, LoRAWeight]]:
   """(layer index, target name, adapter) of every LoRA adapter in `model`, in layer order."""
-  return [(i, name, getattr(parent, attr)) for i, name, parent, attr in _projections(model)
+  return [(i, name, getattr(parent, attr))
+          for i, name, parent, attr in _projections(_layers(model))
           if isinstance(getattr(parent, attr), LoRAWeight)]
 
 
@@ -236,8 +247,14 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
 
   `rngs.params` initialises A and `rngs.dropout` (or the default stream) seeds dropout.
   """
+  scanned = model.config.scan_layers
+  if scanned and config.dropout > 0:
+    raise ValueError(f"LoRAConfig.dropout={config.dropout} is not supported with "
+                     "ModelConfig.scan_layers=True (each adapter's dropout index is static); "
+                     "use dropout 0 or scan_layers=False")
+  layers = _layers(model)
   index = 0
-  for i, name, parent, attr in _projections(model):
+  for i, name, parent, attr in _projections(layers):
     weight = getattr(parent, attr)
     if not isinstance(weight, nnx.Param):
       raise ValueError(f"layers[{i}].{attr} is already a {type(weight).__name__}; "
@@ -250,6 +267,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
       base = LoRAWeight(base, in_ndim=TARGETS[name][2], config=config, index=index, rngs=rngs)
       index += 1
     setattr(parent, attr, base)
+  if scanned:
+    set_layers(model, layers)
   return model
 
 
@@ -260,12 +279,15 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   axes, so the state has the structure of a fresh `Transformer` of the same config.
   """
   merged = nnx.clone(model)
-  for _, _, parent, attr in _projections(merged):
+  layers = _layers(merged)
+  for _, _, parent, attr in _projections(layers):
     weight = getattr(parent, attr)
     if isinstance(weight, LoRAWeight):
       setattr(parent, attr, weight.merged())
     elif isinstance(weight, NF4Weight):
       setattr(parent, attr, weight.to_param())
+  if merged.config.scan_layers:
+    set_layers(merged, layers)
   return merged
 
 
@@ -326,6 +348,8 @@ class MemoryReport:
 
 def memory_report(model_config: ModelConfig, lora_config: LoRAConfig) -> MemoryReport:
   """Measures, on the abstract (shape-only) model, what full FT and (Q)LoRA hold."""
+  # The layer layout changes no byte count; the looped one lets projections be visited.
+  model_config = model_config.replace(scan_layers=False)
   plain = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
   adapted = nnx.eval_shape(lambda: apply_lora(Transformer(model_config, rngs=nnx.Rngs(0)),
                                               lora_config, rngs=nnx.Rngs(1)))
@@ -334,7 +358,7 @@ def memory_report(model_config: ModelConfig, lora_config: LoRAConfig) -> MemoryR
 
   def projections(model: nnx.Module) -> int:
     total = 0
-    for _, _, parent, attr in _projections(model):
+    for _, _, parent, attr in _projections(_layers(model)):
       weight = getattr(parent, attr)
       total += param_bytes(weight.get_value() if isinstance(weight, nnx.Variable)
                            else nnx.state(weight, frozen_filter))

@@ -13,11 +13,19 @@ Public call: `model(input_ids)` with int32 [batch, seq] returns float32 logits
                   padding keys; with a cache it marks which new tokens are real (prompts are
                   right-padded) and so how far each sequence's end index advances.
   cache           a `KVCache`; the call then returns `(logits, new_cache)`.
+
+With `config.scan_layers`, `self.layers` is one `DecoderLayer` whose every Variable holds all
+layers stacked on a leading axis (logical axis "layers"), and the forward runs it under one
+`lax.scan`: the layer is traced and compiled once, not once per layer, so compile time stops
+growing with depth. Otherwise `self.layers` is an `nnx.List` run by a Python loop. The two
+layouts hold the same numbers (`stack_layers` / `unstack_layers` / `convert_layers` move
+between them) and give the same outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -79,7 +87,10 @@ class Transformer(nnx.Module):
     self.config = c
     pd = c.weight_dtype
     self.embed = param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), pd, std=c.init_std)
-    self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    layers = [DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)]
+    # Built one by one and stacked, so a scanned model and a looped one of the same seed
+    # hold the same weights.
+    self.layers = stack_layers(layers) if c.scan_layers else nnx.List(layers)
     self.final_norm = RMSNorm(c.embed_dim, c.norm_eps, param_dtype=pd)
     if not c.tie_embeddings:
       self.lm_head = param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), pd,
@@ -137,13 +148,12 @@ class Transformer(nnx.Module):
 
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
     x = mesh_lib.constrain(x, ("act_batch", "act_length", "act_embed"))
-    new_keys, new_values = [], []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.end_index)
-      x, kv = _run_layer(layer, c.remat_policy, x, positions, mask, layer_cache)
-      if kv is not None:
-        new_keys.append(kv[0])
-        new_values.append(kv[1])
+    if c.scan_layers:
+      x, new_keys, new_values = _scan_layers(self.layers, c.remat_policy, x, positions, mask,
+                                             cache)
+    else:
+      x, new_keys, new_values = _loop_layers(self.layers, c.remat_policy, x, positions, mask,
+                                             cache)
     hidden = self.final_norm(x)
     dt = c.compute_dtype
     if c.tie_embeddings:
@@ -158,7 +168,7 @@ class Transformer(nnx.Module):
     if cache is not None:
       advance = (jnp.sum(attention_mask.astype(jnp.int32), axis=1) if attention_mask is not None
                  else jnp.full((batch,), length, jnp.int32))
-      new_cache = KVCache(tuple(new_keys), tuple(new_values), cache.end_index + advance)
+      new_cache = KVCache(new_keys, new_values, cache.end_index + advance)
     return DecoderOutput(logits=logits.astype(jnp.float32), hidden=hidden, values=values,
                          cache=new_cache)
 
@@ -194,23 +204,159 @@ def _recompute_in_backward(fn: Any) -> Any:
   return run
 
 
-def _run_layer(layer: DecoderLayer, policy: str, x: Array, positions: Array, mask: Array,
-               layer_cache: Any) -> tuple[Array, Any]:
-  if policy == "none":
-    return layer(x, positions, mask, layer_cache)
-  # Over the layer's state: split inside the trace, merge inside the rematerialised
-  # function. Only trace-time cost; no NNX transform in the compiled graph.
-  graphdef, state = nnx.split(layer)
+def _layer_fn(graphdef: nnx.GraphDef, policy: str, cached: bool) -> Any:
+  """`run(state, x, positions, mask, layer_cache) -> (x, kv or None)` for one layer's state,
+  rematerialised per `policy`. The layer is merged inside the function, so the remat (and a
+  scan around it) sees plain arrays: only trace-time cost, no NNX transform in the graph."""
 
   def run(state, x, positions, mask, layer_cache):
     return nnx.merge(graphdef, state)(x, positions, mask, layer_cache)
 
-  if policy == "full" and layer_cache is None and jax.default_backend() == "cpu":
+  if policy == "none":
+    return run
+  if policy == "full" and not cached and jax.default_backend() == "cpu":
     def hidden_only(state, x, positions, mask):
       return run(state, x, positions, mask, None)[0]
 
-    return _recompute_in_backward(hidden_only)(state, x, positions, mask), None
-  return jax.checkpoint(run, policy=_REMAT[policy])(state, x, positions, mask, layer_cache)
+    recompute = _recompute_in_backward(hidden_only)
+    return lambda state, x, positions, mask, _: (recompute(state, x, positions, mask), None)
+  return jax.checkpoint(run, policy=_REMAT[policy])
+
+
+def _loop_layers(layers: Sequence[DecoderLayer], policy: str, x: Array, positions: Array,
+                 mask: Array, cache: KVCache | None) -> tuple[Array, Any, Any]:
+  """The layers one after another in Python: (x, new keys, new values), tuples per layer."""
+  new_keys, new_values = [], []
+  for i, layer in enumerate(layers):
+    layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.end_index)
+    if policy == "none":
+      x, kv = layer(x, positions, mask, layer_cache)
+    else:
+      graphdef, state = nnx.split(layer)
+      x, kv = _layer_fn(graphdef, policy, cache is not None)(state, x, positions, mask,
+                                                            layer_cache)
+    if kv is not None:
+      new_keys.append(kv[0])
+      new_values.append(kv[1])
+  return x, tuple(new_keys), tuple(new_values)
+
+
+def _scan_layers(layers: DecoderLayer, policy: str, x: Array, positions: Array, mask: Array,
+                 cache: KVCache | None) -> tuple[Array, Array | None, Array | None]:
+  """The stacked layers under one `lax.scan`: (x, new keys, new values), stacked or None.
+
+  The stacked cache rides in the carry and each layer writes its slice back with a dynamic
+  update, which XLA does in place (the cache is donated by the sampler), rather than as
+  scan outputs, which would be a second cache-sized buffer.
+  """
+  graphdef, state = nnx.split(layers)
+  run = _layer_fn(graphdef, policy, cache is not None)
+  if cache is None:
+    def body(h: Array, layer_state: Any) -> tuple[Array, None]:
+      return run(layer_state, h, positions, mask, None)[0], None
+
+    x, _ = jax.lax.scan(body, x, state)
+    return x, None, None
+  if not cache.stacked:
+    raise ValueError("a ModelConfig.scan_layers model needs a stacked KV cache; create it with "
+                     "KVCache.create(config, ...) from the same config")
+
+  def cached_body(carry: tuple[Array, Array, Array, Array], layer_state: Any
+                  ) -> tuple[tuple[Array, Array, Array, Array], None]:
+    h, keys, values, i = carry
+    layer_cache = (keys[i], values[i], cache.end_index)
+    h, (k, v) = run(layer_state, h, positions, mask, layer_cache)
+    keys = jax.lax.dynamic_update_index_in_dim(keys, k, i, 0)
+    values = jax.lax.dynamic_update_index_in_dim(values, v, i, 0)
+    return (h, keys, values, i + 1), None
+
+  (x, keys, values, _), _ = jax.lax.scan(
+      cached_body, (x, cache.keys, cache.values, jnp.zeros((), jnp.int32)), state)
+  return x, keys, values
+
+
+# ------------------------------------------------------------------------------------------
+# Layer layouts: a list of layers <-> one module of stacked layers
+# ------------------------------------------------------------------------------------------
+
+LAYERS_AXIS = "layers"
+
+
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
+  """One module shaped like `layers[0]` whose every Variable holds the layers' values stacked
+  on a new leading axis, logical axis "layers" prepended to its `logical_axes`.
+
+  The layers must hold the same Variables (paths, shapes); static attributes are those of
+  `layers[0]` (so per-layer static values, such as a LoRA adapter's dropout index, are not
+  kept). Works on concrete and traced arrays.
+  """
+  if not layers:
+    raise ValueError("stack_layers needs at least one layer")
+  graphdef, first = nnx.split(layers[0])
+  flats = [dict(nnx.to_flat_state(first))]
+  flats += [dict(nnx.to_flat_state(nnx.split(layer)[1])) for layer in layers[1:]]
+  for i, flat in enumerate(flats[1:], start=1):
+    if flat.keys() != flats[0].keys():
+      odd = sorted(".".join(map(str, p)) for p in flat.keys() ^ flats[0].keys())
+      raise ValueError(f"stack_layers: layer {i} differs from layer 0 at {odd[:5]}")
+  items = []
+  for path, var in flats[0].items():
+    value = jnp.stack([flat[path].get_value() for flat in flats])
+    axes = var.get_metadata().get("logical_axes")
+    meta = {} if axes is None else {"logical_axes": (LAYERS_AXIS,) + tuple(axes)}
+    items.append((path, var.replace(value, **meta)))
+  return nnx.merge(graphdef, nnx.from_flat_state(items))
+
+
+def unstack_layers(stacked: nnx.Module) -> list[nnx.Module]:
+  """The inverse of `stack_layers`: one module per index of the leading axis."""
+  graphdef, state = nnx.split(stacked)
+  flat = list(nnx.to_flat_state(state))
+  if not flat:
+    raise ValueError("unstack_layers: the module holds no Variables")
+  num = flat[0][1].get_value().shape[0]
+
+  def layer(i: int) -> nnx.Module:
+    items = []
+    for path, var in flat:
+      axes = var.get_metadata().get("logical_axes")
+      if axes is not None and (not axes or axes[0] != LAYERS_AXIS):
+        raise ValueError(f"unstack_layers: {'.'.join(map(str, path))} has logical axes {axes}, "
+                         f"not led by {LAYERS_AXIS!r}; is the module stacked?")
+      meta = {} if axes is None else {"logical_axes": tuple(axes)[1:]}
+      items.append((path, var.replace(var.get_value()[i], **meta)))
+    return nnx.merge(graphdef, nnx.from_flat_state(items))
+
+  return [layer(i) for i in range(num)]
+
+
+def layer_list(model: Transformer) -> list[nnx.Module]:
+  """The decoder layers of `model` one per index: the modules themselves for a looped model,
+  unstacked copies (`unstack_layers`) for a scanned one."""
+  if model.config.scan_layers:
+    return unstack_layers(model.layers)
+  return list(model.layers)
+
+
+def set_layers(model: Transformer, layers: Sequence[nnx.Module]) -> None:
+  """Puts per-layer modules back into `model` in its layout (stacked when scanned), in place."""
+  model.layers = stack_layers(layers) if model.config.scan_layers else nnx.List(list(layers))
+
+
+def convert_layers(model: Transformer, scan_layers: bool) -> Transformer:
+  """`model` in the layer layout `scan_layers` (a copy; `model` itself when it already is).
+
+  Any model works (LoRA adapters, NF4 bases): the layers are stacked or unstacked whole. The
+  copy shares arrays with `model`; on a mesh, re-place it (`mesh_lib.shard_state`) if the
+  new leading axis should be laid out by the rules.
+  """
+  if model.config.scan_layers == scan_layers:
+    return model
+  layers = layer_list(model)
+  out = nnx.clone(model)
+  out.config = model.config.replace(scan_layers=scan_layers)
+  set_layers(out, layers)
+  return out
 
 
 # ------------------------------------------------------------------------------------------

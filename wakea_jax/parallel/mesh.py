@@ -66,7 +66,13 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    # The stacked-layer axis of `ModelConfig.scan_layers` models: every layer on every device.
+    ("layers", None),
 )
+
+# Logical axes added after users wrote rules tables of their own: one missing from a table is
+# replicated (its default here) instead of an error, so such tables keep working.
+_IMPLICIT_RULES: dict[str, MeshAxes] = {"layers": None}
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, MeshAxes]] | None] = (
     contextvars.ContextVar("wakea_logical_rules", default=None))
@@ -151,9 +157,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None 
     if name is None:
       spec.append(None)
       continue
-    if name not in table:
+    if name not in table and name not in _IMPLICIT_RULES:
       raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}")
-    target = table[name]
+    target = table[name] if name in table else _IMPLICIT_RULES[name]
     targets = target if isinstance(target, tuple) else ((target,) if target else ())
     kept = []
     for axis in targets:
