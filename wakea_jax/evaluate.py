@@ -16,10 +16,12 @@ import json
 import pathlib
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from wakea_jax import logs, trainers
+from wakea_jax.parallel import distributed
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +39,11 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  distributed.initialize()   # every host runs this command; each evaluates its share
+  logs.quiet_other_processes(jax.process_index())
   result = trainers.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
+  if jax.process_index() != 0:
+    return
   text = json.dumps(result, indent=2)
   print(text)
   if FLAGS.output:

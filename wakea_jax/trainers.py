@@ -72,10 +72,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | pat
   if not data.eval_sources:
     raise ValueError("config.data.eval_sources is empty: nothing to evaluate on")
   prompts = prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"))
+  # The model is restored straight onto the run's mesh and sampled there (on several
+  # processes each evaluates its share of the prompts).
+  mesh = config_lib.mesh_from(config) if "mesh" in config else None
+  rules = config_lib.rules_from(config) if "sharding_rules" in config else None
   result = evaluation.evaluate_checkpoint(
       checkpoint, prompts, rollout=config_lib.section(config, "rollout"),
       config=config_lib.section(config, "eval"), tokenizer_path=config.get("tokenizer", ""),
-      seed=config.get("seed", 0))
+      seed=config.get("seed", 0), mesh=mesh, rules=rules)
   return {**result, "checkpoint": str(checkpoint),
           "prompts": [spec for spec, _ in data.eval_sources]}
 

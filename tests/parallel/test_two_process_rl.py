@@ -80,3 +80,21 @@ def test_two_processes_train_the_same_parameters(runs):
   worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
               for x, y in zip(*params))
   assert worst < 1e-5
+
+
+def test_two_process_evaluation_of_the_export_matches_the_run(runs):
+  """`python -m wakea_jax.evaluate` as two processes on the exported model reports what the
+  run's own final evaluation logged (same prompts, seed and sampler settings)."""
+  root, _, two = runs
+  out = root / "eval.json"
+  results = cluster.run(["-m", "wakea_jax.evaluate", "--config=tests/parallel/rl_config.py",
+                         "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                         "--config.mesh.tensor=2", f"--checkpoint={root / 'two/export/model'}",
+                         f"--output={out}"],
+                        num_processes=2, devices_per_process=4, log_dir=root / "eval_logs",
+                        timeout=600)
+  cluster.check(results)
+  result = json.loads(out.read_text())
+  logged = {k: v for row in two if row["step"] == 2 for k, v in row.items()}
+  for key in ("greedy_accuracy", "sample_accuracy", "pass@1", "pass@2"):
+    assert result[key] == pytest.approx(logged[f"eval_{key}"], abs=1e-6), key

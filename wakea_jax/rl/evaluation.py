@@ -118,10 +118,12 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
 
 def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
                         rollout: RolloutConfig, config: EvalConfig, tokenizer_path: str = "",
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, mesh: Mesh | None = None, rules: Any = None
+                        ) -> dict[str, Any]:
   """`evaluate_policy` of the model at `checkpoint` (any kind `checkpoints.loader` reads),
-  sampled like `rollout` (tools included), correct per `config.correct_reward`."""
-  model = loader.load_model(checkpoint)
+  sampled like `rollout` (tools included), correct per `config.correct_reward`; with a
+  `mesh`, restored onto it and sampled there."""
+  model = loader.load_model(checkpoint, mesh=mesh, rules=rules)
   graphdef, params = nnx.split(model)
   tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
   check_vocab(tokenizer, model.config, model_source=f"the checkpoint {checkpoint}")
@@ -129,4 +131,5 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[Prompt
       graphdef, params, prompts, tokenizer=tokenizer, rollout=rollout,
       correct=correctness_reward(config.correct_reward), config=config,
       router=router_for(rollout), stop_ids=chat_stop_ids(tokenizer),
-      pad_id=chat_pad_id(tokenizer), seed=seed, model_config=model.config)
+      pad_id=chat_pad_id(tokenizer), seed=seed, model_config=model.config, mesh=mesh,
+      rules=rules)
