@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -163,3 +164,47 @@ def test_killed_two_process_run_resumes_to_the_same_result(runs, tmp_path):
   params_diff = _max_diff(_exported_params(workdir), _exported_params(runs["two"]))
   print(f"max |param diff| resumed vs uninterrupted: {params_diff:.3g}")
   assert params_diff < TOLERANCE
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
+  # The two-process run's step-6 checkpoint (arrays written by both processes, every data
+  # shard's state gathered by process 0), resumed by one process with 8 devices.
+  workdir = tmp_path / "moved"
+  shutil.copytree(runs["two"], workdir, ignore=shutil.ignore_patterns("export", "logs"))
+  shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+  (workdir / "checkpoints" / "manifests" / f"{STEPS}.json").unlink()
+  results = _run(workdir, 1)
+  assert "resumed from step 6" in results[0].output
+  straight, again = _losses(runs["two"]), _losses(workdir)
+  diff = max(abs(again[s] - straight[s]) for s in (7, 8))
+  params_diff = _max_diff(_exported_params(workdir), _exported_params(runs["two"]))
+  print(f"2-process checkpoint resumed on 1 process: max |loss diff| {diff:.3g}, "
+        f"max |param diff| {params_diff:.3g}")
+  assert diff < TOLERANCE and params_diff < TOLERANCE
+
+
+DPO_OVERRIDES = {
+    "train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+    "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.num_kv_heads": 2,
+    "data.eval_sources": "()",  # no eval: the reference log-probs and 2 steps are the check
+}
+
+
+def test_two_process_dpo_equals_one_process(tmp_path):
+  # Every process holds every pair and feeds its rows of the global [chosen; rejected]
+  # batch; the reference log-probs are computed on the mesh (train/preference.py).
+  losses = {}
+  for processes in (2, 1):
+    workdir = tmp_path / f"dpo{processes}"
+    argv = (["-m", "wakea_jax.train", "--config=configs/dpo.py:test", f"--workdir={workdir}"]
+            + [f"--config.{k}={v}" for k, v in DPO_OVERRIDES.items()])
+    cluster.check(cluster.run(argv, num_processes=processes,
+                              devices_per_process=8 // processes, log_dir=workdir / "logs",
+                              timeout=RUN_TIMEOUT_S))
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses[processes] = {(r["step"], k): r[k] for r in records for k in ("loss", "eval_loss")
+                         if k in r}
+  assert sorted(losses[2]) == sorted(losses[1]) == [(1, "loss"), (2, "loss")]
+  diff = max(abs(losses[2][k] - losses[1][k]) for k in losses[1])
+  print(f"DPO 2 vs 1 process: max |loss diff| {diff:.3g}")
+  assert diff < TOLERANCE, losses
