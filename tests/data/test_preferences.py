@@ -120,6 +120,26 @@ def test_iterator_resume_and_epoch_reshuffle(tok):
   assert it.stats["epoch"] == resumed.stats["epoch"] >= 2
 
 
+def test_each_process_feeds_its_rows_of_the_global_batch(tok):
+  # Two processes' rows, concatenated in process order, are the one-process batch: process
+  # 0 holds the chosen sides of all 4 pairs, process 1 the rejected ones; per-pair fields
+  # split by pair. A state saved on one process count resumes on another.
+  dataset = pref.load_dataset("task:arithmetic?n=10&seed=0", tok, seq_len=32)
+  one = pref.PreferenceIterator(dataset, batch_size=4, seed=3)
+  two = [pref.PreferenceIterator(dataset, batch_size=4, seed=3, process_index=p,
+                                 process_count=2) for p in range(2)]
+  for _ in range(2):
+    whole, parts = next(one), [next(it) for it in two]
+    assert parts[0]["input_ids"].shape == (4, 32) and parts[0]["pair_index"].shape == (2,)
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  two[1].set_state(json.loads(json.dumps(one.get_state())))
+  np.testing.assert_array_equal(next(two[1])["pair_index"], next(one)["pair_index"][2:])
+  with pytest.raises(ValueError, match=r"data.batch_size=3 pairs .* divisible by the process "
+                                       r"count 2"):
+    pref.PreferenceIterator(dataset, batch_size=3, process_index=0, process_count=2)
+
+
 def test_task_spec_and_files_load_the_same_pairs(tmp_path, tok):
   records = pref.arithmetic_pairs(6, seed=1)
   assert all(r["chosen"] != r["rejected"] for r in records)
