@@ -62,6 +62,10 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   config = run_config(objective)
   config.data.sources = "task:arithmetic?n=8000&seed=100&max_operand=99&tools=0"       # prompts
   config.data.eval_sources = "task:arithmetic?n=256&seed=777&max_operand=99&tools=0"
+  # Logical prompt shards, 0: one per process. A fixed value (dividing rl.prompts_per_step,
+  # a multiple of the process count) makes every step's prompts independent of the number
+  # of processes, and lets a run resume on another number of hosts.
+  config.data.shards = 0
   config.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
       tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16))

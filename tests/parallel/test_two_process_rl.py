@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 ARGS = ["tests/parallel/rl_child.py", "--config=tests/parallel/rl_config.py",
         "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=2",
         "--config.train.checkpoint_every=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2", "--config.export.enabled=true",
+        "--config.mesh.tensor=2", "--config.export.enabled=true", "--config.data.shards=2",
         # kl on: the reference policy is scored on the mesh too
         "--config.loss.kl_beta=0.05"]
 # Figures that are host-local timings or throughput, not results.

@@ -72,3 +72,24 @@ def test_iterator_resumes_exactly_across_epochs():
   flat = [r.origin for batch in seen for r in batch]
   assert sorted(flat[:10]) == sorted(r.origin for r in records)
   assert flat[:10] != flat[10:20]
+
+
+def test_prompt_shards_draw_the_same_prompts_whatever_the_process_count():
+  """Two processes owning one shard each draw, together, what one process owning both draws;
+  the state moves between the layouts; a mismatched shard count is refused."""
+  records = [prompts_lib.PromptRecord(messages=({"role": "user", "content": str(i)},))
+             for i in range(10)]
+  both = prompts_lib.PromptIterator(records, 4, seed=3, shards=2)
+  halves = [prompts_lib.PromptIterator(records, 4, seed=3, shards=2, owned=[s]) for s in (0, 1)]
+  for _ in range(4):   # past an epoch boundary of each 5-record shard
+    together = [p.text for p in both.take(4)]
+    assert together == [p.text for h in halves for p in h.take(4)]
+  state = both.get_state()
+  assert state["num_shards"] == 2 and set(state["shards"]) == {"0", "1"}
+  resumed = prompts_lib.PromptIterator(records, 4, seed=3, shards=2, owned=[1])
+  resumed.set_state(state)
+  assert [p.text for p in resumed.take(4)] == [p.text for p in both.take(4)][2:]
+  with pytest.raises(ValueError, match="data.shards"):
+    prompts_lib.PromptIterator(records, 4, seed=3).set_state(state)
+  with pytest.raises(ValueError, match="evenly"):
+    both.take(3)

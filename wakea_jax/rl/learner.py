@@ -152,14 +152,22 @@ class Learner:
     self.router = rollout_lib.router_for(r)
     self.reward = rewards_lib.build_reward(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
-    if rl.prompts_per_step % jax.process_count():
-      raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} must be divisible by the "
-                       f"{jax.process_count()} processes (each samples its share)")
     data = run.data
+    # Logical prompt shards, as for SFT data: process p owns [p*k, (p+1)*k); a fixed
+    # data.shards makes the prompts of every step independent of the process count.
+    processes, shards = jax.process_count(), data.shards or jax.process_count()
+    if shards % processes:
+      raise ValueError(f"data.shards={data.shards} prompt shards cannot be split evenly over "
+                       f"{processes} processes: use a multiple of the process count (or 0)")
+    if rl.prompts_per_step % shards:
+      raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} must be divisible by the "
+                       f"{shards} prompt shards (data.shards={data.shards}"
+                       f"{', i.e. the process count' if not data.shards else ''})")
+    k = shards // processes
     self.prompts = prompts_lib.PromptIterator(
         prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error),
-        rl.prompts_per_step,
-        seed=run.seed)
+        rl.prompts_per_step, seed=run.seed, shards=shards,
+        owned=range(jax.process_index() * k, (jax.process_index() + 1) * k))
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
                                                   on_error=data.on_error)
                          if data.eval_sources else [])
@@ -185,15 +193,15 @@ class Learner:
     dropped: list[int] = []
     offset = 0
     rounds = 0
-    # Every process draws the same global prompts (one order, so a run's data does not
-    # depend on the process count) and samples, rewards and runs tools for its own share.
-    processes = jax.process_count()
+    # Every process draws its shards' share of the step's prompts and samples, rewards and
+    # runs tools for those rows only.
+    processes, shards = jax.process_count(), self.prompts.shards
     quota = rl.prompts_per_step // processes       # groups this process contributes
     need = rl.prompts_per_step
     zero_groups = 0
     reward_s = 0.0
     while True:
-      prompts = multihost.process_slice(self.prompts.take(need))
+      prompts = self.prompts.take(need)
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
@@ -214,8 +222,10 @@ class Learner:
         break
       if rounds >= rl.max_sampling_rounds:
         break
-      # The same number of new prompts for every process: the largest shortfall.
-      need = int(multihost.global_max(max(quota - len(kept), 0))) * processes
+      # The same number of new prompts for every process (the largest shortfall), drawn
+      # evenly from the shards.
+      short = int(multihost.global_max(max(quota - len(kept), 0))) * processes
+      need = -(-short // shards) * shards
     groups = kept[:quota]
     filler = dropped[:quota - len(groups)]
     order = groups + filler

@@ -29,6 +29,7 @@ from wakea_jax.data import chat, records, sources
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
 from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.parallel import multihost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +93,42 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str], *, on_error: str 
 
 
 class PromptIterator:
-  """Seeded, epoch-reshuffled batches of prompts with a JSON state for exact resume."""
+  """Seeded, epoch-reshuffled batches of prompts with a JSON state for exact resume.
 
-  def __init__(self, records: Sequence[PromptRecord], batch_size: int, seed: int = 0):
+  Logical shards (`data.shards`, as for SFT data): with `shards` S > 1 the records are split
+  into S shards (records s::S), each walked in its own seeded order; a draw of n prompts
+  takes n / S from every shard, in shard order. A process keeps only the records of the
+  shards it `owned` (process p of P: [p*S/P, (p+1)*S/P)) and draws only their share, so the
+  processes together draw the same global prompts whatever their number. With S = 1 (one
+  process, the default) this is the plain order over all records, as before shards existed.
+  """
+
+  def __init__(self, records: Sequence[PromptRecord], batch_size: int, seed: int = 0, *,
+               shards: int = 1, owned: Sequence[int] | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self.records = list(records)
+    if shards < 1:
+      raise ValueError(f"prompt shards must be >= 1, got {shards}")
+    records = list(records)
+    if len(records) < shards:
+      raise ValueError(f"{len(records)} prompt records cannot be split into {shards} shards "
+                       "(data.shards, or one per process)")
+    self.shards = shards
+    self.owned = list(range(shards) if owned is None else owned)
     self.batch_size = batch_size
-    self.order = EpochOrder(len(self.records), seed, name="prompts")
+    self.records = {s: records[s::shards] for s in self.owned}
+    self.orders = {s: EpochOrder(len(self.records[s]), seed,
+                                 name="prompts" if shards == 1 else f"prompts-{s}-of-{shards}")
+                   for s in self.owned}
 
   def take(self, n: int) -> list[PromptRecord]:
-    """The next `n` prompts of the epoch order (an epoch boundary may fall inside)."""
-    return [self.records[i] for i in self.order.take(n)]
+    """This process's share of the next `n` prompts: n / shards from each owned shard's
+    epoch order (an epoch boundary may fall inside)."""
+    if n % self.shards:
+      raise ValueError(f"{n} prompts cannot be drawn evenly from {self.shards} prompt shards "
+                       "(data.shards, or one per process)")
+    per = n // self.shards
+    return [self.records[s][i] for s in self.owned for i in self.orders[s].take(per)]
 
   def __next__(self) -> list[PromptRecord]:
     return self.take(self.batch_size)
@@ -111,10 +136,28 @@ class PromptIterator:
   def __iter__(self) -> PromptIterator:
     return self
 
-  def get_state(self) -> dict[str, int]:
-    """The position (epoch, offset) as JSON."""
-    return self.order.get_state()
+  def get_state(self) -> dict[str, Any]:
+    """The position as JSON: (epoch, offset) with one shard; else every shard's, gathered
+    from all processes (so every process must call it at the same point, as the train loop
+    does at each checkpoint)."""
+    if self.shards == 1:
+      return self.orders[0].get_state()
+    states: dict[str, Any] = {}
+    for part in multihost.gather_objects([{str(s): self.orders[s].get_state()
+                                           for s in self.owned}]):
+      states.update(part)
+    return {"num_shards": self.shards, "shards": states}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    """Continues from a position `get_state` returned."""
-    self.order.set_state(state)
+    """Continues from a position `get_state` returned (each process takes its own shards,
+    so the saving run may have had another process count)."""
+    saved = int(state.get("num_shards", 1))
+    if saved != self.shards:
+      raise ValueError(f"the checkpoint's prompt position is for {saved} prompt shards, this "
+                       f"run has {self.shards} (data.shards, or one per process): resume "
+                       f"with --config.data.shards={saved}")
+    if self.shards == 1:
+      self.orders[0].set_state(state)
+      return
+    for s in self.owned:
+      self.orders[s].set_state(state["shards"][str(s)])
