@@ -214,9 +214,11 @@ def checkpoint_manager(run: RunConfig, workdir: pathlib.Path, *, best_metric: st
 
 def start_run_files(run: RunConfig, workdir: pathlib.Path, model_config: ModelConfig
                     ) -> tuple[metrics_lib.MetricWriter, dict[str, Any]]:
-  """Writes workdir/config.json; returns (metric writer, checkpoint metadata)."""
+  """Writes workdir/config.json (process 0: the workdir is shared); returns (metric writer,
+  checkpoint metadata)."""
   record = dict(run.record)
-  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
   meta = {"model_config": model_config.to_dict(), "config": record}
   return metrics_lib.create_writer(workdir), meta
 
