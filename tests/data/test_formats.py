@@ -76,7 +76,7 @@ def _trained_texts(batch, tok):
 def _one_batch(spec, tok, **kwargs):
   config = pipeline.PipelineConfig(sources=(pipeline.SourceSpec(str(spec)),), seq_len=96,
                                    batch_size=1, packing=False, shuffle=False, num_epochs=1,
-                                   prefetch_batches=0, shard_by_process=False, **kwargs)
+                                   prefetch_batches=0, **kwargs)
   return next(pipeline.build_pipeline(config, tok))
 
 
