@@ -1,5 +1,7 @@
 """run(): LoRA / QLoRA fine-tuning of an imported checkpoint, and the merged export."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ from wakea_jax.checkpoints import export, hf
 from wakea_jax.config_files import get_config
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
+from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.train import metrics as metrics_lib
+from wakea_jax.train import supervised
 from wakea_jax.trainers import run
 
 
@@ -55,3 +59,11 @@ def test_lora_run_trains_adapters_and_exports_merged_model(tmp_path, variant):
                              atol=1e-5)
   records = metrics_lib.read_jsonl(tmp_path / "work" / "metrics.jsonl")
   assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+
+
+def test_global_batch_must_split_over_the_mesh_batch_shards():
+  built = types.SimpleNamespace(mesh=mesh_lib.create_mesh((2, 2, 2)), rules=mesh_lib.DEFAULT_RULES)
+  supervised.check_global_batch(built, 8, "data.batch_size")
+  with pytest.raises(ValueError, match=r"data.eval_batch_size=6 \(the global batch\) must be "
+                                       r"divisible by the 4 batch shards of mesh"):
+    supervised.check_global_batch(built, 6, "data.eval_batch_size")
