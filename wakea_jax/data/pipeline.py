@@ -7,11 +7,11 @@
     -> FirstFitPackIterDataset (packing on) or pad each example (packing off)
     -> batch -> thread prefetch            (one such pipeline per logical shard; see below)
 
-Batches are dicts of numpy arrays [rows, seq_len] (rows = this process's share of
-`batch_size`) in the next-token convention: for
-an example with token ids `ids` and assistant mask `mask` (from `chat.render`; for a
-prompt/completion record whose prompt has assistant turns, zero up to the end of the prompt,
-so only the completion is trained on, see sources.py)
+Batches are dicts of numpy arrays [rows, seq_len] (rows: this process's share of the global
+`batch_size`) in the next-token convention: for an example with token ids `ids` and
+assistant mask `mask` (from `chat.render`; for a prompt/completion record whose prompt has
+assistant turns, zero up to the end of the prompt, so only the completion is trained on, see
+sources.py)
   input_ids    int32    ids[:-1], the tokens fed to the model
   targets      int32    ids[1:], the tokens to predict
   loss_mask    float32  mask[1:], 1 where the target is assistant output, 0 on padding
@@ -28,10 +28,11 @@ runs out at its weight (grain's rule), so an epoch count is exact only for that 
 Over-length examples (more than seq_len + 1 tokens, i.e. more than seq_len input tokens)
 are truncated to seq_len inputs or dropped, per `overlength`; examples left without any
 assistant target (e.g. truncated before the answer) are dropped. All of it is counted per
-source in `PipelineIterator.stats` and logged: a warning naming the first such example of
-each source (file:line), then a summary each time the total doubles. The counts are part of
-the iterator state, so they are exact and resume with it; they cover the examples of all
-batches returned so far, up to one packing group (batch_size rows) behind.
+source in `PipelineIterator.stats` (this process's shards; `global_stats()` sums every
+process's) and logged: a warning naming the first such example of each source (file:line),
+then a summary each time the total doubles. The counts are part of the iterator state, so
+they are exact and resume with it; they cover the examples of all batches returned so far,
+up to one packing group (a shard's rows of one batch) behind.
 
 Exact resume. `it.get_state()` is a JSON-serialisable dict (grain's iterator state, which
 is a few integers per stage, plus the counters). `set_state(state)` on an iterator built
@@ -50,8 +51,8 @@ a fixed `shards` (e.g. 4) a 1-process run sees exactly the batches of a 2- or 4-
 and a run can resume on a different number of hosts. The iterator state holds every
 shard's grain state (`get_state` gathers them from all processes; `set_state` takes the
 process's own), so a checkpoint written by process 0 resumes on any process count that
-divides `shards`. With one process and `shards` 0 or 1, batches and states are those of the
-single-host pipeline before logical shards (a version-1 state is still accepted).
+divides `shards`. With one process and `shards` 0 or 1 the batches are those of the
+single-host pipeline before logical shards, whose (version-1) states still restore.
 """
 
 from __future__ import annotations
