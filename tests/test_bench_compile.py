@@ -13,7 +13,7 @@ def test_bench_compile_prints_the_figures():
   out = subprocess.run(
       [sys.executable, str(BENCH), "--layers=2", "--embed=32", "--mlp=64", "--heads=2",
        "--kv_heads=1", "--head_dim=16", "--vocab=128", "--seq=16", "--batch=2",
-       "--new_tokens=2", "--remat=full"],
+       "--new_tokens=2", "--steps=1", "--remat=full"],
       capture_output=True, text=True, timeout=400, check=True).stdout
   assert re.search(r"machine: .+, \d+ cores", out)
   assert "model: 2 layers, embed 32" in out
