@@ -67,3 +67,28 @@ def test_global_batch_must_split_over_the_mesh_batch_shards():
   with pytest.raises(ValueError, match=r"data.eval_batch_size=6 \(the global batch\) must be "
                                        r"divisible by the 4 batch shards of mesh"):
     supervised.check_global_batch(built, 6, "data.eval_batch_size")
+
+
+@pytest.mark.parametrize("kind", ["hf", "model_dir"])
+def test_init_from_takes_the_configured_layer_layout(tmp_path, kind):
+  """config.model.scan_layers decides the layout of an imported model too: a loop checkpoint
+  (HF or ours) is stacked for a scanned run, with the same logits."""
+  from wakea_jax import config_lib
+  from wakea_jax.train import setup as setup_lib
+
+  base = transformer.create_model(get_preset("tiny", vocab_size=1024, max_seq_len=128), seed=3)
+  if kind == "hf":
+    hf.save_model(base, tmp_path / "base")
+  else:
+    export.save_model_dir(base, tmp_path / "base")
+  config = _sft_config("test")
+  config.init_from = str(tmp_path / "base")
+  config.model.scan_layers = True
+  run_config = config_lib.run_config(config)
+  mesh = mesh_lib.create_mesh((2, 2, 2))
+  model = setup_lib.build_model(run_config, mesh, mesh_lib.DEFAULT_RULES)
+  assert model.config.scan_layers
+  ids = np.arange(1, 17, dtype=np.int32)[None]
+  apply = jax.jit(transformer.apply, static_argnums=0)
+  np.testing.assert_allclose(apply(*nnx.split(model), ids), apply(*nnx.split(base), ids),
+                             atol=1e-5)

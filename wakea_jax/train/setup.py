@@ -145,7 +145,8 @@ def build_model(run: RunConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, 
       model = loader.load_model(run.init_from, mesh=mesh, rules=rules,
                                 dtype=model_config.dtype, param_dtype=model_config.param_dtype,
                                 remat_policy=model_config.remat_policy,
-                                value_head=model_config.value_head)
+                                value_head=model_config.value_head,
+                                scan_layers=model_config.scan_layers)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.init_from: {e}") from None
     logging.info("initialised from %s", run.init_from)
