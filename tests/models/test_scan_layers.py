@@ -11,7 +11,7 @@ from flax import nnx
 from wakea_jax import config_files
 from wakea_jax.checkpoints import adapters, export, loader
 from wakea_jax.checkpoints.manager import CheckpointManager
-from wakea_jax.models import lora, transformer
+from wakea_jax.models import lora, stacking, transformer
 from wakea_jax.models.config import ModelConfig, get_preset
 from wakea_jax.models.layers import KVCache
 from wakea_jax.parallel import mesh as mesh_lib
@@ -75,14 +75,14 @@ def test_same_seed_same_weights_and_stacking_round_trip(loop_model):
   assert q.get_metadata()["logical_axes"] == ("layers", "embed", "q_heads", "head_dim")
   for i, layer in enumerate(fresh_loop.layers):
     np.testing.assert_array_equal(q[...][i], layer.attn.q_proj[...])
-  scan = transformer.convert_layers(loop_model, True)
+  scan = stacking.convert_layers(loop_model, True)
   assert scan.config.scan_layers and not loop_model.config.scan_layers
-  back = transformer.convert_layers(scan, False)
+  back = stacking.convert_layers(scan, False)
   for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loop_model)),
                             nnx.to_flat_state(nnx.state(back))):
     np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(p))
     assert a.get_metadata().get("logical_axes") == b.get_metadata().get("logical_axes")
-  assert transformer.convert_layers(scan, True) is scan
+  assert stacking.convert_layers(scan, True) is scan
 
 
 def test_rules_without_layers_axis_still_work():
@@ -108,7 +108,7 @@ def test_sharded_loss_and_grads_match_the_loop(loop_model, policy):
   ids = _ids(4, 12)
   results = {}
   for scan in (False, True):
-    model = transformer.convert_layers(loop_model, scan)
+    model = stacking.convert_layers(loop_model, scan)
     model = nnx.clone(model)
     model.config = model.config.replace(remat_policy=policy)
     graphdef, state = nnx.split(model, nnx.Param)
@@ -129,7 +129,7 @@ def test_sharded_loss_and_grads_match_the_loop(loop_model, policy):
 
 
 def test_kv_cache_layouts_and_cached_forward(loop_model):
-  scan = transformer.convert_layers(loop_model, True)
+  scan = stacking.convert_layers(loop_model, True)
   loop_cache = KVCache.create(LOOP, 2, 32)
   scan_cache = KVCache.create(SCAN, 2, 32)
   assert isinstance(loop_cache.keys, tuple) and not loop_cache.stacked
@@ -151,7 +151,7 @@ def test_greedy_sampling_identical_with_scan_and_loop(loop_model, mesh_shape):
   prompts = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3], [9]]
   tokens = {}
   for scan in (False, True):
-    model = transformer.convert_layers(loop_model, scan)
+    model = stacking.convert_layers(loop_model, scan)
     graphdef, params = nnx.split(model)
     if mesh is not None:
       params = mesh_lib.shard_state(params, mesh)
@@ -178,7 +178,7 @@ def test_lora_and_qlora_on_a_scanned_model(loop_model, quantize_base):
   config = lora.LoRAConfig(rank=4, alpha=8.0, quantize_base=quantize_base)
   models = {}
   for scan in (False, True):
-    model = nnx.clone(transformer.convert_layers(loop_model, scan))
+    model = nnx.clone(stacking.convert_layers(loop_model, scan))
     models[scan] = lora.apply_lora(model, config, rngs=nnx.Rngs(1))
   # The same non-zero B in both layouts (B starts at zero), so that gradients reach A too.
   loop_adapters = lora.adapters(models[False])
@@ -188,11 +188,11 @@ def test_lora_and_qlora_on_a_scanned_model(loop_model, quantize_base):
   for i, n, a in loop_adapters:
     a.lora_b[...] = b_values[(i, n)]
   scan_model = models[True]
-  layers = transformer.layer_list(scan_model)
+  layers = stacking.layer_list(scan_model)
   for i, n, _ in loop_adapters:
     sub, attr, _ = lora.TARGETS[n]
     getattr(getattr(layers[i], sub), attr).lora_b[...] = b_values[(i, n)]
-  transformer.set_layers(scan_model, layers)
+  stacking.set_layers(scan_model, layers)
   assert scan_model.layers.attn.q_proj.lora_a.shape == (4, 64, 4)
   assert scan_model.layers.attn.q_proj.lora_a.get_metadata()["logical_axes"] == (
       "layers", "embed", None)
@@ -225,13 +225,13 @@ def test_lora_and_qlora_on_a_scanned_model(loop_model, quantize_base):
 
 
 def test_lora_dropout_is_refused_on_a_scanned_model(loop_model):
-  scan = nnx.clone(transformer.convert_layers(loop_model, True))
+  scan = nnx.clone(stacking.convert_layers(loop_model, True))
   with pytest.raises(ValueError, match="LoRAConfig.dropout.*scan_layers"):
     lora.apply_lora(scan, lora.LoRAConfig(rank=2, dropout=0.1), rngs=nnx.Rngs(0))
 
 
 def test_model_dir_and_orbax_round_trip_and_layout_conversion(loop_model, tmp_path):
-  scan = transformer.convert_layers(loop_model, True)
+  scan = stacking.convert_layers(loop_model, True)
   ids = _ids(2, 9, seed=4)
   want = np.asarray(loop_model(ids))
   export.save_model_dir(scan, tmp_path / "scan")
@@ -328,7 +328,7 @@ def test_hf_export_from_a_scanned_model(parity, family, tmp_path):
   for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                             nnx.to_flat_state(nnx.state(reloaded, nnx.Param))):
     np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(p))
-  as_loop = transformer.convert_layers(parity.hf.load_model(out), True)
+  as_loop = stacking.convert_layers(parity.hf.load_model(out), True)
   for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                             nnx.to_flat_state(nnx.state(as_loop, nnx.Param))):
     np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(p))

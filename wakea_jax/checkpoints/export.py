@@ -19,7 +19,8 @@ from flax import nnx
 
 from wakea_jax.checkpoints.hf import PathLike, check_writable, replace_dir
 from wakea_jax.models.config import ModelConfig
-from wakea_jax.models.transformer import Transformer, abstract_model, convert_layers
+from wakea_jax.models.stacking import convert_layers
+from wakea_jax.models.transformer import Transformer, abstract_model
 from wakea_jax.parallel import mesh as mesh_lib
 
 CONFIG_FILE = "model_config.json"

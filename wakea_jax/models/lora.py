@@ -49,7 +49,8 @@ from jax import Array
 from wakea_jax.models.config import ModelConfig, get_preset
 from wakea_jax.models.layers import dense
 from wakea_jax.models.quant import NF4Weight
-from wakea_jax.models.transformer import Transformer, layer_list, set_layers
+from wakea_jax.models.stacking import layer_list, set_layers
+from wakea_jax.models.transformer import Transformer
 
 # Target name -> (submodule of a DecoderLayer, attribute, number of leading weight dims that
 # contract with the input). The layouts are those of layers.py.

@@ -18,7 +18,7 @@ With `config.scan_layers`, `self.layers` is one `DecoderLayer` whose every Varia
 layers stacked on a leading axis (logical axis "layers"), and the forward runs it under one
 `lax.scan`: the layer is traced and compiled once, not once per layer, so compile time stops
 growing with depth. Otherwise `self.layers` is an `nnx.List` run by a Python loop. The two
-layouts hold the same numbers (`stack_layers` / `unstack_layers` / `convert_layers` move
+layouts hold the same numbers (`models/stacking.py`: `stack_layers` / `convert_layers` move
 between them) and give the same outputs.
 """
 
@@ -35,6 +35,7 @@ from jax import Array
 
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.layers import DecoderLayer, KVCache, RMSNorm, param
+from wakea_jax.models.stacking import stack_layers
 from wakea_jax.parallel import mesh as mesh_lib
 
 _REMAT = {
@@ -146,7 +147,11 @@ class Transformer(nnx.Module):
         positions = default_positions(batch, length, segment_ids)
       mask = attention_mask_for(length, segment_ids, attention_mask, batch)
 
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+    # The lookup gathers rows of the table with its 'embed' (FSDP) dimension gathered first,
+    # as for any FSDP weight: a table still split over fsdp cannot be resharded to the
+    # batch-over-fsdp activations without XLA replicating the whole gather output.
+    table = mesh_lib.constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0).astype(c.compute_dtype)
     x = mesh_lib.constrain(x, ("act_batch", "act_length", "act_embed"))
     if c.scan_layers:
       x, new_keys, new_values = _scan_layers(self.layers, c.remat_policy, x, positions, mask,
@@ -283,90 +288,6 @@ def _scan_layers(layers: DecoderLayer, policy: str, x: Array, positions: Array, 
   (x, keys, values, _), _ = jax.lax.scan(
       cached_body, (x, cache.keys, cache.values, jnp.zeros((), jnp.int32)), state)
   return x, keys, values
-
-
-# ------------------------------------------------------------------------------------------
-# Layer layouts: a list of layers <-> one module of stacked layers
-# ------------------------------------------------------------------------------------------
-
-LAYERS_AXIS = "layers"
-
-
-def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
-  """One module shaped like `layers[0]` whose every Variable holds the layers' values stacked
-  on a new leading axis, logical axis "layers" prepended to its `logical_axes`.
-
-  The layers must hold the same Variables (paths, shapes); static attributes are those of
-  `layers[0]` (so per-layer static values, such as a LoRA adapter's dropout index, are not
-  kept). Works on concrete and traced arrays.
-  """
-  if not layers:
-    raise ValueError("stack_layers needs at least one layer")
-  graphdef, first = nnx.split(layers[0])
-  flats = [dict(nnx.to_flat_state(first))]
-  flats += [dict(nnx.to_flat_state(nnx.split(layer)[1])) for layer in layers[1:]]
-  for i, flat in enumerate(flats[1:], start=1):
-    if flat.keys() != flats[0].keys():
-      odd = sorted(".".join(map(str, p)) for p in flat.keys() ^ flats[0].keys())
-      raise ValueError(f"stack_layers: layer {i} differs from layer 0 at {odd[:5]}")
-  items = []
-  for path, var in flats[0].items():
-    value = jnp.stack([flat[path].get_value() for flat in flats])
-    axes = var.get_metadata().get("logical_axes")
-    meta = {} if axes is None else {"logical_axes": (LAYERS_AXIS,) + tuple(axes)}
-    items.append((path, var.replace(value, **meta)))
-  return nnx.merge(graphdef, nnx.from_flat_state(items))
-
-
-def unstack_layers(stacked: nnx.Module) -> list[nnx.Module]:
-  """The inverse of `stack_layers`: one module per index of the leading axis."""
-  graphdef, state = nnx.split(stacked)
-  flat = list(nnx.to_flat_state(state))
-  if not flat:
-    raise ValueError("unstack_layers: the module holds no Variables")
-  num = flat[0][1].get_value().shape[0]
-
-  def layer(i: int) -> nnx.Module:
-    items = []
-    for path, var in flat:
-      axes = var.get_metadata().get("logical_axes")
-      if axes is not None and (not axes or axes[0] != LAYERS_AXIS):
-        raise ValueError(f"unstack_layers: {'.'.join(map(str, path))} has logical axes {axes}, "
-                         f"not led by {LAYERS_AXIS!r}; is the module stacked?")
-      meta = {} if axes is None else {"logical_axes": tuple(axes)[1:]}
-      items.append((path, var.replace(var.get_value()[i], **meta)))
-    return nnx.merge(graphdef, nnx.from_flat_state(items))
-
-  return [layer(i) for i in range(num)]
-
-
-def layer_list(model: Transformer) -> list[nnx.Module]:
-  """The decoder layers of `model` one per index: the modules themselves for a looped model,
-  unstacked copies (`unstack_layers`) for a scanned one."""
-  if model.config.scan_layers:
-    return unstack_layers(model.layers)
-  return list(model.layers)
-
-
-def set_layers(model: Transformer, layers: Sequence[nnx.Module]) -> None:
-  """Puts per-layer modules back into `model` in its layout (stacked when scanned), in place."""
-  model.layers = stack_layers(layers) if model.config.scan_layers else nnx.List(list(layers))
-
-
-def convert_layers(model: Transformer, scan_layers: bool) -> Transformer:
-  """`model` in the layer layout `scan_layers` (a copy; `model` itself when it already is).
-
-  Any model works (LoRA adapters, NF4 bases): the layers are stacked or unstacked whole. The
-  copy shares arrays with `model`; on a mesh, re-place it (`mesh_lib.shard_state`) if the
-  new leading axis should be laid out by the rules.
-  """
-  if model.config.scan_layers == scan_layers:
-    return model
-  layers = layer_list(model)
-  out = nnx.clone(model)
-  out.config = model.config.replace(scan_layers=scan_layers)
-  set_layers(out, layers)
-  return out
 
 
 # ------------------------------------------------------------------------------------------
