@@ -71,7 +71,8 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
       tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16))
   config.rl = ml_collections.ConfigDict(dict(
       prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
-      dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False))
+      dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,
+      old_logprobs="auto"))
   config.train.update(steps=200, log_every=1, eval_every=50, checkpoint_every=50,
                       keep_checkpoints=2, eval_at_start=True)
   # The policy loss (objectives/grpo.py LossConfig).

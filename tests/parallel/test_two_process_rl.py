@@ -63,7 +63,7 @@ def test_two_processes_log_what_one_process_logs(runs):
   _, one, two = runs
   a, b = _results(one), _results(two)
   assert a.keys() == b.keys()
-  assert {k for _, k in a} >= {"loss", "reward_mean", "logprob_gap_sampler_trainer",
+  assert {k for _, k in a} >= {"loss", "reward_mean", "logprob_gap_mean",
                                "eval_greedy_accuracy", "response_length"}
   for key in a:
     assert b[key] == pytest.approx(a[key], abs=1e-5), key

@@ -58,6 +58,7 @@ from wakea_jax.train import setup as setup_lib
 from wakea_jax.train.state import TrainState
 
 OBJECTIVES = ("grpo", "ppo")
+OLD_LOGPROBS = ("auto", "trainer", "sampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,19 @@ class RLConfig:
   dynamic_sampling: bool = False
   max_sampling_rounds: int = 3
   overlong_filter: bool = False
+  # Where the update's old (behaviour) log-probs come from: "trainer" re-scores the rollouts
+  # with the trainer's forward pass; "sampler" takes the sampler's own (the same numbers up
+  # to the gap, without a second pass); "auto" takes the sampler's when the rollouts feed one
+  # update (num_iterations = minibatches = 1) of a GRPO-family objective, where that update's
+  # forward pass is exactly the re-scoring pass and measures the gap itself.
+  old_logprobs: str = "auto"
 
   def __post_init__(self) -> None:
     for name in ("prompts_per_step", "num_iterations", "minibatches", "max_sampling_rounds"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+    if self.old_logprobs not in OLD_LOGPROBS:
+      raise ValueError(f"rl.old_logprobs={self.old_logprobs!r} is not one of {OLD_LOGPROBS}")
     if self.advantage not in adv_lib.ADVANTAGE_ESTIMATORS:
       raise ValueError(f"rl.advantage={self.advantage!r} is not one of "
                        f"{sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
@@ -107,6 +116,9 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
                        f"{rl_run.loss.aggregation!r}")
     if rl_run.loss.kl_beta:
       raise ValueError("PPO puts the KL in the reward: set ppo.kl_beta, not loss.kl_beta")
+    if rl_run.rl.old_logprobs == "sampler":
+      raise ValueError("PPO scores the rollouts for its values anyway: rl.old_logprobs must be "
+                       "'auto' or 'trainer', not 'sampler'")
 
 
 class Learner:
@@ -142,6 +154,11 @@ class Learner:
     kl_beta = self.ppo_config.kl_beta if self.ppo_config else rl_run.loss.kl_beta
     self.reference = jax.tree.map(jnp.copy, self.state.params) if kl_beta > 0 else None
     self.score = update_lib.make_score_fn(self.built.graphdef, vocab_limit=self.vocab_limit)
+    # The sampler runs the trainer's params in the trainer's dtype, so its log-probs are the
+    # behaviour policy's; re-scoring only buys the exact trainer numbers (and PPO's values).
+    single_update = rl.num_iterations == 1 and rl.minibatches == 1
+    self.rescore = (self.ppo_config is not None or rl.old_logprobs == "trainer"
+                    or (rl.old_logprobs == "auto" and not single_update))
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
     r = self.rollout
     self.sampler = chat_sampler(self.built.graphdef, self.model_config, self.tokenizer,
@@ -256,12 +273,22 @@ class Learner:
     sampler_logprobs = batch.pop("sampler_logprobs")
     device_batch = mesh_lib.shard_batch(batch, self.built.mesh, self.built.rules)
     with mesh_lib.logical_rules(self.built.mesh, self.built.rules):
-      old_logprobs, old_values = self.score(self.state.params, self.state.frozen, device_batch)
+      # Dispatched first, so that the device scores while the host goes on.
+      old_logprobs, old_values = (self.score(self.state.params, self.state.frozen, device_batch)
+                                  if self.rescore else (None, None))
       ref_logprobs = (self.score(self.reference, self.state.frozen, device_batch)[0]
                       if self.reference is not None else None)
-    old_lp = multihost.to_host(old_logprobs)       # this process's rows
-    gap = float(np.max(np.abs(old_lp - sampler_logprobs * mask) * mask)) if mask.any() else 0.0
-    gap = float(multihost.global_max(gap))
+    gaps: dict[str, float] = {}
+    if self.rescore:
+      old_lp = multihost.to_host(old_logprobs)       # this process's rows
+      diff = np.abs(old_lp - sampler_logprobs * mask) * mask
+      gaps["logprob_gap_sampler_trainer"] = float(multihost.global_max(
+          float(diff.max()) if mask.any() else 0.0))
+      gaps["logprob_gap_mean"] = (float(multihost.global_sum(float(diff.sum())))
+                                  / max(float(multihost.global_sum(float(mask.sum()))), 1.0))
+    else:
+      # The update's own forward pass (with the behaviour params) measures the gap.
+      old_lp = (sampler_logprobs * mask).astype(np.float32)
     batch["old_logprobs"] = old_lp
     if ref_logprobs is not None:
       batch["ref_logprobs"] = multihost.to_host(ref_logprobs)
@@ -304,11 +331,13 @@ class Learner:
         "response_length": float(lengths.mean()),
         "truncated_fraction": float(truncated.mean()),
         "tool_calls": float(np.mean(tool_calls)),
-        "logprob_gap_sampler_trainer": gap,
+        **gaps,
         "grad_norm": sums["grad_norm"],
         "time/rollout_s": t1 - t0 - stats["time/reward_s"],
         "time/score_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
     }
+    if not self.rescore:
+      metrics["logprob_gap_mean"] = sums.get("logprob_gap", 0.0) / n_tokens
     if "ref_kl" in sums:
       metrics["ref_kl"] = sums["ref_kl"] / n_tokens
     if "value_error" in sums:

@@ -4,9 +4,10 @@ The loss functions have the train step's signature `loss_fn(model, batch, rng) -
 (loss_sum, sums)` (see train/step.py) and wrap the pure objectives in
 `objectives/grpo.py` and `objectives/ppo.py`. A batch comes from `rollout.to_batch` plus:
 
-  old_logprobs [b, t]   log-probs of the behaviour policy (the params that sampled), as the
-                        trainer computes them (`make_score_fn`), so ratio = 1 at the first
-                        update and the sampler/trainer gap is measured, not assumed away
+  old_logprobs [b, t]   log-probs of the behaviour policy (the params that sampled): as the
+                        trainer computes them (`make_score_fn`), or the sampler's own when
+                        the rollouts feed a single update (rl.old_logprobs); either way the
+                        sampler/trainer gap is measured, not assumed away
   advantages   [b] or [b, t]
   ref_logprobs [b, t]   only when a KL term is on
   old_values, returns [b, t]   PPO only
@@ -39,8 +40,13 @@ def _forward(model: nnx.Module, batch: dict[str, Array], chunk_tokens: int | Non
                               vocab_limit=vocab_limit)
 
 
-def _common_sums(entropy: Array, mask: Array) -> dict[str, Array]:
-  return {"entropy": jnp.sum(entropy * mask)}
+def _common_sums(scores: scoring.TokenScores, batch: dict[str, Array]) -> dict[str, Array]:
+  """Entropy, and |log p - old log p| summed: at a run's single on-policy update, whose
+  params are the behaviour policy's, that is the sampler-trainer gap (the learner logs it
+  when the old log-probs are the sampler's, rl.old_logprobs)."""
+  mask = batch["loss_mask"]
+  gap = jnp.abs(jax.lax.stop_gradient(scores.logprobs) - batch["old_logprobs"])
+  return {"entropy": jnp.sum(scores.entropy * mask), "logprob_gap": jnp.sum(gap * mask)}
 
 
 def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
@@ -52,7 +58,7 @@ def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
   mask = batch["loss_mask"]
   loss_sum, sums = grpo_lib.policy_loss(scores.logprobs, batch["old_logprobs"], batch["advantages"],
                                         mask, loss_config, ref_logprobs=batch.get("ref_logprobs"))
-  return loss_sum, {**sums, **_common_sums(scores.entropy, mask)}
+  return loss_sum, {**sums, **_common_sums(scores, batch)}
 
 
 def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
@@ -75,7 +81,7 @@ def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
   v_sums.pop("weight")
   return (p_sum + ppo_config.vf_coef * v_sum,
           {**p_sums, **v_sums, "policy_loss": p_sum, "value_loss": v_sum,
-           **_common_sums(scores.entropy, mask)})
+           **_common_sums(scores, batch)})
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, chunk_tokens: int | None = None,
