@@ -71,7 +71,7 @@ class ScriptedSampler:
                        num_generated=jnp.zeros((batch,), jnp.int32),
                        limit=jnp.full((batch,), max_new_tokens, jnp.int32),
                        done=jnp.zeros((batch,), bool), stop_code=jnp.zeros((batch,), jnp.int32),
-                       step=jnp.zeros((), jnp.int32), rng=rng)
+                       step=jnp.zeros((), jnp.int32), keys=jnp.zeros((batch, 2), jnp.uint32))
 
   def decode(self, params, state, num_steps):
     tokens = np.zeros(state.tokens.shape, np.int32)

@@ -85,7 +85,7 @@ class DecodeState:
   done: Array              # [b] bool: finished or paused rows do not advance their cache
   stop_code: Array         # [b] int32, STOP_NONE or STOP_ID
   step: Array              # [] int32: next column of `tokens`
-  rng: Array               # key
+  keys: Array              # [b, 2] uint32: each row's own key data (see `row_keys`)
 
   def replace(self, **changes: Any) -> DecodeState:
     """Returns a copy with the given fields replaced (the state is frozen)."""
@@ -246,18 +246,32 @@ class Sampler:
     with self._rules():
       return self._decode(params, self._constrain_state(state), num_steps)
 
-  def _decode(self, params: nnx.State, state: DecodeState, num_steps: Array) -> DecodeState:
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def decode_until_free(self, params: nnx.State, state: DecodeState, num_steps: Array
+                        ) -> DecodeState:
+    """Like `decode`, but also returns as soon as a row finishes (so that continuous
+    batching can give its slot the next request)."""
+    with self._rules():
+      return self._decode(params, self._constrain_state(state), num_steps, until_free=True)
+
+  def _decode(self, params: nnx.State, state: DecodeState, num_steps: Array, *,
+              until_free: bool = False) -> DecodeState:
     model = nnx.merge(self.graphdef, params)
     stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
     end_step = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
+    done_at_entry = jnp.sum(state.done)
 
     def cond(s: DecodeState) -> Array:
-      return (s.step < end_step) & ~jnp.all(s.done)
+      going = (s.step < end_step) & ~jnp.all(s.done)
+      return going & (jnp.sum(s.done) == done_at_entry) if until_free else going
 
     def body(s: DecodeState) -> DecodeState:
-      key = jax.random.fold_in(s.rng, s.step)
+      # A row's n-th token is drawn with fold_in(its key, n): what a request samples does
+      # not depend on its row, its batch or when it started (continuous batching).
+      keys = jax.vmap(lambda k, n: jax.random.fold_in(jax.random.wrap_key_data(k), n))(
+          s.keys, s.num_generated)
       logits = self.mask_logits(s.logits)
-      token, processed = self._sample(logits, key)
+      token, processed = self._sample(logits, keys)
       active = ~s.done
       logp = jax.nn.log_softmax(logits, axis=-1)
       logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
@@ -280,8 +294,8 @@ class Sampler:
 
     return jax.lax.while_loop(cond, body, state)
 
-  def _sample(self, logits: Array, key: Array) -> tuple[Array, Array]:
-    """-> (token [b], log q(token) under the processed distribution [b])."""
+  def _sample(self, logits: Array, keys: Array) -> tuple[Array, Array]:
+    """-> (token [b], log q(token) under the processed distribution [b]); one key per row."""
     if self.temperature == 0.0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1])
     if self.top_k:
@@ -298,7 +312,7 @@ class Sampler:
       probs = jax.nn.softmax(values, axis=-1)
       mass_before = jnp.cumsum(probs, axis=-1) - probs
       values = jnp.where(mass_before < self.top_p, values, -jnp.inf)
-    choice = jax.random.categorical(key, values, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, values)
     processed = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None],
                                     axis=1)[:, 0]
     token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None],
@@ -363,6 +377,54 @@ class Sampler:
           cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
           done=state.done & ~resumed, stop_code=jnp.where(resumed, STOP_NONE, state.stop_code)))
 
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def refill(self, params: nnx.State, state: DecodeState, rows: Array, tokens: Array,
+             mask: Array, limits: Array, keys: Array) -> DecodeState:
+    """Starts new requests in rows `rows` [k] of a running state: each such row's cache is
+    emptied and its prompt tokens [k, w] (mask [k, w]) prefilled, its counters reset, and it
+    decodes on with `limits` [k] and key data `keys` [k, 2]. Only those k rows are computed
+    (gathered from the cache and scattered back); rows >= the batch size are padding and
+    change nothing. The other rows keep decoding state untouched."""
+    batch = state.done.shape[0]
+    safe = jnp.minimum(rows, batch - 1)
+
+    def take(x: Array) -> Array:     # the k rows of a [b, ...] or stacked [layers, b, ...] leaf
+      return x[safe] if x.ndim == 4 else x[:, safe]
+
+    def put(x: Array, new: Array) -> Array:
+      return (x.at[rows].set(new, mode="drop") if x.ndim == 4
+              else x.at[:, rows].set(new, mode="drop"))
+
+    with self._rules():
+      cache = state.cache
+      sub = dataclasses.replace(cache, keys=jax.tree.map(take, cache.keys),
+                                values=jax.tree.map(take, cache.values),
+                                end_index=jnp.zeros(rows.shape, jnp.int32))
+      sub, logits = self._prefill(params, sub, tokens, mask)
+      cache = dataclasses.replace(
+          cache, keys=jax.tree.map(put, cache.keys, sub.keys),
+          values=jax.tree.map(put, cache.values, sub.values),
+          end_index=cache.end_index.at[rows].set(sub.end_index, mode="drop"))
+      at = lambda x, new: x.at[rows].set(new, mode="drop")
+      return self._constrain_state(state.replace(
+          cache=cache, logits=at(state.logits, logits),
+          tokens=at(state.tokens, jnp.full((rows.shape[0], state.tokens.shape[1]),
+                                           self.pad_id, state.tokens.dtype)),
+          num_generated=at(state.num_generated, 0), limit=at(state.limit, limits),
+          done=at(state.done, False), stop_code=at(state.stop_code, STOP_NONE),
+          keys=at(state.keys, keys)))
+
+  def idle_state(self, rows: int, steps: int, capacity: int) -> DecodeState:
+    """A state of `rows` empty, finished rows (slots for `refill`), single process."""
+    return DecodeState(
+        cache=self.empty_cache(rows, capacity),
+        logits=jnp.zeros((rows, self.config.vocab_size), jnp.float32),
+        tokens=jnp.full((rows, steps), self.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, steps)), processed_logprobs=jnp.zeros((rows, steps)),
+        num_generated=jnp.zeros((rows,), jnp.int32), limit=jnp.ones((rows,), jnp.int32),
+        done=jnp.ones((rows,), bool), stop_code=jnp.zeros((rows,), jnp.int32),
+        step=jnp.zeros((), jnp.int32), keys=jnp.zeros((rows, 2), jnp.uint32))
+
   def buckets(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(prompt width, decode steps, cache capacity) for a batch."""
     width = _round_pow2(prompt_len, self.min_prompt_bucket)
@@ -411,6 +473,7 @@ class Sampler:
     cache, logits = self.prefill(params, self.empty_cache(global_batch, capacity),
                                  self.to_device(tokens), self.to_device(mask))
     filler = np.arange(batch) >= real
+    offset = jax.process_index() * batch   # this process's rows are global rows offset..
     return DecodeState(
         cache=cache, logits=logits,
         tokens=self.to_device(np.full((batch, steps), self.pad_id, np.int32)),
@@ -419,7 +482,7 @@ class Sampler:
         num_generated=self.to_device(np.zeros((batch,), np.int32)),
         limit=self.to_device(limits), done=self.to_device(filler),
         stop_code=self.to_device(np.zeros((batch,), np.int32)),
-        step=jnp.zeros((), jnp.int32), rng=rng)
+        step=jnp.zeros((), jnp.int32), keys=self.to_device(row_keys(rng, offset, batch)))
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: Array,
@@ -457,6 +520,16 @@ class Sampler:
         logprobs=[host["logprobs"][r, :counts[r]] for r in range(real)],
         processed_logprobs=[host["processed"][r, :counts[r]] for r in range(real)],
         lengths=[int(c) for c in counts[:real]], stop_reason=reasons)
+
+
+def row_keys(rng: Array, start: int, count: int) -> np.ndarray:
+  """Key data [count, 2] uint32 of rows (or requests) start..start+count-1:
+  fold_in(rng, index). A row's draws depend on its index and nothing else."""
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey
+    rng = jax.random.wrap_key_data(rng)
+  indices = jnp.arange(start, start + count, dtype=jnp.uint32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+  return np.asarray(jax.random.key_data(keys), np.uint32)
 
 
 def check_vocab(tokenizer: Tokenizer, model_config: ModelConfig, *,

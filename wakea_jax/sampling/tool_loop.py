@@ -173,9 +173,9 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       host["done"] = multihost.to_host(state.done)
     if multihost.all_true(host["done"].all()):
       break
-    # Each chunk's columns are harvested above, so the buffers are reused from column 0; the
-    # key moves on so that the next chunk's per-step keys (fold_in(rng, step)) are fresh.
-    state = state.replace(step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(state.rng, 1))
+    # Each chunk's columns are harvested above, so the buffers are reused from column 0 (a
+    # row's keys follow its generated count, which goes on growing).
+    state = state.replace(step=jnp.zeros((), jnp.int32))
   return ToolLoopOutput(
       tokens=tokens, logprobs=[np.asarray(lp, np.float32) for lp in logprobs],
       tool_mask=[np.asarray(m, np.int32) for m in tool_mask], num_tool_calls=calls,

@@ -1,0 +1,97 @@
+"""Continuous batching: the same completions as static batching, whatever the slots."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wakea_jax.models.config import get_preset
+from wakea_jax.models.transformer import create_model
+from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.sampling import Sampler
+from wakea_jax.sampling.batching import ContinuousBatcher
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55],
+           [9], [77, 78, 79, 80], [3, 1, 4, 1, 5, 9, 2, 6], [100, 101], [7] * 20, [250, 3]]
+LIMITS = [3, 24, 7, 1, 16, 5, 30, 2, 12]     # widely varying lengths
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = get_preset("tiny")
+  m = create_model(config)
+  rng = np.random.default_rng(5)
+  flat = []
+  for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
+    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
+    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
+    flat.append((path, var.replace(jnp.asarray(value))))
+  nnx.update(m, nnx.from_flat_state(flat))
+  graphdef, params = nnx.split(m)
+  return config, graphdef, params
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=20)])
+@pytest.mark.parametrize("slots,chunk", [(2, 4), (3, 32), (16, 8)])
+def test_continuous_equals_static(model, settings, slots, chunk):
+  config, graphdef, params = model
+  sampler = Sampler(graphdef, config, **settings)
+  static = sampler.generate(params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(4))
+  out = ContinuousBatcher(sampler, slots=slots, chunk_steps=chunk).generate(
+      params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(4))
+  assert out.lengths == LIMITS and out.stop_reason == static.stop_reason
+  assert out.tokens == static.tokens
+  for a, b in zip(static.logprobs, out.logprobs):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+  for a, b in zip(static.processed_logprobs, out.processed_logprobs):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_a_request_samples_the_same_in_any_batch(model):
+  """Per-request keys: request 0's draws do not depend on what else is in its batch."""
+  config, graphdef, params = model
+  sampler = Sampler(graphdef, config, temperature=1.0)
+  alone = sampler.generate(params, PROMPTS[:1], max_new_tokens=12, rng=jax.random.key(9))
+  crowd = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(9))
+  assert crowd.tokens[0] == alone.tokens[0]
+
+
+def test_stop_ids_free_slots_and_the_mesh(model):
+  config, graphdef, params = model
+  free = Sampler(graphdef, config, temperature=0.0).generate(
+      params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
+  stop = free.tokens[1][3]
+  sampler = Sampler(graphdef, config, temperature=0.0, stop_ids=(stop,))
+  static = sampler.generate(params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
+  assert "stop_id" in static.stop_reason
+  mesh = mesh_lib.create_mesh((2, 2, 2))
+  on_mesh = Sampler(graphdef, config, temperature=0.0, stop_ids=(stop,), mesh=mesh)
+  out = ContinuousBatcher(on_mesh, slots=3, chunk_steps=8).generate(
+      mesh_lib.shard_state(params, mesh), PROMPTS, max_new_tokens=LIMITS,
+      rng=jax.random.key(0))
+  assert out.tokens == static.tokens and out.stop_reason == static.stop_reason
+
+
+def test_bad_requests():
+  config = get_preset("tiny")
+  graphdef, _ = nnx.split(create_model(config))
+  batcher = ContinuousBatcher(Sampler(graphdef, config), slots=2)
+  with pytest.raises(ValueError, match="at least one token"):
+    batcher.generate(None, [[1], []], max_new_tokens=2, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    batcher.generate(None, [[1]], max_new_tokens=10_000, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="slots"):
+    ContinuousBatcher(Sampler(graphdef, config), slots=0)
+
+
+def test_stacked_layers_refill_their_rows():
+  """scan_layers keeps the KV cache as [layers, batch, ...]: refill takes and puts rows on
+  its batch axis."""
+  config = get_preset("tiny", scan_layers=True)
+  graphdef, params = nnx.split(create_model(config, seed=2))
+  sampler = Sampler(graphdef, config, temperature=0.0)
+  static = sampler.generate(params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
+  out = ContinuousBatcher(sampler, slots=2, chunk_steps=4).generate(
+      params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
+  assert out.tokens == static.tokens
