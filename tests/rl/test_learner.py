@@ -145,3 +145,25 @@ def test_sampler_logprobs_skip_the_scoring_pass_and_train_the_same(tmp_path, mon
 def test_ppo_refuses_sampler_logprobs(tmp_path):
   with pytest.raises(ValueError, match="rl.old_logprobs"):
     trainers.make_learner(_config("ppo", **{"rl.old_logprobs": "sampler"}), tmp_path)
+
+
+def test_continuous_batching_rollouts_train_what_static_ones_do(tmp_path, monkeypatch):
+  """rollout.slots > 0 samples through the continuous batcher: with per-request keys the
+  rollouts, rewards, evaluation and updates equal static batching's."""
+  from tests.parallel.rl_child import vowel_reward
+  from wakea_jax.rl import rewards as rewards_lib
+
+  monkeypatch.setitem(rewards_lib.REWARDS, "vowels", vowel_reward)
+  runs = {}
+  for slots in (0, 3):
+    config = _config("grpo", **{"train.steps": 1, "train.eval_at_start": False,
+                                "rollout.slots": slots})
+    config.reward = {"vowels": {"weight": 1.0}}
+    learner = trainers.make_learner(config, tmp_path / str(slots))
+    last = learner.train()
+    runs[slots] = (last, jax.tree.leaves(learner.state.params))
+  (static, static_params), (continuous, continuous_params) = runs[0], runs[3]
+  for key in ("reward_mean", "reward_std", "response_length", "eval_sample_accuracy"):
+    assert continuous[key] == pytest.approx(static[key], abs=1e-6), key
+  for a, b in zip(static_params, continuous_params):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -24,6 +24,7 @@ from flax import nnx
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
+from wakea_jax.sampling.batching import ContinuousBatcher
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import last_turn, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
@@ -43,12 +44,18 @@ class RolloutConfig:
   max_tool_calls: int = 2
   max_tool_tokens: int = 64
   chunk_steps: int = 16            # decode steps per while_loop chunk
+  # Continuous batching (sampling/batching.py): this many rows decode at once and each takes
+  # the next completion when its own finishes. 0: static batching (every row at once).
+  # Without tools and on one process; the tool loop and several processes batch statically.
+  slots: int = 0
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "tools", tuple(self.tools))
     for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+    if self.slots < 0:
+      raise ValueError(f"rollout.slots must be >= 0 (0: static batching), got {self.slots}")
     if self.max_tool_calls < 0:
       raise ValueError(f"rollout.max_tool_calls must be >= 0, got {self.max_tool_calls}")
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -134,7 +141,11 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
     tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
     calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
   else:
-    out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
+    if config.slots and jax.process_count() == 1 and prompt_ids:
+      batcher = ContinuousBatcher(sampler, slots=config.slots, chunk_steps=config.chunk_steps)
+      out = batcher.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
+    else:
+      out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
     tokens, logprobs = out.tokens, out.logprobs
     tool_mask = [np.zeros(len(t), np.int32) for t in tokens]
     calls, reasons, errors = [0] * len(rows), out.stop_reason, [0] * len(rows)
