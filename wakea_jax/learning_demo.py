@@ -32,6 +32,7 @@ from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
 from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.rl import answers
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
@@ -88,8 +89,8 @@ def make_pairs(config: ml_collections.ConfigDict, model_dir: pathlib.Path, promp
     bad = [texts[i * g + j] for j in range(g) if not correct[i, j] > 0.5]
     if good and bad:
       pairs.append({"messages": list(prompt.messages),
-                    "chosen": rewards_lib.final_response(good[0]),
-                    "rejected": rewards_lib.final_response(bad[0])})
+                    "chosen": answers.final_response(good[0]),
+                    "rejected": answers.final_response(bad[0])})
   stats = {"prompts": float(len(prompts)), "pairs": float(len(pairs))}
   return pairs, stats
 

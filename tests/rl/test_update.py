@@ -88,7 +88,8 @@ def test_policy_loss_fn_equals_full_logits_loss_and_gradients(chunk_tokens, rati
     loss_sum, sums = grpo_lib.policy_loss(logprobs, b["old_logprobs"], b["advantages"],
                                           b["loss_mask"], loss_config,
                                           ref_logprobs=b["ref_logprobs"])
-    return loss_sum, {**sums, "entropy": jnp.sum(entropy * b["loss_mask"])}
+    gap = jnp.sum(jnp.abs(jax.lax.stop_gradient(logprobs) - b["old_logprobs"]) * b["loss_mask"])
+    return loss_sum, {**sums, "entropy": jnp.sum(entropy * b["loss_mask"]), "logprob_gap": gap}
 
   def chunked(m, b, rng):
     return update.policy_loss_fn(m, b, rng, loss_config=loss_config, chunk_tokens=chunk_tokens)
