@@ -1,0 +1,201 @@
+r"""GRPO step benchmark: bench56m, 2 prompts x 8 completions, 64 prompt + 128 new tokens, KL on.
+
+  python tools/bench_grpo.py [--preset=bench56m --prompts=2 --group=8 --prompt_tokens=64 \
+      --new=128 --steps=3 --kl_beta=0.04 --modes=trainer,auto --model=field=value,...]
+
+One GRPO step of the real learner (`trainers.make_learner` on `configs/grpo.py`, the shared
+run setup: from-scratch model of the preset's shapes, float32, AdamW, bundled tokenizer),
+called directly (`Learner.step`), broken into the phases the learner itself times:
+  rollout  prefill + decode of every completion (sampler, stop ids checked in the loop)
+  reward   the host reward (a vowel-fraction reward registered here: every completion gets a
+           different value, so the advantages are non-zero and every update is real)
+  score    batching + the scoring passes: the reference policy's log-probs (KL on) and, with
+           rl.old_logprobs=trainer, the trainer's re-scoring of the old log-probs
+  update   the policy-gradient AdamW step
+Each mode has its own learner from the same seed (same initial model, same prompts): one
+warm-up step each (compilation), then `steps` timed steps taken in turns across the modes, so
+load changes on a shared machine hit both alike; the table shows the mean of the timed steps.
+The reference measured in the same run is rl.old_logprobs=trainer (re-scores the rollouts, as
+before the sampler's log-probs were used); `auto` takes the sampler's log-probs as the old
+ones (one update per rollout batch). Prompts are ~`prompt_tokens` tokens after the chat
+template (a file written to a temporary folder); a completion stops early at a stop id, so
+the generated-token count is printed beside the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+import time
+
+from absl import app, flags
+
+_PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset (models/config.py).")
+_MODEL = flags.DEFINE_list("model", [], "ModelConfig overrides on the preset: field=value,...")
+_PROMPTS = flags.DEFINE_integer("prompts", 2, "Prompts per step (rl.prompts_per_step).")
+_GROUP = flags.DEFINE_integer("group", 8, "Completions per prompt (rollout.group_size).")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length after the template.")
+_NEW = flags.DEFINE_integer("new", 128, "Max new tokens per completion.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per mode (after one warm-up step).")
+_KL_BETA = flags.DEFINE_float("kl_beta", 0.04, "loss.kl_beta (> 0: reference scoring on).")
+_MODES = flags.DEFINE_list("modes", ["trainer", "auto"], "rl.old_logprobs values to measure.")
+
+PHASES = ("rollout", "reward", "score", "update", "step")
+_WORDS = ("alpha beta gamma delta river stone cloud maple quiet orange window seven green "
+          "silver paper market honest little garden yellow winter").split()
+
+
+def cpu_model() -> str:
+  """lscpu's model name (the figures depend on the machine)."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+  except OSError:
+    return "unknown (no lscpu)"
+  for line in out.splitlines():
+    if line.startswith("Model name:"):
+      return line.split(":", 1)[1].strip()
+  return "unknown"
+
+
+def vowel_reward():
+  """Fraction of the final turn's characters that are vowels: a different value for nearly
+  every completion of a random model, so no group has zero-variance rewards."""
+  import numpy as np
+
+  def reward(samples):
+    return np.asarray([sum(c in "aeiou" for c in s.final) / max(len(s.final), 1)
+                       for s in samples], np.float32)
+  return reward
+
+
+def write_prompts(path: pathlib.Path, n: int, target: int) -> int:
+  """Writes `n` prompt records of ~`target` rendered tokens (chat template included) to
+  `path`; -> the longest rendered length."""
+  import numpy as np
+
+  from wakea_jax.data.tokenizer import default_tokenizer
+  from wakea_jax.rl.prompts import to_prompt_record
+
+  tokenizer = default_tokenizer()
+  rng = np.random.default_rng(0)
+  longest = 0
+  with path.open("w") as f:
+    for i in range(n):
+      words: list[str] = []
+      # Grow the text word by word until the rendered prompt reaches the target: the
+      # template adds its own tokens, so the text length alone would not say.
+      while True:
+        raw = {"prompt": " ".join(words + [str(rng.choice(_WORDS))]), "answer": "0"}
+        length = len(to_prompt_record(raw, f"prompt {i}").render(tokenizer))
+        if length > target and words:
+          break
+        words = raw["prompt"].split()
+        if length >= target:
+          break
+      record = {"prompt": " ".join(words), "answer": "0"}
+      longest = max(longest, len(to_prompt_record(record, f"prompt {i}").render(tokenizer)))
+      f.write(json.dumps(record) + "\n")
+  return longest
+
+
+def grpo_config(mode: str, prompt_file: pathlib.Path):
+  """configs/grpo.py:test with the preset's model shapes and the benchmark's sizes."""
+  from wakea_jax.config_files import get_config
+  from wakea_jax.models.config import get_preset
+
+  fields = dict(get_preset(_PRESET.value).to_dict())
+  for item in _MODEL.value:
+    key, _, value = item.partition("=")
+    if key not in fields:
+      raise ValueError(f"--model: {key!r} is not a ModelConfig field")
+    current = fields[key]
+    if isinstance(current, bool):
+      fields[key] = value.lower() in ("1", "true")
+    else:
+      fields[key] = value if current is None else type(current)(value)
+  fields["max_seq_len"] = max(fields["max_seq_len"], 2 * (_PROMPT_TOKENS.value + _NEW.value))
+  config = get_config("grpo:test", **{
+      "rollout.group_size": _GROUP.value, "rollout.max_new_tokens": _NEW.value,
+      "rl.prompts_per_step": _PROMPTS.value, "rl.old_logprobs": mode,
+      "loss.kl_beta": _KL_BETA.value, "train.steps": _STEPS.value + 1,
+      "data.sources": str(prompt_file), "data.eval_sources": "",
+      "train.eval_at_start": False, "export.enabled": False})
+  config.model.update(fields)
+  config.reward = {"vowels": {"weight": 1.0}}
+  return config
+
+
+def bench_modes(modes: list[str], prompt_file: pathlib.Path) -> dict[str, dict[str, float]]:
+  """Per mode: mean per-phase seconds and tokens of `steps` learner steps, build and first-step
+  seconds. One learner per mode, all built and warmed up first; the timed steps then take
+  turns (mode A step 1, mode B step 1, ...), so a load change on a shared machine hits every
+  mode alike instead of whichever ran last."""
+  import numpy as np
+
+  from wakea_jax import trainers
+
+  with tempfile.TemporaryDirectory() as workdir:
+    learners, out = {}, {}
+    for mode in modes:
+      start = time.perf_counter()
+      learners[mode] = trainers.make_learner(grpo_config(mode, prompt_file),
+                                             pathlib.Path(workdir) / mode)
+      build_s = time.perf_counter() - start
+      first = learners[mode].step(0)
+      out[mode] = {"build": build_s, "first_step": first["time/step_s"]}
+      print(f"  [{mode}] build {build_s:.1f} s, warm-up step (compile) "
+            f"{first['time/step_s']:.1f} s", flush=True)
+    timed: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for step in range(1, _STEPS.value + 1):
+      for mode in modes:
+        timed[mode].append(learners[mode].step(step))
+  for mode, metrics in timed.items():
+    out[mode].update({p: float(np.mean([m[f"time/{p}_s"] for m in metrics])) for p in PHASES})
+    out[mode].update(tokens=float(np.mean([m["generated_tokens"] for m in metrics])),
+                     reward_std=float(np.mean([m["reward_std"] for m in metrics])),
+                     finite=float(min(m["finite"] for m in metrics)))
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from wakea_jax.models.config import get_preset
+  from wakea_jax.rl import rewards
+
+  rewards.REWARDS["vowels"] = vowel_reward
+  wall = time.perf_counter()
+  rows = _PROMPTS.value * _GROUP.value
+  print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}")
+  with tempfile.TemporaryDirectory() as tmp:
+    prompt_file = pathlib.Path(tmp) / "prompts.jsonl"
+    longest = write_prompts(prompt_file, 64, _PROMPT_TOKENS.value)
+    cfg = grpo_config("auto", prompt_file).model
+    n_params = get_preset(_PRESET.value, **cfg.to_dict()).num_params()
+    print(f"model {_PRESET.value}: {n_params / 1e6:.1f}M params, float32; {_PROMPTS.value} "
+          f"prompts x {_GROUP.value} completions, prompts <= {longest} tokens, "
+          f"{_NEW.value} new tokens, loss.kl_beta {_KL_BETA.value}; mean of {_STEPS.value} "
+          f"steps after a warm-up step")
+    results = bench_modes(_MODES.value, prompt_file)
+  header = f"{'rl.old_logprobs':<17}" + "".join(f"{p + ' s':>10}" for p in PHASES)
+  print(header + f"{'tokens':>9}{'tokens/s':>10}")
+  for mode, r in results.items():
+    print(f"{mode:<17}" + "".join(f"{r[p]:>10.2f}" for p in PHASES)
+          + f"{r['tokens']:>9.0f}{r['tokens'] / r['step']:>10.1f}"
+          + f"  (reward std {r['reward_std']:.3f}, finite {r['finite']:.0f})")
+  if "trainer" in results and "auto" in results:
+    ref, new = results["trainer"], results["auto"]
+    print(f"auto vs trainer (the reference): step {ref['step'] / new['step']:.2f}x faster, "
+          f"score phase {ref['score']:.2f} -> {new['score']:.2f} s; rollout is "
+          f"{new['rollout'] / new['step']:.0%} of the auto step "
+          f"({rows * _NEW.value} max new tokens: "
+          f"{new['rollout'] / _NEW.value * 1e3:.1f} ms per decode step incl. prefill)")
+  print(f"total wall time {time.perf_counter() - wall:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)
