@@ -70,6 +70,10 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
         f"(prompt bucket {width}, cache capacity {capacity})")
   prefill_s, decode_s, state = timed_run(1)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  if not cfg.tie_embeddings:
+    # A decode step gathers `batch` rows of the input embedding, not the whole table.
+    table = params["embed"].get_value()
+    param_bytes -= table.nbytes - batch * table.shape[1] * table.dtype.itemsize
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state.cache))
   return prefill_s, decode_s, param_bytes + cache_bytes
 

@@ -270,7 +270,10 @@ class Sampler:
       # not depend on its row, its batch or when it started (continuous batching).
       keys = jax.vmap(lambda k, n: jax.random.fold_in(jax.random.wrap_key_data(k), n))(
           s.keys, s.num_generated)
-      logits = self.mask_logits(s.logits)
+      # Only the tokenizer's ids: a static slice, so sampling (noise for every id), the
+      # top-k and the log-softmax never touch the padded rows (Qwen: 151,665 of 151,936;
+      # a from-scratch RL model: 1,024 of 32,000 made sampling 17x cheaper per step).
+      logits = s.logits[:, :self.valid_vocab]
       token, processed = self._sample(logits, keys)
       active = ~s.done
       logp = jax.nn.log_softmax(logits, axis=-1)
