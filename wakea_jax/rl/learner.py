@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.config import pooled_specs
@@ -167,6 +168,10 @@ class Learner:
                                 chunk_steps=r.chunk_steps, mesh=self.built.mesh,
                                 rules=self.built.rules)
     self.router = rollout_lib.router_for(r)
+    if r.slots and (self.router is not None or jax.process_count() > 1):
+      logging.warning("rollout.slots=%d: continuous batching runs without tools on one process; "
+                      "this run's rollouts batch statically (%s)", r.slots,
+                      "tools on" if self.router is not None else "several processes")
     self.reward = rewards_lib.build_reward(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
     data = run.data
