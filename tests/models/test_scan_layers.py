@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.randomise import randomise
 from wakea_jax import config_files
 from wakea_jax.checkpoints import adapters, export, loader
 from wakea_jax.checkpoints.manager import CheckpointManager
@@ -26,21 +27,10 @@ def _ids(batch=4, length=12, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(1, 256, (batch, length)), jnp.int32)
 
 
-def _randomise(model, seed):
-  """Far from the init, so that argmax is stable and a mis-ordered layer shows."""
-  rng = np.random.default_rng(seed)
-  flat = []
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
-    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
-    flat.append((path, var.replace(jnp.asarray(value))))
-  nnx.update(model, nnx.from_flat_state(flat))
-
-
 @pytest.fixture(scope="module")
 def loop_model():
   model = transformer.create_model(LOOP, seed=0)
-  _randomise(model, seed=1)
+  randomise(model, seed=1)
   return model
 
 

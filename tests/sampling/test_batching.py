@@ -1,11 +1,11 @@
 """Continuous batching: the same completions as static batching, whatever the slots."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from tests.randomise import randomise
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.parallel import mesh as mesh_lib
@@ -21,13 +21,7 @@ LIMITS = [3, 24, 7, 1, 16, 5, 30, 2, 12]     # widely varying lengths
 def model():
   config = get_preset("tiny")
   m = create_model(config)
-  rng = np.random.default_rng(5)
-  flat = []
-  for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
-    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
-    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
-    flat.append((path, var.replace(jnp.asarray(value))))
-  nnx.update(m, nnx.from_flat_state(flat))
+  randomise(m, seed=5)
   graphdef, params = nnx.split(m)
   return config, graphdef, params
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.randomise import randomise
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.objectives.sft import token_logprobs
@@ -15,22 +16,11 @@ from wakea_jax.sampling import Sampler
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55]]
 
 
-def _randomise(model, seed: int) -> None:
-  # Scaled up from the init so that the logits are far from uniform and argmax is stable.
-  rng = np.random.default_rng(seed)
-  flat = []
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
-    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
-    flat.append((path, var.replace(jnp.asarray(value))))
-  nnx.update(model, nnx.from_flat_state(flat))
-
-
 @pytest.fixture(scope="module")
 def tiny():
   config = get_preset("tiny")
   model = create_model(config)
-  _randomise(model, seed=3)
+  randomise(model, seed=3)
   graphdef, params = nnx.split(model)
   return config, graphdef, params, model
 

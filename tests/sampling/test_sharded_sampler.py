@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.randomise import randomise
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.parallel import mesh as mesh_lib
@@ -27,13 +28,7 @@ class CharTokenizer:   # token t decodes to chr(ord('a') + t % 26): strings span
 def models():
   config = get_preset("tiny")
   model = create_model(config)
-  rng = np.random.default_rng(5)
-  flat = []
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    noise = rng.standard_normal(var.get_value().shape).astype(np.float32)
-    value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
-    flat.append((path, var.replace(jnp.asarray(value))))
-  nnx.update(model, nnx.from_flat_state(flat))
+  randomise(model, seed=5)
   graphdef, params = nnx.split(model)
   mesh = mesh_lib.create_mesh((2, 2, 2))
   sharded = mesh_lib.shard_state(params, mesh)
