@@ -40,6 +40,7 @@ import sys
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _LAYERS = flags.DEFINE_integer("layers", 28, "Decoder layers (Qwen3-0.6B: 28).")
 _EMBED = flags.DEFINE_integer("embed", 256, "Model width.")
@@ -60,18 +61,6 @@ GB = 1e9
 _RESULT = "RESULT "
 _FLAG_NAMES = ("layers", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "seq",
                "batch", "new_tokens", "steps")
-
-
-def cpu_model() -> str:
-  """lscpu's model name (the figures depend on the machine)."""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return "unknown (no lscpu)"
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def model_config(remat: str, layout: str):

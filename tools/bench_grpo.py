@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import tempfile
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset (models/config.py).")
 _MODEL = flags.DEFINE_list("model", [], "ModelConfig overrides on the preset: field=value,...")
@@ -46,18 +46,6 @@ _MODES = flags.DEFINE_list("modes", ["trainer", "auto"], "rl.old_logprobs values
 PHASES = ("rollout", "reward", "score", "update", "step")
 _WORDS = ("alpha beta gamma delta river stone cloud maple quiet orange window seven green "
           "silver paper market honest little garden yellow winter").split()
-
-
-def cpu_model() -> str:
-  """lscpu's model name (the figures depend on the machine)."""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return "unknown (no lscpu)"
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def vowel_reward():

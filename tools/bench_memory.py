@@ -54,6 +54,7 @@ import tempfile
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _LAYERS = flags.DEFINE_integer("layers", 28, "Decoder layers (Qwen3-0.6B: 28).")
 _VOCAB = flags.DEFINE_integer("vocab", 151_936, "Vocabulary size (Qwen3: 151,936).")
@@ -71,18 +72,6 @@ _CHILD = flags.DEFINE_string("child", None, "Internal: run one 'objective:mode:r
 
 GB = 1e9
 _RESULT = "RESULT "
-
-
-def cpu_model() -> str:
-  """lscpu's model name (the figures depend on the machine)."""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return "unknown (no lscpu)"
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def _rss_bytes(pid: int | str = "self") -> int:

@@ -15,10 +15,10 @@ Prints lscpu's model name: CPU figures differ by machine.
 from __future__ import annotations
 
 import heapq
-import subprocess
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Completions to generate (8 prompts x 8).")
@@ -27,18 +27,6 @@ _PROMPT = flags.DEFINE_integer("prompt", 64, "Prompt length.")
 _SHORT = flags.DEFINE_list("short", ["8", "64"], "Range of the short completions' lengths.")
 _LONG = flags.DEFINE_list("long", ["128", "256"], "Range of the long completions' lengths.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
-
-
-def cpu_model() -> str:
-  """lscpu's model name (the figures depend on the machine)."""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return "unknown (no lscpu)"
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def workload(n: int, short: tuple[int, int], long: tuple[int, int]) -> list[int]:
