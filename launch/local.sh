@@ -24,18 +24,8 @@ log_dir=${LOG_DIR:-/tmp/wakea_local.$$}
 port=${JAX_COORDINATOR_PORT:-$("$python" -c \
   'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-# Prints a command as a shell would read it back (like Python's shlex.join).
-quote() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"   # quote
 
 pids=()
 if [[ $dry_run == 0 ]]; then

@@ -19,18 +19,8 @@ if [[ ${1:-} == --dry_run ]]; then
   shift
 fi
 
-# Prints a command as a shell would read it back (like Python's shlex.join).
-quote() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"   # quote
 
 # The first host of a SLURM node list: node7, node[003-010,12],gpu1 -> node7, node003.
 first_host() {

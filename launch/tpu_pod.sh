@@ -23,18 +23,8 @@ remote_dir=wakea_jax
 gcloud=(gcloud compute tpus tpu-vm)
 where=("$TPU_NAME" "--zone=$ZONE" ${PROJECT:+"--project=$PROJECT"} --worker=all)
 
-# Prints a command as a shell would read it back (like Python's shlex.join).
-quote() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"   # quote
 
 run() {
   if [[ $dry_run == 1 ]]; then
