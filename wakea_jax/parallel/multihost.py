@@ -35,11 +35,6 @@ def process_count() -> int:
   return jax.process_count()
 
 
-def is_main_process() -> bool:
-  """Whether this is process 0, the one that writes single-file outputs and logs metrics."""
-  return jax.process_index() == 0
-
-
 def batch_spec_axes(mesh: Mesh, spec: PartitionSpec) -> tuple[str, ...]:
   """The mesh axes the first (batch) dimension of `spec` is split over."""
   entry = spec[0] if len(spec) else None
@@ -157,12 +152,6 @@ def gather_objects(items: Sequence[Any]) -> list[Any]:
   for row, size in zip(everything, sizes):
     out.extend(json.loads(bytes(row[:int(size)]).decode()))
   return out
-
-
-def sync(name: str) -> None:
-  """A barrier across processes (no-op on one)."""
-  if process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def process_slice(items: Sequence[Any]) -> list[Any]:

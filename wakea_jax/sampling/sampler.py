@@ -157,13 +157,6 @@ class Sampler:
     """The number of ids that can be sampled: `vocab_limit`, or the model's vocab_size."""
     return self.vocab_limit or self.config.vocab_size
 
-  def mask_logits(self, logits: Array) -> Array:
-    """logits [..., vocab] with the ids >= `valid_vocab` set to -inf."""
-    if self.valid_vocab >= logits.shape[-1]:
-      return logits
-    valid = jnp.arange(logits.shape[-1]) < self.valid_vocab
-    return jnp.where(valid, logits, -jnp.inf)
-
   # ---------------------------------------------------------------------------------------
   # Sharding
   # ---------------------------------------------------------------------------------------
