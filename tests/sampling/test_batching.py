@@ -89,3 +89,76 @@ def test_stacked_layers_refill_their_rows():
   out = ContinuousBatcher(sampler, slots=2, chunk_steps=4).generate(
       params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
   assert out.tokens == static.tokens
+
+
+class CharTokenizer:   # token t decodes to chr(ord('a') + t % 26): strings span tokens
+  def decode(self, ids):
+    return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=20)])
+def test_stop_strings_cut_like_static_batching(model, settings):
+  """Rows whose text holds a stop string are cut at the shortest prefix holding it and their
+  slots freed; the outputs equal static batching's, request by request."""
+  config, graphdef, params = model
+  sampler = Sampler(graphdef, config, chunk_steps=4, **settings)
+  free = sampler.generate(params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(2))
+  text = CharTokenizer().decode(free.tokens[6])
+  stops = [text[9:11], CharTokenizer().decode(free.tokens[1][4:6])]  # straddle tokens
+  static = sampler.generate(params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(2),
+                            stop_strings=stops, tokenizer=CharTokenizer())
+  assert static.stop_reason.count("stop_string") >= 2
+  out = ContinuousBatcher(sampler, slots=3, chunk_steps=8).generate(
+      params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(2), stop_strings=stops,
+      tokenizer=CharTokenizer())
+  assert out.tokens == static.tokens and out.stop_reason == static.stop_reason
+  assert out.lengths == static.lengths
+  for a, b in zip(static.logprobs, out.logprobs):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def _rigged_tool_model():
+  """The tool-loop test's rigged model: most of its mass on `<tool_call>`, `</tool_call>` and
+  `<|im_end|>`, so that it opens calls, ends turns and gets error responses injected."""
+  import jax.numpy as jnp
+
+  from wakea_jax.data.tokenizer import IM_END, default_tokenizer
+  tok = default_tokenizer()
+  cfg = get_preset("tiny", vocab_size=1024, max_seq_len=2048)
+  m = create_model(cfg, seed=0)
+  m.embed[...] = m.embed[...].at[:, 0].add(10.0)
+  favoured = [tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>"),
+              tok.token_to_id(IM_END)]
+  head = np.full(cfg.vocab_size, -8.0, np.float32)
+  head[favoured] = [2.5, 0.5, 0.5]
+  m.lm_head[...] = m.lm_head[...].at[0].set(jnp.asarray(head) / np.sqrt(cfg.embed_dim))
+  graphdef, params = nnx.split(m)
+  return tok, cfg, graphdef, params
+
+
+@pytest.mark.parametrize("slots", [2, 5])
+def test_tool_pauses_free_slots_like_the_static_tool_loop(slots):
+  """A row that pauses for a tool call gives up its slot; when the result is back the request
+  is prefilled again from its whole context into a free slot and goes on drawing with its own
+  key: tokens, masks, calls and reasons equal `run_tool_loop`'s, log-probs within 1e-5."""
+  from wakea_jax.data import chat
+  from wakea_jax.sampling.tool_loop import run_tool_loop
+  from wakea_jax.toolbox.registry import default_router
+  tok, cfg, graphdef, params = _rigged_tool_model()
+  sampler = Sampler(graphdef, cfg, temperature=1.0, stop_ids=(chat.end_of_turn_id(tok),))
+  prompts = [chat.render([{"role": "user", "content": text}], tok,
+                         add_generation_prompt=True).input_ids.tolist()
+             for text in ("What is 23*19?", "Hi", "Compute 2+2 please", "x", "Say yes", "7*6")]
+  kwargs = dict(tokenizer=tok, router=default_router(), rng=jax.random.key(3),
+                max_new_tokens=24, max_tool_calls=2, max_tool_tokens=64)
+  static = run_tool_loop(sampler, params, prompts, chunk_steps=4, **kwargs)
+  assert sum(static.num_tool_calls) >= 3
+  out = ContinuousBatcher(sampler, slots=slots, chunk_steps=4).run_tools(params, prompts,
+                                                                         **kwargs)
+  assert out.tokens == static.tokens
+  assert out.num_tool_calls == static.num_tool_calls
+  assert out.stop_reason == static.stop_reason and out.tool_errors == static.tool_errors
+  for a, b in zip(static.tool_mask, out.tool_mask):
+    np.testing.assert_array_equal(b, a)
+  for a, b in zip(static.logprobs, out.logprobs):
+    np.testing.assert_allclose(b, a, atol=1e-5)

@@ -1,39 +1,94 @@
 """Continuous batching: a fixed set of slots over one KV cache, each slot taking the next
-waiting request as soon as its own finishes.
+waiting request as soon as its own finishes or pauses for a tool.
 
-Static batching (`Sampler.generate`) decodes a batch until its longest row is done, so with
-completions of very different lengths most rows sit finished while the longest one goes on.
-`ContinuousBatcher.generate` keeps `slots` rows busy instead:
+Static batching (`Sampler.generate`, `run_tool_loop`) decodes a batch until its longest row
+is done, so with completions of very different lengths most rows sit finished while the
+longest one goes on. `ContinuousBatcher` keeps `slots` rows busy instead:
 
-    queue = every request, in order
-    fill the free slots from the queue       Sampler.refill: prefill into those rows only
+    ready = every request, in order
     loop:
+      free slots take ready requests         Sampler.refill: prefill into those rows only
       decode until a row finishes            Sampler.decode_until_free (at most chunk steps)
       harvest every row's new tokens         host, one transfer per chunk
-      finished rows -> their request's output; their slots take the next requests
+      stop strings: rows whose text holds one are cut and stopped (host, as in generate)
+      a finished row that ended its turn with tool calls: its calls go to a thread pool and
+        its slot is free at once; when the results are back the request is ready again
+      other finished rows -> their request's output; their slots are free
 
-A request's draws use its own key, fold_in(rng, request index), folded with its generated
-count at every token (`Sampler`'s per-row keys): its tokens and log-probs do not depend on
-which slot or batch it ran in, and equal what `Sampler.generate` gives the same request as
-row `index` of one static batch (to float rounding: greedy tokens identical, log-probs within
-1e-5; tested).
+A request resumed after a tool turn is prefilled again from its whole context (prompt,
+tokens so far, tool turn) into whichever slot is free: recomputing a few hundred tokens of
+prefill costs far less than holding a slot idle for a tool call (a sandboxed program runs
+for tens to hundreds of milliseconds, many decode steps). Its generated count carries over.
 
-Stop ids and per-request `max_new_tokens` end a request on device. Not here (yet): stop
-strings, tool pauses (the tool loop keeps its static batch) and several processes (each
-process would need the same refill decisions); those raise.
+Determinism. A request's draws use its own key, fold_in(rng, request index), folded with its
+generated count at every token (`Sampler`'s per-row keys): its tokens and log-probs do not
+depend on which slot or batch it ran in, nor on when its tool results came back, and equal
+what `Sampler.generate` (or `run_tool_loop`) gives the same request as row `index` of one
+static batch (to float rounding: greedy tokens identical, log-probs within 1e-5; tested).
+
+Tool calls run on the host in `tool_workers` threads while the device decodes the other
+slots (the router's tools are thread-safe; isolated tools use separate worker processes).
+
+Not here: several processes (each process would need the same refill decisions), which
+raises; the RL learner falls back to static batching there.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wakea_jax.sampling.sampler import STOP_ID, SampleOutput, Sampler, row_keys
+from wakea_jax.data import chat
+from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.sampling.sampler import (
+  STOP_ID,
+  DecodeState,
+  SampleOutput,
+  Sampler,
+  _stop_string_cut,
+  row_keys,
+)
+from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn, tool_turn
+from wakea_jax.toolbox.router import Router
+
+
+@dataclasses.dataclass
+class _Request:
+  """One request's progress on the host."""
+  prompt: list[int]
+  limit: int                   # max model tokens
+  key: np.ndarray              # [2] uint32
+  tokens: list[int] = dataclasses.field(default_factory=list)   # model and tool tokens
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  processed: list[float] = dataclasses.field(default_factory=list)
+  tool_mask: list[int] = dataclasses.field(default_factory=list)
+  generated: int = 0           # model tokens so far (the keys fold this in)
+  calls: int = 0
+  errors: int = 0
+  reason: str = ""
+
+  @property
+  def context(self) -> list[int]:
+    """What a (re)start prefills: the prompt and everything since."""
+    return self.prompt + self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tools:
+  """The tool settings of `ContinuousBatcher.run_tools` (as `run_tool_loop`'s)."""
+  tokenizer: Tokenizer
+  router: Router
+  max_tool_calls: int
+  max_tool_tokens: int
+  turn_end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,25 +96,65 @@ class ContinuousBatcher:
   """Runs many requests through `slots` rows of one cache (see the module docstring).
 
   `chunk_steps` bounds the decode steps between host looks (a row that finishes returns
-  control at once; the bound only matters for how long the host waits between harvests).
+  control at once; the bound only matters for how long the host waits between harvests,
+  and how far past a stop string a row may run before it is cut).
   """
 
   sampler: Sampler
   slots: int = 8
   chunk_steps: int = 32
+  tool_workers: int = 4
 
   def __post_init__(self) -> None:
     if self.slots < 1:
       raise ValueError(f"slots must be >= 1, got {self.slots}")
     if self.chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
+    if self.tool_workers < 1:
+      raise ValueError(f"tool_workers must be >= 1, got {self.tool_workers}")
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
-               max_new_tokens: int | Sequence[int], rng: jax.Array) -> SampleOutput:
+               max_new_tokens: int | Sequence[int], rng: jax.Array,
+               stop_strings: Sequence[str] = (), tokenizer: Any = None) -> SampleOutput:
     """Completions of every prompt, in request order, as `Sampler.generate` returns them."""
+    if stop_strings and tokenizer is None:
+      raise ValueError("stop_strings need a tokenizer to decode with")
+    requests = self._run(params, prompts, max_new_tokens, rng, stop_strings=stop_strings,
+                         tokenizer=tokenizer)
+    return SampleOutput(
+        tokens=[r.tokens for r in requests],
+        logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
+        processed_logprobs=[np.asarray(r.processed, np.float32) for r in requests],
+        lengths=[len(r.tokens) for r in requests], stop_reason=[r.reason for r in requests])
+
+  def run_tools(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
+                tokenizer: Tokenizer, router: Router, rng: jax.Array,
+                max_new_tokens: int = 256, max_tool_calls: int = 4,
+                max_tool_tokens: int = 128) -> ToolLoopOutput:
+    """`run_tool_loop` on continuous batching: the same outputs, request by request."""
+    turn_end = chat.end_of_turn_id(tokenizer)
+    if turn_end not in self.sampler.stop_ids:
+      raise ValueError(f"the sampler's stop_ids {self.sampler.stop_ids} must include the chat "
+                       f"format's end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
+    tools = _Tools(tokenizer, router, max_tool_calls, max_tool_tokens, turn_end)
+    requests = self._run(params, prompts, max_new_tokens, rng, tools=tools,
+                         reserve=max_tool_calls * max_tool_tokens)
+    return ToolLoopOutput(
+        tokens=[r.tokens for r in requests],
+        logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
+        tool_mask=[np.asarray(r.tool_mask, np.int32) for r in requests],
+        num_tool_calls=[r.calls for r in requests], tool_errors=[r.errors for r in requests],
+        stop_reason=[r.reason or "length" for r in requests])
+
+  # ---------------------------------------------------------------------------------------
+
+  def _run(self, params: nnx.State, prompts: Sequence[Sequence[int]],
+           max_new_tokens: int | Sequence[int], rng: jax.Array, *,
+           stop_strings: Sequence[str] = (), tokenizer: Any = None,
+           tools: _Tools | None = None, reserve: int = 0) -> list[_Request]:
     if jax.process_count() > 1:
       raise ValueError("continuous batching runs on one process; on several, use static "
-                       "batching (Sampler.generate)")
+                       "batching (Sampler.generate / run_tool_loop)")
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
     n = len(prompts)
@@ -67,73 +162,161 @@ class ContinuousBatcher:
     if limits.min() < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampler = self.sampler
+    longest = max(map(len, prompts))
+    _, _, capacity = sampler.buckets(longest, int(limits.max()) + reserve)
+    if capacity > sampler.config.max_seq_len:
+      raise ValueError(f"prompt ({longest}) + max_new_tokens ({limits.max()}) "
+                       + (f"+ tool turns ({reserve}) " if reserve else "")
+                       + f"needs a cache of {capacity} > max_seq_len {sampler.config.max_seq_len}")
+    keys = row_keys(rng, 0, n)
+    requests = [_Request(list(p), int(limits[i]), keys[i]) for i, p in enumerate(prompts)]
     slots = min(self.slots, n)
     slots += -slots % sampler.batch_multiple()      # the mesh's batch shards divide it
-    width, _, capacity = sampler.buckets(max(map(len, prompts)), int(limits.max()))
-    if capacity > sampler.config.max_seq_len:
-      raise ValueError(f"prompt ({max(map(len, prompts))}) + max_new_tokens ({limits.max()}) "
-                       f"needs a cache of {capacity} > max_seq_len {sampler.config.max_seq_len}")
-    keys = row_keys(rng, 0, n)
     chunk = min(self.chunk_steps, int(limits.max()))
     state = sampler.idle_state(slots, chunk, capacity)
 
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    processed: list[list[float]] = [[] for _ in range(n)]
-    reasons = [""] * n
-    owner = np.full(slots, -1)          # the request each slot runs, -1: free
-    waiting = 0                         # the next request to start
-    counts = np.zeros(slots, np.int64)
-    while True:
-      free = np.nonzero(owner < 0)[0]
-      if len(free) and waiting < n:
-        start = free[:n - waiting]
-        state = self._refill(params, state, start, range(waiting, waiting + len(start)),
-                             prompts, limits, keys, width)
-        owner[start] = np.arange(waiting, waiting + len(start))
-        counts[start] = 0
-        waiting += len(start)
-      if not (owner >= 0).any():
-        break
-      state = sampler.decode_until_free(params, state, jnp.asarray(chunk, jnp.int32))
-      host = jax.device_get({"tokens": state.tokens, "logprobs": state.logprobs,
-                             "processed": state.processed_logprobs, "done": state.done,
-                             "counts": state.num_generated, "codes": state.stop_code})
-      for slot in np.nonzero(owner >= 0)[0]:
-        request = owner[slot]
-        d = int(host["counts"][slot] - counts[slot])   # columns 0..d-1 of this chunk
-        tokens[request] += host["tokens"][slot, :d].tolist()
-        logprobs[request] += host["logprobs"][slot, :d].tolist()
-        processed[request] += host["processed"][slot, :d].tolist()
-        counts[slot] = host["counts"][slot]
-        if host["done"][slot]:
-          reasons[request] = "stop_id" if host["codes"][slot] == STOP_ID else "length"
+    ready = collections.deque(range(n))   # requests waiting for a slot
+    owner = np.full(slots, -1)            # the request each slot runs, -1: free
+    counts = np.zeros(slots, np.int64)    # each slot's generated count at the last harvest
+    running: dict[concurrent.futures.Future, int] = {}   # tool calls -> their request
+    pool = (concurrent.futures.ThreadPoolExecutor(self.tool_workers, "tool")
+            if tools is not None else None)
+    try:
+      while True:
+        # Tool results that are back make their requests ready again (first in line: they
+        # already hold a share of the work). With nothing else to do, wait for one.
+        idle = not (owner >= 0).any() and not ready
+        if running:
+          finished, _ = concurrent.futures.wait(
+              running, timeout=None if idle else 0,
+              return_when=concurrent.futures.FIRST_COMPLETED)
+          for future in sorted(finished, key=running.get, reverse=True):
+            request = running.pop(future)
+            if _resume(requests[request], future.result(), tools, capacity):
+              ready.appendleft(request)
+        free = np.nonzero(owner < 0)[0]
+        if len(free) and ready:
+          start = free[:len(ready)]
+          started = [ready.popleft() for _ in start]
+          state = self._refill(params, state, start, [requests[r] for r in started], capacity)
+          owner[start] = started
+          counts[start] = [requests[r].generated for r in started]
+        if not (owner >= 0).any():
+          if running or ready:
+            continue
+          break
+        state = sampler.decode_until_free(params, state, jnp.asarray(chunk, jnp.int32))
+        host = jax.device_get({"tokens": state.tokens, "logprobs": state.logprobs,
+                               "processed": state.processed_logprobs, "done": state.done,
+                               "counts": state.num_generated, "codes": state.stop_code})
+        stop_rows = []
+        for slot in np.nonzero(owner >= 0)[0]:
+          request = requests[owner[slot]]
+          d = int(host["counts"][slot] - counts[slot])   # columns 0..d-1 of this chunk
+          request.tokens += host["tokens"][slot, :d].tolist()
+          request.logprobs += host["logprobs"][slot, :d].tolist()
+          request.processed += host["processed"][slot, :d].tolist()
+          request.tool_mask += [0] * d
+          request.generated += d
+          counts[slot] = host["counts"][slot]
+          if stop_strings and _cut(request, stop_strings, tokenizer):
+            if not host["done"][slot]:
+              stop_rows.append(slot)
+            owner[slot] = -1
+            continue
+          if not host["done"][slot]:
+            continue
+          code = int(host["codes"][slot])
+          if tools is None:
+            request.reason = "stop_id" if code == STOP_ID else "length"
+          elif calls := _tool_calls(request, code, tools):   # else its reason is set
+            running[pool.submit(_run_calls, calls, tools)] = int(owner[slot])
           owner[slot] = -1
-      state = state.replace(step=jnp.zeros((), jnp.int32))
-    return SampleOutput(
-        tokens=tokens, logprobs=[np.asarray(x, np.float32) for x in logprobs],
-        processed_logprobs=[np.asarray(x, np.float32) for x in processed],
-        lengths=[len(t) for t in tokens], stop_reason=reasons)
+        if stop_rows:   # cut rows that were still decoding: stop them
+          state = state.replace(done=state.done.at[np.asarray(stop_rows)].set(True))
+        state = state.replace(step=jnp.zeros((), jnp.int32))
+    finally:
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return requests
 
-  def _refill(self, params: nnx.State, state, slots: np.ndarray, requests: range,
-              prompts: Sequence[Sequence[int]], limits: np.ndarray, keys: np.ndarray,
-              width: int):
-    """Prefills `requests` into `slots`; the row count is padded to a power of two (rows
-    past the batch, which change nothing) so that few shapes compile."""
+  def _refill(self, params: nnx.State, state: DecodeState, slots: np.ndarray,
+              requests: list[_Request], capacity: int) -> DecodeState:
+    """Prefills `requests` (their whole contexts) into `slots`. The row count is padded to a
+    power of two (rows past the batch, which change nothing) and the width to a power of two
+    (at most the capacity) so that few shapes compile."""
+    sampler = self.sampler
     k = 1 << max(0, len(slots) - 1).bit_length()
+    longest = max(len(r.context) for r in requests)
+    width = min(1 << max(0, longest - 1).bit_length(), capacity)
+    width = max(width, min(sampler.min_prompt_bucket, capacity))
     batch = state.done.shape[0]
     rows = np.full(k, batch, np.int32)
     rows[:len(slots)] = slots
-    ids = np.full((k, width), self.sampler.pad_id, np.int32)
+    ids = np.full((k, width), sampler.pad_id, np.int32)
     mask = np.zeros((k, width), np.int32)
-    row_limits = np.ones(k, np.int32)
-    row_keys_ = np.zeros((k, 2), np.uint32)
+    limits = np.ones(k, np.int32)
+    keys = np.zeros((k, 2), np.uint32)
+    generated = np.zeros(k, np.int32)
     for i, request in enumerate(requests):
-      prompt = prompts[request]
-      ids[i, :len(prompt)] = prompt
-      mask[i, :len(prompt)] = 1
-      row_limits[i] = limits[request]
-      row_keys_[i] = keys[request]
-    return self.sampler.refill(params, state, jnp.asarray(rows), jnp.asarray(ids),
-                               jnp.asarray(mask), jnp.asarray(row_limits),
-                               jnp.asarray(row_keys_))
+      context = request.context
+      ids[i, :len(context)] = context
+      mask[i, :len(context)] = 1
+      limits[i] = request.limit
+      keys[i] = request.key
+      generated[i] = request.generated
+    state = sampler.refill(params, state, jnp.asarray(rows), jnp.asarray(ids),
+                           jnp.asarray(mask), jnp.asarray(limits), jnp.asarray(keys))
+    if generated.any():   # resumed requests go on counting (and keying) their tokens
+      state = state.replace(num_generated=state.num_generated.at[jnp.asarray(rows)].set(
+          jnp.asarray(generated), mode="drop"))
+    return state
+
+
+def _cut(request: _Request, stop_strings: Sequence[str], tokenizer: Any) -> bool:
+  """Cuts `request` at its first stop string (as `Sampler.apply_stop_strings`); whether it
+  had one."""
+  kept = _stop_string_cut(tokenizer, request.tokens, stop_strings)
+  if kept is None:
+    return False
+  for name in ("tokens", "logprobs", "processed", "tool_mask"):
+    setattr(request, name, getattr(request, name)[:kept])
+  request.generated = kept
+  request.reason = "stop_string"
+  return True
+
+
+def _tool_calls(request: _Request, code: int, tools: _Tools) -> list[dict]:
+  """The calls of the turn `request` just ended, or [] with its stop reason set."""
+  on_turn_end = code == STOP_ID and request.tokens and request.tokens[-1] == tools.turn_end
+  turn = tools.tokenizer.decode(last_turn(request.tokens, request.tool_mask))
+  found = chat.parse_turn_tool_calls(turn, tools.tokenizer) if on_turn_end else []
+  if found and request.calls < tools.max_tool_calls and request.generated < request.limit:
+    return found
+  if found:   # out of calls or of model tokens
+    request.reason = "length" if request.generated >= request.limit else "stop_id"
+  else:
+    request.reason = "stop_id" if code == STOP_ID else "length"
+  return []
+
+
+def _run_calls(calls: list[dict], tools: _Tools) -> tuple[list[int], int]:
+  """Runs a turn's calls (in a worker thread) -> (the tool turn's ids, errors)."""
+  return tool_turn(calls, tools.router, tools.tokenizer, tools.max_tool_tokens)
+
+
+def _resume(request: _Request, result: tuple[list[int], int], tools: _Tools,
+            capacity: int) -> bool:
+  """Appends a tool turn to `request`; False (stopped for capacity) when it cannot fit."""
+  ids, errors = result
+  request.errors += errors
+  if len(request.context) + len(ids) + (request.limit - request.generated) > capacity:
+    request.reason = "capacity"
+    return False
+  request.calls += 1
+  request.tokens += ids
+  request.logprobs += [0.0] * len(ids)
+  request.processed += [0.0] * len(ids)
+  request.tool_mask += [1] * len(ids)
+  return True
+

@@ -77,6 +77,17 @@ def _results_for(calls: list[dict], router: Router) -> list[str]:
   return results
 
 
+def tool_turn(calls: list[dict], router: Router, tokenizer: Tokenizer, max_tool_tokens: int
+              ) -> tuple[list[int], int]:
+  """Runs one assistant turn's calls -> (the tool turn's token ids, cut to `max_tool_tokens`,
+  and how many results were errors)."""
+  results = _results_for(calls, router)
+  errors = sum(r.startswith("Error:") for r in results)
+  ids = _truncate_turn(chat.tool_turn_ids(results, tokenizer), results, tokenizer,
+                       max_tool_tokens)
+  return ids, errors
+
+
 def last_turn(tokens: Sequence[int], tool_mask: Sequence[int]) -> list[int]:
   """The model tokens generated since the last tool turn (the current assistant turn)."""
   start = len(tokens)
@@ -148,10 +159,8 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       if calls[row] >= max_tool_calls or after[row] >= max_new_tokens:
         reason[row] = "length" if after[row] >= max_new_tokens else "stop_id"
         continue
-      results = _results_for(found, router)
-      errors[row] += sum(r.startswith("Error:") for r in results)
-      ids = chat.tool_turn_ids(results, tokenizer)
-      ids = _truncate_turn(ids, results, tokenizer, max_tool_tokens)
+      ids, failed = tool_turn(found, router, tokenizer, max_tool_tokens)
+      errors[row] += failed
       if int(host["end"][row]) + len(ids) + (max_new_tokens - after[row]) > capacity:
         reason[row] = "capacity"
         continue
