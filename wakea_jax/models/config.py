@@ -19,6 +19,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # "dots_saveable" keeps all matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
 
+# Attention kernels by name; resolved per trace by models/fused_attention.choose_implementation.
+# "native" is layers.dot_product_attention (the reference, fastest on CPU), "xla" and "cudnn"
+# run jax.nn.dot_product_attention (cuDNN: fused flash attention, NVIDIA GPUs, bf16/fp16),
+# "auto" is cuDNN where it can run and native elsewhere. Not a checkpoint property: HF
+# import/export neither reads nor writes it.
+ATTENTION_IMPLEMENTATIONS = ("auto", "native", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -38,6 +45,8 @@ class ModelConfig:
   `param_dtype` is what weights are stored in (the master copy), `dtype` what matmuls run in.
   `scan_layers` stacks the decoder layers' parameters over a leading "layers" axis and runs
   them under one `lax.scan` (compile time independent of depth; see models/transformer.py).
+  `attention` picks the attention kernel (see ATTENTION_IMPLEMENTATIONS); every choice gives
+  the same numbers up to rounding.
   """
 
   vocab_size: int
@@ -60,6 +69,7 @@ class ModelConfig:
   value_head: bool = False
   init_std: float = 0.02
   scan_layers: bool = False
+  attention: str = "auto"
 
   def __post_init__(self) -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -82,6 +92,9 @@ class ModelConfig:
           f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"ModelConfig.scan_layers must be true or false, got {self.scan_layers!r}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                       f"got {self.attention!r}")
     if isinstance(self.rope_scaling, dict):  # Accept plain dicts from ConfigDicts / JSON.
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
