@@ -1,0 +1,144 @@
+"""Rollout precision: the trainer's policy rebuilt for decoding in bfloat16 or int8.
+
+Decoding is memory-bound: every step reads every weight once for a handful of tokens, so
+weights half (bfloat16) or a quarter (int8) the size of the float32 master copy make each
+step cheaper where bandwidth is the limit (accelerators). The trainer keeps its own
+numerics; `RolloutModel.convert` rebuilds the rollout weights from its params once per
+policy update (jitted), and the learner re-scores the rollouts with the trainer, so the
+importance ratio is always against the trainer's own log-probs and the sampler-trainer gap
+is measured every step (rl/learner.py).
+
+  ""          the trainer's graph, params and dtype (no conversion)
+  "bfloat16"  every weight cast to bfloat16 and compute in bfloat16 (`ModelConfig.dtype`
+              and `param_dtype`), the KV cache too; the embedding and LM head included
+  "int8"      the seven projections of every layer (q, k, v, o, gate, up, down) as
+              `models/int8.py` Int8Weight: per-output-channel symmetric int8, one matmul
+              against the codes in the trainer's compute dtype, the scale applied to its
+              output. The embedding, LM head and norms stay in the trainer's param dtype:
+              the decoder reads them without `layers.dense`, and the LM head is the one
+              matrix whose error lands on the logits unfiltered.
+
+LoRA: the rollout model is always a plain decoder. Adapters are merged first (W + scale A B,
+an NF4 base dequantized: `lora.merge_lora`), so decoding runs no low-rank branch and int8
+quantizes the weight the policy actually applies. The rollout graph is that of a fresh
+`Transformer` of the rollout config (`nnx.eval_shape`, no memory), so it owes nothing to how
+the trainer's modules hold their config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from wakea_jax.models import lora as lora_lib
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.int8 import Int8Weight
+from wakea_jax.models.quant import NF4Weight
+from wakea_jax.models.stacking import layer_list, set_layers
+from wakea_jax.models.transformer import Transformer
+from wakea_jax.parallel import mesh as mesh_lib
+
+ROLLOUT_DTYPES = ("", "bfloat16", "int8")
+
+
+def check_dtype(dtype: str) -> None:
+  """Raises ValueError unless `dtype` is one of ROLLOUT_DTYPES."""
+  if dtype not in ROLLOUT_DTYPES:
+    raise ValueError(f"rollout.dtype={dtype!r} is not one of {ROLLOUT_DTYPES} "
+                     "('': the trainer's params and dtype)")
+
+
+def rollout_config(config: ModelConfig, dtype: str) -> ModelConfig:
+  """The ModelConfig the rollout model runs: bfloat16 weights and compute for "bfloat16",
+  the trainer's own otherwise (int8 changes how projections are stored, not the dtypes)."""
+  check_dtype(dtype)
+  if dtype == "bfloat16":
+    return config.replace(dtype="bfloat16", param_dtype="bfloat16")
+  return config
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_graphdef(config: ModelConfig) -> nnx.GraphDef:
+  """The graph of a fresh Transformer of `config` (shapes only, nothing allocated)."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))[0]
+
+
+def _adapted(model: nnx.Module) -> bool:
+  return any(isinstance(node, (lora_lib.LoRAWeight, NF4Weight))
+             for _, node in nnx.iter_graph(model))
+
+
+def quantize_projections(model: Transformer) -> Transformer:
+  """Replaces the q/k/v/o/gate/up/down Params of every layer by Int8Weights, in place."""
+  layers = layer_list(model)
+  for layer in layers:
+    for sub, attr, in_ndim in lora_lib.TARGETS.values():
+      parent = getattr(layer, sub)
+      setattr(parent, attr, Int8Weight.from_param(getattr(parent, attr), in_ndim))
+  if model.config.scan_layers:
+    set_layers(model, layers)
+  return model
+
+
+def rollout_model(model: Transformer, dtype: str) -> Transformer:
+  """A plain decoder computing `model`'s policy at rollout precision `dtype` (a new module;
+  `model` is not changed). Works on concrete, traced and abstract state."""
+  check_dtype(dtype)
+  if not isinstance(model, Transformer):
+    raise TypeError(f"rollout precision needs a Transformer, got {type(model).__name__}")
+  plain = lora_lib.merge_lora(model) if _adapted(model) else model
+  config = rollout_config(plain.config, dtype)
+  params = nnx.state(plain, nnx.Param)
+  params = jax.tree.map(lambda x: x.astype(config.weight_dtype), params)
+  out = nnx.merge(_plain_graphdef(config), params)
+  return quantize_projections(out) if dtype == "int8" else out
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutModel:
+  """What a sampler at rollout precision needs: its graph and config, and `convert`, the
+  jitted map from the trainer's params (trainable + frozen, one state) to its params."""
+
+  dtype: str
+  graphdef: nnx.GraphDef
+  config: ModelConfig
+  convert: Callable[[nnx.State], nnx.State]
+
+
+def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
+                      mesh: jax.sharding.Mesh | None = None,
+                      rules: mesh_lib.Rules | None = None) -> RolloutModel:
+  """The RolloutModel of the trainer's `graphdef` at `dtype`; `params` (concrete or abstract)
+  give the shapes. With a mesh, the converted params are laid out by their logical axes as
+  the trainer's are. dtype "": the trainer's graph, config and params unchanged."""
+  check_dtype(dtype)
+  if not dtype:
+    model_config = nnx.merge(graphdef, jax.tree.map(_abstract, params)).config
+    return RolloutModel(dtype, graphdef, model_config, lambda p: p)
+
+  def build(p: nnx.State) -> Transformer:
+    return rollout_model(nnx.merge(graphdef, p), dtype)
+
+  abstract = nnx.eval_shape(build, jax.tree.map(_abstract, params))
+  rollout_graphdef, abstract_state = nnx.split(abstract)
+  shardings = (None if mesh is None
+               else mesh_lib.state_shardings(abstract_state, mesh, rules))
+  convert = jax.jit(lambda p: nnx.split(build(p))[1], out_shardings=shardings)
+  return RolloutModel(dtype, rollout_graphdef, abstract.config, convert)
+
+
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def to_rollout(graphdef: nnx.GraphDef, params: nnx.State, dtype: str
+               ) -> tuple[nnx.GraphDef, nnx.State, ModelConfig]:
+  """(rollout graphdef, rollout params, rollout ModelConfig) of the trainer's model at
+  `dtype`, once; a learner keeps the `rollout_model_for` result and calls `convert` per
+  update instead (one compilation)."""
+  rollout = rollout_model_for(graphdef, params, dtype)
+  return rollout.graphdef, rollout.convert(params), rollout.config
