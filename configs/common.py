@@ -68,7 +68,9 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   config.data.shards = 0
   config.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-      tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16, slots=0))
+      tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16, slots=0,
+      # Decode precision: "" (the trainer's), "bfloat16" or "int8" (sampling/precision.py).
+      dtype=""))
   config.rl = ml_collections.ConfigDict(dict(
       prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
       dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,

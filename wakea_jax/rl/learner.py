@@ -18,6 +18,11 @@ One RL step:
   3. score     the trainer's log-probs of the sampled tokens under the current (behaviour)
                params -> `old_logprobs`; the reference model's when a KL term is on (the
                reference is the initial policy; with kl_beta = 0 none is kept).
+               With `rollout.dtype` ("bfloat16", "int8") the sampler decodes a lower-
+               precision copy of the policy, rebuilt from the trainer's params before every
+               step's rollouts (sampling/precision.py, jitted); the old log-probs are then
+               always the trainer's, and the sampler-trainer gap is logged every step
+               (`logprob_gap_mean`, and its max over tokens `logprob_gap_sampler_trainer`).
   4. update    `rl.num_iterations` passes over the rollouts, each in `rl.minibatches`
                shuffled minibatches, one optimizer step each (the jitted, donated step of
                train/step.py with the GRPO or PPO loss).
@@ -53,6 +58,7 @@ from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl import update as update_lib
+from wakea_jax.sampling import precision as precision_lib
 from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import setup as setup_lib
@@ -77,7 +83,9 @@ class RLConfig:
   # with the trainer's forward pass; "sampler" takes the sampler's own (the same numbers up
   # to the gap, without a second pass); "auto" takes the sampler's when the rollouts feed one
   # update (num_iterations = minibatches = 1) of a GRPO-family objective, where that update's
-  # forward pass is exactly the re-scoring pass and measures the gap itself.
+  # forward pass is exactly the re-scoring pass and measures the gap itself. With a
+  # rollout.dtype the sampler runs other numbers than the trainer: "auto" re-scores, and
+  # "sampler" is an error (the importance ratio must be against the trainer's scoring).
   old_logprobs: str = "auto"
 
   def __post_init__(self) -> None:
@@ -120,6 +128,13 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
     if rl_run.rl.old_logprobs == "sampler":
       raise ValueError("PPO scores the rollouts for its values anyway: rl.old_logprobs must be "
                        "'auto' or 'trainer', not 'sampler'")
+  if rl_run.rollout.dtype and rl_run.rl.old_logprobs == "sampler":
+    # The bf16 / int8 sampler is not the policy being trained: its log-probs as the old
+    # ones would make the ratio (and the clip) measure the precision gap, not the update.
+    raise ValueError(f"rl.old_logprobs='sampler' cannot be combined with rollout.dtype="
+                     f"{rl_run.rollout.dtype!r}: the importance ratio must be against the "
+                     "trainer's own log-probs; use rl.old_logprobs='auto' (which re-scores) or "
+                     "'trainer', or rollout.dtype=''")
 
 
 class Learner:
@@ -155,14 +170,21 @@ class Learner:
     kl_beta = self.ppo_config.kl_beta if self.ppo_config else rl_run.loss.kl_beta
     self.reference = jax.tree.map(jnp.copy, self.state.params) if kl_beta > 0 else None
     self.score = update_lib.make_score_fn(self.built.graphdef, vocab_limit=self.vocab_limit)
-    # The sampler runs the trainer's params in the trainer's dtype, so its log-probs are the
-    # behaviour policy's; re-scoring only buys the exact trainer numbers (and PPO's values).
+    r = self.rollout
+    # The sampler's graph, config and per-step params: the trainer's own (rollout.dtype ""),
+    # or a bfloat16 / int8 copy rebuilt from them before each step's rollouts.
+    self.rollout_model = precision_lib.rollout_model_for(
+        self.built.graphdef, self.policy_params(), r.dtype, mesh=self.built.mesh,
+        rules=self.built.rules)
+    # Without a rollout dtype the sampler runs the trainer's params in the trainer's dtype,
+    # so its log-probs are the behaviour policy's; re-scoring only buys the exact trainer
+    # numbers (and PPO's values). With one, the trainer always re-scores.
     single_update = rl.num_iterations == 1 and rl.minibatches == 1
     self.rescore = (self.ppo_config is not None or rl.old_logprobs == "trainer"
-                    or (rl.old_logprobs == "auto" and not single_update))
+                    or bool(r.dtype) or (rl.old_logprobs == "auto" and not single_update))
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
-    r = self.rollout
-    self.sampler = chat_sampler(self.built.graphdef, self.model_config, self.tokenizer,
+    self.sampler = chat_sampler(self.rollout_model.graphdef, self.rollout_model.config,
+                                self.tokenizer,
                                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 stop_ids=self.stop_ids, pad_id=self.pad_id,
                                 chunk_steps=r.chunk_steps, mesh=self.built.mesh,
@@ -202,11 +224,15 @@ class Learner:
     """One state (trainable + frozen) for the sampler, which merges with the same graphdef."""
     return self.built.policy_params(self.state)
 
+  def rollout_params(self) -> Any:
+    """The sampler's params for this step: the policy's, at the rollout precision."""
+    return self.rollout_model.convert(self.policy_params())
+
   def collect(self, step: int) -> tuple[rollout_lib.Rollouts, np.ndarray, dict[str, np.ndarray],
                                         np.ndarray, dict[str, float]]:
     """Rollouts with rewards; (rollouts, total [n], components, group_keep [P], stats)."""
     rl, g = self.rl, self.rollout.group_size
-    params = self.policy_params()
+    params = self.rollout_params()     # once per policy update, shared by every round
     key = jax.random.fold_in(jax.random.key(self.run.seed + 1), step)
     parts: list[rollout_lib.Rollouts] = []
     totals: list[np.ndarray] = []

@@ -24,6 +24,7 @@ from flax import nnx
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
+from wakea_jax.sampling import precision
 from wakea_jax.sampling.batching import ContinuousBatcher
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import last_turn, run_tool_loop
@@ -48,9 +49,15 @@ class RolloutConfig:
   # the next completion when its own finishes. 0: static batching (every row at once).
   # Without tools and on one process; the tool loop and several processes batch statically.
   slots: int = 0
+  # Decode precision (sampling/precision.py): "" runs the trainer's params in its dtype;
+  # "bfloat16" casts weights and compute to bfloat16; "int8" stores the layer projections in
+  # per-channel int8. With either, the learner re-scores the rollouts with the trainer (the
+  # importance ratio is against the trainer's log-probs) and logs the gap every step.
+  dtype: str = ""
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "tools", tuple(self.tools))
+    precision.check_dtype(self.dtype)
     for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
