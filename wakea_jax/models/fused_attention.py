@@ -33,9 +33,12 @@ How cuDNN gets the mask:
     cuDNN requires even t and s for a bias in training; an odd length falls back to "xla".
 
 Layouts: q [b, t, n, h]; k, v [b, s, kv, h] (`kv_layout="bskh"`, the layout of fresh
-projections) or [b, kv, s, h] (`kv_layout="bksh"`, a head-major KV cache). The kernel takes
-[b, s, kv, h] only, so a head-major cache is transposed: XLA folds the transpose into the
-einsums of the "xla" path, while for cuDNN it is a copy of the attended keys and values.
+projections) or [b, kv, s, h] (`kv_layout="bksh"`, the head-major KV cache). The kernel takes
+[b, s, kv, h] only. For "xla" the transpose costs nothing (XLA folds it into the einsums'
+dimension numbers). For cuDNN it would be a copy of the whole cache of every layer at every
+decode step, the very traffic the head-major cache exists to avoid, so "cudnn" with
+`kv_layout="bksh"` runs the "xla" kernel: attention over a KV cache (prefill into it and
+decode) is XLA's, training and scoring (no cache) are cuDNN's.
 """
 
 from __future__ import annotations
@@ -142,13 +145,7 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array | None, num_kv_hea
                      f"choose_implementation)")
   if kv_layout not in KV_LAYOUTS:
     raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
-  if kv_layout == "bksh":
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   b, t, n, h = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  if kv != num_kv_heads or n % kv:
-    raise ValueError(f"keys have {kv} heads (layout {kv_layout}), expected num_kv_heads="
-                     f"{num_kv_heads} dividing the {n} query heads")
   if implementation == "cudnn":
     if accelerator_platform() != "cuda":
       raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, this run is on "
@@ -156,6 +153,14 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array | None, num_kv_hea
     reason = _cudnn_unsupported(q.dtype, h, _CUDNN_MAX_HEAD_DIM)
     if reason:
       raise ValueError(reason)
+  if kv_layout == "bksh":
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if implementation == "cudnn":
+      implementation = "xla"   # not a copy of the cache per step (see the module docstring)
+  s, kv = k.shape[1], k.shape[2]
+  if kv != num_kv_heads or n % kv:
+    raise ValueError(f"keys have {kv} heads (layout {kv_layout}), expected num_kv_heads="
+                     f"{num_kv_heads} dividing the {n} query heads")
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   is_causal = causal and t == s
   with jax.named_scope("fused_attention"):
