@@ -22,3 +22,10 @@ TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
 PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.prompts,
 }
+
+# Per-record labels for evaluation breakdowns: `labels(n, seed, **options) -> [{"category",
+# "difficulty"}]`, aligned with the records of TASKS[name] and PROMPT_TASKS[name] for the
+# same arguments (wakea_jax.serving.tracking reports accuracy per label).
+TASK_LABELS: dict[str, Callable[..., list[dict[str, str]]]] = {
+    "arithmetic": arithmetic.labels,
+}

@@ -122,13 +122,14 @@ def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = Tru
 
 
 def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worked: int
-               ) -> list[tuple[dict[str, Any], int]]:
+               ) -> list[tuple[dict[str, Any], int, tuple[int, str, int]]]:
+  """(dialogue, exact answer, (a, op, b)) per example."""
   rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
   out = []
   for _ in range(num_examples):
     a, op, b = expression(rng, max_operand)
     out.append((make_dialogue(a, op, b, rng, tools=bool(tools), worked=worked),
-                a * b if op == "*" else a + b if op == "+" else a - b))
+                a * b if op == "*" else a + b if op == "+" else a - b, (a, op, b)))
   return out
 
 
@@ -141,7 +142,7 @@ def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: i
   direct-answer dialogues without the calculator; `worked` is the percentage of those that
   show the work before the answer.
   """
-  return [d for d, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
+  return [d for d, _, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
 
 
 def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
@@ -153,8 +154,30 @@ def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: in
   a seed that no SFT source uses.
   """
   records = []
-  for dialogue, answer in _dialogues(num_examples, seed, max_operand, tools, worked):
+  for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked):
     messages = dialogue["messages"]
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     records.append({"messages": messages[:first], "answer": str(answer)})
   return records
+
+
+# Evaluation breakdowns (wakea_jax.serving.tracking): the operator is the category, the size
+# of the larger operand the difficulty. Digits are what a small model finds hard (each more
+# digit is one more carry or partial product to get right), and the three buckets line up
+# with the generator's modes: max_operand=9, max_operand=99, and the multi-digit default.
+CATEGORIES = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+DIFFICULTIES = ("easy", "medium", "hard")   # larger operand of 1, 2, 3+ digits
+
+
+def label(a: int, op: str, b: int) -> dict[str, str]:
+  """{"category", "difficulty"} of the question `a op b` (see CATEGORIES, DIFFICULTIES)."""
+  digits = len(str(max(abs(a), abs(b))))
+  return {"category": CATEGORIES[op], "difficulty": DIFFICULTIES[min(digits, 3) - 1]}
+
+
+def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
+           worked: int = 0) -> list[dict[str, str]]:
+  """`label` of each record `generate` and `prompts` return for the same arguments, in order
+  (the records themselves stay unlabelled, so existing data files do not change)."""
+  return [label(*question) for _, _, question in
+          _dialogues(num_examples, seed, max_operand, tools, worked)]
