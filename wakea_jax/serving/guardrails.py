@@ -368,9 +368,10 @@ class RateLimiter:
     with self._lock:
       bucket = self._bucket(key_id)
       wait = 0.0
-      if self.requests_per_minute and bucket.requests < 1:
+      # The slack lets a caller that waited exactly the returned time in (float rounding).
+      if self.requests_per_minute and bucket.requests < 1 - 1e-9:
         wait = (1 - bucket.requests) * 60 / self.requests_per_minute
-      if self.tokens_per_minute and bucket.tokens < 1:
+      if self.tokens_per_minute and bucket.tokens < 1 - 1e-9:
         wait = max(wait, (1 - bucket.tokens) * 60 / self.tokens_per_minute)
       if wait > 0:
         return False, wait
