@@ -4,7 +4,8 @@ r"""GRPO step benchmark: bench56m, 2 prompts x 8 completions, 64 prompt + 128 ne
       --new=128 --steps=3 --kl_beta=0.04 --modes=trainer,auto --model=field=value,...]
 
 One GRPO step of the real learner (`trainers.make_learner` on `configs/grpo.py`, the shared
-run setup: from-scratch model of the preset's shapes, float32, AdamW, bundled tokenizer),
+run setup: from-scratch model of the preset's shapes and dtypes, `--model` overrides such as
+dtype=bfloat16,attention=cudnn on top, AdamW, bundled tokenizer),
 called directly (`Learner.step`), broken into the phases the learner itself times:
   rollout  prefill + decode of every completion (sampler, stop ids checked in the loop)
   reward   the host reward (a vowel-fraction reward registered here: every completion gets a
@@ -163,8 +164,9 @@ def main(argv):
     prompt_file = pathlib.Path(tmp) / "prompts.jsonl"
     longest = write_prompts(prompt_file, 64, _PROMPT_TOKENS.value)
     cfg = grpo_config("auto", prompt_file).model
-    n_params = get_preset(_PRESET.value, **cfg.to_dict()).num_params()
-    print(f"model {_PRESET.value}: {n_params / 1e6:.1f}M params, float32; {_PROMPTS.value} "
+    model = get_preset(_PRESET.value, **cfg.to_dict())
+    print(f"model {_PRESET.value}: {model.num_params() / 1e6:.1f}M params, {model.dtype} "
+          f"compute, {model.param_dtype} weights, attention={model.attention!r}; {_PROMPTS.value} "
           f"prompts x {_GROUP.value} completions, prompts <= {longest} tokens, "
           f"{_NEW.value} new tokens, loss.kl_beta {_KL_BETA.value}; mean of {_STEPS.value} "
           f"steps after a warm-up step")
