@@ -1,0 +1,245 @@
+r"""Model registry binary: list, show, compare, promote and register model versions; record
+per-category evaluations and serving figures; find weaknesses; select a model for a role.
+
+  python -m wakea_jax.registry --registry=/models/reg list
+  python -m wakea_jax.registry --registry=/models/reg register --name=tiny \
+      --checkpoint=/tmp/sft [--parent=tiny:1 --objective=sft --data_sources=a.jsonl,b.jsonl \
+      --notes="..." --copy --config=configs/sft.py:quickstart]
+  python -m wakea_jax.registry --registry=/models/reg show tiny[:2|@production]
+  python -m wakea_jax.registry --registry=/models/reg compare tiny:1 tiny:2
+  python -m wakea_jax.registry --registry=/models/reg promote tiny:2 [--stage=production]
+  python -m wakea_jax.registry --registry=/models/reg evaluate tiny:2 \
+      --config=configs/grpo.py:arithmetic          # per category, recorded in the registry
+  python -m wakea_jax.registry --registry=/models/reg record-serving tiny:2 --figures=bench.json
+  python -m wakea_jax.registry --registry=/models/reg weaknesses tiny:2 [--threshold=0.5 \
+      --margin=0.05 --min_n=8] [--targeted_out=weak.jsonl --n_per_category=256 \
+      --kind=prompts --config=configs/grpo.py:arithmetic --workdir=/tmp/followup [--start]]
+  python -m wakea_jax.registry --registry=/models/reg select --role=chat_frontend.json
+
+--registry defaults to $WAKEA_REGISTRY. `weaknesses` with --targeted_out writes training data
+for the weak categories and prints the follow-up run's command (the --config run started
+from the version's checkpoint, trained on that file); --start runs it. Register its result
+with --parent=NAME:VERSION to keep the lineage. --figures is a JSON object of serving
+figures (p50_latency_ms, p95_latency_ms, tokens_per_s, peak_memory_mb, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from wakea_jax import logs
+from wakea_jax.serving import selection, tracking, weakness
+from wakea_jax.serving.registry import (
+  ModelVersion,
+  Registry,
+  RegistryError,
+  format_table,
+  overall_accuracy,
+)
+
+FLAGS = flags.FLAGS
+COMMANDS = ("list", "show", "compare", "promote", "register", "evaluate", "record-serving",
+            "weaknesses", "select")
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("registry", os.environ.get("WAKEA_REGISTRY", ""),
+                      "Registry directory (default: $WAKEA_REGISTRY).")
+  config_flags.DEFINE_config_file(
+      "config", None, "evaluate: an RL config (eval prompts, rollout, reward); register: the "
+      "run's config to snapshot; weaknesses: the follow-up run's config.", lock_config=True)
+  flags.DEFINE_string("stage", "production", "promote: the stage alias to point.")
+  flags.DEFINE_string("name", "", "register: the model name.")
+  flags.DEFINE_string("checkpoint", "", "register: model dir, run workdir or HF dir.")
+  flags.DEFINE_string("parent", "", "register: the version it was trained from.")
+  flags.DEFINE_string("objective", "", "register: e.g. sft, grpo.")
+  flags.DEFINE_list("data_sources", [], "register: the training data specs.")
+  flags.DEFINE_string("notes", "", "register: free text.")
+  flags.DEFINE_bool("copy", False, "register: copy the checkpoint into the registry.")
+  flags.DEFINE_string("figures", "", "record-serving: a JSON file of serving figures.")
+  flags.DEFINE_float("threshold", 0.5, "weaknesses: accuracy below this is weak.")
+  flags.DEFINE_float("margin", 0.05, "weaknesses: a drop from the parent beyond this is weak.")
+  flags.DEFINE_integer("min_n", 1, "weaknesses: skip cells with fewer examples.")
+  flags.DEFINE_string("targeted_out", "", "weaknesses: write targeted training data here.")
+  flags.DEFINE_integer("n_per_category", 256, "weaknesses: examples per weak cell.")
+  flags.DEFINE_integer("seed", 0, "weaknesses: seed of the targeted data.")
+  flags.DEFINE_enum("kind", "prompts", list(weakness.KINDS),
+                    "weaknesses: RL prompt records or SFT dialogues.")
+  flags.DEFINE_string("workdir", "", "weaknesses: the follow-up run's workdir.")
+  flags.DEFINE_bool("start", False, "weaknesses: start the follow-up run.")
+  flags.DEFINE_string("role", "", "select: a JSON role profile.")
+
+
+def _version_ref(reference: str) -> tuple[str, int]:
+  name, sep, version = reference.partition(":")
+  if not sep or not version.isdigit():
+    raise RegistryError(f"expected NAME:VERSION, got {reference!r}")
+  return name, int(version)
+
+
+def list_table(versions: Sequence[ModelVersion]) -> str:
+  """The `list` table."""
+  rows = [[v.name, v.version, ",".join(v.stages) or "-", v.kind, v.created[:19], v.parent,
+           v.objective or None, overall_accuracy(v.eval),
+           (v.serving or {}).get("p95_latency_ms"), (v.serving or {}).get("tokens_per_s"),
+           (v.serving or {}).get("peak_memory_mb")] for v in versions]
+  return format_table(["model", "version", "stages", "kind", "created", "parent", "objective",
+                       "accuracy", "p95 ms", "tok/s", "mem MB"], rows)
+
+
+def eval_table(eval_record: dict[str, Any] | None) -> str:
+  """Per-category rows of a recorded evaluation."""
+  if not eval_record:
+    return "(no evaluation recorded)"
+  rows = [[r["task"], r["category"], r["difficulty"], r["accuracy"], r["n"]]
+          for r in eval_record["rows"]]
+  return format_table(["task", "category", "difficulty", "accuracy", "n"], rows)
+
+
+def show(version: ModelVersion) -> str:
+  """Everything the manifest records about a version."""
+  lines = [f"{version.ref}" + (f"  ({', '.join(version.stages)})" if version.stages else "")]
+  for key in ("checkpoint", "kind", "model_dir", "fingerprint", "created", "parent",
+              "objective", "notes", "copied"):
+    lines.append(f"  {key}: {getattr(version, key)}")
+  lines.append(f"  tokenizer: {version.tokenizer or '(the bundled one)'}")
+  lines.append(f"  data_sources: {', '.join(version.data_sources) or '-'}")
+  lines.append(f"  config: {'recorded' if version.config else '-'}")
+  accuracy = overall_accuracy(version.eval)
+  lines += ["", "evaluation" + (f" (overall {accuracy:.3f}, {version.eval.get('source', '')})"
+                                if accuracy is not None else ""), eval_table(version.eval)]
+  serving = dict(version.serving or {})
+  lines += ["", "serving", format_table(["figure", "value"], sorted(serving.items()))
+            if serving else "(no serving figures recorded)"]
+  return "\n".join(lines)
+
+
+def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
+        config_name: str = "", **options: Any) -> str:
+  """Runs one subcommand (see the module docstring); returns what it prints."""
+  if not registry:
+    raise RegistryError("--registry (or $WAKEA_REGISTRY) is required")
+  reg = Registry(registry)
+  need = {"list": 0, "show": 1, "compare": 2, "promote": 1, "register": 0, "evaluate": 1,
+          "record-serving": 1, "weaknesses": 1, "select": 0}
+  if command not in need:
+    raise RegistryError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  if len(args) != need[command]:
+    raise RegistryError(f"{command} takes {need[command]} argument(s), got {list(args)}")
+  opt = options.get
+  if command == "list":
+    versions = reg.list()
+    return list_table(versions) if versions else f"(no models registered in {reg.root})"
+  if command == "show":
+    return show(reg.resolve(args[0]))
+  if command == "compare":
+    a, b = reg.resolve(args[0]), reg.resolve(args[1])
+    rows = [[r.section, r.metric, r.a, r.b, r.delta] for r in reg.compare(a.ref, b.ref)]
+    return format_table(["section", "metric", a.ref, b.ref, "delta"], rows)
+  if command == "promote":
+    name, version = _version_ref(args[0])
+    stage = opt("stage") or "production"
+    before = reg.stages(name).get(stage)
+    reg.promote(name, version, stage)
+    return f"{name}@{stage} -> {version}" + (f" (was {before})" if before else "")
+  if command == "register":
+    if not opt("name") or not opt("checkpoint"):
+      raise RegistryError("register needs --name and --checkpoint")
+    version = reg.register(opt("name"), opt("checkpoint"), parent=opt("parent") or None,
+                           config=config, data_sources=opt("data_sources") or (),
+                           objective=opt("objective") or "", notes=opt("notes") or "",
+                           copy=bool(opt("copy")))
+    return f"registered {opt('name')}:{version}"
+  version = reg.resolve(args[0]) if args else None
+  if command == "evaluate":
+    if config is None:
+      raise RegistryError("evaluate needs --config (an RL config: eval prompts, rollout, reward)")
+    result = tracking.evaluate_checkpoint_by_category(config, version.checkpoint)
+    reg.record_eval(version.name, version.version, result, source=config_name)
+    return (f"{version.ref}: overall {result['overall']['accuracy']:.3f} on "
+            f"{result['overall']['n']} prompts (recorded)\n" + eval_table(result))
+  if command == "record-serving":
+    if not opt("figures"):
+      raise RegistryError("record-serving needs --figures=FILE.json")
+    figures = json.loads(pathlib.Path(opt("figures")).read_text())
+    reg.record_serving(version.name, version.version, figures)
+    return f"{version.ref}: serving figures recorded"
+  if command == "weaknesses":
+    return _weaknesses(reg, version, config_name=config_name, **options)
+  if not opt("role"):
+    raise RegistryError("select needs --role=FILE.json")
+  result = selection.select(reg, selection.RoleProfile.from_file(opt("role")))
+  json_path, md_path = selection.write_selection(reg, result)
+  headers, rows = selection.candidates_table(result)
+  lines = [f"role: {result.profile.role}   selected: {result.selected or 'none'}", "",
+           format_table(headers, rows) if rows else "(no candidate meets the requirements)"]
+  if result.excluded:
+    lines += ["", "excluded:"] + [f"  {line}" for line in selection.excluded_lines(result)]
+  lines += ["", result.reasoning, "", f"wrote {json_path}", f"wrote {md_path}"]
+  return "\n".join(lines)
+
+
+def _weaknesses(reg: Registry, version: ModelVersion, *, config_name: str, **options: Any
+                ) -> str:
+  opt = options.get
+  if not version.eval:
+    raise RegistryError(f"{version.ref} has no recorded evaluation; run `evaluate` first")
+  parent = reg.resolve(version.parent).eval if version.parent else None
+  threshold = opt("threshold", 0.5)
+  margin = opt("margin", 0.05)
+  found = weakness.find_weaknesses(version.eval, parent, threshold=threshold,
+                                   regression_margin=margin, min_n=opt("min_n", 1))
+  lines = [f"{version.ref}: {len(found)} weakness(es) (threshold {threshold}, margin {margin}"
+           + (f", parent {version.parent}" if version.parent else ", no parent") + ")"]
+  lines += [f"  {w.describe(threshold, margin)}" for w in found]
+  if not found or not opt("targeted_out"):
+    return "\n".join(lines)
+  summary = weakness.targeted_data(found, opt("targeted_out"),
+                                   n_per_category=opt("n_per_category", 256),
+                                   seed=opt("seed", 0), kind=opt("kind", "prompts"))
+  lines.append(f"wrote {summary['records']} {summary['kind']} records to {summary['path']}")
+  if not config_name or not opt("workdir"):
+    lines.append("(give --config and --workdir for the follow-up run's command)")
+    return "\n".join(lines)
+  command = weakness.follow_up_command(config_name, summary["path"],
+                                       init_from=version.checkpoint, workdir=opt("workdir"),
+                                       kind=summary["kind"])
+  lines += ["follow-up run:", "  " + weakness.shell_line(command),
+            f"then: python -m wakea_jax.registry --registry={reg.root} register "
+            f"--name={version.name} --checkpoint={opt('workdir')} --parent={version.ref} "
+            f"--objective=targeted --data_sources={summary['path']}"]
+  if opt("start"):
+    print("\n".join(lines), flush=True)
+    weakness.start_follow_up(command)
+    lines = ["follow-up run finished"]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs the subcommand in argv and prints its output."""
+  if len(argv) < 2:
+    raise app.UsageError(f"give a command: {', '.join(COMMANDS)}")
+  logs.quiet_library_logs()
+  config = FLAGS.config
+  config_name = config_flags.get_config_filename(FLAGS["config"]) if config is not None else ""
+  names = ("stage", "name", "checkpoint", "parent", "objective", "data_sources", "notes",
+           "copy", "figures", "threshold", "margin", "min_n", "targeted_out", "n_per_category",
+           "seed", "kind", "workdir", "start", "role")
+  try:
+    print(run(argv[1], argv[2:], registry=FLAGS.registry, config=config,
+              config_name=config_name, **{n: FLAGS[n].value for n in names}))
+  except (RegistryError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"registry {argv[1]}: {e}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
