@@ -101,12 +101,15 @@ def test_bad_config_errors(tmp_path):
     trainers.run(_config("grpo", **{"rl.advantage": "nope"}), tmp_path)
 
 
-def test_grpo_with_the_tool_loop_in_rollouts(tmp_path):
-  """The `tools` path: rollouts go through run_tool_loop (a random tiny model rarely calls a
-  tool; the masking of tool tokens is tested in test_rollout.py and sampling/test_tool_loop)."""
+@pytest.mark.parametrize("slots", [0, 3])
+def test_grpo_with_the_tool_loop_in_rollouts(tmp_path, slots):
+  """The `tools` path: rollouts go through run_tool_loop, or with rollout.slots the continuous
+  batcher's tool path (a random tiny model rarely calls a tool; the masking of tool tokens is
+  tested in test_rollout.py and sampling/test_tool_loop, the batcher's equality with the tool
+  loop in sampling/test_batching)."""
   config = _config("grpo", **{"train.steps": 1, "train.eval_at_start": False,
                               "rollout.tools": ("calculator",), "rollout.max_tool_calls": 1,
-                              "rollout.max_tool_tokens": 32})
+                              "rollout.max_tool_tokens": 32, "rollout.slots": slots})
   learner = trainers.make_learner(config, tmp_path)
   assert learner.router is not None and "calculator" in learner.router.tools
   last = learner.train()

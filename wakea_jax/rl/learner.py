@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -190,10 +190,9 @@ class Learner:
                                 chunk_steps=r.chunk_steps, mesh=self.built.mesh,
                                 rules=self.built.rules)
     self.router = rollout_lib.router_for(r)
-    if r.slots and (self.router is not None or jax.process_count() > 1):
-      logging.warning("rollout.slots=%d: continuous batching runs without tools on one process; "
-                      "this run's rollouts batch statically (%s)", r.slots,
-                      "tools on" if self.router is not None else "several processes")
+    if r.slots and jax.process_count() > 1:
+      logging.warning("rollout.slots=%d: continuous batching runs on one process; this run's "
+                      "rollouts on %d processes batch statically", r.slots, jax.process_count())
     self.reward = rewards_lib.build_reward(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
     data = run.data
@@ -228,9 +227,15 @@ class Learner:
     """The sampler's params for this step: the policy's, at the rollout precision."""
     return self.rollout_model.convert(self.policy_params())
 
-  def collect(self, step: int) -> tuple[rollout_lib.Rollouts, np.ndarray, dict[str, np.ndarray],
-                                        np.ndarray, dict[str, float]]:
-    """Rollouts with rewards; (rollouts, total [n], components, group_keep [P], stats)."""
+  def collect(self, step: int, on_rollouts: Callable[[rollout_lib.Rollouts], None] | None = None
+              ) -> tuple[rollout_lib.Rollouts, np.ndarray, dict[str, np.ndarray], np.ndarray,
+                         dict[str, float]]:
+    """Rollouts with rewards; (rollouts, total [n], components, group_keep [P], stats).
+
+    Without dynamic sampling there is one round, whose rollouts are the step's as they are:
+    `on_rollouts` gets them before they are rewarded, so that the device can start scoring
+    them while the host computes the rewards (and runs a judge, or code).
+    """
     rl, g = self.rl, self.rollout.group_size
     params = self.rollout_params()     # once per policy update, shared by every round
     key = jax.random.fold_in(jax.random.key(self.run.seed + 1), step)
@@ -253,6 +258,8 @@ class Learner:
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
+      if on_rollouts is not None and not rl.dynamic_sampling:
+        on_rollouts(rollouts)
       t_reward = time.perf_counter()
       total, components = self.reward(rollouts.samples(), step)
       reward_s += time.perf_counter() - t_reward
@@ -290,25 +297,18 @@ class Learner:
   def step(self, step: int) -> dict[str, float]:
     """One RL step (rollout, reward, score, update) on `self.state`; host metrics."""
     t0 = time.perf_counter()
-    rollouts, total, components, keep, stats = self.collect(step)
+    dispatched: list[tuple] = []
+    rollouts, total, components, keep, stats = self.collect(
+        step, on_rollouts=lambda r: dispatched.append(self._dispatch_scoring(r)))
     t1 = time.perf_counter()
     g = self.rollout.group_size
-    # One width for every process's rows (they form one global batch).
-    width = int(multihost.global_max(rollout_lib.batch_width(rollouts, 32)))
-    batch = rollout_lib.to_batch(rollouts, width=width, pad_id=self.pad_id)
+    batch, sampler_logprobs, old_logprobs, old_values, ref_logprobs = (
+        dispatched[0] if dispatched else self._dispatch_scoring(rollouts))
     mask = batch["loss_mask"]
     mask *= np.repeat(keep, g)[:, None]
     truncated = np.array([r in ("length", "capacity") for r in rollouts.stop_reason])
     if self.rl.overlong_filter:
       mask *= ~truncated[:, None]
-    sampler_logprobs = batch.pop("sampler_logprobs")
-    device_batch = mesh_lib.shard_batch(batch, self.built.mesh, self.built.rules)
-    with mesh_lib.logical_rules(self.built.mesh, self.built.rules):
-      # Dispatched first, so that the device scores while the host goes on.
-      old_logprobs, old_values = (self.score(self.state.params, self.state.frozen, device_batch)
-                                  if self.rescore else (None, None))
-      ref_logprobs = (self.score(self.reference, self.state.frozen, device_batch)[0]
-                      if self.reference is not None else None)
     gaps: dict[str, float] = {}
     if self.rescore:
       old_lp = multihost.to_host(old_logprobs)       # this process's rows
@@ -364,6 +364,8 @@ class Learner:
         "tool_calls": float(np.mean(tool_calls)),
         **gaps,
         "grad_norm": sums["grad_norm"],
+        # Scoring is dispatched before the rewards are computed (collect's on_rollouts), so
+        # score_s is only what the host still waited for once the rewards were done.
         "time/rollout_s": t1 - t0 - stats["time/reward_s"],
         "time/score_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
     }
@@ -376,6 +378,22 @@ class Learner:
     if "learning_rate" in sums:
       metrics["learning_rate"] = sums["learning_rate"]
     return metrics
+
+  def _dispatch_scoring(self, rollouts: rollout_lib.Rollouts) -> tuple:
+    """The train batch of `rollouts` and the trainer's (and reference's) scoring of it,
+    dispatched to the device without waiting -> (batch, sampler log-probs, old log-probs,
+    old values, reference log-probs); the device arrays are None when not needed."""
+    # One width for every process's rows (they form one global batch).
+    width = int(multihost.global_max(rollout_lib.batch_width(rollouts, 32)))
+    batch = rollout_lib.to_batch(rollouts, width=width, pad_id=self.pad_id)
+    sampler_logprobs = batch.pop("sampler_logprobs")
+    device_batch = mesh_lib.shard_batch(batch, self.built.mesh, self.built.rules)
+    with mesh_lib.logical_rules(self.built.mesh, self.built.rules):
+      old_logprobs, old_values = (self.score(self.state.params, self.state.frozen, device_batch)
+                                  if self.rescore else (None, None))
+      ref_logprobs = (self.score(self.reference, self.state.frozen, device_batch)[0]
+                      if self.reference is not None else None)
+    return batch, sampler_logprobs, old_logprobs, old_values, ref_logprobs
 
   def _update(self, batch: dict[str, np.ndarray], step: int) -> dict[str, float]:
     rl = self.rl

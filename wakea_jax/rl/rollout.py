@@ -46,8 +46,8 @@ class RolloutConfig:
   max_tool_tokens: int = 64
   chunk_steps: int = 16            # decode steps per while_loop chunk
   # Continuous batching (sampling/batching.py): this many rows decode at once and each takes
-  # the next completion when its own finishes. 0: static batching (every row at once).
-  # Without tools and on one process; the tool loop and several processes batch statically.
+  # the next completion when its own finishes or pauses for a tool call. 0: static batching
+  # (every row at once). On one process; several processes batch statically.
   slots: int = 0
   # Decode precision (sampling/precision.py): "" runs the trainer's params in its dtype;
   # "bfloat16" casts weights and compute to bfloat16; "int8" stores the layer projections in
@@ -140,16 +140,20 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   rows = [p for p in prompts for _ in range(g)]
   rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]
+  continuous = bool(config.slots) and jax.process_count() == 1 and bool(prompt_ids)
+  batcher = ContinuousBatcher(sampler, slots=config.slots or 1, chunk_steps=config.chunk_steps)
   if router is not None and config.max_tool_calls > 0:
-    out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tokenizer, router=router,
-                        rng=rng, max_new_tokens=config.max_new_tokens,
-                        max_tool_calls=config.max_tool_calls,
-                        max_tool_tokens=config.max_tool_tokens, chunk_steps=config.chunk_steps)
+    tool_settings = dict(tokenizer=tokenizer, router=router, rng=rng,
+                         max_new_tokens=config.max_new_tokens,
+                         max_tool_calls=config.max_tool_calls,
+                         max_tool_tokens=config.max_tool_tokens)
+    out = (batcher.run_tools(params, prompt_ids, **tool_settings) if continuous else
+           run_tool_loop(sampler, params, prompt_ids, chunk_steps=config.chunk_steps,
+                         **tool_settings))
     tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
     calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
   else:
-    if config.slots and jax.process_count() == 1 and prompt_ids:
-      batcher = ContinuousBatcher(sampler, slots=config.slots, chunk_steps=config.chunk_steps)
+    if continuous:
       out = batcher.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
     else:
       out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
