@@ -13,7 +13,8 @@ per-category evaluations and serving figures; find weaknesses; select a model fo
   python -m wakea_jax.registry --registry=/models/reg record-serving tiny:2 --figures=bench.json
   python -m wakea_jax.registry --registry=/models/reg weaknesses tiny:2 [--threshold=0.5 \
       --margin=0.05 --min_n=8] [--targeted_out=weak.jsonl --n_per_category=256 \
-      --kind=prompts --config=configs/grpo.py:arithmetic --workdir=/tmp/followup [--start]]
+      --kind=prompts --config=configs/grpo.py:arithmetic --workdir=/tmp/followup \
+      [--follow_up_override=train.steps=100 ...] [--start]]
   python -m wakea_jax.registry --registry=/models/reg select --role=chat_frontend.json
 
 --registry defaults to $WAKEA_REGISTRY. `weaknesses` with --targeted_out writes training data
@@ -75,6 +76,9 @@ def _define_flags() -> None:
                     "weaknesses: RL prompt records or SFT dialogues.")
   flags.DEFINE_string("workdir", "", "weaknesses: the follow-up run's workdir.")
   flags.DEFINE_bool("start", False, "weaknesses: start the follow-up run.")
+  flags.DEFINE_multi_string("follow_up_override", [],
+                            "weaknesses: KEY=VALUE for the follow-up run's config (repeatable; "
+                            "e.g. train.steps=100).")
   flags.DEFINE_string("role", "", "select: a JSON role profile.")
 
 
@@ -211,7 +215,8 @@ def _weaknesses(reg: Registry, version: ModelVersion, *, config_name: str, **opt
     return "\n".join(lines)
   command = weakness.follow_up_command(config_name, summary["path"],
                                        init_from=version.checkpoint, workdir=opt("workdir"),
-                                       kind=summary["kind"])
+                                       kind=summary["kind"],
+                                       overrides=opt("follow_up_override") or ())
   lines += ["follow-up run:", "  " + weakness.shell_line(command),
             f"then: python -m wakea_jax.registry --registry={reg.root} register "
             f"--name={version.name} --checkpoint={opt('workdir')} --parent={version.ref} "
@@ -232,7 +237,7 @@ def main(argv: Sequence[str]) -> None:
   config_name = config_flags.get_config_filename(FLAGS["config"]) if config is not None else ""
   names = ("stage", "name", "checkpoint", "parent", "objective", "data_sources", "notes",
            "copy", "figures", "threshold", "margin", "min_n", "targeted_out", "n_per_category",
-           "seed", "kind", "workdir", "start", "role")
+           "seed", "kind", "workdir", "start", "follow_up_override", "role")
   try:
     print(run(argv[1], argv[2:], registry=FLAGS.registry, config=config,
               config_name=config_name, **{n: FLAGS[n].value for n in names}))

@@ -65,3 +65,30 @@ def test_register_evaluate_weaknesses_select(tmp_path):
   assert {e["ref"] for e in result.ranking} == {"tiny:1", "tiny:2"}
   json_path, md_path = selection.write_selection(reg, result)
   assert json_path.is_file() and md_path.read_text().startswith("# Model selection: fast")
+
+
+def test_follow_up_run_closes_the_loop(tmp_path):
+  """Weak categories -> targeted prompts -> a (one-step) GRPO run from the weak version ->
+  its export registered as the next version, with the lineage."""
+  native = tmp_path / "native"
+  export.save_model_dir(transformer.create_model(
+      get_preset("tiny", vocab_size=1024, max_seq_len=256), seed=1), native)
+  reg = Registry(tmp_path / "reg")
+  reg.register("tiny", native)
+  reg.record_eval("tiny", 1, [{"task": "arithmetic", "category": "addition", "difficulty": "all",
+                               "accuracy": 0.0, "n": 8,
+                               "options": {"max_operand": 9, "tools": 0}}])
+  found = weakness.find_weaknesses(reg.resolve("tiny:1").eval)
+  data = weakness.targeted_data(found, tmp_path / "weak.jsonl", n_per_category=8)["path"]
+  workdir = tmp_path / "followup"
+  command = weakness.follow_up_command(
+      "configs/grpo.py:test", data, init_from=reg.resolve("tiny:1").checkpoint,
+      workdir=str(workdir), overrides=["train.steps=1", "train.eval_at_start=False",
+                                       "train.eval_every=100", "export.enabled=True"])
+  weakness.start_follow_up(command, capture_output=True, timeout=500)
+  assert (workdir / "export" / "model" / "model_config.json").is_file()
+  version = reg.register("tiny", workdir, parent="tiny:1", data_sources=[data],
+                         objective="grpo targeted")
+  follow_up = reg.resolve(f"tiny:{version}")
+  assert follow_up.parent == "tiny:1" and follow_up.config["data"]["sources"] == data
+  assert follow_up.model_dir == str(workdir / "export" / "model")

@@ -72,13 +72,15 @@ def test_subcommands_in_a_subprocess(tmp_path):
 
   weak = cli(reg_dir, "weaknesses", "tiny:2", "--threshold=0.5", "--margin=0.1",
              f"--targeted_out={tmp_path / 'weak.jsonl'}", "--n_per_category=5",
-             "--config=configs/grpo.py:test", f"--workdir={tmp_path / 'followup'}").stdout
+             "--config=configs/grpo.py:test", f"--workdir={tmp_path / 'followup'}",
+             "--follow_up_override=train.steps=2").stdout
   assert "tiny:2: 1 weakness(es) (threshold 0.5, margin 0.1, parent tiny:1)" in weak
   assert ("arithmetic/addition/medium (n=20): accuracy 0.400 < threshold 0.500; regressed from "
           "0.900 by 0.500 (> margin 0.100)") in weak
   assert f"wrote 5 prompts records to {tmp_path / 'weak.jsonl'}" in weak
   assert (f"-m wakea_jax.train --config=configs/grpo.py:test --workdir={tmp_path / 'followup'}"
-          f" --config.init_from={ck2} --config.data.sources={tmp_path / 'weak.jsonl'}") in weak
+          f" --config.init_from={ck2} --config.data.sources={tmp_path / 'weak.jsonl'}"
+          " --config.train.steps=2") in weak
   assert len((tmp_path / "weak.jsonl").read_text().splitlines()) == 5
 
   role = tmp_path / "role.json"

@@ -152,11 +152,12 @@ def targeted_data(weaknesses: Sequence[Weakness], out_path: str | os.PathLike[st
 
 
 def follow_up_command(config: str, data_path: str | os.PathLike[str], *, init_from: str,
-                      workdir: str, kind: str = "prompts", python: str = sys.executable
-                      ) -> list[str]:
+                      workdir: str, kind: str = "prompts", overrides: Sequence[str] = (),
+                      python: str = sys.executable) -> list[str]:
   """The training command of the follow-up run: `config` (an RL config for prompts, an SFT
   one for dialogues, e.g. configs/grpo.py:arithmetic) started from `init_from` (the weak
-  version's checkpoint) and trained on `data_path` only."""
+  version's checkpoint) and trained on `data_path` only; `overrides` ("train.steps=50", ...)
+  are appended as --config.KEY=VALUE."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   data_path = str(pathlib.Path(data_path).absolute())
@@ -164,7 +165,8 @@ def follow_up_command(config: str, data_path: str | os.PathLike[str], *, init_fr
   # ml_collections parses from its Python literal.
   sources = data_path if kind == "prompts" else repr(((data_path, 1.0),))
   return [python, "-m", "wakea_jax.train", f"--config={config}", f"--workdir={workdir}",
-          f"--config.init_from={init_from}", f"--config.data.sources={sources}"]
+          f"--config.init_from={init_from}", f"--config.data.sources={sources}",
+          *(f"--config.{override}" for override in overrides)]
 
 
 def start_follow_up(command: Sequence[str], **run_kwargs: Any) -> subprocess.CompletedProcess:
