@@ -163,16 +163,17 @@ def section_train() -> None:
                           "segment_ids": np.broadcast_to(segments, (b, t)).copy()})
   step = jax.jit(step_lib.make_train_step(graphdef, optimizer), donate_argnums=0)
   lowered = step.lower(state, batch)
-  cudnn = CUDNN_CALL in lowered.as_text()
   compiled = lowered.compile()
+  cudnn = CUDNN_CALL in lowered.as_text() or CUDNN_CALL in compiled.as_text()
   print(f"build + compile {time.perf_counter() - start:.1f} s; cuDNN fused attention in the "
         f"step: {'yes' if cudnn else 'NO'} ({CUDNN_CALL} custom call "
         f"{'found' if cudnn else 'absent'})", flush=True)
   if cfg.attention == "cudnn" and not cudnn:
-    print("WARNING: attention='cudnn' but no cuDNN call was compiled: layers.Attention does not "
-          "read ModelConfig.attention (yet); the figures below are the native kernel's")
+    print("WARNING: attention='cudnn' but the step has no cuDNN attention call: layers.Attention "
+          "does not read ModelConfig.attention (see the wiring line at the top) or the kernel "
+          "fell back; the figures below are not cuDNN's")
   state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  first_loss = float(metrics["loss_sum"] / max(float(metrics["weight"]), 1.0))
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     state, metrics = compiled(state, batch)
@@ -187,7 +188,8 @@ def section_train() -> None:
   print(f"train step: {step_s * 1e3:.1f} ms, {tokens / step_s:,.0f} tokens/s, "
         f"{per_token * tokens / step_s / 1e12:.3g} TFLOP/s "
         f"({per_token * tokens / 1e12:.3g} TFLOP per step: 6 x {weights / 1e6:,.1f}M "
-        f"matmul weights x tokens + full attention); loss {loss:.3f}, finite "
+        f"matmul weights x tokens + full attention); loss {first_loss:.3f} -> {loss:.3f} (the "
+        f"same batch each step), finite "
         f"{bool(metrics['finite'])}")
   if flop:
     print(f"MFU {100 * per_token * tokens / step_s / flop:.1f}% of {flop / 1e12:.0f} TFLOP/s "

@@ -7,7 +7,7 @@
 #       (tools/bench_gpu.py --section=decode)
 #   (d) one GRPO step of the real learner, llama3.2-1b shapes, attention=cudnn, 2 prompts x 8
 #       completions, 64 prompt + 128 new tokens, KL on (tools/bench_grpo.py)
-# Each section is its own process with its own time limit (the limits add up to 470 s), so a
+# Each section is its own process with its own time limit (the limits add up to 450 s), so a
 # failure or a hang costs only that section; the script goes on and exits 1 if any failed.
 #
 #   bash tools/bench_gpu.sh            # on the GPU machine
@@ -67,7 +67,12 @@ section() {   # section NAME LIMIT_S COMMAND...
 }
 
 echo "bench_gpu $([ "$smoke" = 1 ] && echo "--smoke (toy sizes on whatever jax sees)")"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' + local changes'), python $py"
+if commit="$(git rev-parse --short HEAD 2>/dev/null)"; then
+  git diff --quiet HEAD 2>/dev/null || commit="$commit + local changes"
+else
+  commit="unknown (not a git checkout)"
+fi
+echo "commit $commit, python $py"
 if grep -q "fused_attention" wakea_jax/models/layers.py; then
   echo "layers.Attention reads ModelConfig.attention: yes"
 else
@@ -95,11 +100,11 @@ if [ "$smoke" = 1 ]; then
 else
   model=(--preset=llama3.2-1b --dtype=bfloat16 --attention=cudnn)
   section info 40 "$py" "${bench[@]}" --section=info
-  section train 160 "$py" "${bench[@]}" --section=train "${model[@]}" --batch=8 --seq=2048 \
+  section train 155 "$py" "${bench[@]}" --section=train "${model[@]}" --batch=8 --seq=2048 \
     --steps=5 --remat=dots
   section decode 80 "$py" "${bench[@]}" --section=decode "${model[@]}" --decode_batch=64 \
     --prompt=128 --new=256
-  section grpo 190 "$py" tools/bench_grpo.py --preset=llama3.2-1b \
+  section grpo 175 "$py" tools/bench_grpo.py --preset=llama3.2-1b \
     --model=dtype=bfloat16,attention=cudnn --prompts=2 --group=8 --prompt_tokens=64 \
     --new=128 --steps=1 --kl_beta=0.04 --modes=auto
 fi

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wakea_jax.checkpoints import hf
 from wakea_jax.models import fused_attention as fa
 from wakea_jax.models import layers
-from wakea_jax.checkpoints import hf
 from wakea_jax.models.config import ModelConfig, get_preset
 from wakea_jax.models.transformer import attention_mask_for, create_model
 

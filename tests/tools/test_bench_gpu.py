@@ -28,8 +28,8 @@ def test_bench_gpu_smoke_prints_every_section():
   assert re.search(r"^assumed peak: ", out, re.MULTILINE)
   assert "attention='xla' -> xla on cpu" in out
   assert re.search(r"cuDNN fused attention in the step: NO", out)
-  assert re.search(r"^train step: [\d.]+ ms, [\d,]+ tokens/s, .*loss [\d.]+, finite True", out,
-                   re.MULTILINE), out
+  assert re.search(r"^train step: [\d.]+ ms, [\d,]+ tokens/s, .*loss [\d.]+ -> [\d.]+ .*finite "
+                   r"True", out, re.MULTILINE), out
   assert re.search(r"^decode: prefill [\d.]+ ms, [\d.]+ ms/step, [\d,]+ generated tokens/s", out,
                    re.MULTILINE), out
   assert re.search(r"^auto +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+", out, re.MULTILINE), out

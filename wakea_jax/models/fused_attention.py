@@ -28,9 +28,11 @@ How cuDNN gets the mask:
     0 where allowed, a large negative number where not) together with `is_causal`. That is
     exact for any mask (packing included) at the cost of reading b*t*s bias values; cuDNN's
     packed (THD, q_offsets) layout would avoid it but `jax.nn.dot_product_attention` does not
-    expose it. In jax 0.10 the backward pass also writes a [b, 1, t, s] bias gradient that is
-    discarded (jax's cuDNN wrapper always exports it): b*t*s*2 bytes per layer, transient.
-    cuDNN requires even t and s for a bias in training; an odd length falls back to "xla".
+    expose it. In jax 0.10.2 cuDNN's backward pass also computes a [b, 1, t, s] bias gradient
+    that nothing reads (jax's wrapper exports one for every bias; jax-ml/jax#39512 skips it
+    for boolean masks in later releases): b*t*s*2 bytes per layer, transient, plus its
+    reduction over heads. cuDNN requires even t and s for a bias in training; an odd length
+    falls back to "xla".
 
 Layouts: q [b, t, n, h]; k, v [b, s, kv, h] (`kv_layout="bskh"`, the layout of fresh
 projections) or [b, kv, s, h] (`kv_layout="bksh"`, the head-major KV cache). The kernel takes
