@@ -38,13 +38,8 @@ from ml_collections import config_flags
 
 from wakea_jax import logs
 from wakea_jax.serving import selection, tracking, weakness
-from wakea_jax.serving.registry import (
-  ModelVersion,
-  Registry,
-  RegistryError,
-  format_table,
-  overall_accuracy,
-)
+from wakea_jax.serving.registry import ModelVersion, Registry, RegistryError
+from wakea_jax.serving.results import overall_accuracy
 
 FLAGS = flags.FLAGS
 COMMANDS = ("list", "show", "compare", "promote", "register", "evaluate", "record-serving",
@@ -243,6 +238,21 @@ def main(argv: Sequence[str]) -> None:
               config_name=config_name, **{n: FLAGS[n].value for n in names}))
   except (RegistryError, ValueError, FileNotFoundError) as e:
     sys.exit(f"registry {argv[1]}: {e}")
+
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain-text table with aligned columns (floats to 3 decimals, None as '-')."""
+  def cell(value: Any) -> str:
+    if value is None:
+      return "-"
+    if isinstance(value, float):
+      return f"{value:.3f}"
+    return str(value)
+  text = [[cell(v) for v in row] for row in rows]
+  widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+  line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+  return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in text])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ import os
 
 import pytest
 
+from wakea_jax import registry as binary
 from wakea_jax.serving import registry as registry_lib
 from wakea_jax.serving.registry import Registry, RegistryError
+from wakea_jax.serving.results import RecordError
 
 
 def fake_checkpoint(path, kind="native", content="a"):
@@ -114,13 +116,13 @@ def test_errors_list_what_exists(tmp_path):
     reg.promote("tiny", 1, stage="prod uction")
   with pytest.raises(RegistryError, match="no model named 'ghost'"):
     reg.register("tiny", tmp_path / "ck", parent="ghost:1")
-  with pytest.raises(RegistryError, match=r"rows\[0\]: field 'accuracy' must be in \[0, 1\]"):
+  with pytest.raises(RecordError, match=r"rows\[0\]: field 'accuracy' must be in \[0, 1\]"):
     reg.record_eval("tiny", 1, [{"category": "a", "accuracy": 2.0, "n": 1}])
-  with pytest.raises(RegistryError, match=r"rows\[0\]: field\(s\) \['n'\] missing"):
+  with pytest.raises(RecordError, match=r"rows\[0\]: field\(s\) \['n'\] missing"):
     reg.record_eval("tiny", 1, [{"category": "a", "accuracy": 0.5}])
-  with pytest.raises(RegistryError, match="at least one of p50_latency_ms"):
+  with pytest.raises(RecordError, match="at least one of p50_latency_ms"):
     reg.record_serving("tiny", 1, {"speed": 3})
-  with pytest.raises(RegistryError, match="'tokens_per_s' must be a number >= 0"):
+  with pytest.raises(RecordError, match="'tokens_per_s' must be a number >= 0"):
     reg.record_serving("tiny", 1, {"tokens_per_s": "fast"})
   # A failed registration leaves no half-made version behind.
   assert reg.versions("tiny") == [1]
@@ -173,5 +175,5 @@ def test_eval_serving_and_compare(tmp_path):
   assert rows[("serving", "p95_latency_ms")].delta == pytest.approx(10.0)
   assert rows[("serving", "peak_memory_mb")].b is None
   assert rows[("serving", "peak_memory_mb")].delta is None
-  text = registry_lib.format_table(["metric", "a", "b"], [["x", 1.0, None]])
+  text = binary.format_table(["metric", "a", "b"], [["x", 1.0, None]])
   assert text.splitlines() == ["metric  a      b", "------  -----  -", "x       1.000  -"]

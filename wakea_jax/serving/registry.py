@@ -39,6 +39,14 @@ from typing import Any
 
 from wakea_jax.checkpoints import loader
 from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.serving.results import (
+  SERVING_FIGURES,
+  cell_rows,
+  check_serving_figures,
+  eval_rows,
+  overall_accuracy,
+  row_key,
+)
 
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
@@ -47,8 +55,6 @@ COPIED_CHECKPOINT = "checkpoint"
 # separate a name from its version or stage in a reference.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 REFERENCE_FORMS = "'NAME' (latest version), 'NAME:VERSION' or 'NAME@STAGE'"
-# Serving figures a version can record (record_serving); other numeric keys are kept too.
-SERVING_FIGURES = ("p50_latency_ms", "p95_latency_ms", "tokens_per_s", "peak_memory_mb")
 
 
 class RegistryError(ValueError):
@@ -162,50 +168,6 @@ def _plain(value: Any) -> Any:
   elif dataclasses.is_dataclass(value) and not isinstance(value, type):
     value = dataclasses.asdict(value)
   return json.loads(json.dumps(value, default=str))
-
-
-def eval_rows(results: Any, where: str) -> list[dict[str, Any]]:
-  """Validated evaluation rows {task, category, difficulty, accuracy, n} from a list of rows
-  or a tracking result ({"rows": [...], ...})."""
-  rows = results.get("rows") if isinstance(results, Mapping) else results
-  if not isinstance(rows, Sequence) or isinstance(rows, str) or not rows:
-    raise RegistryError(f"{where}: evaluation results must be a non-empty list of rows "
-                        "{task, category, difficulty, accuracy, n} (or {'rows': [...]})")
-  out = []
-  for i, row in enumerate(rows):
-    if not isinstance(row, Mapping):
-      raise RegistryError(f"{where}: rows[{i}] must be an object, got {type(row).__name__}")
-    missing = [k for k in ("category", "accuracy", "n") if k not in row]
-    if missing:
-      raise RegistryError(f"{where}: rows[{i}]: field(s) {missing} missing")
-    accuracy, n = row["accuracy"], row["n"]
-    if not isinstance(accuracy, int | float) or not 0.0 <= accuracy <= 1.0:
-      raise RegistryError(f"{where}: rows[{i}]: field 'accuracy' must be in [0, 1], got "
-                          f"{accuracy!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-      raise RegistryError(f"{where}: rows[{i}]: field 'n' must be an integer >= 0, got {n!r}")
-    out.append({**row, "task": str(row.get("task", "")), "category": str(row["category"]),
-                "difficulty": str(row.get("difficulty", "all")), "accuracy": float(accuracy)})
-  return out
-
-
-def row_key(row: Mapping[str, Any]) -> str:
-  """"task/category/difficulty" of an evaluation row (the unit compared across versions)."""
-  return f"{row.get('task', '')}/{row['category']}/{row.get('difficulty', 'all')}"
-
-
-def overall_accuracy(eval_record: Mapping[str, Any] | None) -> float | None:
-  """The overall accuracy of a recorded evaluation: its "overall" entry, else the n-weighted
-  mean of its per-cell rows (difficulty other than "all"); None when nothing is recorded."""
-  if not eval_record:
-    return None
-  overall = eval_record.get("overall")
-  if overall and overall.get("n"):
-    return float(overall["accuracy"])
-  rows = [r for r in eval_record.get("rows", ()) if r.get("difficulty", "all") != "all"]
-  rows = rows or list(eval_record.get("rows", ()))
-  total = sum(r["n"] for r in rows)
-  return sum(r["accuracy"] * r["n"] for r in rows) / total if total else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,22 +347,14 @@ class Registry:
           record[key] = _plain(results[key])
     if "overall" not in record:
       record["overall"] = {"accuracy": overall_accuracy(record),
-                           "n": sum(r["n"] for r in rows if r["difficulty"] != "all")}
+                           "n": sum(r["n"] for r in cell_rows(rows))}
     return self._update(name, version, eval=record)
 
   def record_serving(self, name: str, version: int, figures: Mapping[str, Any]
                      ) -> ModelVersion:
     """Records measured serving figures: p50/p95 latency (ms), generated tokens/s and peak
     memory (MB) (SERVING_FIGURES; other numeric or text keys such as the machine are kept)."""
-    where = f"record_serving({name}:{version})"
-    if not isinstance(figures, Mapping) or not set(SERVING_FIGURES) & set(figures):
-      raise RegistryError(f"{where}: figures must be a mapping with at least one of "
-                          f"{', '.join(SERVING_FIGURES)}")
-    for key in SERVING_FIGURES:
-      value = figures.get(key)
-      if key in figures and (not isinstance(value, int | float) or isinstance(value, bool)
-                             or value < 0):
-        raise RegistryError(f"{where}: field {key!r} must be a number >= 0, got {value!r}")
+    check_serving_figures(figures, f"record_serving({name}:{version})")
     return self._update(name, version, serving={"recorded": now(), **_plain(dict(figures))})
 
   def promote(self, name: str, version: int, stage: str = "production") -> ModelVersion:
@@ -448,17 +402,3 @@ def load_for_serving(version: ModelVersion, *, verify: bool = True) -> tuple[Any
                           f"{version.fingerprint[:12]}); register it again as a new version")
   model = loader.load_model(version.checkpoint)
   return model, tokenizer_from(version.tokenizer or loader.tokenizer_path(version.checkpoint))
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A plain-text table with aligned columns (floats to 3 decimals, None as '-')."""
-  def cell(value: Any) -> str:
-    if value is None:
-      return "-"
-    if isinstance(value, float):
-      return f"{value:.3f}"
-    return str(value)
-  text = [[cell(v) for v in row] for row in rows]
-  widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
-  line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
-  return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in text])

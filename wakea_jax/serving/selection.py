@@ -45,13 +45,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wakea_jax.serving.registry import (
-  ModelVersion,
-  Registry,
-  atomic_write_text,
-  now,
-  overall_accuracy,
-)
+from wakea_jax.serving.registry import ModelVersion, Registry, atomic_write_text, now
+from wakea_jax.serving.results import overall_accuracy, row_key
 
 # criterion -> (serving figure it reads by default, default direction); accuracy is special.
 CRITERIA = {"latency_ms": ("p95_latency_ms", "min"), "memory_mb": ("peak_memory_mb", "min"),
@@ -77,9 +72,7 @@ class Criterion:
       if not self.category:
         return overall_accuracy(version.eval)
       rows = (version.eval or {}).get("rows", ())
-      found = [r["accuracy"] for r in rows if
-               f"{r.get('task', '')}/{r['category']}/{r.get('difficulty', 'all')}"
-               == self.category]
+      found = [r["accuracy"] for r in rows if row_key(r) == self.category]
       return float(found[0]) if found else None
     value = (version.serving or {}).get(self.figure)
     return float(value) if isinstance(value, int | float) else None

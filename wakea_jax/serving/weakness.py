@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wakea_jax.data.tasks import PROMPT_TASKS, TASK_LABELS, TASKS
-from wakea_jax.serving.registry import atomic_write_text, eval_rows, row_key
+from wakea_jax.serving.registry import atomic_write_text
+from wakea_jax.serving.results import eval_rows, row_key
 
 TARGETED_SEED_BASE = 1_000_000
 KINDS = ("prompts", "sft")   # RL prompt records (data.sources of an RL config) or SFT dialogues
@@ -62,9 +63,8 @@ class Weakness:
     return f"{self.key} (n={self.n}): " + "; ".join(why)
 
 
-def find_weaknesses(version_results: Any, parent_results: Any = None, *,
-                    threshold: float = 0.5, regression_margin: float = 0.05, min_n: int = 1
-                    ) -> list[Weakness]:
+def find_weaknesses(version_results: Any, parent_results: Any = None, threshold: float = 0.5,
+                    regression_margin: float = 0.05, *, min_n: int = 1) -> list[Weakness]:
   """Rows of `version_results` (a list of eval rows, or a recorded evaluation {"rows": ...})
   whose accuracy is below `threshold`, or below the parent's same row by more than
   `regression_margin`; rows with fewer than `min_n` examples are skipped (a cell of three
@@ -120,8 +120,8 @@ def _draw(weakness: Weakness, n: int, seed: int, kind: str, options: Mapping[str
                    "reachable with these options?)")
 
 
-def targeted_data(weaknesses: Sequence[Weakness], out_path: str | os.PathLike[str], *,
-                  n_per_category: int = 64, seed: int = 0, kind: str = "prompts",
+def targeted_data(weaknesses: Sequence[Weakness], out_path: str | os.PathLike[str],
+                  n_per_category: int = 64, seed: int = 0, *, kind: str = "prompts",
                   options: Mapping[str, Any] | None = None, max_draws: int = 100_000
                   ) -> dict[str, Any]:
   """Writes `n_per_category` records per weakness to `out_path` (JSONL, atomically): RL prompt
