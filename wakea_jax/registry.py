@@ -10,6 +10,8 @@ per-category evaluations and serving figures; find weaknesses; select a model fo
   python -m wakea_jax.registry --registry=/models/reg promote tiny:2 [--stage=production]
   python -m wakea_jax.registry --registry=/models/reg evaluate tiny:2 \
       --config=configs/grpo.py:arithmetic          # per category, recorded in the registry
+  python -m wakea_jax.registry --registry=/models/reg measure tiny:2 [--max_new_tokens=32 \
+      --prompts_file=prompts.txt]                 # serving figures without a server, recorded
   python -m wakea_jax.registry --registry=/models/reg record-serving tiny:2 --figures=bench.json
   python -m wakea_jax.registry --registry=/models/reg weaknesses tiny:2 [--threshold=0.5 \
       --margin=0.05 --min_n=8] [--targeted_out=weak.jsonl --n_per_category=256 \
@@ -42,8 +44,12 @@ from wakea_jax.serving.registry import ModelVersion, Registry, RegistryError
 from wakea_jax.serving.results import overall_accuracy
 
 FLAGS = flags.FLAGS
-COMMANDS = ("list", "show", "compare", "promote", "register", "evaluate", "record-serving",
-            "weaknesses", "select")
+COMMANDS = ("list", "show", "compare", "promote", "register", "evaluate", "measure",
+            "record-serving", "weaknesses", "select")
+# `measure`'s default requests: short questions of the bundled tasks' kinds.
+MEASURE_PROMPTS = ("What is 23+19?", "Compute 47*6.", "How much is 905-388?",
+                   "What is the capital of Japan?", "Count 4 numbers starting at 7.",
+                   "Hello, I am Ada.", "What colour is the sky?", "Thanks a lot.")
 
 
 def _define_flags() -> None:
@@ -61,6 +67,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("notes", "", "register: free text.")
   flags.DEFINE_bool("copy", False, "register: copy the checkpoint into the registry.")
   flags.DEFINE_string("figures", "", "record-serving: a JSON file of serving figures.")
+  flags.DEFINE_integer("max_new_tokens", 32, "measure: tokens generated per request.")
+  flags.DEFINE_string("prompts_file", "", "measure: one prompt per line (default: built in).")
   flags.DEFINE_float("threshold", 0.5, "weaknesses: accuracy below this is weak.")
   flags.DEFINE_float("margin", 0.05, "weaknesses: a drop from the parent beyond this is weak.")
   flags.DEFINE_integer("min_n", 1, "weaknesses: skip cells with fewer examples.")
@@ -128,7 +136,7 @@ def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
     raise RegistryError("--registry (or $WAKEA_REGISTRY) is required")
   reg = Registry(registry)
   need = {"list": 0, "show": 1, "compare": 2, "promote": 1, "register": 0, "evaluate": 1,
-          "record-serving": 1, "weaknesses": 1, "select": 0}
+          "measure": 1, "record-serving": 1, "weaknesses": 1, "select": 0}
   if command not in need:
     raise RegistryError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   if len(args) != need[command]:
@@ -165,6 +173,17 @@ def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
     reg.record_eval(version.name, version.version, result, source=config_name)
     return (f"{version.ref}: overall {result['overall']['accuracy']:.3f} on "
             f"{result['overall']['n']} prompts (recorded)\n" + eval_table(result))
+  if command == "measure":
+    prompts = MEASURE_PROMPTS
+    if opt("prompts_file"):
+      lines = pathlib.Path(opt("prompts_file")).read_text(encoding="utf-8").splitlines()
+      prompts = tuple(line for line in lines if line.strip())
+    figures = tracking.measure_sampling(version.checkpoint, prompts,
+                                        max_new_tokens=opt("max_new_tokens") or 32,
+                                        tokenizer_path=version.tokenizer)
+    reg.record_serving(version.name, version.version, figures)
+    return (f"{version.ref}: serving figures recorded ({figures['method']})\n"
+            + format_table(["figure", "value"], sorted(figures.items())))
   if command == "record-serving":
     if not opt("figures"):
       raise RegistryError("record-serving needs --figures=FILE.json")
@@ -231,8 +250,9 @@ def main(argv: Sequence[str]) -> None:
   config = FLAGS.config
   config_name = config_flags.get_config_filename(FLAGS["config"]) if config is not None else ""
   names = ("stage", "name", "checkpoint", "parent", "objective", "data_sources", "notes",
-           "copy", "figures", "threshold", "margin", "min_n", "targeted_out", "n_per_category",
-           "seed", "kind", "workdir", "start", "follow_up_override", "role")
+           "copy", "figures", "max_new_tokens", "prompts_file", "threshold", "margin", "min_n",
+           "targeted_out", "n_per_category", "seed", "kind", "workdir", "start",
+           "follow_up_override", "role")
   try:
     print(run(argv[1], argv[2:], registry=FLAGS.registry, config=config,
               config_name=config_name, **{n: FLAGS[n].value for n in names}))

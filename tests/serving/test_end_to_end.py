@@ -49,22 +49,29 @@ def test_register_evaluate_weaknesses_select(tmp_path):
   assert summary["records"] == 4 * len(found)
   assert all(w.options == {"max_operand": 9, "tools": 0, "worked": 0} for w in found)
 
+
+  # Serving figures measured (sequential sampling, no server), then selection on them.
+  for ref in ("tiny:1", "tiny:2"):
+    printed = binary.run("measure", [ref], registry=str(reg.root), max_new_tokens=4)
+    assert printed.startswith(f"{ref}: serving figures recorded (sequential batch-1")
+  figures = reg.resolve("tiny:2").serving
+  assert figures["requests"] == len(binary.MEASURE_PROMPTS) and figures["max_new_tokens"] == 4
+  assert 0 < figures["p50_latency_ms"] <= figures["p95_latency_ms"]
+  assert figures["tokens_per_s"] > 0 and figures["peak_memory_mb"] > 0
+  profile = selection.RoleProfile.from_dict({"role": "fast", "criteria": {
+      "latency_ms": {"weight": 2, "max": 60_000}, "tokens_per_s": {"weight": 1},
+      "accuracy": {"weight": 1}}})
+  result = selection.select(reg, profile)
+  assert {e["ref"] for e in result.ranking} == {"tiny:1", "tiny:2"}
+  json_path, md_path = selection.write_selection(reg, result)
+  assert json_path.is_file() and md_path.read_text().startswith("# Model selection: fast")
+
   # Serving loads a version as sample/evaluate do, and refuses a changed checkpoint.
   model, tokenizer = load_for_serving(reg.resolve("tiny:1"))
   assert model.config.vocab_size == 1024 and tokenizer is not None
   (native / "stray.txt").write_text("x")
   with pytest.raises(RegistryError, match="tiny:1: the files of .* changed since"):
     load_for_serving(reg.resolve("tiny:1"))
-
-  # Selection on the recorded figures (serving figures as the bench would record them).
-  reg.record_serving("tiny", 1, {"p95_latency_ms": 50.0, "peak_memory_mb": 100.0})
-  reg.record_serving("tiny", 2, {"p95_latency_ms": 80.0, "peak_memory_mb": 100.0})
-  profile = selection.RoleProfile.from_dict({"role": "fast", "criteria": {
-      "latency_ms": {"weight": 2, "max": 100}, "accuracy": {"weight": 1}}})
-  result = selection.select(reg, profile)
-  assert {e["ref"] for e in result.ranking} == {"tiny:1", "tiny:2"}
-  json_path, md_path = selection.write_selection(reg, result)
-  assert json_path.is_file() and md_path.read_text().startswith("# Model selection: fast")
 
 
 def test_follow_up_run_closes_the_loop(tmp_path):

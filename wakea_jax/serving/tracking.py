@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import functools
 import pathlib
+import resource
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +36,7 @@ from flax import nnx
 
 from wakea_jax import config_lib
 from wakea_jax.checkpoints import loader
-from wakea_jax.data import sources
+from wakea_jax.data import chat, sources
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.config import pooled_specs
 from wakea_jax.data.tasks import PROMPT_TASKS, TASK_LABELS
@@ -44,6 +46,8 @@ from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl.rewards import correctness_reward
 from wakea_jax.rl.rollout import router_for
 from wakea_jax.sampling.sampler import chat_sampler, check_vocab
+from wakea_jax.sampling.tool_loop import run_tool_loop
+from wakea_jax.toolbox.registry import default_router
 
 UNLABELLED = {"task": "", "category": "unlabelled", "difficulty": "all"}
 
@@ -139,3 +143,51 @@ def evaluate_checkpoint_by_category(config: ml_collections.ConfigDict,
       batch_prompts=eval_config.batch_prompts)
   return {**result, "checkpoint": str(checkpoint), "sources": specs,
           "correct_reward": eval_config.correct_reward}
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+  """(peak memory in MB, what it measures): the device's peak bytes in use where the backend
+  reports it (GPU, TPU), else this process's peak resident set (CPU: the model lives there)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def measure_sampling(checkpoint: str | pathlib.Path, prompts: Sequence[str], *,
+                     max_new_tokens: int = 32, tokenizer_path: str = "", seed: int = 0
+                     ) -> dict[str, Any]:
+  """Serving figures of the model at `checkpoint` measured without a server, for comparing
+  versions on one machine: every prompt sampled alone (batch 1, greedy, no tools), twice,
+  the first pass compiling and the second timed; p50 / p95 of the per-request latency,
+  generated tokens per second over the timed pass, and peak memory (`_peak_memory_mb`).
+  The server's load test (tools/bench_serve.py) measures the figures under concurrency;
+  record whichever the role's selection should weigh (the "method" field says which)."""
+  if not prompts:
+    raise ValueError("measure_sampling: no prompts given")
+  model = loader.load_model(checkpoint)
+  graphdef, params = nnx.split(model)
+  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
+  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
+                         model_source=f"the checkpoint {checkpoint}")
+  router = default_router(enabled=())
+  ids = [chat.render([{"role": "user", "content": p}], tokenizer,
+                     add_generation_prompt=True).input_ids.tolist() for p in prompts]
+  latencies, generated = [], 0
+  for timed in (False, True):
+    for i, prompt_ids in enumerate(ids):
+      start = time.perf_counter()
+      out = run_tool_loop(sampler, params, [prompt_ids], tokenizer=tokenizer, router=router,
+                          rng=jax.random.key(seed + i), max_new_tokens=max_new_tokens,
+                          max_tool_calls=0)
+      if timed:
+        latencies.append(time.perf_counter() - start)
+        generated += len(out.tokens[0])
+  peak, what = _peak_memory_mb()
+  ms = np.asarray(latencies) * 1000
+  return {"p50_latency_ms": float(np.percentile(ms, 50)),
+          "p95_latency_ms": float(np.percentile(ms, 95)),
+          "tokens_per_s": generated / float(np.sum(latencies)), "peak_memory_mb": peak,
+          "requests": len(latencies), "max_new_tokens": max_new_tokens,
+          "method": f"sequential batch-1 greedy sampling, no server; memory: {what}",
+          "machine": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})"}
