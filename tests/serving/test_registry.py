@@ -73,6 +73,12 @@ def test_copy_checkpoint(tmp_path):
   assert v.copied and v.checkpoint.startswith(str(reg.root))
   assert (tmp_path / "reg/models/tiny/1/checkpoint/weights.bin").read_text() == "a"
   assert v.fingerprint == registry_lib.fingerprint(ck)
+  # An HF directory's own tokenizer files travel with the copy.
+  hf_dir = fake_checkpoint(tmp_path / "hf", kind="hf")
+  (hf_dir / "tokenizer.json").write_text("{}")
+  reg.register("withtok", hf_dir, copy=True)
+  assert reg.resolve("withtok").tokenizer == str(reg.models / "withtok/1/checkpoint")
+  assert reg.register("withtok", hf_dir) == 2 and reg.resolve("withtok").tokenizer == str(hf_dir)
 
 
 def test_promote_and_stages(tmp_path):

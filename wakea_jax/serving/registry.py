@@ -320,6 +320,8 @@ class Registry:
         tmp = version_dir / f".{COPIED_CHECKPOINT}.tmp"
         shutil.copytree(model_dir, tmp)
         tmp.rename(version_dir / COPIED_CHECKPOINT)
+        if fields["tokenizer"] == str(model_dir):   # its tokenizer files came along
+          fields["tokenizer"] = str(version_dir / COPIED_CHECKPOINT)
         model_dir = source = version_dir / COPIED_CHECKPOINT
       entry = ModelVersion(version=version, checkpoint=str(source), model_dir=str(model_dir),
                            fingerprint=fingerprint(model_dir), **fields)
