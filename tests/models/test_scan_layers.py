@@ -123,7 +123,7 @@ def test_kv_cache_layouts_and_cached_forward(loop_model):
   loop_cache = KVCache.create(LOOP, 2, 32)
   scan_cache = KVCache.create(SCAN, 2, 32)
   assert isinstance(loop_cache.keys, tuple) and not loop_cache.stacked
-  assert scan_cache.stacked and scan_cache.keys.shape == (4, 2, 32, 2, 24)
+  assert scan_cache.stacked and scan_cache.keys.shape == (4, 2, 2, 32, 24)
   assert loop_cache.capacity == scan_cache.capacity == 32
   ids, mask = _ids(2, 7), jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
   a, loop_cache = loop_model(ids, attention_mask=mask, cache=loop_cache)

@@ -64,7 +64,7 @@ def test_the_cache_and_state_are_laid_out_on_the_mesh(models):
   assert state.tokens.shape[0] == 8                   # 6 rows + 2 fillers for 4 batch shards
   assert bool(state.done[6]) and bool(state.done[7])  # fillers never generate
   spec = state.cache.keys[0].sharding.spec
-  assert spec[0] == ("data", "fsdp") and spec[2] == "tensor"
+  assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"   # head-major
   assert state.logits.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
   state = sharded.decode(sharded_params, state, jnp.asarray(4, jnp.int32))
   assert state.cache.keys[0].sharding.spec == spec   # decode keeps the layout

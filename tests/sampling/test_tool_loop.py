@@ -62,7 +62,7 @@ class ScriptedSampler:
     batch = len(prompts)
     for row in range(batch):
       self._load_next_turn(row)
-    zeros = jnp.zeros((batch, 4096, 1, 2))
+    zeros = jnp.zeros((batch, 1, 4096, 2))   # [b, kv_heads, capacity, head_dim]
     cache = KVCache(keys=(zeros,), values=(zeros,),
                     end_index=jnp.asarray([len(p) for p in prompts], jnp.int32))
     return DecodeState(cache=cache, logits=jnp.zeros((batch, 4)),

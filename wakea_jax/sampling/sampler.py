@@ -185,9 +185,10 @@ class Sampler:
   @staticmethod
   def _constrain_cache(cache: KVCache) -> KVCache:
     """The KV cache laid out like the activations: batch over data/fsdp, KV heads over
-    tensor (a leading layer axis, if the layers are stacked, replicated)."""
+    tensor (a leading layer axis, if the layers are stacked, replicated). Leaves are
+    head-major [(layers,) batch, kv_heads, capacity, head_dim] (see KVCache)."""
     def one(x: Array) -> Array:
-      axes = ("act_batch", None, "act_heads", None)
+      axes = ("act_batch", "act_heads", None, None)
       return mesh_lib.constrain(x, (None,) * (x.ndim - 4) + axes)
 
     return dataclasses.replace(cache, keys=jax.tree.map(one, cache.keys),
