@@ -28,11 +28,12 @@ figures (p50_latency_ms, p95_latency_ms, tokens_per_s, peak_memory_mb, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -44,8 +45,6 @@ from wakea_jax.serving.registry import ModelVersion, Registry, RegistryError
 from wakea_jax.serving.results import overall_accuracy
 
 FLAGS = flags.FLAGS
-COMMANDS = ("list", "show", "compare", "promote", "register", "evaluate", "measure",
-            "record-serving", "weaknesses", "select")
 # `measure`'s default requests: short questions of the bundled tasks' kinds.
 MEASURE_PROMPTS = ("What is 23+19?", "Compute 47*6.", "How much is 905-388?",
                    "What is the capital of Japan?", "Count 4 numbers starting at 7.",
@@ -92,6 +91,20 @@ def _version_ref(reference: str) -> tuple[str, int]:
   return name, int(version)
 
 
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain-text table with aligned columns (floats to 3 decimals, None as '-')."""
+  def cell(value: Any) -> str:
+    if value is None:
+      return "-"
+    if isinstance(value, float):
+      return f"{value:.3f}"
+    return str(value)
+  text = [[cell(v) for v in row] for row in rows]
+  widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+  line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+  return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in text])
+
+
 def list_table(versions: Sequence[ModelVersion]) -> str:
   """The `list` table."""
   rows = [[v.name, v.version, ",".join(v.stages) or "-", v.kind, v.created[:19], v.parent,
@@ -129,72 +142,91 @@ def show(version: ModelVersion) -> str:
   return "\n".join(lines)
 
 
-def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
-        config_name: str = "", **options: Any) -> str:
-  """Runs one subcommand (see the module docstring); returns what it prints."""
-  if not registry:
-    raise RegistryError("--registry (or $WAKEA_REGISTRY) is required")
-  reg = Registry(registry)
-  need = {"list": 0, "show": 1, "compare": 2, "promote": 1, "register": 0, "evaluate": 1,
-          "measure": 1, "record-serving": 1, "weaknesses": 1, "select": 0}
-  if command not in need:
-    raise RegistryError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-  if len(args) != need[command]:
-    raise RegistryError(f"{command} takes {need[command]} argument(s), got {list(args)}")
-  opt = options.get
-  if command == "list":
-    versions = reg.list()
-    return list_table(versions) if versions else f"(no models registered in {reg.root})"
-  if command == "show":
-    return show(reg.resolve(args[0]))
-  if command == "compare":
-    a, b = reg.resolve(args[0]), reg.resolve(args[1])
-    rows = [[r.section, r.metric, r.a, r.b, r.delta] for r in reg.compare(a.ref, b.ref)]
-    return format_table(["section", "metric", a.ref, b.ref, "delta"], rows)
-  if command == "promote":
-    name, version = _version_ref(args[0])
-    stage = opt("stage") or "production"
-    before = reg.stages(name).get(stage)
-    reg.promote(name, version, stage)
-    return f"{name}@{stage} -> {version}" + (f" (was {before})" if before else "")
-  if command == "register":
-    if not opt("name") or not opt("checkpoint"):
-      raise RegistryError("register needs --name and --checkpoint")
-    version = reg.register(opt("name"), opt("checkpoint"), parent=opt("parent") or None,
-                           config=config, data_sources=opt("data_sources") or (),
-                           objective=opt("objective") or "", notes=opt("notes") or "",
-                           copy=bool(opt("copy")))
-    return f"registered {opt('name')}:{version}"
-  version = reg.resolve(args[0]) if args else None
-  if command == "evaluate":
-    if config is None:
-      raise RegistryError("evaluate needs --config (an RL config: eval prompts, rollout, reward)")
-    result = tracking.evaluate_checkpoint_by_category(config, version.checkpoint)
-    reg.record_eval(version.name, version.version, result, source=config_name)
-    return (f"{version.ref}: overall {result['overall']['accuracy']:.3f} on "
-            f"{result['overall']['n']} prompts (recorded)\n" + eval_table(result))
-  if command == "measure":
-    prompts = MEASURE_PROMPTS
-    if opt("prompts_file"):
-      lines = pathlib.Path(opt("prompts_file")).read_text(encoding="utf-8").splitlines()
-      prompts = tuple(line for line in lines if line.strip())
-    figures = tracking.measure_sampling(version.checkpoint, prompts,
-                                        max_new_tokens=opt("max_new_tokens") or 32,
-                                        tokenizer_path=version.tokenizer)
-    reg.record_serving(version.name, version.version, figures)
-    return (f"{version.ref}: serving figures recorded ({figures['method']})\n"
-            + format_table(["figure", "value"], sorted(figures.items())))
-  if command == "record-serving":
-    if not opt("figures"):
-      raise RegistryError("record-serving needs --figures=FILE.json")
-    figures = json.loads(pathlib.Path(opt("figures")).read_text())
-    reg.record_serving(version.name, version.version, figures)
-    return f"{version.ref}: serving figures recorded"
-  if command == "weaknesses":
-    return _weaknesses(reg, version, config_name=config_name, **options)
-  if not opt("role"):
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One subcommand call: its arguments, the --config (and its file name) and the flags."""
+
+  args: tuple[str, ...]
+  config: Any = None
+  config_name: str = ""
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def opt(self, name: str, default: Any = None) -> Any:
+    """The flag `name` (`default` when not given or empty)."""
+    value = self.options.get(name)
+    return default if value is None or value == "" else value
+
+
+def _list(reg: Registry, call: Call) -> str:
+  versions = reg.list()
+  return list_table(versions) if versions else f"(no models registered in {reg.root})"
+
+
+def _show(reg: Registry, call: Call) -> str:
+  return show(reg.resolve(call.args[0]))
+
+
+def _compare(reg: Registry, call: Call) -> str:
+  a, b = reg.resolve(call.args[0]), reg.resolve(call.args[1])
+  rows = [[r.section, r.metric, r.a, r.b, r.delta] for r in reg.compare(a.ref, b.ref)]
+  return format_table(["section", "metric", a.ref, b.ref, "delta"], rows)
+
+
+def _promote(reg: Registry, call: Call) -> str:
+  name, version = _version_ref(call.args[0])
+  stage = call.opt("stage", "production")
+  before = reg.stages(name).get(stage)
+  reg.promote(name, version, stage)
+  return f"{name}@{stage} -> {version}" + (f" (was {before})" if before else "")
+
+
+def _register(reg: Registry, call: Call) -> str:
+  if not call.opt("name") or not call.opt("checkpoint"):
+    raise RegistryError("register needs --name and --checkpoint")
+  version = reg.register(call.opt("name"), call.opt("checkpoint"), parent=call.opt("parent"),
+                         config=call.config, data_sources=call.opt("data_sources", ()),
+                         objective=call.opt("objective", ""), notes=call.opt("notes", ""),
+                         copy=bool(call.opt("copy")))
+  return f"registered {call.opt('name')}:{version}"
+
+
+def _evaluate(reg: Registry, call: Call) -> str:
+  version = reg.resolve(call.args[0])
+  if call.config is None:
+    raise RegistryError("evaluate needs --config (an RL config: eval prompts, rollout, reward)")
+  result = tracking.evaluate_checkpoint_by_category(call.config, version.checkpoint)
+  reg.record_eval(version.name, version.version, result, source=call.config_name)
+  return (f"{version.ref}: overall {result['overall']['accuracy']:.3f} on "
+          f"{result['overall']['n']} prompts (recorded)\n" + eval_table(result))
+
+
+def _measure(reg: Registry, call: Call) -> str:
+  version = reg.resolve(call.args[0])
+  prompts = MEASURE_PROMPTS
+  if call.opt("prompts_file"):
+    lines = pathlib.Path(call.opt("prompts_file")).read_text(encoding="utf-8").splitlines()
+    prompts = tuple(line for line in lines if line.strip())
+  figures = tracking.measure_sampling(version.checkpoint, prompts,
+                                      max_new_tokens=call.opt("max_new_tokens", 32),
+                                      tokenizer_path=version.tokenizer)
+  reg.record_serving(version.name, version.version, figures)
+  return (f"{version.ref}: serving figures recorded ({figures['method']})\n"
+          + format_table(["figure", "value"], sorted(figures.items())))
+
+
+def _record_serving(reg: Registry, call: Call) -> str:
+  version = reg.resolve(call.args[0])
+  if not call.opt("figures"):
+    raise RegistryError("record-serving needs --figures=FILE.json")
+  figures = json.loads(pathlib.Path(call.opt("figures")).read_text())
+  reg.record_serving(version.name, version.version, figures)
+  return f"{version.ref}: serving figures recorded"
+
+
+def _select(reg: Registry, call: Call) -> str:
+  if not call.opt("role"):
     raise RegistryError("select needs --role=FILE.json")
-  result = selection.select(reg, selection.RoleProfile.from_file(opt("role")))
+  result = selection.select(reg, selection.RoleProfile.from_file(call.opt("role")))
   json_path, md_path = selection.write_selection(reg, result)
   headers, rows = selection.candidates_table(result)
   lines = [f"role: {result.profile.role}   selected: {result.selected or 'none'}", "",
@@ -205,41 +237,62 @@ def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
   return "\n".join(lines)
 
 
-def _weaknesses(reg: Registry, version: ModelVersion, *, config_name: str, **options: Any
-                ) -> str:
-  opt = options.get
+def _weaknesses(reg: Registry, call: Call) -> str:
+  version = reg.resolve(call.args[0])
   if not version.eval:
     raise RegistryError(f"{version.ref} has no recorded evaluation; run `evaluate` first")
   parent = reg.resolve(version.parent).eval if version.parent else None
-  threshold = opt("threshold", 0.5)
-  margin = opt("margin", 0.05)
-  found = weakness.find_weaknesses(version.eval, parent, threshold=threshold,
-                                   regression_margin=margin, min_n=opt("min_n", 1))
+  threshold, margin = call.opt("threshold", 0.5), call.opt("margin", 0.05)
+  found = weakness.find_weaknesses(version.eval, parent, threshold, margin,
+                                   min_n=call.opt("min_n", 1))
   lines = [f"{version.ref}: {len(found)} weakness(es) (threshold {threshold}, margin {margin}"
            + (f", parent {version.parent}" if version.parent else ", no parent") + ")"]
   lines += [f"  {w.describe(threshold, margin)}" for w in found]
-  if not found or not opt("targeted_out"):
+  if not found or not call.opt("targeted_out"):
     return "\n".join(lines)
-  summary = weakness.targeted_data(found, opt("targeted_out"),
-                                   n_per_category=opt("n_per_category", 256),
-                                   seed=opt("seed", 0), kind=opt("kind", "prompts"))
+  summary = weakness.targeted_data(found, call.opt("targeted_out"),
+                                   call.opt("n_per_category", 256), call.opt("seed", 0),
+                                   kind=call.opt("kind", "prompts"))
   lines.append(f"wrote {summary['records']} {summary['kind']} records to {summary['path']}")
-  if not config_name or not opt("workdir"):
+  if not call.config_name or not call.opt("workdir"):
     lines.append("(give --config and --workdir for the follow-up run's command)")
     return "\n".join(lines)
-  command = weakness.follow_up_command(config_name, summary["path"],
-                                       init_from=version.checkpoint, workdir=opt("workdir"),
+  command = weakness.follow_up_command(call.config_name, summary["path"],
+                                       init_from=version.checkpoint, workdir=call.opt("workdir"),
                                        kind=summary["kind"],
-                                       overrides=opt("follow_up_override") or ())
+                                       overrides=call.opt("follow_up_override", ()))
   lines += ["follow-up run:", "  " + weakness.shell_line(command),
             f"then: python -m wakea_jax.registry --registry={reg.root} register "
-            f"--name={version.name} --checkpoint={opt('workdir')} --parent={version.ref} "
+            f"--name={version.name} --checkpoint={call.opt('workdir')} --parent={version.ref} "
             f"--objective=targeted --data_sources={summary['path']}"]
-  if opt("start"):
+  if call.opt("start"):
     print("\n".join(lines), flush=True)
     weakness.start_follow_up(command)
     lines = ["follow-up run finished"]
   return "\n".join(lines)
+
+
+# command -> (number of positional arguments, function).
+COMMANDS: dict[str, tuple[int, Callable[[Registry, Call], str]]] = {
+    "list": (0, _list), "show": (1, _show), "compare": (2, _compare), "promote": (1, _promote),
+    "register": (0, _register), "evaluate": (1, _evaluate), "measure": (1, _measure),
+    "record-serving": (1, _record_serving), "weaknesses": (1, _weaknesses),
+    "select": (0, _select),
+}
+
+
+def run(command: str, args: Sequence[str], *, registry: str, config: Any = None,
+        config_name: str = "", **options: Any) -> str:
+  """Runs one subcommand (see the module docstring) with flag values `options`; returns what
+  it prints."""
+  if not registry:
+    raise RegistryError("--registry (or $WAKEA_REGISTRY) is required")
+  if command not in COMMANDS:
+    raise RegistryError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  count, function = COMMANDS[command]
+  if len(args) != count:
+    raise RegistryError(f"{command} takes {count} argument(s), got {list(args)}")
+  return function(Registry(registry), Call(tuple(args), config, config_name, options))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -258,21 +311,6 @@ def main(argv: Sequence[str]) -> None:
               config_name=config_name, **{n: FLAGS[n].value for n in names}))
   except (RegistryError, ValueError, FileNotFoundError) as e:
     sys.exit(f"registry {argv[1]}: {e}")
-
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A plain-text table with aligned columns (floats to 3 decimals, None as '-')."""
-  def cell(value: Any) -> str:
-    if value is None:
-      return "-"
-    if isinstance(value, float):
-      return f"{value:.3f}"
-    return str(value)
-  text = [[cell(v) for v in row] for row in rows]
-  widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
-  line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
-  return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in text])
 
 
 if __name__ == "__main__":
