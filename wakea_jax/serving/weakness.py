@@ -95,7 +95,7 @@ def find_weaknesses(version_results: Any, parent_results: Any = None, threshold:
   return sorted(out, key=lambda w: (w.accuracy, w.key))
 
 
-def _draw(weakness: Weakness, n: int, seed: int, kind: str, options: Mapping[str, Any],
+def _draw(weakness: Weakness, n: int, stream: int, kind: str, options: Mapping[str, Any],
           max_draws: int) -> list[dict[str, Any]]:
   """`n` records of the weak cell: generator output filtered by label, in chunks."""
   generators = PROMPT_TASKS if kind == "prompts" else TASKS
@@ -106,8 +106,9 @@ def _draw(weakness: Weakness, n: int, seed: int, kind: str, options: Mapping[str
                      f"(labelled tasks: {', '.join(labelled) or 'none'})")
   out: list[dict[str, Any]] = []
   chunk = max(64, 4 * n)
-  for attempt in range(max(1, max_draws // chunk)):
-    chunk_seed = TARGETED_SEED_BASE + seed * 1000 + attempt
+  # Each stream owns seeds [base + stream * 10_000, +10_000): no two batches share a chunk.
+  for attempt in range(min(10_000, max(1, max_draws // chunk))):
+    chunk_seed = TARGETED_SEED_BASE + stream * 10_000 + attempt
     records = generators[task](chunk, chunk_seed, **options)
     for record, label in zip(records, TASK_LABELS[task](chunk, chunk_seed, **options)):
       if label["category"] == weakness.category and weakness.difficulty in (
@@ -129,7 +130,9 @@ def targeted_data(weaknesses: Sequence[Weakness], out_path: str | os.PathLike[st
   {"messages"}), each with its "task", "category" and "difficulty" (RL keeps them as prompt
   metadata, so evaluating on the file breaks down by category too; SFT ignores them).
 
-  Generator options are the evaluation's (`Weakness.options`) unless `options` is given.
+  One batch per weakness: a weak category ("all" difficulties) and a weak cell of it each get
+  theirs, so the cell is drawn more often. Generator options are the evaluation's
+  (`Weakness.options`) unless `options` is given.
   Returns {"path", "kind", "records", "counts": {weakness key: n}}.
   """
   if kind not in KINDS:
@@ -142,7 +145,7 @@ def targeted_data(weaknesses: Sequence[Weakness], out_path: str | os.PathLike[st
   unique = {w.key: w for w in reversed(weaknesses)}   # one batch per cell, first kept
   for i, weakness in enumerate(w for w in weaknesses if unique.get(w.key) is w):
     chosen = dict(weakness.options if options is None else options)
-    drawn = _draw(weakness, n_per_category, seed * 100 + i, kind, chosen, max_draws)
+    drawn = _draw(weakness, n_per_category, seed * 1000 + i, kind, chosen, max_draws)
     records += drawn
     counts[weakness.key] = len(drawn)
   path = pathlib.Path(out_path)
