@@ -86,6 +86,10 @@ class DecodeState:
   stop_code: Array         # [b] int32, STOP_NONE or STOP_ID
   step: Array              # [] int32: next column of `tokens`
   keys: Array              # [b, 2] uint32: each row's own key data (see `row_keys`)
+  # Per-row sampling settings (`Sampler.per_row`; None otherwise): temperature (0: greedy)
+  # and top-p of each row, set by `start` / `refill`.
+  temperature: Array | None = None   # [b] float32
+  top_p: Array | None = None         # [b] float32
 
   def replace(self, **changes: Any) -> DecodeState:
     """Returns a copy with the given fields replaced (the state is frozen)."""
@@ -134,6 +138,10 @@ class Sampler:
   # With a mesh, prefill and decode run on it (see "Sharding" in the module docstring).
   mesh: Mesh | None = None
   rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+  # Each row carries its own temperature and top_p (DecodeState.temperature / top_p, set by
+  # `refill`): the serving engine's requests each bring theirs. The fields above are then
+  # the defaults `start` gives every row; top_k is not available per row.
+  per_row: bool = False
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "rules", mesh_lib.normalize_rules(self.rules))
@@ -149,6 +157,8 @@ class Sampler:
     if self.top_k < 0 or self.top_k > self.valid_vocab:
       raise ValueError(f"top_k must be in [0, {self.valid_vocab}] (the valid vocabulary), "
                        f"got {self.top_k}")
+    if self.per_row and self.top_k:
+      raise ValueError("a per_row Sampler takes temperature and top_p per row; top_k must be 0")
     if self.chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
 
@@ -268,7 +278,8 @@ class Sampler:
       # top-k and the log-softmax never touch the padded rows (Qwen: 151,665 of 151,936;
       # a from-scratch RL model: 1,024 of 32,000 made sampling 17x cheaper per step).
       logits = s.logits[:, :self.valid_vocab]
-      token, processed = self._sample(logits, keys)
+      token, processed = (self._sample_rows(logits, keys, s.temperature, s.top_p)
+                          if self.per_row else self._sample(logits, keys))
       active = ~s.done
       logp = jax.nn.log_softmax(logits, axis=-1)
       logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
@@ -290,6 +301,37 @@ class Sampler:
           stop_code=jnp.where(hit_stop, STOP_ID, s.stop_code), step=s.step + 1))
 
     return jax.lax.while_loop(cond, body, state)
+
+  def _sample_rows(self, logits: Array, keys: Array, temperature: Array, top_p: Array
+                   ) -> tuple[Array, Array]:
+    """`_sample` with each row's own temperature [b] (0: greedy) and top_p [b]: a row draws
+    what a static Sampler with its settings draws from the same key. Plain rows go through
+    `_sample` itself at temperature 1 on logits / T; the nucleus (sorting the vocabulary)
+    is computed only when some row asks for it."""
+    greedy = temperature <= 0.0
+    values = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    plain = dataclasses.replace(self, temperature=1.0, top_k=0, top_p=1.0, per_row=False)
+    token, processed = plain._sample(values, keys)
+    nucleus_rows = top_p < 1.0
+
+    def nucleus(_: None) -> tuple[Array, Array]:
+      # As `_sample`'s top-p path: sorted order, mass strictly before a token < p.
+      indices = jnp.argsort(-values, axis=-1)
+      ordered = jnp.take_along_axis(values, indices, axis=-1)
+      probs = jax.nn.softmax(ordered, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      ordered = jnp.where(mass_before < top_p[:, None], ordered, -jnp.inf)
+      choice = jax.vmap(jax.random.categorical)(keys, ordered)
+      logq = jnp.take_along_axis(jax.nn.log_softmax(ordered, axis=-1), choice[:, None],
+                                 axis=1)[:, 0]
+      return jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0].astype(jnp.int32), logq
+
+    sampled, logq = jax.lax.cond(jnp.any(nucleus_rows), nucleus, lambda _: (token, processed),
+                                 None)
+    token = jnp.where(nucleus_rows, sampled, token)
+    processed = jnp.where(nucleus_rows, logq, processed)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
+    return token, jnp.where(greedy, 0.0, processed)
 
   def _sample(self, logits: Array, keys: Array) -> tuple[Array, Array]:
     """-> (token [b], log q(token) under the processed distribution [b]); one key per row."""
@@ -376,7 +418,8 @@ class Sampler:
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def refill(self, params: nnx.State, state: DecodeState, rows: Array, tokens: Array,
-             mask: Array, limits: Array, keys: Array) -> DecodeState:
+             mask: Array, limits: Array, keys: Array, temperature: Array | None = None,
+             top_p: Array | None = None) -> DecodeState:
     """Starts new requests in rows `rows` [k] of a running state: each such row's cache is
     emptied and its prompt tokens [k, w] (mask [k, w]) prefilled, its counters reset, and it
     decodes on with `limits` [k] and key data `keys` [k, 2]. Only those k rows are computed
@@ -409,7 +452,10 @@ class Sampler:
                                            self.pad_id, state.tokens.dtype)),
           num_generated=at(state.num_generated, 0), limit=at(state.limit, limits),
           done=at(state.done, False), stop_code=at(state.stop_code, STOP_NONE),
-          keys=at(state.keys, keys)))
+          keys=at(state.keys, keys),
+          temperature=(state.temperature if temperature is None
+                       else at(state.temperature, temperature)),
+          top_p=state.top_p if top_p is None else at(state.top_p, top_p)))
 
   def idle_state(self, rows: int, steps: int, capacity: int) -> DecodeState:
     """A state of `rows` empty, finished rows (slots for `refill`), single process."""
@@ -420,7 +466,15 @@ class Sampler:
         logprobs=jnp.zeros((rows, steps)), processed_logprobs=jnp.zeros((rows, steps)),
         num_generated=jnp.zeros((rows,), jnp.int32), limit=jnp.ones((rows,), jnp.int32),
         done=jnp.ones((rows,), bool), stop_code=jnp.zeros((rows,), jnp.int32),
-        step=jnp.zeros((), jnp.int32), keys=jnp.zeros((rows, 2), jnp.uint32))
+        step=jnp.zeros((), jnp.int32), keys=jnp.zeros((rows, 2), jnp.uint32),
+        **self._row_settings(rows))
+
+  def _row_settings(self, rows: int, to_device: Any = jnp.asarray) -> dict[str, Any]:
+    """A per_row sampler's rows all at its own temperature and top_p (else nothing)."""
+    if not self.per_row:
+      return {}
+    return {"temperature": to_device(np.full((rows,), self.temperature, np.float32)),
+            "top_p": to_device(np.full((rows,), self.top_p, np.float32))}
 
   def buckets(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(prompt width, decode steps, cache capacity) for a batch."""
@@ -479,7 +533,8 @@ class Sampler:
         num_generated=self.to_device(np.zeros((batch,), np.int32)),
         limit=self.to_device(limits), done=self.to_device(filler),
         stop_code=self.to_device(np.zeros((batch,), np.int32)),
-        step=jnp.zeros((), jnp.int32), keys=self.to_device(row_keys(rng, offset, batch)))
+        step=jnp.zeros((), jnp.int32), keys=self.to_device(row_keys(rng, offset, batch)),
+        **self._row_settings(batch, self.to_device))
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: Array,
