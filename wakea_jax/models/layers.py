@@ -20,6 +20,7 @@ from flax import nnx
 from jax import Array
 
 from wakea_jax.models.config import ModelConfig, RopeScaling
+from wakea_jax.models.fused_attention import choose_implementation, fused_attention
 from wakea_jax.parallel.mesh import constrain
 
 # A large negative number rather than -inf: a fully masked row (a padding query) must give
@@ -314,8 +315,16 @@ class Attention(nnx.Module):
       new_cache, kv_layout = (k, v), "bksh"
       k, v = k.astype(dt), v.astype(dt)
 
-    out = dot_product_attention(q, k, v, mask, c.num_kv_heads, causal=cache is None,
-                                kv_layout=kv_layout)
+    impl = choose_implementation(c.attention, dt, c.head_dim)
+    if impl == "native":
+      out = dot_product_attention(q, k, v, mask, c.num_kv_heads, causal=cache is None,
+                                  kv_layout=kv_layout)
+    else:
+      # One new token per row: Transformer.forward's mask is then slot <= end_index (`start`),
+      # so the kernel gets lengths instead of a mask tensor.
+      lengths = start + 1 if cache is not None and q.shape[1] == 1 else None
+      out = fused_attention(q, k, v, mask, c.num_kv_heads, implementation=impl,
+                            causal=cache is None, kv_layout=kv_layout, kv_lengths=lengths)
     out = dense(out, self.o_proj, "btnh,nhe->bte", dt)
     return out, new_cache
 
