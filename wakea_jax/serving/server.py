@@ -56,6 +56,12 @@ class ServedModel:
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
   users: int = 0
 
+  @property
+  def label(self) -> str:
+    """"name:version" (the version alone when it already is a registry reference)."""
+    return self.version if self.version.startswith(f"{self.name}:") else (
+        f"{self.name}:{self.version}")
+
 
 class ModelHost:
   """The model the server answers with, swappable without downtime.
@@ -110,8 +116,8 @@ class ModelHost:
         new = load()
         health_check(new, timeout=health_timeout)
       except Exception as e:   # rollback: the old model keeps serving
-        logging.exception("hot-swap failed; still serving %s:%s", old.name, old.version)
-        record = {"ok": False, "from": f"{old.name}:{old.version}",
+        logging.exception("hot-swap failed; still serving %s", old.label)
+        record = {"ok": False, "from": old.label,
                   "error": f"{type(e).__name__}: {e}", "seconds": time.time() - started}
         self.swaps.append(record)
         return record
@@ -119,8 +125,8 @@ class ModelHost:
         self._model = new
       threading.Thread(target=self._retire, args=(old, 600.0), name="retire-old-model",
                        daemon=True).start()
-      record = {"ok": True, "from": f"{old.name}:{old.version}",
-                "to": f"{new.name}:{new.version}", "seconds": time.time() - started}
+      record = {"ok": True, "from": old.label, "to": new.label,
+                "seconds": time.time() - started}
       self.swaps.append(record)
       return record
     finally:
