@@ -12,6 +12,7 @@ from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.objectives.sft import token_logprobs
 from wakea_jax.sampling import Sampler
+from wakea_jax.sampling.sampler import first_argmax, inverse_cdf_sample
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55]]
 
@@ -178,3 +179,33 @@ def test_greedy_matches_transformers_generate(tmp_path):
       hf_out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
                             min_new_tokens=16, eos_token_id=None, pad_token_id=0)
     assert tokens == hf_out[0, len(prompt):].tolist()
+
+
+def test_inverse_cdf_sampling_draws_the_softmax_and_never_a_masked_id():
+  # 1,000 ids: not a multiple of the 256-id blocks (padding), -inf ids scattered and at the
+  # end (a block of no mass), one row per key.
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=1000).astype(np.float32) * 2
+  values[::7] = -np.inf
+  values[990:] = -np.inf
+  n = 100_000
+  tokens, logq = jax.jit(inverse_cdf_sample)(
+      jnp.broadcast_to(jnp.asarray(values), (n, 1000)), jax.random.split(jax.random.key(0), n))
+  tokens = np.asarray(tokens)
+  assert np.isfinite(values[tokens]).all()
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(values)))
+  np.testing.assert_allclose(np.bincount(tokens, minlength=1000) / n, probs, atol=4e-3)
+  np.testing.assert_allclose(np.asarray(logq), np.log(probs[tokens]), atol=1e-5)
+  # One id of all the mass, first or last, and a tie: always one of them.
+  edge = np.full((3, 600), -np.inf, np.float32)
+  edge[0, 0] = edge[1, 599] = 0.0
+  edge[2, 300] = edge[2, 301] = 5.0
+  for seed in range(20):
+    tokens, _ = inverse_cdf_sample(jnp.asarray(edge), jax.random.split(jax.random.key(seed), 3))
+    assert tokens[0] == 0 and tokens[1] == 599 and int(tokens[2]) in (300, 301)
+
+
+def test_first_argmax_is_argmax():
+  x = np.random.default_rng(1).normal(size=(16, 3000)).astype(np.float32)
+  x[3, 10] = x[3, 2000] = 100.0    # ties: the first index, as argmax
+  np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))

@@ -336,14 +336,14 @@ class Sampler:
   def _sample(self, logits: Array, keys: Array) -> tuple[Array, Array]:
     """-> (token [b], log q(token) under the processed distribution [b]); one key per row."""
     if self.temperature == 0.0:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1])
+      return first_argmax(logits), jnp.zeros(logits.shape[:1])
     if self.top_k:
       values, indices = jax.lax.top_k(logits, self.top_k)     # sorted descending
     elif self.top_p < 1.0:
       indices = jnp.argsort(-logits, axis=-1)
       values = jnp.take_along_axis(logits, indices, axis=-1)
     else:
-      values, indices = logits, None
+      return inverse_cdf_sample(logits / self.temperature, keys)
     values = values / self.temperature
     if self.top_p < 1.0:
       # Nucleus (arXiv 1904.09751 §3.1): keep the smallest prefix of the sorted tokens whose
@@ -572,6 +572,59 @@ class Sampler:
         logprobs=[host["logprobs"][r, :counts[r]] for r in range(real)],
         processed_logprobs=[host["processed"][r, :counts[r]] for r in range(real)],
         lengths=[int(c) for c in counts[:real]], stop_reason=reasons)
+
+
+def first_argmax(x: Array) -> Array:
+  """`jnp.argmax(x, axis=-1)` as int32 (the first index of each row's maximum) for finite x.
+
+  Why not argmax: XLA:CPU lowers it to a variadic (value, index) reduce that runs ~5x slower
+  than these two plain reductions (bench56m greedy decode: 1.1 vs 0.2 ms a step over
+  [8, 32000] logits). A row holding NaN gives the last index instead of the NaN's.
+  """
+  n = x.shape[-1]
+  top = jnp.max(x, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+  return jnp.minimum(first, n - 1)
+
+
+def inverse_cdf_sample(values: Array, keys: Array, block: int = 256) -> tuple[Array, Array]:
+  """Samples softmax(values) [b, n] by inversion, one uniform per row: -> (token [b] int32,
+  log softmax(values)[token] [b]); `keys` [b] are the rows' own PRNG keys.
+
+  Why: `jax.random.categorical` draws Gumbel noise for every id (threefry over the whole
+  vocabulary: 5.4 ms a step on bench56m's [8, 32000] logits, over half a decode step); this
+  draws one uniform u per row and returns the first id whose cumulative mass exceeds
+  u * total, in 0.26 ms. The cumulative sum is two-level (per-block sums, their cumsum, then
+  the cumsum of the one block holding u * total) because a flat cumsum over the vocabulary
+  is itself slow on CPU. Ids of zero probability (-inf values) are never returned: where
+  rounding puts u * total past the last boundary, the last id of positive mass is taken.
+  """
+  b, n = values.shape
+  pad = -n % block
+  if pad:
+    values = jnp.pad(values, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  top = jnp.max(values, axis=-1)
+  weights = jnp.exp(values - top[:, None]).reshape(b, -1, block)      # unnormalised probs
+  blocks = weights.shape[1]
+  cumulative = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)           # [b, blocks]
+  total = cumulative[:, -1]
+  u = jax.vmap(jax.random.uniform)(keys)
+  target = u * total
+  # The block holding the target: the first whose cumulative mass exceeds it, or the last
+  # block of positive mass where rounding put the target past the end.
+  block_ids = jnp.arange(blocks, dtype=jnp.int32)
+  last_block = jnp.max(jnp.where(cumulative > 0, block_ids, 0), axis=-1)
+  j = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1, dtype=jnp.int32), last_block)
+  before = jnp.where(j > 0, jnp.take_along_axis(cumulative, jnp.maximum(j - 1, 0)[:, None],
+                                                axis=1)[:, 0], 0.0)
+  chunk = jnp.take_along_axis(weights, j[:, None, None], axis=1)[:, 0]  # [b, block]
+  ids = jnp.arange(block, dtype=jnp.int32)
+  last_id = jnp.max(jnp.where(chunk > 0, ids, 0), axis=-1)
+  i = jnp.minimum(jnp.sum(jnp.cumsum(chunk, axis=-1) <= (target - before)[:, None], axis=-1,
+                          dtype=jnp.int32), last_id)
+  token = j * block + i
+  chosen = jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
+  return token, chosen - top - jnp.log(total)
 
 
 def row_keys(rng: Array, start: int, count: int) -> np.ndarray:
