@@ -5,7 +5,8 @@ float32, bfloat16 and int8 (weight-only) rollouts (sampling/precision.py, rollou
 
 Each precision samples `batch` completions of the same random prompts (temperature 1, same
 key) with the rollout model built from the same float32 params; the decode loop alone is
-timed (prefill excluded; best of `repeats` after a compiling run), per decode step. The gap
+timed (prefill excluded; best of `repeats` after a compiling run, the precisions taking
+turns so that load on a shared machine hits all of them), per decode step. The gap
 is |sampler log p - trainer log p| of every generated token, the trainer being the float32
 model scoring the whole sequence (models/scoring.py, what the RL learner re-scores with);
 float32's own row is the sampler/trainer numerics difference alone; "mean log p" (the
@@ -13,8 +14,8 @@ trainer's, of the sampled tokens) says how peaked the policy is. `weight_scale`
 multiplies every weight matrix (norms untouched): at 1 the model is a random init whose
 logits are near-uniform, which understates the gap a trained, peaked policy shows, so a
 sharper model is worth a second run (e.g. --weight_scale=3). Prints lscpu's model name: the
-figures differ by machine, and on CPU bfloat16 / int8 can be slower than float32 (XLA:CPU
-converts them to float32 around its dots), while decoding on accelerators is
+figures differ by machine, and on CPU bfloat16 / int8 decode no faster than float32
+(XLA:CPU converts them to float32 around its dots), while decoding on accelerators is
 bandwidth-bound and gains from smaller weights.
 """
 
@@ -67,37 +68,46 @@ def main(argv):
     m = nnx.merge(graphdef, params)
     return scoring.score_tokens(m, {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}).logprobs
 
-  print(f"{'rollout':9s} {'decode ms/step':>14s} {'vs float32':>10s} {'convert ms':>10s} "
-        f"{'weights MiB':>11s} {'gap mean':>9s} {'gap max':>9s} {'mean log p':>10s}")
-  base = None
+  runs = {}
   for dtype in _DTYPES.value:
     rollout = rollout_model_for(graphdef, params, dtype)
     jax.block_until_ready(rollout.convert(params))          # compile
     start = time.perf_counter()
     rparams = jax.block_until_ready(rollout.convert(params))
-    convert_ms = 1e3 * (time.perf_counter() - start)
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rparams)) / 2**20
-    sampler = Sampler(rollout.graphdef, rollout.config, temperature=1.0)
-    best = float("inf")
-    for run in range(_REPEATS.value + 1):                   # run 0 compiles
-      state = sampler.start(rparams, prompts, max_new_tokens=new, rng=jax.random.key(0))
-      jax.block_until_ready(state.logits)
-      start = time.perf_counter()
-      state = sampler.decode(rparams, state, jnp.asarray(new, jnp.int32))
-      jax.block_until_ready(state.tokens)
-      seconds = time.perf_counter() - start
-      best = min(best, seconds) if run else best
+    runs[dtype] = dict(convert_ms=1e3 * (time.perf_counter() - start), params=rparams,
+                       sampler=Sampler(rollout.graphdef, rollout.config, temperature=1.0),
+                       best=float("inf"))
+
+  def decode(run):
+    state = run["sampler"].start(run["params"], prompts, max_new_tokens=new,
+                                 rng=jax.random.key(0))
+    jax.block_until_ready(state.logits)
+    start = time.perf_counter()
+    state = run["sampler"].decode(run["params"], state, jnp.asarray(new, jnp.int32))
+    jax.block_until_ready(state.tokens)
+    return state, time.perf_counter() - start
+
+  # Round-robin over the precisions, so that a load change on a shared machine hits all.
+  for repeat in range(_REPEATS.value + 1):                  # round 0 compiles
+    for run in runs.values():
+      run["state"], seconds = decode(run)
+      run["best"] = min(run["best"], seconds) if repeat else run["best"]
+  print(f"{'rollout':9s} {'decode ms/step':>14s} {'vs float32':>10s} {'convert ms':>10s} "
+        f"{'weights MiB':>11s} {'gap mean':>9s} {'gap max':>9s} {'mean log p':>10s}")
+  base = None
+  for dtype, run in runs.items():
+    state = run["state"]
     steps = int(state.step)
     assert steps == new and int(np.asarray(state.num_generated).min()) == new, steps
-    ms = 1e3 * best / steps
+    ms = 1e3 * run["best"] / steps
     base = base or ms
     tokens = np.asarray(state.tokens)[:, :new]
     ids = jnp.asarray(np.concatenate([np.asarray(prompts), tokens], axis=1), jnp.int32)
     ref = np.asarray(trainer_logprobs(params, ids))[:, width - 1:]
     gap = np.abs(ref - np.asarray(state.logprobs)[:, :new])
-    print(f"{dtype or 'float32':9s} {ms:14.2f} {ms / base:9.2f}x {convert_ms:10.1f} "
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run["params"])) / 2**20
+    print(f"{dtype or 'float32':9s} {ms:14.2f} {ms / base:9.2f}x {run['convert_ms']:10.1f} "
           f"{weights:11.1f} {gap.mean():9.2e} {gap.max():9.2e} {ref.mean():10.2f}")
-
 
 if __name__ == "__main__":
   app.run(main)

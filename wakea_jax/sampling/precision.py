@@ -3,8 +3,8 @@
 Decoding is memory-bound: every step reads every weight once for a handful of tokens, so
 weights half (bfloat16) or, for the projections, a quarter (int8) the size of the float32
 master copy make each step cheaper where bandwidth is the limit (accelerators; XLA:CPU
-converts bfloat16 and int8 operands to float32 around its dots, so on CPU they decode more
-slowly: tools/bench_precision.py). The trainer keeps its own
+converts bfloat16 and int8 operands to float32 around its dots, so on CPU they decode no
+faster: tools/bench_precision.py). The trainer keeps its own
 numerics; `RolloutModel.convert` rebuilds the rollout weights from its params once per
 policy update (jitted), and the learner re-scores the rollouts with the trainer, so the
 importance ratio is always against the trainer's own log-probs and the sampler-trainer gap
