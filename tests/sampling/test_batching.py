@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from tests.randomise import randomise
+from tests.toy import CharTokenizer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.parallel import mesh as mesh_lib
@@ -89,11 +90,6 @@ def test_stacked_layers_refill_their_rows():
   out = ContinuousBatcher(sampler, slots=2, chunk_steps=4).generate(
       params, PROMPTS, max_new_tokens=LIMITS, rng=jax.random.key(0))
   assert out.tokens == static.tokens
-
-
-class CharTokenizer:   # token t decodes to chr(ord('a') + t % 26): strings span tokens
-  def decode(self, ids):
-    return "".join(chr(ord("a") + t % 26) for t in ids)
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=20)])

@@ -11,18 +11,11 @@ import pytest
 from flax import nnx
 
 from tests.randomise import randomise
+from tests.toy import PROMPTS, CharTokenizer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.sampling import Sampler
 from wakea_jax.serving.engine import Delta, Done, Engine, GenerationRequest, generate_text
-
-PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55],
-           [9], [77, 78, 79, 80], [3, 1, 4, 1, 5, 9, 2, 6]]
-
-
-class CharTokenizer:   # token t decodes to chr(ord('a') + t % 26): strings span tokens
-  def decode(self, ids):
-    return "".join(chr(ord("a") + t % 26) for t in ids)
 
 
 @pytest.fixture(scope="module")

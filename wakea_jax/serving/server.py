@@ -177,9 +177,9 @@ def create_app(host: ModelHost, options: ServerOptions = ServerOptions(), *,
   keys = keys or guard_lib.APIKeys()
   limits = options.limits
 
-  def error_response(e: _APIError) -> JSONResponse:
+  def error_response(e: _APIError | guard_lib.RequestError) -> JSONResponse:
     return JSONResponse(guard_lib.error_body(e.status, e.message, e.param, e.code),
-                        status_code=e.status, headers=e.headers)
+                        status_code=e.status, headers=getattr(e, "headers", None))
 
   async def admit(request: Request, endpoint: str) -> tuple[str, dict[str, Any], bytes]:
     """Auth, rate limit, size limit and JSON parsing -> (key id, body, raw)."""
@@ -285,10 +285,7 @@ def create_app(host: ModelHost, options: ServerOptions = ServerOptions(), *,
                        result["usage"]["completion_tokens"]), result["choices"][0][
                            "finish_reason"]
       return result
-    except guard_lib.RequestError as e:
-      status = e.status
-      return error_response(_APIError(e.status, e.message, e.param, e.code))
-    except _APIError as e:
+    except (guard_lib.RequestError, _APIError) as e:
       status = e.status
       return error_response(e)
     finally:
@@ -329,10 +326,7 @@ def create_app(host: ModelHost, options: ServerOptions = ServerOptions(), *,
               "model": served.name, "choices": [choice],
               "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                         "total_tokens": usage[0] + usage[1]}}
-    except guard_lib.RequestError as e:
-      status = e.status
-      return error_response(_APIError(e.status, e.message, e.param, e.code))
-    except _APIError as e:
+    except (guard_lib.RequestError, _APIError) as e:
       status = e.status
       return error_response(e)
     finally:
