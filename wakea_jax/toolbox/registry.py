@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 from wakea_jax.retrieval.index import is_index_dir
 from wakea_jax.toolbox import calculator, retrieval, sandbox, web
+from wakea_jax.toolbox.procedures import ProcedureMemory, procedure_tool
 from wakea_jax.toolbox.retrieval import BM25, Document, SearchBackend
 from wakea_jax.toolbox.router import Router
 from wakea_jax.toolbox.sandbox import SandboxConfig
 
-TOOL_NAMES = ("calculator", "python", "retrieve", "web_search")
+TOOL_NAMES = ("calculator", "python", "retrieve", "web_search", "procedures")
 
 
 def default_router(
@@ -22,10 +24,14 @@ def default_router(
     web_backend: SearchBackend | None = None,
     sandbox_config: SandboxConfig = SandboxConfig(),
     tool_timeout_s: float | None = 30.0,
+    procedures: str | os.PathLike[str] | ProcedureMemory | None = None,
 ) -> Router:
   """Builds a Router with the named tools. A search tool needs a backend or a corpus: an
   index directory (dense + BM25 hybrid) or documents / a JSONL file (BM25).
-  `web_backend` is treated as online; `web_corpus` gives the offline-labelled local search."""
+  `web_backend` is treated as online; `web_corpus` gives the offline-labelled local search.
+  "procedures" needs `procedures`: a ProcedureMemory, or a JSON file or directory of SOPs
+  (matched by trigger words and priority; pass a memory built with an embedder for
+  similarity)."""
   tools = []
   for name in enabled:
     if name == "calculator":
@@ -49,6 +55,13 @@ def default_router(
         tool = web.make_tool(BM25(retrieval.as_documents(web_corpus)), offline=True)
       else:
         raise ValueError("tool 'web_search' needs web_corpus (offline) or web_backend")
+    elif name == "procedures":
+      if procedures is None:
+        raise ValueError("tool 'procedures' needs procedures (a ProcedureMemory, or a JSON "
+                         "file or directory of procedures)")
+      if not isinstance(procedures, ProcedureMemory):
+        procedures = ProcedureMemory.from_path(procedures)
+      tool = procedure_tool(procedures)
     else:
       raise ValueError(f"unknown tool {name!r}; known: {', '.join(TOOL_NAMES)}")
     tools.append(dataclasses.replace(tool, timeout_s=tool_timeout_s))
