@@ -30,6 +30,7 @@ from wakea_jax.rl.answers import (  # re-exported: the rewards' public parsing h
   without_tool_responses,
 )
 from wakea_jax.rl.samples import Sample
+from wakea_jax.rl.search_rewards import SEARCH_REWARDS
 from wakea_jax.toolbox import sandbox
 
 RewardFn = Callable[[Sequence[Sample]], np.ndarray]
@@ -253,6 +254,8 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "overlong": overlong_reward,
     "length_penalty": overlong_reward,
     "judge": judge_lib.judge_reward,
+    # dag_validity, dag_format, answer_accuracy, rsearch, search_r1_em, search_r1_format
+    **SEARCH_REWARDS,
 }
 
 
@@ -285,7 +288,14 @@ def schedule_value(weight: float | Schedule, step: float) -> float:
 
 
 class CompositeReward:
-  """Weighted sum of reward components; weights are constants or schedules in the step."""
+  """Weighted sum of reward components; weights are constants or schedules in the step.
+
+  A component with `takes_step` set (a CompositeReward, or search_rewards.RSearchReward with
+  its curriculum) is called as fn(samples, step) -> (values, parts); its parts are reported
+  as "name/part".
+  """
+
+  takes_step = True
 
   def __init__(self, components: Mapping[str, tuple[RewardFn, float | Schedule]]) -> None:
     if not components:
@@ -304,10 +314,17 @@ class CompositeReward:
     total = np.zeros(n, np.float32)
     raw: dict[str, np.ndarray] = {}
     for name, (fn, weight) in self.components.items():
-      values = np.asarray(fn(samples), np.float32)
+      parts: Mapping[str, Any] = {}
+      if getattr(fn, "takes_step", False):
+        values, parts = fn(samples, step)
+      else:
+        values = fn(samples)
+      values = np.asarray(values, np.float32)
       if values.shape != (n,):
         raise ValueError(f"reward {name!r} returned shape {values.shape}, expected ({n},)")
       raw[name] = values
+      for part, part_values in parts.items():
+        raw[f"{name}/{part}"] = np.asarray(part_values, np.float32).reshape(n)
       w = schedule_value(weight, step)
       if w != 0.0:
         total += np.float32(w) * values
