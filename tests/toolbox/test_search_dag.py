@@ -13,6 +13,7 @@ from wakea_jax.toolbox.search_sources import (
   SourceRegistry,
   bm25_source,
   build_sources,
+  index_source,
 )
 from wakea_jax.toolbox.web import HttpSearchBackend
 
@@ -224,6 +225,25 @@ def test_execute_over_a_real_bm25_source():
   assert result.queries["B"] == "where was Jane Roe born"
   assert [p.title for p in result.passages["B"]] == ["roe"]
   assert "Lisbon" in result.passages["B"][0].text
+
+
+def test_index_directory_sources_dense_and_bm25(tmp_path):
+  from wakea_jax.retrieval.embed import load_embedder
+  from wakea_jax.retrieval.index import DenseIndex
+
+  embedder = load_embedder("hash-256")   # numpy feature hashing; brute force below 10k docs
+  docs = [Document("acme", "Acme Corp was founded by Jane Roe.", {"title": "Jane Roe"}),
+          Document("roe", "Jane Roe was born in Lisbon."),
+          Document("beta", "Beta Ltd sells pumps.")]
+  directory = DenseIndex.build(docs, embedder).save(tmp_path / "idx")
+  registry = SourceRegistry([index_source("Local", directory, "dense", embedder=embedder),
+                             index_source("BM25", directory, "bm25")])
+  dag = sd.parse_dag(block("Nodes:", "A: Acme Corp was founded by (Local)",
+                           "B: {A} born (BM25)", "Edges:", "A -> B"))
+  result = sd.execute(dag, registry, k=1)
+  assert [p.title for p in result.passages["A"]] == ["Jane Roe"]   # the store's metadata
+  assert result.queries["B"] == "Jane Roe born"
+  assert [(p.title, p.source) for p in result.passages["B"]] == [("roe", "BM25")]
 
 
 def test_http_source_keeps_titles_and_build_sources_checks_fields(tmp_path):

@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from wakea_jax.toolbox.search_sources import Passage, SourceRegistry
 
-# reason code -> what it means. The order is the order in which `validate` checks.
+# reason code -> what it means: trajectory, then parse_dag, then validate reasons, in about the
+# order they are checked (a DAG with several problems reports the first one found).
 REASONS: dict[str, str] = {
     "no_search_block": "the text has no <search>...</search> block",
     "unclosed_search": "a <search> block is not closed by </search>",
@@ -144,8 +145,8 @@ def _block_body(text: str) -> str | DAGError:
 
 
 def parse_dag(text: str) -> QueryDAG | DAGError:
-  """The DAG in `text` (a whole `<search>` block, or just its inside). Checks syntax only;
-  sources, references, cycles and sizes are `validate`'s."""
+  """The DAG in `text`: the first `<search>` block in it, or, without a `<search>` tag, all of
+  it. Checks syntax only; sources, references, cycles and sizes are `validate`'s."""
   body = _block_body(text)
   if isinstance(body, DAGError):
     return body
