@@ -1,6 +1,7 @@
 r"""Sampling benchmark: bench56m, batch 8, prompt 128, 128 new tokens, top-k 50, float32.
 
-  python tools/bench_sample.py [--batch=8 --prompt=128 --new=128 --top_k=50 --no_torch]
+  python tools/bench_sample.py [--batch=8 --prompt=128 --new=128 --top_k=50 --no_torch
+                                --tensor_parallel=2]
 
 Prints prefill time, per-step decode time and generated tokens/s of `wakea_jax.sampling`,
 a memory-bandwidth bound per decode step (bytes of parameters + KV cache read per step over
@@ -22,6 +23,9 @@ _PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt length.")
 _NEW = flags.DEFINE_integer("new", 128, "New tokens per sequence.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers reference.")
+_TENSOR = flags.DEFINE_integer(
+    "tensor_parallel", 1, "Split the model over this many host devices on a (1, 1, N) mesh "
+    "(XLA:CPU runs a device's small-batch matmuls on one core: N = cores uses them all).")
 
 
 def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -45,11 +49,15 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
 
   from wakea_jax.models.config import get_preset
   from wakea_jax.models.transformer import create_model
+  from wakea_jax.parallel import mesh as mesh_lib
   from wakea_jax.sampling import Sampler
 
   cfg = get_preset(_PRESET.value)
   graphdef, params = nnx.split(create_model(cfg))
-  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k)
+  mesh = mesh_lib.create_mesh((1, 1, _TENSOR.value)) if _TENSOR.value > 1 else None
+  if mesh is not None:
+    params = mesh_lib.shard_state(params, mesh)
+  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k, mesh=mesh)
   prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt)).tolist()
   width, steps, capacity = sampler.buckets(prompt, new)
 
@@ -112,6 +120,9 @@ def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
 
 def main(argv):
   del argv
+  if _TENSOR.value > 1:   # before JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_TENSOR.value}")
   import jax
 
   from wakea_jax.models.config import get_preset
