@@ -10,17 +10,19 @@ file instead, `sources.write_jsonl(TASKS["arithmetic"](2000, 0), "arithmetic.jso
 from collections.abc import Callable
 from typing import Any
 
-from wakea_jax.data.tasks import arithmetic, smalltalk
+from wakea_jax.data.tasks import arithmetic, multihop, smalltalk
 
 TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.generate,
     "smalltalk": smalltalk.generate,
+    "multihop": multihop.generate,
 }
 
 # Verifiable prompts for RL: `generate(n, seed) -> [{"messages": [...], "answer": ...}]`
 # (the conversation up to the assistant's turn, and the reference a reward checks).
 PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.prompts,
+    "multihop": multihop.prompts,
 }
 
 # Per-record labels for evaluation breakdowns: `labels(n, seed, **options) -> [{"category",
@@ -28,4 +30,5 @@ PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
 # same arguments (wakea_jax.serving.tracking reports accuracy per label).
 TASK_LABELS: dict[str, Callable[..., list[dict[str, str]]]] = {
     "arithmetic": arithmetic.labels,
+    "multihop": multihop.labels,
 }
