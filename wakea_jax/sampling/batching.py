@@ -11,8 +11,11 @@ longest one goes on. `ContinuousBatcher` keeps `slots` rows busy instead:
       decode until a row finishes            Sampler.decode_until_free (at most chunk steps)
       harvest every row's new tokens         host, one transfer per chunk
       stop strings: rows whose text holds one are cut and stopped (host, as in generate)
-      a finished row that ended its turn with tool calls: its calls go to a thread pool and
-        its slot is free at once; when the results are back the request is ready again
+      a row that pauses (sampling/protocols.py: it ended its turn with tool calls, or wrote
+        a protocol's pause string such as Search-R1's `</search>`, and is cut right after
+        it): the protocol's response is computed in a thread pool and its slot is free at
+        once; when the response is back (tool results, retrieved passages) the request is
+        ready again, the response in its context and masked
       other finished rows -> their request's output; their slots are free
 
 A request resumed after a tool turn is prefilled again from its whole context (prompt,
@@ -46,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wakea_jax.data import chat
 from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.sampling.protocols import ChatToolCalls, InteractionProtocol
 from wakea_jax.sampling.sampler import (
   STOP_ID,
   DecodeState,
@@ -56,7 +59,7 @@ from wakea_jax.sampling.sampler import (
   _stop_string_cut,
   row_keys,
 )
-from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn, tool_turn
+from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn
 from wakea_jax.toolbox.router import Router
 
 
@@ -79,16 +82,6 @@ class _Request:
   def context(self) -> list[int]:
     """What a (re)start prefills: the prompt and everything since."""
     return self.prompt + self.tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tools:
-  """The tool settings of `ContinuousBatcher.run_tools` (as `run_tool_loop`'s)."""
-  tokenizer: Tokenizer
-  router: Router
-  max_tool_calls: int
-  max_tool_tokens: int
-  turn_end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +125,21 @@ class ContinuousBatcher:
                 max_new_tokens: int = 256, max_tool_calls: int = 4,
                 max_tool_tokens: int = 128) -> ToolLoopOutput:
     """`run_tool_loop` on continuous batching: the same outputs, request by request."""
-    turn_end = chat.end_of_turn_id(tokenizer)
-    if turn_end not in self.sampler.stop_ids:
+    protocol = ChatToolCalls(tokenizer, router, max_tool_calls, max_tool_tokens)
+    if protocol.turn_end not in self.sampler.stop_ids:
       raise ValueError(f"the sampler's stop_ids {self.sampler.stop_ids} must include the chat "
-                       f"format's end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
-    tools = _Tools(tokenizer, router, max_tool_calls, max_tool_tokens, turn_end)
-    requests = self._run(params, prompts, max_new_tokens, rng, tools=tools,
-                         reserve=max_tool_calls * max_tool_tokens)
+                       f"format's end-of-turn id {protocol.turn_end} (use "
+                       "chat.chat_stop_ids(tokenizer))")
+    return self.run_protocol(params, prompts, protocol, rng=rng, max_new_tokens=max_new_tokens)
+
+  def run_protocol(self, params: nnx.State, prompts: Sequence[Sequence[int]],
+                   protocol: InteractionProtocol, *, rng: jax.Array,
+                   max_new_tokens: int | Sequence[int] = 256) -> ToolLoopOutput:
+    """Samples with `protocol` (sampling/protocols.py: tool calls, Search-R1, R-Search):
+    rows pause, the host responds in a worker thread, and they resume with the response in
+    their context (masked in `tool_mask`)."""
+    requests = self._run(params, prompts, max_new_tokens, rng, protocol=protocol,
+                         reserve=protocol.reserve)
     return ToolLoopOutput(
         tokens=[r.tokens for r in requests],
         logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
@@ -151,7 +152,7 @@ class ContinuousBatcher:
   def _run(self, params: nnx.State, prompts: Sequence[Sequence[int]],
            max_new_tokens: int | Sequence[int], rng: jax.Array, *,
            stop_strings: Sequence[str] = (), tokenizer: Any = None,
-           tools: _Tools | None = None, reserve: int = 0) -> list[_Request]:
+           protocol: InteractionProtocol | None = None, reserve: int = 0) -> list[_Request]:
     if jax.process_count() > 1:
       raise ValueError("continuous batching runs on one process; on several, use static "
                        "batching (Sampler.generate / run_tool_loop)")
@@ -180,7 +181,8 @@ class ContinuousBatcher:
     counts = np.zeros(slots, np.int64)    # each slot's generated count at the last harvest
     running: dict[concurrent.futures.Future, int] = {}   # tool calls -> their request
     pool = (concurrent.futures.ThreadPoolExecutor(self.tool_workers, "tool")
-            if tools is not None else None)
+            if protocol is not None else None)
+    pause = protocol.pause_strings if protocol is not None else ()
     try:
       while True:
         # Tool results that are back make their requests ready again (first in line: they
@@ -192,7 +194,7 @@ class ContinuousBatcher:
               return_when=concurrent.futures.FIRST_COMPLETED)
           for future in sorted(finished, key=running.get, reverse=True):
             request = running.pop(future)
-            if _resume(requests[request], future.result(), tools, capacity):
+            if _resume(requests[request], future.result(), capacity):
               ready.appendleft(request)
         free = np.nonzero(owner < 0)[0]
         if len(free) and ready:
@@ -224,14 +226,23 @@ class ContinuousBatcher:
               stop_rows.append(slot)
             owner[slot] = -1
             continue
-          if not host["done"][slot]:
+          paused = bool(pause) and _cut_turn(request, pause, protocol.tokenizer)
+          if not (paused or host["done"][slot]):
             continue
+          if not host["done"][slot]:
+            stop_rows.append(slot)
+          index, owner[slot] = int(owner[slot]), -1
           code = int(host["codes"][slot])
-          if tools is None:
+          if protocol is None:
             request.reason = "stop_id" if code == STOP_ID else "length"
-          elif calls := _tool_calls(request, code, tools):   # else its reason is set
-            running[pool.submit(_run_calls, calls, tools)] = int(owner[slot])
-          owner[slot] = -1
+            continue
+          payload, reason = protocol.on_stop(
+              last_turn(request.tokens, request.tool_mask), code=code, paused=paused,
+              calls=request.calls, budget_left=request.limit - request.generated)
+          if payload is None:
+            request.reason = reason
+          else:
+            running[pool.submit(protocol.respond, payload)] = index
         if stop_rows:   # cut rows that were still decoding: stop them
           state = state.replace(done=state.done.at[np.asarray(stop_rows)].set(True))
         state = state.replace(step=jnp.zeros((), jnp.int32))
@@ -286,27 +297,22 @@ def _cut(request: _Request, stop_strings: Sequence[str], tokenizer: Any) -> bool
   return True
 
 
-def _tool_calls(request: _Request, code: int, tools: _Tools) -> list[dict]:
-  """The calls of the turn `request` just ended, or [] with its stop reason set."""
-  on_turn_end = code == STOP_ID and request.tokens and request.tokens[-1] == tools.turn_end
-  turn = tools.tokenizer.decode(last_turn(request.tokens, request.tool_mask))
-  found = chat.parse_turn_tool_calls(turn, tools.tokenizer) if on_turn_end else []
-  if found and request.calls < tools.max_tool_calls and request.generated < request.limit:
-    return found
-  if found:   # out of calls or of model tokens
-    request.reason = "length" if request.generated >= request.limit else "stop_id"
-  else:
-    request.reason = "stop_id" if code == STOP_ID else "length"
-  return []
+def _cut_turn(request: _Request, strings: Sequence[str], tokenizer: Any) -> bool:
+  """Cuts `request` right after the first of `strings` in its current turn (the model's text
+  since the last injection); whether one was there."""
+  turn = len(last_turn(request.tokens, request.tool_mask))
+  start = len(request.tokens) - turn
+  kept = _stop_string_cut(tokenizer, request.tokens[start:], strings)
+  if kept is None:
+    return False
+  drop = turn - kept
+  for name in ("tokens", "logprobs", "processed", "tool_mask"):
+    setattr(request, name, getattr(request, name)[:start + kept])
+  request.generated -= drop
+  return True
 
 
-def _run_calls(calls: list[dict], tools: _Tools) -> tuple[list[int], int]:
-  """Runs a turn's calls (in a worker thread) -> (the tool turn's ids, errors)."""
-  return tool_turn(calls, tools.router, tools.tokenizer, tools.max_tool_tokens)
-
-
-def _resume(request: _Request, result: tuple[list[int], int], tools: _Tools,
-            capacity: int) -> bool:
+def _resume(request: _Request, result: tuple[list[int], int], capacity: int) -> bool:
   """Appends a tool turn to `request`; False (stopped for capacity) when it cannot fit."""
   ids, errors = result
   request.errors += errors
