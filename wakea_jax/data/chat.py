@@ -45,6 +45,13 @@ Choices, and why:
 * `loss_mask` is 1 exactly on what the assistant generates: its body (think block, content,
   tool calls) and the closing `<|im_end|>`. The role header, the "\\n" after `<|im_end|>`, and
   all system, user, tool and tools-schema text are 0.
+* Text the stack injected into an assistant turn while it was generated (search results that a
+  Search-R1 / R-Search rollout appends inside the turn, after `</search>`) is named by the
+  assistant message's `injected` field: sorted, non-overlapping `[start, end)` character
+  ranges of its `content`. Those ranges are rendered in place but are untrusted text with
+  `loss_mask` 0, so an SFT trajectory tokenises as the rollout did (model text, injected ids,
+  model text in one turn) and no retrieved token is trained on. ChatML layout only (a
+  tokenizer's own chat template cannot place the ranges; that is an error).
 
 Tokenisation. The rendering is a list of spans, each encoded on its own, so mask boundaries
 are exact by construction rather than recovered from offsets. Adjacent spans of the same
@@ -117,7 +124,7 @@ REASONING_KEYS: tuple[str, ...] = ("reasoning", "think", "reasoning_content")
 # Every key a message may have. `name` and `tool_call_id` (OpenAI) are accepted but not
 # rendered; any other key with a non-null value is an error naming it.
 MESSAGE_KEYS: tuple[str, ...] = ("role", "content", "tool_calls", "name", "tool_call_id",
-                                 *REASONING_KEYS)
+                                 "injected", *REASONING_KEYS)
 # Deepest JSON nesting accepted in tool calls (the call object itself is level 1) and tool
 # schemas; deeper values are errors rather than recursion limits hit later.
 MAX_JSON_DEPTH = 100
@@ -173,6 +180,7 @@ class _Message:
   content: str
   reasoning: str | None
   tool_calls: tuple[dict[str, Any], ...]
+  injected: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -375,7 +383,35 @@ def _validate_message(index: int, message: Any,
       for delimiter in delimiters:
         if delimiter in text:
           raise ValueError(f"{where}: field '{field}' contains the turn delimiter {delimiter!r}")
-  return _Message(role, content, reasoning, tool_calls)
+  return _Message(role, content, reasoning, tool_calls,
+                  _injected_ranges(message.get("injected"), role, content, where))
+
+
+def _injected_ranges(raw: Any, role: str, content: str, where: str
+                     ) -> tuple[tuple[int, int], ...]:
+  """The checked `injected` field: sorted, disjoint, non-empty [start, end) ranges of the
+  assistant's `content` (see the module docstring)."""
+  if raw is None:
+    return ()
+  if role != "assistant":
+    raise ValueError(f"{where}: field 'injected' is only allowed on assistant messages")
+  if not _is_list(raw):
+    raise ValueError(f"{where}: field 'injected' must be a list of [start, end] character "
+                     f"ranges, got {type(raw).__name__}")
+  ranges, end = [], 0
+  for j, item in enumerate(raw):
+    if (not _is_list(item) or len(item) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
+      raise ValueError(f"{where}: field 'injected[{j}]' must be [start, end] (two integers), "
+                       f"got {item!r}")
+    start, stop = item
+    if not end <= start < stop <= len(content):
+      raise ValueError(f"{where}: field 'injected[{j}]' = [{start}, {stop}] must be non-empty, "
+                       f"after the previous range and within the content ({len(content)} "
+                       "characters)")
+    ranges.append((start, stop))
+    end = stop
+  return tuple(ranges)
 
 
 def _validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[str]:
@@ -440,7 +476,15 @@ def _spans(
     message = msgs[i]
     if message.role == "assistant":
       markup(f"{IM_START}assistant\n")
-      spans.append(_Span(_assistant_body(message), trusted=True, train=True))
+      body, pos = _assistant_body(message), 0
+      # The content follows the think block (if any); tool calls follow the content.
+      offset = 0 if message.reasoning is None else len(
+          f"{THINK_START}\n{message.reasoning}\n{THINK_END}\n\n")
+      for start, end in message.injected:
+        spans.append(_Span(body[pos:offset + start], trusted=True, train=True))
+        untrusted(body[offset + start:offset + end])
+        pos = offset + end
+      spans.append(_Span(body[pos:], trusted=True, train=True))
       markup(IM_END, train=True)
       markup("\n")
     elif message.role == "tool":
@@ -583,6 +627,10 @@ def _template_spans(template: ChatTemplate, messages: Sequence[Message],
     raise ValueError("messages is empty")
   delimiters = (IM_START, IM_END, *template.delimiters)
   parsed = [_validate_message(i, m, delimiters) for i, m in enumerate(messages)]
+  for i, message in enumerate(parsed):
+    if message.injected:
+      raise ValueError(f"message {i}: field 'injected' needs the ChatML layout; this "
+                       "tokenizer renders with its own chat template")
   _validate_tools(tools)
   template_messages = [_template_message(m, p) for m, p in zip(messages, parsed)]
   text, regions = template.regions(template_messages, tools=list(tools) if tools else None,
