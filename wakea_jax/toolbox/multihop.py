@@ -158,17 +158,25 @@ class _GoldFirst:
     return [self.gold, *[p for p in found if p.text != self.gold.text]][:k]
 
 
+def injection(rendered: str) -> str:
+  """What an R-Search rollout injects after `</search>` (sampling/protocols.py RSearch):
+  the rendered `<r>` blocks between newlines."""
+  return f"\n{rendered}\n"
+
+
 def rsearch_dialogue(question: Question, sources: SourceRegistry, *, k: int = 3,
                      stats: task.TeacherStats | None = None, config: KBConfig = KBConfig(),
                      source: str = task.DEFAULT_SOURCE) -> dict[str, Any]:
   """An R-Search teacher dialogue: the question's whole DAG in one `<search>` block
   (`task.dag_block`), executed and rendered exactly as a rollout injects it
-  (`search_render.search_response`), then the answer. When a hop's gold document is not in
-  its node's results (or a 2-hop's `{A}` is not the bridge), the dialogue is instead one
-  single-node block per fact, each naming the entity read before it; a fact still missing gets
-  its gold passage first (`stats.gold_fallbacks`)."""
+  (`search_render.search_response`, between newlines), then the answer, in one assistant
+  turn whose `injected` ranges cover the results (so the loss leaves them out). When a hop's
+  gold document is not in its node's results (or a 2-hop's `{A}` is not the bridge), the
+  dialogue is instead one single-node block per fact, each naming the entity read before it; a
+  fact still missing gets its gold passage first (`stats.gold_fallbacks`)."""
   stats = stats if stats is not None else task.TeacherStats()
   messages = task.prompt_messages(question, "rsearch")
+  answer = (task.answer_text(question, config), False)
   block = task.dag_block(question, source)
   rendered, result = search_render.search_response(block, sources, k=k)
   golds = [task.fact_text(question, hop, config) for hop in range(len(question.hops))]
@@ -177,12 +185,10 @@ def rsearch_dialogue(question: Question, sources: SourceRegistry, *, k: int = 3,
     found = [any(p.text == gold for p in result.passages.get(name, ()))
              for name, gold in zip("AB", golds)]
     if all(found):
-      messages += [{"role": "assistant", "content": block},
-                   {"role": "user", "content": rendered}]
-      messages.append({"role": "assistant", "content": task.answer_turn(question, config)})
-      return {"messages": messages}
+      return {"messages": [*messages, task.assistant_turn(
+          [(block, False), (injection(rendered), True), answer])]}
   stats.misses += 1
-  read = ""
+  read, segments = "", []
   for hop, (subject, relation, _) in enumerate(question.hops):
     query = task.QUERIES[relation][0].format(s=subject)
     block = f"<search>\nNodes:\nA: {query} ({source})\n</search>"
@@ -197,11 +203,9 @@ def rsearch_dialogue(question: Question, sources: SourceRegistry, *, k: int = 3,
                                            Passage(gold.title, gold.text, 1.0, inner.name),
                                            inner.note)])
       rendered, _ = search_render.search_response(block, patched, k=k)
-    messages += [{"role": "assistant", "content": f"{read}{block}"},
-                 {"role": "user", "content": rendered}]
+    segments += [(f"{read}{block}", False), (injection(rendered), True)]
     read = golds[hop] + " "
-  messages.append({"role": "assistant", "content": task.answer_turn(question, config)})
-  return {"messages": messages}
+  return {"messages": [*messages, task.assistant_turn([*segments, answer])]}
 
 
 def teacher_records(num_examples: int, seed: int = 0, *, index: str, protocol: str,

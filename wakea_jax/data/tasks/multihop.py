@@ -20,23 +20,26 @@ so `n` up to the pool size gives distinct questions (the held-out 2-hop pool of 
 has ~180).
 
 Trajectory representation (why the retrieved text is never trained on). A teacher dialogue is
-the system prompt, the question, then alternating turns:
+the system prompt, the question, and ONE assistant turn written as the rollout produces it
+(sampling/protocols.py): the model's text up to `</search>`, the injected results, the
+model's text again, ..., `<answer>`:
 
   assistant  I need the organisation Zorava Kelt works for.
              <search>Zorava Kelt works for</search>
-  user       <information>
-             [1] Dolvex Institute: Zorava Kelt works for Dolvex Institute.
-             ...
-             </information>
-  assistant  Zorava Kelt works for Dolvex Institute. ... <answer>Mirvane</answer>
+             <information>Doc 1 (Title: Dolvex Institute) Zorava Kelt works for Dolvex ...
+             ...</information>                                  <- injected
+             Zorava Kelt works for Dolvex Institute. I need the city where ...
+             <search>Dolvex Institute based in the city of</search>
+             <information>...</information>                      <- injected
+             ... <answer>Mirvane</answer>
 
-The injected results are a *user* turn: `chat.render`'s loss mask is 1 only on assistant
-turns, so no retrieved token is trained on, with no new span kind; the model learns to end its
-turn after `</search>` (its `<|im_end|>` is trained), which is where a rollout stops, searches
-and injects the results as a user turn before the next assistant turn, as the tool loop does
-with tool turns. The rewards read this layout as one stream (search_rewards strips the chat
-markup and the injected blocks). R-Search dialogues are the same with a `<search>` block of
-`Nodes:`/`Edges:` and the rendered `<r>` blocks as the user turn (toolbox/multihop.py).
+The injected spans are named by the message's `injected` field (character ranges of its
+content; data/chat.py): `chat.render` encodes them as untrusted text with loss_mask 0, so no
+retrieved token is trained on, and the ids match a rollout's (model text, injected ids, model
+text, all in one turn) rather than a multi-turn layout the rollout never produces. The
+injected text is exactly what the protocols inject: `information_block` is SearchR1.render's
+format (a test checks it against sampling/protocols.py), and R-Search's is "\n" + the
+`search_render.search_response` blocks + "\n" (toolbox/multihop.py).
 """
 
 from __future__ import annotations
@@ -57,13 +60,13 @@ SYSTEMS = {
     "direct": "Answer the question. Give only the short final answer inside "
               "<answer>...</answer>.",
     "search_r1": "Answer the question by searching a document collection. To search, write "
-                 "<search>query</search> and end your turn; the results come back inside "
+                 "<search>query</search>; the results follow it inside "
                  "<information>...</information>. Search as often as you need, one fact at a "
                  "time, then give the short final answer inside <answer>...</answer>.",
     "rsearch": "Answer the question by searching a document collection. Plan the searches as "
-               "a query graph and end your turn:\n<search>\nNodes:\nA: query (Local)\n"
+               "a query graph:\n<search>\nNodes:\nA: query (Local)\n"
                "B: query that uses {A} (Local)\nEdges:\nA -> B\n</search>\n{A} is replaced by "
-               "the title of A's top result. The results come back in <r>...</r> blocks. Then "
+               "the title of A's top result. The results follow it in <r>...</r> blocks. Then "
                "give the short final answer inside <answer>...</answer>.",
 }
 
@@ -172,10 +175,28 @@ def labels(num_examples: int, seed: int = 0, *, split: int = 0, hop: int = 0,
 # Teacher trajectories
 # ------------------------------------------------------------------------------------------
 
-def information_block(passages: Sequence[Retrieved]) -> str:
-  """The Search-R1 injection: `<information>` with one "[i] title: text" line per passage."""
-  lines = [f"[{i}] {p.title}: {p.text}" for i, p in enumerate(passages, 1)]
-  return "<information>\n" + ("\n".join(lines) or "No results.") + "\n</information>"
+def information_block(passages: Sequence[Retrieved], passage_chars: int = 400) -> str:
+  """What a Search-R1 rollout injects after `</search>` (sampling/protocols.py SearchR1.render,
+  default tags): "Doc i (Title: t) text" lines inside blank-line-separated information tags."""
+  if not passages:
+    return "\n\n<information>No results.</information>\n\n"
+  lines = [f"Doc {i} (Title: {p.title}) {' '.join(p.text.split())[:passage_chars]}"
+           for i, p in enumerate(passages, 1)]
+  return "\n\n<information>" + "\n".join(lines) + "</information>\n\n"
+
+
+def assistant_turn(segments: Sequence[tuple[str, bool]]) -> dict[str, Any]:
+  """One assistant message from (text, injected) segments: the content is their
+  concatenation and `injected` the character ranges of the injected ones (data/chat.py)."""
+  content, injected = "", []
+  for text, is_injected in segments:
+    if is_injected and text:
+      injected.append([len(content), len(content) + len(text)])
+    content += text
+  message: dict[str, Any] = {"role": "assistant", "content": content}
+  if injected:
+    message["injected"] = injected
+  return message
 
 
 def fact_text(question: Question, hop: int, config: KBConfig = KBConfig()) -> str:
@@ -233,8 +254,8 @@ def search_hop(question: Question, hop: int, search: Searcher, k: int, stats: Te
   return query, passages
 
 
-def answer_turn(question: Question, config: KBConfig = KBConfig()) -> str:
-  """The last assistant turn: the facts read, then the answer."""
+def answer_text(question: Question, config: KBConfig = KBConfig()) -> str:
+  """The teacher's text after its last search: the facts read, then the answer."""
   facts = " ".join(fact_text(question, i, config) for i in range(len(question.hops)))
   if question.hop_type == "comparison":
     facts += f" So the answer is {question.answer}."
@@ -245,19 +266,18 @@ def search_r1_dialogue(question: Question, search: Searcher, *, k: int = 3,
                        stats: TeacherStats | None = None, config: KBConfig = KBConfig()
                        ) -> dict[str, Any]:
   """A Search-R1 teacher dialogue: one search per fact (a 2-hop's second query names the
-  bridge it read), each answered by an `<information>` user turn, then the answer."""
+  bridge it read), each followed by its injected `<information>` block, then the answer."""
   stats = stats if stats is not None else TeacherStats()
-  messages = prompt_messages(question, "search_r1")
+  segments: list[tuple[str, bool]] = []
   read = ""
   for hop, (subject, relation, _) in enumerate(question.hops):
     query, passages = search_hop(question, hop, search, k, stats, config)
     thought = QUERIES[relation][1].format(s=subject)
-    messages.append({"role": "assistant",
-                     "content": f"{read}{thought}\n<search>{query}</search>"})
-    messages.append({"role": "user", "content": information_block(passages)})
+    segments += [(f"{read}{thought}\n<search>{query}</search>", False),
+                 (information_block(passages), True)]
     read = fact_text(question, hop, config) + " "
-  messages.append({"role": "assistant", "content": answer_turn(question, config)})
-  return {"messages": messages}
+  segments.append((answer_text(question, config), False))
+  return {"messages": [*prompt_messages(question, "search_r1"), assistant_turn(segments)]}
 
 
 def dag_block(question: Question, source: str = DEFAULT_SOURCE) -> str:
