@@ -70,7 +70,11 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
       group_size=8, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
       tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16, slots=0,
       # Decode precision: "" (the trainer's), "bfloat16" or "int8" (sampling/precision.py).
-      dtype=""))
+      dtype="",
+      # Search protocols (rl/rollout.py, sampling/protocols.py): "" | "search_r1" | "rsearch",
+      # searching `index` (a build_index directory, or a corpus file for BM25).
+      protocol="", index="", search_mode="dense", search_k=3, max_searches=4,
+      search_tokens=256, search_tag="search", information_tag="information"))
   config.rl = ml_collections.ConfigDict(dict(
       prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
       dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,

@@ -97,3 +97,67 @@ def test_samples_carry_answers_and_lengths(model, tokenizer):
   samples = r.samples()
   assert samples[0].answer == r.prompts[0].answer
   assert samples[1].num_tokens == 1   # 3 tokens, 2 from a tool
+
+
+def _chain_model(chain, vocab=1024):
+  """A tiny model that greedily writes `chain` over and over: the residual stream is just the
+  token's embedding (attention and MLP outputs zeroed), a one-hot per chain token that the
+  head maps to its successor; any other token (a prompt's, an injected one) leads to
+  chain[0]."""
+  import jax.numpy as jnp
+  cfg = get_preset("tiny", vocab_size=vocab, max_seq_len=1024)
+  model = transformer.create_model(cfg, seed=0)
+  assert len(set(chain)) == len(chain) and len(chain) < cfg.embed_dim
+  embed = np.zeros((vocab, cfg.embed_dim), np.float32)
+  embed[:, 0] = 10.0
+  head = np.zeros((cfg.embed_dim, vocab), np.float32)
+  head[0, chain[0]] = 1.0
+  for i, token in enumerate(chain):
+    embed[token, 1 + i] = 10.0
+    head[1 + i, chain[(i + 1) % len(chain)]] = 5.0
+  model.embed[...] = jnp.asarray(embed)
+  model.lm_head[...] = jnp.asarray(head)
+  for layer in model.layers:
+    layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])
+    layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
+  return cfg, model
+
+
+def test_search_protocol_rollouts_mask_the_passages(tmp_path):
+  """rollout.protocol="search_r1" end to end on a real model that writes a search over and
+  over: the first two searches get the passages injected (masked out of the loss by
+  tool_mask), the third ends the row (max_searches); the config's checks name the fields.
+  The tag is `tool_call` only because the bundled tokenizer has single ids for it, which
+  the chain model needs (its successor map must be unambiguous)."""
+  from wakea_jax.sampling.sampler import chat_sampler
+
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"id": "Mirvale", "text": "Zorava Kelt was born in Mirvale."}\n'
+                    '{"id": "Other", "text": "Nothing to see."}\n')
+  with pytest.raises(ValueError, match="rollout.index"):
+    rollout_lib.RolloutConfig(protocol="search_r1")
+  with pytest.raises(ValueError, match="rollout.protocol"):
+    rollout_lib.RolloutConfig(protocol="bing", index=str(corpus))
+  with pytest.raises(FileNotFoundError, match="rollout.index"):
+    rollout_lib.search_source(str(tmp_path / "missing"))
+  tok = default_tokenizer()
+  chain = tok.encode("<tool_call>Zorava Kelt</tool_call>")
+  cfg, model = _chain_model(chain)
+  graphdef, params = nnx.split(model)
+  sampler = chat_sampler(graphdef, cfg, tok, temperature=0.0)
+  config = rollout_lib.RolloutConfig(group_size=2, max_new_tokens=40, protocol="search_r1",
+                                     index=str(corpus), max_searches=2, search_tokens=128,
+                                     search_k=1, search_tag="tool_call")
+  prompts = [prompts_lib.PromptRecord(
+      messages=({"role": "user", "content": "Where was Zorava Kelt born?"},), answer="Mirvale")]
+  out = rollout_lib.generate_rollouts(sampler, params, prompts, tokenizer=tok, config=config,
+                                      rng=jax.random.key(0))
+  block = ("<tool_call>Zorava Kelt</tool_call>\n\n<information>Doc 1 (Title: Mirvale) "
+           "Zorava Kelt was born in Mirvale.</information>\n\n")
+  assert out.texts[0] == block * 2 + "<tool_call>Zorava Kelt</tool_call>", out.texts[0]
+  assert out.num_tool_calls == [2, 2] and out.stop_reason == ["stop_string"] * 2
+  batch = rollout_lib.to_batch(out, pad_id=0)
+  injected = int(out.tool_mask[0].sum())
+  assert injected > 0
+  assert batch["loss_mask"][0].sum() == len(out.completion_ids[0]) - injected
+  np.testing.assert_array_equal(out.sampler_logprobs[0][out.tool_mask[0] == 1], 0.0)

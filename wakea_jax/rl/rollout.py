@@ -14,6 +14,8 @@ a multiple of `width_multiple` so that the update compiles once per width bucket
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +24,17 @@ import numpy as np
 from flax import nnx
 
 from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.retrieval.index import is_index_dir
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling import precision
 from wakea_jax.sampling.batching import ContinuousBatcher
+from wakea_jax.sampling.protocols import InteractionProtocol, RSearch, SearchR1
 from wakea_jax.sampling.sampler import Sampler
 from wakea_jax.sampling.tool_loop import last_turn, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 from wakea_jax.toolbox.router import Router
+from wakea_jax.toolbox.search_sources import SearchSource, SourceRegistry, bm25_source, index_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +59,34 @@ class RolloutConfig:
   # per-channel int8. With either, the learner re-scores the rollouts with the trainer (the
   # importance ratio is against the trainer's log-probs) and logs the gap every step.
   dtype: str = ""
+  # Search protocols (sampling/protocols.py): "" (the chat tools above, if any), "search_r1"
+  # (<search>q</search> -> <information> passages) or "rsearch" (a <search> query DAG over
+  # sources -> <r> blocks). Both search `index`: a directory written by
+  # `python -m wakea_jax.build_index` (searched by `search_mode`), or a corpus file or
+  # directory (BM25); R-Search names it "Local" (dense or `search_mode`) and "BM25".
+  protocol: str = ""
+  index: str = ""
+  search_mode: str = "dense"
+  search_k: int = 3
+  max_searches: int = 4
+  search_tokens: int = 256          # token cap of one injected results block
+  search_tag: str = "search"
+  information_tag: str = "information"
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "tools", tuple(self.tools))
     precision.check_dtype(self.dtype)
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"rollout.protocol={self.protocol!r} is not one of {PROTOCOLS}")
+    if self.protocol and not self.index:
+      raise ValueError(f"rollout.protocol={self.protocol!r} needs rollout.index (an index "
+                       "directory or a corpus file to search)")
+    if self.protocol and self.tools:
+      raise ValueError(f"rollout.protocol={self.protocol!r} and rollout.tools={self.tools} "
+                       "cannot be combined: a rollout speaks one protocol")
+    for name in ("search_k", "max_searches", "search_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
@@ -70,9 +99,47 @@ class RolloutConfig:
                        f"must be >= 0 and top_p ({self.top_p}) in (0, 1]")
 
 
+PROTOCOLS = ("", "search_r1", "rsearch")
+
+
 def router_for(config: RolloutConfig) -> Router | None:
   """The tool router for `config.tools` (None: rollouts without tools)."""
   return default_router(enabled=config.tools) if config.tools else None
+
+
+def search_source(index: str, mode: str = "dense", name: str = "Local") -> SearchSource:
+  """The source a search protocol queries: an index directory (by `mode`) or a corpus
+  (BM25). Errors name the path."""
+  if is_index_dir(index):
+    return index_source(name, index, mode)
+  if not os.path.exists(index):
+    raise FileNotFoundError(f"rollout.index: {index} is neither an index directory nor a "
+                            "corpus file or directory")
+  return bm25_source(name, index)
+
+
+def protocol_for(config: RolloutConfig, tokenizer: Tokenizer) -> InteractionProtocol | None:
+  """The search protocol of `config` (None without one). Cached on the search settings, so
+  the index is loaded once per process however many rollouts and evaluations use it."""
+  if not config.protocol:
+    return None
+  return _search_protocol(config.protocol, config.index, config.search_mode, config.search_k,
+                          config.max_searches, config.search_tokens, config.search_tag,
+                          config.information_tag, tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _search_protocol(protocol: str, index: str, mode: str, k: int, max_searches: int,
+                     tokens: int, search_tag: str, information_tag: str,
+                     tokenizer: Tokenizer) -> InteractionProtocol:
+  if protocol == "search_r1":
+    return SearchR1(tokenizer, search_source(index, mode), k=k, max_searches=max_searches,
+                    max_tokens=tokens, search_tag=search_tag, information_tag=information_tag)
+  sources = [search_source(index, mode)]
+  if is_index_dir(index):
+    sources.append(search_source(index, "bm25", name="BM25"))
+  return RSearch(tokenizer, SourceRegistry(sources), k=k, max_searches=max_searches,
+                 max_tokens=tokens)
 
 
 @dataclasses.dataclass
@@ -134,15 +201,29 @@ class Rollouts:
 
 def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord], *,
                       tokenizer: Tokenizer, config: RolloutConfig, rng: jax.Array,
-                      router: Router | None = None, tool_schemas: Any = None) -> Rollouts:
-  """G completions of each prompt. With a `router` the tool loop runs tool calls."""
+                      router: Router | None = None, tool_schemas: Any = None,
+                      protocol: InteractionProtocol | None = None) -> Rollouts:
+  """G completions of each prompt. With a `router` the tool loop runs tool calls; with a
+  search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
+  (`rollout.slots`, or every row at once when 0)."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
   rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]
   continuous = bool(config.slots) and jax.process_count() == 1 and bool(prompt_ids)
   batcher = ContinuousBatcher(sampler, slots=config.slots or 1, chunk_steps=config.chunk_steps)
-  if router is not None and config.max_tool_calls > 0:
+  protocol = protocol or protocol_for(config, tokenizer)
+  if protocol is not None:
+    if jax.process_count() > 1:
+      raise ValueError(f"rollout.protocol={config.protocol!r} runs on one process for now "
+                       "(its pauses use continuous batching)")
+    searcher = ContinuousBatcher(sampler, slots=config.slots or len(rows),
+                                 chunk_steps=config.chunk_steps)
+    out = searcher.run_protocol(params, prompt_ids, protocol, rng=rng,
+                                max_new_tokens=config.max_new_tokens)
+    tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
+    calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
+  elif router is not None and config.max_tool_calls > 0:
     tool_settings = dict(tokenizer=tokenizer, router=router, rng=rng,
                          max_new_tokens=config.max_new_tokens,
                          max_tool_calls=config.max_tool_calls,
