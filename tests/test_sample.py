@@ -27,3 +27,24 @@ def test_sample_errors(tmp_path):
     sample.run(str(tmp_path), ["x"])
   with pytest.raises(ValueError, match="no prompts"):
     sample.run(str(tmp_path), [])
+
+
+def test_sample_searches_an_index(tmp_path):
+  """--index with --tools=search (Search-R1 over the corpus) or the retrieve tool; the
+  protocol's mechanics are tested in tests/rl/test_rollout.py and sampling/test_protocols."""
+  model = transformer.create_model(get_preset("tiny", vocab_size=1024, max_seq_len=1024),
+                                   seed=1)
+  export.save_model_dir(model, tmp_path / "ckpt")
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"id": "Mirvale", "text": "Zorava Kelt was born in Mirvale."}\n')
+  with pytest.raises(ValueError, match="needs --index"):
+    sample.run(str(tmp_path / "ckpt"), ["x"], tools=("search",))
+  with pytest.raises(ValueError, match="use it alone"):
+    sample.run(str(tmp_path / "ckpt"), ["x"], tools=("search", "calculator"),
+               index=str(corpus))
+  for tools in (("search",), ("rsearch",), ("retrieve",)):
+    transcripts, out = sample.run(str(tmp_path / "ckpt"), ["Where was Zorava Kelt born?"],
+                                  tools=tools, index=str(corpus), max_new_tokens=6,
+                                  max_searches=1)
+    assert transcripts[0].startswith("user: Where was Zorava Kelt born?\nassistant: ")
+    assert len(out.tokens[0]) >= 1
