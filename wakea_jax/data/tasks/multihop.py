@@ -17,7 +17,7 @@ share one index; `seed` only draws the questions.
 Drawing: with `hop` 0 the i-th record is of hop type i % 3, so the three are balanced; within
 a hop type the split's questions are walked in a seeded order, reshuffled when they run out,
 so `n` up to the pool size gives distinct questions (the held-out 2-hop pool of the default KB
-has ~180).
+has 112).
 
 Trajectory representation (why the retrieved text is never trained on). A teacher dialogue is
 the system prompt, the question, and ONE assistant turn written as the rollout produces it
@@ -56,18 +56,16 @@ PROTOCOLS = ("direct", "search_r1", "rsearch")
 HOPS = ("all", *kb_lib.HOP_TYPES)
 DEFAULT_SOURCE = "Local"
 
+# Short on purpose: every token of a system prompt is paid on every rollout of a small model.
 SYSTEMS = {
-    "direct": "Answer the question. Give only the short final answer inside "
-              "<answer>...</answer>.",
-    "search_r1": "Answer the question by searching a document collection. To search, write "
-                 "<search>query</search>; the results follow it inside "
-                 "<information>...</information>. Search as often as you need, one fact at a "
-                 "time, then give the short final answer inside <answer>...</answer>.",
-    "rsearch": "Answer the question by searching a document collection. Plan the searches as "
-               "a query graph:\n<search>\nNodes:\nA: query (Local)\n"
-               "B: query that uses {A} (Local)\nEdges:\nA -> B\n</search>\n{A} is replaced by "
-               "the title of A's top result. The results follow it in <r>...</r> blocks. Then "
-               "give the short final answer inside <answer>...</answer>.",
+    "direct": "Give the short final answer inside <answer>...</answer>.",
+    "search_r1": "Search with <search>query</search>; the results follow inside "
+                 "<information>...</information>. Search one fact at a time, then give the "
+                 "short final answer inside <answer>...</answer>.",
+    "rsearch": "Plan the searches as a query graph:\n<search>\nNodes:\nA: query (Local)\n"
+               "B: query using {A} (Local)\nEdges:\nA -> B\n</search>\n{A} becomes the title "
+               "of A's top result; the results follow in <r>...</r> blocks. Then give the short "
+               "final answer inside <answer>...</answer>.",
 }
 
 # relation -> (search query, what the teacher says it looks for); {s} is the subject. The
