@@ -184,6 +184,8 @@ def rsearch_dialogue(question: Question, sources: SourceRegistry, *, k: int = 3,
     stats.searches += result.num_searches
     found = [any(p.text == gold for p in result.passages.get(name, ()))
              for name, gold in zip("AB", golds)]
+    if question.bridge is not None:   # {A} must have become the bridge, not just any title
+      found.append(question.bridge in result.queries.get("B", ""))
     if all(found):
       return {"messages": [*messages, task.assistant_turn(
           [(block, False), (injection(rendered), True), answer])]}
