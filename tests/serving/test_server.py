@@ -140,9 +140,21 @@ def test_metrics_and_health(server):
   assert health["status"] == "ok" and health["model"] == "tiny"
 
 
-def test_a_dropped_stream_frees_its_slot(server):
+def test_a_dropped_stream_frees_its_slot(server, monkeypatch):
+  """A client that leaves mid-stream cancels its request. The tiny model would finish 200
+  tokens before the disconnect is noticed, so each event is delayed (a slow model)."""
   import http.client
   url, host = server
+  engine = host.model.engine
+  submit = engine.submit
+
+  def slow_submit(request, on_event):
+    def delayed(event):
+      time.sleep(0.05)
+      on_event(event)
+    return submit(request, delayed)
+
+  monkeypatch.setattr(engine, "submit", slow_submit)
   before = host.model.engine.snapshot()["cancelled"]
   body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever"}],
           "max_tokens": 200, "temperature": 1.0, "stream": True}
@@ -151,9 +163,11 @@ def test_a_dropped_stream_frees_its_slot(server):
                      {"Content-Type": "application/json"})
   response = connection.getresponse()
   assert response.status == 200
-  while b'"content"' not in response.readline():
-    pass
-  connection.close()     # leave after the first chunk
+  while True:   # the role chunk carries "content": "" and comes before any generation
+    line = response.readline()
+    if b'"content": "' in line and b'"content": ""' not in line:
+      break
+  connection.close()     # leave after the first generated text
   deadline = time.monotonic() + 30
   while host.model.engine.in_flight and time.monotonic() < deadline:
     time.sleep(0.05)
