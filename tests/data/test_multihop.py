@@ -350,3 +350,18 @@ def test_kb_config_errors_name_the_field():
     KBConfig(people=1)
   with pytest.raises(ValueError, match="field 'held_out'"):
     dataclasses.replace(KBConfig(), held_out=0)
+
+
+def test_rsearch_injection_is_what_the_rsearch_protocol_injects(hash_index):
+  protocols = pytest.importorskip("wakea_jax.sampling.protocols")
+  tok = default_tokenizer()
+  sources = multihop.source_registry(hash_index.index, "bm25")
+  q = task.select(1, 0, hop=2)[0]
+  block = task.dag_block(q)
+  rollout = protocols.RSearch(tokenizer=tok, sources=sources)
+  payload, reason = rollout.on_stop(tok.encode(block), code=0, paused=True, calls=0,
+                                    budget_left=100)
+  ids, errors = rollout.respond(payload)
+  rendered, _ = multihop.search_render.search_response(block, sources, k=rollout.k)
+  assert errors == 0 and reason == ""
+  assert ids == tok.encode(multihop.injection(rendered))
