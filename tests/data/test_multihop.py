@@ -365,3 +365,19 @@ def test_rsearch_injection_is_what_the_rsearch_protocol_injects(hash_index):
   rendered, _ = multihop.search_render.search_response(block, sources, k=rollout.k)
   assert errors == 0 and reason == ""
   assert ids == tok.encode(multihop.injection(rendered))
+
+
+def test_written_teacher_file_is_an_sft_source_whose_mask_skips_passages(hash_index, tmp_path):
+  from wakea_jax.data import pipeline
+
+  tok = default_tokenizer()
+  path = tmp_path / "sft.jsonl"
+  stats = multihop.write_teacher_sft(path, 8, 1, index=hash_index.index, protocol="search_r1",
+                                     mode="bm25")
+  assert stats.searches >= 8
+  source = sources.load_source(str(path))
+  for i in range(len(source)):
+    example = pipeline._tokenize(source[i], tok, 0)
+    trained = tok.decode(example["ids"][example["mask"] == 1].tolist())
+    assert "<search>" in trained and "<answer>" in trained
+    assert "<information>" not in trained and "Title:" not in trained
