@@ -344,11 +344,17 @@ def test_minilm_similarity_finds_procedures_without_trigger_words():
   from wakea_jax.retrieval.embed import load_embedder
 
   memory = ProcedureMemory.from_path(EXAMPLES_DIR, embedder=load_embedder())
-  # No trigger word of the intended procedure occurs in these: only similarity can find them.
-  top = lambda text: memory.match(text, k=1)[0]
-  match = top("Subtract 2213 from 4512 for me.")
-  assert match.procedure.name == "calculator-arithmetic", match
-  assert match.why.startswith("no trigger; similarity ")
+  # No trigger word of any procedure occurs in these: only similarity can find them (measured
+  # cosines 0.44 and 0.40 against the 0.35 threshold).
+  for text, expected in [("I searched twice and got nothing useful.", "no-evidence"),
+                         ("Format your reply as a single word.", "answer-format")]:
+    matches = memory.match(text, k=3)
+    assert [m.procedure.name for m in matches] == [expected], matches
+    assert matches[0].why.startswith("no trigger; similarity ")
+  assert memory.match("Hello there!", k=3) == []
+  # Triggers still lead when the embedding is only weakly similar (cosine 0.23 here).
+  assert memory.match("Where was the founder of Velmora Tools born?", k=1)[0].procedure.name \
+      == "multi-hop-search"
   again = ProcedureMemory.from_path(EXAMPLES_DIR, embedder=load_embedder())
-  assert again.match("Subtract 2213 from 4512 for me.", k=3) == memory.match(
-      "Subtract 2213 from 4512 for me.", k=3)
+  text = "Which of the two companies was founded first?"
+  assert again.match(text, k=3) == memory.match(text, k=3)
