@@ -239,6 +239,8 @@ def test_hot_swap_under_load_and_rollback(server, checkpoints, tmp_path):
   status, rolled = request(f"{url}/admin/swap", {"checkpoint": str(broken), "version": "3"})
   assert status == 500 and not rolled["ok"]
   assert request(f"{url}/health")[1]["version"] == "2"
+  status, bad = request(f"{url}/admin/swap", {"version": "4"})   # no checkpoint: a 400
+  assert status == 400 and bad["error"]["param"] == "checkpoint"
   reply = client.chat.completions.create(model="tiny", messages=[{"role": "user",
                                                                   "content": PROMPT}],
                                          max_tokens=6, temperature=0)

@@ -116,6 +116,17 @@ class ChatToolCalls:
     return tool_turn(payload, self.router, self.tokenizer, self.max_tool_tokens)
 
 
+def _closed_search(tokenizer: Tokenizer, turn: list[int], tag: str, *, code: int, paused: bool,
+                   calls: int, budget_left: int, max_searches: int) -> tuple[str | None, str]:
+  """(the contents of the `<tag>` block a paused turn just closed, "" when it has none; or
+  None with the stop reason when the row ends: not paused, out of searches or tokens)."""
+  if not paused:
+    return None, _default_reason(code, paused)
+  if calls >= max_searches or budget_left <= 0:
+    return None, "length" if budget_left <= 0 else "stop_string"
+  return last_block(tokenizer.decode(turn), f"<{tag}>", f"</{tag}>") or "", ""
+
+
 def last_block(text: str, open_tag: str, close_tag: str) -> str | None:
   """The contents of the last `open_tag ... close_tag` block of `text`, or None."""
   end = text.rfind(close_tag)
@@ -153,13 +164,10 @@ class SearchR1:
   def on_stop(self, turn: list[int], *, code: int, paused: bool, calls: int,
               budget_left: int) -> tuple[Any | None, str]:
     """The query of the search the turn just closed, while searches and tokens are left."""
-    if not paused:
-      return None, _default_reason(code, paused)
-    if calls >= self.max_searches or budget_left <= 0:
-      return None, "length" if budget_left <= 0 else "stop_string"
-    query = last_block(self.tokenizer.decode(turn), f"<{self.search_tag}>",
-                       f"</{self.search_tag}>")
-    return (query or "").strip(), ""
+    query, reason = _closed_search(self.tokenizer, turn, self.search_tag, code=code,
+                                   paused=paused, calls=calls, budget_left=budget_left,
+                                   max_searches=self.max_searches)
+    return (None if query is None else query.strip()), reason
 
   def render(self, query: str) -> tuple[str, int]:
     """(the information block's text, 1 if the search failed or found nothing, else 0)."""
@@ -205,12 +213,10 @@ class RSearch:
   def on_stop(self, turn: list[int], *, code: int, paused: bool, calls: int,
               budget_left: int) -> tuple[Any | None, str]:
     """The search block the turn just closed, while searches and tokens are left."""
-    if not paused:
-      return None, _default_reason(code, paused)
-    if calls >= self.max_searches or budget_left <= 0:
-      return None, "length" if budget_left <= 0 else "stop_string"
-    block = last_block(self.tokenizer.decode(turn), "<search>", "</search>")
-    return f"<search>{block or ''}</search>", ""
+    block, reason = _closed_search(self.tokenizer, turn, "search", code=code, paused=paused,
+                                   calls=calls, budget_left=budget_left,
+                                   max_searches=self.max_searches)
+    return (None if block is None else f"<search>{block}</search>"), reason
 
   def respond(self, payload: Any) -> tuple[list[int], int]:
     """Executes the DAG -> the `<r>` blocks' ids and 1 when the DAG was invalid."""

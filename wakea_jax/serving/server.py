@@ -220,12 +220,16 @@ def create_app(host: ModelHost, options: ServerOptions = ServerOptions(), *,
     return {"status": "ok", "model": model.name, "version": model.version,
             "in_flight": model.engine.in_flight}
 
+  def refused(request: Request) -> JSONResponse | None:
+    """The 401/403 response for a request without a valid key, or None."""
+    auth = keys.check(request.headers.get("authorization"))
+    return None if auth.ok else error_response(
+        _APIError(auth.status, auth.message, headers=_auth_headers(auth.status)))
+
   @app.get("/v1/models")
   async def list_models(request: Request):
-    auth = keys.check(request.headers.get("authorization"))
-    if not auth.ok:
-      return error_response(_APIError(auth.status, auth.message,
-                                      headers=_auth_headers(auth.status)))
+    if (refusal := refused(request)) is not None:
+      return refusal
     model = host.model
     return {"object": "list", "data": [{"id": model.name, "object": "model",
                                         "created": model.created, "owned_by": "wakea_jax",
@@ -238,15 +242,17 @@ def create_app(host: ModelHost, options: ServerOptions = ServerOptions(), *,
 
   @app.post("/admin/swap")
   async def admin_swap(request: Request):
-    """Body {"checkpoint": DIR, "version": "..."}: loads and switches (see ModelHost)."""
-    auth = keys.check(request.headers.get("authorization"))
-    if not auth.ok:
-      return error_response(_APIError(auth.status, auth.message,
-                                      headers=_auth_headers(auth.status)))
+    """Body {"checkpoint": DIR or registry reference, "version": "..."}: loads and switches
+    (see ModelHost)."""
+    if (refusal := refused(request)) is not None:
+      return refusal
     if not options.admin_enabled or app.state.loader is None:
       return error_response(_APIError(404, "hot-swap is not enabled on this server"))
-    body = await request.json()
-    load = app.state.loader(body)
+    try:
+      body = json.loads(await request.body())
+      load = app.state.loader(body if isinstance(body, dict) else {})
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+      return error_response(_APIError(400, f"bad swap request: {e}", param="checkpoint"))
     record = await asyncio.to_thread(host.swap, load)
     return JSONResponse(record, status_code=200 if record["ok"] else 500)
 
