@@ -21,6 +21,10 @@ before the sampler's log-probs were used); `auto` takes the sampler's log-probs 
 ones (one update per rollout batch). Prompts are ~`prompt_tokens` tokens after the chat
 template (a file written to a temporary folder); a completion stops early at a stop id, so
 the generated-token count is printed beside the time.
+
+--tunix_python=/tmp/tunix-venv/bin/python (an interpreter with google-tunix installed) also
+runs tools/bench_tunix_grpo.py there after ours, on the same shapes and sizes (Tunix's own
+GRPOLearner loop, vanilla rollout), and prints its row and the step-time ratio beside ours.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
 import tempfile
 import time
 
@@ -43,6 +48,10 @@ _NEW = flags.DEFINE_integer("new", 128, "Max new tokens per completion.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per mode (after one warm-up step).")
 _KL_BETA = flags.DEFINE_float("kl_beta", 0.04, "loss.kl_beta (> 0: reference scoring on).")
 _MODES = flags.DEFINE_list("modes", ["trainer", "auto"], "rl.old_logprobs values to measure.")
+_TUNIX_PYTHON = flags.DEFINE_string(
+    "tunix_python", "", "An interpreter with google-tunix installed: also time Tunix's GRPO "
+    "step (tools/bench_tunix_grpo.py) on the same shapes and print it beside ours.")
+_TUNIX_TIMEOUT = flags.DEFINE_integer("tunix_timeout", 1800, "Seconds for the Tunix run.")
 
 PHASES = ("rollout", "reward", "score", "update", "step")
 _WORDS = ("alpha beta gamma delta river stone cloud maple quiet orange window seven green "
@@ -149,6 +158,34 @@ def bench_modes(modes: list[str], prompt_file: pathlib.Path) -> dict[str, dict[s
   return out
 
 
+def bench_tunix(model_fields: dict) -> dict | None:
+  """tools/bench_tunix_grpo.py under --tunix_python on the same shapes and sizes: its
+  figures (it prints its own lines, passed through here), or None when it failed."""
+  script = pathlib.Path(__file__).resolve().parent / "bench_tunix_grpo.py"
+  command = [_TUNIX_PYTHON.value, str(script), "--json", f"--shapes={json.dumps(model_fields)}",
+             f"--prompts={_PROMPTS.value}", f"--group={_GROUP.value}",
+             f"--prompt_tokens={_PROMPT_TOKENS.value}", f"--new={_NEW.value}",
+             f"--steps={_STEPS.value}", f"--kl_beta={_KL_BETA.value}"]
+  print(f"Tunix ({_TUNIX_PYTHON.value}):", flush=True)
+  try:
+    done = subprocess.run(command, capture_output=True, text=True,
+                          timeout=_TUNIX_TIMEOUT.value, check=False)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    print(f"  Tunix run failed: {e}")
+    return None
+  result = None
+  for line in done.stdout.splitlines():
+    if line.startswith("TUNIX_JSON "):
+      result = json.loads(line.removeprefix("TUNIX_JSON "))
+    else:
+      print(f"  {line}")
+  if done.returncode or result is None:
+    tail = "\n    ".join(done.stderr.strip().splitlines()[-15:])
+    print(f"  Tunix run failed (exit {done.returncode}):\n    {tail}")
+    return None
+  return result
+
+
 def main(argv):
   del argv
   import jax
@@ -171,12 +208,18 @@ def main(argv):
           f"{_NEW.value} new tokens, loss.kl_beta {_KL_BETA.value}; mean of {_STEPS.value} "
           f"steps after a warm-up step")
     results = bench_modes(_MODES.value, prompt_file)
+  tunix = bench_tunix(cfg.to_dict()) if _TUNIX_PYTHON.value else None
   header = f"{'rl.old_logprobs':<17}" + "".join(f"{p + ' s':>10}" for p in PHASES)
   print(header + f"{'tokens':>9}{'tokens/s':>10}")
   for mode, r in results.items():
     print(f"{mode:<17}" + "".join(f"{r[p]:>10.2f}" for p in PHASES)
           + f"{r['tokens']:>9.0f}{r['tokens'] / r['step']:>10.1f}"
           + f"  (reward std {r['reward_std']:.3f}, finite {r['finite']:.0f})")
+  if tunix:
+    label = f"tunix {tunix['version']}"
+    print(f"{label:<17}" + "".join(f"{tunix[p]:>10.2f}" for p in PHASES)
+          + f"{tunix['tokens']:>9.0f}{tunix['tokens'] / tunix['step']:>10.1f}"
+          + "  (same shapes and sizes, Tunix's GRPOLearner; tools/bench_tunix_grpo.py)")
   if "trainer" in results and "auto" in results:
     ref, new = results["trainer"], results["auto"]
     print(f"auto vs trainer (the reference): step {ref['step'] / new['step']:.2f}x faster, "
@@ -184,6 +227,14 @@ def main(argv):
           f"{new['rollout'] / new['step']:.0%} of the auto step "
           f"({rows * _NEW.value} max new tokens: "
           f"{new['rollout'] / _NEW.value * 1e3:.1f} ms per decode step incl. prefill)")
+  if tunix:
+    # Ours dispatches the scoring passes during the rollout phase (score_s is only the wait
+    # left after the rewards), so rollout + score is the phase to set against Tunix's.
+    for mode, r in results.items():
+      print(f"{mode} vs {label}: step {r['step']:.2f} vs {tunix['step']:.2f} s, step time "
+            f"Tunix / ours = {tunix['step'] / r['step']:.2f} (> 1: ours faster; rollout + "
+            f"score {(tunix['rollout'] + tunix['score']) / (r['rollout'] + r['score']):.2f}x, "
+            f"update {tunix['update'] / r['update']:.2f}x)")
   print(f"total wall time {time.perf_counter() - wall:.0f} s")
 
 
