@@ -29,6 +29,7 @@ GRPOLearner loop, vanilla rollout), and prints its row and the step-time ratio b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -52,6 +53,9 @@ _TUNIX_PYTHON = flags.DEFINE_string(
     "tunix_python", "", "An interpreter with google-tunix installed: also time Tunix's GRPO "
     "step (tools/bench_tunix_grpo.py) on the same shapes and print it beside ours.")
 _TUNIX_TIMEOUT = flags.DEFINE_integer("tunix_timeout", 1800, "Seconds for the Tunix run.")
+_FULL = flags.DEFINE_bool(
+    "full_length", False, "Every completion runs to --new tokens (the sampler's stop ids off), "
+    "as the Tunix run does: a random model otherwise stops early on the chat stop ids.")
 
 PHASES = ("rollout", "reward", "score", "update", "step")
 _WORDS = ("alpha beta gamma delta river stone cloud maple quiet orange window seven green "
@@ -141,6 +145,8 @@ def bench_modes(modes: list[str], prompt_file: pathlib.Path) -> dict[str, dict[s
       start = time.perf_counter()
       learners[mode] = trainers.make_learner(grpo_config(mode, prompt_file),
                                              pathlib.Path(workdir) / mode)
+      if _FULL.value:
+        learners[mode].sampler = dataclasses.replace(learners[mode].sampler, stop_ids=())
       build_s = time.perf_counter() - start
       first = learners[mode].step(0)
       out[mode] = {"build": build_s, "first_step": first["time/step_s"]}
