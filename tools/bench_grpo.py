@@ -53,6 +53,9 @@ _TUNIX_PYTHON = flags.DEFINE_string(
     "tunix_python", "", "An interpreter with google-tunix installed: also time Tunix's GRPO "
     "step (tools/bench_tunix_grpo.py) on the same shapes and print it beside ours.")
 _TUNIX_TIMEOUT = flags.DEFINE_integer("tunix_timeout", 1800, "Seconds for the Tunix run.")
+_TENSOR = flags.DEFINE_integer(
+    "tensor_parallel", 1, "Run on N host devices as mesh.tensor=N (XLA:CPU runs a device's "
+    "small-batch decode matmuls on one core; N = cores uses them all).")
 _FULL = flags.DEFINE_bool(
     "full_length", False, "Every completion runs to --new tokens (the sampler's stop ids off), "
     "as the Tunix run does: a random model otherwise stops early on the chat stop ids.")
@@ -124,7 +127,8 @@ def grpo_config(mode: str, prompt_file: pathlib.Path):
       "rl.prompts_per_step": _PROMPTS.value, "rl.old_logprobs": mode,
       "loss.kl_beta": _KL_BETA.value, "train.steps": _STEPS.value + 1,
       "data.sources": str(prompt_file), "data.eval_sources": "",
-      "train.eval_at_start": False, "export.enabled": False})
+      "train.eval_at_start": False, "export.enabled": False,
+      "mesh.tensor": _TENSOR.value})
   config.model.update(fields)
   config.reward = {"vowels": {"weight": 1.0}}
   return config
@@ -194,6 +198,9 @@ def bench_tunix(model_fields: dict) -> dict | None:
 
 def main(argv):
   del argv
+  if _TENSOR.value > 1:   # before JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_TENSOR.value}")
   import jax
 
   from wakea_jax.models.config import get_preset
