@@ -56,8 +56,8 @@ from wakea_jax.sampling.sampler import (
   DecodeState,
   SampleOutput,
   Sampler,
-  _stop_string_cut,
   row_keys,
+  stop_string_cut,
 )
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn
 from wakea_jax.toolbox.router import Router
@@ -200,7 +200,10 @@ class ContinuousBatcher:
         if len(free) and ready:
           start = free[:len(ready)]
           started = [ready.popleft() for _ in start]
-          state = self._refill(params, state, start, [requests[r] for r in started], capacity)
+          chosen = [requests[r] for r in started]
+          state = refill_rows(sampler, params, state, start, [r.context for r in chosen],
+                              [r.limit for r in chosen], [r.key for r in chosen], capacity,
+                              generated=[r.generated for r in chosen])
           owner[start] = started
           counts[start] = [requests[r].generated for r in started]
         if not (owner >= 0).any():
@@ -221,7 +224,8 @@ class ContinuousBatcher:
           request.tool_mask += [0] * d
           request.generated += d
           counts[slot] = host["counts"][slot]
-          if stop_strings and _cut(request, stop_strings, tokenizer):
+          if stop_strings and _cut_turn(request, stop_strings, tokenizer):
+            request.reason = "stop_string"
             if not host["done"][slot]:
               stop_rows.append(slot)
             owner[slot] = -1
@@ -251,58 +255,47 @@ class ContinuousBatcher:
         pool.shutdown(wait=True, cancel_futures=True)
     return requests
 
-  def _refill(self, params: nnx.State, state: DecodeState, slots: np.ndarray,
-              requests: list[_Request], capacity: int) -> DecodeState:
-    """Prefills `requests` (their whole contexts) into `slots`. The row count is padded to a
-    power of two (rows past the batch, which change nothing) and the width to a power of two
-    (at most the capacity) so that few shapes compile."""
-    sampler = self.sampler
-    k = 1 << max(0, len(slots) - 1).bit_length()
-    longest = max(len(r.context) for r in requests)
-    width = min(1 << max(0, longest - 1).bit_length(), capacity)
-    width = max(width, min(sampler.min_prompt_bucket, capacity))
-    batch = state.done.shape[0]
-    rows = np.full(k, batch, np.int32)
-    rows[:len(slots)] = slots
-    ids = np.full((k, width), sampler.pad_id, np.int32)
-    mask = np.zeros((k, width), np.int32)
-    limits = np.ones(k, np.int32)
-    keys = np.zeros((k, 2), np.uint32)
-    generated = np.zeros(k, np.int32)
-    for i, request in enumerate(requests):
-      context = request.context
-      ids[i, :len(context)] = context
-      mask[i, :len(context)] = 1
-      limits[i] = request.limit
-      keys[i] = request.key
-      generated[i] = request.generated
-    state = sampler.refill(params, state, jnp.asarray(rows), jnp.asarray(ids),
-                           jnp.asarray(mask), jnp.asarray(limits), jnp.asarray(keys))
-    if generated.any():   # resumed requests go on counting (and keying) their tokens
-      state = state.replace(num_generated=state.num_generated.at[jnp.asarray(rows)].set(
-          jnp.asarray(generated), mode="drop"))
-    return state
 
+def refill_rows(sampler: Sampler, params: nnx.State, state: DecodeState, slots: Sequence[int],
+                contexts: Sequence[Sequence[int]], limits: Sequence[int], keys: Sequence[Any],
+                capacity: int, *, generated: Sequence[int] | None = None,
+                temperature: Sequence[float] | None = None,
+                top_p: Sequence[float] | None = None) -> DecodeState:
+  """`Sampler.refill` of `contexts` into rows `slots` of a running state, from host lists:
+  the row count is padded to a power of two (rows past the batch, which change nothing) and
+  the width to a power of two (at least the sampler's smallest prompt bucket, at most the
+  capacity), so that few shapes compile. Used by the batcher and the serving engine."""
+  k = 1 << max(0, len(slots) - 1).bit_length()
+  longest = max(map(len, contexts))
+  width = min(max(1 << max(0, longest - 1).bit_length(), sampler.min_prompt_bucket), capacity)
 
-def _cut(request: _Request, stop_strings: Sequence[str], tokenizer: Any) -> bool:
-  """Cuts `request` at its first stop string (as `Sampler.apply_stop_strings`); whether it
-  had one."""
-  kept = _stop_string_cut(tokenizer, request.tokens, stop_strings)
-  if kept is None:
-    return False
-  for name in ("tokens", "logprobs", "processed", "tool_mask"):
-    setattr(request, name, getattr(request, name)[:kept])
-  request.generated = kept
-  request.reason = "stop_string"
-  return True
+  def column(values: Sequence[Any] | None, fill: Any, dtype: Any, shape: tuple = ()) -> Any:
+    out = np.full((k,) + shape, fill, dtype)
+    if values is not None:
+      out[:len(slots)] = values
+    return jnp.asarray(out)
+
+  ids = np.full((k, width), sampler.pad_id, np.int32)
+  mask = np.zeros((k, width), np.int32)
+  for i, context in enumerate(contexts):
+    ids[i, :len(context)] = context
+    mask[i, :len(context)] = 1
+  settings = {} if temperature is None else {
+      "temperature": column(temperature, 1.0, np.float32),
+      "top_p": column(top_p, 1.0, np.float32)}
+  return sampler.refill(
+      params, state, column(slots, state.done.shape[0], np.int32), jnp.asarray(ids),
+      jnp.asarray(mask), column(limits, 1, np.int32), column(keys, 0, np.uint32, (2,)),
+      generated=None if generated is None else column(generated, 0, np.int32), **settings)
 
 
 def _cut_turn(request: _Request, strings: Sequence[str], tokenizer: Any) -> bool:
   """Cuts `request` right after the first of `strings` in its current turn (the model's text
-  since the last injection); whether one was there."""
+  since the last injection; without injections its whole output, as
+  `Sampler.apply_stop_strings` cuts); whether one was there."""
   turn = len(last_turn(request.tokens, request.tool_mask))
   start = len(request.tokens) - turn
-  kept = _stop_string_cut(tokenizer, request.tokens[start:], strings)
+  kept = stop_string_cut(tokenizer, request.tokens[start:], strings)
   if kept is None:
     return False
   drop = turn - kept

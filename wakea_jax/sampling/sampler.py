@@ -383,7 +383,7 @@ class Sampler:
     for row in range(tokens.shape[0]):
       if row in cut or (skip is not None and skip[row]):
         continue
-      kept = _stop_string_cut(tokenizer, tokens[row, :counts[row]].tolist(), stop_strings)
+      kept = stop_string_cut(tokenizer, tokens[row, :counts[row]].tolist(), stop_strings)
       if kept is not None:
         keep[row] = cut[row] = kept
     if multihost.all_true(not (keep >= 0).any()):
@@ -419,12 +419,15 @@ class Sampler:
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def refill(self, params: nnx.State, state: DecodeState, rows: Array, tokens: Array,
              mask: Array, limits: Array, keys: Array, temperature: Array | None = None,
-             top_p: Array | None = None) -> DecodeState:
+             top_p: Array | None = None, generated: Array | None = None) -> DecodeState:
     """Starts new requests in rows `rows` [k] of a running state: each such row's cache is
     emptied and its prompt tokens [k, w] (mask [k, w]) prefilled, its counters reset, and it
     decodes on with `limits` [k] and key data `keys` [k, 2]. Only those k rows are computed
     (gathered from the cache and scattered back); rows >= the batch size are padding and
-    change nothing. The other rows keep decoding state untouched."""
+    change nothing. The other rows keep decoding state untouched. `generated` [k] starts
+    rows at a generated count other than 0 (a request resumed after a pause goes on
+    counting, and keying, its tokens); `temperature` / `top_p` [k] are a per_row sampler's
+    settings."""
     batch = state.done.shape[0]
     safe = jnp.minimum(rows, batch - 1)
 
@@ -450,7 +453,8 @@ class Sampler:
           cache=cache, logits=at(state.logits, logits),
           tokens=at(state.tokens, jnp.full((rows.shape[0], state.tokens.shape[1]),
                                            self.pad_id, state.tokens.dtype)),
-          num_generated=at(state.num_generated, 0), limit=at(state.limit, limits),
+          num_generated=at(state.num_generated, 0 if generated is None else generated),
+          limit=at(state.limit, limits),
           done=at(state.done, False), stop_code=at(state.stop_code, STOP_NONE),
           keys=at(state.keys, keys),
           temperature=(state.temperature if temperature is None
@@ -668,7 +672,7 @@ def chat_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, tokenizer: T
   return Sampler(graphdef, model_config, vocab_limit=limit, **settings)
 
 
-def _stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[str]
+def stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[str]
                      ) -> int | None:
   """Length of the shortest prefix of `tokens` whose text contains a stop string, or None."""
   text = tokenizer.decode(tokens)

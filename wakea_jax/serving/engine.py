@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from wakea_jax.sampling.batching import refill_rows
 from wakea_jax.sampling.sampler import STOP_ID, DecodeState, Sampler, row_keys
 
 
@@ -326,31 +327,13 @@ class Engine:
       self.stats["active"] = n
 
   def _refill(self, state: DecodeState, start: list[tuple[int, _Live]]) -> DecodeState:
-    """Prefills the prompts of `start` into their slots, rows and widths bucketed to powers
-    of two so that few shapes compile."""
-    sampler = self.sampler
-    k = 1 << max(0, len(start) - 1).bit_length()
-    longest = max(len(live.request.prompt) for _, live in start)
-    width = min(max(1 << max(0, longest - 1).bit_length(), sampler.min_prompt_bucket),
-                self.capacity)
-    rows = np.full(k, self.slots, np.int32)
-    ids = np.full((k, width), sampler.pad_id, np.int32)
-    mask = np.zeros((k, width), np.int32)
-    limits = np.ones(k, np.int32)
-    keys = np.zeros((k, 2), np.uint32)
-    temperature = np.ones(k, np.float32)
-    top_p = np.ones(k, np.float32)
-    for i, (slot, live) in enumerate(start):
-      r = live.request
-      rows[i] = slot
-      ids[i, :len(r.prompt)] = r.prompt
-      mask[i, :len(r.prompt)] = 1
-      limits[i] = r.max_tokens
-      keys[i] = live.key
-      temperature[i], top_p[i] = r.temperature, r.top_p
-    return sampler.refill(self.params, state, jnp.asarray(rows), jnp.asarray(ids),
-                          jnp.asarray(mask), jnp.asarray(limits), jnp.asarray(keys),
-                          temperature=jnp.asarray(temperature), top_p=jnp.asarray(top_p))
+    """Prefills the prompts of `start` into their slots, with their own settings."""
+    requests = [live.request for _, live in start]
+    return refill_rows(self.sampler, self.params, state, [slot for slot, _ in start],
+                       [r.prompt for r in requests], [r.max_tokens for r in requests],
+                       [live.key for _, live in start], self.capacity,
+                       temperature=[r.temperature for r in requests],
+                       top_p=[r.top_p for r in requests])
 
 
 def generate_text(engine: Engine, request: GenerationRequest, timeout: float | None = None
