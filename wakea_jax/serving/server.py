@@ -362,10 +362,9 @@ def _engine_request(req: Any, ids: Sequence[int], served: ServedModel,
                            logprobs=req.logprobs not in (None, False))
 
 
-async def _generate(served: ServedModel, greq: GenerationRequest, request: Any,
-                    timeout: float) -> tuple[str, Done, list[tuple[str, float]], list[int]]:
-  """Runs one request to the end -> (text, Done, [(token text, logprob)], token ids). Cancels
-  the engine request if the client disconnects or the timeout passes."""
+def _submit(served: ServedModel, greq: GenerationRequest) -> tuple[Any, asyncio.Queue]:
+  """Submits `greq` to `served`'s engine -> (its handle, the queue its events arrive on in
+  this event loop). A draining engine is a 503, a request that cannot run a 400."""
   events: asyncio.Queue = asyncio.Queue()
   loop = asyncio.get_running_loop()
   try:
@@ -374,7 +373,16 @@ async def _generate(served: ServedModel, greq: GenerationRequest, request: Any,
     raise _APIError(503, "the model is being replaced; retry") from None
   except ValueError as e:
     raise _APIError(400, str(e), code="context_length_exceeded") from None
+  return handle, events
+
+
+async def _generate(served: ServedModel, greq: GenerationRequest, request: Any,
+                    timeout: float) -> tuple[str, Done, list[tuple[str, float]], list[int]]:
+  """Runs one request to the end -> (text, Done, [(token text, logprob)], token ids). Cancels
+  the engine request if the client disconnects or the timeout passes."""
+  handle, events = _submit(served, greq)
   parts, lps, tokens = [], [], []
+  loop = asyncio.get_running_loop()
   deadline = loop.time() + timeout
   try:
     while True:
@@ -551,13 +559,7 @@ async def _chat_stream(served: ServedModel, req: Any, request_id: str,
     return
 
   ids = _render(served, _messages(req), None)
-  greq = _engine_request(req, ids, served, options.limits)
-  events: asyncio.Queue = asyncio.Queue()
-  loop = asyncio.get_running_loop()
-  try:
-    handle = served.engine.submit(greq, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-  except EngineClosed:
-    raise _APIError(503, "the model is being replaced; retry") from None
+  handle, events = _submit(served, _engine_request(req, ids, served, options.limits))
   stream_filter = output_filter.stream() if output_filter is not None else None
   blocked = False
   try:
