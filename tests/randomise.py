@@ -16,3 +16,15 @@ def randomise(model: nnx.Module, seed: int) -> None:
     value = 1.0 + 0.2 * noise if "norm" in str(path[-2:]) else 0.15 * noise
     flat.append((path, var.replace(jnp.asarray(value))))
   nnx.update(model, nnx.from_flat_state(flat))
+
+
+def randomised_tiny(seed: int = 5):
+  """The tiny preset with `randomise`d weights -> (config, graphdef, params), as the
+  batching, protocol and engine tests share it."""
+  from wakea_jax.models.config import get_preset
+  from wakea_jax.models.transformer import create_model
+  config = get_preset("tiny")
+  model = create_model(config)
+  randomise(model, seed=seed)
+  graphdef, params = nnx.split(model)
+  return config, graphdef, params

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.randomise import randomise
+from tests.randomise import randomised_tiny
 from tests.toy import CharTokenizer
 from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
@@ -20,11 +20,7 @@ LIMITS = [3, 24, 7, 1, 16, 5, 30, 2, 12]     # widely varying lengths
 
 @pytest.fixture(scope="module")
 def model():
-  config = get_preset("tiny")
-  m = create_model(config)
-  randomise(m, seed=5)
-  graphdef, params = nnx.split(m)
-  return config, graphdef, params
+  return randomised_tiny(seed=5)
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=20)])

@@ -8,13 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from tests.randomise import randomise
+from tests.randomise import randomised_tiny
 from tests.toy import PROMPTS, CharTokenizer
 from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.models import transformer
-from wakea_jax.models.config import get_preset
 from wakea_jax.sampling import Sampler
 from wakea_jax.sampling.batching import ContinuousBatcher
 from wakea_jax.sampling.protocols import RSearch, SearchR1, last_block
@@ -52,11 +50,7 @@ class EchoProtocol:
 
 @pytest.fixture(scope="module")
 def model():
-  config = get_preset("tiny")
-  m = transformer.create_model(config)
-  randomise(m, seed=5)
-  graphdef, params = nnx.split(m)
-  return config, graphdef, params
+  return randomised_tiny(seed=5)
 
 
 def test_pause_inject_resume_equals_a_full_forward(model):

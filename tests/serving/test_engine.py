@@ -8,23 +8,16 @@ import threading
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from tests.randomise import randomise
+from tests.randomise import randomised_tiny
 from tests.toy import PROMPTS, CharTokenizer
-from wakea_jax.models.config import get_preset
-from wakea_jax.models.transformer import create_model
 from wakea_jax.sampling import Sampler
 from wakea_jax.serving.engine import Delta, Done, Engine, GenerationRequest, generate_text
 
 
 @pytest.fixture(scope="module")
 def model():
-  config = get_preset("tiny")
-  m = create_model(config)
-  randomise(m, seed=5)
-  graphdef, params = nnx.split(m)
-  return config, graphdef, params
+  return randomised_tiny(seed=5)
 
 
 @pytest.fixture(scope="module")
