@@ -31,7 +31,7 @@ from wakea_jax.sampling import precision
 from wakea_jax.sampling.batching import ContinuousBatcher
 from wakea_jax.sampling.protocols import InteractionProtocol, RSearch, SearchR1
 from wakea_jax.sampling.sampler import Sampler
-from wakea_jax.sampling.tool_loop import last_turn, run_tool_loop
+from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 from wakea_jax.toolbox.router import Router
 from wakea_jax.toolbox.search_sources import SearchSource, SourceRegistry, bm25_source, index_source
@@ -211,18 +211,16 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]
   continuous = bool(config.slots) and jax.process_count() == 1 and bool(prompt_ids)
-  batcher = ContinuousBatcher(sampler, slots=config.slots or 1, chunk_steps=config.chunk_steps)
+  # With slots 0 only the search protocols use it, with every row at once.
+  batcher = ContinuousBatcher(sampler, slots=config.slots or max(len(rows), 1),
+                              chunk_steps=config.chunk_steps)
   protocol = protocol or protocol_for(config, tokenizer)
   if protocol is not None:
     if jax.process_count() > 1:
       raise ValueError(f"rollout.protocol={config.protocol!r} runs on one process for now "
                        "(its pauses use continuous batching)")
-    searcher = ContinuousBatcher(sampler, slots=config.slots or len(rows),
-                                 chunk_steps=config.chunk_steps)
-    out = searcher.run_protocol(params, prompt_ids, protocol, rng=rng,
-                                max_new_tokens=config.max_new_tokens)
-    tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
-    calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
+    out = batcher.run_protocol(params, prompt_ids, protocol, rng=rng,
+                               max_new_tokens=config.max_new_tokens)
   elif router is not None and config.max_tool_calls > 0:
     tool_settings = dict(tokenizer=tokenizer, router=router, rng=rng,
                          max_new_tokens=config.max_new_tokens,
@@ -231,14 +229,14 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
     out = (batcher.run_tools(params, prompt_ids, **tool_settings) if continuous else
            run_tool_loop(sampler, params, prompt_ids, chunk_steps=config.chunk_steps,
                          **tool_settings))
-    tokens, logprobs, tool_mask = out.tokens, out.logprobs, out.tool_mask
-    calls, reasons, errors = out.num_tool_calls, out.stop_reason, out.tool_errors
   else:
-    if continuous:
-      out = batcher.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
-    else:
-      out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
-    tokens, logprobs = out.tokens, out.logprobs
+    out = (batcher if continuous else sampler).generate(
+        params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
+  tokens, logprobs = out.tokens, out.logprobs
+  if isinstance(out, ToolLoopOutput):
+    tool_mask, calls, reasons, errors = (out.tool_mask, out.num_tool_calls, out.stop_reason,
+                                         out.tool_errors)
+  else:
     tool_mask = [np.zeros(len(t), np.int32) for t in tokens]
     calls, reasons, errors = [0] * len(rows), out.stop_reason, [0] * len(rows)
   return Rollouts(prompts=rows, prompt_ids=prompt_ids, completion_ids=[list(t) for t in tokens],
