@@ -58,5 +58,6 @@ def test_learning_demo_pipeline(tmp_path, capsys):
   table = (tmp_path / "results.md").read_text()
   assert "| SFT |" in table and "GRPO greedy accuracy gain" in table
   assert "| SFT |" in capsys.readouterr().out
+  assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
   if "DPO" in stages:   # only when the tiny SFT model produced both right and wrong answers
     assert 0.0 <= results["dpo"]["preference_accuracy_after"] <= 1.0

@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from wakea_jax import config_lib, logs, trainers
+from wakea_jax import config_lib, logs, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
@@ -146,6 +146,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   table = format_table(results)
   (workdir / "results.md").write_text(table + "\n")
   print(table)
+  curves = {f"GRPO seed {s}": workdir / f"grpo_seed{s}" for s in config.grpo_seeds}
+  curves.update({name: workdir / name.lower() for name, on in (("PPO", config.run_ppo),
+                                                                 ("DPO", config.run_dpo)) if on})
+  curves = {k: d for k, d in curves.items() if (d / "metrics.jsonl").is_file()}
+  if curves:
+    plots.plot_runs(curves, workdir / "curves.png", title="The learning demonstration", smooth=10)
   return results
 
 
