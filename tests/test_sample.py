@@ -4,6 +4,7 @@ import pytest
 
 from wakea_jax import sample
 from wakea_jax.checkpoints import export, hf
+from wakea_jax.data.tasks import multihop
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
 
@@ -29,7 +30,7 @@ def test_sample_errors(tmp_path):
     sample.run(str(tmp_path), [])
 
 
-def test_sample_searches_an_index(tmp_path):
+def test_sample_searches_an_index(tmp_path, monkeypatch):
   """--index with --tools=search (Search-R1 over the corpus) or the retrieve tool; the
   protocol's mechanics are tested in tests/rl/test_rollout.py and sampling/test_protocols."""
   model = transformer.create_model(get_preset("tiny", vocab_size=1024, max_seq_len=1024),
@@ -42,9 +43,18 @@ def test_sample_searches_an_index(tmp_path):
   with pytest.raises(ValueError, match="use it alone"):
     sample.run(str(tmp_path / "ckpt"), ["x"], tools=("search", "calculator"),
                index=str(corpus))
+  rendered = []
+  render = sample.chat.render
+  monkeypatch.setattr(sample.chat, "render",
+                      lambda messages, *a, **k: (rendered.append(messages), render(
+                          messages, *a, **k))[1])
   for tools in (("search",), ("rsearch",), ("retrieve",)):
     transcripts, out = sample.run(str(tmp_path / "ckpt"), ["Where was Zorava Kelt born?"],
                                   tools=tools, index=str(corpus), max_new_tokens=6,
-                                  max_searches=1)
+                                  max_searches=1, search_tokens=64)
     assert transcripts[0].startswith("user: Where was Zorava Kelt born?\nassistant: ")
     assert len(out.tokens[0]) >= 1
+  # A search protocol without --system gets the prompt the bundled task trains it with.
+  assert [m[0]["content"] for m in rendered[:2]] == [multihop.SYSTEMS["search_r1"],
+                                                     multihop.SYSTEMS["rsearch"]]
+  assert rendered[2][0]["role"] == "user"

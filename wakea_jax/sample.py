@@ -31,6 +31,7 @@ from flax import nnx
 from wakea_jax import logs
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
+from wakea_jax.data.tasks import multihop as multihop_task
 from wakea_jax.data.tokenizer import tokenizer_from
 from wakea_jax.rl.rollout import RolloutConfig, protocol_for
 from wakea_jax.sampling.batching import ContinuousBatcher
@@ -51,7 +52,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("tokenizer", "", "Tokenizer path; empty: the bundled one.")
   flags.DEFINE_string("prompt", "", "A single user prompt.")
   flags.DEFINE_string("prompts_file", "", "One user prompt per line.")
-  flags.DEFINE_string("system", "", "Optional system message.")
+  flags.DEFINE_string("system", "", "Optional system message. With --tools=search or rsearch "
+                      "and none given: the protocol's prompt the bundled multi-hop task trains "
+                      "with (data/tasks/multihop.py SYSTEMS).")
   flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none).")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "0 disables.")
@@ -66,12 +69,14 @@ def _define_flags() -> None:
   flags.DEFINE_string("index", "", "Index directory or corpus to search (see the docstring).")
   flags.DEFINE_integer("search_k", 3, "Passages per search (search protocols).")
   flags.DEFINE_integer("max_searches", 4, "Searches per reply (search protocols).")
+  flags.DEFINE_integer("search_tokens", 256, "Token cap of one injected results block "
+                       "(search protocols; the trained rollout.search_tokens).")
 
 def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", system: str = "",
         tools: Sequence[str] = ("calculator",), temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, max_new_tokens: int = 128, max_tool_calls: int = 2,
         max_tool_tokens: int = 64, tool_schemas_in_prompt: bool = False, seed: int = 0,
-        index: str = "", search_k: int = 3, max_searches: int = 4
+        index: str = "", search_k: int = 3, max_searches: int = 4, search_tokens: int = 256
         ) -> tuple[list[str], ToolLoopOutput]:
   """Samples a reply for each prompt; returns (transcripts, raw output)."""
   if not prompts:
@@ -95,6 +100,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
                          temperature=temperature, top_k=top_k, top_p=top_p)
   tool_schemas = (router.tool_schemas() if tools and tool_schemas_in_prompt and not protocols
                   else None)
+  if protocols and not system:
+    system = multihop_task.SYSTEMS[SEARCH_PROTOCOLS[protocols[0]]]
   prompt_ids = []
   for text in prompts:
     messages = ([{"role": "system", "content": system}] if system else [])
@@ -103,7 +110,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
                                   add_generation_prompt=True).input_ids.tolist())
   if protocols:
     config = RolloutConfig(protocol=SEARCH_PROTOCOLS[protocols[0]], index=index,
-                           search_k=search_k, max_searches=max_searches)
+                           search_k=search_k, max_searches=max_searches,
+                           search_tokens=search_tokens)
     out = ContinuousBatcher(sampler, slots=len(prompt_ids)).run_protocol(
         params, prompt_ids, protocol_for(config, tok), rng=jax.random.key(seed),
         max_new_tokens=max_new_tokens)
@@ -133,7 +141,7 @@ def main(argv: Sequence[str]) -> None:
                          max_tool_tokens=FLAGS.max_tool_tokens,
                          tool_schemas_in_prompt=FLAGS.tool_schemas_in_prompt, seed=FLAGS.seed,
                          index=FLAGS.index, search_k=FLAGS.search_k,
-                         max_searches=FLAGS.max_searches)
+                         max_searches=FLAGS.max_searches, search_tokens=FLAGS.search_tokens)
   for transcript, calls, reason in zip(transcripts, out.num_tool_calls, out.stop_reason):
     print(transcript)
     print(f"[{calls} tool call(s), stopped: {reason}]\n")

@@ -101,6 +101,12 @@ def kb_config(people: int = 100, orgs: int = 30, cities: int = 16, countries: in
   return KBConfig(people, orgs, cities, countries, kb_seed, held_out)
 
 
+def kb_spec_options(kb: Any) -> str:
+  """The KB options `kb` (a mapping of `kb_config`'s arguments) as a task spec's tail:
+  {"people": 600, "orgs": 120} -> "&orgs=120&people=600"."""
+  return "".join(f"&{k}={int(v)}" for k, v in sorted(dict(kb).items()))
+
+
 def select(n: int, seed: int = 0, *, split: int = 0, hop: int = 0,
            config: KBConfig = KBConfig()) -> list[Question]:
   """`n` questions of `split` (0 train, 1 held-out) and `hop` (see the module docstring)."""
