@@ -1,0 +1,45 @@
+"""The search RL demonstration's pipeline end to end, shrunk (configs/search_demo.py:test): the
+index, the teacher data of four prompt formats, the task tokenizer, SFT, GRPO with each search
+protocol, the held-out evaluation of every arm and the table; a re-run skips what is done.
+
+The learning figures come from the full run documented in the README (minutes, not a test).
+"""
+
+import json
+
+import pytest
+
+from configs import search_demo as search_demo_config
+from wakea_jax import search_demo
+from wakea_jax.data.tokenizer import tokenizer_from
+
+
+@pytest.mark.slow
+def test_search_demo_pipeline(tmp_path, capsys):
+  config = search_demo_config.get_config("test")
+  results = search_demo.run(config, tmp_path)
+  arms = [r["arm"] for r in results["rows"]]
+  assert arms == ["direct", "rag", "sft_search_r1", "sft_rsearch", "grpo_search_r1",
+                  "grpo_rsearch"]
+  for row in results["rows"]:
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["questions"] == 4
+  for row in results["rows"][3::2]:   # the R-Search arms report the three components
+    assert {"dag_validity", "dag_format", "answer_accuracy"} <= set(row)
+  assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]
+  table = (tmp_path / "results.md").read_text()
+  assert "| (d) GRPO, Search-R1 | 0 |" in table and "vs (b) RAG" in table
+  assert "(d) GRPO, Search-R1" in capsys.readouterr().out
+  assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+  # The task tokenizer spells the task's words in fewer pieces than the bundled one.
+  text = "Brejan Bran was born in the city of Nobei."
+  assert (len(tokenizer_from(str(tmp_path / "tokenizer.model")).encode(text))
+          < len(tokenizer_from("").encode(text)))
+  # The held-out prompts of every format ask the same questions.
+  rag = [json.loads(line) for line in open(tmp_path / "data" / "eval_rag.jsonl")]
+  assert len(rag) == 4 and all(r["hop_type"] == "two_hop" for r in rag)
+
+  # Re-running trains nothing again (every stage's checkpoint is there).
+  again = search_demo.run(config, tmp_path)
+  assert again["timing_s"]["sft"] < results["timing_s"]["sft"] + 5
+  assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in results["rows"]]

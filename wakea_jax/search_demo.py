@@ -1,0 +1,357 @@
+r"""The search RL learning demonstration (issue 15): no retrieval, RAG, an SFT searcher, and
+the searcher after GRPO with the Search-R1 and R-Search protocols, on the same held-out 2-hop
+questions (configs/search_demo.py says what each arm is).
+
+  python -m wakea_jax.search_demo --config=configs/search_demo.py --workdir=/tmp/wakea_search
+
+Stages, each in --workdir (re-running skips what is done, so an interrupted run continues):
+  index/            the KB corpus and its MiniLM + ScaNN index (toolbox/multihop.py)
+  data/             teacher dialogues of the four prompt formats (the Search-R1 and R-Search
+                    teachers search that index for real) and the held-out prompt files
+  tokenizer.model   a SentencePiece tokenizer over the bundled corpus and the task's text
+  sft/              one SFT run on the mixed dialogues, from scratch
+  search_r1_seedS/  GRPO from the SFT model, Search-R1 protocol, exact-match reward
+  rsearch_seedS/    GRPO from the SFT model, R-Search query DAGs, the 50/25/25 reward
+Every model is evaluated greedily on the held-out questions: accuracy (SQuAD exact match of
+the `<answer>`), searches per answer, and for R-Search its three reward components. The table
+goes to stdout, results.md and results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from wakea_jax import config_lib, logs, plots, trainers
+from wakea_jax.checkpoints import loader
+from wakea_jax.data import sources
+from wakea_jax.data.tasks import multihop as task
+from wakea_jax.data.tasks.multihop_kb import KBConfig
+from wakea_jax.data.tokenizer import DEFAULT_CORPUS_PATH, tokenizer_from
+from wakea_jax.data.train_tokenizer import DEFAULT_USER_DEFINED_SYMBOLS, train_sentencepiece
+from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import rewards as rewards_lib
+from wakea_jax.rl import search_rewards
+from wakea_jax.rl.rollout import generate_rollouts
+from wakea_jax.sampling.sampler import chat_sampler
+from wakea_jax.toolbox import multihop
+
+EXPORT = loader.RUN_EXPORT
+FLAGS = flags.FLAGS
+
+# The arms, in table order: (key, label, prompt format).
+ARMS = (("direct", "(a) no retrieval", "direct"),
+        ("rag", "(b) RAG, answer once", "rag"),
+        ("sft_search_r1", "(c) SFT searcher, Search-R1", "search_r1"),
+        ("grpo_search_r1", "(d) GRPO, Search-R1", "search_r1"),
+        ("sft_rsearch", "SFT searcher, R-Search DAG", "rsearch"),
+        ("grpo_rsearch", "(e) GRPO, R-Search DAG", "rsearch"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What the stages share: the index, the tokenizer and the data files."""
+
+  index: str
+  tokenizer: str
+  sft_sources: tuple[tuple[str, float], ...]
+  eval_prompts: dict[str, str]      # prompt format -> prompt source
+  seconds: float
+
+
+def _train_worlds(config: ml_collections.ConfigDict, cache: pathlib.Path, index: str
+                  ) -> list[tuple[KBConfig, str, str]]:
+  """(KB, index directory, search mode) of every knowledge base the teacher dialogues come
+  from: the evaluated KB (its training entities, searched like the rollouts: MiniLM + ScaNN)
+  and `train_kbs - 1` more generated with other seeds (fresh names; searched by BM25 over
+  their own document store, so no encoder runs for them)."""
+  base = task.kb_config(**config.kb)
+  worlds = [(base, index, "dense")]
+  for seed in range(1, int(config.train_kbs)):
+    kb = dataclasses.replace(base, seed=base.seed + seed)
+    built = multihop.build_index(cache, config=kb, embedder="hash-64")
+    worlds.append((kb, built.index, "bm25"))
+  return worlds
+
+
+def _teacher_files(config: ml_collections.ConfigDict, worlds: Sequence[tuple[KBConfig, str, str]],
+                   data: pathlib.Path) -> dict[str, pathlib.Path]:
+  """The SFT dialogues of each prompt format (training entities, every hop type), an equal
+  share from each KB in `worlds`, written once."""
+  teacher = config.teacher
+  files = {fmt: data / f"sft_{fmt}.jsonl" for fmt in ("search_r1", "rsearch", "direct", "rag")}
+  for fmt, path in files.items():
+    if path.exists() or not teacher[fmt]:
+      continue
+    records: list[dict[str, Any]] = []
+    stats = task.TeacherStats()
+    for i, (kb, index, mode) in enumerate(worlds):
+      n = int(teacher[fmt]) * (i + 1) // len(worlds) - int(teacher[fmt]) * i // len(worlds)
+      seed = int(teacher.seed) + i
+      if not n:
+        continue
+      if fmt in ("search_r1", "rsearch"):
+        part, part_stats = multihop.teacher_records(n, seed, index=index, protocol=fmt,
+                                                    k=config.search_k, mode=mode, config=kb)
+        for field in dataclasses.fields(stats):
+          setattr(stats, field.name, getattr(stats, field.name) + getattr(part_stats, field.name))
+      elif fmt == "direct":
+        part = [task.direct_dialogue(q) for q in task.select(n, seed, config=kb)]
+      else:
+        part = [{"messages": [*r["messages"], {"role": "assistant",
+                                              "content": f"<answer>{r['answer']}</answer>"}]}
+                for r in multihop.rag_prompts(n, seed, index=index, split=0, hop=0,
+                                              k=config.rag_k, mode=mode, config=kb)]
+      records += part
+    if fmt in ("search_r1", "rsearch"):
+      logging.info("%s teacher over %d KBs: %s", fmt, len(worlds), stats)
+    _write_atomic(path, records)
+  return {fmt: path for fmt, path in files.items() if path.exists()}
+
+
+def _write_atomic(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None:
+  tmp = path.with_suffix(".tmp")
+  sources.write_jsonl(records, tmp)
+  os.replace(tmp, path)
+
+
+def _eval_files(config: ml_collections.ConfigDict, index: str, data: pathlib.Path
+                ) -> dict[str, str]:
+  """Held-out 2-hop prompts of each format: the same questions in the same order."""
+  n, seed = int(config.eval_questions), int(config.eval_seed)
+  spec = (f"task:multihop?n={n}&seed={seed}&split=1&hop=2"
+          + task.kb_spec_options(config.kb) + "&protocol=")
+  rag = data / "eval_rag.jsonl"
+  if not rag.exists():
+    _write_atomic(rag, multihop.rag_prompts(n, seed, index=index, split=1, hop=2,
+                                            k=config.rag_k, config=task.kb_config(**config.kb)))
+  return {"direct": spec + "0", "search_r1": spec + "1", "rsearch": spec + "2",
+          "rag": str(rag)}
+
+
+def _tokenizer(config: ml_collections.ConfigDict, files: Sequence[pathlib.Path],
+               workdir: pathlib.Path) -> str:
+  """Trains the task tokenizer on the bundled corpus plus every line of the teacher
+  dialogues and the KB documents (deterministic: one thread, fixed input order)."""
+  if not config.tokenizer_vocab:
+    return ""
+  model = workdir / "tokenizer.model"
+  if model.exists():
+    return str(model)
+  text = workdir / "data" / "tokenizer_corpus.txt"
+  lines: list[str] = list(task.SYSTEMS.values())
+  for path in files:
+    with open(path, encoding="utf-8") as f:
+      for row in f:
+        record = json.loads(row)
+        for message in record.get("messages", [record]):   # a dialogue or a KB document
+          lines += message.get("content", message.get("text", "")).split("\n")
+  text.write_text("\n".join(line for line in lines if line.strip()) + "\n", encoding="utf-8")
+  prefix = workdir / "tokenizer_tmp"
+  # The space is a piece of its own, never merged into a word: a name then has the same
+  # pieces after a space, a newline or a tag ("<search>Pojous", "<answer>Kraitrubri"), so
+  # copying it is a token-for-token copy. With spaces merged (" Pojous" -> " P","oj","ous"
+  # but "Pojous" -> "P","oj","ous") the SFT model had not learnt to copy unseen names after
+  # 800 steps (0% on held-out questions). It costs ~34% more tokens per dialogue.
+  trained = train_sentencepiece([str(DEFAULT_CORPUS_PATH), str(text)], prefix,
+                                int(config.tokenizer_vocab),
+                                user_defined_symbols=(*DEFAULT_USER_DEFINED_SYMBOLS, "\u2581"))
+  os.replace(trained, model)
+  return str(model)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
+  """Builds (or reuses) the index, the data files and the tokenizer in `workdir`."""
+  start = time.perf_counter()
+  built = multihop.build_index(workdir / "index", embedder=config.embedder,
+                               config=task.kb_config(**config.kb))
+  data = workdir / "data"
+  data.mkdir(parents=True, exist_ok=True)
+  worlds = _train_worlds(config, workdir / "index", built.index)
+  files = _teacher_files(config, worlds, data)
+  tokenizer = _tokenizer(config, [*files.values(), pathlib.Path(built.corpus)], workdir)
+  weights = {fmt: float(config.teacher[fmt]) for fmt in files}
+  total = sum(weights.values())
+  return Prepared(index=built.index, tokenizer=tokenizer,
+                  sft_sources=tuple((str(files[f]), weights[f] / total) for f in files),
+                  eval_prompts=_eval_files(config, built.index, data),
+                  seconds=time.perf_counter() - start)
+
+
+def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prompts_spec: str,
+             *, protocol: str, index: str, tokenizer_path: str, seed: int = 0
+             ) -> dict[str, Any]:
+  """Greedy held-out figures of the model in `model_dir` on `prompts_spec`, sampled with
+  `protocol` ("" answers at once): accuracy (exact match), searches per answer, model
+  tokens per answer and, for R-Search, the three reward components."""
+  start = time.perf_counter()
+  model = loader.load_model(model_dir)
+  graphdef, params = nnx.split(model)
+  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(model_dir))
+  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
+                         model_source=f"the model {model_dir}")
+  rl_config = rl_config.copy_and_resolve_references()
+  rl_config.rollout.update(group_size=1, protocol=protocol, index=index if protocol else "")
+  rollout = config_lib.section(rl_config, "rollout")
+  prompts = prompts_lib.load_prompts(prompts_spec)
+  out = generate_rollouts(sampler, params, prompts, tokenizer=tokenizer, config=rollout,
+                          rng=jax.random.key(seed))
+  samples = out.samples()
+  correct = np.asarray(rewards_lib.correctness_reward("search_r1_em")(samples)) > 0.5
+  result: dict[str, Any] = {
+      "accuracy": float(correct.mean()),
+      "searches_per_answer": float(np.mean([s.num_tool_calls for s in samples])),
+      "model_tokens": float(np.mean([s.num_tokens for s in samples])),
+      "answered": float(np.mean([search_rewards.final_answer(s) is not None
+                                 for s in samples])),
+      "questions": len(samples)}
+  if protocol == "rsearch":
+    for name, fn in (("dag_validity", search_rewards.dag_validity_reward()),
+                     ("dag_format", search_rewards.dag_format_reward()),
+                     ("answer_accuracy", search_rewards.answer_accuracy_reward())):
+      result[name] = float(np.mean(fn(samples)))
+  result["seconds"] = time.perf_counter() - start
+  result["example"] = out.texts[0] if out.texts else ""
+  return result
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = fn(*args)
+  return out, time.perf_counter() - start
+
+
+def _rl_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
+              sft_dir: pathlib.Path, prepared: Prepared, seed: int
+              ) -> ml_collections.ConfigDict:
+  stage = stage.copy_and_resolve_references()
+  stage.seed = seed
+  stage.init_from = str(sft_dir / EXPORT)
+  stage.tokenizer = prepared.tokenizer
+  stage.rollout.index = prepared.index
+  # The curves' held-out accuracy: the first `eval_during_rl` of the evaluated questions.
+  stage.data.eval_sources = prepared.eval_prompts[stage.rollout.protocol].replace(
+      f"n={config.eval_questions}&", f"n={min(config.eval_questions, config.eval_during_rl)}&")
+  return stage
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) every stage in `workdir`; returns what results.json holds."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  total_start = time.perf_counter()
+  prepared = prepare(config, workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": {"prepare": prepared.seconds}}
+
+  sft = config.sft.copy_and_resolve_references()
+  sft.tokenizer = prepared.tokenizer
+  sft.data.sources = prepared.sft_sources
+  sft.data.eval_sources = prepared.sft_sources[:1]
+  sft_dir = workdir / "sft"
+  _, results["timing_s"]["sft"] = _timed(trainers.run, sft, sft_dir)
+  sft_model = sft_dir / EXPORT
+
+  def score(key: str, label: str, fmt: str, model_dir: pathlib.Path, seed: int,
+            rl: ml_collections.ConfigDict) -> None:
+    protocol = fmt if fmt in ("search_r1", "rsearch") else ""
+    row = evaluate(rl, model_dir, prepared.eval_prompts[fmt], protocol=protocol,
+                   index=prepared.index, tokenizer_path=prepared.tokenizer)
+    results["rows"].append({"arm": key, "label": label, "seed": seed, **row})
+    logging.info("%s seed %d: %s", label, seed, {k: v for k, v in row.items()
+                                                 if k != "example"})
+
+  base = config.grpo_search_r1
+  for key, label, fmt in ARMS:
+    if key.startswith("grpo_"):
+      continue
+    if fmt == "rsearch" and not config.run_rsearch:
+      continue
+    score(key, label, fmt, sft_model, config.sft.seed,
+          config.grpo_rsearch if fmt == "rsearch" else base)
+
+  runs = {}
+  stages = [("search_r1", config.grpo_search_r1, config.seeds)]
+  if config.run_rsearch:
+    stages.append(("rsearch", config.grpo_rsearch, config.rsearch_seeds))
+  for protocol, stage, seeds in stages:
+    for seed in seeds:
+      rl = _rl_stage(config, stage, sft_dir, prepared, seed)
+      out = workdir / f"{protocol}_seed{seed}"
+      _, results["timing_s"][out.name] = _timed(trainers.run, rl, out)
+      runs[f"GRPO {protocol} seed {seed}"] = out
+      key, label, _ = next(a for a in ARMS if a[0] == f"grpo_{protocol}")
+      score(key, label, protocol, out / EXPORT, seed, rl)
+  results["timing_s"]["total"] = time.perf_counter() - total_start
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  table = format_table(results)
+  (workdir / "results.md").write_text(table + "\n")
+  _plot(runs, workdir / "curves.png")
+  print(table)
+  return results
+
+
+def _plot(runs: dict[str, pathlib.Path], out: pathlib.Path) -> None:
+  """The GRPO runs' curves (reward, KL, completion length, loss) to `out`."""
+  if runs:
+    plots.plot_runs(runs, out, title="search RL: GRPO from the SFT searcher "
+                                     "(held-out accuracy in results.md)", smooth=5)
+
+
+def _mean(rows: Sequence[dict[str, Any]], arm: str, key: str = "accuracy") -> float:
+  values = [r[key] for r in rows if r["arm"] == arm and key in r]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The results as a Markdown table plus the gains and wall times."""
+  rows = results["rows"]
+  lines = ["| arm | seed | held-out 2-hop accuracy | searches / answer | answered | "
+           "DAG validity | DAG format | answer F1 |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    extra = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in
+                       ("dag_validity", "dag_format", "answer_accuracy"))
+    lines.append(f"| {r['label']} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
+                 f"{r['searches_per_answer']:.2f} | {100 * r['answered']:.0f}% | {extra} |")
+  d, b, c = (_mean(rows, a) for a in ("grpo_search_r1", "rag", "sft_search_r1"))
+  lines += ["", f"(d) GRPO Search-R1 (mean of seeds) vs (b) RAG: {100 * (d - b):+.1f} points; "
+                f"vs (c) SFT searcher: {100 * (d - c):+.1f} points"]
+  e, e0 = _mean(rows, "grpo_rsearch"), _mean(rows, "sft_rsearch")
+  if not np.isnan(e):
+    lines.append(f"(e) GRPO R-Search (mean of seeds) vs its SFT start: {100 * (e - e0):+.1f} "
+                 "points")
+  lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}"
+                                             for k, v in results["timing_s"].items()))
+  return "\n".join(lines)
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", "configs/search_demo.py", "The demonstration config.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where every stage writes.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs every stage and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
