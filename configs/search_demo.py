@@ -24,7 +24,6 @@ generates in the workdir, and every field can be overridden from the command lin
 import ml_collections
 
 from wakea_jax import config_files
-from wakea_jax.data.tasks import multihop
 
 common = config_files.sibling(__file__, "common")
 
@@ -47,7 +46,8 @@ def get_config(arg=None):
   # model memorises the training people instead of reading. Measured with one KB of 100 (and
   # of 600) people: 98% on training questions, 17% (4%) on held-out ones, the held-out names
   # replaced by memorised training names in the very first query.
-  config.kb = ml_collections.ConfigDict(dict(people=100, orgs=30, cities=16, countries=5))
+  config.kb = ml_collections.ConfigDict(dict(people=100, orgs=30, cities=16, countries=5,
+                                             kb_seed=0, held_out=20))
   config.train_kbs = 40
   # Index: MiniLM + ScaNN over the KB documents ("hash-64" needs no weights: tests only).
   config.embedder = "all-MiniLM-L6-v2"
@@ -83,8 +83,8 @@ def get_config(arg=None):
   sft.export.hf = False
   config.sft = sft
 
-  config.grpo_search_r1 = _rl("search_r1", config)
-  config.grpo_rsearch = _rl("rsearch", config)
+  config.grpo_search_r1 = _rl("search_r1")
+  config.grpo_rsearch = _rl("rsearch")
   if variant == "test":
     _shrink(config)
   elif variant != "default":
@@ -92,17 +92,15 @@ def get_config(arg=None):
   return config
 
 
-def _rl(protocol: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """GRPO on the train split's 2-hop questions with `protocol`; rollout.index, init_from
-  and the tokenizer are filled in by the demonstration."""
+def _rl(protocol: str) -> ml_collections.ConfigDict:
+  """GRPO on the training entities' 2-hop questions with `protocol`."""
   rl = _load("grpo", "arithmetic")
-  number = {"search_r1": 1, "rsearch": 2}[protocol]
-  rl.data.sources = (f"task:multihop?n=4000&seed=11&split=0&hop=2&protocol={number}"
-                     + multihop.kb_spec_options(config.kb))
-  rl.data.eval_sources = ""
+  rl.data.sources = ""
+  # data.sources (this protocol's 2-hop training questions of config.kb), rollout.index,
+  # search_k, init_from and the tokenizer are set by the demonstration (search_demo._rl_stage).
   # Token budgets from the teacher dialogues (task tokenizer): Search-R1 model text <= 186
   # tokens, an <information> block <= 89; R-Search model text <= 134, its <r> blocks <= 205.
-  rl.rollout.update(protocol=protocol, search_k=config.search_k, max_searches=3,
+  rl.rollout.update(protocol=protocol, max_searches=3,
                     search_tokens=96, max_new_tokens=200, group_size=8, temperature=1.0)
   rl.rl.prompts_per_step = 4
   if protocol == "search_r1":

@@ -12,6 +12,7 @@ import pytest
 from configs import search_demo as search_demo_config
 from wakea_jax import search_demo
 from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.rl import prompts as prompts_lib
 
 
 @pytest.mark.slow
@@ -23,8 +24,9 @@ def test_search_demo_pipeline(tmp_path, capsys):
                   "grpo_rsearch"]
   for row in results["rows"]:
     assert 0.0 <= row["accuracy"] <= 1.0 and row["questions"] == 4
-  for row in results["rows"][3::2]:   # the R-Search arms report the three components
-    assert {"dag_validity", "dag_format", "answer_accuracy"} <= set(row)
+  for row in results["rows"]:   # the R-Search arms report the three components
+    if row["arm"].endswith("rsearch"):
+      assert {"dag_validity", "dag_format", "answer_accuracy"} <= set(row)
   assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]
   table = (tmp_path / "results.md").read_text()
   assert "| (d) GRPO, Search-R1 | 0 |" in table and "vs (b) RAG" in table
@@ -35,11 +37,24 @@ def test_search_demo_pipeline(tmp_path, capsys):
   text = "Brejan Bran was born in the city of Nobei."
   assert (len(tokenizer_from(str(tmp_path / "tokenizer.model")).encode(text))
           < len(tokenizer_from("").encode(text)))
-  # The held-out prompts of every format ask the same questions.
-  rag = [json.loads(line) for line in open(tmp_path / "data" / "eval_rag.jsonl")]
-  assert len(rag) == 4 and all(r["hop_type"] == "two_hop" for r in rag)
+  # The held-out prompts of every format ask the same questions, in the same order.
+  prepared = search_demo.prepare(config, tmp_path)
+  formats = {fmt: prompts_lib.load_prompts(spec) for fmt, spec in prepared.eval_prompts.items()}
+  questions = {fmt: [(p.messages[-1]["content"].splitlines()[-1], p.answer) for p in records]
+               for fmt, records in formats.items()}
+  assert len(questions["rag"]) == 4 and all(p.meta["hop_type"] == "two_hop"
+                                            for p in formats["rag"])
+  assert all(q == questions["rag"] for q in questions.values())
 
   # Re-running trains nothing again (every stage's checkpoint is there).
+  logged = {run: (tmp_path / run / "metrics.jsonl").read_text()
+            for run in ("sft", "search_r1_seed0", "rsearch_seed0")}
   again = search_demo.run(config, tmp_path)
-  assert again["timing_s"]["sft"] < results["timing_s"]["sft"] + 5
+  assert all((tmp_path / run / "metrics.jsonl").read_text() == text
+             for run, text in logged.items())
   assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in results["rows"]]
+
+  # A workdir prepared with other settings is refused, not silently reused.
+  config.eval_questions = 5
+  with pytest.raises(ValueError, match="eval_questions"):
+    search_demo.run(config, tmp_path)

@@ -49,9 +49,11 @@ from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.toolbox import multihop
 
 EXPORT = loader.RUN_EXPORT
+PROTOCOL_NUMBERS = {"search_r1": 1, "rsearch": 2}   # the task's `protocol` option
 FLAGS = flags.FLAGS
 
-# The arms, in table order: (key, label, prompt format).
+# The arms: (key, label, prompt format). The table lists the SFT arms first, then the GRPO
+# runs in the order they ran.
 ARMS = (("direct", "(a) no retrieval", "direct"),
         ("rag", "(b) RAG, answer once", "rag"),
         ("sft_search_r1", "(c) SFT searcher, Search-R1", "search_r1"),
@@ -131,14 +133,12 @@ def _eval_files(config: ml_collections.ConfigDict, index: str, data: pathlib.Pat
                 ) -> dict[str, str]:
   """Held-out 2-hop prompts of each format: the same questions in the same order."""
   n, seed = int(config.eval_questions), int(config.eval_seed)
-  spec = (f"task:multihop?n={n}&seed={seed}&split=1&hop=2"
-          + task.kb_spec_options(config.kb) + "&protocol=")
   rag = data / "eval_rag.jsonl"
   if not rag.exists():
     _write_atomic(rag, multihop.rag_prompts(n, seed, index=index, split=1, hop=2,
                                             k=config.rag_k, config=task.kb_config(**config.kb)))
-  return {"direct": spec + "0", "search_r1": spec + "1", "rsearch": spec + "2",
-          "rag": str(rag)}
+  return {**{fmt: _eval_spec(config, n, number) for fmt, number in
+             (("direct", 0), *PROTOCOL_NUMBERS.items())}, "rag": str(rag)}
 
 
 def _tokenizer(config: ml_collections.ConfigDict, files: Sequence[pathlib.Path],
@@ -172,9 +172,35 @@ def _tokenizer(config: ml_collections.ConfigDict, files: Sequence[pathlib.Path],
   return str(model)
 
 
+# The settings the files of `prepare` depend on: a workdir prepared with other values is
+# refused rather than silently reused (the index is keyed by its own content hash).
+PREPARED_FIELDS = ("kb", "train_kbs", "teacher", "search_k", "rag_k", "embedder",
+                   "tokenizer_vocab", "eval_questions", "eval_seed")
+
+
+def _check_manifest(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Writes workdir/prepared.json on first use; raises if it names other settings."""
+  wanted = {k: config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict)
+            else config[k] for k in PREPARED_FIELDS}
+  wanted = json.loads(json.dumps(wanted))   # tuples -> lists, as read back
+  path = workdir / "prepared.json"
+  if path.exists():
+    found = json.loads(path.read_text())
+    changed = sorted(k for k in PREPARED_FIELDS if found.get(k) != wanted[k])
+    if changed:
+      raise ValueError(f"{workdir} holds data, a tokenizer and runs prepared with other "
+                       f"settings ({', '.join(changed)}: {path} has "
+                       f"{ {k: found.get(k) for k in changed} }); use a new --workdir")
+    return
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
   """Builds (or reuses) the index, the data files and the tokenizer in `workdir`."""
   start = time.perf_counter()
+  _check_manifest(config, workdir)
   built = multihop.build_index(workdir / "index", embedder=config.embedder,
                                config=task.kb_config(**config.kb))
   data = workdir / "data"
@@ -233,17 +259,30 @@ def _timed(fn, *args) -> tuple[Any, float]:
   return out, time.perf_counter() - start
 
 
+def _eval_spec(config: ml_collections.ConfigDict, n: int, protocol: int) -> str:
+  """The held-out 2-hop prompts of the evaluated KB: the first `n` of one fixed order."""
+  return (f"task:multihop?n={n}&seed={int(config.eval_seed)}&split=1&hop=2"
+          + task.kb_spec_options(config.kb) + f"&protocol={protocol}")
+
+
 def _rl_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               sft_dir: pathlib.Path, prepared: Prepared, seed: int
               ) -> ml_collections.ConfigDict:
+  """The GRPO stage from the SFT model, with the demonstration's tokenizer, index, KB and
+  search_k (set here, after command-line overrides, so `--config.kb.*` reaches the RL
+  prompts too); its periodic evaluation, on the first `eval_during_rl` held-out questions,
+  draws the curves' accuracy (the table's figures come from `evaluate` afterwards)."""
   stage = stage.copy_and_resolve_references()
   stage.seed = seed
   stage.init_from = str(sft_dir / EXPORT)
   stage.tokenizer = prepared.tokenizer
   stage.rollout.index = prepared.index
-  # The curves' held-out accuracy: the first `eval_during_rl` of the evaluated questions.
-  stage.data.eval_sources = prepared.eval_prompts[stage.rollout.protocol].replace(
-      f"n={config.eval_questions}&", f"n={min(config.eval_questions, config.eval_during_rl)}&")
+  stage.rollout.search_k = config.search_k
+  number = PROTOCOL_NUMBERS[stage.rollout.protocol]
+  stage.data.sources = (f"task:multihop?n=4000&seed=11&split=0&hop=2&protocol={number}"
+                        + task.kb_spec_options(config.kb))
+  stage.data.eval_sources = _eval_spec(
+      config, min(int(config.eval_questions), int(config.eval_during_rl)), number)
   return stage
 
 
@@ -304,6 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 def _plot(runs: dict[str, pathlib.Path], out: pathlib.Path) -> None:
   """The GRPO runs' curves (reward, KL, completion length, loss) to `out`."""
+  runs = {label: path for label, path in runs.items() if (path / "metrics.jsonl").exists()}
   if runs:
     plots.plot_runs(runs, out, title="search RL: GRPO from the SFT searcher "
                                      "(held-out accuracy in results.md)", smooth=5)
@@ -317,7 +357,8 @@ def _mean(rows: Sequence[dict[str, Any]], arm: str, key: str = "accuracy") -> fl
 def format_table(results: dict[str, Any]) -> str:
   """The results as a Markdown table plus the gains and wall times."""
   rows = results["rows"]
-  lines = ["| arm | seed | held-out 2-hop accuracy | searches / answer | answered | "
+  # Search calls: a Search-R1 `<search>` is one query; an R-Search block runs its DAG's nodes.
+  lines = ["| arm | seed | held-out 2-hop accuracy | search calls / answer | answered | "
            "DAG validity | DAG format | answer F1 |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -326,8 +367,10 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"| {r['label']} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
                  f"{r['searches_per_answer']:.2f} | {100 * r['answered']:.0f}% | {extra} |")
   d, b, c = (_mean(rows, a) for a in ("grpo_search_r1", "rag", "sft_search_r1"))
-  lines += ["", f"(d) GRPO Search-R1 (mean of seeds) vs (b) RAG: {100 * (d - b):+.1f} points; "
-                f"vs (c) SFT searcher: {100 * (d - c):+.1f} points"]
+  lines.append("")
+  if not np.isnan(d):
+    lines.append(f"(d) GRPO Search-R1 (mean of seeds) vs (b) RAG: {100 * (d - b):+.1f} points; "
+                 f"vs (c) SFT searcher: {100 * (d - c):+.1f} points")
   e, e0 = _mean(rows, "grpo_rsearch"), _mean(rows, "sft_rsearch")
   if not np.isnan(e):
     lines.append(f"(e) GRPO R-Search (mean of seeds) vs its SFT start: {100 * (e - e0):+.1f} "
