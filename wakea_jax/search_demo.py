@@ -345,8 +345,8 @@ def _plot(runs: dict[str, pathlib.Path], out: pathlib.Path) -> None:
   """The GRPO runs' curves (reward, KL, completion length, loss) to `out`."""
   runs = {label: path for label, path in runs.items() if (path / "metrics.jsonl").exists()}
   if runs:
-    plots.plot_runs(runs, out, title="search RL: GRPO from the SFT searcher "
-                                     "(held-out accuracy in results.md)", smooth=5)
+    plots.plot_runs(runs, out, title="search RL: GRPO from the SFT searcher (held-out "
+                                     "accuracy: first questions; table: all)", smooth=5)
 
 
 def _mean(rows: Sequence[dict[str, Any]], arm: str, key: str = "accuracy") -> float:
