@@ -119,14 +119,8 @@ def _teacher_files(config: ml_collections.ConfigDict, worlds: Sequence[tuple[KBC
       records += part
     if fmt in ("search_r1", "rsearch"):
       logging.info("%s teacher over %d KBs: %s", fmt, len(worlds), stats)
-    _write_atomic(path, records)
+    sources.write_jsonl(records, path)
   return {fmt: path for fmt, path in files.items() if path.exists()}
-
-
-def _write_atomic(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None:
-  tmp = path.with_suffix(".tmp")
-  sources.write_jsonl(records, tmp)
-  os.replace(tmp, path)
 
 
 def _eval_files(config: ml_collections.ConfigDict, index: str, data: pathlib.Path
@@ -135,8 +129,9 @@ def _eval_files(config: ml_collections.ConfigDict, index: str, data: pathlib.Pat
   n, seed = int(config.eval_questions), int(config.eval_seed)
   rag = data / "eval_rag.jsonl"
   if not rag.exists():
-    _write_atomic(rag, multihop.rag_prompts(n, seed, index=index, split=1, hop=2,
-                                            k=config.rag_k, config=task.kb_config(**config.kb)))
+    sources.write_jsonl(multihop.rag_prompts(n, seed, index=index, split=1, hop=2,
+                                             k=config.rag_k, config=task.kb_config(**config.kb)),
+                        rag)
   return {**{fmt: _eval_spec(config, n, number) for fmt, number in
              (("direct", 0), *PROTOCOL_NUMBERS.items())}, "rag": str(rag)}
 
@@ -311,14 +306,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     logging.info("%s seed %d: %s", label, seed, {k: v for k, v in row.items()
                                                  if k != "example"})
 
-  base = config.grpo_search_r1
+  # The SFT arms sample like the GRPO stage of their protocol (the others like Search-R1's).
   for key, label, fmt in ARMS:
-    if key.startswith("grpo_"):
-      continue
-    if fmt == "rsearch" and not config.run_rsearch:
+    if key.startswith("grpo_") or (fmt == "rsearch" and not config.run_rsearch):
       continue
     score(key, label, fmt, sft_model, config.sft.seed,
-          config.grpo_rsearch if fmt == "rsearch" else base)
+          config.grpo_rsearch if fmt == "rsearch" else config.grpo_search_r1)
 
   runs = {}
   stages = [("search_r1", config.grpo_search_r1, config.seeds)]

@@ -313,7 +313,12 @@ def load_source(spec: str | os.PathLike[str], *, on_error: str = "raise") -> Sou
 
 
 def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
-  """Writes records (e.g. a task's output or `Source.records`) one JSON object per line."""
-  with open(path, "w", encoding="utf-8") as f:
+  """Writes records (e.g. a task's output or `Source.records`) one JSON object per line.
+
+  Atomically (a temporary file beside `path`, then os.replace): callers that skip work when
+  the file exists (the demonstrations' data files) never reuse a half-written one."""
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
