@@ -10,12 +10,13 @@ file instead, `sources.write_jsonl(TASKS["arithmetic"](2000, 0), "arithmetic.jso
 from collections.abc import Callable
 from typing import Any
 
-from wakea_jax.data.tasks import arithmetic, multihop, smalltalk
+from wakea_jax.data.tasks import arithmetic, equations, multihop, smalltalk
 
 TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.generate,
     "smalltalk": smalltalk.generate,
     "multihop": multihop.generate,
+    "equations": equations.generate,
 }
 
 # Verifiable prompts for RL: `generate(n, seed) -> [{"messages": [...], "answer": ...}]`
@@ -23,6 +24,7 @@ TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
 PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "arithmetic": arithmetic.prompts,
     "multihop": multihop.prompts,
+    "equations": equations.prompts,
 }
 
 # Per-record labels for evaluation breakdowns: `labels(n, seed, **options) -> [{"category",
@@ -31,4 +33,5 @@ PROMPT_TASKS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
 TASK_LABELS: dict[str, Callable[..., list[dict[str, str]]]] = {
     "arithmetic": arithmetic.labels,
     "multihop": multihop.labels,
+    "equations": equations.labels,
 }
