@@ -114,7 +114,8 @@ def test_render_and_parse_round_trip():
   assert TASKS["equations"](1, 0, level=4)[0]["messages"][2]["content"] == text
   # Tolerant: no think blocks, odd spacing, a Step line inside a monologue is not an action.
   messy = "<think>maybe Step 9: x = 0</think>Step 1:  2x = 4 \nstep 2: x=2\nStep 3: x = 2<answer>2"
-  assert task.parse_steps(messy) == ["2x = 4", "x = 2"]
+  assert task.parse_steps(messy) == ["2x = 4", "x=2", "x = 2"]
+  assert task.parse_steps("Misstep 1: x = 1\nno steps") == []
 
 
 def test_trajectories_validate_as_trajectory_records():

@@ -19,7 +19,10 @@ reward at levels 4-6 (it must get 4-6 equations right in a row before the first 
 while step-wise similarity to the expert's next equation (SRL) rewards every partly right
 step. A few expert solutions are easy to memorise (SFT over-fits); the held-out split shares
 no equation with the train split. Answers are integers and every number in every step is at
-most MAX_NUMBER in magnitude, so a 1,024-piece tokenizer spells them in a few tokens.
+most MAX_NUMBER in magnitude, so a 1,024-piece tokenizer spells them in a few tokens: with the
+bundled tokenizer a whole solution takes about 37, 63, 90, 126, 159 and 199 tokens at levels
+1-6 (without the <think> lines 26 to 130), the question 11 to 29 and SYSTEM 40. Answers of
+levels 3-6 lie in [-12, 15] and no value has more than ~5%, so guessing earns little reward.
 
 Task options (integers, as every task spec's): `split` 0 train / 1 held-out (a hash of the
 equation text puts HELD_OUT_PERCENT of all equations in held-out, so the splits are disjoint
@@ -53,8 +56,7 @@ DIFFICULTIES = ("easy", "medium", "hard")   # 1-2, 3, 4-6 steps
 PROMPT_PREFIX = "Solve for x: "
 
 # Short on purpose: every token of a system prompt is paid on every rollout of a small model.
-SYSTEM = ("Solve for x step by step, one equation per step: <think>the transformation</think> "
-          "then 'Step k: equation'. Give the final answer in <answer></answer>.")
+SYSTEM = "Solve for x step by step, one equation per step. Put the answer in <answer></answer>."
 
 RULES: tuple[str, ...] = (
     "Adding the same number to both sides keeps the solution.",
@@ -136,17 +138,17 @@ def _expand(terms: Sequence[Term]) -> tuple[Term, ...]:
   return tuple(out)
 
 
-def _collected(terms: Sequence[Term]) -> tuple[Term, ...]:
-  a = sum(t[1] for t in terms if t[0] == "x")
-  b = sum(t[1] for t in terms if t[0] == "c")
-  return tuple(t for t, v in ((("x", a), a), (("c", b), b)) if v)
-
-
 def _sum(terms: Sequence[Term], kind: str) -> int:
   return sum(t[1] for t in terms if t[0] == kind)
 
 
-def solve(lhs: Side, rhs: Side) -> tuple[tuple[tuple[str, str], ...], int]:
+def _collected(terms: Sequence[Term]) -> tuple[Term, ...]:
+  """One x term, then one constant, each left out when zero (brackets already expanded)."""
+  a, b = _sum(terms, "x"), _sum(terms, "c")
+  return tuple(t for t in (("x", a), ("c", b)) if t[1])
+
+
+def _solve(lhs: Side, rhs: Side) -> tuple[tuple[tuple[str, str], ...], int]:
   """The expert's steps for `lhs = rhs` and the integer answer: clear the fraction, expand the
   brackets, collect like terms, move the x terms left, the constants right, divide."""
   steps: list[tuple[str, str]] = []
@@ -200,7 +202,7 @@ def _nz(rng: random.Random, low: int, high: int) -> int:
 
 
 def _x0(rng: random.Random) -> int:
-  return rng.randint(-8, 12)
+  return rng.randint(-12, 15)
 
 
 def _level1(rng: random.Random) -> tuple[Side, Side]:
@@ -330,10 +332,9 @@ def held_out(text: str) -> bool:
 
 
 def _pruned(side: Side) -> Side:
-  """`side` without zero terms (a computed constant can be 0: "3x + 4 = 2x", not "2x + 0")."""
-  terms, m = side
-  return tuple(t for t in terms if t[1] != 0 and (t[0] != "b" or _pruned((t[2], 1))[0] == t[2])
-               ), m
+  """`side` without zero terms (a computed constant can be 0: "3x + 4 = 2x", not "2x + 0";
+  bracket constants are drawn nonzero)."""
+  return tuple(t for t in side[0] if t[1] != 0), side[1]
 
 
 def _sample(rng: random.Random, level: int, split: int) -> Problem:
@@ -341,7 +342,7 @@ def _sample(rng: random.Random, level: int, split: int) -> Problem:
   for _ in range(10_000):
     try:
       lhs, rhs = (_pruned(side) for side in _TEMPLATES[level](rng))
-      steps, answer = solve(lhs, rhs)
+      steps, answer = _solve(lhs, rhs)
     except _Reject:
       continue
     text = _render(lhs, rhs)
@@ -391,7 +392,7 @@ def problems(num_examples: int, seed: int = 0, *, split: int = 0, level: int = 0
 # ------------------------------------------------------------------------------------------
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_STEP = re.compile(r"Step\s*\d+\s*:[ \t]*([^\n<]*)")
+_STEP = re.compile(r"\bstep\s*\d+\s*:[ \t]*([^\n<]*)", re.IGNORECASE)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
