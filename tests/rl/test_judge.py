@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import http.server
-import json
 import logging
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from tests.rl import fake_openai
 from wakea_jax.rl import judge as judge_lib
 from wakea_jax.rl import rewards
 from wakea_jax.rl.samples import Sample
@@ -16,65 +14,47 @@ from wakea_jax.rl.samples import Sample
 _KEY = "sk-test-secret-123"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler:
   """Fake OpenAI-compatible endpoint; the canned reply depends on the graded response."""
   seen: list[dict] = []
   flaky_calls = 0
 
-  def log_message(self, *args) -> None:  # keep test output quiet
-    pass
-
-  def _send(self, status: int, payload: bytes) -> None:
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(payload)))
-    self.end_headers()
-    self.wfile.write(payload)
-
-  def do_POST(self) -> None:
-    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+  @classmethod
+  def respond(cls, path: str, body: dict, headers) -> fake_openai.Reply:
     # The request must have the chat-completions shape.
-    assert self.path == "/v1/chat/completions", self.path
+    assert path == "/v1/chat/completions", path
     assert body["model"] == "judge-m" and isinstance(body["max_tokens"], int)
     assert [m["role"] for m in body["messages"]] == ["user"]
     prompt = body["messages"][0]["content"]
     assert "<question>\nWhat is 2+2?\n</question>" in prompt
-    auth = self.headers.get("Authorization")
-    type(self).seen.append({"prompt": prompt, "auth": auth})
+    auth = headers.get("Authorization")
+    cls.seen.append({"prompt": prompt, "auth": auth})
     if auth != f"Bearer {_KEY}":
-      return self._send(401, b'{"error": "bad key"}')
+      return 401, b'{"error": "bad key"}'
     response = prompt.split("<response>\n", 1)[1].split("\n</response>", 1)[0]
     if response == "FAIL500":
-      return self._send(500, b'{"error": "boom"}')
+      return 500, b'{"error": "boom"}'
     if response == "FLAKY":
-      type(self).flaky_calls += 1
-      if type(self).flaky_calls == 1:
-        return self._send(503, b"{}")
+      cls.flaky_calls += 1
+      if cls.flaky_calls == 1:
+        return 503, b"{}"
     if response == "NOTJSON":
-      return self._send(200, b"<html>oops</html>")
+      return 200, b"<html>oops</html>"
     if response == "NOCHOICES":
-      return self._send(200, b'{"choices": []}')
-    content = {"The answer is 4.": "Correct and complete.\nScore: 10",
-               "FLAKY": "**Score**: 7",
-               "It is 5.": "Wrong. 2/10",
-               "MALFORMED": "I cannot decide.",
-               "HIGH": "Score: 42"}.get(response, "Score: 0")
-    self._send(200, json.dumps({"choices": [{"message": {"role": "assistant",
-                                                          "content": content}}]}).encode())
+      return 200, b'{"choices": []}'
+    return {"The answer is 4.": "Correct and complete.\nScore: 10",
+            "FLAKY": "**Score**: 7",
+            "It is 5.": "Wrong. 2/10",
+            "MALFORMED": "I cannot decide.",
+            "HIGH": "Score: 42"}.get(response, "Score: 0")
 
 
 @pytest.fixture()
 def server() -> Iterator[str]:
   _Handler.seen = []
   _Handler.flaky_calls = 0
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  try:
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-  finally:
-    httpd.shutdown()
-    httpd.server_close()
+  with fake_openai.serving(_Handler.respond) as url:
+    yield url
 
 
 def _sample(response: str) -> Sample:

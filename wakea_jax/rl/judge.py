@@ -1,9 +1,11 @@
 """LLM-as-judge reward: an OpenAI-compatible chat model grades each response 0-10.
 
-Standard library only (urllib, json, a small thread pool). A failed request or an unparsable
-reply scores 0 and is counted in `LLMJudge.counters` (logged once per kind): a flaky judge
-must cost signal, never a training run. The API key is read from the environment variable
+Standard library only (rl/chat_api.py's client, a small thread pool). A failed request or an
+unparsable reply scores 0 and is counted in `LLMJudge.counters` (logged once per kind): a flaky
+judge must cost signal, never a training run. The API key is read from the environment variable
 named in the config at request time; only the variable's name is ever stored or logged.
+`LLMJudge.critique` also returns the judge's reply (the collaboration's verifier shows it
+to the teacher).
 
 The response under review is untrusted text inside the judge's prompt, so it is fenced and
 the rubric tells the judge to grade, not obey, it; only the judge's own reply is parsed.
@@ -14,19 +16,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import json
-import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from wakea_jax.rl.chat_api import ChatClient, ChatError
 from wakea_jax.rl.samples import Sample
 
 DEFAULT_RUBRIC = """You are grading a response to a question against a reference answer.
@@ -54,7 +52,6 @@ the form "Score: N"."""
 _SCORE_LABELLED = re.compile(r"score\W{0,4}?[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _SCORE_OUT_OF = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*10\b")
 _SCORE_BARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
-_RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +97,6 @@ def parse_score(reply: str, max_score: float = 10.0) -> float | None:
   return None
 
 
-class _Failure(Exception):
-  def __init__(self, kind: str, detail: str) -> None:
-    super().__init__(detail)
-    self.kind = kind
-
-
 def _reference_text(answer: Any) -> str:
   if answer is None:
     return "(none given)"
@@ -123,7 +114,11 @@ class LLMJudge:
 
   def __init__(self, config: JudgeConfig) -> None:
     self.config = config
-    self.endpoint = config.url.rstrip("/") + "/chat/completions"
+    self._client = ChatClient(config.url, config.model, api_key_env=config.api_key_env,
+                              timeout_s=config.timeout_s, retries=config.retries,
+                              backoff_s=config.backoff_s,
+                              on_retry=lambda: self._count("retries"))
+    self.endpoint = self._client.endpoint
     self.counters: collections.Counter[str] = collections.Counter()
     self._lock = threading.Lock()
     self._logged: set[str] = set()
@@ -138,69 +133,29 @@ class LLMJudge:
       logging.warning("judge %s: %s (reward 0; further %s failures are only counted)",
                    kind, detail, kind)
 
-  def _headers(self) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    name = self.config.api_key_env
-    if name:
-      key = os.environ.get(name)
-      if not key:
-        raise _Failure("missing_api_key", f"environment variable {name} is not set")
-      headers["Authorization"] = f"Bearer {key}"
-    return headers
-
-  def _post(self, body: bytes) -> dict[str, Any]:
-    last: _Failure | None = None
-    for attempt in range(self.config.retries + 1):
-      if attempt:
-        self._count("retries")
-        time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
-      request = urllib.request.Request(self.endpoint, data=body, headers=self._headers(),
-                                       method="POST")
-      try:
-        with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-          raw = response.read()
-      except urllib.error.HTTPError as e:
-        last = _Failure("http_error", f"HTTP {e.code} from {self.endpoint}")
-        if e.code in _RETRY_STATUS:
-          continue
-        raise last from None
-      except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
-        last = _Failure("network_error", f"{type(e).__name__} for {self.endpoint}: {e}")
-        continue
-      try:
-        return json.loads(raw)
-      except ValueError:
-        raise _Failure("bad_response", f"non-JSON reply from {self.endpoint}") from None
-    assert last is not None
-    raise last
-
-  def score(self, sample: Sample) -> float:
-    """Reward in [0, 1] for one sample; 0 on any failure (counted)."""
-
+  def critique(self, sample: Sample) -> tuple[float, str]:
+    """(reward in [0, 1], the judge's reply) for one sample; (0, what failed) on any failure
+    (counted). The reply is what a teacher is shown when the verifier rejects its work."""
     prompt = self.config.rubric.format(question=sample.prompt,
                                        reference=_reference_text(sample.answer),
                                        response=sample.final)
-    body = json.dumps({"model": self.config.model,
-                       "messages": [{"role": "user", "content": prompt}],
-                       "temperature": self.config.temperature,
-                       "max_tokens": self.config.max_tokens}).encode("utf-8")
     self._count("requests")
     try:
-      reply = self._post(body)
-      try:
-        content = reply["choices"][0]["message"]["content"]
-      except (KeyError, IndexError, TypeError):
-        raise _Failure("bad_response", "reply lacks choices[0].message.content") from None
-      if not isinstance(content, str):
-        raise _Failure("bad_response", "choices[0].message.content is not a string")
+      content = self._client.complete([{"role": "user", "content": prompt}],
+                                      temperature=self.config.temperature,
+                                      max_tokens=self.config.max_tokens)
       value = parse_score(content)
       if value is None:
-        raise _Failure("unparsable", f"no 0-10 score in reply {content[:200]!r}")
-    except _Failure as failure:
+        raise ChatError("unparsable", f"no 0-10 score in reply {content[:200]!r}")
+    except ChatError as failure:
       self._count(failure.kind, str(failure))
-      return 0.0
+      return 0.0, f"judge {failure.kind}: {failure}"
     self._count("ok")
-    return value / 10.0
+    return value / 10.0, content
+
+  def score(self, sample: Sample) -> float:
+    """Reward in [0, 1] for one sample; 0 on any failure (counted)."""
+    return self.critique(sample)[0]
 
   def __call__(self, samples: Sequence[Sample]) -> np.ndarray:
     """Scores in [0, 1] per sample, requests in parallel; a failed request scores 0."""
