@@ -207,3 +207,13 @@ def test_arithmetic_task_type():
   skipped = "\n".join(line for line in lines if not line.startswith("Step 2"))
   assert verifier.exact(p, skipped).reason == "invalid_step"
   assert verifier.exact(p, p.solution.replace("<answer>", "<answer>1")).reason == "wrong_answer"
+
+
+def test_a_teacher_that_never_answers_fails_fast(tmp_path):
+  # Nothing listens on port 9 of 127.0.0.1 in the test machine: connection refused.
+  collab, problems = collaboration.build(_config(), teacher={
+      "kind": "openai", "url": "http://127.0.0.1:9/v1", "model": "m", "retries": 0,
+      "timeout_s": 2.0})
+  with pytest.raises(RuntimeError, match=r"teacher \(openai, m\): all 3 requests failed, e.g. "
+                     "network_error"):
+    collab.run(problems, tmp_path)

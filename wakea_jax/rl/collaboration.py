@@ -204,6 +204,22 @@ class Collaboration:
     self.config, self.teacher = config, teacher
     self.verifier, self.retriever = verifier, retriever
     self.task = verifier.task
+    self._teacher_answered = False   # has any request of this run succeeded?
+
+  def _check_teacher(self, replies: Sequence[list[str] | ChatError]) -> None:
+    """Fails fast when the teacher has not answered a single request of this run (a wrong
+    url, model or key would otherwise be retried for every problem, only to end as a
+    summary of teacher errors); later failures are rejections, logged once."""
+    errors = [r for r in replies if isinstance(r, ChatError)]
+    if len(errors) < len(replies):
+      self._teacher_answered = True
+    if errors and not self._teacher_answered:
+      raise RuntimeError(f"teacher ({self.teacher.name}, {self.teacher.model}): all "
+                         f"{len(errors)} requests failed, e.g. {errors[0].kind}: {errors[0]}")
+    if errors:
+      logging.log_first_n(logging.WARNING, "collaboration: %d teacher request(s) failed, "
+                          "e.g. %s: %s (recorded as teacher_error rejections)", 1,
+                          len(errors), errors[0].kind, errors[0])
 
   def _provenance(self) -> dict[str, Any]:
     judge = self.verifier.judge
@@ -228,6 +244,7 @@ class Collaboration:
                                         last.get(p.problem_id)) for p in pending]
       replies = generate_all(self.teacher, conversations, temperature=c.temperature,
                              max_tokens=c.max_tokens)
+      self._check_teacher(replies)
       texts = [r[0] if isinstance(r, list) else "" for r in replies]
       verdicts = self.verifier.verify(pending, texts)
       still = []
@@ -237,7 +254,7 @@ class Collaboration:
           verdict = Verdict("teacher_error", f"{reply.kind}: {reply}", {})
         if verdict.accepted:
           counts["accepted"] += 1
-          record = to_record(problem, text)
+          record = to_record(self.task, problem, text)
           record["meta"] = {
               "problem_id": problem.problem_id, "task": self.task.name, **problem.meta,
               **self._provenance(), "scores": dict(verdict.scores), "attempts": attempt,

@@ -33,7 +33,9 @@ from wakea_jax.data.tasks import arithmetic, equations
 from wakea_jax.retrieval.store import Document
 from wakea_jax.rl import answers
 
-_STEP = re.compile(r"^\s*Step\s+\d+\s*:\s*(.*?)\s*$", re.MULTILINE)
+# A "Step k:" label (any case, not inside a word) and its action up to the line's end or the
+# next markup, as equations.parse_steps reads them.
+_STEP = re.compile(r"(?<![A-Za-z])step\s*\d+\s*:[ \t]*([^\n<]*)", re.IGNORECASE)
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _INTEGER_ANSWER = re.compile(r"^(?:[A-Za-z]\s*=\s*)?(-?\d+)\.?$")
 
@@ -92,13 +94,15 @@ def integer_reward(text: str, reference: Any) -> float:
 
 
 def split_steps(text: str) -> list[dict[str, str]]:
-  """[{"action", "reasoning"?}] of a solution: each "Step k:" line, with the <think> block
+  """[{"action", "reasoning"?}] of a solution: each "Step k:" action, with the <think> block
   between it and the previous step as its reasoning."""
   steps: list[dict[str, str]] = []
   pos = 0
   for match in _STEP.finditer(text):
+    if any(m.start() < match.start() < m.end() for m in _THINK.finditer(text, pos)):
+      continue   # a "Step k:" inside a monologue is not an action
     thoughts = _THINK.findall(text, pos, match.start())
-    step = {"action": match.group(1)}
+    step = {"action": match.group(1).strip()}
     if thoughts and thoughts[-1].strip():
       step["reasoning"] = thoughts[-1].strip()
     steps.append(step)
@@ -106,9 +110,16 @@ def split_steps(text: str) -> list[dict[str, str]]:
   return steps
 
 
-def to_record(problem: TaskProblem, text: str) -> dict[str, Any]:
-  """The trajectory record of an accepted solution (meta is added by the collaboration)."""
-  return {"problem": problem.text, "steps": split_steps(text), "answer": problem.answer}
+def to_record(task: TaskType, problem: TaskProblem, text: str) -> dict[str, Any]:
+  """The trajectory record of an accepted solution (meta is added by the collaboration).
+
+  The actions are the task's own parse (what the verifier checked); the reasoning of each is
+  kept where `split_steps` finds the same actions, and left out otherwise."""
+  actions = task.parse_steps(text)
+  steps = split_steps(text)
+  if [s["action"] for s in steps] != actions:
+    steps = [{"action": action} for action in actions]
+  return {"problem": problem.text, "steps": steps, "answer": problem.answer}
 
 
 def _chain_check(check: Callable[[str, str], bool],
@@ -285,7 +296,7 @@ ARITHMETIC = TaskType(
     checks="the <answer> integer; every step a true equality carrying on from the one before, "
     "the last ending at the problem's value",
     problems=_arithmetic_problems, system=ARITHMETIC_SYSTEM,
-    context=_arithmetic_context, parse_steps=lambda text: _STEP.findall(text),
+    context=_arithmetic_context, parse_steps=equations.parse_steps,
     reward=integer_reward, check_steps=_chain_check(_arithmetic_step, last=_arithmetic_done),
     metrics=lambda records: _step_metrics(records, "operator"))
 
