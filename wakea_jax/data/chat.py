@@ -45,6 +45,16 @@ Choices, and why:
 * `loss_mask` is 1 exactly on what the assistant generates: its body (think block, content,
   tool calls) and the closing `<|im_end|>`. The role header, the "\\n" after `<|im_end|>`, and
   all system, user, tool and tools-schema text are 0.
+* A prompt may end inside a partial assistant turn that the model continues: a final
+  assistant message with `"continue": true` is rendered without its end-of-turn token (and
+  without the "\\n" after it), so the text stops right after its content, where generation
+  picks up (SRL's step-wise prompts, rl/srl.py, put the expert's earlier steps there). It
+  replaces the generation prompt, so `add_generation_prompt=True` with it is an error, and
+  so is `continue` on any message but the last (HF's `continue_final_message`, as a field of
+  the message so that prompt files can carry it). With a tokenizer's own chat template the
+  prompt is cut where `transformers`' `continue_final_message` cuts it (a template that
+  trims message text trims the partial turn's trailing whitespace too). A partial turn is a
+  prompt, never a training target (`validate_training_messages` refuses it).
 * Text the stack injected into an assistant turn while it was generated (search results that a
   Search-R1 / R-Search rollout appends inside the turn, after `</search>`) is named by the
   assistant message's `injected` field: sorted, non-overlapping `[start, end)` character
@@ -124,7 +134,7 @@ REASONING_KEYS: tuple[str, ...] = ("reasoning", "think", "reasoning_content")
 # Every key a message may have. `name` and `tool_call_id` (OpenAI) are accepted but not
 # rendered; any other key with a non-null value is an error naming it.
 MESSAGE_KEYS: tuple[str, ...] = ("role", "content", "tool_calls", "name", "tool_call_id",
-                                 "injected", *REASONING_KEYS)
+                                 "injected", "continue", *REASONING_KEYS)
 # Deepest JSON nesting accepted in tool calls (the call object itself is level 1) and tool
 # schemas; deeper values are errors rather than recursion limits hit later.
 MAX_JSON_DEPTH = 100
@@ -181,6 +191,7 @@ class _Message:
   reasoning: str | None
   tool_calls: tuple[dict[str, Any], ...]
   injected: tuple[tuple[int, int], ...] = ()
+  continues: bool = False  # a final, partial assistant turn the model continues
 
 
 @dataclass(frozen=True)
@@ -376,6 +387,14 @@ def _validate_message(index: int, message: Any,
   if reasoning is not None:
     _check_unicode(reasoning, f"{where}: field '{given[0]}'")
 
+  continues = message.get("continue")
+  if continues is not None:
+    if not isinstance(continues, bool):
+      raise ValueError(f"{where}: field 'continue' must be true or false, got "
+                       f"{type(continues).__name__}")
+    if role != "assistant":
+      raise ValueError(f"{where}: field 'continue' is only allowed on assistant messages")
+
   if role == "assistant":
     fields = {"content": content, (given[0] if given else "reasoning"): reasoning or ""}
     fields.update({f"tool_calls[{j}]": _json(c, "") for j, c in enumerate(tool_calls)})
@@ -384,7 +403,23 @@ def _validate_message(index: int, message: Any,
         if delimiter in text:
           raise ValueError(f"{where}: field '{field}' contains the turn delimiter {delimiter!r}")
   return _Message(role, content, reasoning, tool_calls,
-                  _injected_ranges(message.get("injected"), role, content, where))
+                  _injected_ranges(message.get("injected"), role, content, where),
+                  bool(continues))
+
+
+def _check_continue(msgs: Sequence[_Message], add_generation_prompt: bool) -> bool:
+  """Whether the conversation ends inside a partial assistant turn (see the module
+  docstring); `continue` anywhere else, or with a generation prompt, is an error."""
+  for i, message in enumerate(msgs[:-1]):
+    if message.continues:
+      raise ValueError(f"message {i}: field 'continue' is only allowed on the last message "
+                       "(the partial assistant turn the model continues)")
+  if not msgs[-1].continues:
+    return False
+  if add_generation_prompt:
+    raise ValueError(f"message {len(msgs) - 1}: field 'continue' ends the prompt inside this "
+                     "assistant turn; it cannot be combined with add_generation_prompt=True")
+  return True
 
 
 def _injected_ranges(raw: Any, role: str, content: str, where: str
@@ -449,6 +484,7 @@ def _spans(
   if not messages:
     raise ValueError("messages is empty")
   msgs = [_validate_message(i, m) for i, m in enumerate(messages)]
+  continues = _check_continue(msgs, add_generation_prompt)
   tool_jsons = _validate_tools(tools)
 
   spans: list[_Span] = []
@@ -485,6 +521,8 @@ def _spans(
         untrusted(body[offset + start:offset + end])
         pos = offset + end
       spans.append(_Span(body[pos:], trusted=True, train=True))
+      if continues and i + 1 == len(msgs):
+        break  # the prompt ends inside this turn: no end-of-turn token
       markup(IM_END, train=True)
       markup("\n")
     elif message.role == "tool":
@@ -627,6 +665,7 @@ def _template_spans(template: ChatTemplate, messages: Sequence[Message],
     raise ValueError("messages is empty")
   delimiters = (IM_START, IM_END, *template.delimiters)
   parsed = [_validate_message(i, m, delimiters) for i, m in enumerate(messages)]
+  continues = _check_continue(parsed, add_generation_prompt)
   for i, message in enumerate(parsed):
     if message.injected:
       raise ValueError(f"message {i}: field 'injected' needs the ChatML layout; this "
@@ -645,7 +684,48 @@ def _template_spans(template: ChatTemplate, messages: Sequence[Message],
     pos = region.end
   if pos < len(text):
     spans.append(_Span(text[pos:], trusted=True, train=False))
-  return [span for span in spans if span.text]
+  spans = [span for span in spans if span.text]
+  if continues:
+    spans = _cut_spans(spans, _continued_length(template, template_messages, text, tools,
+                                                template_kwargs))
+  return spans
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _continued_length(template: ChatTemplate, messages: list[dict[str, Any]], text: str,
+                      tools: Sequence[Mapping[str, Any]] | None,
+                      template_kwargs: Mapping[str, Any]) -> int:
+  """Where a prompt that continues the final message ends in `text` (that conversation
+  rendered whole), found as transformers' `continue_final_message` finds it: render with a
+  tag after the final content and cut at the tag; when the template trimmed the space after
+  the tag, it trims the content too, and the cut text is right-stripped as well."""
+  tagged = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_TAG}]
+  rendered = template.render_text(tagged, tools=list(tools) if tools else None,
+                                  add_generation_prompt=False, **template_kwargs)
+  at = rendered.rfind(_CONTINUE_TAG.strip())
+  if at < 0:
+    raise ValueError(f"message {len(messages) - 1}: the chat template does not render the "
+                     "content of the continued assistant turn; cannot continue it")
+  cut = rendered[:at]
+  if rendered[at:at + len(_CONTINUE_TAG)] != _CONTINUE_TAG:
+    cut = cut.rstrip()
+  if not text.startswith(cut):
+    raise ValueError(f"message {len(messages) - 1}: the chat template renders the continued "
+                     "assistant turn differently with and without its end; cannot continue it")
+  return len(cut)
+
+
+def _cut_spans(spans: Sequence[_Span], length: int) -> list[_Span]:
+  """The spans of the first `length` characters of their text."""
+  out, pos = [], 0
+  for span in spans:
+    if pos >= length:
+      break
+    out.append(_Span(span.text[:length - pos], span.trusted, span.train))
+    pos += len(span.text)
+  return [span for span in out if span.text]
 
 
 def _chat_spans(messages: Sequence[Message], tokenizer: Tokenizer | None,
@@ -772,7 +852,8 @@ def validate_training_messages(messages: Sequence[Message]) -> None:
       `parse_tool_calls(strict=True)` rejects (broken JSON, NaN, unterminated, ...);
     * a `tool` message that answers no call: each run of consecutive `tool` messages must
       directly follow an assistant message that made at least as many calls (`tool_calls`
-      plus `<tool_call>` blocks in its content).
+      plus `<tool_call>` blocks in its content);
+    * a partial assistant turn (`"continue": true`): it is a prompt, not a target.
 
     Also runs the structural validation of `render` (roles, fields, tool calls, Unicode).
     """
@@ -782,6 +863,9 @@ def validate_training_messages(messages: Sequence[Message]) -> None:
   calls_made, results = 0, 0  # of the assistant message the current tool run answers
   for i, message in enumerate(msgs):
     where = f"message {i}"
+    if message.continues:
+      raise ValueError(f"{where}: field 'continue' marks a partial assistant turn, which is a "
+                       "prompt to continue, not a training target")
     if message.role == "assistant":
       try:
         inline = parse_tool_calls(message.content, strict=True)
