@@ -11,6 +11,7 @@ below takes the dataclasses. A section and its dataclass share a name:
   config.lora        models.lora.LoRAConfig           config.reward   rewards.build_reward spec
   config.export      train.setup.ExportConfig
   config.preference  objectives.dpo.PreferenceConfig
+  config.srl         rl.srl.SRLConfig
 
 An unknown field is an error naming `config.<section>.<field>`, and so is a value the
 dataclass rejects.
@@ -35,6 +36,7 @@ from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.rl.evaluation import EvalConfig
 from wakea_jax.rl.learner import RLConfig, RLRunConfig
 from wakea_jax.rl.rollout import RolloutConfig
+from wakea_jax.rl.srl import SRLConfig
 from wakea_jax.train.loop import TrainConfig
 from wakea_jax.train.optimizer import OptimizerConfig
 from wakea_jax.train.setup import ExportConfig, RunConfig
@@ -53,6 +55,7 @@ SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "ppo": PPOConfig,
     "eval": EvalConfig,
+    "srl": SRLConfig,
 }
 
 T = TypeVar("T")

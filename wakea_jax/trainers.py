@@ -17,6 +17,7 @@ from wakea_jax import config_lib
 from wakea_jax.data.config import pooled_specs
 from wakea_jax.rl import evaluation, learner
 from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import srl as srl_lib
 from wakea_jax.train import preference, sft
 
 Trainer = Callable[[ml_collections.ConfigDict, str | pathlib.Path], dict[str, Any]]
@@ -41,6 +42,27 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   return learner.run(config_lib.run_config(config), config_lib.rl_run_config(config), workdir)
 
 
+def train_srl(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+              ) -> dict[str, Any]:
+  """SRL (rl/srl.py): config.srl's expert trajectories become step-wise prompt files in the
+  workdir, which the RL learner trains on as any prompt set (same resume, same prompt
+  pipeline), with the reward, dynamic sampling and KL that configs/srl.py sets."""
+  data = config_lib.section(config, "data")
+  if data.sources or data.eval_sources:
+    raise ValueError("config.objective='srl' takes its prompts from config.srl.trajectories and "
+                     "config.srl.eval_trajectories; leave config.data.sources and "
+                     "config.data.eval_sources empty")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train, held_out = srl_lib.write_step_prompts(config_lib.section(config, "srl"), workdir,
+                                               on_error=data.on_error)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.sources = str(train)
+    config.data.eval_sources = str(held_out) if held_out else ""
+  return train_rl(config, workdir)
+
+
 def make_learner(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                  ) -> learner.Learner:
   """The RL learner of a GRPO / PPO config, built but not run."""
@@ -53,6 +75,7 @@ TRAINERS: dict[str, Trainer] = {
     "dpo": train_preference,
     "grpo": train_rl,
     "ppo": train_rl,
+    "srl": train_srl,
 }
 
 

@@ -74,3 +74,14 @@ def zero_variance_groups(rewards: Array, atol: float = 1e-6) -> Array:
   """
   rewards = _check_rewards(jnp.asarray(rewards))
   return (jnp.max(rewards, axis=1) - jnp.min(rewards, axis=1)) <= atol
+
+
+def low_spread_groups(rewards: Array, min_std: float) -> Array:
+  """bool [num_groups]: groups whose reward standard deviation is below `min_std`.
+
+  SRL's dynamic sampling (arXiv 2510.25992) keeps only groups whose reward std exceeds
+  a threshold epsilon: with a continuous reward (a similarity), near-equal rewards carry
+  mostly noise after std normalisation. The std is the population one (ddof=0, np.std).
+  """
+  rewards = _check_rewards(jnp.asarray(rewards))
+  return jnp.std(rewards, axis=1) < min_std

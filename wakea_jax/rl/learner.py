@@ -64,7 +64,9 @@ from wakea_jax.train import loop as loop_lib
 from wakea_jax.train import setup as setup_lib
 from wakea_jax.train.state import TrainState
 
-OBJECTIVES = ("grpo", "ppo")
+# "srl" is the GRPO-family update over SRL's step-wise prompts (rl/srl.py; trainers.py
+# writes them as the run's prompt files).
+OBJECTIVES = ("grpo", "ppo", "srl")
 OLD_LOGPROBS = ("auto", "trainer", "sampler")
 
 
@@ -77,6 +79,10 @@ class RLConfig:
   minibatches: int = 1             # optimizer steps per pass
   advantage: str = "grpo"          # rl/advantages.py: grpo | dr_grpo | rloo
   dynamic_sampling: bool = False
+  # Dynamic sampling drops groups whose reward std (ddof=0) is below this (SRL, arXiv
+  # 2510.25992); 0 drops the groups whose rewards are all equal (within 1e-6), as DAPO does.
+  # Either way the dropped share is logged as zero_variance_fraction.
+  dynamic_sampling_min_std: float = 0.0
   max_sampling_rounds: int = 3
   overlong_filter: bool = False
   # Where the update's old (behaviour) log-probs come from: "trainer" re-scores the rollouts
@@ -92,6 +98,12 @@ class RLConfig:
     for name in ("prompts_per_step", "num_iterations", "minibatches", "max_sampling_rounds"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0.0 <= self.dynamic_sampling_min_std < float("inf"):
+      raise ValueError(f"rl.dynamic_sampling_min_std must be a finite number >= 0, got "
+                       f"{self.dynamic_sampling_min_std}")
+    if self.dynamic_sampling_min_std and not self.dynamic_sampling:
+      raise ValueError(f"rl.dynamic_sampling_min_std={self.dynamic_sampling_min_std} has no "
+                       "effect without rl.dynamic_sampling=True")
     if self.old_logprobs not in OLD_LOGPROBS:
       raise ValueError(f"rl.old_logprobs={self.old_logprobs!r} is not one of {OLD_LOGPROBS}")
     if self.advantage not in adv_lib.ADVANTAGE_ESTIMATORS:
@@ -266,8 +278,10 @@ class Learner:
       parts.append(rollouts)
       totals.append(np.asarray(total, np.float32))
       comps.append(components)
-      flat = np.asarray(adv_lib.zero_variance_groups(
-          jnp.asarray(total, jnp.float32).reshape(-1, g)))
+      grouped = jnp.asarray(total, jnp.float32).reshape(-1, g)
+      flat = np.asarray(adv_lib.low_spread_groups(grouped, rl.dynamic_sampling_min_std)
+                        if rl.dynamic_sampling_min_std else
+                        adv_lib.zero_variance_groups(grouped))
       zero_groups += int(flat.sum())
       for i, zero in enumerate(flat):
         (dropped if zero and rl.dynamic_sampling else kept).append(offset + i)

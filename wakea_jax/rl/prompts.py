@@ -8,6 +8,9 @@ like SFT sources, or a bundled task spec `task:NAME?n=..&seed=..` from
   {"prompt": [... up to the assistant's turn], "answer"?: any, ...}
   {"messages": [... up to the assistant's turn], "answer"?: any, ...}
 
+A prompt list (or "messages") may end with an assistant message marked `"continue": true`:
+a partial assistant turn that the model continues (chat.py; SRL's step prompts, rl/srl.py).
+
 Any other field (e.g. "tests" for code tasks) travels to the rewards in `meta`. Every record
 is validated when loaded; an error names the location (`file:line`, `file[INDEX]`,
 `DIR[SPLIT][ROW]`) and the field. A malformed record raises, or with
@@ -43,10 +46,16 @@ class PromptRecord:
 
   def render(self, tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]] | None = None
              ) -> list[int]:
-    """Prompt ids ending with the assistant generation prompt."""
+    """Prompt ids ending with the assistant generation prompt, or inside the final assistant
+    message when it is a partial turn to continue (`"continue": true`)."""
     rendered = chat.render(list(self.messages), tokenizer, tools=tools,
-                           add_generation_prompt=True)
+                           add_generation_prompt=not self.continues)
     return rendered.input_ids.tolist()
+
+  @property
+  def continues(self) -> bool:
+    """Whether the prompt ends inside a partial assistant turn (chat.py `continue`)."""
+    return bool(self.messages) and self.messages[-1].get("continue") is True
 
   @property
   def text(self) -> str:
@@ -60,13 +69,20 @@ def to_prompt_record(raw: Any, where: str) -> PromptRecord:
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a prompt record must be a JSON object, got "
                      f"{records.type_name(raw)}")
+  field = "messages" if "messages" in raw else "prompt"
+  value = raw.get(field)
+  partial = None   # a final assistant message that the model continues
+  if (isinstance(value, list) and len(value) > 1 and isinstance(value[-1], Mapping)
+      and value[-1].get("role") == "assistant" and value[-1].get("continue") not in (None, False)):
+    partial, raw = dict(value[-1]), {**raw, field: value[:-1]}
   messages = records.prompt_messages(raw, where)
+  if partial is not None:
+    messages.append(partial)
   rest = {k: v for k, v in raw.items() if k not in ("messages", "prompt", "system", "answer")}
   # chat.render validates roles, contents and tool calls; re-raise with the location.
   try:
-    chat.render_text(messages, add_generation_prompt=True)
+    chat.render_text(messages, add_generation_prompt=partial is None)
   except ValueError as err:
-    field = "messages" if "messages" in raw else "prompt"
     raise ValueError(f"{where}: field '{field}': {err}") from None
   return PromptRecord(messages=tuple(messages), answer=raw.get("answer"), meta=rest,
                       origin=where)

@@ -31,6 +31,7 @@ from wakea_jax.rl.answers import (  # re-exported: the rewards' public parsing h
 )
 from wakea_jax.rl.samples import Sample
 from wakea_jax.rl.search_rewards import SEARCH_REWARDS
+from wakea_jax.rl.srl import srl_similarity_reward
 from wakea_jax.toolbox import sandbox
 
 RewardFn = Callable[[Sequence[Sample]], np.ndarray]
@@ -254,6 +255,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "overlong": overlong_reward,
     "length_penalty": overlong_reward,
     "judge": judge_lib.judge_reward,
+    "srl_similarity": srl_similarity_reward,   # SRL's step reward, arXiv 2510.25992
     # dag_validity, dag_format, answer_accuracy, rsearch, search_r1_em, search_r1_format
     **SEARCH_REWARDS,
 }

@@ -1,0 +1,167 @@
+"""SRL (arXiv 2510.25992): step-wise prompts, the action parser, the similarity reward checked
+against hand-computed 2M/T, dynamic sampling with a std threshold, and a tiny `srl` run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from wakea_jax import config_lib, trainers
+from wakea_jax.config_files import get_config
+from wakea_jax.data import trajectories as traj_lib
+from wakea_jax.data.tokenizer import default_tokenizer
+from wakea_jax.rl import advantages, learner, rewards, srl
+from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl.samples import Sample
+
+RECORDS = [
+    {"problem": "Solve 3x + 1 = 10.",
+     "steps": [{"action": "3x = 9", "reasoning": "Subtract 1."}, {"action": "x = 3"}],
+     "answer": "3"},
+    {"problem": "Solve x - 4 = 1.", "steps": [{"action": "x = 5"}], "answer": 5},
+]
+
+
+def _trajectories():
+  return [traj_lib.to_trajectory(r, f"t.jsonl:{i + 1}") for i, r in enumerate(RECORDS)]
+
+
+def test_each_trajectory_becomes_one_prompt_per_step_plus_the_answer():
+  prompts = srl.step_prompts(_trajectories(), system="Be exact.")
+  assert [(p.meta["trajectory"], p.meta["step"], p.meta["num_steps"]) for p in prompts] == [
+      (0, 1, 2), (0, 2, 2), (0, 3, 2), (1, 1, 1), (1, 2, 1)]
+  assert [p.answer for p in prompts] == ["3x = 9", "x = 3", "<answer>3</answer>",
+                                         "x = 5", "<answer>5</answer>"]
+  # Prompt 1 is the whole-problem prompt; later ones open the assistant turn with the
+  # expert's earlier actions (no monologue) and continue it.
+  assert prompts[0].messages == ({"role": "system", "content": "Be exact."},
+                                 {"role": "user", "content": "Solve 3x + 1 = 10."})
+  assert not prompts[0].continues
+  assert prompts[2].messages[-1] == {"role": "assistant", "continue": True,
+                                     "content": "Step 1: 3x = 9\nStep 2: x = 3\n"}
+  assert prompts[0].messages == srl.problem_prompts(_trajectories(), system="Be exact.")[0].messages
+  without = srl.step_prompts(_trajectories(), answer_step=False)
+  assert [p.answer for p in without] == ["3x = 9", "x = 3", "x = 5"]
+
+
+def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_file(tmp_path):
+  tok = default_tokenizer()
+  prompt = srl.step_prompts(_trajectories(), system="Be exact.")[1]
+  text = tok.decode(prompt.render(tok))
+  assert text == ("<|im_start|>system\nBe exact.<|im_end|>\n"
+                  "<|im_start|>user\nSolve 3x + 1 = 10.<|im_end|>\n"
+                  "<|im_start|>assistant\nStep 1: 3x = 9\n")
+  path = tmp_path / "t.jsonl"
+  traj_lib.write_trajectories(RECORDS, path)
+  config = srl.SRLConfig(trajectories=str(path), system="Be exact.")
+  train, held_out = srl.write_step_prompts(config, tmp_path)
+  assert held_out is None
+  loaded = prompts_lib.load_prompts(str(train))
+  expected = srl.step_prompts(traj_lib.load_trajectories(path), system="Be exact.")
+  assert [(p.messages, p.answer, dict(p.meta)) for p in loaded] == [
+      (p.messages, p.answer, dict(p.meta)) for p in expected]
+  assert loaded[1].render(tok) == prompt.render(tok)
+
+
+@pytest.mark.parametrize("text, action", [
+    ("<think>subtract 1</think>\nStep 2: x = 3", "x = 3"),
+    ("  <think>a\nb</think> x = 3 \n<think>next</think>\nStep 3: y", "x = 3"),  # first line only
+    ("<think></think>\n\n  step 7 :  <answer>3</answer>", "<answer>3</answer>"),
+    ("<think>t</think>Step 2: x = 3<|im_end|>", "x = 3<|im_end|>"),   # Sample.final strips it
+    ("Step 2: x = 3", None),                        # no think block
+    ("<think>x = 3", None),                         # not closed
+    ("I think <think>t</think>\nStep 2: x = 3", None),   # text before the monologue
+    ("<think>t</think>\n   \n", None),              # no action
+    ("<think>t</think>\nStep 2:   ", None),         # an empty action after the label
+    ("<think>t</think><think>u</think>x", None),    # think markup in the action line
+])
+def test_parse_action(text, action):
+  assert srl.parse_action(text) == action
+
+
+def _reward(finals, answers):
+  fn = rewards.build_reward({"srl_similarity": {"weight": 1.0}})
+  samples = [Sample(prompt="q", completion=f, answer=a) for f, a in zip(finals, answers)]
+  return fn(samples)[0]
+
+
+# (predicted, expert, M, T) with M counted by hand: difflib takes the longest common block,
+# then recurses on the text left and right of it.
+HAND = [
+    ("x = 3", "x = 3", 5, 10),
+    ("2x = 4", "2x = 8", 5, 12),          # "2x = "; then "4" vs "8": nothing
+    ("abcd", "bcde", 3, 8),               # "bcd"
+    ("x = 3", "y = 3", 4, 10),            # " = 3"; then "x" vs "y": nothing
+    ("x + 1 = 5", "x = 5 - 1", 5, 18),    # " = 5", then "x" in "x + 1" vs "x"
+    ("ab", "cd", 0, 4),
+]
+
+
+def test_similarity_is_2m_over_t_computed_by_hand():
+  finals = [f"<think>reasoning</think>\nStep 2: {p}" for p, _, _, _ in HAND]
+  got = _reward(finals, [e for _, e, _, _ in HAND])
+  np.testing.assert_allclose(got, [2 * m / t for _, _, m, t in HAND], rtol=1e-6)
+
+
+def test_unparsed_output_scores_minus_one_and_a_failure_never_raises(monkeypatch):
+  got = _reward(["x = 3", "<think>never closed", "<think>t</think>", ""], ["x = 3"] * 4)
+  np.testing.assert_array_equal(got, [-1.0] * 4)
+  # A numeric expert action is compared as its text: "5" vs "5", and "x = 5" (M 1, T 6).
+  np.testing.assert_allclose(_reward(["<think>t</think>\n5", "<think>t</think>\nx = 5"],
+                                     [5, 5]), [1.0, 2 / 6], rtol=1e-6)
+  monkeypatch.setattr(srl, "similarity", lambda a, b: 1 / 0)
+  assert _reward(["<think>t</think>\nx"], ["x"])[0] == -1.0
+  assert srl.FAILURES["srl_similarity"] >= 1
+  with pytest.raises(ValueError, match="sample 0: the 'srl_similarity' reward needs"):
+    _reward(["<think>t</think>\nx"], [None])
+
+
+def test_dynamic_sampling_threshold_drops_groups_below_min_std():
+  rewards_ = np.array([[0.50, 0.52, 0.50, 0.52],     # std 0.01: noise
+                       [0.0, 1.0, 0.0, 1.0],         # std 0.5
+                       [0.3, 0.3, 0.3, 0.3]], np.float32)
+  np.testing.assert_array_equal(advantages.low_spread_groups(rewards_, 0.05),
+                                [True, False, True])
+  # The default (min_std 0) keeps DAPO's rule: only groups of equal rewards.
+  np.testing.assert_array_equal(advantages.zero_variance_groups(rewards_), [False, False, True])
+  with pytest.raises(ValueError, match="rl.dynamic_sampling_min_std must be a finite number"):
+    learner.RLConfig(dynamic_sampling=True, dynamic_sampling_min_std=-0.1)
+  with pytest.raises(ValueError, match="config.rl: rl.dynamic_sampling_min_std=0.1 has no "
+                                       "effect without rl.dynamic_sampling=True"):
+    config_lib.section({"rl": {"dynamic_sampling_min_std": 0.1}}, "rl")
+
+
+def _tiny_spread():
+  """Rewards 0, 1e-3, 2e-3, ... within each group: varying, but far below min_std."""
+  def reward(samples):
+    return (np.arange(len(samples)) % 4 * 1e-3).astype(np.float32)
+  return reward
+
+
+def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
+  """`python -m wakea_jax.train --config=configs/srl.py:test`, as `trainers.run`: step prompts
+  written to the workdir, the learner trains on them with the SRL reward, dynamic sampling
+  drops groups under the std threshold, the evaluation reports the held-out similarity."""
+  monkeypatch.setitem(rewards.REWARDS, "tiny_spread", _tiny_spread)
+  path = tmp_path / "trajectories.jsonl"
+  traj_lib.write_trajectories(RECORDS * 2, path)
+  config = get_config("srl:test", **{"srl.trajectories": str(path),
+                                     "srl.eval_trajectories": str(path)})
+  # The SRL reward of an untrained model is -1 everywhere; a second component that varies by
+  # less than min_std inside every group shows the threshold (not "all equal") drops them.
+  config.reward = {"srl_similarity": {"weight": 1.0}, "tiny_spread": {"weight": 1.0}}
+  workdir = tmp_path / "run"
+  last = trainers.run(config, workdir)
+  assert last["reward/srl_similarity_mean"] == -1.0
+  assert last["zero_variance_fraction"] == 1.0
+  assert "eval_greedy_accuracy" in last and "eval_pass@1" not in last
+  lines = (workdir / srl.STEP_PROMPTS_FILE).read_text().splitlines()
+  written = [json.loads(line) for line in lines]
+  assert len(written) == 3 * 2 + 2 * 2 and written[1]["prompt"][-1]["continue"] is True
+  assert (workdir / srl.EVAL_STEP_PROMPTS_FILE).exists()
+  # A resumed run rewrites the same prompt file (the learner resumes its position in it).
+  srl.write_step_prompts(config_lib.section(config, "srl"), tmp_path)
+  assert (tmp_path / srl.STEP_PROMPTS_FILE).read_text() == "\n".join(lines) + "\n"
+  with pytest.raises(ValueError, match="leave config.data.sources and"):
+    trainers.run(get_config("srl:test", **{"srl.trajectories": str(path),
+                                           "data.sources": str(path)}), tmp_path / "other")

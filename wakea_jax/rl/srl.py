@@ -1,0 +1,215 @@
+"""SRL: Supervised Reinforcement Learning (arXiv 2510.25992), step-wise rewards from experts.
+
+An expert trajectory (data/trajectories.py) of N steps becomes N + 1 step-wise prompts: prompt
+k is the problem plus the expert's first k-1 actions, and its reference is the expert's k-th
+action; prompt N + 1 asks for the final answer, whose reference is "<answer>ANSWER</answer>".
+The model writes a private monologue in <think>...</think> and then its action; the reward is
+the sequence similarity between its action and the expert's (difflib's ratio 2M/T, as the
+paper defines it), -1 when the output does not parse. The update is the GRPO family's
+(rl/learner.py, config.objective="srl") with dynamic sampling that drops groups whose reward
+std is below `rl.dynamic_sampling_min_std`, and an optional KL to the initial policy
+(`loss.kl_beta`).
+
+Where the expert's previous steps go. They open the *assistant* turn, as the "Step i: action"
+lines of the canonical solution text (data/trajectories.py; no monologue, as in the paper),
+and the model continues that turn (chat.py's `"continue": true`):
+
+    <|im_start|>system ...<|im_end|>
+    <|im_start|>user
+    Solve 3x + 1 = 10.<|im_end|>
+    <|im_start|>assistant
+    Step 1: 3x = 9
+                                   <- the model writes "<think>...</think>\\nStep 2: x = 3"
+
+So an SRL-trained model solving a problem from scratch (prompt 1 is exactly the whole-problem
+prompt) does at every step what it was trained to do, and RLVR on whole solutions continues
+the same text.
+
+Why the final answer is an extra step: RLVR's outcome reward reads <answer>...</answer>. If
+SRL stopped at the last expert action, an SRL-only model would never have been rewarded for
+closing its solution, and the RLVR stage after it would start with almost no reward. With the
+answer step it learns to write the <answer> line once the steps are done (`answer_step=False`
+leaves it out).
+
+The action (`parse_action`), exactly: the output must start (after whitespace) with a think
+block closed by </think>; the action is the first non-blank line after the first </think>,
+with a leading "Step k:" label (any k, any case) removed and surrounding whitespace stripped.
+Whatever follows that line (the model often goes on with the next step: the rollout has no
+stop at the end of a step) is not scored. No closed think block, no action line, an empty
+action, or think markup inside the action line: the output does not parse (reward -1).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import difflib
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from wakea_jax.data import sources
+from wakea_jax.data import trajectories as traj_lib
+from wakea_jax.data.tokenizer import THINK_END, THINK_START
+from wakea_jax.rl.prompts import PromptRecord
+from wakea_jax.rl.samples import Sample
+
+SYSTEM = ("Solve the problem step by step. Before each step, think privately inside "
+          "<think>...</think>, then write the step on its own line as 'Step k: ...'. After the "
+          "last step, write the final answer as <answer>...</answer>.")
+STEP_PROMPTS_FILE = "srl_step_prompts.jsonl"
+EVAL_STEP_PROMPTS_FILE = "srl_eval_step_prompts.jsonl"
+UNPARSED = -1.0   # the reward of an output that does not parse (arXiv 2510.25992)
+
+
+@dataclasses.dataclass(frozen=True)
+class SRLConfig:
+  """config.srl: where an SRL run's step-wise prompts come from."""
+
+  trajectories: str | tuple[str, ...] = ""         # data/trajectories.py spec(s)
+  eval_trajectories: str | tuple[str, ...] = ""    # held out; empty: no evaluation
+  system: str = SYSTEM                             # "" for no system message
+  answer_step: bool = True                         # the <answer> line as a last step
+
+  def __post_init__(self) -> None:
+    for name in ("trajectories", "eval_trajectories"):
+      value = getattr(self, name)
+      specs = (value,) if isinstance(value, str) else tuple(value)
+      if not all(isinstance(s, str) for s in specs):
+        raise ValueError(f"srl.{name} must be a trajectory spec or a list of them, got "
+                         f"{value!r}")
+      object.__setattr__(self, name, tuple(s for s in specs if s))
+    if not self.trajectories:
+      raise ValueError("srl.trajectories is empty: give the expert trajectory file(s) "
+                       "(JSONL / JSON / Parquet / datasets directory)")
+
+
+def _head(problem: str, system: str) -> list[dict[str, Any]]:
+  return ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": problem}]
+
+
+def step_prefix(actions: Sequence[str]) -> str:
+  """The assistant turn's opening for the next step: "Step 1: a1\\nStep 2: a2\\n"."""
+  return "".join(traj_lib.step_line(k, a) + "\n" for k, a in enumerate(actions, 1))
+
+
+def step_prompts(trajectories: Sequence[traj_lib.Trajectory], *, system: str = SYSTEM,
+                 answer_step: bool = True) -> list[PromptRecord]:
+  """N (+1 with `answer_step`) step-wise prompts per trajectory of N steps (module docstring);
+  meta: {"trajectory": index in `trajectories`, "step": k (1-based), "num_steps": N}."""
+  out = []
+  for t, trajectory in enumerate(trajectories):
+    actions = [s.action for s in trajectory.steps]
+    targets = actions + ([traj_lib.answer_line(trajectory.answer_text)] if answer_step else [])
+    for k, target in enumerate(targets, 1):
+      messages = _head(trajectory.problem, system)
+      if k > 1:
+        messages.append({"role": "assistant", "content": step_prefix(actions[:k - 1]),
+                         "continue": True})
+      out.append(PromptRecord(
+          messages=tuple(messages), answer=target,
+          meta={"trajectory": t, "step": k, "num_steps": len(actions)},
+          origin=f"{trajectory.origin or f'trajectories[{t}]'} step {k}"))
+  return out
+
+
+def problem_prompts(trajectories: Sequence[traj_lib.Trajectory], *, system: str = SYSTEM
+                    ) -> list[PromptRecord]:
+  """One whole-problem prompt per trajectory, its reference the final answer (for RLVR and
+  whole-problem accuracy); the same text as each trajectory's first step prompt."""
+  return [PromptRecord(messages=tuple(_head(t.problem, system)), answer=t.answer,
+                       meta={"trajectory": i}, origin=t.origin or f"trajectories[{i}]")
+          for i, t in enumerate(trajectories)]
+
+
+def prompt_json(prompt: PromptRecord) -> dict[str, Any]:
+  """A prompt as a record of rl/prompts.py's schema (meta as top-level fields)."""
+  reserved = {"prompt", "messages", "system", "answer"} & set(prompt.meta)
+  if reserved:
+    raise ValueError(f"{prompt.origin}: meta field(s) {sorted(reserved)} collide with prompt "
+                     "record fields")
+  return {"prompt": [dict(m) for m in prompt.messages], "answer": prompt.answer,
+          **prompt.meta}
+
+
+def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
+                       on_error: str = "raise") -> tuple[pathlib.Path, pathlib.Path | None]:
+  """Expands `config`'s trajectories into step prompt files in `workdir` (train, and held-out
+  when `eval_trajectories` is set), atomically; their paths. Rewritten on every start: the
+  same trajectories give the same file, so a resumed run sees the prompts it saw."""
+  workdir = pathlib.Path(workdir)
+  paths: list[pathlib.Path | None] = []
+  for specs, name in ((config.trajectories, STEP_PROMPTS_FILE),
+                      (config.eval_trajectories, EVAL_STEP_PROMPTS_FILE)):
+    if not specs:
+      paths.append(None)
+      continue
+    prompts = step_prompts(traj_lib.load_trajectories(specs, on_error=on_error),
+                           system=config.system, answer_step=config.answer_step)
+    sources.write_jsonl([prompt_json(p) for p in prompts], workdir / name)
+    logging.info("srl: %d step prompts from %s -> %s", len(prompts), list(specs),
+                 workdir / name)
+    paths.append(workdir / name)
+  train, held_out = paths
+  assert train is not None  # SRLConfig requires trajectories
+  return train, held_out
+
+
+def parse_action(text: str) -> str | None:
+  """The action of one step's output (module docstring), or None when it does not parse."""
+  body = text.lstrip()
+  if not body.startswith(THINK_START):
+    return None
+  close = body.find(THINK_END, len(THINK_START))
+  if close < 0:
+    return None
+  rest = body[close + len(THINK_END):]
+  line = next((ln for ln in rest.splitlines() if ln.strip()), "")
+  action = traj_lib.STEP_LABEL.sub("", line.strip()).strip()
+  if not action or THINK_START in action or THINK_END in action:
+    return None
+  return action
+
+
+def similarity(predicted: str, expert: str) -> float:
+  """difflib's ratio 2M/T: M characters in matching blocks, T the two lengths summed."""
+  return difflib.SequenceMatcher(None, predicted, expert).ratio()
+
+
+def score(text: str, expert: Any) -> float:
+  """The SRL reward of one output: similarity of its action to the expert's, or -1."""
+  action = parse_action(text)
+  return UNPARSED if action is None else similarity(action, str(expert))
+
+
+# Outputs the reward could not score (anything raised): counted, scored as unparsed.
+FAILURES: collections.Counter[str] = collections.Counter()
+
+
+def srl_similarity_reward() -> Callable[[Sequence[Sample]], np.ndarray]:
+  """The SRL reward over the last assistant turn (`Sample.final`), the reference being the
+  expert's action (`Sample.answer`). It never raises on model output; unlike rewards._guarded
+  (which gives 0) an output it cannot score gets -1, since 0 would rank it above one that
+  merely failed to parse."""
+  def reward(samples: Sequence[Sample]) -> np.ndarray:
+    out = np.zeros(len(samples), np.float32)
+    for i, s in enumerate(samples):
+      if s.answer is None:
+        raise ValueError(f"sample {i}: the 'srl_similarity' reward needs the expert's action "
+                         "as the answer, got None")
+      try:
+        out[i] = score(s.final, s.answer)
+      except Exception as e:  # noqa: BLE001  (model output must never crash the batch)
+        if not FAILURES["srl_similarity"]:
+          logging.warning("srl_similarity failed on a completion (scored -1): %s: %s",
+                          type(e).__name__, str(e)[:200])
+        FAILURES["srl_similarity"] += 1
+        out[i] = UNPARSED
+    return out
+  return reward
+
