@@ -49,12 +49,14 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
 from wakea_jax.data import sources
 from wakea_jax.data import trajectories as traj_lib
 from wakea_jax.data.tokenizer import THINK_END, THINK_START
+from wakea_jax.parallel import multihost
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
 
@@ -141,7 +143,9 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
                        on_error: str = "raise") -> tuple[pathlib.Path, pathlib.Path | None]:
   """Expands `config`'s trajectories into step prompt files in `workdir` (train, and held-out
   when `eval_trajectories` is set), atomically; their paths. Rewritten on every start: the
-  same trajectories give the same file, so a resumed run sees the prompts it saw."""
+  same trajectories give the same file, so a resumed run sees the prompts it saw. With
+  several processes, process 0 writes and the others wait for it: the workdir is shared, as
+  the checkpoints already need."""
   workdir = pathlib.Path(workdir)
   paths: list[pathlib.Path | None] = []
   for specs, name in ((config.trajectories, STEP_PROMPTS_FILE),
@@ -149,12 +153,14 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
     if not specs:
       paths.append(None)
       continue
-    prompts = step_prompts(traj_lib.load_trajectories(specs, on_error=on_error),
-                           system=config.system, answer_step=config.answer_step)
-    sources.write_jsonl([prompt_json(p) for p in prompts], workdir / name)
-    logging.info("srl: %d step prompts from %s -> %s", len(prompts), list(specs),
-                 workdir / name)
+    if jax.process_index() == 0:
+      prompts = step_prompts(traj_lib.load_trajectories(specs, on_error=on_error),
+                             system=config.system, answer_step=config.answer_step)
+      sources.write_jsonl([prompt_json(p) for p in prompts], workdir / name)
+      logging.info("srl: %d step prompts from %s -> %s", len(prompts), list(specs),
+                   workdir / name)
     paths.append(workdir / name)
+  multihost.all_true(True)   # a barrier: the files exist before any process reads them
   train, held_out = paths
   assert train is not None  # SRLConfig requires trajectories
   return train, held_out
