@@ -129,3 +129,17 @@ def test_write_refuses_a_malformed_record_and_writes_nothing(tmp_path):
   with pytest.raises(ValueError, match=r"records\[1\]: field 'steps\[0\].action' is missing"):
     traj_lib.write_trajectories([GOOD, {**GOOD, "steps": [{}]}], path)
   assert not path.exists()
+
+
+def test_bundled_expert_task_specs():
+  from wakea_jax.data.tasks import equations
+
+  spec = "task:equations?n=6&seed=0&max_level=3"
+  loaded = traj_lib.load_trajectories(spec)
+  assert len(loaded) == 6 and loaded[2].origin == f"{spec}[2]"
+  # The canonical text is the one the equations task trains SFT on.
+  for t in loaded:
+    assert traj_lib.solution_text(t) == equations.render_solution(
+        [{"action": s.action, "reasoning": s.reasoning} for s in t.steps], t.answer)
+  with pytest.raises(ValueError, match="unknown task 'arithmetic'"):
+    traj_lib.load_trajectories("task:arithmetic?n=2")

@@ -140,13 +140,11 @@ def _tiny_spread():
 
 def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   """`python -m wakea_jax.train --config=configs/srl.py:test`, as `trainers.run`: step prompts
-  written to the workdir, the learner trains on them with the SRL reward, dynamic sampling
-  drops groups under the std threshold, the evaluation reports the held-out similarity."""
+  of the bundled equations expert written to the workdir, the learner trains on them with the
+  SRL reward, dynamic sampling drops groups under the std threshold, and the evaluation
+  reports the held-out mean similarity."""
   monkeypatch.setitem(rewards.REWARDS, "tiny_spread", _tiny_spread)
-  path = tmp_path / "trajectories.jsonl"
-  traj_lib.write_trajectories(RECORDS * 2, path)
-  config = get_config("srl:test", **{"srl.trajectories": str(path),
-                                     "srl.eval_trajectories": str(path)})
+  config = get_config("srl:test")
   # The SRL reward of an untrained model is -1 everywhere; a second component that varies by
   # less than min_std inside every group shows the threshold (not "all equal") drops them.
   config.reward = {"srl_similarity": {"weight": 1.0}, "tiny_spread": {"weight": 1.0}}
@@ -156,12 +154,13 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   assert last["zero_variance_fraction"] == 1.0
   assert "eval_greedy_accuracy" in last and "eval_pass@1" not in last
   lines = (workdir / srl.STEP_PROMPTS_FILE).read_text().splitlines()
-  written = [json.loads(line) for line in lines]
-  assert len(written) == 3 * 2 + 2 * 2 and written[1]["prompt"][-1]["continue"] is True
+  expected = srl.step_prompts(traj_lib.load_trajectories(config.srl.trajectories),
+                              system=config.srl.system)
+  assert [srl.prompt_json(p) for p in expected] == [json.loads(line) for line in lines]
+  assert any(p.continues for p in expected)
   assert (workdir / srl.EVAL_STEP_PROMPTS_FILE).exists()
   # A resumed run rewrites the same prompt file (the learner resumes its position in it).
   srl.write_step_prompts(config_lib.section(config, "srl"), tmp_path)
   assert (tmp_path / srl.STEP_PROMPTS_FILE).read_text() == "\n".join(lines) + "\n"
   with pytest.raises(ValueError, match="leave config.data.sources and"):
-    trainers.run(get_config("srl:test", **{"srl.trajectories": str(path),
-                                           "data.sources": str(path)}), tmp_path / "other")
+    trainers.run(get_config("srl:test", **{"data.sources": "prompts.jsonl"}), tmp_path / "x")

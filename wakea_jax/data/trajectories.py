@@ -1,7 +1,8 @@
 """Expert trajectories: a problem solved in numbered steps, for step-wise supervision (SRL).
 
 Record schema (JSONL / JSON / Parquet files and `datasets` directories `DIR?split=..`, read
-like every other source, sources.py):
+like every other source, sources.py; or a bundled expert `task:NAME?n=..&seed=..&OPTION=..`
+from `TRAJECTORY_TASKS`, e.g. `task:equations?n=1000&seed=0&max_level=3`):
 
   {"problem": str,
    "steps": [{"action": str, "reasoning"?: str}, ...],
@@ -46,11 +47,12 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from wakea_jax.data import sources
 from wakea_jax.data.records import type_name
+from wakea_jax.data.tasks import equations
 from wakea_jax.data.tokenizer import IM_END, IM_START, THINK_END, THINK_START
 
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
@@ -60,6 +62,10 @@ _ACTION_MARKUP = (THINK_START, THINK_END, ANSWER_START, ANSWER_END, IM_START, IM
 _REASONING_MARKUP = (THINK_END, IM_START, IM_END)
 # "Step 3:" at the start of a line, as the solution text labels each action.
 STEP_LABEL = re.compile(r"^\s*step\s*\d+\s*:\s*", re.IGNORECASE)
+# Bundled programmatic experts: `trajectories(n, seed, **options) -> [record, ...]`.
+TRAJECTORY_TASKS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "equations": equations.trajectories,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +113,11 @@ def answer_line(answer: str | int | float) -> str:
 
 def solution_text(trajectory: Trajectory, *, reasoning: bool = True) -> str:
   """The canonical whole-solution text (module docstring): think blocks (when `reasoning`
-  and the step has one), "Step k: action" lines, then the <answer> line."""
+  and the step has non-empty reasoning), "Step k: action" lines, then the <answer> line;
+  the text tasks/equations.py `render_solution` writes for its SFT targets."""
   lines = []
   for k, step in enumerate(trajectory.steps, 1):
-    if reasoning and step.reasoning is not None:
+    if reasoning and step.reasoning:
       lines.append(f"{THINK_START}{step.reasoning}{THINK_END}")
     lines.append(step_line(k, step.action))
   lines.append(answer_line(trajectory.answer_text))
@@ -206,16 +213,23 @@ def to_trajectory(raw: Any, where: str) -> Trajectory:
 
 def load_trajectories(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                       on_error: str = "raise") -> list[Trajectory]:
-  """Validated trajectories of a .jsonl/.json/.parquet file or a `datasets` directory
-  (`DIR?split=..`); a list of specs -> their trajectories pooled, in order. Malformed records
-  raise, or with `on_error="skip_and_count"` are logged with their location and skipped."""
+  """Validated trajectories of a .jsonl/.json/.parquet file, a `datasets` directory
+  (`DIR?split=..`) or a bundled expert (`task:NAME?n=..&seed=..`); a list of specs -> their
+  trajectories pooled, in order. Malformed records raise, or with `on_error="skip_and_count"`
+  are logged with their location and skipped."""
   if isinstance(spec, Sequence) and not isinstance(spec, str):
     if not spec:
       raise ValueError("no trajectory sources given")
     return [t for one in spec for t in load_trajectories(one, on_error=on_error)]
+  if isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX):
+    name, n, seed, options = sources.parse_task_spec(spec, tasks=TRAJECTORY_TASKS)
+    located: Iterable[tuple[str, Any]] = [
+        (f"{spec}[{i}]", r) for i, r in enumerate(TRAJECTORY_TASKS[name](n, seed, **options))]
+  else:
+    located = sources.raw_records(spec)
   trajectories, _, _ = sources.validate_all(
-      sources.raw_records(spec), to_trajectory, name=os.fspath(spec), on_error=on_error,
-      kind="trajectory", empty="no trajectory records")
+      located, to_trajectory, name=os.fspath(spec), on_error=on_error, kind="trajectory",
+      empty="no trajectory records")
   return trajectories
 
 
