@@ -65,10 +65,11 @@ def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_fil
 
 @pytest.mark.parametrize("text, action", [
     ("<think>subtract 1</think>\nStep 2: x = 3", "x = 3"),
+    ("Step 2: x = 3", "x = 3"),                     # the monologue is optional
+    ("<answer>3</answer>\n", "<answer>3</answer>"),  # as SFT'd solutions end
     ("  <think>a\nb</think> x = 3 \n<think>next</think>\nStep 3: y", "x = 3"),  # first line only
     ("<think></think>\n\n  step 7 :  <answer>3</answer>", "<answer>3</answer>"),
     ("<think>t</think>Step 2: x = 3<|im_end|>", "x = 3<|im_end|>"),   # Sample.final strips it
-    ("Step 2: x = 3", None),                        # no think block
     ("<think>x = 3", None),                         # not closed
     ("I think <think>t</think>\nStep 2: x = 3", None),   # text before the monologue
     ("<think>t</think>\n   \n", None),              # no action
@@ -77,10 +78,13 @@ def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_fil
 ])
 def test_parse_action(text, action):
   assert srl.parse_action(text) == action
+  # The paper's strict form: no monologue, no action.
+  strict = srl.parse_action(text, require_think=True)
+  assert strict == (action if text.lstrip().startswith("<think>") else None)
 
 
-def _reward(finals, answers):
-  fn = rewards.build_reward({"srl_similarity": {"weight": 1.0}})
+def _reward(finals, answers, **options):
+  fn = rewards.build_reward({"srl_similarity": {"weight": 1.0, **options}})
   samples = [Sample(prompt="q", completion=f, answer=a) for f, a in zip(finals, answers)]
   return fn(samples)[0]
 
@@ -104,8 +108,9 @@ def test_similarity_is_2m_over_t_computed_by_hand():
 
 
 def test_unparsed_output_scores_minus_one_and_a_failure_never_raises(monkeypatch):
-  got = _reward(["x = 3", "<think>never closed", "<think>t</think>", ""], ["x = 3"] * 4)
+  got = _reward(["<think>never closed", "<think>t</think>", "", "x <think>"], ["x = 3"] * 4)
   np.testing.assert_array_equal(got, [-1.0] * 4)
+  np.testing.assert_array_equal(_reward(["x = 3"], ["x = 3"], require_think=True), [-1.0])
   # A numeric expert action is compared as its text: "5" vs "5", and "x = 5" (M 1, T 6).
   np.testing.assert_allclose(_reward(["<think>t</think>\n5", "<think>t</think>\nx = 5"],
                                      [5, 5]), [1.0, 2 / 6], rtol=1e-6)

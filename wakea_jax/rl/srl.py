@@ -31,12 +31,20 @@ closing its solution, and the RLVR stage after it would start with almost no rew
 answer step it learns to write the <answer> line once the steps are done (`answer_step=False`
 leaves it out).
 
-The action (`parse_action`), exactly: the output must start (after whitespace) with a think
-block closed by </think>; the action is the first non-blank line after the first </think>,
-with a leading "Step k:" label (any k, any case) removed and surrounding whitespace stripped.
-Whatever follows that line (the model often goes on with the next step: the rollout has no
-stop at the end of a step) is not scored. No closed think block, no action line, an empty
-action, or think markup inside the action line: the output does not parse (reward -1).
+The action (`parse_action`), exactly: the output may start (after whitespace) with a think
+block, which must then be closed by </think>; the action is the first non-blank line after
+it (after the first </think>), with a leading "Step k:" label (any k, any case) removed and
+surrounding whitespace stripped. Whatever follows that line (the model often goes on with the
+next step: the rollout has no stop at the end of a step) is not scored. A think block that is
+never closed, no action line, an empty action, or think markup inside the action line (text
+before the monologue): the output does not parse (reward -1).
+
+Why the monologue is optional by default, where the paper requires it: in the canonical
+solution text think blocks are optional, and no solution has one before its <answer> line
+(tasks/equations.py's SFT targets included), so a model fine-tuned on them answers the last
+step prompt with "<answer>X</answer>" directly; requiring a think block would score that
+correct answer -1. `require_think=True` (a reward option: {"srl_similarity":
+{"require_think": True}}) is the paper's strict form.
 """
 
 from __future__ import annotations
@@ -166,16 +174,18 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
   return train, held_out
 
 
-def parse_action(text: str) -> str | None:
-  """The action of one step's output (module docstring), or None when it does not parse."""
+def parse_action(text: str, *, require_think: bool = False) -> str | None:
+  """The action of one step's output (module docstring), or None when it does not parse;
+  `require_think`: an output without a leading think block does not parse either."""
   body = text.lstrip()
-  if not body.startswith(THINK_START):
+  if body.startswith(THINK_START):
+    close = body.find(THINK_END, len(THINK_START))
+    if close < 0:
+      return None
+    body = body[close + len(THINK_END):]
+  elif require_think:
     return None
-  close = body.find(THINK_END, len(THINK_START))
-  if close < 0:
-    return None
-  rest = body[close + len(THINK_END):]
-  line = next((ln for ln in rest.splitlines() if ln.strip()), "")
+  line = next((ln for ln in body.splitlines() if ln.strip()), "")
   action = traj_lib.STEP_LABEL.sub("", line.strip()).strip()
   if not action or THINK_START in action or THINK_END in action:
     return None
@@ -187,9 +197,9 @@ def similarity(predicted: str, expert: str) -> float:
   return difflib.SequenceMatcher(None, predicted, expert).ratio()
 
 
-def score(text: str, expert: Any) -> float:
+def score(text: str, expert: Any, *, require_think: bool = False) -> float:
   """The SRL reward of one output: similarity of its action to the expert's, or -1."""
-  action = parse_action(text)
+  action = parse_action(text, require_think=require_think)
   return UNPARSED if action is None else similarity(action, str(expert))
 
 
@@ -197,7 +207,8 @@ def score(text: str, expert: Any) -> float:
 FAILURES: collections.Counter[str] = collections.Counter()
 
 
-def srl_similarity_reward() -> Callable[[Sequence[Sample]], np.ndarray]:
+def srl_similarity_reward(*, require_think: bool = False
+                          ) -> Callable[[Sequence[Sample]], np.ndarray]:
   """The SRL reward over the last assistant turn (`Sample.final`), the reference being the
   expert's action (`Sample.answer`). It never raises on model output; unlike rewards._guarded
   (which gives 0) an output it cannot score gets -1, since 0 would rank it above one that
@@ -209,7 +220,7 @@ def srl_similarity_reward() -> Callable[[Sequence[Sample]], np.ndarray]:
         raise ValueError(f"sample {i}: the 'srl_similarity' reward needs the expert's action "
                          "as the answer, got None")
       try:
-        out[i] = score(s.final, s.answer)
+        out[i] = score(s.final, s.answer, require_think=require_think)
       except Exception as e:  # noqa: BLE001  (model output must never crash the batch)
         if not FAILURES["srl_similarity"]:
           logging.warning("srl_similarity failed on a completion (scored -1): %s: %s",
