@@ -150,12 +150,13 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   reports the held-out mean similarity."""
   monkeypatch.setitem(rewards.REWARDS, "tiny_spread", _tiny_spread)
   config = get_config("srl:test")
-  # The SRL reward of an untrained model is -1 everywhere; a second component that varies by
-  # less than min_std inside every group shows the threshold (not "all equal") drops them.
-  config.reward = {"srl_similarity": {"weight": 1.0}, "tiny_spread": {"weight": 1.0}}
+  # The SRL reward of an untrained model is noise; it is logged but weighted 0 here, and a
+  # component that varies by less than min_std inside every group shows that the threshold
+  # (not DAPO's "all equal", which would keep every group) drops them.
+  config.reward = {"srl_similarity": {"weight": 0.0}, "tiny_spread": {"weight": 1.0}}
   workdir = tmp_path / "run"
   last = trainers.run(config, workdir)
-  assert last["reward/srl_similarity_mean"] == -1.0
+  assert -1.0 <= last["reward/srl_similarity_mean"] <= 1.0
   assert last["zero_variance_fraction"] == 1.0
   assert "eval_greedy_accuracy" in last and "eval_pass@1" not in last
   lines = (workdir / srl.STEP_PROMPTS_FILE).read_text().splitlines()
