@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from tests.rl import fake_openai
+from wakea_jax.data import trajectories
 from wakea_jax.data.tasks import equations
 from wakea_jax.rl import backends, collaboration, task_types
 from wakea_jax.rl.judge import JudgeConfig, LLMJudge
@@ -88,6 +89,9 @@ def test_programmatic_errors_rejected_counts_and_resume(tmp_path):
     meta = record["meta"]
     assert meta["teacher"] == {"backend": "programmatic", "model": "equations-expert+errors0.5"}
     assert meta["attempts"] == len(meta["rejections"]) + 1 and len(meta["context"]) == 2
+  # The SRL loader (data/trajectories.py) reads the file as it is.
+  assert len(trajectories.load_trajectories(str(tmp_path / "trajectories.jsonl"))) == len(
+      accepted)
   for r in rejected:        # ...and rejects every dropped one
     problem = next(p for p in problems if p.problem_id == r["problem_id"])
     assert (equations.first_error(r["problem"], r["text"]) is not None
@@ -217,3 +221,17 @@ def test_a_teacher_that_never_answers_fails_fast(tmp_path):
   with pytest.raises(RuntimeError, match=r"teacher \(openai, m\): all 3 requests failed, e.g. "
                      "network_error"):
     collab.run(problems, tmp_path)
+
+
+def test_a_record_the_srl_loader_refuses_is_rejected(tmp_path):
+  problem = EQUATIONS.problems(1, 0, level=2)[0]
+  # Right steps and answer, but a turn delimiter in the reasoning: SRL prompts would break.
+  text = problem.solution.replace("<think>", "<think><|im_start|>", 1)
+  teacher = backends.ProgrammaticBackend(solutions={problem.text: text}, expert="e")
+  collab = collaboration.Collaboration(
+      _config(max_attempts=1), teacher=teacher, verifier=collaboration.Verifier(EQUATIONS),
+      retriever=collaboration.ContextRetriever([], k=0))
+  summary = collab.run([problem], tmp_path)
+  assert summary["rejected_by_reason"] == {"bad_record": 1} and summary["accepted"] == 0
+  assert "reasoning' contains the markup '<|im_start|>'" in _read(
+      tmp_path / "rejected.jsonl")[0]["detail"]

@@ -14,7 +14,8 @@ A rejected solution is regenerated up to `max_attempts` times in all, the verifi
 rewritten atomically, so an interrupted run loses at most a batch and a re-run skips the
 problems already accepted:
 
-  trajectories.jsonl  accepted records {"problem", "steps", "answer", "meta"}, meta holding the
+  trajectories.jsonl  accepted records {"problem", "steps", "answer", "meta"} (checked with
+                      data/trajectories.py, so SRL loads them), meta holding the
                       provenance: teacher and judge backends and models, scores, attempts,
                       the ids of the retrieved context, the reasons of earlier rejections
   rejected.jsonl      one line per rejected attempt: reason, detail, the text
@@ -37,7 +38,7 @@ from typing import Any
 
 from absl import logging
 
-from wakea_jax.data import sources
+from wakea_jax.data import sources, trajectories
 from wakea_jax.retrieval.bm25 import BM25
 from wakea_jax.retrieval.store import Document, Hit
 from wakea_jax.rl import answers
@@ -50,7 +51,7 @@ from wakea_jax.rl.task_types import TASK_TYPES, TaskProblem, TaskType, to_record
 TRAJECTORIES, REJECTED, SUMMARY = "trajectories.jsonl", "rejected.jsonl", "summary.json"
 # Rejection reasons, in the order the verifier checks them (the first failing one is given).
 REASONS = ("teacher_error", "no_steps", "no_answer", "wrong_answer", "invalid_step",
-           "low_judge_score")
+           "low_judge_score", "bad_record")
 _FEEDBACK_CHARS = 2000   # of a rejected attempt shown back to the teacher
 
 
@@ -253,13 +254,18 @@ class Collaboration:
         if isinstance(reply, ChatError):
           verdict = Verdict("teacher_error", f"{reply.kind}: {reply}", {})
         if verdict.accepted:
-          counts["accepted"] += 1
           record = to_record(self.task, problem, text)
           record["meta"] = {
               "problem_id": problem.problem_id, "task": self.task.name, **problem.meta,
               **self._provenance(), "scores": dict(verdict.scores), "attempts": attempt,
               "rejections": history[problem.problem_id],
               "context": [hit.doc_id for hit in context[problem.problem_id]]}
+          try:   # the SRL loader's own schema check: every kept record loads there
+            trajectories.to_trajectory(record, f"{problem.problem_id} attempt {attempt}")
+          except ValueError as e:
+            verdict = Verdict("bad_record", str(e), verdict.scores)
+        if verdict.accepted:
+          counts["accepted"] += 1
           accepted.append(record)
           continue
         counts[f"rejected:{verdict.reason}"] += 1
