@@ -83,6 +83,20 @@ def test_parse_action(text, action):
   assert strict == (action if text.lstrip().startswith("<think>") else None)
 
 
+@pytest.mark.parametrize("text, first", [
+    ("<think>a\nb</think>\nStep 2: x = 3\n<think>c</think>\nStep 3: x = 1\n",
+     "<think>a\nb</think>\nStep 2: x = 3\n"),
+    ("\n<answer>3</answer>\n<|im_end|>", "\n<answer>3</answer>\n"),
+    ("<think>a</think>\nStep 2: x = 3<|im_end|>", None),    # the line never ends: keep all
+    ("<think>never closed\nStep 2: x = 3\n", None),         # does not parse: keep all
+])
+def test_first_step_tokens_cover_exactly_the_scored_step(text, first):
+  tok = default_tokenizer()
+  ids = tok.encode(text)
+  count = srl.first_step_tokens(ids, tok)
+  assert (None if count is None else tok.decode(ids[:count])) == first
+
+
 def _reward(finals, answers, **options):
   fn = rewards.build_reward({"srl_similarity": {"weight": 1.0, **options}})
   samples = [Sample(prompt="q", completion=f, answer=a) for f, a in zip(finals, answers)]
@@ -149,6 +163,10 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   SRL reward, dynamic sampling drops groups under the std threshold, and the evaluation
   reports the held-out mean similarity."""
   monkeypatch.setitem(rewards.REWARDS, "tiny_spread", _tiny_spread)
+  cuts = []   # the learner trains each row only up to the end of its first step
+  first_step_tokens = srl.first_step_tokens
+  monkeypatch.setattr(srl, "first_step_tokens",
+                      lambda *a, **k: cuts.append(first_step_tokens(*a, **k)) or cuts[-1])
   config = get_config("srl:test")
   # The SRL reward of an untrained model is noise; it is logged but weighted 0 here, and a
   # component that varies by less than min_std inside every group shows that the threshold
@@ -159,6 +177,7 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   assert -1.0 <= last["reward/srl_similarity_mean"] <= 1.0
   assert last["zero_variance_fraction"] == 1.0
   assert "eval_greedy_accuracy" in last and "eval_pass@1" not in last
+  assert len(cuts) == 2 * 4 * 4        # steps x prompts_per_step x group_size
   lines = (workdir / srl.STEP_PROMPTS_FILE).read_text().splitlines()
   expected = srl.step_prompts(traj_lib.load_trajectories(config.srl.trajectories),
                               system=config.srl.system)

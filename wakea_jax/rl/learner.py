@@ -57,6 +57,7 @@ from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
+from wakea_jax.rl import srl as srl_lib
 from wakea_jax.rl import update as update_lib
 from wakea_jax.sampling import precision as precision_lib
 from wakea_jax.sampling.sampler import chat_sampler
@@ -323,6 +324,12 @@ class Learner:
     truncated = np.array([r in ("length", "capacity") for r in rollouts.stop_reason])
     if self.rl.overlong_filter:
       mask *= ~truncated[:, None]
+    if self.objective == "srl":   # only the first step is scored, so only it is trained
+      for r, (prompt, completion) in enumerate(zip(rollouts.prompt_ids,
+                                                   rollouts.completion_ids)):
+        count = srl_lib.first_step_tokens(completion, self.tokenizer)
+        if count is not None:
+          mask[r, len(prompt) - 1 + count:] = 0
     gaps: dict[str, float] = {}
     if self.rescore:
       old_lp = multihost.to_host(old_logprobs)       # this process's rows

@@ -35,9 +35,11 @@ The action (`parse_action`), exactly: the output may start (after whitespace) wi
 block, which must then be closed by </think>; the action is the first non-blank line after
 it (after the first </think>), with a leading "Step k:" label (any k, any case) removed and
 surrounding whitespace stripped. Whatever follows that line (the model often goes on with the
-next step: the rollout has no stop at the end of a step) is not scored. A think block that is
-never closed, no action line, an empty action, or think markup inside the action line (text
-before the monologue): the output does not parse (reward -1).
+next step: the rollout has no stop at the end of a step) is not scored, and not trained on
+either: the learner masks the tokens after the action line's "\\n" out of the loss
+(`first_step_tokens`). A think block that is never closed, no action line, an empty action,
+or think markup inside the action line (text before the monologue): the output does not
+parse (reward -1, on the whole output).
 
 Why the monologue is optional by default, where the paper requires it: in the canonical
 solution text think blocks are optional, and no solution has one before its <answer> line
@@ -63,7 +65,7 @@ from absl import logging
 
 from wakea_jax.data import sources
 from wakea_jax.data import trajectories as traj_lib
-from wakea_jax.data.tokenizer import THINK_END, THINK_START
+from wakea_jax.data.tokenizer import THINK_END, THINK_START, Tokenizer
 from wakea_jax.parallel import multihost
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
@@ -174,22 +176,57 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
   return train, held_out
 
 
-def parse_action(text: str, *, require_think: bool = False) -> str | None:
-  """The action of one step's output (module docstring), or None when it does not parse;
-  `require_think`: an output without a leading think block does not parse either."""
-  body = text.lstrip()
-  if body.startswith(THINK_START):
-    close = body.find(THINK_END, len(THINK_START))
+def _first_step(text: str, require_think: bool) -> tuple[str, int | None] | None:
+  """(the action, the offset in `text` just past the "\\n" that ends its line, None when the
+  line does not end), or None when `text` does not parse (module docstring)."""
+  pos = len(text) - len(text.lstrip())
+  if text.startswith(THINK_START, pos):
+    close = text.find(THINK_END, pos + len(THINK_START))
     if close < 0:
       return None
-    body = body[close + len(THINK_END):]
+    pos = close + len(THINK_END)
   elif require_think:
     return None
-  line = next((ln for ln in body.splitlines() if ln.strip()), "")
+  while True:   # the first non-blank line
+    newline = text.find("\n", pos)
+    line = text[pos:] if newline < 0 else text[pos:newline]
+    if line.strip() or newline < 0:
+      break
+    pos = newline + 1
   action = traj_lib.STEP_LABEL.sub("", line.strip()).strip()
   if not action or THINK_START in action or THINK_END in action:
     return None
-  return action
+  return action, None if newline < 0 else newline + 1
+
+
+def parse_action(text: str, *, require_think: bool = False) -> str | None:
+  """The action of one step's output (module docstring), or None when it does not parse;
+  `require_think`: an output without a leading think block does not parse either."""
+  step = _first_step(text, require_think)
+  return None if step is None else step[0]
+
+
+def first_step_tokens(completion_ids: Sequence[int], tokenizer: Tokenizer, *,
+                      require_think: bool = False) -> int | None:
+  """How many of a completion's tokens write its first step (monologue, action line and the
+  line's "\\n"); None when the output does not parse or the action line never ends.
+
+  The reward scores only that step, so the learner trains only on those tokens (objective
+  "srl"): the rest (the model going on with later steps) would add gradient noise that no
+  reward term measures. Found by binary search over decoded prefixes: a few decodes a row.
+  """
+  ids = list(completion_ids)
+  step = _first_step(tokenizer.decode(ids), require_think)
+  if step is None or step[1] is None:
+    return None
+  low, high = 1, len(ids)
+  while low < high:   # the shortest prefix that decodes past the end of the action line
+    mid = (low + high) // 2
+    if len(tokenizer.decode(ids[:mid])) >= step[1]:
+      high = mid
+    else:
+      low = mid + 1
+  return low
 
 
 def similarity(predicted: str, expert: str) -> float:
