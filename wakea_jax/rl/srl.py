@@ -96,8 +96,8 @@ class SRLConfig:
                          f"{value!r}")
       object.__setattr__(self, name, tuple(s for s in specs if s))
     if not self.trajectories:
-      raise ValueError("srl.trajectories is empty: give the expert trajectory file(s) "
-                       "(JSONL / JSON / Parquet / datasets directory)")
+      raise ValueError("srl.trajectories is empty: give the expert trajectories (a JSONL / "
+                       "JSON / Parquet file, a datasets directory or task:equations?n=..)")
 
 
 def _head(problem: str, system: str) -> list[dict[str, Any]]:
