@@ -12,6 +12,7 @@ from wakea_jax.data import trajectories as traj_lib
 from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.rl import advantages, learner, rewards, srl
 from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl.samples import Sample
 
 RECORDS = [
@@ -95,6 +96,35 @@ def test_first_step_tokens_cover_exactly_the_scored_step(text, first):
   ids = tok.encode(text)
   count = srl.first_step_tokens(ids, tok)
   assert (None if count is None else tok.decode(ids[:count])) == first
+
+
+def test_the_learner_mask_trains_exactly_the_first_step_tokens():
+  """The mask cut lands on rl/rollout.py's layout (position t predicts token t + 1): the
+  targets left in the loss spell the first step; an output the reward (with its own
+  require_think) scores -1 keeps its whole mask."""
+  tok = default_tokenizer()
+  prompt = tok.encode("<|im_start|>assistant\nStep 1: 3x = 9\n")
+  texts = ["<think>a</think>\nStep 2: x = 3\nStep 3: y\n<|im_end|>",
+           "Step 2: x = 3\nStep 3: y\n<|im_end|>",
+           "<think>never closed\nStep 2: x = 3\n"]
+  rows = [tok.encode(t) for t in texts]
+  rollouts = rollout_lib.Rollouts(
+      prompts=[None] * 3, prompt_ids=[prompt] * 3, completion_ids=rows,
+      sampler_logprobs=[np.zeros(len(c), np.float32) for c in rows],
+      tool_mask=[np.zeros(len(c), np.int32) for c in rows], num_tool_calls=[0] * 3,
+      stop_reason=["stop"] * 3, texts=texts, finals=texts, tool_errors=[0] * 3, group_size=3)
+  for require_think, kept in ((False, ["<think>a</think>\nStep 2: x = 3\n",
+                                       "Step 2: x = 3\n", texts[2]]),
+                              (True, ["<think>a</think>\nStep 2: x = 3\n", texts[1],
+                                      texts[2]])):
+    batch = rollout_lib.to_batch(rollouts)
+    srl.mask_after_first_step(batch["loss_mask"], rollouts.prompt_ids,
+                              rollouts.completion_ids, tok, require_think=require_think)
+    assert [tok.decode(t[m > 0].tolist()) for t, m in zip(batch["targets"],
+                                                          batch["loss_mask"])] == kept
+  spec = {"srl_similarity": {"weight": 1.0}, "strict": {"type": "srl_similarity",
+                                                       "require_think": True}}
+  assert srl.reward_requires_think(spec) and not srl.reward_requires_think({"math": {}})
 
 
 def _reward(finals, answers, **options):

@@ -207,6 +207,8 @@ class Learner:
       logging.warning("rollout.slots=%d: continuous batching runs on one process; this run's "
                       "rollouts on %d processes batch statically", r.slots, jax.process_count())
     self.reward = rewards_lib.build_reward(rl_run.reward)
+    # SRL trains each row up to the end of the step the reward parsed, with its parser.
+    self.srl_require_think = srl_lib.reward_requires_think(rl_run.reward)
     self.correct = rewards_lib.correctness_reward(self.eval_config.correct_reward)
     data = run.data
     # Logical prompt shards, as for SFT data: process p owns [p*k, (p+1)*k); a fixed
@@ -325,11 +327,8 @@ class Learner:
     if self.rl.overlong_filter:
       mask *= ~truncated[:, None]
     if self.objective == "srl":   # only the first step is scored, so only it is trained
-      for r, (prompt, completion) in enumerate(zip(rollouts.prompt_ids,
-                                                   rollouts.completion_ids)):
-        count = srl_lib.first_step_tokens(completion, self.tokenizer)
-        if count is not None:
-          mask[r, len(prompt) - 1 + count:] = 0
+      srl_lib.mask_after_first_step(mask, rollouts.prompt_ids, rollouts.completion_ids,
+                                    self.tokenizer, require_think=self.srl_require_think)
     gaps: dict[str, float] = {}
     if self.rescore:
       old_lp = multihost.to_host(old_logprobs)       # this process's rows

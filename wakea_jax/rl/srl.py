@@ -56,7 +56,7 @@ import dataclasses
 import difflib
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -216,17 +216,43 @@ def first_step_tokens(completion_ids: Sequence[int], tokenizer: Tokenizer, *,
   reward term measures. Found by binary search over decoded prefixes: a few decodes a row.
   """
   ids = list(completion_ids)
-  step = _first_step(tokenizer.decode(ids), require_think)
+  text = tokenizer.decode(ids)
+  step = _first_step(text, require_think)
   if step is None or step[1] is None:
     return None
+  first = text[:step[1]]
   low, high = 1, len(ids)
-  while low < high:   # the shortest prefix that decodes past the end of the action line
+  while low < high:   # the shortest prefix whose text holds the whole first step
     mid = (low + high) // 2
-    if len(tokenizer.decode(ids[:mid])) >= step[1]:
+    # startswith, not a length test: a prefix ending inside a multi-byte character decodes
+    # to replacement characters and can be longer than the text it stands for.
+    if tokenizer.decode(ids[:mid]).startswith(first):
       high = mid
     else:
       low = mid + 1
   return low
+
+
+def mask_after_first_step(loss_mask: np.ndarray, prompt_ids: Sequence[Sequence[int]],
+                          completion_ids: Sequence[Sequence[int]], tokenizer: Tokenizer, *,
+                          require_think: bool = False) -> np.ndarray:
+  """Zeroes, in place, each row's loss mask (rl/rollout.py `to_batch` layout: position t
+  predicts token t + 1, so completion token j is at len(prompt) - 1 + j) after the tokens of
+  its first step (`first_step_tokens`); rows whose output does not parse, or whose action
+  line never ends, keep their mask. `require_think` must be the reward's, so that an output
+  the reward scores -1 is pushed down whole. Returns `loss_mask`."""
+  for r, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+    count = first_step_tokens(completion, tokenizer, require_think=require_think)
+    if count is not None:
+      loss_mask[r, len(prompt) - 1 + count:] = 0
+  return loss_mask
+
+
+def reward_requires_think(reward_spec: Mapping[str, Any]) -> bool:
+  """Whether a rewards.build_reward spec scores with `srl_similarity(require_think=True)`."""
+  return any((options or {}).get("type", name) == "srl_similarity"
+             and bool((options or {}).get("require_think", False))
+             for name, options in reward_spec.items())
 
 
 def similarity(predicted: str, expert: str) -> float:
