@@ -10,12 +10,15 @@ one tiny checkpoint there).
 
 import json
 import threading
+import types
 
+import jax
 import pytest
 
 from tests.rl import fake_openai
 from wakea_jax.data import trajectories
 from wakea_jax.data.tasks import equations
+from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.rl import backends, collaboration, task_types
 from wakea_jax.rl.judge import JudgeConfig, LLMJudge
 
@@ -235,3 +238,24 @@ def test_a_record_the_srl_loader_refuses_is_rejected(tmp_path):
   assert summary["rejected_by_reason"] == {"bad_record": 1} and summary["accepted"] == 0
   assert "reasoning' contains the markup '<|im_start|>'" in _read(
       tmp_path / "rejected.jsonl")[0]["detail"]
+
+
+def test_local_backend_keeps_the_monologue_markup():
+  """<think> and </think> are special ids: the local teacher's text must keep them (the
+  verifier and split_steps read them), and only the final stop id is dropped."""
+  tok = default_tokenizer()
+  reply = "<think>subtract 3</think>\nStep 1: 2x = 4\n<answer>2</answer>"
+  stop = tok.special_ids["<|im_end|>"]
+
+  class Sampler:
+    stop_ids = (stop,)
+
+    def generate(self, params, rows, **kwargs):
+      return types.SimpleNamespace(tokens=[tok.encode(reply) + [stop] for _ in rows])
+
+  backend = object.__new__(backends.LocalBackend)
+  backend.__dict__.update(tokenizer=tok, params=None, batch_size=2, _rng=jax.random.key(0),
+                          _calls=0, _samplers={0.0: Sampler()})
+  messages = [{"role": "user", "content": "Solve for x: 2x + 3 = 7"}]
+  assert backend.generate_batch([messages] * 3) == [[reply]] * 3
+  assert task_types.split_steps(reply) == [{"action": "2x = 4", "reasoning": "subtract 3"}]

@@ -146,7 +146,9 @@ class LocalBackend:
                              rng=jax.random.fold_in(self._rng, self._calls))
       for tokens in out.tokens[:len(prompts) - start]:
         kept = tokens[:-1] if tokens and tokens[-1] in stops else tokens
-        texts.append(self.tokenizer.decode(kept, skip_special=True))
+        # Not skip_special: <think> and </think> are special ids, and the verifier and
+        # task_types.split_steps read the monologue's markup (as rollouts keep it).
+        texts.append(self.tokenizer.decode(kept))
     return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
 
   def generate(self, messages: Messages, *, n: int = 1, temperature: float = 0.0,
