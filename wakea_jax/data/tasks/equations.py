@@ -30,9 +30,10 @@ for every seed); `level` 0 a mix, k only level k; with `level` 0, `min_level` an
 bound the mix, whose i-th record has level min_level + i % (max_level - min_level + 1).
 The hard held-out set is `task:equations?n=256&seed=7&split=1&min_level=4` (4-6 steps).
 
-`check_step` is the verifier's step check: a tiny linear-expression parser (no eval) turns
-both equations into a*x + b = 0 and compares their solution sets, so a trajectory with a wrong
-step is rejected even when its final answer is right (`first_error`).
+`check_step` is the verifier's step check: a tiny linear-expression parser (no eval; in
+linear_equations.py, re-exported here) turns both equations into a*x + b = 0 and compares
+their solution sets, so a trajectory with a wrong step is rejected even when its final answer
+is right (`first_error`).
 
 Deterministic: the same arguments give the same records on any platform (`random.Random`
 seeded with a string; the split hash is SHA-256).
@@ -45,8 +46,14 @@ import hashlib
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from fractions import Fraction
 from typing import Any
+
+# The verifier's step check lives in linear_equations.py (a parser, not a generator); its
+# public names are re-exported here, where the task's users look for them.
+from wakea_jax.data.tasks.linear_equations import MAX_EQUATION_CHARS as MAX_EQUATION_CHARS
+from wakea_jax.data.tasks.linear_equations import check_step as check_step
+from wakea_jax.data.tasks.linear_equations import parse_equation as parse_equation
+from wakea_jax.data.tasks.linear_equations import solution_set as solution_set
 
 TASK = "equations"
 MAX_LEVEL = 6
@@ -427,117 +434,6 @@ def parse_steps(text: str) -> list[str]:
   action; missing think blocks, spacing and the step numbers themselves are not checked.
   """
   return [m.group(1).strip() for m in _STEP.finditer(_THINK.sub("", text))]
-
-
-_TOKEN = re.compile(r"\s*(?:(\d+)|(x)|([-+*/()]))")
-MAX_EQUATION_CHARS = 200   # bounds the parser's recursion on model output
-
-
-class _Parser:
-  """Recursive descent over a linear expression in x: value (a, b) means a*x + b.
-
-  expr := term (("+" | "-") term)*;  term := factor (("*" | "/" | implicit) factor)*;
-  factor := ("+" | "-") factor | INT | "x" | "(" expr ")". Implicit multiplication only before
-  "x" or "(" ("3x", "3(x + 4)", "(x + 1)(2)" is refused). A product of two x terms or a
-  division by an x term or by zero is refused: the result would not be linear.
-  """
-
-  def __init__(self, text: str) -> None:
-    self.tokens: list[str] = []
-    pos = 0
-    text = text.rstrip()
-    while pos < len(text):
-      m = _TOKEN.match(text, pos)
-      if not m:
-        raise ValueError(f"unexpected {text[pos:pos + 10]!r} at {pos} in {text!r}")
-      self.tokens.append(m.group(m.lastindex or 0))
-      pos = m.end()
-    self.i = 0
-
-  def peek(self) -> str | None:
-    return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-  def take(self) -> str:
-    token = self.peek()
-    if token is None:
-      raise ValueError("unexpected end of expression")
-    self.i += 1
-    return token
-
-  def parse(self) -> tuple[Fraction, Fraction]:
-    value = self.expr()
-    if self.peek() is not None:
-      raise ValueError(f"unexpected {self.peek()!r}")
-    return value
-
-  def expr(self) -> tuple[Fraction, Fraction]:
-    a, b = self.term()
-    while self.peek() in ("+", "-"):
-      sign = 1 if self.take() == "+" else -1
-      c, d = self.term()
-      a, b = a + sign * c, b + sign * d
-    return a, b
-
-  def term(self) -> tuple[Fraction, Fraction]:
-    value = self.factor()
-    while (token := self.peek()) in ("*", "/", "x", "("):
-      if token in ("*", "/"):
-        self.take()
-      right = self.factor()
-      if token == "/":
-        if right[0] or not right[1]:
-          raise ValueError("division by an x term or by zero")
-        value = (value[0] / right[1], value[1] / right[1])
-      elif value[0] and right[0]:
-        raise ValueError("product of two x terms is not linear")
-      else:
-        value = (value[0] * right[1] + right[0] * value[1], value[1] * right[1])
-    return value
-
-  def factor(self) -> tuple[Fraction, Fraction]:
-    token = self.take()
-    if token in ("+", "-"):
-      a, b = self.factor()
-      return (a, b) if token == "+" else (-a, -b)
-    if token == "x":
-      return Fraction(1), Fraction(0)
-    if token == "(":
-      value = self.expr()
-      if self.take() != ")":
-        raise ValueError("unbalanced brackets")
-      return value
-    if token.isdigit():
-      return Fraction(0), Fraction(int(token))
-    raise ValueError(f"unexpected {token!r}")
-
-
-def parse_equation(equation: str) -> tuple[Fraction, Fraction]:
-  """(a, b) with `equation` equivalent to a*x + b = 0 (left minus right); ValueError when it is
-  not one linear equation in x."""
-  if len(equation) > MAX_EQUATION_CHARS:
-    raise ValueError(f"equation longer than {MAX_EQUATION_CHARS} characters")
-  sides = equation.split("=")
-  if len(sides) != 2:
-    raise ValueError(f"expected one '=' in {equation!r}")
-  (a, b), (c, d) = (_Parser(side).parse() for side in sides)
-  return a - c, b - d
-
-
-def solution_set(equation: str) -> Fraction | str:
-  """The unique solution of `equation`, or "all" (an identity) or "none" (a contradiction)."""
-  a, b = parse_equation(equation)
-  if a:
-    return -b / a
-  return "all" if b == 0 else "none"
-
-
-def check_step(previous_equation: str, equation: str) -> bool:
-  """Whether `equation` has the same solution set as `previous_equation` (a valid step);
-  False when either is not a linear equation in x (model output never raises here)."""
-  try:
-    return solution_set(previous_equation) == solution_set(equation)
-  except (ValueError, ZeroDivisionError, RecursionError):
-    return False
 
 
 def first_error(problem: str, solution: str) -> str | None:
