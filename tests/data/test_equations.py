@@ -137,11 +137,11 @@ def test_check_step_and_parser():
   assert not task.check_step("3(x + 4) = 15", "3x + 4 = 15")   # a wrong expansion
   assert task.check_step("2x = 2x", "0 = 0") and not task.check_step("x = 1", "0 = 0")
   for garbage in ("x + = 3", "x = ", "x^2 = 4", "x*x = 4", "x = 1 = 1", "2(x + 1 = 4",
-                  "x/0 = 1", "2/x = 1", "(" * 300 + "x = 1"):
+                  "x/0 = 1", "2/x = 1", "(" * 300 + "x = 1", "x3 = 6", "2 1 = x"):
     assert not task.check_step("x = 2", garbage), garbage
   # The parser agrees with the independent evaluator on every construct it accepts.
   for expression in ("3(x + 4) - 5", "-2(x - 3) + 4x", "(4(x + 4) + 12)/2", "x/3 - -2",
-                     "2 * 3x - (x - 1)", "-x + 25", "+x - 3(2)"):
+                     "2 * 3x - (x - 1)", "-x + 25", "+x - 3(2)", "(x + 1)(2) - 4"):
     a, b = task.parse_equation(f"{expression} = 0")
     for x in (-3, 0, 7):
       assert a * x + b == _value(expression, x), expression

@@ -26,8 +26,8 @@ class _Parser:
 
   expr := term (("+" | "-") term)*;  term := factor (("*" | "/" | implicit) factor)*;
   factor := ("+" | "-") factor | INT | "x" | "(" expr ")". Implicit multiplication only before
-  "x" or "(" ("3x", "3(x + 4)", "(x + 1)(2)" is refused). A product of two x terms or a
-  division by an x term or by zero is refused: the result would not be linear.
+  "x" or "(" ("3x", "3(x + 4)", "(x + 1)(2)"; "x3" and "2 3" are refused). A product of two x
+  terms or a division by an x term or by zero is refused: the result would not be linear.
   """
 
   def __init__(self, text: str) -> None:
