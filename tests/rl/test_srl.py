@@ -2,6 +2,7 @@
 against hand-computed 2M/T, dynamic sampling with a std threshold, and a tiny `srl` run."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -45,7 +46,8 @@ def test_each_trajectory_becomes_one_prompt_per_step_plus_the_answer():
   assert [p.answer for p in without] == ["3x = 9", "x = 3", "x = 5"]
 
 
-def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_file(tmp_path):
+def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_file(tmp_path,
+                                                                                caplog):
   tok = default_tokenizer()
   prompt = srl.step_prompts(_trajectories(), system="Be exact.")[1]
   text = tok.decode(prompt.render(tok))
@@ -62,6 +64,12 @@ def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_fil
   assert [(p.messages, p.answer, dict(p.meta)) for p in loaded] == [
       (p.messages, p.answer, dict(p.meta)) for p in expected]
   assert loaded[1].render(tok) == prompt.render(tok)
+  # A restart with other step prompts (here another system prompt) says so.
+  with caplog.at_level(logging.WARNING):
+    srl.write_step_prompts(config, tmp_path)
+    assert "changed since the last start" not in caplog.text
+    srl.write_step_prompts(srl.SRLConfig(trajectories=str(path), system="Other."), tmp_path)
+  assert "srl_step_prompts.jsonl changed since the last start" in caplog.text
 
 
 @pytest.mark.parametrize("text, action", [

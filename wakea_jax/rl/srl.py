@@ -153,7 +153,8 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
                        on_error: str = "raise") -> tuple[pathlib.Path, pathlib.Path | None]:
   """Expands `config`'s trajectories into step prompt files in `workdir` (train, and held-out
   when `eval_trajectories` is set), atomically; their paths. Rewritten on every start: the
-  same trajectories give the same file, so a resumed run sees the prompts it saw. With
+  same trajectories give the same file, so a resumed run sees the prompts it saw (a file
+  that changed is logged as a warning). With
   several processes, process 0 writes and the others wait for it: the workdir is shared, as
   the checkpoints already need."""
   workdir = pathlib.Path(workdir)
@@ -166,9 +167,15 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
     if jax.process_index() == 0:
       prompts = step_prompts(traj_lib.load_trajectories(specs, on_error=on_error),
                              system=config.system, answer_step=config.answer_step)
-      sources.write_jsonl([prompt_json(p) for p in prompts], workdir / name)
-      logging.info("srl: %d step prompts from %s -> %s", len(prompts), list(specs),
-                   workdir / name)
+      path = workdir / name
+      before = path.read_text(encoding="utf-8") if path.exists() else None
+      sources.write_jsonl([prompt_json(p) for p in prompts], path)
+      logging.info("srl: %d step prompts from %s -> %s", len(prompts), list(specs), path)
+      if before is not None and before != path.read_text(encoding="utf-8"):
+        # A resumed learner keeps its position in the prompt order, which now walks other
+        # prompts: say so rather than resume silently on different data.
+        logging.warning("srl: %s changed since the last start (config.srl or the trajectory "
+                        "files differ); a resumed run continues on the new step prompts", path)
     paths.append(workdir / name)
   multihost.all_true(True)   # a barrier: the files exist before any process reads them
   train, held_out = paths
