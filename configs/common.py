@@ -78,7 +78,10 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   config.rl = ml_collections.ConfigDict(dict(
       prompts_per_step=16, num_iterations=1, minibatches=1, advantage="grpo",
       dynamic_sampling=False, max_sampling_rounds=3, overlong_filter=False,
-      old_logprobs="auto"))
+      old_logprobs="auto",
+      # With dynamic_sampling: drop groups whose reward std is below this (SRL's epsilon,
+      # configs/srl.py); 0 drops only groups of equal rewards (DAPO).
+      dynamic_sampling_min_std=0.0))
   config.train.update(steps=200, log_every=1, eval_every=50, checkpoint_every=50,
                       keep_checkpoints=2, eval_at_start=True)
   # The policy loss (objectives/grpo.py LossConfig).
