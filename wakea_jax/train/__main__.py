@@ -4,7 +4,7 @@ r"""Training binary.
   python -m wakea_jax.train --config=configs/grpo.py:arithmetic --workdir=/tmp/grpo \
       --config.init_from=/tmp/sft/export/model
 
-`config.objective` picks the trainer (sft, dpo, grpo, ppo; see wakea_jax/trainers.py).
+`config.objective` picks the trainer (sft, dpo, grpo, ppo, srl; see wakea_jax/trainers.py).
 Running the same command again resumes from the latest checkpoint in --workdir. This file
 is the `python -m wakea_jax.train` entry because wakea_jax/train/ is a package; it is a
 binary, above every layer (setup.cfg's import contract says so).
