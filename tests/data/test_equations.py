@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from wakea_jax.data import sources
+from wakea_jax.data import sources, trajectories
 from wakea_jax.data.tasks import PROMPT_TASKS, TASK_LABELS, TASKS
 from wakea_jax.data.tasks import equations as task
 from wakea_jax.rl.rewards import math_reward
@@ -123,7 +123,6 @@ def test_render_and_parse_round_trip():
 
 
 def test_trajectories_validate_as_trajectory_records():
-  trajectories = pytest.importorskip("wakea_jax.data.trajectories")
   for i, record in enumerate(task.trajectories(12, 0)):
     trajectory = trajectories.to_trajectory(record, f"equations[{i}]")
     assert trajectories.solution_text(trajectory) == task.render_solution(
