@@ -159,6 +159,21 @@ def test_similarity_is_2m_over_t_computed_by_hand():
   np.testing.assert_allclose(got, [2 * m / t for _, _, m, t in HAND], rtol=1e-6)
 
 
+def test_the_answer_step_compares_the_answers_not_the_tags():
+  """Whole lines would score a wrong answer 2*17/36 = 0.94 against a right one's 1.0, a
+  spread the dynamic-sampling threshold drops; inside the tags it is 0 vs 1."""
+  finals = ["<answer>3</answer>", "<answer>5</answer>", "<think>t</think>\n<answer> 3 </answer>",
+            "so <answer>-13</answer>", "x = 3"]
+  got = _reward(finals, ["<answer>3</answer>"] * 5)
+  # "x = 3" has no answer block: the lines whole, M = 1 ("3"), T = 5 + 18.
+  # "-13" vs "3": M = 1, T = 4.
+  np.testing.assert_allclose(got, [1.0, 0.0, 1.0, 2 * 1 / 4, 2 * 1 / 23], rtol=1e-6)
+  assert np.std(got[:2]) >= 0.05   # a right and a wrong answer survive dynamic sampling
+  # Ordinary steps are compared whole, tags or not.
+  np.testing.assert_allclose(_reward(["<answer>3</answer>"], ["x = 3"]), [2 * 1 / 23],
+                             rtol=1e-6)
+
+
 def test_unparsed_output_scores_minus_one_and_a_failure_never_raises(monkeypatch):
   got = _reward(["<think>never closed", "<think>t</think>", "", "x <think>"], ["x = 3"] * 4)
   np.testing.assert_array_equal(got, [-1.0] * 4)

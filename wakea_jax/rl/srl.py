@@ -29,7 +29,11 @@ Why the final answer is an extra step: RLVR's outcome reward reads <answer>...</
 SRL stopped at the last expert action, an SRL-only model would never have been rewarded for
 closing its solution, and the RLVR stage after it would start with almost no reward. With the
 answer step it learns to write the <answer> line once the steps are done (`answer_step=False`
-leaves it out).
+leaves it out). That step compares the answers inside the tags, not the whole lines: the 17
+characters of "<answer></answer>" would otherwise dominate the ratio ("<answer>5</answer>" vs
+"<answer>3</answer>" scores 0.94, a right answer 1.0), so a group with right and wrong
+answers has a spread (std ~0.03) below the dynamic-sampling threshold and is dropped. An
+action without an <answer> block is compared whole with the whole answer line (`score`).
 
 The action (`parse_action`), exactly: the output may start (after whitespace) with a think
 block, which must then be closed by </think>; the action is the first non-blank line after
@@ -56,6 +60,7 @@ import dataclasses
 import difflib
 import os
 import pathlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -267,10 +272,23 @@ def similarity(predicted: str, expert: str) -> float:
   return difflib.SequenceMatcher(None, predicted, expert).ratio()
 
 
+_ANSWER_BLOCK = re.compile(re.escape(traj_lib.ANSWER_START) + "(.*?)"
+                           + re.escape(traj_lib.ANSWER_END))
+
+
 def score(text: str, expert: Any, *, require_think: bool = False) -> float:
-  """The SRL reward of one output: similarity of its action to the expert's, or -1."""
+  """The SRL reward of one output: similarity of its action to the expert's, or -1. When the
+  expert's action is an answer line, the answer inside the model's first <answer> block
+  against the expert's answer (module docstring); without such a block, the lines whole."""
   action = parse_action(text, require_think=require_think)
-  return UNPARSED if action is None else similarity(action, str(expert))
+  if action is None:
+    return UNPARSED
+  expert = str(expert)
+  answer = _ANSWER_BLOCK.fullmatch(expert.strip())
+  given = _ANSWER_BLOCK.search(action) if answer is not None else None
+  if answer is not None and given is not None:
+    return similarity(given.group(1).strip(), answer.group(1).strip())
+  return similarity(action, expert)
 
 
 # Outputs the reward could not score (anything raised): counted, scored as unparsed.
