@@ -21,6 +21,7 @@ from wakea_jax.data.tasks import equations
 from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.rl import backends, collaboration, task_types
 from wakea_jax.rl.judge import JudgeConfig, LLMJudge
+from wakea_jax.rl.samples import Sample
 
 EQUATIONS = task_types.TASK_TYPES["equations"]
 _KEY = "sk-teacher-test"
@@ -259,3 +260,16 @@ def test_local_backend_keeps_the_monologue_markup():
   messages = [{"role": "user", "content": "Solve for x: 2x + 3 = 7"}]
   assert backend.generate_batch([messages] * 3) == [[reply]] * 3
   assert task_types.split_steps(reply) == [{"action": "2x = 4", "reasoning": "subtract 3"}]
+
+
+def test_a_failed_judge_is_a_judge_error_not_a_low_score():
+  # Nothing listens on port 9 of 127.0.0.1: the request fails at once (no retries).
+  judge = LLMJudge(JudgeConfig(url="http://127.0.0.1:9/v1", model="j", retries=0,
+                               timeout_s=2.0))
+  problem = EQUATIONS.problems(1, 0, level=2)[0]
+  verdict, = collaboration.Verifier(EQUATIONS, judge, 0.7).verify([problem], [problem.solution])
+  assert verdict.reason == "judge_error" and "network_error" in verdict.detail
+  assert "judge" not in verdict.scores and judge.counters["network_error"] == 1
+  # As a reward the failure still scores 0.
+  assert judge.score(Sample(prompt=problem.text, completion=problem.solution,
+                            answer=problem.answer)) == 0.0

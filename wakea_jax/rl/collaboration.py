@@ -50,8 +50,10 @@ from wakea_jax.rl.task_types import TASK_TYPES, TaskProblem, TaskType, to_record
 
 TRAJECTORIES, REJECTED, SUMMARY = "trajectories.jsonl", "rejected.jsonl", "summary.json"
 # Rejection reasons, in the order the verifier checks them (the first failing one is given).
+# judge_error: the judge request failed or its reply had no score; the solution is not
+# kept (unjudged), but the count says the judge, not the teacher, failed.
 REASONS = ("teacher_error", "no_steps", "no_answer", "wrong_answer", "invalid_step",
-           "low_judge_score", "bad_record")
+           "judge_error", "low_judge_score", "bad_record")
 _FEEDBACK_CHARS = 2000   # of a rejected attempt shown back to the teacher
 
 
@@ -172,6 +174,9 @@ class Verifier:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       critiques = list(pool.map(self.judge.critique, samples))
     for i, (score, critique) in zip(asked, critiques):
+      if score is None:
+        verdicts[i] = Verdict("judge_error", critique[-500:], verdicts[i].scores)
+        continue
       scores = {**verdicts[i].scores, "judge": score}
       verdicts[i] = (Verdict(None, "", scores) if score >= self.min_judge_score else
                      Verdict("low_judge_score", f"judge score {score:.2f} < "

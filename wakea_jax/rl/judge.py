@@ -133,9 +133,10 @@ class LLMJudge:
       logging.warning("judge %s: %s (reward 0; further %s failures are only counted)",
                    kind, detail, kind)
 
-  def critique(self, sample: Sample) -> tuple[float, str]:
-    """(reward in [0, 1], the judge's reply) for one sample; (0, what failed) on any failure
-    (counted). The reply is what a teacher is shown when the verifier rejects its work."""
+  def critique(self, sample: Sample) -> tuple[float | None, str]:
+    """(reward in [0, 1], the judge's reply) for one sample; (None, what failed) on any
+    failure (counted): the collaboration's verifier tells a judge that failed from one that
+    scored 0. The reply is what a teacher is shown when the verifier rejects its work."""
     prompt = self.config.rubric.format(question=sample.prompt,
                                        reference=_reference_text(sample.answer),
                                        response=sample.final)
@@ -149,13 +150,14 @@ class LLMJudge:
         raise ChatError("unparsable", f"no 0-10 score in reply {content[:200]!r}")
     except ChatError as failure:
       self._count(failure.kind, str(failure))
-      return 0.0, f"judge {failure.kind}: {failure}"
+      return None, f"judge {failure.kind}: {failure}"
     self._count("ok")
     return value / 10.0, content
 
   def score(self, sample: Sample) -> float:
     """Reward in [0, 1] for one sample; 0 on any failure (counted)."""
-    return self.critique(sample)[0]
+    value = self.critique(sample)[0]
+    return 0.0 if value is None else value
 
   def __call__(self, samples: Sequence[Sample]) -> np.ndarray:
     """Scores in [0, 1] per sample, requests in parallel; a failed request scores 0."""
