@@ -22,24 +22,20 @@ from ml_collections import config_flags
 
 from wakea_jax import config_lib, logs
 from wakea_jax.rl import collaboration
-from wakea_jax.rl.judge import JudgeConfig, LLMJudge
+from wakea_jax.rl.judge import LLMJudge
 
 FLAGS = flags.FLAGS
 
 
 def settings(config: ml_collections.ConfigDict) -> collaboration.CollaborationConfig:
   """config.collaboration (and config.seed) as the library's frozen dataclass."""
-  values = {**config.collaboration.to_dict(), "seed": config.seed}
-  return config_lib.typed(collaboration.CollaborationConfig, values, "collaboration")
+  return config_lib.collaboration_config(config)
 
 
 def judge_from(config: ml_collections.ConfigDict) -> LLMJudge | None:
   """The judge of config.judge, or None when its url is empty."""
-  values = config.judge.to_dict()
-  if not values.get("url"):
-    return None
-  values["api_key_env"] = values.get("api_key_env") or None
-  return LLMJudge(config_lib.typed(JudgeConfig, values, "judge"))
+  judge = config_lib.judge_config(config)
+  return LLMJudge(judge) if judge is not None else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

@@ -33,7 +33,9 @@ from wakea_jax.objectives.dpo import PreferenceConfig
 from wakea_jax.objectives.grpo import LossConfig
 from wakea_jax.objectives.ppo import PPOConfig
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.rl.collaboration import CollaborationConfig
 from wakea_jax.rl.evaluation import EvalConfig
+from wakea_jax.rl.judge import JudgeConfig
 from wakea_jax.rl.learner import RLConfig, RLRunConfig
 from wakea_jax.rl.rollout import RolloutConfig
 from wakea_jax.rl.srl import SRLConfig
@@ -166,3 +168,19 @@ def rl_run_config(config: Config) -> RLRunConfig:
 def preference_config(config: Config) -> PreferenceConfig:
   """config.preference."""
   return section(config, "preference")
+
+
+def collaboration_config(config: Config) -> CollaborationConfig:
+  """config.collaboration (and config.seed) of configs/collaborate.py as the library's
+  frozen dataclass."""
+  values = {**config.collaboration.to_dict(), "seed": config.seed}
+  return typed(CollaborationConfig, values, "collaboration")
+
+
+def judge_config(config: Config) -> JudgeConfig | None:
+  """config.judge of configs/collaborate.py, or None when its url is empty (no judge)."""
+  values = config.judge.to_dict()
+  if not values.get("url"):
+    return None
+  values["api_key_env"] = values.get("api_key_env") or None
+  return typed(JudgeConfig, values, "judge")

@@ -1,0 +1,285 @@
+r"""The SRL learning demonstration (issue 16): does step-wise supervision from expert
+trajectories (SRL, arXiv 2510.25992) make outcome RL work where it otherwise starves?
+
+  python -m wakea_jax.srl_demo --config=configs/srl_demo.py --workdir=/tmp/wakea_srl
+
+Stages, each in its own sub-directory of --workdir (a re-run skips or resumes finished ones):
+  base/            SFT from scratch on easy equations (levels 1-3)
+  sft/             base + SFT on the small expert set of hard equations (levels 4-6)
+  rlvr_seedS/      base + GRPO with the exact-answer reward on hard equations
+  srl_seedS/       base + SRL on the expert set's step-wise prompts
+  srl_rlvr_seedS/  the SRL model + the same GRPO, KL-anchored to it
+Every model is scored greedily on the same held-out hard equations: accuracy, and the fraction
+of solutions whose every step is a valid transformation (equations.first_error). The table
+goes to stdout, results.md and results.json; the RL curves to curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from wakea_jax import config_lib, logs, plots, trainers
+from wakea_jax.checkpoints import loader
+from wakea_jax.data import sources
+from wakea_jax.data import trajectories as trajectories_lib
+from wakea_jax.data.tasks import equations
+from wakea_jax.data.tokenizer import DEFAULT_CORPUS_PATH, tokenizer_from
+from wakea_jax.data.train_tokenizer import train_sentencepiece
+from wakea_jax.rl import collaboration
+from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import rewards as rewards_lib
+from wakea_jax.rl.judge import LLMJudge
+from wakea_jax.rl.rollout import generate_rollouts
+from wakea_jax.sampling.sampler import chat_sampler
+
+EXPORT = loader.RUN_EXPORT
+FLAGS = flags.FLAGS
+
+# (key, label) of the table's rows, in order.
+STAGES = (("base", "base (easy levels only)"), ("sft", "SFT on the expert set"),
+          ("rlvr", "RLVR alone (GRPO, outcome reward)"), ("srl", "SRL alone"),
+          ("srl_rlvr", "SRL -> RLVR"))
+
+
+def specs(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The task specs every stage reads: disjoint seeds, and held-out problems from split 1
+  (a hash split of the equation text no training source can contain)."""
+  hard = f"min_level={int(config.hard_min_level)}"
+  return {
+      "base": f"task:equations?n=20000&seed=0&split=0&max_level={int(config.easy_max_level)}",
+      # The collaboration's problems (its teacher's verified solutions are the expert set).
+      "expert": f"task:equations?n={int(config.expert_problems)}"
+                f"&seed={int(config.collaborate.seed)}&split=0&{hard}",
+      "rl_prompts": f"task:equations?n=4000&seed=2&split=0&{hard}",
+      "eval": f"task:equations?n={int(config.eval_problems)}&seed={int(config.eval_seed)}"
+              f"&split=1&{hard}",
+      # SRL's periodic evaluation (mean step similarity): fewer problems, ~5 prompts each.
+      "srl_eval": f"task:equations?n={max(1, int(config.eval_problems) // 4)}"
+                  f"&seed={int(config.eval_seed)}&split=1&{hard}",
+  }
+
+
+def task_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+  """Trains the task tokenizer once (bundled corpus + the training problems' solution
+  text; never the held-out problems); "" with tokenizer_vocab 0 (the bundled tokenizer)."""
+  if not config.tokenizer_vocab:
+    return ""
+  model = workdir / "tokenizer.model"
+  if model.exists():
+    return str(model)
+  s = specs(config)
+  lines = [equations.SYSTEM]
+  for spec in (s["base"], s["expert"]):
+    _, n, seed, options = _parsed(spec)
+    for record in equations.generate(min(n, int(config.tokenizer_problems)), seed, **options):
+      for message in record["messages"]:
+        lines += message["content"].split("\n")
+  workdir.mkdir(parents=True, exist_ok=True)
+  text = workdir / "tokenizer_corpus.txt"
+  text.write_text("\n".join(line for line in lines if line.strip()) + "\n", encoding="utf-8")
+  trained = train_sentencepiece([str(DEFAULT_CORPUS_PATH), str(text)], workdir / "tokenizer_tmp",
+                                int(config.tokenizer_vocab))
+  os.replace(trained, model)
+  return str(model)
+
+
+def _parsed(spec: str) -> tuple[str, int, int, dict[str, int]]:
+  return sources.parse_task_spec(spec, tasks={"equations": equations.prompts})
+
+
+def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prompts_spec: str,
+             tokenizer_path: str) -> dict[str, Any]:
+  """Greedy held-out figures of the model in `model_dir`: accuracy (the exact answer), the
+  fraction of solutions whose every step is valid and whose answer follows from them
+  (`equations.first_error` is None), the fraction with an <answer>, and steps per solution."""
+  start = time.perf_counter()
+  model = loader.load_model(model_dir)
+  graphdef, params = nnx.split(model)
+  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(model_dir))
+  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
+                         model_source=f"the model {model_dir}")
+  rl_config = rl_config.copy_and_resolve_references()
+  rl_config.rollout.group_size = 1
+  prompts = prompts_lib.load_prompts(prompts_spec)
+  out = generate_rollouts(sampler, params, prompts, tokenizer=tokenizer,
+                          config=config_lib.section(rl_config, "rollout"), rng=jax.random.key(0))
+  samples = out.samples()
+  correct = np.asarray(rewards_lib.correctness_reward("math")(samples)) > 0.5
+  valid, steps, answered = [], [], []
+  for prompt, text in zip(prompts, out.texts):
+    valid.append(equations.first_error(prompt.messages[-1]["content"], text) is None)
+    steps.append(len(equations.parse_steps(text)))
+    answered.append("<answer>" in text and "</answer>" in text)
+  return {"accuracy": float(correct.mean()), "valid_solutions": float(np.mean(valid)),
+          "answered": float(np.mean(answered)), "steps": float(np.mean(steps)),
+          "questions": len(samples), "seconds": time.perf_counter() - start,
+          "example": out.texts[0] if out.texts else ""}
+
+
+def expert_set(config: ml_collections.ConfigDict, out: pathlib.Path
+               ) -> tuple[dict[str, Any], pathlib.Path, pathlib.Path]:
+  """The expert trajectories of the demonstration: the three-model collaboration
+  (rl/collaboration.py: context retriever, teacher, verifier; configs/collaborate.py) on
+  `expert_problems` hard training problems -> (its summary, the verified trajectories file,
+  the same trajectories as SFT dialogues). A re-run skips the problems already accepted."""
+  collab_config = config.collaborate.copy_and_resolve_references()
+  collab_config.collaboration.num_problems = int(config.expert_problems)
+  collab_config.collaboration.problem_options = ml_collections.ConfigDict(dict(
+      split=0, level=0, min_level=int(config.hard_min_level)))
+  judge = config_lib.judge_config(collab_config)
+  teacher = {k: v for k, v in collab_config.teacher.to_dict().items()
+             if not (k == "api_key_env" and not v)}
+  collab, problems = collaboration.build(config_lib.collaboration_config(collab_config),
+                                         teacher=teacher,
+                                         judge=LLMJudge(judge) if judge is not None else None)
+  summary = collab.run(problems, out)
+  accepted = out / collaboration.TRAJECTORIES
+  dialogues = out / "sft_dialogues.jsonl"
+  sources.write_jsonl([{"messages": [
+      {"role": "system", "content": equations.SYSTEM},
+      {"role": "user", "content": t.problem},
+      {"role": "assistant", "content": trajectories_lib.solution_text(t)}]}
+      for t in trajectories_lib.load_trajectories(str(accepted))], dialogues)
+  return summary, accepted, dialogues
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = fn(*args)
+  return out, time.perf_counter() - start
+
+
+def _stage(stage: ml_collections.ConfigDict, init_from: pathlib.Path | None, tokenizer: str,
+           seed: int) -> ml_collections.ConfigDict:
+  stage = stage.copy_and_resolve_references()
+  stage.seed = seed
+  stage.tokenizer = tokenizer
+  if init_from is not None:
+    stage.init_from = str(init_from)
+  return stage
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) every stage in `workdir`; returns the results written to results.json."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  total_start = time.perf_counter()
+  s = specs(config)
+  tokenizer = task_tokenizer(config, workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": {}, "specs": s}
+
+  def score(key: str, seed: int, model_dir: pathlib.Path) -> None:
+    row = evaluate(config.rlvr, model_dir, s["eval"], tokenizer)
+    results["rows"].append({"stage": key, "seed": seed, **row})
+    logging.info("%s seed %d: %s", key, seed, {k: v for k, v in row.items() if k != "example"})
+
+  def train(key: str, stage: ml_collections.ConfigDict) -> pathlib.Path:
+    out = workdir / key
+    _, results["timing_s"][key] = _timed(trainers.run, stage, out)
+    return out / EXPORT
+
+  base = _stage(config.base, None, tokenizer, int(config.base.seed))
+  base.data.sources = ((s["base"], 1.0),)
+  base.data.eval_sources = ((s["base"].replace("seed=0", "seed=99"), 1.0),)
+  base_model = train("base", base)
+  score("base", base.seed, base_model)
+
+  (summary, expert, dialogues), results["timing_s"]["collaborate"] = _timed(
+      expert_set, config, workdir / "expert")
+  results["collaboration"] = summary
+  logging.info("collaboration: %s", summary)
+
+  sft = _stage(config.sft, base_model, tokenizer, int(config.sft.seed))
+  sft.data.sources = ((str(dialogues), 1.0),)
+  sft.data.eval_sources = ((str(dialogues), 1.0),)
+  score("sft", sft.seed, train("sft", sft))
+
+  runs: dict[str, pathlib.Path] = {}
+  for seed in config.seeds:
+    rlvr = _stage(config.rlvr, base_model, tokenizer, seed)
+    rlvr.data.sources, rlvr.data.eval_sources = s["rl_prompts"], s["eval"]
+    score("rlvr", seed, train(f"rlvr_seed{seed}", rlvr))
+    runs[f"RLVR seed {seed}"] = workdir / f"rlvr_seed{seed}"
+
+    srl = _stage(config.srl, base_model, tokenizer, seed)
+    srl.srl.trajectories = str(expert)
+    srl.srl.eval_trajectories = s["srl_eval"]
+    srl_model = train(f"srl_seed{seed}", srl)
+    score("srl", seed, srl_model)
+    runs[f"SRL seed {seed}"] = workdir / f"srl_seed{seed}"
+
+    both = _stage(config.rlvr, srl_model, tokenizer, seed)
+    both.data.sources, both.data.eval_sources = s["rl_prompts"], s["eval"]
+    score("srl_rlvr", seed, train(f"srl_rlvr_seed{seed}", both))
+    runs[f"SRL->RLVR seed {seed}"] = workdir / f"srl_rlvr_seed{seed}"
+
+  results["timing_s"]["total"] = time.perf_counter() - total_start
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  table = format_table(results)
+  (workdir / "results.md").write_text(table + "\n")
+  runs = {k: d for k, d in runs.items() if (d / "metrics.jsonl").is_file()}
+  if runs:
+    plots.plot_runs(runs, workdir / "curves.png", smooth=5,
+                    title="SRL -> RLVR on held-out hard equations (SRL's accuracy panel: step "
+                          "similarity)")
+  print(table)
+  return results
+
+
+def _mean(rows: Sequence[dict[str, Any]], stage: str, key: str = "accuracy") -> float:
+  values = [r[key] for r in rows if r["stage"] == stage]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The results as a Markdown table, the comparisons the issue targets, and wall times."""
+  rows = results["rows"]
+  labels = dict(STAGES)
+  lines = ["| stage | seed | held-out accuracy | valid solutions | answered | steps |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {labels[r['stage']]} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
+                 f"{100 * r['valid_solutions']:.1f}% | {100 * r['answered']:.0f}% | "
+                 f"{r['steps']:.2f} |")
+  m = {key: _mean(rows, key) for key, _ in STAGES}
+  lines.append("")
+  lines.append("means over seeds: " + ", ".join(f"{key} {100 * v:.1f}%" for key, v in m.items()))
+  checks = (("SRL -> RLVR > RLVR alone", m["srl_rlvr"] > m["rlvr"]),
+            ("SRL -> RLVR > SRL alone", m["srl_rlvr"] > m["srl"]),
+            ("SRL > SFT", m["srl"] > m["sft"]))
+  lines.append("targets: " + "; ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in checks))
+  lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}"
+                                             for k, v in results["timing_s"].items()))
+  return "\n".join(lines)
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", "configs/srl_demo.py", "The demonstration config.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where every stage writes.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs every stage and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
