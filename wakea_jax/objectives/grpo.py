@@ -20,6 +20,9 @@ One pure function, `policy_loss`, configured by a frozen `LossConfig`:
 Every aggregation is returned as (loss_sum, sums["weight"]): the train step divides the loss
 and gradient sums of all accumulated micro-batches by the total weight once, which gives the
 exact large-batch value. Rows with no valid token contribute to neither.
+
+`clipped_surrogate` (the per-token term) and `aggregate` are public so that LUFFY's mixed
+loss (objectives/offpolicy.py) shares them and equals this loss exactly without off-policy rows.
 """
 
 from __future__ import annotations
@@ -85,6 +88,76 @@ def _check_shapes(logprobs: Array, old_logprobs: Array, advantages: Array, mask:
                      f"got {advantages.shape}")
 
 
+def checked_inputs(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
+                   config: LossConfig, ref_logprobs: Array | None
+                   ) -> tuple[Array, Array, Array, Array, Array]:
+  """Validated float32 inputs -> (valid, maskf, logprobs, old_logprobs, advantages [b, t]).
+
+  Zeroes the inputs at invalid positions so garbage there (e.g. -inf) cannot reach exp()
+  and turn `x * 0` into NaN, in the value or the gradient.
+  """
+  if config.kl_beta > 0 and ref_logprobs is None:
+    raise ValueError("ref_logprobs: required when config.kl_beta > 0")
+  advantages = jnp.asarray(advantages)
+  _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs)
+  valid = mask > 0
+  maskf = valid.astype(jnp.float32)
+  logprobs = jnp.where(valid, logprobs.astype(jnp.float32), 0.0)
+  old_logprobs = jnp.where(valid, old_logprobs.astype(jnp.float32), 0.0)
+  advantages = advantages.astype(jnp.float32)
+  if advantages.ndim == 1:
+    advantages = advantages[:, None]
+  advantages = jnp.where(valid, advantages, 0.0)
+  return valid, maskf, logprobs, old_logprobs, advantages
+
+
+def clipped_surrogate(logprobs: Array, old_logprobs: Array, advantages: Array, maskf: Array,
+                      config: LossConfig) -> tuple[Array, Array, Array]:
+  """Per-token clipped surrogate loss (before masking, without the KL term).
+
+  Inputs are float32 [b, t] already zeroed where `maskf` is 0 (advantages broadcast to
+  [b, t]); `maskf` also selects the tokens a GSPO sequence ratio averages over, so a loss
+  that mixes in other tokens (objectives/offpolicy.py) passes only the clipped ones.
+  Returns (token_loss, ratio, clip_active), each [b, t].
+  """
+  safe_len = jnp.maximum(jnp.sum(maskf, axis=1), 1.0)  # [b]
+  log_ratio = logprobs - old_logprobs
+  if config.ratio == "token":
+    ratio = jnp.exp(log_ratio)
+  else:
+    # GSPO-token, arXiv 2507.18071 eq. 13-14: value s_i, gradient s_i * grad log pi(y_t).
+    seq_log_ratio = jnp.sum(log_ratio * maskf, axis=1) / safe_len  # [b]
+    seq_ratio = jax.lax.stop_gradient(jnp.exp(seq_log_ratio))[:, None]
+    ratio = seq_ratio * jnp.exp(logprobs - jax.lax.stop_gradient(logprobs))
+
+  clipped_ratio = jnp.clip(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high)
+  unclipped_obj = ratio * advantages
+  clipped_obj = clipped_ratio * advantages
+  # min(r A, clip(r) A): the clipped term is selected exactly when it is strictly smaller;
+  # it is then constant in theta (clip saturated), so the token's gradient is zero.
+  clip_active = clipped_obj < unclipped_obj
+  token_loss = -jnp.where(clip_active, clipped_obj, unclipped_obj)
+  return token_loss, ratio, clip_active
+
+
+def aggregate(token_loss: Array, maskf: Array, config: LossConfig) -> tuple[Array, Array]:
+  """(loss_sum, weight) of per-token losses [b, t] under `config.aggregation`.
+
+  `maskf` [b, t] is every token the loss counts; a row's length (seq_mean_token_mean) and
+  whether it counts at all are taken from it.
+  """
+  token_loss = token_loss * maskf
+  tokens_per_seq = jnp.sum(maskf, axis=1)  # [b]
+  has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
+  if config.aggregation == "token_mean":
+    return jnp.sum(token_loss), jnp.sum(maskf)
+  if config.aggregation == "seq_mean_token_mean":
+    safe_len = jnp.maximum(tokens_per_seq, 1.0)
+    return jnp.sum(jnp.sum(token_loss, axis=1) / safe_len), jnp.sum(has_tokens)
+  # seq_sum_constant
+  return jnp.sum(token_loss) / config.loss_constant, jnp.sum(has_tokens)
+
+
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
                 config: LossConfig, ref_logprobs: Array | None = None
                 ) -> tuple[Array, dict[str, Array]]:
@@ -102,42 +175,10 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
   and "ref_kl" (sum of the KL(pi || ref) estimate) when kl_beta > 0. Divide by the weight
   (or "tokens" for the token metrics) summed over the whole accumulated batch.
   """
-  if config.kl_beta > 0 and ref_logprobs is None:
-    raise ValueError("ref_logprobs: required when config.kl_beta > 0")
-  advantages = jnp.asarray(advantages)
-  _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs)
-
-  valid = mask > 0
-  maskf = valid.astype(jnp.float32)
-  # Zero the inputs at invalid positions so garbage there (e.g. -inf) cannot reach exp()
-  # and turn `x * 0` into NaN, in the value or the gradient.
-  logprobs = jnp.where(valid, logprobs.astype(jnp.float32), 0.0)
-  old_logprobs = jnp.where(valid, old_logprobs.astype(jnp.float32), 0.0)
-  advantages = advantages.astype(jnp.float32)
-  if advantages.ndim == 1:
-    advantages = advantages[:, None]
-  advantages = jnp.where(valid, advantages, 0.0)
-
-  tokens_per_seq = jnp.sum(maskf, axis=1)  # [b]
-  has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
-  safe_len = jnp.maximum(tokens_per_seq, 1.0)
-
-  log_ratio = logprobs - old_logprobs
-  if config.ratio == "token":
-    ratio = jnp.exp(log_ratio)
-  else:
-    # GSPO-token, arXiv 2507.18071 eq. 13-14: value s_i, gradient s_i * grad log pi(y_t).
-    seq_log_ratio = jnp.sum(log_ratio * maskf, axis=1) / safe_len  # [b]
-    seq_ratio = jax.lax.stop_gradient(jnp.exp(seq_log_ratio))[:, None]
-    ratio = seq_ratio * jnp.exp(logprobs - jax.lax.stop_gradient(logprobs))
-
-  clipped_ratio = jnp.clip(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high)
-  unclipped_obj = ratio * advantages
-  clipped_obj = clipped_ratio * advantages
-  # min(r A, clip(r) A): the clipped term is selected exactly when it is strictly smaller;
-  # it is then constant in theta (clip saturated), so the token's gradient is zero.
-  clip_active = clipped_obj < unclipped_obj
-  token_loss = -jnp.where(clip_active, clipped_obj, unclipped_obj)
+  valid, maskf, logprobs, old_logprobs, advantages = checked_inputs(
+      logprobs, old_logprobs, advantages, mask, config, ref_logprobs)
+  token_loss, ratio, clip_active = clipped_surrogate(logprobs, old_logprobs, advantages,
+                                                     maskf, config)
 
   sums: dict[str, Array] = {}
   if config.kl_beta > 0:
@@ -146,16 +187,7 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
     token_loss = token_loss + config.kl_beta * ref_kl
     sums["ref_kl"] = jnp.sum(jax.lax.stop_gradient(ref_kl) * maskf)
 
-  token_loss = token_loss * maskf
-  if config.aggregation == "token_mean":
-    loss_sum = jnp.sum(token_loss)
-    weight = jnp.sum(maskf)
-  elif config.aggregation == "seq_mean_token_mean":
-    loss_sum = jnp.sum(jnp.sum(token_loss, axis=1) / safe_len)
-    weight = jnp.sum(has_tokens)
-  else:  # seq_sum_constant
-    loss_sum = jnp.sum(token_loss) / config.loss_constant
-    weight = jnp.sum(has_tokens)
+  loss_sum, weight = aggregate(token_loss, maskf, config)
 
   sg = jax.lax.stop_gradient
   approx_kl = kl_per_token(sg(logprobs), old_logprobs, "k3")
