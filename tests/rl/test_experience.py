@@ -1,25 +1,31 @@
 """ExGRPO's experience buffer (arXiv 2510.02245 §3): buckets, the Gaussian priority against a
-hand transcription of the paper's formula, lowest-entropy choice, retirement, determinism and
-an exact state round trip through JSON."""
+hand transcription of the paper's formula, lowest-entropy choice, retirement, determinism, an
+exact state round trip through JSON and through a checkpoint, and feeding it from rollouts."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.rl.experience import (
   ExperienceBuffer,
   ExperienceConfig,
   Trajectory,
+  WithExperience,
   bucket_of,
+  groups_from_rollouts,
   mix,
   priority_weights,
   prompt_key,
   sampled_entropy,
 )
+from wakea_jax.rl.prompts import PromptIterator, PromptRecord
+from wakea_jax.rl.rollout import Rollouts
 
 
 def _traj(tokens: list[int], entropy: float, reward: float = 1.0, step: int = 0) -> Trajectory:
@@ -209,3 +215,51 @@ def test_prompt_key_and_sampled_entropy():
   assert sampled_entropy(np.zeros(2), np.zeros(2)) == 0.0
   with pytest.raises(ValueError, match="finite"):
     _traj([1, 2], float("nan"))
+
+
+def test_groups_from_rollouts_feed_observe():
+  records = [PromptRecord(messages=({"role": "user", "content": q},)) for q in ("1+1", "2+2")]
+  completions = [[5, 6, 2], [5, 7, 2], [8, 2], [9, 9, 9, 2]]
+  logprobs = [np.array([-0.5, -1.0, -1.5]), np.array([-0.1, -0.2, -0.3]),
+              np.array([-2.0, -4.0]), np.array([-1.0, 0.0, -3.0, -1.0])]
+  tool_mask = [np.zeros(3, np.int32), np.zeros(3, np.int32), np.zeros(2, np.int32),
+               np.array([0, 1, 0, 0], np.int32)]
+  rollouts = Rollouts(prompts=[records[0]] * 2 + [records[1]] * 2, prompt_ids=[[1]] * 4,
+                      completion_ids=completions, sampler_logprobs=logprobs,
+                      tool_mask=tool_mask, num_tool_calls=[0, 0, 0, 1],
+                      stop_reason=["stop"] * 4, texts=[""] * 4, finals=[""] * 4,
+                      tool_errors=[0] * 4, group_size=2)
+  rewards, correct = np.array([1.0, 0.0, 0.0, 1.0]), np.array([True, False, False, True])
+  keys, groups, flags = groups_from_rollouts(rollouts, rewards, correct, step=3)
+  assert keys == [prompt_key(records[0]), prompt_key(records[1])]
+  assert flags == [[True, False], [False, True]]
+  tool_row = groups[1][1]
+  assert tool_row.completion_mask.tolist() == [1, 0, 1, 1] and tool_row.step == 3
+  assert tool_row.entropy == pytest.approx(5.0 / 3)          # -(-1 - 3 - 1) / 3 model tokens
+  assert tool_row.behaviour_logprobs.tolist() == [-1.0, 0.0, -3.0, -1.0]
+  buf = ExperienceBuffer(ExperienceConfig(start_accuracy=0.0))
+  buf.observe(keys, groups, flags)
+  assert [len(buf.trajectories(k)) for k in keys] == [1, 1]
+
+
+def test_buffer_resumes_exactly_from_a_checkpoint(tmp_path):
+  """The buffer rides in the checkpoint's JSON data item with the prompt position."""
+  records = [PromptRecord(messages=({"role": "user", "content": str(i)},)) for i in range(6)]
+  straight = WithExperience(PromptIterator(records, 2, seed=1), _buffer(seed=5))
+  straight.buffer.sample(2)
+  next(straight.data)
+  manager = CheckpointManager(tmp_path, keep=1)
+  manager.save(1, {"w": jnp.zeros(2)}, data_state=straight.get_state())
+  manager.wait_until_finished()
+  _, data_state, _ = manager.restore({"w": jnp.zeros(2)})
+  manager.close()
+  resumed = WithExperience(PromptIterator(records, 2, seed=1), ExperienceBuffer(
+      straight.buffer.config, seed=0))
+  resumed.set_state(data_state)
+  assert resumed.buffer.state_dict() == straight.buffer.state_dict()
+  assert [r.key for r in resumed.buffer.sample(4)] == [r.key for r in straight.buffer.sample(4)]
+  assert next(resumed.data) == next(straight.data)
+  # A checkpoint from before the buffer: its bare prompt position, an empty buffer.
+  legacy = WithExperience(PromptIterator(records, 2, seed=1), ExperienceBuffer())
+  legacy.set_state(straight.data.get_state())
+  assert legacy.buffer.replayable() == [] and next(legacy.data) == next(straight.data)

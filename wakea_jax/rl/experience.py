@@ -31,7 +31,9 @@ Host-side and pure Python/NumPy; the learner feeds it every step and draws from 
 
 The state (`state_dict`) is plain JSON, arrays as base64 of their little-endian bytes and the
 NumPy generator's state as strings, so it rides in the checkpoint's JSON data item beside the
-prompt iterator's position and a resumed run replays exactly what the straight one would.
+prompt iterator's position (`WithExperience`, the train loop's `data`) and a resumed run
+replays exactly what the straight one would. `groups_from_rollouts` turns a step's rollouts
+into `observe`'s arguments.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
+
+from wakea_jax.parallel import multihost
+
+if TYPE_CHECKING:   # only the type: the buffer's users need not import the sampler
+  from wakea_jax.rl.rollout import Rollouts
 
 BUCKETS = ("low", "medium", "high")
 _STATE_FORMAT = 1
@@ -370,6 +378,63 @@ class ExperienceBuffer:
     self.started = bool(state["started"])
     self._last = {k: float(v) for k, v in state["last"].items()}
     self.rng.bit_generator.state = _ints(state["rng"])
+
+
+class WithExperience:
+  """The train loop's resumable `data`: the prompt iterator and the experience buffer, saved
+  together in the checkpoint's JSON data item as {"prompts": .., "experience": [one buffer
+  state per process]}. Each process keeps the buffer of the prompts it draws, so the states
+  are gathered (every process calls `get_state` at the same point, as the loop does) and a
+  resume needs the same process count. A checkpoint from before the buffer (a bare prompt
+  position) resumes with an empty buffer."""
+
+  def __init__(self, data: Any, buffer: ExperienceBuffer):
+    self.data, self.buffer = data, buffer
+
+  def get_state(self) -> dict[str, Any]:
+    """{"prompts": the iterator's state, "experience": every process's buffer state}."""
+    return {"prompts": self.data.get_state(),
+            "experience": multihost.gather_objects([self.buffer.state_dict()])}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from a `get_state()` (or from a bare prompt position: empty buffer)."""
+    if "experience" not in state:
+      self.data.set_state(state)
+      return
+    parts = state["experience"]
+    if len(parts) != jax.process_count():
+      raise ValueError(f"the checkpoint's experience buffer was saved by {len(parts)} "
+                       f"processes, this run has {jax.process_count()}: resume ExGRPO with "
+                       "the same process count")
+    self.data.set_state(state["prompts"])
+    self.buffer.load_state_dict(parts[jax.process_index()])
+
+
+def groups_from_rollouts(rollouts: Rollouts, rewards: np.ndarray, correct: np.ndarray, *,
+                         step: int, behaviour_logprobs: Sequence[np.ndarray] | None = None
+                         ) -> tuple[list[str], list[list[Trajectory]], list[list[bool]]]:
+  """A step's group-major rollouts as `observe`'s (keys, trajectories, correct).
+
+  rewards, correct   [rows] total reward and correctness (e.g. rewards.correctness_reward)
+  behaviour_logprobs per row, over its completion tokens (default: the sampler's); each
+  trajectory's entropy is their `sampled_entropy` over the model's tokens (1 - tool_mask).
+  """
+  g = rollouts.group_size
+  logprobs = rollouts.sampler_logprobs if behaviour_logprobs is None else behaviour_logprobs
+  keys, groups, flags = [], [], []
+  for start in range(0, len(rollouts), g):
+    rows = range(start, start + g)
+    keys.append(prompt_key(rollouts.prompts[start]))
+    group = []
+    for r in rows:
+      mask = 1 - np.asarray(rollouts.tool_mask[r], np.int32)
+      group.append(Trajectory(
+          completion_ids=np.asarray(rollouts.completion_ids[r]), completion_mask=mask,
+          behaviour_logprobs=np.asarray(logprobs[r], np.float32) * mask,
+          reward=float(rewards[r]), entropy=sampled_entropy(logprobs[r], mask), step=step))
+    groups.append(group)
+    flags.append([bool(correct[r]) for r in rows])
+  return keys, groups, flags
 
 
 def _encode(arrays: Sequence[np.ndarray], dtype: type) -> str:
