@@ -1,7 +1,8 @@
 """ExGRPO's experience buffer (arXiv 2510.02245 §3): successful rollouts kept per prompt,
 replayed with priority on prompts of medium difficulty.
 
-Host-side and pure Python/NumPy; the learner feeds it every step and draws from it.
+The buffer is host-side, pure Python/NumPy (only `WithExperience` gathers over processes);
+the learner feeds it every step and draws from it.
 
   observe   one call per RL step with that step's fresh groups: each prompt's visit records
             its correctness rate (correct / group size), its correct rollouts are stored
