@@ -93,6 +93,13 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   config.reward = ml_collections.ConfigDict({"math": {"weight": 1.0}})
   config.eval = ml_collections.ConfigDict(dict(
       correct_reward="math", num_samples=8, pass_k=(1, 8), temperature=1.0))
+  # LUFFY (arXiv 2504.14945, rl/offpolicy.py): off-policy traces (a JSONL/Parquet spec, comma-
+  # separated; "" is off) replace `per_group` members of each group whose prompt has one;
+  # off-policy tokens take f(pi / pi_phi), f(x) = x / (x + gamma), instead of the clip.
+  # Traces whose reward is below min_trace_reward (None: keep all) are dropped at load.
+  config.offpolicy = ml_collections.ConfigDict(dict(
+      traces="", per_group=1, gamma=0.1,
+      min_trace_reward=ml_collections.config_dict.placeholder(float)))
   config.optimizer.update(learning_rate=1e-4, warmup_steps=5, min_lr_ratio=1.0, b2=0.99,
                           weight_decay=0.0)
   config.export.hf = False

@@ -12,6 +12,7 @@ below takes the dataclasses. A section and its dataclass share a name:
   config.export      train.setup.ExportConfig
   config.preference  objectives.dpo.PreferenceConfig
   config.srl         rl.srl.SRLConfig
+  config.offpolicy   rl.offpolicy.OffPolicyConfig (LUFFY)
 
 An unknown field is an error naming `config.<section>.<field>`, and so is a value the
 dataclass rejects.
@@ -37,6 +38,7 @@ from wakea_jax.rl.collaboration import CollaborationConfig
 from wakea_jax.rl.evaluation import EvalConfig
 from wakea_jax.rl.judge import JudgeConfig
 from wakea_jax.rl.learner import RLConfig, RLRunConfig
+from wakea_jax.rl.offpolicy import OffPolicyConfig
 from wakea_jax.rl.rollout import RolloutConfig
 from wakea_jax.rl.srl import SRLConfig
 from wakea_jax.train.loop import TrainConfig
@@ -58,6 +60,7 @@ SECTIONS: dict[str, type] = {
     "ppo": PPOConfig,
     "eval": EvalConfig,
     "srl": SRLConfig,
+    "offpolicy": OffPolicyConfig,
 }
 
 T = TypeVar("T")
@@ -155,14 +158,15 @@ def run_config(config: Config) -> RunConfig:
 
 
 def rl_run_config(config: Config) -> RLRunConfig:
-  """The RL sections (rl, rollout, loss, ppo, eval, reward) of a GRPO or PPO config."""
+  """The RL sections (rl, rollout, loss, ppo, eval, reward, offpolicy) of an RL config."""
   return RLRunConfig(
       rl=section(config, "rl"),
       rollout=section(config, "rollout"),
       loss=section(config, "loss"),
       ppo=section(config, "ppo") if "ppo" in config else None,
       eval=section(config, "eval"),
-      reward=_plain(config["reward"]))
+      reward=_plain(config["reward"]),
+      offpolicy=section(config, "offpolicy") if "offpolicy" in config else OffPolicyConfig())
 
 
 def preference_config(config: Config) -> PreferenceConfig:

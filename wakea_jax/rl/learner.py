@@ -26,6 +26,12 @@ One RL step:
   4. update    `rl.num_iterations` passes over the rollouts, each in `rl.minibatches`
                shuffled minibatches, one optimizer step each (the jitted, donated step of
                train/step.py with the GRPO or PPO loss).
+LUFFY (arXiv 2504.14945, `config.offpolicy`, rl/offpolicy.py): after sampling, up to
+`offpolicy.per_group` members of each group whose prompt has traces are replaced by traces
+(tokenised as that prompt's rollout would be), rewarded with the others, so the advantages
+are over the mixed group; the trainer re-scores every row (for the importance-weight
+metrics), a trace's old log-probs are its file's (else 0: pi_phi = 1), and the loss is
+objectives/offpolicy.py's. Metrics: offpolicy_fraction, importance_weight_mean/max/min.
 Checkpoints hold the train state and the prompt iterator's position; the rollout RNG is
 derived from (seed, step), so a resumed run continues exactly. `config.train` sets the
 cadence (steps are RL steps), as for every other objective.
@@ -49,11 +55,13 @@ from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.config import pooled_specs
 from wakea_jax.data.tokenizer import chat_pad_id
 from wakea_jax.objectives import grpo as grpo_lib
+from wakea_jax.objectives import offpolicy as offpolicy_loss_lib
 from wakea_jax.objectives import ppo as ppo_lib
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.parallel import multihost
 from wakea_jax.rl import advantages as adv_lib
 from wakea_jax.rl import evaluation as eval_lib
+from wakea_jax.rl import offpolicy as offpolicy_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
@@ -123,11 +131,15 @@ class RLRunConfig:
   eval: eval_lib.EvalConfig = eval_lib.EvalConfig()
   reward: Mapping[str, Any] = dataclasses.field(
       default_factory=lambda: {"math": {"weight": 1.0}})   # rewards.build_reward spec
+  offpolicy: offpolicy_lib.OffPolicyConfig = offpolicy_lib.OffPolicyConfig()   # LUFFY
 
 
 def _check(objective: str, rl_run: RLRunConfig) -> None:
   if objective not in OBJECTIVES:
     raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {objective!r}")
+  if rl_run.offpolicy.enabled and objective != "grpo":
+    raise ValueError(f"offpolicy.traces (LUFFY) mixes traces into GRPO groups: it needs "
+                     f"objective 'grpo', got {objective!r}")
   if objective == "ppo":
     if rl_run.ppo is None:
       raise ValueError("objective 'ppo' needs the config.ppo section")
@@ -165,6 +177,10 @@ class Learner:
     if self.ppo_config is not None:
       self.loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=rl_run.loss,
                                        ppo_config=self.ppo_config)
+    elif rl_run.offpolicy.enabled:
+      self.loss_fn = functools.partial(
+          update_lib.mixed_policy_loss_fn, loss_config=rl_run.loss,
+          offpolicy_config=offpolicy_loss_lib.OffPolicyLossConfig(rl_run.offpolicy.gamma))
     else:
       self.loss_fn = functools.partial(update_lib.policy_loss_fn, loss_config=rl_run.loss)
     # Scores and losses are over the tokenizer's ids, the distribution the sampler draws
@@ -193,8 +209,12 @@ class Learner:
     # so its log-probs are the behaviour policy's; re-scoring only buys the exact trainer
     # numbers (and PPO's values). With one, the trainer always re-scores.
     single_update = rl.num_iterations == 1 and rl.minibatches == 1
+    # LUFFY's traces were not sampled by this policy: the trainer scores them (for the
+    # importance-weight statistics; their old log-probs are the trace model's).
+    self.offpolicy = rl_run.offpolicy
     self.rescore = (self.ppo_config is not None or rl.old_logprobs == "trainer"
-                    or bool(r.dtype) or (rl.old_logprobs == "auto" and not single_update))
+                    or bool(r.dtype) or (rl.old_logprobs == "auto" and not single_update)
+                    or self.offpolicy.enabled)
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
     self.sampler = chat_sampler(self.rollout_model.graphdef, self.rollout_model.config,
                                 self.tokenizer,
@@ -222,10 +242,20 @@ class Learner:
                        f"{shards} prompt shards (data.shards={data.shards}"
                        f"{', i.e. the process count' if not data.shards else ''})")
     k = shards // processes
+    records = prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error)
     self.prompts = prompts_lib.PromptIterator(
-        prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error),
-        rl.prompts_per_step, seed=run.seed, shards=shards,
+        records, rl.prompts_per_step, seed=run.seed, shards=shards,
         owned=range(jax.process_index() * k, (jax.process_index() + 1) * k))
+    self.traces: offpolicy_lib.TraceIndex | None = None
+    if self.offpolicy.enabled:
+      self.traces, counts = offpolicy_lib.select_traces(
+          offpolicy_lib.load_traces(self.offpolicy.specs, on_error=data.on_error),
+          min_trace_reward=self.offpolicy.min_trace_reward, reward=self.reward,
+          prompts=records)
+      logging.info("offpolicy traces: %s, for %d prompts", counts, self.traces.num_prompts)
+      if not counts["kept"]:
+        raise ValueError(f"offpolicy.traces={self.offpolicy.traces!r}: no trace is left "
+                         f"({counts}); lower offpolicy.min_trace_reward or check the file")
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
                                                   on_error=data.on_error)
                          if data.eval_sources else [])
@@ -273,6 +303,12 @@ class Learner:
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
+      if self.traces is not None:   # LUFFY: traces replace members before the rewards
+        rollouts = offpolicy_lib.mix_traces(
+            rollouts, self.traces, per_group=self.offpolicy.per_group,
+            rng=np.random.default_rng([self.run.seed, step, rounds, jax.process_index()]),
+            tokenizer=self.tokenizer, stop_ids=self.stop_ids,
+            max_new_tokens=self.rollout.max_new_tokens)
       if on_rollouts is not None and not rl.dynamic_sampling:
         on_rollouts(rollouts)
       t_reward = time.perf_counter()
@@ -330,17 +366,26 @@ class Learner:
       srl_lib.mask_after_first_step(mask, rollouts.prompt_ids, rollouts.completion_ids,
                                     self.tokenizer, require_think=self.srl_require_think)
     gaps: dict[str, float] = {}
+    off = offpolicy_lib.is_trace_row(rollouts)
     if self.rescore:
       old_lp = multihost.to_host(old_logprobs)       # this process's rows
-      diff = np.abs(old_lp - sampler_logprobs * mask) * mask
+      sampled = mask * ~off[:, None]                 # a trace's log-probs are another model's
+      diff = np.abs(old_lp - sampler_logprobs * sampled) * sampled
       gaps["logprob_gap_sampler_trainer"] = float(multihost.global_max(
-          float(diff.max()) if mask.any() else 0.0))
+          float(diff.max()) if sampled.any() else 0.0))
       gaps["logprob_gap_mean"] = (float(multihost.global_sum(float(diff.sum())))
-                                  / max(float(multihost.global_sum(float(mask.sum()))), 1.0))
+                                  / max(float(multihost.global_sum(float(sampled.sum()))), 1.0))
+      if self.traces is not None:
+        gaps.update(self._offpolicy_metrics(old_lp, sampler_logprobs, mask, off))
+        # LUFFY: a trace token's "old" log-prob is log pi_phi, the trace model's (0 = log 1
+        # where the file has none, the paper's pi_phi = 1).
+        old_lp = np.where(off[:, None], sampler_logprobs * mask, old_lp).astype(np.float32)
     else:
       # The update's own forward pass (with the behaviour params) measures the gap.
       old_lp = (sampler_logprobs * mask).astype(np.float32)
     batch["old_logprobs"] = old_lp
+    if self.traces is not None:
+      batch["off_policy"] = off.astype(np.float32)
     if ref_logprobs is not None:
       batch["ref_logprobs"] = multihost.to_host(ref_logprobs)
     if self.objective == "ppo":
@@ -362,6 +407,8 @@ class Learner:
     t3 = time.perf_counter()
 
     n_tokens = max(sums.get("tokens", 0.0), 1.0)
+    # The clip and the KL to pi_old concern sampled tokens only (LUFFY's traces have neither).
+    n_sampled = max(sums.get("tokens", 0.0) - sums.get("off_tokens", 0.0), 1.0)
     lengths = np.array([len(c) - m.sum() for c, m in zip(rollouts.completion_ids,
                                                          rollouts.tool_mask)], np.float32)
     # Logged over the global batch: every process's rows.
@@ -376,8 +423,8 @@ class Learner:
         **{f"reward/{k}_std": float(v.std()) for k, v in components.items()},
         **stats,
         "loss": sums["loss_sum"] / max(sums["weight"], 1.0),
-        "clip_fraction": sums.get("clipped", 0.0) / n_tokens,
-        "approx_kl": sums.get("approx_kl", 0.0) / n_tokens,
+        "clip_fraction": sums.get("clipped", 0.0) / n_sampled,
+        "approx_kl": sums.get("approx_kl", 0.0) / n_sampled,
         "entropy": sums.get("entropy", 0.0) / n_tokens,
         "response_length": float(lengths.mean()),
         "truncated_fraction": float(truncated.mean()),
@@ -398,6 +445,24 @@ class Learner:
     if "learning_rate" in sums:
       metrics["learning_rate"] = sums["learning_rate"]
     return metrics
+
+  def _offpolicy_metrics(self, policy_lp: np.ndarray, behaviour_lp: np.ndarray,
+                         mask: np.ndarray, off: np.ndarray) -> dict[str, float]:
+    """LUFFY's mix over the global batch: the off-policy share of the rows, and the shaped
+    importance weights f(pi_theta / pi_phi) of the trace tokens at the step's params."""
+    weights = offpolicy_lib.shaped_weights(policy_lp, behaviour_lp, mask * off[:, None],
+                                           self.offpolicy.gamma)
+    n = float(multihost.global_sum(float(weights.size)))
+    out = {"offpolicy_fraction": (float(multihost.global_sum(float(off.sum())))
+                                  / max(float(multihost.global_sum(float(off.size))), 1.0))}
+    if n:
+      out.update({
+          "importance_weight_mean": float(multihost.global_sum(float(weights.sum()))) / n,
+          "importance_weight_max": float(multihost.global_max(
+              float(weights.max()) if weights.size else 0.0)),
+          "importance_weight_min": -float(multihost.global_max(
+              -float(weights.min()) if weights.size else -1.0))})
+    return out
 
   def _dispatch_scoring(self, rollouts: rollout_lib.Rollouts) -> tuple:
     """The train batch of `rollouts` and the trainer's (and reference's) scoring of it,

@@ -29,6 +29,13 @@ as the paper does (§3.2).
 The mixer's filter (`select_traces`): a trace whose reward (given, or computed with the
 run's reward function) is below `min_trace_reward` is dropped and counted: LUFFY guides with
 correct solutions, and a wrong one would get a positive advantage in a group that fails.
+
+In a run (`OffPolicyConfig`, config.offpolicy; rl/learner.py), `mix_traces` replaces up to
+`per_group` sampled members of each group by traces of its prompt, as rollout rows marked
+by their stop reason (`is_trace_row`), before the rewards: the run's reward function scores
+them like any completion and the advantages are over the mixed group (§3.1). The sampler
+still draws all G members (the replaced ones are wasted decode work; cheap next to the
+update at these group sizes).
 """
 
 from __future__ import annotations
@@ -44,12 +51,48 @@ from typing import Any
 
 import numpy as np
 
-from wakea_jax.data import sources
+from wakea_jax.data import chat, sources
 from wakea_jax.data.records import type_name
+from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.objectives.offpolicy import OffPolicyLossConfig
 from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl.samples import Sample
 
 TRACE_FIELDS = ("trace", "logprobs", "reward")
+# A trace row's stop reason: how the learner tells trace rows from sampled ones (it travels
+# with the rows through Rollouts.select / concat like every other per-row field).
+TRACE_STOP_REASON = "off_policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class OffPolicyConfig:
+  """config.offpolicy: LUFFY's mix of off-policy traces into GRPO groups (arXiv 2504.14945)."""
+
+  traces: str = ""                 # trace source spec(s), comma-separated; "" turns LUFFY off
+  per_group: int = 1               # group members replaced by traces when the prompt has some
+  gamma: float = 0.1               # policy shaping f(x) = x / (x + gamma), §3.2
+  # Traces whose reward (the file's, or the run's reward function's) is below this are
+  # dropped at load; None keeps every trace.
+  min_trace_reward: float | None = None
+
+  def __post_init__(self) -> None:
+    OffPolicyLossConfig(self.gamma)   # validates gamma
+    if self.per_group < 1:
+      raise ValueError(f"offpolicy.per_group must be >= 1, got {self.per_group}")
+    if self.min_trace_reward is not None and not _finite(self.min_trace_reward):
+      raise ValueError(f"offpolicy.min_trace_reward must be a finite number or None, got "
+                       f"{self.min_trace_reward!r}")
+
+  @property
+  def enabled(self) -> bool:
+    """Whether traces are mixed in at all."""
+    return bool(self.traces.strip())
+
+  @property
+  def specs(self) -> list[str]:
+    """The trace source specs."""
+    return [spec.strip() for spec in self.traces.split(",") if spec.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,3 +277,69 @@ def select_traces(traces: Sequence[Trace], *, min_trace_reward: float | None = N
     counts["unmatched"] = sum(t.key not in run_answers for t in traces)
   counts["kept"] = len(traces)
   return TraceIndex(traces), counts
+
+
+def trace_completion(trace: Trace, prompt: prompts_lib.PromptRecord, tokenizer: Tokenizer,
+                     prompt_ids: Sequence[int] | None = None) -> list[int]:
+  """The trace's completion ids as a rollout of `prompt` would hold them: the run prompt's
+  chat rendering followed by the trace as the assistant's reply, cut after its last trained
+  token (the end-of-turn id a sampled completion stops at)."""
+  prompt_ids = list(prompt.render(tokenizer) if prompt_ids is None else prompt_ids)
+  rendered = chat.render([*prompt.messages, {"role": "assistant", "content": trace.text}],
+                         tokenizer)
+  ids, trained = rendered.input_ids.tolist(), rendered.loss_mask.tolist()
+  if ids[:len(prompt_ids)] != prompt_ids or 1 not in trained[len(prompt_ids):]:
+    raise ValueError(f"{trace.origin}: the prompt's chat rendering is not a prefix of the "
+                     "rendering with the trace as the reply; this chat template cannot take "
+                     "off-policy traces")
+  end = len(trained) - trained[::-1].index(1)
+  return ids[len(prompt_ids):end]
+
+
+def mix_traces(rollouts: rollout_lib.Rollouts, index: TraceIndex, *, per_group: int,
+               rng: np.random.Generator, tokenizer: Tokenizer, stop_ids: Sequence[int],
+               max_new_tokens: int) -> rollout_lib.Rollouts:
+  """LUFFY's mixed groups: in each group whose prompt has traces, its last k = min(per_group,
+  traces) sampled members are replaced by k traces (stop reason TRACE_STOP_REASON; their
+  `sampler_logprobs` are the trace's behaviour log-probs, 0 = log 1 without them). A trace
+  longer than `max_new_tokens` is cut there, as a sampled completion would be."""
+  g = rollouts.group_size
+  fields = {f.name: list(getattr(rollouts, f.name)) for f in dataclasses.fields(rollouts)
+            if f.name != "group_size"}
+  for group in range(rollouts.num_groups):
+    first = group * g
+    prompt = rollouts.prompts[first]
+    picked = index.pick(prompt, min(per_group, g), rng)
+    for j, trace in enumerate(picked):
+      row = first + g - len(picked) + j
+      ids = trace_completion(trace, prompt, tokenizer, rollouts.prompt_ids[row])
+      check_logprobs(trace, len(ids))
+      behaviour = np.zeros(len(ids), np.float32) if trace.logprobs is None else np.asarray(
+          trace.logprobs, np.float32)
+      ids, behaviour = ids[:max_new_tokens], behaviour[:max_new_tokens]
+      fields["completion_ids"][row] = ids
+      fields["sampler_logprobs"][row] = behaviour
+      fields["tool_mask"][row] = np.zeros(len(ids), np.int32)
+      fields["num_tool_calls"][row] = 0
+      fields["tool_errors"][row] = 0
+      fields["stop_reason"][row] = TRACE_STOP_REASON
+      fields["texts"][row] = tokenizer.decode(ids)
+      fields["finals"][row] = tokenizer.decode(rollout_lib.final_turn(ids, [0] * len(ids),
+                                                                      stop_ids))
+  return rollout_lib.Rollouts(**fields, group_size=g)
+
+
+def is_trace_row(rollouts: rollout_lib.Rollouts) -> np.ndarray:
+  """bool [rows]: which rows are off-policy traces."""
+  return np.array([r == TRACE_STOP_REASON for r in rollouts.stop_reason], bool)
+
+
+def shaped_weights(logprobs: np.ndarray, behaviour_logprobs: np.ndarray, mask: np.ndarray,
+                   gamma: float) -> np.ndarray:
+  """LUFFY's shaped weights f(pi_theta / pi_phi), f(x) = x / (x + gamma), of the `mask`ed
+  tokens (flat; host-side, from the trainer's scoring of the trace rows)."""
+  valid = np.asarray(mask) > 0
+  log_ratio = np.asarray(logprobs, np.float64)[valid] - np.asarray(behaviour_logprobs,
+                                                                   np.float64)[valid]
+  # f = 1 / (1 + gamma / x), overflow-free in both directions.
+  return 1.0 / (1.0 + gamma * np.exp(np.clip(-log_ratio, -700.0, 700.0)))

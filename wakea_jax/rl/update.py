@@ -2,7 +2,8 @@
 
 The loss functions have the train step's signature `loss_fn(model, batch, rng) ->
 (loss_sum, sums)` (see train/step.py) and wrap the pure objectives in
-`objectives/grpo.py` and `objectives/ppo.py`. A batch comes from `rollout.to_batch` plus:
+`objectives/grpo.py`, `objectives/offpolicy.py` (LUFFY) and `objectives/ppo.py`. A batch
+comes from `rollout.to_batch` plus:
 
   old_logprobs [b, t]   log-probs of the behaviour policy (the params that sampled): as the
                         trainer computes them (`make_score_fn`), or the sampler's own when
@@ -10,6 +11,7 @@ The loss functions have the train step's signature `loss_fn(model, batch, rng) -
                         sampler/trainer gap is measured, not assumed away
   advantages   [b] or [b, t]
   ref_logprobs [b, t]   only when a KL term is on
+  off_policy   [b]      LUFFY only: 1 on off-policy trace rows
   old_values, returns [b, t]   PPO only
 """
 
@@ -26,6 +28,7 @@ from jax import Array
 
 from wakea_jax.models import scoring
 from wakea_jax.objectives import grpo as grpo_lib
+from wakea_jax.objectives import offpolicy as offpolicy_lib
 from wakea_jax.objectives import ppo as ppo_lib
 
 
@@ -59,6 +62,25 @@ def policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
   loss_sum, sums = grpo_lib.policy_loss(scores.logprobs, batch["old_logprobs"], batch["advantages"],
                                         mask, loss_config, ref_logprobs=batch.get("ref_logprobs"))
   return loss_sum, {**sums, **_common_sums(scores, batch)}
+
+
+def mixed_policy_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,
+                         loss_config: grpo_lib.LossConfig,
+                         offpolicy_config: offpolicy_lib.OffPolicyLossConfig,
+                         chunk_tokens: int | None = None, vocab_limit: int | None = None
+                         ) -> tuple[Array, dict[str, Array]]:
+  """LUFFY's mixed-policy loss (objectives/offpolicy.py): rows with batch["off_policy"] [b]
+  set are traces, whose `old_logprobs` are the trace model's (0 where unknown)."""
+  del rng
+  scores = _forward(model, batch, chunk_tokens, vocab_limit)
+  mask, off = batch["loss_mask"], batch["off_policy"]
+  loss_sum, sums = offpolicy_lib.mixed_policy_loss(
+      scores.logprobs, batch["old_logprobs"], batch["advantages"], mask, off, loss_config,
+      offpolicy_config, ref_logprobs=batch.get("ref_logprobs"))
+  # The sampler-trainer gap is a property of sampled rows; a trace's "old" log-probs are
+  # another model's.
+  on_batch = {**batch, "loss_mask": mask * (1.0 - off.astype(mask.dtype))[:, None]}
+  return loss_sum, {**sums, **_common_sums(scores, on_batch)}
 
 
 def ppo_loss_fn(model: nnx.Module, batch: dict[str, Array], rng: Array, *,

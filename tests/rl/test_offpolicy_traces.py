@@ -1,16 +1,23 @@
-"""Off-policy trace records (rl/offpolicy.py): schema, errors, keys, picking and the filter."""
+"""LUFFY traces (rl/offpolicy.py): schema, errors, keys, the filter, mixing into groups,
+and two learner steps end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import numpy as np
 import pytest
 
+from wakea_jax import trainers
+from wakea_jax.config_files import get_config
+from wakea_jax.data.chat import chat_stop_ids
+from wakea_jax.data.tokenizer import default_tokenizer
 from wakea_jax.rl import offpolicy as op
 from wakea_jax.rl import rewards as rewards_lib
-from wakea_jax.rl.prompts import to_prompt_record
+from wakea_jax.rl import rollout as rollout_lib
+from wakea_jax.rl.prompts import load_prompts, to_prompt_record
 
 GOOD = [
     {"prompt": "Solve 2x + 3 = 7.", "trace": "2x = 4, so <answer>2</answer>", "reward": 1.0,
@@ -116,3 +123,99 @@ def test_min_trace_reward_uses_given_or_computed_rewards(tmp_path) -> None:
     op.select_traces(traces, min_trace_reward=0.5)
   with pytest.raises(ValueError, match=r"first at .*traces\.jsonl:2.*needs an answer"):
     op.select_traces(traces, min_trace_reward=0.5, reward=reward)
+
+
+def _rollouts(prompts, tokenizer, g=3):
+  rows = [p for p in prompts for _ in range(g)]
+  ids = [p.render(tokenizer) for p in rows]
+  n = len(rows)
+  return rollout_lib.Rollouts(
+      prompts=rows, prompt_ids=ids, completion_ids=[[5, 6]] * n,
+      sampler_logprobs=[np.full(2, -1.0, np.float32)] * n,
+      tool_mask=[np.zeros(2, np.int32)] * n, num_tool_calls=[0] * n, stop_reason=["stop"] * n,
+      texts=["x"] * n, finals=["x"] * n, tool_errors=[0] * n, group_size=g)
+
+
+def test_mix_traces_replaces_the_last_members_as_rollouts(tmp_path) -> None:
+  tokenizer = default_tokenizer()
+  prompts = [to_prompt_record({"prompt": "What is 3 * 4?", "answer": "12"}, "run:1"),
+             to_prompt_record({"prompt": "unknown", "answer": "1"}, "run:2")]
+  trace = op.load_traces(str(_write(tmp_path, [GOOD[1]])))[0]
+  ids = op.trace_completion(trace, prompts[0], tokenizer)
+  # The completion is the reply as the chat renders it, ending at the end-of-turn id a
+  # sampled completion stops at; the prompt's rendering is its prefix.
+  assert tokenizer.decode(ids).startswith("<answer>12</answer>") and ids[-1] in chat_stop_ids(
+      tokenizer)
+  with_lp = dataclasses.replace(trace, logprobs=tuple(-0.25 for _ in ids))
+  for t, behaviour in ((with_lp, -0.25), (dataclasses.replace(trace, logprobs=None), 0.0)):
+    mixed = op.mix_traces(_rollouts(prompts, tokenizer), op.TraceIndex([t]), per_group=2,
+                          rng=np.random.default_rng(0), tokenizer=tokenizer,
+                          stop_ids=chat_stop_ids(tokenizer), max_new_tokens=64)
+    # One trace for prompt 0 replaces its last member; prompt 1 has none.
+    np.testing.assert_array_equal(op.is_trace_row(mixed), [0, 0, 1, 0, 0, 0])
+    assert mixed.completion_ids[2] == ids and mixed.completion_ids[1] == [5, 6]
+    np.testing.assert_array_equal(mixed.sampler_logprobs[2], np.full(len(ids), behaviour))
+    assert mixed.samples()[2].final == "<answer>12</answer>"
+  cut = op.mix_traces(_rollouts(prompts, tokenizer), op.TraceIndex([with_lp]), per_group=1,
+                      rng=np.random.default_rng(0), tokenizer=tokenizer,
+                      stop_ids=chat_stop_ids(tokenizer), max_new_tokens=3)
+  assert cut.completion_ids[2] == ids[:3] and len(cut.sampler_logprobs[2]) == 3
+  bad = dataclasses.replace(trace, logprobs=(-1.0,))
+  with pytest.raises(ValueError, match=r"traces\.jsonl:1: field 'logprobs' has 1 entries"):
+    op.mix_traces(_rollouts(prompts, tokenizer), op.TraceIndex([bad]), per_group=1,
+                  rng=np.random.default_rng(0), tokenizer=tokenizer,
+                  stop_ids=chat_stop_ids(tokenizer), max_new_tokens=64)
+
+
+def test_shaped_weights_on_the_host() -> None:
+  lp = np.log(np.array([[0.5, 0.05, 1e-30]]))
+  mask = np.array([[1, 1, 0]])
+  np.testing.assert_allclose(op.shaped_weights(lp, np.zeros_like(lp), mask, 0.1),
+                             [0.5 / 0.6, 0.05 / 0.15])
+  assert op.shaped_weights(lp, np.full_like(lp, -800.0), np.ones_like(mask), 0.1).max() == 1.0
+
+
+@pytest.mark.parametrize("kwargs, field", [({"per_group": 0}, "per_group"),
+                                           ({"gamma": 0.0}, "gamma"),
+                                           ({"min_trace_reward": float("inf")},
+                                            "min_trace_reward")])
+def test_invalid_offpolicy_config(kwargs, field) -> None:
+  with pytest.raises(ValueError, match=field):
+    op.OffPolicyConfig(**kwargs)
+
+
+def test_luffy_end_to_end_two_steps(tmp_path) -> None:
+  config = get_config("grpo:test", **{"data.eval_sources": ""})
+  tokenizer = default_tokenizer()
+  records = []
+  for i, p in enumerate(load_prompts(config.data.sources)):
+    record = {"messages": [dict(m) for m in p.messages], "trace": f"<answer>{p.answer}</answer>"}
+    if i % 2:   # half with the trace model's log-probs, one per token of the run tokenizer
+      n = len(op.trace_completion(op.to_trace(record, "x"), p, tokenizer))
+      record["logprobs"] = [-0.3] * n
+    records.append(record)
+  records.append({**records[0], "trace": "<answer>wrong</answer>"})   # dropped by the filter
+  config.offpolicy.update(traces=str(_write(tmp_path, records)), per_group=1,
+                          min_trace_reward=0.5)
+  learner = trainers.make_learner(config, tmp_path / "run")
+  assert len(learner.traces) == len(records) - 1
+  batches = []
+  update = learner._update
+  learner._update = lambda batch, step: batches.append(batch) or update(batch, step)
+  # Two RL steps (rollout, mix, reward, score, update) without the loop's checkpoints.
+  last = [learner.step(step) for step in (1, 2)][-1]
+  old = []
+  for batch in batches:
+    off = batch["off_policy"] > 0
+    np.testing.assert_array_equal(off, np.arange(len(off)) % 4 == 3)   # each group's last
+    old.append(batch["old_logprobs"][off][batch["loss_mask"][off] > 0])
+  # A trace's old log-probs are the file's (-0.3) or 0 (pi_phi = 1), never the policy's.
+  old = np.concatenate(old)
+  from_file, unknown = np.isclose(old, -0.3), old == 0
+  assert np.all(from_file | unknown) and from_file.any() and unknown.any()
+  # One of the 4 members of every group is a trace; each earns the full reward.
+  assert last["offpolicy_fraction"] == 0.25 and last["reward_mean"] >= 0.25
+  w = [last[f"importance_weight_{k}"] for k in ("min", "mean", "max")]
+  assert 0 < w[0] <= w[1] <= w[2] < 1 and np.isfinite(last["loss"])
+  # The sampler-trainer gap is over sampled rows only (a trace's log-probs are not ours).
+  assert last["logprob_gap_mean"] < 1e-4
