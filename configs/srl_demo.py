@@ -101,8 +101,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
   config.seeds = (0,)
   config.expert_problems = 16
   config.eval_problems = 8
-  config.tokenizer_vocab = 320
-  config.tokenizer_problems = 200
+  config.tokenizer_vocab = 0        # the bundled tokenizer: no training in the test
   common.shrink_model_for_tests(config.base.model, max_seq_len=512)
   config.sft.model = config.base.model
   for stage in (config.base, config.sft):

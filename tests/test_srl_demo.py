@@ -1,8 +1,9 @@
 """The SRL demonstration's pipeline end to end, shrunk (configs/srl_demo.py:test).
 
 This checks the plumbing: every stage trains from the right model on the right data, every
-row is scored on the same held-out problems, the table, the curves and a re-run that skips
-finished stages. The learning figures come from the full run documented in the README.
+row is scored on the same held-out problems, the table and the curves. (Skipping finished
+stages is the trainers' resume, tested with them; re-scoring five models here would double
+this test's time.) The learning figures come from the full run documented in the README.
 """
 
 import json
@@ -52,7 +53,3 @@ def test_srl_demo_pipeline(tmp_path, capsys):
   assert "| SRL -> RLVR | 0 |" in table and "targets:" in table
   assert "| SRL -> RLVR | 0 |" in capsys.readouterr().out
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
-  # A re-run trains nothing again: every stage's last checkpoint is reused.
-  mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.jsonl")}
-  srl_demo.run(config, tmp_path)
-  assert {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.jsonl")} == mtimes
