@@ -24,14 +24,12 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
 from wakea_jax import config_lib, logs, plots, trainers
@@ -39,13 +37,11 @@ from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data.tasks import multihop as task
 from wakea_jax.data.tasks.multihop_kb import KBConfig
-from wakea_jax.data.tokenizer import DEFAULT_CORPUS_PATH, tokenizer_from
-from wakea_jax.data.train_tokenizer import DEFAULT_USER_DEFINED_SYMBOLS, train_sentencepiece
+from wakea_jax.data.train_tokenizer import DEFAULT_USER_DEFINED_SYMBOLS, train_task_tokenizer
+from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import search_rewards
-from wakea_jax.rl.rollout import generate_rollouts
-from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.toolbox import multihop
 
 EXPORT = loader.RUN_EXPORT
@@ -142,29 +138,25 @@ def _tokenizer(config: ml_collections.ConfigDict, files: Sequence[pathlib.Path],
   dialogues and the KB documents (deterministic: one thread, fixed input order)."""
   if not config.tokenizer_vocab:
     return ""
-  model = workdir / "tokenizer.model"
-  if model.exists():
-    return str(model)
-  text = workdir / "data" / "tokenizer_corpus.txt"
-  lines: list[str] = list(task.SYSTEMS.values())
-  for path in files:
-    with open(path, encoding="utf-8") as f:
-      for row in f:
-        record = json.loads(row)
-        for message in record.get("messages", [record]):   # a dialogue or a KB document
-          lines += message.get("content", message.get("text", "")).split("\n")
-  text.write_text("\n".join(line for line in lines if line.strip()) + "\n", encoding="utf-8")
-  prefix = workdir / "tokenizer_tmp"
+
+  def lines() -> Iterator[str]:
+    yield from task.SYSTEMS.values()
+    for path in files:
+      with open(path, encoding="utf-8") as f:
+        for row in f:
+          record = json.loads(row)
+          for message in record.get("messages", [record]):   # a dialogue or a KB document
+            yield from message.get("content", message.get("text", "")).split("\n")
+
   # The space is a piece of its own, never merged into a word: a name then has the same
   # pieces after a space, a newline or a tag ("<search>Pojous", "<answer>Kraitrubri"), so
   # copying it is a token-for-token copy. With spaces merged (" Pojous" -> " P","oj","ous"
   # but "Pojous" -> "P","oj","ous") the SFT model had not learnt to copy unseen names after
   # 800 steps (0% on held-out questions). It costs ~34% more tokens per dialogue.
-  trained = train_sentencepiece([str(DEFAULT_CORPUS_PATH), str(text)], prefix,
-                                int(config.tokenizer_vocab),
-                                user_defined_symbols=(*DEFAULT_USER_DEFINED_SYMBOLS, "\u2581"))
-  os.replace(trained, model)
-  return str(model)
+  return str(train_task_tokenizer(lines(), workdir / "tokenizer.model",
+                                  int(config.tokenizer_vocab),
+                                  corpus_path=workdir / "data" / "tokenizer_corpus.txt",
+                                  user_defined_symbols=(*DEFAULT_USER_DEFINED_SYMBOLS, "\u2581")))
 
 
 # The settings the files of `prepare` depend on: a workdir prepared with other values is
@@ -218,17 +210,11 @@ def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prom
   `protocol` ("" answers at once): accuracy (exact match), searches per answer, model
   tokens per answer and, for R-Search, the three reward components."""
   start = time.perf_counter()
-  model = loader.load_model(model_dir)
-  graphdef, params = nnx.split(model)
-  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(model_dir))
-  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
-                         model_source=f"the model {model_dir}")
   rl_config = rl_config.copy_and_resolve_references()
-  rl_config.rollout.update(group_size=1, protocol=protocol, index=index if protocol else "")
-  rollout = config_lib.section(rl_config, "rollout")
-  prompts = prompts_lib.load_prompts(prompts_spec)
-  out = generate_rollouts(sampler, params, prompts, tokenizer=tokenizer, config=rollout,
-                          rng=jax.random.key(seed))
+  rl_config.rollout.update(protocol=protocol, index=index if protocol else "")
+  out = eval_lib.greedy_rollouts(model_dir, prompts_lib.load_prompts(prompts_spec),
+                                 rollout=config_lib.section(rl_config, "rollout"),
+                                 tokenizer_path=tokenizer_path, seed=seed)
   samples = out.samples()
   correct = np.asarray(rewards_lib.correctness_reward("search_r1_em")(samples)) > 0.5
   result: dict[str, Any] = {

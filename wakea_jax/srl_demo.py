@@ -17,17 +17,14 @@ goes to stdout, results.md and results.json; the RL curves to curves.png.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
 from wakea_jax import config_lib, logs, plots, trainers
@@ -35,14 +32,12 @@ from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data import trajectories as trajectories_lib
 from wakea_jax.data.tasks import equations
-from wakea_jax.data.tokenizer import DEFAULT_CORPUS_PATH, tokenizer_from
-from wakea_jax.data.train_tokenizer import train_sentencepiece
+from wakea_jax.data.train_tokenizer import train_task_tokenizer
 from wakea_jax.rl import collaboration
+from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl.judge import LLMJudge
-from wakea_jax.rl.rollout import generate_rollouts
-from wakea_jax.sampling.sampler import chat_sampler
 
 EXPORT = loader.RUN_EXPORT
 FLAGS = flags.FLAGS
@@ -76,23 +71,19 @@ def task_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   text; never the held-out problems); "" with tokenizer_vocab 0 (the bundled tokenizer)."""
   if not config.tokenizer_vocab:
     return ""
-  model = workdir / "tokenizer.model"
-  if model.exists():
-    return str(model)
-  s = specs(config)
-  lines = [equations.SYSTEM]
-  for spec in (s["base"], s["expert"]):
-    _, n, seed, options = _parsed(spec)
-    for record in equations.generate(min(n, int(config.tokenizer_problems)), seed, **options):
-      for message in record["messages"]:
-        lines += message["content"].split("\n")
-  workdir.mkdir(parents=True, exist_ok=True)
-  text = workdir / "tokenizer_corpus.txt"
-  text.write_text("\n".join(line for line in lines if line.strip()) + "\n", encoding="utf-8")
-  trained = train_sentencepiece([str(DEFAULT_CORPUS_PATH), str(text)], workdir / "tokenizer_tmp",
-                                int(config.tokenizer_vocab))
-  os.replace(trained, model)
-  return str(model)
+
+  def lines() -> Iterator[str]:
+    yield equations.SYSTEM
+    s = specs(config)
+    for spec in (s["base"], s["expert"]):
+      _, n, seed, options = _parsed(spec)
+      for record in equations.generate(min(n, int(config.tokenizer_problems)), seed, **options):
+        for message in record["messages"]:
+          yield from message["content"].split("\n")
+
+  return str(train_task_tokenizer(lines(), workdir / "tokenizer.model",
+                                  int(config.tokenizer_vocab),
+                                  corpus_path=workdir / "tokenizer_corpus.txt"))
 
 
 def _parsed(spec: str) -> tuple[str, int, int, dict[str, int]]:
@@ -105,16 +96,10 @@ def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prom
   fraction of solutions whose every step is valid and whose answer follows from them
   (`equations.first_error` is None), the fraction with an <answer>, and steps per solution."""
   start = time.perf_counter()
-  model = loader.load_model(model_dir)
-  graphdef, params = nnx.split(model)
-  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(model_dir))
-  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
-                         model_source=f"the model {model_dir}")
-  rl_config = rl_config.copy_and_resolve_references()
-  rl_config.rollout.group_size = 1
   prompts = prompts_lib.load_prompts(prompts_spec)
-  out = generate_rollouts(sampler, params, prompts, tokenizer=tokenizer,
-                          config=config_lib.section(rl_config, "rollout"), rng=jax.random.key(0))
+  out = eval_lib.greedy_rollouts(model_dir, prompts,
+                                 rollout=config_lib.section(rl_config, "rollout"),
+                                 tokenizer_path=tokenizer_path)
   samples = out.samples()
   correct = np.asarray(rewards_lib.correctness_reward("math")(samples)) > 0.5
   valid, steps, answered = [], [], []

@@ -307,6 +307,28 @@ def test_train_sentencepiece_small_unigram(tmp_path: Path) -> None:
     assert tok.encode(token) == [tok.special_ids[token]]
 
 
+def test_train_task_tokenizer_trains_once_on_the_bundled_corpus_plus_lines(tmp_path: Path
+                                                                          ) -> None:
+  lines = ["Zorava Kelt works for Dolvex Institute.", "   ", "Step 1: 3x = 9"]
+  model = train_tokenizer.train_task_tokenizer(iter(lines), tmp_path / "tokenizer.model", 1024,
+                                               corpus_path=tmp_path / "data" / "corpus.txt")
+  assert model == tmp_path / "tokenizer.model" and not (tmp_path / "tokenizer_tmp.model").exists()
+  assert (tmp_path / "data" / "corpus.txt").read_text() == (
+      "Zorava Kelt works for Dolvex Institute.\nStep 1: 3x = 9\n")
+  same = train_tokenizer.train_sentencepiece(
+      [DEFAULT_CORPUS_PATH, tmp_path / "data" / "corpus.txt"], tmp_path / "direct", 1024)
+  assert model.read_bytes() == same.read_bytes()
+
+  def never_read():
+    raise AssertionError("the lines of an existing tokenizer must not be read")
+    yield ""
+
+  before = model.read_bytes()
+  assert train_tokenizer.train_task_tokenizer(
+      never_read(), model, 1024, corpus_path=tmp_path / "data" / "corpus.txt") == model
+  assert model.read_bytes() == before
+
+
 def test_train_sentencepiece_errors(tmp_path: Path) -> None:
   with pytest.raises(FileNotFoundError, match="missing.txt"):
     train_tokenizer.train_sentencepiece([tmp_path / "missing.txt"], tmp_path / "x")

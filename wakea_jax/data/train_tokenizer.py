@@ -26,12 +26,12 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
-from wakea_jax.data.tokenizer import CHAT_SPECIAL_TOKENS
+from wakea_jax.data.tokenizer import CHAT_SPECIAL_TOKENS, DEFAULT_CORPUS_PATH
 
 DEFAULT_USER_DEFINED_SYMBOLS: tuple[str, ...] = (*CHAT_SPECIAL_TOKENS, "\n")
 MODEL_TYPES = ("bpe", "unigram")
@@ -117,6 +117,32 @@ def train_sentencepiece(
                  for i in range(sp.get_piece_size()))
   out_prefix.with_name(out_prefix.name + ".vocab").write_text("".join(vocab_lines),
                                                               encoding="utf-8")
+  return model_path
+
+
+def train_task_tokenizer(
+    lines: Iterable[str],
+    model_path: str | os.PathLike[str],
+    vocab_size: int,
+    *,
+    corpus_path: str | os.PathLike[str],
+    user_defined_symbols: Sequence[str] = DEFAULT_USER_DEFINED_SYMBOLS,
+) -> Path:
+  """A task's tokenizer at `model_path`, trained once: on the bundled corpus plus the
+  non-blank `lines` (written, in order, to `corpus_path`). An existing `model_path` is
+  returned as it is and `lines` is not read, so a demonstration's re-run pays nothing; the
+  model appears atomically (trained under `<stem>_tmp`, then renamed)."""
+  model_path = Path(model_path)
+  if model_path.exists():
+    return model_path
+  corpus_path = Path(corpus_path)
+  corpus_path.parent.mkdir(parents=True, exist_ok=True)
+  corpus_path.write_text("\n".join(line for line in lines if line.strip()) + "\n",
+                         encoding="utf-8")
+  trained = train_sentencepiece([str(DEFAULT_CORPUS_PATH), str(corpus_path)],
+                                model_path.with_name(model_path.stem + "_tmp"), vocab_size,
+                                user_defined_symbols=user_defined_symbols)
+  os.replace(trained, model_path)
   return model_path
 
 

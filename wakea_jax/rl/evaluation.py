@@ -26,7 +26,7 @@ from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, tokenizer_from
 from wakea_jax.parallel import multihost
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.rewards import correctness_reward
-from wakea_jax.rl.rollout import RolloutConfig, generate_rollouts, router_for
+from wakea_jax.rl.rollout import RolloutConfig, Rollouts, generate_rollouts, router_for
 from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling.sampler import Sampler, chat_sampler, check_vocab
 from wakea_jax.toolbox.router import Router
@@ -114,6 +114,23 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
   result["seconds"] = time.perf_counter() - start
   result["examples"] = list(zip(shown[:4], texts[:4]))
   return result
+
+
+def greedy_rollouts(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
+                    rollout: RolloutConfig, tokenizer_path: str = "", seed: int = 0
+                    ) -> Rollouts:
+  """One greedy completion per prompt from the model at `checkpoint`, sampled like `rollout`
+  (its protocol and tools included; one sampler call, on this process): the whole rollouts,
+  for the demonstrations that score more than correctness (searches per answer, valid steps).
+  `evaluate_checkpoint` is the figure of record for accuracy and pass@k."""
+  model = loader.load_model(checkpoint)
+  graphdef, params = nnx.split(model)
+  tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
+  sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
+                         model_source=f"the model {checkpoint}")
+  return generate_rollouts(sampler, params, prompts, tokenizer=tokenizer,
+                           config=dataclasses.replace(rollout, group_size=1),
+                           rng=jax.random.key(seed))
 
 
 def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
