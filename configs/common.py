@@ -100,6 +100,16 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   config.offpolicy = ml_collections.ConfigDict(dict(
       traces="", per_group=1, gamma=0.1,
       min_trace_reward=ml_collections.config_dict.placeholder(float)))
+  # ExGRPO (arXiv 2510.02245, rl/experience.py, rl/replay.py): successful rollouts are kept
+  # per prompt; once a step's accuracy exceeds start_accuracy and min_prompts prompts are
+  # replayable, floor(groups * replay_ratio) of each step's groups are replayed prompts
+  # (drawn by N(Acc; 0.5, priority_sigma) over their correctness rate Acc, low <= low_max <
+  # medium <= medium_max < high), each with one member replaced by its lowest-entropy stored
+  # trajectory, shaped with offpolicy.gamma. A prompt all-correct for retire_after visits in a
+  # row retires. With offpolicy.traces too (hybrid), the replay takes a member the traces left.
+  config.experience = ml_collections.ConfigDict(dict(
+      enabled=False, replay_ratio=0.5, low_max=0.25, medium_max=0.75, priority_sigma=1.0,
+      rate_window=1, retire_after=1, max_per_prompt=8, min_prompts=1, start_accuracy=0.35))
   config.optimizer.update(learning_rate=1e-4, warmup_steps=5, min_lr_ratio=1.0, b2=0.99,
                           weight_decay=0.0)
   config.export.hf = False

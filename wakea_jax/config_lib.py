@@ -13,6 +13,7 @@ below takes the dataclasses. A section and its dataclass share a name:
   config.preference  objectives.dpo.PreferenceConfig
   config.srl         rl.srl.SRLConfig
   config.offpolicy   rl.offpolicy.OffPolicyConfig (LUFFY)
+  config.experience  rl.experience.ExperienceConfig (ExGRPO)
 
 An unknown field is an error naming `config.<section>.<field>`, and so is a value the
 dataclass rejects.
@@ -36,6 +37,7 @@ from wakea_jax.objectives.ppo import PPOConfig
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.rl.collaboration import CollaborationConfig
 from wakea_jax.rl.evaluation import EvalConfig
+from wakea_jax.rl.experience import ExperienceConfig
 from wakea_jax.rl.judge import JudgeConfig
 from wakea_jax.rl.learner import RLConfig, RLRunConfig
 from wakea_jax.rl.offpolicy import OffPolicyConfig
@@ -61,6 +63,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "srl": SRLConfig,
     "offpolicy": OffPolicyConfig,
+    "experience": ExperienceConfig,
 }
 
 T = TypeVar("T")
@@ -158,7 +161,8 @@ def run_config(config: Config) -> RunConfig:
 
 
 def rl_run_config(config: Config) -> RLRunConfig:
-  """The RL sections (rl, rollout, loss, ppo, eval, reward, offpolicy) of an RL config."""
+  """The RL sections (rl, rollout, loss, ppo, eval, reward, offpolicy, experience) of an RL
+  config."""
   return RLRunConfig(
       rl=section(config, "rl"),
       rollout=section(config, "rollout"),
@@ -166,7 +170,9 @@ def rl_run_config(config: Config) -> RLRunConfig:
       ppo=section(config, "ppo") if "ppo" in config else None,
       eval=section(config, "eval"),
       reward=_plain(config["reward"]),
-      offpolicy=section(config, "offpolicy") if "offpolicy" in config else OffPolicyConfig())
+      offpolicy=section(config, "offpolicy") if "offpolicy" in config else OffPolicyConfig(),
+      experience=(section(config, "experience") if "experience" in config
+                  else ExperienceConfig()))
 
 
 def preference_config(config: Config) -> PreferenceConfig:

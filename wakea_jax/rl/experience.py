@@ -62,8 +62,9 @@ _STATE_FORMAT = 1
 @dataclasses.dataclass(frozen=True)
 class ExperienceConfig:
   """config.experience: ExGRPO's buffer and replay mix (defaults: arXiv 2510.02245 and the
-  authors' run script)."""
+  authors' run script). `enabled` turns replay on in the learner (rl/replay.py)."""
 
+  enabled: bool = False
   replay_ratio: float = 0.5      # rho: share of a step's groups replayed from the buffer
   low_max: float = 0.25          # Acc <= low_max: low bucket
   medium_max: float = 0.75       # low_max < Acc <= medium_max: medium; above: high

@@ -32,6 +32,14 @@ LUFFY (arXiv 2504.14945, `config.offpolicy`, rl/offpolicy.py): after sampling, u
 are over the mixed group; the trainer re-scores every row (for the importance-weight
 metrics), a trace's old log-probs are its file's (else 0: pi_phi = 1), and the loss is
 objectives/offpolicy.py's. Metrics: offpolicy_fraction, importance_weight_mean/max/min.
+ExGRPO (arXiv 2510.02245, `config.experience`, rl/experience.py and rl/replay.py): every
+step's sampled rows feed an experience buffer of successful trajectories per prompt; once
+replay has started, floor(groups * rho) of the step's groups are replayed prompts (in place
+of fresh ones: the rollout count is plain GRPO's), each rolled out on-policy with one member
+replaced by its stored lowest-entropy trajectory, an off-policy row with the stored behaviour
+log-probs as old log-probs and the same shaped loss. With traces too (hybrid), the traces
+take their `per_group` members and the replay the last one left. The buffer rides in the
+checkpoint with the prompt position (experience.WithExperience). Metrics: experience/*.
 Checkpoints hold the train state and the prompt iterator's position; the rollout RNG is
 derived from (seed, step), so a resumed run continues exactly. `config.train` sets the
 cadence (steps are RL steps), as for every other objective.
@@ -61,8 +69,10 @@ from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.parallel import multihost
 from wakea_jax.rl import advantages as adv_lib
 from wakea_jax.rl import evaluation as eval_lib
+from wakea_jax.rl import experience as experience_lib
 from wakea_jax.rl import offpolicy as offpolicy_lib
 from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import replay as replay_lib
 from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl import rollout as rollout_lib
 from wakea_jax.rl import srl as srl_lib
@@ -132,6 +142,7 @@ class RLRunConfig:
   reward: Mapping[str, Any] = dataclasses.field(
       default_factory=lambda: {"math": {"weight": 1.0}})   # rewards.build_reward spec
   offpolicy: offpolicy_lib.OffPolicyConfig = offpolicy_lib.OffPolicyConfig()   # LUFFY
+  experience: experience_lib.ExperienceConfig = experience_lib.ExperienceConfig()   # ExGRPO
 
 
 def _check(objective: str, rl_run: RLRunConfig) -> None:
@@ -140,6 +151,19 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
   if rl_run.offpolicy.enabled and objective != "grpo":
     raise ValueError(f"offpolicy.traces (LUFFY) mixes traces into GRPO groups: it needs "
                      f"objective 'grpo', got {objective!r}")
+  if rl_run.experience.enabled:
+    g = rl_run.rollout.group_size
+    if objective != "grpo":
+      raise ValueError(f"experience.enabled (ExGRPO) replays trajectories into GRPO groups: it "
+                       f"needs objective 'grpo', got {objective!r}")
+    # A replayed group keeps at least one sampled member: the prompt's correctness rate is
+    # measured on them, and a group of one off-policy row has no advantage.
+    traces = rl_run.offpolicy.per_group if rl_run.offpolicy.enabled else 0
+    if traces + 1 >= g:
+      raise ValueError(
+          f"experience.enabled: rollout.group_size={g} leaves no sampled member beside the "
+          f"replayed trajectory{f' and offpolicy.per_group={traces} traces' if traces else ''}"
+          f"; use rollout.group_size > {traces + 1}")
   if objective == "ppo":
     if rl_run.ppo is None:
       raise ValueError("objective 'ppo' needs the config.ppo section")
@@ -177,7 +201,8 @@ class Learner:
     if self.ppo_config is not None:
       self.loss_fn = functools.partial(update_lib.ppo_loss_fn, loss_config=rl_run.loss,
                                        ppo_config=self.ppo_config)
-    elif rl_run.offpolicy.enabled:
+    elif rl_run.offpolicy.enabled or rl_run.experience.enabled:
+      # Traces and replayed trajectories share LUFFY's shaping f(x) = x / (x + gamma).
       self.loss_fn = functools.partial(
           update_lib.mixed_policy_loss_fn, loss_config=rl_run.loss,
           offpolicy_config=offpolicy_loss_lib.OffPolicyLossConfig(rl_run.offpolicy.gamma))
@@ -209,12 +234,14 @@ class Learner:
     # so its log-probs are the behaviour policy's; re-scoring only buys the exact trainer
     # numbers (and PPO's values). With one, the trainer always re-scores.
     single_update = rl.num_iterations == 1 and rl.minibatches == 1
-    # LUFFY's traces were not sampled by this policy: the trainer scores them (for the
-    # importance-weight statistics; their old log-probs are the trace model's).
+    # LUFFY's traces and ExGRPO's replays were not sampled by this policy: the trainer scores
+    # them (for the importance-weight statistics; their old log-probs are their own).
     self.offpolicy = rl_run.offpolicy
+    self.experience = rl_run.experience
+    self.mixed = self.offpolicy.enabled or self.experience.enabled
     self.rescore = (self.ppo_config is not None or rl.old_logprobs == "trainer"
                     or bool(r.dtype) or (rl.old_logprobs == "auto" and not single_update)
-                    or self.offpolicy.enabled)
+                    or self.mixed)
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
     self.sampler = chat_sampler(self.rollout_model.graphdef, self.rollout_model.config,
                                 self.tokenizer,
@@ -256,6 +283,11 @@ class Learner:
       if not counts["kept"]:
         raise ValueError(f"offpolicy.traces={self.offpolicy.traces!r}: no trace is left "
                          f"({counts}); lower offpolicy.min_trace_reward or check the file")
+    self.buffer: experience_lib.ExperienceBuffer | None = None
+    if self.experience.enabled:   # one buffer per process, of the prompts it draws
+      self.buffer = experience_lib.ExperienceBuffer(
+          self.experience, seed=run.seed * 1_000_003 + jax.process_index())
+      self.prompt_index = replay_lib.prompt_index(records)
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
                                                   on_error=data.on_error)
                          if data.eval_sources else [])
@@ -299,7 +331,14 @@ class Learner:
     zero_groups = 0
     reward_s = 0.0
     while True:
-      prompts = self.prompts.take(need)
+      replays: list[experience_lib.Replay] = []
+      if self.buffer is not None and rounds == 0:
+        # ExGRPO: replayed prompts take the place of fresh ones (the same rollout count).
+        count = replay_lib.replay_count(self.buffer, quota, shards // processes)
+        replays = self.buffer.sample(count)
+        need -= len(replays) * processes
+      fresh = self.prompts.take(need)
+      prompts = fresh + replay_lib.replay_prompts(replays, self.prompt_index)
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
           rng=jax.random.fold_in(key, rounds), router=self.router)
@@ -309,10 +348,18 @@ class Learner:
             rng=np.random.default_rng([self.run.seed, step, rounds, jax.process_index()]),
             tokenizer=self.tokenizer, stop_ids=self.stop_ids,
             max_new_tokens=self.rollout.max_new_tokens)
+      if replays:   # after the traces: the replay takes the last member they left
+        rollouts = replay_lib.mix_replays(
+            rollouts, replays, len(fresh), tokenizer=self.tokenizer, stop_ids=self.stop_ids,
+            max_new_tokens=self.rollout.max_new_tokens)
       if on_rollouts is not None and not rl.dynamic_sampling:
         on_rollouts(rollouts)
       t_reward = time.perf_counter()
       total, components = self.reward(rollouts.samples(), step)
+      if self.buffer is not None:   # every round's sampled rows, dropped groups included
+        correct = np.asarray(self.correct(rollouts.samples())) >= 0.5
+        replay_lib.observe(self.buffer, rollouts, total, correct,
+                           replay_lib.is_offpolicy_row(rollouts), step=step)
       reward_s += time.perf_counter() - t_reward
       parts.append(rollouts)
       totals.append(np.asarray(total, np.float32))
@@ -366,7 +413,7 @@ class Learner:
       srl_lib.mask_after_first_step(mask, rollouts.prompt_ids, rollouts.completion_ids,
                                     self.tokenizer, require_think=self.srl_require_think)
     gaps: dict[str, float] = {}
-    off = offpolicy_lib.is_trace_row(rollouts)
+    off = replay_lib.is_offpolicy_row(rollouts)       # LUFFY's traces and ExGRPO's replays
     if self.rescore:
       old_lp = multihost.to_host(old_logprobs)       # this process's rows
       sampled = mask * ~off[:, None]                 # a trace's log-probs are another model's
@@ -375,16 +422,21 @@ class Learner:
           float(diff.max()) if sampled.any() else 0.0))
       gaps["logprob_gap_mean"] = (float(multihost.global_sum(float(diff.sum())))
                                   / max(float(multihost.global_sum(float(sampled.sum()))), 1.0))
-      if self.traces is not None:
+      if self.mixed:
         gaps.update(self._offpolicy_metrics(old_lp, sampler_logprobs, mask, off))
+        if self.buffer is not None:
+          gaps.update(self._offpolicy_metrics(old_lp, sampler_logprobs, mask,
+                                              replay_lib.is_replay_row(rollouts),
+                                              prefix="experience/"))
         # LUFFY: a trace token's "old" log-prob is log pi_phi, the trace model's (0 = log 1
-        # where the file has none, the paper's pi_phi = 1).
+        # where the file has none, the paper's pi_phi = 1); a replayed token's is the stored
+        # behaviour log-prob.
         old_lp = np.where(off[:, None], sampler_logprobs * mask, old_lp).astype(np.float32)
     else:
       # The update's own forward pass (with the behaviour params) measures the gap.
       old_lp = (sampler_logprobs * mask).astype(np.float32)
     batch["old_logprobs"] = old_lp
-    if self.traces is not None:
+    if self.mixed:
       batch["off_policy"] = off.astype(np.float32)
     if ref_logprobs is not None:
       batch["ref_logprobs"] = multihost.to_host(ref_logprobs)
@@ -444,23 +496,27 @@ class Learner:
       metrics["value_mse"] = sums["value_error"] / n_tokens
     if "learning_rate" in sums:
       metrics["learning_rate"] = sums["learning_rate"]
+    if self.buffer is not None:
+      metrics.update(replay_lib.metrics(self.buffer, rollouts))
     return metrics
 
   def _offpolicy_metrics(self, policy_lp: np.ndarray, behaviour_lp: np.ndarray,
-                         mask: np.ndarray, off: np.ndarray) -> dict[str, float]:
-    """LUFFY's mix over the global batch: the off-policy share of the rows, and the shaped
-    importance weights f(pi_theta / pi_phi) of the trace tokens at the step's params."""
+                         mask: np.ndarray, off: np.ndarray, prefix: str = ""
+                         ) -> dict[str, float]:
+    """The off-policy mix over the global batch: the `off` rows' share of the rows, and the
+    shaped importance weights f(pi_theta / pi_phi) of their tokens at the step's params
+    (every off-policy row, or with `prefix` "experience/" the replayed ones)."""
     weights = offpolicy_lib.shaped_weights(policy_lp, behaviour_lp, mask * off[:, None],
                                            self.offpolicy.gamma)
     n = float(multihost.global_sum(float(weights.size)))
-    out = {"offpolicy_fraction": (float(multihost.global_sum(float(off.sum())))
+    out = {f"{prefix}offpolicy_fraction": (float(multihost.global_sum(float(off.sum())))
                                   / max(float(multihost.global_sum(float(off.size))), 1.0))}
     if n:
       out.update({
-          "importance_weight_mean": float(multihost.global_sum(float(weights.sum()))) / n,
-          "importance_weight_max": float(multihost.global_max(
+          f"{prefix}importance_weight_mean": float(multihost.global_sum(float(weights.sum()))) / n,
+          f"{prefix}importance_weight_max": float(multihost.global_max(
               float(weights.max()) if weights.size else 0.0)),
-          "importance_weight_min": -float(multihost.global_max(
+          f"{prefix}importance_weight_min": -float(multihost.global_max(
               -float(weights.min()) if weights.size else -1.0))})
     return out
 
@@ -548,8 +604,11 @@ class Learner:
       return {f"eval_{k}": float(v) for k, v in result.items() if k != "examples"}
 
     try:
+      # ExGRPO's buffer is saved with the prompt position (one state per process).
+      data = (self.prompts if self.buffer is None
+              else experience_lib.WithExperience(self.prompts, self.buffer))
       self.state, last = loop_lib.train_loop(
-          state=self.state, step_fn=step_fn, data=self.prompts,
+          state=self.state, step_fn=step_fn, data=data,
           summarize=loop_lib.mean_summary, evaluate=evaluate if self.eval_prompts else None,
           config=self.run.train, checkpoints=checkpoints, writer=writer, meta=meta)
     finally:
