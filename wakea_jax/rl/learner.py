@@ -284,6 +284,7 @@ class Learner:
         raise ValueError(f"offpolicy.traces={self.offpolicy.traces!r}: no trace is left "
                          f"({counts}); lower offpolicy.min_trace_reward or check the file")
     self.buffer: experience_lib.ExperienceBuffer | None = None
+    self.prompt_index: dict[str, prompts_lib.PromptRecord] = {}   # the replays' prompts
     if self.experience.enabled:   # one buffer per process, of the prompts it draws
       self.buffer = experience_lib.ExperienceBuffer(
           self.experience, seed=run.seed * 1_000_003 + jax.process_index())
