@@ -6,7 +6,6 @@ Tiny random-initialised HF models are saved to a temp dir; every weight is rando
 and biases too: HF's ones and zeros would hide a mis-mapped tensor).
 """
 
-import functools
 import json
 import shutil
 
@@ -24,6 +23,7 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
 from wakea_jax.checkpoints import audio as audio_ckpt  # noqa: E402
+from wakea_jax.models.audio import encode  # noqa: E402
 
 TOL = 1e-4
 ENCODER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
@@ -49,14 +49,9 @@ def _randomise_torch(model, seed: int) -> None:
         p.copy_(0.08 * noise)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _jitted(graphdef, state, features, mask):
-  return nnx.merge(graphdef, state)(features, mask, output_hidden_states=True)
-
-
 def _ours(encoder, features, mask=None):
   graphdef, state = nnx.split(encoder)
-  out = _jitted(graphdef, state, features, mask)
+  out = encode(graphdef, state, features, mask, output_hidden_states=True)
   return [np.asarray(h) for h in out.hidden_states], np.asarray(out.token_mask)
 
 
@@ -180,3 +175,23 @@ def test_import_errors_name_the_file_and_tensor(qwen2_audio_dir, tmp_path):
   with pytest.raises(NotImplementedError, match=r"config\.json: audio_config: model_type "
                                                 r"'wav2vec2' is not an audio encoder"):
     audio_ckpt.load_audio_encoder(tmp_path / "extra")
+
+
+def test_bfloat16_sharded_checkpoint_loads_exactly(qwen2_audio_dir, tmp_path):
+  # Released Qwen2-Audio weights are bfloat16 and sharded: both go through the decoder's
+  # safetensors reader. Loading only: no forward pass, nothing to compile.
+  _, model = qwen2_audio_dir
+  tower = model.model.audio_tower
+  bf16 = type(model)(model.config).to(torch.bfloat16)
+  bf16.load_state_dict(model.state_dict())
+  bf16.save_pretrained(tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").is_file()
+  encoder = audio_ckpt.load_audio_encoder(tmp_path, dtype="bfloat16")
+  assert encoder.conv2[...].dtype == jax.numpy.bfloat16
+  stored = tower.conv2.weight.detach().to(torch.bfloat16).float().numpy()
+  np.testing.assert_array_equal(np.asarray(encoder.conv2[...], np.float32),
+                                stored.transpose(2, 1, 0))
+  projector = audio_ckpt.load_audio_projector(tmp_path)
+  np.testing.assert_array_equal(
+      np.asarray(projector.bias[...]),
+      model.model.multi_modal_projector.linear.bias.detach().to(torch.bfloat16).float().numpy())

@@ -29,6 +29,7 @@ inside a jitted function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -275,6 +276,16 @@ class AudioEncoder(nnx.Module):
         hidden_states=tuple(hidden_states) + (x,) if output_hidden_states else None)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("output_hidden_states",))
+def encode(graphdef: nnx.GraphDef, state: nnx.State, input_features: Array,
+           attention_mask: Array | None = None, *, output_hidden_states: bool = False
+           ) -> AudioEncoderOutput:
+  """`encoder(input_features, attention_mask)` for a split encoder, jitted (one compile per
+  config, shape and mask presence): eager dispatch runs op by op, ~10x slower on CPU."""
+  return nnx.merge(graphdef, state)(input_features, attention_mask,
+                                    output_hidden_states=output_hidden_states)
+
+
 def create_audio_encoder(config: AudioEncoderConfig, *, seed: int = 0) -> AudioEncoder:
   """A randomly initialised encoder, built under one jit: eager init dispatches (and on CPU
   compiles) every parameter's random draw separately, ~10x slower for a small encoder."""
@@ -301,5 +312,5 @@ class AudioProjector(nnx.Module):
 
 
 __all__ = ["AudioEncoder", "AudioEncoderConfig", "AudioEncoderLayer", "AudioEncoderOutput",
-           "AudioProjector", "LayerNorm", "create_audio_encoder", "output_lengths",
+           "AudioProjector", "LayerNorm", "create_audio_encoder", "encode", "output_lengths",
            "sinusoids"]
