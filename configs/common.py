@@ -81,7 +81,10 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
       old_logprobs="auto",
       # With dynamic_sampling: drop groups whose reward std is below this (SRL's epsilon,
       # configs/srl.py); 0 drops only groups of equal rewards (DAPO).
-      dynamic_sampling_min_std=0.0))
+      dynamic_sampling_min_std=0.0,
+      # Replaces every prompt's system message ("" keeps the records'); e.g. APO's best prompt,
+      # --config.rl.system_prompt="$(cat APO_DIR/best_prompt.txt)" (configs/apo.py).
+      system_prompt=""))
   config.train.update(steps=200, log_every=1, eval_every=50, checkpoint_every=50,
                       keep_checkpoints=2, eval_at_start=True)
   # The policy loss (objectives/grpo.py LossConfig).

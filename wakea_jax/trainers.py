@@ -95,6 +95,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | pat
   if not data.eval_sources:
     raise ValueError("config.data.eval_sources is empty: nothing to evaluate on")
   prompts = prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"))
+  system = config.rl.get("system_prompt", "") if "rl" in config else ""
+  if system:   # as the run's periodic evaluation sees them (rl.system_prompt)
+    prompts = [prompts_lib.with_system_prompt(p, system) for p in prompts]
   # The model is restored straight onto the run's mesh and sampled there (on several
   # processes each evaluates its share of the prompts).
   mesh = config_lib.mesh_from(config) if "mesh" in config else None

@@ -86,9 +86,13 @@ def test_grpo_family_variants_run(tmp_path, variant_overrides):
 
 
 def test_ppo_runs_with_a_value_head(tmp_path):
-  config = _config("ppo", **{"train.steps": 2, "train.eval_at_start": False})
+  config = _config("ppo", **{"train.steps": 2, "train.eval_at_start": False,
+                             "rl.system_prompt": "Be exact."})
   learner = trainers.make_learner(config, tmp_path)
   assert learner.model_config.value_head
+  # rl.system_prompt (e.g. APO's best prompt) replaces every train and eval prompt's own.
+  for record in [*learner.prompts.records[0], *learner.eval_prompts]:
+    assert [m["content"] for m in record.messages if m["role"] == "system"] == ["Be exact."]
   last = learner.train()
   assert np.isfinite(last["value_mse"]) and np.isfinite(last["loss"])
   assert last["logprob_gap_sampler_trainer"] < 1e-4   # PPO re-scores (it needs the values)

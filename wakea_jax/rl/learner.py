@@ -112,6 +112,10 @@ class RLConfig:
   # rollout.dtype the sampler runs other numbers than the trainer: "auto" re-scores, and
   # "sampler" is an error (the importance ratio must be against the trainer's scoring).
   old_logprobs: str = "auto"
+  # One system prompt for every train and eval prompt, replacing each record's own system
+  # message (prompts.with_system_prompt); "" keeps the records' own. APO's best prompt goes
+  # here: `python -m wakea_jax.apo` prints the override.
+  system_prompt: str = ""
 
   def __post_init__(self) -> None:
     for name in ("prompts_per_step", "num_iterations", "minibatches", "max_sampling_rounds"):
@@ -270,6 +274,8 @@ class Learner:
                        f"{', i.e. the process count' if not data.shards else ''})")
     k = shards // processes
     records = prompts_lib.load_prompts(pooled_specs(data.sources), on_error=data.on_error)
+    if rl.system_prompt:
+      records = [prompts_lib.with_system_prompt(r, rl.system_prompt) for r in records]
     self.prompts = prompts_lib.PromptIterator(
         records, rl.prompts_per_step, seed=run.seed, shards=shards,
         owned=range(jax.process_index() * k, (jax.process_index() + 1) * k))
@@ -292,6 +298,9 @@ class Learner:
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
                                                   on_error=data.on_error)
                          if data.eval_sources else [])
+    if rl.system_prompt:
+      self.eval_prompts = [prompts_lib.with_system_prompt(r, rl.system_prompt)
+                           for r in self.eval_prompts]
 
   def _loss(self, model: Any, batch: dict[str, Any], rng: jax.Array) -> Any:
     """The train step's loss: the objective's, over the tokenizer's ids (`vocab_limit`)."""

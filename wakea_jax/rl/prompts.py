@@ -63,6 +63,15 @@ class PromptRecord:
     return "\n".join(str(m.get("content", "")) for m in self.messages)
 
 
+def with_system_prompt(record: PromptRecord, system: str) -> PromptRecord:
+  """`record` with `system` as its only system message (first); without a system message
+  when `system` is empty. The RL run's `rl.system_prompt` and APO's candidates (rl/apo.py)
+  replace every prompt's own system message with one text this way."""
+  rest = tuple(m for m in record.messages if m.get("role") != "system")
+  messages = (({"role": "system", "content": system},) if system else ()) + rest
+  return dataclasses.replace(record, messages=messages)
+
+
 def to_prompt_record(raw: Any, where: str) -> PromptRecord:
   """Validates one raw record (`prompt` or `messages`, `answer`, extra fields as meta);
   errors start with `where` and name the field."""
