@@ -42,13 +42,17 @@ def _randomise(module, seed: int) -> None:
         p.copy_((0.2 if "bias" in name else 0.1) * noise)
 
 
-def _pixels(batch: int = 2) -> np.ndarray:
-  return np.random.default_rng(3).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+def _pixels(batch: int = 2, height: int = 32, width: int = 32) -> np.ndarray:
+  return np.random.default_rng(3).standard_normal((batch, 3, height, width)).astype(np.float32)
 
 
-def _hf_outputs(model, pixels):
+# A non-square size for interpolated position embeddings: the 4 x 4 grid resized to 5 x 6.
+OTHER_SIZE = (40, 48)
+
+
+def _hf_outputs(model, pixels, **kwargs):
   with torch.no_grad():
-    out = model(pixel_values=torch.as_tensor(pixels), output_hidden_states=True)
+    out = model(pixel_values=torch.as_tensor(pixels), output_hidden_states=True, **kwargs)
   return out
 
 
@@ -62,27 +66,37 @@ def _assert_same(ours: vision.VisionOutput, theirs) -> None:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def hf_tower(request, tmp_path_factory):
-  """(variant, HF model, its checkpoint directory, its outputs on `_pixels()`)."""
+  """(variant, HF model, its checkpoint directory, its outputs on `_pixels()`, and on
+  `_pixels(2, *OTHER_SIZE)` with interpolated position embeddings)."""
   config_cls, model_cls, extra = VARIANTS[request.param]
   config = getattr(transformers, config_cls)(**TINY, **extra)
   model = getattr(transformers, model_cls)(config).eval()
   _randomise(model, seed=len(request.param))
   directory = tmp_path_factory.mktemp(request.param)
   model.save_pretrained(directory)
-  return request.param, model, directory, _hf_outputs(model, _pixels())
+  return (request.param, model, directory, _hf_outputs(model, _pixels()),
+          _hf_outputs(model, _pixels(2, *OTHER_SIZE), interpolate_pos_encoding=True))
 
 
-def _forward(tower: vision.VisionTower, pixels: np.ndarray) -> vision.VisionOutput:
-  """One jitted forward (compiling once costs ~2 s; op-by-op eager is ~5x slower here)."""
+def _forward(tower: vision.VisionTower) -> tuple[vision.VisionOutput, vision.VisionOutput]:
+  """Both forwards of `hf_tower` in one jit (compiling costs ~2 s; op-by-op eager is ~5x
+  slower here)."""
   graphdef, state = nnx.split(tower)
-  return jax.jit(lambda s, x: vision.apply(graphdef, s, x))(state, pixels)
+
+  @jax.jit
+  def run(state, pixels, other):
+    return (vision.apply(graphdef, state, pixels),
+            # Interpolation changes only the embeddings (hidden state 0): no layers needed.
+            vision.apply(graphdef, state, other, num_layers=0, interpolate_pos_encoding=True))
+
+  return run(state, _pixels(), _pixels(2, *OTHER_SIZE))
 
 
 @pytest.fixture(scope="module")
 def ours(hf_tower):
-  """Our tower loaded from the HF directory and its outputs on `_pixels()`."""
+  """Our tower loaded from the HF directory and its outputs as in `hf_tower`."""
   tower = vision_ckpt.load_vision_tower(hf_tower[2])
-  return tower, _forward(tower, _pixels())
+  return (tower, *_forward(tower))
 
 
 def _flat(tower) -> dict:
@@ -90,11 +104,15 @@ def _flat(tower) -> dict:
 
 
 def test_import_matches_transformers(hf_tower, ours):
-  name, _, _, theirs = hf_tower
-  tower, out = ours
+  name, _, _, theirs, theirs_other = hf_tower
+  tower, out, out_other = ours
   assert tower.config.variant == name.split("_")[0]
   assert tower.config.use_head == (name == "siglip_head")
   _assert_same(out, theirs)
+  # Bicubic position embeddings, 4 x 4 -> 5 x 6 (CLIP: after its pre-LN).
+  assert out_other.hidden_states[0].shape[1] == 30 + (name == "clip")
+  np.testing.assert_allclose(out_other.hidden_states[0], theirs_other.hidden_states[0].numpy(),
+                             atol=TOL)
   # LLaVA's selection: the second-to-last layer, CLS dropped for CLIP ("default").
   strategy = "default" if name == "clip" else "full"
   want = theirs.hidden_states[-2].numpy()
@@ -103,7 +121,7 @@ def test_import_matches_transformers(hf_tower, ours):
 
 
 def test_export_reloads_in_transformers(hf_tower, ours, tmp_path):
-  name, model, _, theirs = hf_tower
+  name, model, _, theirs, _ = hf_tower
   tower = ours[0]
   out = vision_ckpt.save_vision_tower(tower, tmp_path / "export")
   reloaded = getattr(transformers, VARIANTS[name][1]).from_pretrained(out).eval()
@@ -118,7 +136,7 @@ def test_export_reloads_in_transformers(hf_tower, ours, tmp_path):
 
 def test_prefixed_layout_and_nested_config(hf_tower, ours, tmp_path):
   """transformers 4.x wrote "vision_model."-prefixed names; LLaVA nests the vision config."""
-  name, _, directory, _ = hf_tower
+  name, _, directory, *_ = hf_tower
   tensors = safetensors.numpy.load_file(str(directory / "model.safetensors"))
   tensors = {f"vision_model.{k}": v for k, v in tensors.items()}
   tensors["vision_model.embeddings.position_ids"] = np.arange(16)[None]  # an old buffer
@@ -152,7 +170,7 @@ def test_config_defaults_and_errors(tmp_path):
 
 
 def test_load_errors_name_file_and_tensor(hf_tower, tmp_path):
-  _, _, directory, _ = hf_tower
+  directory = hf_tower[2]
   tensors = safetensors.numpy.load_file(str(directory / "model.safetensors"))
   config = (directory / "config.json").read_text()
   (tmp_path / "config.json").write_text(config)

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 
@@ -264,6 +265,28 @@ class AttentionPoolingHead(nnx.Module):
     return pooled[:, 0]
 
 
+def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] float32 weights of torch's `interpolate(mode="bicubic",
+  align_corners=False)` along one axis: source x = (i + 0.5) * in / out - 0.5, Keys' cubic
+  convolution with a = -0.75 (torch's, not PIL's -0.5), border indices clamped, no
+  antialiasing. A trace-time constant."""
+  a = -0.75
+
+  def cubic(t: np.ndarray) -> np.ndarray:
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+  x = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+  left = np.floor(x).astype(np.int64)
+  weights = np.zeros((size_out, size_in), np.float64)
+  for k in range(-1, 3):
+    index = np.clip(left + k, 0, size_in - 1)
+    np.add.at(weights, (np.arange(size_out), index), cubic(x - (left + k)))
+  return weights.astype(np.float32)
+
+
 class VisionTower(nnx.Module):
   """HF `SiglipVisionModel` / `CLIPVisionModel`: `tower(pixel_values)` -> `VisionOutput`."""
 
@@ -285,42 +308,64 @@ class VisionTower(nnx.Module):
     if c.use_head:
       self.head = AttentionPoolingHead(c, rngs=rngs)
 
-  def embed(self, pixel_values: Array) -> Array:
+  def embed(self, pixel_values: Array, *, interpolate_pos_encoding: bool = False) -> Array:
     """pixel_values [b, c, H, W] -> the encoder's input [b, tokens, e] (position-embedded;
-    CLIP: class token first and pre-LN'd). H and W must equal `config.image_size`."""
+    CLIP: class token first and pre-LN'd).
+
+    H and W must equal `config.image_size`, unless `interpolate_pos_encoding`: then any
+    multiples of the patch size, the patch position embeddings resized bicubically to the
+    new grid as HF's `interpolate_pos_encoding=True` does (unchanged for a square image of
+    the trained grid).
+    """
     c = self.config
     dt = c.compute_dtype
     b, ch, height, width = pixel_values.shape
-    if ch != c.num_channels or height != c.image_size or width != c.image_size:
+    p = c.patch_size
+    if interpolate_pos_encoding:
+      if ch != c.num_channels or height % p or width % p:
+        raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}; with "
+                         f"interpolate_pos_encoding the tower takes [batch, {c.num_channels}, "
+                         f"H, W] with H and W multiples of {p} (channels first)")
+    elif ch != c.num_channels or height != c.image_size or width != c.image_size:
       raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}; the tower takes "
                        f"[batch, {c.num_channels}, {c.image_size}, {c.image_size}] "
-                       "(channels first)")
-    g, p = c.grid_size, c.patch_size
+                       "(channels first; or pass interpolate_pos_encoding=True)")
+    gh, gw = height // p, width // p
     # Row-major patches, each flattened as (channel, row, column), like HF's conv + flatten(2).
-    patches = pixel_values.astype(dt).reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
-    x = dense(patches.reshape(b, g * g, ch, p, p), self.patch_embed, "btcij,cije->bte", dt)
+    patches = pixel_values.astype(dt).reshape(b, ch, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
+    x = dense(patches.reshape(b, gh * gw, ch, p, p), self.patch_embed, "btcij,cije->bte", dt)
+    positions = self.position_embed[...]
+    if (gh, gw) != (c.grid_size, c.grid_size):
+      cls_pos, grid_pos = positions[:int(c.has_class_token)], positions[int(c.has_class_token):]
+      grid_pos = grid_pos.reshape(c.grid_size, c.grid_size, -1)
+      grid_pos = jnp.einsum("hi,wj,ije->hwe", bicubic_matrix(c.grid_size, gh),
+                            bicubic_matrix(c.grid_size, gw), grid_pos.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+      positions = jnp.concatenate(
+          [cls_pos, grid_pos.reshape(gh * gw, -1).astype(positions.dtype)], axis=0)
     if c.variant == "siglip":
       x = x + self.patch_bias[...].astype(dt)
     else:
       cls = jnp.broadcast_to(self.class_embed[...].astype(dt), (b, 1, c.embed_dim))
       x = jnp.concatenate([cls, x], axis=1)
-    x = x + self.position_embed[...].astype(dt)[None]
+    x = x + positions.astype(dt)[None]
     if c.variant == "clip":
       x = self.pre_norm(x)
     return constrain(x, ("act_batch", "act_length", "act_embed"))
 
-  def __call__(self, pixel_values: Array, *, num_layers: int | None = None) -> VisionOutput:
+  def __call__(self, pixel_values: Array, *, num_layers: int | None = None,
+               interpolate_pos_encoding: bool = False) -> VisionOutput:
     """pixel_values [b, c, H, W] (channels first) -> `VisionOutput`.
 
     `num_layers` stops after that many encoder layers (LLaVA's `vision_feature_layer=-2` needs
     only num_layers - 1): `hidden_states` then ends there and the post-LN outputs are those of
-    the last layer run.
+    the last layer run. `interpolate_pos_encoding` admits other image sizes (see `embed`).
     """
     c = self.config
     depth = c.num_layers if num_layers is None else num_layers
     if not 0 <= depth <= c.num_layers:
       raise ValueError(f"num_layers must be in [0, {c.num_layers}], got {depth}")
-    x = self.embed(pixel_values)
+    x = self.embed(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
     hidden = [x]
     for layer in self.layers[:depth]:
       x = layer(x)
@@ -381,5 +426,5 @@ def num_image_tokens(config: VisionConfig, strategy: str = "full") -> int:
 
 
 __all__ = ["ACTIVATIONS", "AttentionPoolingHead", "VARIANTS", "VisionConfig", "VisionOutput",
-           "VisionTower", "abstract_vision_tower", "apply", "create_vision_tower",
+           "VisionTower", "abstract_vision_tower", "apply", "bicubic_matrix", "create_vision_tower",
            "layers_needed", "num_image_tokens", "select_features"]
