@@ -110,9 +110,12 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
   # medium <= medium_max < high), each with one member replaced by its lowest-entropy stored
   # trajectory, shaped with offpolicy.gamma. A prompt all-correct for retire_after visits in a
   # row retires. With offpolicy.traces too (hybrid), the replay takes a member the traces left.
+  # entropy: "current" picks the trajectory of lowest entropy under the current policy (the
+  # paper; a forward pass of the candidates each step), "behaviour" by its stored entropy.
   config.experience = ml_collections.ConfigDict(dict(
       enabled=False, replay_ratio=0.5, low_max=0.25, medium_max=0.75, priority_sigma=1.0,
-      rate_window=1, retire_after=1, max_per_prompt=8, min_prompts=1, start_accuracy=0.35))
+      rate_window=1, retire_after=1, max_per_prompt=8, min_prompts=1, start_accuracy=0.35,
+      entropy="current"))
   config.optimizer.update(learning_rate=1e-4, warmup_steps=5, min_lr_ratio=1.0, b2=0.99,
                           weight_decay=0.0)
   config.export.hf = False

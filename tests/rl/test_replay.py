@@ -119,13 +119,13 @@ def _config(**overrides):
 
 
 def _fill(learner):
-  """Every prompt of the run gets one stored trajectory (a visit of 4, 1 right: low bucket)."""
+  """Every prompt of the run gets two stored trajectories (a visit of 4, 2 right: medium)."""
   records = list(learner.prompt_index.values())
   keys = [ex.prompt_key(r) for r in records]
-  groups = [[_stored([40 + i, 41, 42], -0.5 - 0.01 * i)] + [_stored([3, 3])] * 3
-            for i in range(len(records))]
-  learner.buffer.observe(keys, groups, [[True, False, False, False]] * len(records))
-  return {k: g[0] for k, g in zip(keys, groups)}
+  groups = [[_stored([40 + i, 41, 42], -0.5 - 0.01 * i), _stored([40 + i, 43], -0.25)]
+            + [_stored([3, 3])] * 2 for i in range(len(records))]
+  learner.buffer.observe(keys, groups, [[True, True, False, False]] * len(records))
+  return {k: g[:2] for k, g in zip(keys, groups)}
 
 
 def _capture(learner):
@@ -140,6 +140,9 @@ def test_learner_replays_stored_trajectories_into_groups(tmp_path, compile_cache
   learner = trainers.make_learner(_config(), tmp_path)
   stored = _fill(learner)
   batches = _capture(learner)
+  scored = []
+  entropy = learner.entropy
+  learner.entropy = lambda *args: scored.append(np.asarray(entropy(*args))) or scored[-1]
   metrics = learner.step(0)
   batch = batches[0]
   assert batch["input_ids"].shape[0] == 16      # plain GRPO's rollout count: 2 groups of 8
@@ -148,15 +151,23 @@ def test_learner_replays_stored_trajectories_into_groups(tmp_path, compile_cache
   # member, whose tokens and old log-probs are one stored trajectory's.
   np.testing.assert_array_equal(off, [[0] * 8, [0] * 7 + [1]])
   trained = batch["loss_mask"][15] > 0
-  traj = next(t for t in stored.values()
-              if np.array_equal(batch["targets"][15][trained], t.completion_ids))
+  candidates = next(c for c in stored.values()
+                    if any(np.array_equal(batch["targets"][15][trained], t.completion_ids)
+                           for t in c))
+  # The choice is the lowest entropy under the current policy (one pass over the 8 rows of
+  # the prompt's candidates: its 2 stored trajectories, padded), not the stored entropies.
+  (entropies,) = scored
+  assert entropies.shape == (8,) and np.all(entropies[:2] > 0)
+  traj = candidates[int(np.argmin(entropies[:2]))]
+  np.testing.assert_array_equal(batch["targets"][15][trained], traj.completion_ids)
   np.testing.assert_allclose(batch["old_logprobs"][15][trained], traj.behaviour_logprobs)
+  assert metrics["experience/replay_entropy"] == pytest.approx(entropies[:2].min())
   assert metrics["experience/replay_ratio"] == 0.5 and metrics["offpolicy_fraction"] == 1 / 16
   assert metrics["experience/offpolicy_fraction"] == 1 / 16
   w = [metrics[f"experience/importance_weight_{k}"] for k in ("min", "mean", "max")]
   assert 0 < w[0] <= w[1] <= w[2] < 1 and np.isfinite(metrics["loss"])
   assert metrics["logprob_gap_mean"] < 1e-4          # over the sampled rows only
-  assert metrics["experience/prompts_low"] >= 62          # the 64 filled, 2 visited again
+  assert metrics["experience/prompts_medium"] >= 62       # the 64 filled, 2 visited again
 
 
 TIMING = ("steps_per_s", "tokens_per_s", "eta_s", "tflops_per_s", "mfu")
@@ -239,3 +250,5 @@ def test_experience_config_errors(tmp_path, parity_reward) -> None:
     trainers.make_learner(config, tmp_path)
   with pytest.raises(ValueError, match=r"config\.experience: experience\.replay_ratio"):
     trainers.make_learner(_config(**{"experience.replay_ratio": 1.5}), tmp_path)
+  with pytest.raises(ValueError, match=r"experience\.entropy='stored' is not one of"):
+    trainers.make_learner(_config(**{"experience.entropy": "stored"}), tmp_path)

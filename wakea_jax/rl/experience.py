@@ -56,6 +56,7 @@ if TYPE_CHECKING:   # only the type: the buffer's users need not import the samp
   from wakea_jax.rl.rollout import Rollouts
 
 BUCKETS = ("low", "medium", "high")
+ENTROPIES = ("current", "behaviour")
 _STATE_FORMAT = 1
 
 
@@ -74,6 +75,10 @@ class ExperienceConfig:
   max_per_prompt: int = 8        # trajectories kept per prompt (oldest evicted)
   min_prompts: int = 1           # replayable prompts needed before replay starts
   start_accuracy: float = 0.35   # replay starts after a step's fresh accuracy exceeds this
+  # Whose entropy picks a replayed prompt's trajectory (the lowest): "current" scores the
+  # stored ones under the current policy (the paper; one forward pass of the candidates per
+  # step, rl/replay.py), "behaviour" takes each one's stored entropy (no extra pass).
+  entropy: str = "current"
 
   def __post_init__(self) -> None:
     for name in ("replay_ratio", "low_max", "medium_max", "start_accuracy"):
@@ -90,6 +95,8 @@ class ExperienceConfig:
     for name in ("rate_window", "retire_after", "max_per_prompt", "min_prompts"):
       if getattr(self, name) < 1:
         raise ValueError(f"experience.{name} must be >= 1, got {getattr(self, name)}")
+    if self.entropy not in ENTROPIES:
+      raise ValueError(f"experience.entropy={self.entropy!r} is not one of {ENTROPIES}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

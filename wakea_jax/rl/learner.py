@@ -295,6 +295,10 @@ class Learner:
       self.buffer = experience_lib.ExperienceBuffer(
           self.experience, seed=run.seed * 1_000_003 + jax.process_index())
       self.prompt_index = replay_lib.prompt_index(records)
+      if self.experience.entropy == "current":
+        self.entropy = update_lib.make_entropy_fn(self.built.graphdef,
+                                                  vocab_limit=self.vocab_limit)
+    self.replay_entropy = 0.0   # the last replayed trajectories' mean entropy
     self.eval_prompts = (prompts_lib.load_prompts(pooled_specs(data.eval_sources, "eval_sources"),
                                                   on_error=data.on_error)
                          if data.eval_sources else [])
@@ -344,6 +348,7 @@ class Learner:
       replays: list[experience_lib.Replay] = []
       if self.buffer is not None and rounds == 0:
         # ExGRPO: replayed prompts take the place of fresh ones (the same rollout count).
+        self.replay_entropy = 0.0
         count = replay_lib.replay_count(self.buffer, quota, shards // processes)
         replays = self.buffer.sample(count)
         need -= len(replays) * processes
@@ -358,6 +363,8 @@ class Learner:
             rng=np.random.default_rng([self.run.seed, step, rounds, jax.process_index()]),
             tokenizer=self.tokenizer, stop_ids=self.stop_ids,
             max_new_tokens=self.rollout.max_new_tokens)
+      if replays and self.experience.entropy == "current":
+        replays = self._lowest_current_entropy(rollouts, replays, len(fresh))
       if replays:   # after the traces: the replay takes the last member they left
         rollouts = replay_lib.mix_replays(
             rollouts, replays, len(fresh), tokenizer=self.tokenizer, stop_ids=self.stop_ids,
@@ -508,7 +515,31 @@ class Learner:
       metrics["learning_rate"] = sums["learning_rate"]
     if self.buffer is not None:
       metrics.update(replay_lib.metrics(self.buffer, rollouts))
+      if self.experience.entropy == "current":
+        metrics["experience/replay_entropy"] = self.replay_entropy
     return metrics
+
+  def _lowest_current_entropy(self, rollouts: rollout_lib.Rollouts,
+                              replays: list[experience_lib.Replay], first_group: int
+                              ) -> list[experience_lib.Replay]:
+    """ExGRPO's trajectory choice (arXiv 2510.02245 §3.1): every stored trajectory of the
+    replayed prompts scored in one forward pass of the current policy, the lowest mean token
+    entropy chosen. Every process scores the same number of rows (its replay count is
+    everyone's)."""
+    candidates = replay_lib.candidate_rollouts(
+        rollouts, self.buffer, replays, first_group, max_new_tokens=self.rollout.max_new_tokens,
+        rows_multiple=jax.local_device_count())
+    width = int(multihost.global_max(rollout_lib.batch_width(candidates, 32)))
+    batch = rollout_lib.to_batch(candidates, width=width, pad_id=self.pad_id)
+    batch.pop("sampler_logprobs")
+    mesh, rules = self.built.mesh, self.built.rules
+    with mesh_lib.logical_rules(mesh, rules):
+      entropies = self.entropy(self.state.params, self.state.frozen,
+                               mesh_lib.shard_batch(batch, mesh, rules))
+    replays, chosen = replay_lib.lowest_entropy(self.buffer, replays,
+                                                multihost.to_host(entropies))
+    self.replay_entropy = float(np.mean(chosen))
+    return replays
 
   def _offpolicy_metrics(self, policy_lp: np.ndarray, behaviour_lp: np.ndarray,
                          mask: np.ndarray, off: np.ndarray, prefix: str = ""

@@ -6,13 +6,15 @@ A step of `rl.prompts_per_step` groups takes floor(groups * rho) of them from th
 the prompt iterator, so a run samples exactly as many rollouts as plain GRPO: a replayed
 prompt takes the place of a fresh one. A replayed prompt is rolled out on-policy like any
 other (G members), then `mix_replays` replaces one member by the prompt's stored
-lowest-entropy successful trajectory, as the paper's mixed group (§3.2: "one trajectory from
+successful trajectory of lowest entropy, as the paper's mixed group (§3.2: "one trajectory from
 the buffer, K - 1 fresh rollouts"). The replayed row is off-policy: stop reason
 REPLAY_STOP_REASON, its `sampler_logprobs` the stored behaviour log-probs (the learner's old
 log-probs for it), and LUFFY's shaped weight f(pi_theta / pi_old) = x / (x + gamma)
 (objectives/offpolicy.py, `offpolicy.gamma`) in place of the clip, as ExGRPO's policy
 shaping. It is rewarded again by the run's reward with the others, so the advantages are
-over the mixed group.
+over the mixed group. The entropy is the current policy's (§3.1, `experience.entropy`
+"current": `candidate_rollouts` lays every stored trajectory of the replayed prompts out for
+one forward pass, `lowest_entropy` picks), or each trajectory's stored one ("behaviour").
 
 Hybrid (LUFFY and ExGRPO at once): LUFFY's traces take the last `offpolicy.per_group` members
 of a group whose prompt has traces; the replayed trajectory takes the last member that is not
@@ -101,6 +103,52 @@ def mix_replays(rollouts: rollout_lib.Rollouts, replays: Sequence[experience_lib
     fields["texts"][row] = tokenizer.decode(ids)
     fields["finals"][row] = tokenizer.decode(rollout_lib.final_turn(ids, tool_mask, stop_ids))
   return rollout_lib.Rollouts(**fields, group_size=g)
+
+
+def candidate_rollouts(rollouts: rollout_lib.Rollouts,
+                       buffer: experience_lib.ExperienceBuffer,
+                       replays: Sequence[experience_lib.Replay], first_group: int, *,
+                       max_new_tokens: int, rows_multiple: int = 1) -> rollout_lib.Rollouts:
+  """Every stored trajectory of each replayed prompt as a row after its prompt (group i:
+  `max_per_prompt` rows, the last candidate repeated as padding; cut at `max_new_tokens`), in
+  groups of max_per_prompt, plus whole padding groups up to a multiple of `rows_multiple`
+  rows: the batch `lowest_entropy` scores under the current policy."""
+  per = buffer.config.max_per_prompt
+  g = rollouts.group_size
+  rows: list[tuple[PromptRecord, list[int], experience_lib.Trajectory]] = []
+  for i, replay in enumerate(replays):
+    first = (first_group + i) * g
+    stored = buffer.trajectories(replay.key)
+    for j in range(per):
+      rows.append((rollouts.prompts[first], rollouts.prompt_ids[first],
+                   stored[min(j, len(stored) - 1)]))
+  while rows and len(rows) % max(rows_multiple, 1):
+    rows.extend(rows[-per:])
+  ids = [t.completion_ids[:max_new_tokens].tolist() for _, _, t in rows]
+  return rollout_lib.Rollouts(
+      prompts=[p for p, _, _ in rows], prompt_ids=[list(p) for _, p, _ in rows],
+      completion_ids=ids, sampler_logprobs=[np.zeros(len(x), np.float32) for x in ids],
+      tool_mask=[(1 - t.completion_mask[:max_new_tokens]).astype(np.int32) for _, _, t in rows],
+      num_tool_calls=[0] * len(rows), stop_reason=["stop"] * len(rows),
+      texts=[""] * len(rows), finals=[""] * len(rows), tool_errors=[0] * len(rows),
+      group_size=per)
+
+
+def lowest_entropy(buffer: experience_lib.ExperienceBuffer,
+                   replays: Sequence[experience_lib.Replay], entropies: np.ndarray
+                   ) -> tuple[list[experience_lib.Replay], list[float]]:
+  """`replays` with each prompt's trajectory of lowest entropy under the current policy
+  (arXiv 2510.02245 §3.1), from `entropies` [rows] of `candidate_rollouts`' rows; and the
+  chosen ones' entropies."""
+  per = buffer.config.max_per_prompt
+  out, chosen = [], []
+  for i, replay in enumerate(replays):
+    stored = buffer.trajectories(replay.key)
+    mine = np.asarray(entropies[i * per:i * per + len(stored)], np.float64)
+    best = int(np.argmin(mine))
+    out.append(dataclasses.replace(replay, trajectory=stored[best]))
+    chosen.append(float(mine[best]))
+  return out, chosen
 
 
 def is_replay_row(rollouts: rollout_lib.Rollouts) -> np.ndarray:

@@ -122,6 +122,23 @@ def make_score_fn(graphdef: nnx.GraphDef, *, chunk_tokens: int | None = None,
   return score
 
 
+def make_entropy_fn(graphdef: nnx.GraphDef, *, chunk_tokens: int | None = None,
+                    vocab_limit: int | None = None) -> Callable[..., Any]:
+  """Jitted `entropy(params, frozen, batch) -> [b]`: each row's mean token entropy of the
+  policy over its loss mask (0 for an empty row), e.g. ExGRPO's trajectory choice."""
+
+  @jax.jit
+  def entropy(params: nnx.State, frozen: nnx.State, batch: dict[str, Array]) -> Array:
+    model = nnx.merge(graphdef, params, frozen)
+    model.eval()
+    scores = scoring.score_tokens(model, batch, with_entropy=True, chunk_tokens=chunk_tokens,
+                                  vocab_limit=vocab_limit)
+    mask = batch["loss_mask"]
+    return jnp.sum(scores.entropy * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+  return entropy
+
+
 @functools.partial(jax.jit, static_argnames=("gamma", "lam", "kl_beta", "kl_estimator",
                                              "whiten"))
 def ppo_targets(scores: Array, old_logprobs: Array, ref_logprobs: Array, old_values: Array,
