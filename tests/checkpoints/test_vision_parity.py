@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,6 +22,7 @@ from wakea_jax.checkpoints import hf  # noqa: E402
 from wakea_jax.checkpoints import projector as projector_ckpt  # noqa: E402
 from wakea_jax.checkpoints import vision as vision_ckpt  # noqa: E402
 from wakea_jax.models import vision  # noqa: E402
+from wakea_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 TOL = 1e-4
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -146,8 +148,12 @@ def test_prefixed_layout_and_nested_config(hf_tower, ours, tmp_path):
   outer = "clip" if name == "clip" else "siglip"
   (tmp_path / "config.json").write_text(json.dumps(
       {"model_type": outer, "vision_config": vision_config, "text_config": {}}))
-  tower = vision_ckpt.load_vision_tower(tmp_path)
+  # Placed on a (data 1, fsdp 2, tensor 4) mesh as it is read.
+  mesh = mesh_lib.create_mesh((1, 2, 4))
+  tower = vision_ckpt.load_vision_tower(tmp_path, mesh=mesh)
   assert tower.config == ours[0].config
+  assert tower.layers[1].mlp.up_proj.get_value().sharding.spec == P("fsdp", "tensor")
+  assert tower.layers[0].attn.q_proj.get_value().sharding.spec == P("fsdp", "tensor", None)
   want = _flat(ours[0])  # the same parameters as the parity-tested import
   for path, value in _flat(tower).items():
     np.testing.assert_array_equal(value, want[path], str(path))

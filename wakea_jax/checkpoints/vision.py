@@ -43,6 +43,7 @@ from wakea_jax.checkpoints.hf import (
     replace_dir,
 )
 from wakea_jax.models.vision import ACTIVATIONS, VisionConfig, VisionTower, abstract_vision_tower
+from wakea_jax.parallel import mesh as mesh_lib
 
 Shape = tuple[int, ...]
 
@@ -229,12 +230,16 @@ def find_prefix(names: Any, source: str) -> str:
 
 
 def read_vision_params(reader: _SafetensorsReader, config: VisionConfig, prefix: str,
-                       source: str) -> VisionTower:
+                       source: str, *, mesh: jax.sharding.Mesh | None = None,
+                       rules: mesh_lib.Rules | None = None) -> VisionTower:
   """A tower of `config` filled from `reader`'s tensors under `prefix`; every tensor's shape
   and dtype is checked before data is read. Tensors under the prefix that the table does not
-  describe are an error; tensors elsewhere are the caller's (a composite checkpoint's)."""
+  describe are an error; tensors elsewhere are the caller's (a composite checkpoint's). With
+  `mesh`, each tensor is put straight onto its shards (by the parameters' logical axes)."""
   graphdef, abstract_state = nnx.split(abstract_vision_tower(config))
   expected = dict(nnx.to_flat_state(abstract_state))
+  shardings = (dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract_state, mesh, rules)))
+               if mesh is not None else {})
   entries = tensor_map(config, prefix)
   missing = [name for name, *_ in entries if name not in reader.weight_map]
   if missing:
@@ -257,18 +262,21 @@ def read_vision_params(reader: _SafetensorsReader, config: VisionConfig, prefix:
     shape = tuple(expected[path].get_value().shape)
     array = np.asarray(hook.to_ours(reader.read(name), shape).astype(config.weight_dtype),
                        order="C")
-    values[path] = jax.numpy.asarray(array)
+    sharding = shardings.get(path)
+    values[path] = jax.device_put(array, sharding.get_value() if sharding is not None else None)
   state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in expected.items()])
   return nnx.merge(graphdef, state)
 
 
 def load_vision_tower(path: PathLike, *, prefix: str | None = None, dtype: str = "float32",
-                      param_dtype: str | None = None) -> VisionTower:
+                      param_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                      rules: mesh_lib.Rules | None = None) -> VisionTower:
   """The vision tower of the HF checkpoint directory `path` (SiglipVisionModel,
   CLIPVisionModel, the vision half of SiglipModel / CLIPModel, or a LLaVA's tower).
 
   `prefix` defaults to the one `find_prefix` detects. `dtype` is the compute dtype,
-  `param_dtype` (default: `dtype`) what weights are stored in.
+  `param_dtype` (default: `dtype`) what weights are stored in. With `mesh` (and `rules`,
+  default `parallel.mesh.DEFAULT_RULES`) every tensor is placed on its shards as it is read.
   """
   directory = pathlib.Path(path)
   source = str(directory / "config.json")
@@ -277,7 +285,7 @@ def load_vision_tower(path: PathLike, *, prefix: str | None = None, dtype: str =
   reader = _SafetensorsReader(directory)
   if prefix is None:
     prefix = find_prefix(reader.weight_map, str(directory))
-  return read_vision_params(reader, config, prefix, source)
+  return read_vision_params(reader, config, prefix, source, mesh=mesh, rules=rules)
 
 
 # ------------------------------------------------------------------------------------------
