@@ -13,6 +13,7 @@ below takes the dataclasses. A section and its dataclass share a name:
   config.preference  objectives.dpo.PreferenceConfig
   config.srl         rl.srl.SRLConfig
   config.offpolicy   rl.offpolicy.OffPolicyConfig (LUFFY)
+  config.apo         rl.apo.APOConfig (configs/apo.py, with config.seed)
   config.experience  rl.experience.ExperienceConfig (ExGRPO)
 
 An unknown field is an error naming `config.<section>.<field>`, and so is a value the
@@ -35,6 +36,7 @@ from wakea_jax.objectives.dpo import PreferenceConfig
 from wakea_jax.objectives.grpo import LossConfig
 from wakea_jax.objectives.ppo import PPOConfig
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.rl.apo import APOConfig
 from wakea_jax.rl.collaboration import CollaborationConfig
 from wakea_jax.rl.evaluation import EvalConfig
 from wakea_jax.rl.experience import ExperienceConfig
@@ -194,3 +196,9 @@ def judge_config(config: Config) -> JudgeConfig | None:
     return None
   values["api_key_env"] = values.get("api_key_env") or None
   return typed(JudgeConfig, values, "judge")
+
+
+def apo_config(config: Config) -> APOConfig:
+  """config.apo (and config.seed) of configs/apo.py as the library's frozen dataclass."""
+  values = {**_plain(config["apo"]), "seed": int(config.get("seed", 0))}
+  return typed(APOConfig, values, "apo")
