@@ -52,6 +52,10 @@ def test_equals_transformers(name, tmp_path):
     paths.append(tmp_path / f"{i}.png")
     picture.save(paths[-1])
   np.testing.assert_allclose(images.preprocess_batch(paths, config), theirs, atol=1e-6)
+  # uint8 arrays (RGBA: HF composites arrays onto white with its own rounding).
+  arrays = [np.asarray(pictures[0]), np.asarray(pictures[1])]
+  np.testing.assert_allclose([images.preprocess(a, config) for a in arrays],
+                             processor(arrays, return_tensors="np")["pixel_values"], atol=1e-6)
 
 
 def test_old_integer_sizes(tmp_path):
