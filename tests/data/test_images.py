@@ -59,9 +59,10 @@ def test_equals_transformers(name, tmp_path):
 
 
 def test_old_integer_sizes(tmp_path):
-  """Older CLIP configs give `size` and `crop_size` as ints (shortest edge; square crop)."""
+  """Older CLIP configs give `size` and `crop_size` as ints (shortest edge; square crop) and
+  name only a feature_extractor_type."""
   (tmp_path / "preprocessor_config.json").write_text(json.dumps({
-      "image_processor_type": "CLIPImageProcessor", "size": 24, "crop_size": 20,
+      "feature_extractor_type": "CLIPFeatureExtractor", "size": 24, "crop_size": 20,
       "do_center_crop": True, "resample": 2}))
   config = images.ImageConfig.from_json(tmp_path)
   assert (config.shortest_edge, config.crop, config.resample) == (24, (20, 20), 2)

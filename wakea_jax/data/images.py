@@ -106,7 +106,8 @@ class ImageConfig:
                 source: str = "preprocessor_config.json") -> ImageConfig:
     """From the fields of an HF CLIP / SigLIP `preprocessor_config.json`; the family's class
     defaults fill omitted fields. Errors name `source` and the field."""
-    kind = values.get("image_processor_type")
+    # Old files (openai/clip-vit-*) name only a feature_extractor_type.
+    kind = values.get("image_processor_type") or values.get("feature_extractor_type")
     if kind not in _PROCESSOR_TYPES:
       raise NotImplementedError(f"{source}: image_processor_type {kind!r} is not supported "
                                 f"(one of {sorted(_PROCESSOR_TYPES)})")
