@@ -4,8 +4,9 @@
 linear_2(act(linear_1(x))), act GELU by default. Optional token pooling runs before it:
 `pool_window=k` averages each k x k block of the patch grid (ceil mode: a block cut by the
 grid's edge averages the cells it has), so a 27 x 27 SigLIP grid becomes 14 x 14 at k=2 and
-the language model sees ~4x fewer image tokens. Pooling first is cheaper than after and, the
-pooling being linear, differs from pooling after `linear_1` only through the activation.
+the language model sees ~4x fewer image tokens. Pooling first is the cheap place: it equals
+pooling after `linear_1` (an average commutes with an affine map) and differs from pooling
+the projector's output only through the activation.
 HF's LLaVA has no pooling; import and export map the MLP only (`checkpoints/vision.py`).
 """
 
