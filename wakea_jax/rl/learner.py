@@ -36,8 +36,9 @@ ExGRPO (arXiv 2510.02245, `config.experience`, rl/experience.py and rl/replay.py
 step's sampled rows feed an experience buffer of successful trajectories per prompt; once
 replay has started, floor(groups * rho) of the step's groups are replayed prompts (in place
 of fresh ones: the rollout count is plain GRPO's), each rolled out on-policy with one member
-replaced by its stored lowest-entropy trajectory, an off-policy row with the stored behaviour
-log-probs as old log-probs and the same shaped loss. With traces too (hybrid), the traces
+replaced by its stored trajectory of lowest entropy (under the current policy, one forward
+pass: `experience.entropy`), an off-policy row with the stored behaviour log-probs as old
+log-probs and LUFFY's shaped loss (`offpolicy.gamma`). With traces too (hybrid), the traces
 take their `per_group` members and the replay the last one left. The buffer rides in the
 checkpoint with the prompt position (experience.WithExperience). Metrics: experience/*.
 Checkpoints hold the train state and the prompt iterator's position; the rollout RNG is
