@@ -113,6 +113,37 @@ def test_packed_segments_equal_separate_sequences(model):
   np.testing.assert_array_equal(positions[0, :12], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2])
 
 
+def test_inputs_embeds_take_the_token_path(model):
+  """inputs_embeds = embed_tokens(ids) gives the ids' results exactly: packed (segments and
+  positions as for ids), and as the sampler will use it, a right-padded embeddings prefill
+  into the cache followed by an ids decode step."""
+  graphdef, state = nnx.split(model)
+  embed = jax.jit(lambda s, ids: nnx.merge(graphdef, s).embed_tokens(ids))
+  # The packed layout of test_packed_segments_equal_separate_sequences (its compile reused).
+  packed = _ids(1, 16, seed=4)
+  segment_ids = jnp.asarray([[1] * 5 + [2] * 4 + [3] * 3 + [0] * 4], jnp.int32)
+  np.testing.assert_array_equal(
+      run(model, None, inputs_embeds=embed(state, packed), segment_ids=segment_ids),
+      run(model, packed, segment_ids=segment_ids))
+  ids = _ids(2, 10, seed=4)
+  embeds = embed(state, ids)
+  assert embeds.shape == (2, 10, TINY.embed_dim)
+  mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]), jnp.int32)
+  nxt = jnp.asarray([[7], [9]], jnp.int32)
+  results = []
+  for kwargs in ({"inputs_embeds": embeds}, {"input_ids": ids}):
+    cache = KVCache.create(TINY, batch=2, capacity=16)
+    ids_arg = kwargs.pop("input_ids", None)
+    logits, cache = run(model, ids_arg, attention_mask=mask, cache=cache, **kwargs)
+    step, cache = run(model, nxt, cache=cache)
+    results.append((logits, step, cache.end_index))
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    model.forward(ids, inputs_embeds=embeds)
+  with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, seq, 64\]"):
+    model.forward(inputs_embeds=embeds[..., :8])
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_saveable"])
 def test_remat_policies_give_same_loss_and_grads(model, policy):
   ids = _ids(2, 8)

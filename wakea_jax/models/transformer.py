@@ -5,6 +5,11 @@ Used functionally: build once, `graphdef, state = nnx.split(model)`, pass `state
 
 Public call: `model(input_ids)` with int32 [batch, seq] returns float32 logits
 [batch, seq, vocab]. Keyword arguments:
+  inputs_embeds   [batch, seq, embed] in place of `input_ids` (pass `input_ids=None`): the
+                  decoder's input vectors, e.g. token embeddings (`embed_tokens`) with media
+                  features scattered into placeholder positions (`models/multimodal.py`).
+                  Everything else (positions, segments, masks, cache) is as for ids, so fused
+                  media tokens take the text path; the text-only path is unchanged.
   positions       int32 [batch, seq]; default arange, restarted per segment when
                   `segment_ids` is given, or continuing from the cache's end index.
   segment_ids     int32 [batch, seq] for packed rows; attention never crosses a segment and
@@ -109,13 +114,23 @@ class Transformer(nnx.Module):
       return self.embed[...].astype(dt), True
     return self.lm_head[...].astype(dt), False
 
-  def __call__(self, input_ids: Array, *, positions: Array | None = None,
-               segment_ids: Array | None = None, attention_mask: Array | None = None,
-               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
+               positions: Array | None = None, segment_ids: Array | None = None,
+               attention_mask: Array | None = None, cache: KVCache | None = None
+               ) -> Array | tuple[Array, KVCache]:
     """Float32 logits [batch, seq, vocab]; with `cache`, (logits, new_cache). See module docs."""
-    out = self.forward(input_ids, positions=positions, segment_ids=segment_ids,
-                       attention_mask=attention_mask, cache=cache)
+    out = self.forward(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                       segment_ids=segment_ids, attention_mask=attention_mask, cache=cache)
     return out.logits if cache is None else (out.logits, out.cache)
+
+  def embed_tokens(self, input_ids: Array) -> Array:
+    """The token embeddings [batch, seq, embed] in the compute dtype: what `forward` feeds the
+    layers for `input_ids`, and what a multimodal model fuses media features into."""
+    # The lookup gathers rows of the table with its 'embed' (FSDP) dimension gathered first,
+    # as for any FSDP weight: a table still split over fsdp cannot be resharded to the
+    # batch-over-fsdp activations without XLA replicating the whole gather output.
+    table = mesh_lib.constrain(self.embed[...], ("vocab", None))
+    return jnp.take(table, input_ids, axis=0).astype(self.config.compute_dtype)
 
   def value_from(self, hidden: Array) -> Array:
     """The value head on final hidden states [b, t, e] -> [b, t] float32."""
@@ -123,18 +138,28 @@ class Transformer(nnx.Module):
                        self.value_head[...].astype(jnp.float32))
             + self.value_bias[...].astype(jnp.float32))
 
-  def forward(self, input_ids: Array, *, positions: Array | None = None,
-              segment_ids: Array | None = None, attention_mask: Array | None = None,
-              cache: KVCache | None = None) -> DecoderOutput:
+  def forward(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
+              positions: Array | None = None, segment_ids: Array | None = None,
+              attention_mask: Array | None = None, cache: KVCache | None = None
+              ) -> DecoderOutput:
     """Like `__call__` (see the module docstring), but returns the whole `DecoderOutput`.
 
+    Exactly one of `input_ids` [batch, seq] and `inputs_embeds` [batch, seq, embed] is given.
     With a cache, `segment_ids` raise, and each sequence's end index advances by its number of
     real tokens in `attention_mask` (by `seq` without one).
     """
     c = self.config
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-    batch, length = input_ids.shape
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+      if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+      batch, length = input_ids.shape
+    else:
+      if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != c.embed_dim:
+        raise ValueError(f"inputs_embeds must be [batch, seq, {c.embed_dim}], got shape "
+                         f"{inputs_embeds.shape}")
+      batch, length, _ = inputs_embeds.shape
     if cache is not None:
       if segment_ids is not None:
         raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
@@ -147,11 +172,8 @@ class Transformer(nnx.Module):
         positions = default_positions(batch, length, segment_ids)
       mask = attention_mask_for(length, segment_ids, attention_mask, batch)
 
-    # The lookup gathers rows of the table with its 'embed' (FSDP) dimension gathered first,
-    # as for any FSDP weight: a table still split over fsdp cannot be resharded to the
-    # batch-over-fsdp activations without XLA replicating the whole gather output.
-    table = mesh_lib.constrain(self.embed[...], ("vocab", None))
-    x = jnp.take(table, input_ids, axis=0).astype(c.compute_dtype)
+    x = (self.embed_tokens(input_ids) if input_ids is not None
+         else inputs_embeds.astype(c.compute_dtype))
     x = mesh_lib.constrain(x, ("act_batch", "act_length", "act_embed"))
     if c.scan_layers:
       x, new_keys, new_values = _scan_layers(self.layers, c.remat_policy, x, positions, mask,
@@ -295,8 +317,10 @@ def _scan_layers(layers: DecoderLayer, policy: str, x: Array, positions: Array, 
 # ------------------------------------------------------------------------------------------
 
 
-def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, **kwargs: Any) -> Any:
-  """`model(input_ids, **kwargs)` for a split model; call it inside `jax.jit`."""
+def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None = None,
+          **kwargs: Any) -> Any:
+  """`model(input_ids, **kwargs)` for a split model (`input_ids=None, inputs_embeds=...` for
+  embeddings); call it inside `jax.jit`."""
   return nnx.merge(graphdef, state)(input_ids, **kwargs)
 
 
