@@ -490,24 +490,57 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
   source = str(directory / "config.json")
   config = config_from_hf(read_hf_config(directory), source=source)
   config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  return read_model(_SafetensorsReader(directory), config, source=source, mesh=mesh,
+                    rules=rules)
+
+
+def read_model(reader: _SafetensorsReader, config: ModelConfig, *, source: str,
+               prefixes: Mapping[str, str] | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules: mesh_lib.Rules | None = None) -> Transformer:
+  """A Transformer for `config` with its tensors read from `reader` (see `load_model`).
+
+  `prefixes` places the decoder inside a composite checkpoint: it maps the start of a
+  decoder tensor's name to where the checkpoint keeps it, e.g. {"model.":
+  "language_model.model.", "lm_head.": "language_model.lm_head."} for Qwen2-Audio as saved.
+  The decoder then owns only the keys under those prefixes (others are another part's, and
+  not checked here); without `prefixes` it owns every key. `source` names the config the
+  tensors are checked against in errors.
+  """
+  prefixes = dict(prefixes or {})
+
+  def stored(hf_name: str) -> str:
+    for ours, theirs in prefixes.items():
+      if hf_name.startswith(ours):
+        return theirs + hf_name[len(ours):]
+    return hf_name
+
+  def decoder_name(key: str) -> str | None:  # the inverse of `stored`; None: not the decoder's
+    if not prefixes:
+      return key
+    for ours, theirs in prefixes.items():
+      if key.startswith(theirs):
+        return ours + key[len(theirs):]
+    return None
+
   graphdef, abstract_state = nnx.split(abstract_model(config))
   expected = dict(nnx.to_flat_state(abstract_state))
   shardings = (dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract_state, mesh, rules)))
                if mesh is not None else {})
-  reader = _SafetensorsReader(directory)
-  entries = tensor_map(config)
+  entries = [dataclasses.replace(e, hf_name=stored(e.hf_name)) for e in tensor_map(config)]
   missing = [e.hf_name for e in entries if e.hf_name not in reader.weight_map]
   if missing:
-    raise ValueError(f"{directory}: tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                     f"({len(missing)} in all) missing; {source} implies them")
+    raise ValueError(f"{reader.directory}: tensor(s) {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all) missing; "
+                     f"{source} implies them")
   wanted = {e.hf_name for e in entries}
   # HF ties lm_head to the embedding and ignores a stored lm_head when embeddings are tied.
   ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
   extra = sorted(n for n in reader.weight_map
-                 if n not in wanted and n not in ignorable and not _IGNORED_HF.fullmatch(n))
+                 if n not in wanted and (name := decoder_name(n)) is not None
+                 and name not in ignorable and not _IGNORED_HF.fullmatch(name))
   if extra:
-    raise ValueError(f"{directory}: unexpected tensor(s) {extra[:5]} ({len(extra)} in all, e.g. "
-                     f"in {reader.weight_map[extra[0]]}) not described by {source}")
+    raise ValueError(f"{reader.directory}: unexpected tensor(s) {extra[:5]} ({len(extra)} in "
+                     f"all, e.g. in {reader.weight_map[extra[0]]}) not described by {source}")
 
   def put(path: tuple[Any, ...], array: np.ndarray) -> jax.Array:
     # order="C": hooks return transposed views; np.ascontiguousarray would make 0-d 1-d.
@@ -570,8 +603,8 @@ def parse_size(size: int | str) -> int:
   return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"])
 
 
-def _export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[[], np.ndarray],
-                                                                    int]]:
+def export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[[], np.ndarray],
+                                                                   int]]:
   """(HF name, producer of the array, byte size) per tensor; arrays are fetched lazily."""
   config: ModelConfig = model.config
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -619,27 +652,12 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
   hf_config = config_to_hf(config, architecture, dtype)
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)
-  tensors = _export_tensors(model, np_dtype)
+  tensors = export_tensors(model, np_dtype)
   limit = parse_size(max_shard_size)
-  shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
-  for item in tensors:  # greedy, in order, like transformers; a big tensor gets its own shard
-    if shards[-1] and sum(s for *_, s in shards[-1]) + item[2] > limit:
-      shards.append([])
-    shards[-1].append(item)
-
   temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   temp.mkdir(parents=True)
   try:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      name = ("model.safetensors" if len(shards) == 1
-              else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      safetensors.numpy.save_file({n: make() for n, make, _ in shard}, str(temp / name),
-                                  metadata={"format": "pt"})
-      weight_map.update({n: name for n, _, _ in shard})
-    if len(shards) > 1:
-      index = {"metadata": {"total_size": sum(s for *_, s in tensors)}, "weight_map": weight_map}
-      (temp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_tensors(temp, tensors, limit)
     (temp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for extra in extra_files:
       shutil.copy2(extra, temp / pathlib.Path(extra).name)
@@ -654,6 +672,28 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
     shutil.rmtree(temp, ignore_errors=True)
     raise
   return target
+
+
+def write_tensors(directory: pathlib.Path,
+                  tensors: Sequence[tuple[str, Callable[[], np.ndarray], int]],
+                  max_shard_size: int) -> None:
+  """Writes (HF name, producer, byte size) tensors into `directory` as `model.safetensors`, or
+  as shards of at most `max_shard_size` bytes with `model.safetensors.index.json`."""
+  shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
+  for item in tensors:  # greedy, in order, like transformers; a big tensor gets its own shard
+    if shards[-1] and sum(s for *_, s in shards[-1]) + item[2] > max_shard_size:
+      shards.append([])
+    shards[-1].append(item)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = ("model.safetensors" if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    safetensors.numpy.save_file({n: make() for n, make, _ in shard}, str(directory / name),
+                                metadata={"format": "pt"})
+    weight_map.update({n: name for n, _, _ in shard})
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(s for *_, s in tensors)}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def check_writable(target: pathlib.Path, marker: str, overwrite: bool) -> None:
