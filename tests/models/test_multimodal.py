@@ -1,0 +1,120 @@
+"""Media fusion (models/multimodal.py): masked_scatter semantics, the host-side placement
+checks, and packing: an example's audio never reaches another segment of its row.
+
+Parity of the Qwen2-Audio model with transformers is tests/checkpoints/test_qwen2_audio_parity.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.randomise import randomise
+from wakea_jax.models.audio import AudioEncoderConfig
+from wakea_jax.models.config import get_preset
+from wakea_jax.models.multimodal import (
+  AudioLanguageConfig,
+  AudioLanguageModel,
+  check_media_placement,
+  scatter_media,
+)
+
+P = 99  # the placeholder id in these tests
+
+
+def _masked_scatter(embeds, placeholders, features, feature_mask):
+  """torch.Tensor.masked_scatter in NumPy: placeholders in row-major order take the real
+  features in item-major order."""
+  out = embeds.copy()
+  out[placeholders] = features[feature_mask]
+  return out
+
+
+def test_scatter_media_is_masked_scatter():
+  rng = np.random.default_rng(0)
+  embeds = rng.standard_normal((2, 9, 4)).astype(np.float32)
+  features = rng.standard_normal((3, 4, 4)).astype(np.float32)
+  feature_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], bool)   # 3 + 4 + 1
+  placeholders = np.zeros((2, 9), bool)
+  placeholders[0, 2:5] = placeholders[0, 7:9] = placeholders[1, 0:2] = placeholders[1, 5] = True
+  out = jax.jit(scatter_media)(embeds, placeholders, features, feature_mask)
+  np.testing.assert_array_equal(out, _masked_scatter(embeds, placeholders, features,
+                                                     feature_mask))
+  # Without a mask every token is real.
+  all_real = np.zeros((2, 9), bool)
+  all_real[:, :6] = True
+  np.testing.assert_array_equal(
+      scatter_media(embeds, all_real, features, None),
+      _masked_scatter(embeds, all_real, features, np.ones((3, 4), bool)))
+  with pytest.raises(ValueError, match="media features have width 4, the token embeddings 5"):
+    scatter_media(np.zeros((1, 2, 5), np.float32), all_real[:1, :2], features)
+
+
+def test_placement_errors_name_counts_and_items():
+  ids = np.array([[1, P, P, P, 2, P, P, 3]])
+  check_media_placement(ids, P, [3, 2], what="audio")
+  with pytest.raises(ValueError, match=r"5 audio placeholder token\(s\) \(id 99\) in "
+                     r"input_ids but 6 audio token\(s\) from 2 audio item\(s\) \(tokens per "
+                     r"item: \[3, 3\]\)"):
+    check_media_placement(ids, P, [3, 3], what="audio")
+  # Packed: segment 1 holds 3 placeholders, segment 2 holds 2; items of 2 and 3 tokens match
+  # the total but item 1 would straddle the segments (leak one example's audio into another).
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])
+  check_media_placement(ids, P, [3, 2], segment_ids=segments)
+  with pytest.raises(ValueError, match=r"item 1 \(3 tokens\) would fill placeholders in row 0 "
+                     r"segment 1, row 0 segment 2"):
+    check_media_placement(ids, P, [2, 3], segment_ids=segments)
+  # Rows are separate examples too; placeholders in padding (segment 0) belong to none.
+  rows = np.array([[P, P, 1], [P, 1, 1]])
+  with pytest.raises(ValueError, match=r"item 0 \(3 tokens\) .* row 0 segment 1, row 1 "):
+    check_media_placement(rows, P, [3])
+  with pytest.raises(ValueError, match=r"item 1 \(1 tokens\) would fill placeholders in row 1 "
+                     r"segment 0"):
+    check_media_placement(rows, P, [2, 1], segment_ids=np.array([[1, 1, 1], [0, 0, 0]]))
+
+
+CONFIG = AudioLanguageConfig(
+    text=get_preset("tiny", qkv_bias=True, num_layers=1),
+    audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
+                             encoder_attention_heads=2, encoder_ffn_dim=32,
+                             max_source_positions=8, avg_pool=True),
+    audio_token_id=P)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids, features, frames, segment_ids):
+  return nnx.merge(graphdef, state)(ids, features, frames, segment_ids=segment_ids)
+
+
+def test_packed_examples_keep_their_own_audio():
+  """Two examples, each with a clip, packed in one row give each example's logits alone."""
+  # Built abstractly and filled with NumPy noise: compiling the random init costs ~14 s here.
+  model = nnx.eval_shape(lambda: AudioLanguageModel(CONFIG, rngs=nnx.Rngs(0)))
+  randomise(model, seed=0)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(1)
+  features = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+  frames = np.ones((2, 16), np.int32)
+  frames[1, 9:] = 0                                    # 9 frames -> 5 positions -> 2 tokens
+  a = [3, 4] + [P] * 4 + [5, 6]                       # the full clip: 4 tokens
+  b = [7, P, P, 8, 9, 10, 11, 12]
+  alone = _logits(graphdef, state, jnp.asarray([a, b], jnp.int32), features, frames, None)
+  packed_ids = np.asarray([a + b])
+  segments = np.asarray([[1] * 8 + [2] * 8], np.int32)
+  check_media_placement(packed_ids, P, [4, 2], segment_ids=segments)
+  packed = _logits(graphdef, state, jnp.asarray(packed_ids, jnp.int32), features, frames,
+                   jnp.asarray(segments))
+  np.testing.assert_allclose(packed[0, :8], alone[0], atol=2e-5)
+  np.testing.assert_allclose(packed[0, 8:], alone[1], atol=2e-5)
+  # The audio matters: another first clip changes the first example's logits only.
+  changed = _logits(graphdef, state, jnp.asarray([a, b], jnp.int32), features.at[0].multiply(-1),
+                    frames, None)
+  assert np.abs(changed[0, 2:] - alone[0, 2:]).min() > 0
+  np.testing.assert_array_equal(changed[0, :2], alone[0, :2])
+  np.testing.assert_array_equal(changed[1], alone[1])
+  # Called outside jit, the model checks the placement itself.
+  with pytest.raises(ValueError, match=r"5 audio placeholder token\(s\) .* but 6 audio"):
+    model(jnp.asarray([a, [7, P, 8, 9, 10, 11, 12, 13]], jnp.int32), features, frames)

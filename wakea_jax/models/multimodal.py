@@ -1,0 +1,192 @@
+"""Fusing media features into the decoder's token sequence, and the Qwen2-Audio model.
+
+The HF convention (Qwen2-Audio, LLaVA): the prompt holds one placeholder token id
+(`audio_token_index` / `image_token_index` in config.json) per media token, the processor
+having expanded each `<|AUDIO|>` / `<image>` to as many copies as the encoder gives tokens.
+The decoder's input is the token embeddings with the media features written over the
+placeholder positions, in order: `torch.Tensor.masked_scatter` semantics, the k-th
+placeholder of the batch (row-major) taking the k-th real media token (media by media, each
+in token order). Everything after that is the text path (`Transformer.forward(inputs_embeds=)`).
+
+`scatter_media` is the jittable fusion. Under `jit` it cannot raise, so the counts are checked
+on the host, where the data is: `check_media_placement` (NumPy) raises a ValueError naming both
+counts when the placeholders and the media tokens differ in number, and one naming the media
+item when an item's tokens would land in two examples (two rows, or two segments of a packed
+row): with packing the in-order scatter would otherwise move one example's media into
+another's placeholders. `AudioLanguageModel.forward` runs the check itself when its inputs are
+concrete (called outside `jit`).
+
+`AudioLanguageModel` is Qwen2AudioForConditionalGeneration: Whisper-style audio tower with
+Qwen2-Audio's pool (`models/audio.py`) -> one-Linear projector -> fusion -> Qwen2 decoder.
+Checkpoints are `checkpoints/qwen2_audio.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import Array
+
+from wakea_jax.models.audio import AudioEncoder, AudioEncoderConfig, AudioProjector, output_lengths
+from wakea_jax.models.config import ModelConfig
+from wakea_jax.models.layers import KVCache
+from wakea_jax.models.transformer import DecoderOutput, Transformer
+
+
+def scatter_media(embeds: Array, placeholders: Array, features: Array,
+                  feature_mask: Array | None = None) -> Array:
+  """`embeds` with the real media tokens written over the placeholder positions, in order.
+
+  embeds        [b, t, e] token embeddings.
+  placeholders  [b, t] bool, True at placeholder tokens (`input_ids == placeholder_id`).
+  features      [n, m, e] projected media features, n items of up to m tokens.
+  feature_mask  [n, m] bool, True for real tokens (e.g. `AudioEncoderOutput.token_mask`);
+                None: all are real.
+  -> [b, t, e] in embeds' dtype. The k-th placeholder (row-major) takes the k-th real token
+  (item-major). The counts must agree (`check_media_placement`): under jit a shortfall leaves
+  zeros, a surplus of media tokens is dropped. Differentiable in `features` (and `embeds`).
+  """
+  b, t, e = embeds.shape
+  n, m, fe = features.shape
+  if fe != e:
+    raise ValueError(f"media features have width {fe}, the token embeddings {e}; project them "
+                     f"to the decoder's embed_dim first")
+  flat = features.reshape(n * m, e).astype(embeds.dtype)
+  if feature_mask is not None:
+    # Real tokens first, each group in its order (a stable sort): masked_scatter's source.
+    flat = flat[jnp.argsort(~feature_mask.reshape(n * m).astype(bool), stable=True)]
+  slots = placeholders.reshape(b * t).astype(bool)
+  rank = jnp.cumsum(slots.astype(jnp.int32)) - 1
+  picked = jnp.take(flat, rank, axis=0, mode="fill", fill_value=0)
+  return jnp.where(slots[:, None], picked, embeds.reshape(b * t, e)).reshape(b, t, e)
+
+
+def check_media_placement(input_ids: Any, placeholder_id: int, token_counts: Any, *,
+                          segment_ids: Any = None, what: str = "media") -> None:
+  """Host-side check (NumPy) that `scatter_media` puts every media item into its own example.
+
+  input_ids [b, t]; token_counts [n]: real tokens of each media item, in placeholder order;
+  segment_ids [b, t] for packed rows (0 = padding). Raises ValueError when the number of
+  placeholder tokens differs from the number of media tokens (both named), or when an item's
+  tokens would span two rows or segments, or padding (the example's placeholders do not
+  match its own media).
+  """
+  ids = np.asarray(input_ids)
+  counts = np.asarray(token_counts, np.int64).reshape(-1)
+  slots = ids == placeholder_id
+  n_slots, n_tokens = int(slots.sum()), int(counts.sum())
+  if n_slots != n_tokens:
+    raise ValueError(
+        f"{n_slots} {what} placeholder token(s) (id {placeholder_id}) in input_ids but "
+        f"{n_tokens} {what} token(s) from {counts.size} {what} item(s) (tokens per item: "
+        f"{counts.tolist()}); each item needs exactly its token count of placeholders")
+  rows, cols = np.nonzero(slots)                          # row-major, as scatter_media fills
+  segments = (np.asarray(segment_ids)[rows, cols] if segment_ids is not None
+              else np.ones_like(rows))
+  item = np.repeat(np.arange(counts.size), counts)        # which item fills each placeholder
+  for k in range(counts.size):
+    at = item == k
+    owners = sorted(set(zip(rows[at].tolist(), segments[at].tolist())))
+    if len(owners) > 1 or (owners and owners[0][1] == 0):
+      where = ", ".join(f"row {r} segment {s}" for r, s in owners)
+      raise ValueError(
+          f"{what} item {k} ({int(counts[k])} tokens) would fill placeholders in {where}: the "
+          f"placeholders of an example (row{' and segment' if segment_ids is not None else ''}) "
+          f"do not match the token counts of its own {what} items")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioLanguageConfig:
+  """Qwen2-Audio's shape: a text decoder, an audio tower, and the placeholder token id."""
+
+  text: ModelConfig
+  audio: AudioEncoderConfig
+  audio_token_id: int = 151646  # Qwen2AudioConfig.audio_token_index's default
+
+  def __post_init__(self) -> None:
+    if not self.audio.avg_pool:
+      raise ValueError("AudioLanguageConfig.audio must be the Qwen2-Audio tower (avg_pool=True)")
+    if not 0 <= self.audio_token_id < self.text.vocab_size:
+      raise ValueError(f"audio_token_id {self.audio_token_id} is not in the text vocabulary "
+                       f"[0, {self.text.vocab_size})")
+
+
+class AudioLanguageModel(nnx.Module):
+  """Qwen2AudioForConditionalGeneration: audio tower -> projector -> fused into the decoder.
+
+  `model(input_ids, input_features=None, feature_attention_mask=None, **decoder_kwargs)`:
+  input_ids [b, t] with `audio_token_id` repeated once per real audio token of each clip (as
+  HF's processor expands `<|AUDIO|>`), input_features [n, mels, 2P] log-mel clips in
+  placeholder order, feature_attention_mask [n, 2P] their real frames (None: all real);
+  decoder_kwargs are the decoder's (positions, segment_ids, attention_mask, cache).
+  """
+
+  def __init__(self, config: AudioLanguageConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.audio_tower = AudioEncoder(config.audio, rngs=rngs)
+    self.projector = AudioProjector(config.audio.d_model, config.text.embed_dim,
+                                    dtype=config.text.dtype, param_dtype=config.text.param_dtype,
+                                    init_std=config.text.init_std, rngs=rngs)
+    self.language_model = Transformer(config.text, rngs=rngs)
+
+  def audio_features(self, input_features: Array, feature_attention_mask: Array | None = None
+                     ) -> tuple[Array, Array]:
+    """(projected features [n, P // 2, embed], token_mask [n, P // 2] bool) of n clips."""
+    out = self.audio_tower(input_features, feature_attention_mask)
+    return self.projector(out.last_hidden_state), out.token_mask
+
+  def embed(self, input_ids: Array, input_features: Array | None = None,
+            feature_attention_mask: Array | None = None) -> Array:
+    """The decoder's input [b, t, embed]: token embeddings with the clips' tokens fused in."""
+    embeds = self.language_model.embed_tokens(input_ids)
+    if input_features is None:
+      return embeds
+    features, token_mask = self.audio_features(input_features, feature_attention_mask)
+    return scatter_media(embeds, input_ids == self.config.audio_token_id, features, token_mask)
+
+  def forward(self, input_ids: Array, input_features: Array | None = None,
+              feature_attention_mask: Array | None = None, *, positions: Array | None = None,
+              segment_ids: Array | None = None, attention_mask: Array | None = None,
+              cache: KVCache | None = None) -> DecoderOutput:
+    """The decoder's output on the fused sequence (see the class docstring). Outside jit the
+    placeholder counts are checked first (`check_media_placement`)."""
+    if input_features is not None and _concrete(input_ids, feature_attention_mask, segment_ids):
+      frames = (np.full((input_features.shape[0],), input_features.shape[-1])
+                if feature_attention_mask is None
+                else np.asarray(feature_attention_mask).astype(np.int64).sum(-1))
+      check_media_placement(input_ids, self.config.audio_token_id,
+                            output_lengths(frames, avg_pool=True), segment_ids=segment_ids,
+                            what="audio")
+    embeds = self.embed(input_ids, input_features, feature_attention_mask)
+    return self.language_model.forward(inputs_embeds=embeds, positions=positions,
+                                       segment_ids=segment_ids, attention_mask=attention_mask,
+                                       cache=cache)
+
+  def __call__(self, input_ids: Array, input_features: Array | None = None,
+               feature_attention_mask: Array | None = None, **kwargs: Any
+               ) -> Array | tuple[Array, KVCache]:
+    """Float32 logits [b, t, vocab]; with `cache=`, (logits, new_cache)."""
+    out = self.forward(input_ids, input_features, feature_attention_mask, **kwargs)
+    return out.logits if kwargs.get("cache") is None else (out.logits, out.cache)
+
+
+def _concrete(*arrays: Any) -> bool:
+  return not any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None)
+
+
+def create_audio_language_model(config: AudioLanguageConfig, *, seed: int = 0
+                                ) -> AudioLanguageModel:
+  """A randomly initialised model, built under one jit (eager init is slow on CPU)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: AudioLanguageModel(config,
+                                                                     rngs=nnx.Rngs(seed))))
+  state = jax.jit(lambda: nnx.split(AudioLanguageModel(config, rngs=nnx.Rngs(seed)))[1])()
+  return nnx.merge(graphdef, state)
+
+
+__all__ = ["AudioLanguageConfig", "AudioLanguageModel", "check_media_placement",
+           "create_audio_language_model", "scatter_media"]
