@@ -43,6 +43,13 @@ def test_scatter_media_is_masked_scatter():
   out = jax.jit(scatter_media)(embeds, placeholders, features, feature_mask)
   np.testing.assert_array_equal(out, _masked_scatter(embeds, placeholders, features,
                                                      feature_mask))
+  # Gradients reach each real media token once and the placeholders' embeddings never.
+  def total(e, f):
+    return scatter_media(e, placeholders, f, feature_mask).sum()
+
+  d_embeds, d_features = jax.jit(jax.grad(total, argnums=(0, 1)))(embeds, features)
+  np.testing.assert_array_equal(d_features, np.broadcast_to(feature_mask[..., None], (3, 4, 4)))
+  np.testing.assert_array_equal(d_embeds, np.broadcast_to(~placeholders[..., None], (2, 9, 4)))
   # Without a mask every token is real.
   all_real = np.zeros((2, 9), bool)
   all_real[:, :6] = True
