@@ -19,6 +19,7 @@ from wakea_jax.models.multimodal import (
   AudioLanguageConfig,
   AudioLanguageModel,
   check_media_placement,
+  expand_placeholders,
   scatter_media,
 )
 
@@ -81,6 +82,18 @@ def test_placement_errors_name_counts_and_items():
   with pytest.raises(ValueError, match=r"item 1 \(1 tokens\) would fill placeholders in row 1 "
                      r"segment 0"):
     check_media_placement(rows, P, [2, 1], segment_ids=np.array([[1, 1, 1], [0, 0, 0]]))
+
+
+def test_expand_placeholders_as_the_processor():
+  ids = np.array([1, P, 2, 3, P, 4])
+  loss_mask = np.array([0, 0, 0, 1, 1, 1])
+  expanded, mask = expand_placeholders(ids, P, [3, 2], loss_mask)
+  np.testing.assert_array_equal(expanded, [1, P, P, P, 2, 3, P, P, 4])
+  np.testing.assert_array_equal(mask, [0, 0, 0, 0, 0, 1, 1, 1, 1])
+  check_media_placement(expanded[None], P, [3, 2])
+  with pytest.raises(ValueError, match=r"2 placeholder token\(s\) \(id 99\) in input_ids but 1 "
+                     r"media item\(s\)"):
+    expand_placeholders(ids, P, [3])
 
 
 CONFIG = AudioLanguageConfig(

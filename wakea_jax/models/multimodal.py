@@ -8,12 +8,14 @@ placeholder positions, in order: `torch.Tensor.masked_scatter` semantics, the k-
 placeholder of the batch (row-major) taking the k-th real media token (media by media, each
 in token order). Everything after that is the text path (`Transformer.forward(inputs_embeds=)`).
 
-`scatter_media` is the jittable fusion. Under `jit` it cannot raise, so the counts are checked
-on the host, where the data is: `check_media_placement` (NumPy) raises a ValueError naming both
-counts when the placeholders and the media tokens differ in number, and one naming the media
-item when an item's tokens would land in two examples (two rows, or two segments of a packed
-row): with packing the in-order scatter would otherwise move one example's media into
-another's placeholders. `AudioLanguageModel.forward` runs the check itself when its inputs are
+`expand_placeholders` turns one placeholder per item (as a chat is written and tokenised)
+into the expanded form, with any per-token arrays alongside. `scatter_media` is the jittable
+fusion. Under `jit` it cannot raise, so the counts are checked on the host, where the data
+is: `check_media_placement` (NumPy) raises a ValueError naming both counts when the
+placeholders and the media tokens differ in number, and one naming the media item when an
+item's tokens would land in two examples (two rows, or two segments of a packed row): with
+packing the in-order scatter would otherwise move one example's media into another's
+placeholders. `AudioLanguageModel.forward` runs the check itself when its inputs are
 concrete (called outside `jit`).
 
 `AudioLanguageModel` is Qwen2AudioForConditionalGeneration: Whisper-style audio tower with
@@ -64,6 +66,38 @@ def scatter_media(embeds: Array, placeholders: Array, features: Array,
   rank = jnp.cumsum(slots.astype(jnp.int32)) - 1
   picked = jnp.take(flat, rank, axis=0, mode="fill", fill_value=0)
   return jnp.where(slots[:, None], picked, embeds.reshape(b * t, e)).reshape(b, t, e)
+
+
+def expand_placeholders(input_ids: Any, placeholder_id: int, token_counts: Any, *aligned: Any
+                        ) -> tuple[np.ndarray, ...]:
+  """What HF's processors do to the text, on token ids (NumPy, one example): each single
+  placeholder becomes as many copies as its media item has tokens.
+
+  input_ids [t] with one `placeholder_id` per media item; token_counts [n] the items' token
+  counts in order (`models.audio.output_lengths` of their frames for audio); `aligned` are
+  other per-token arrays [t] (loss mask, segment ids, ...), each repeated like the ids.
+  Returns (ids, *aligned) expanded. Raises ValueError naming both counts when the number of
+  placeholders differs from the number of media items.
+  """
+  ids = np.asarray(input_ids)
+  counts = np.asarray(token_counts, np.int64).reshape(-1)
+  if ids.ndim != 1:
+    raise ValueError(f"input_ids must be one example [seq], got shape {ids.shape}")
+  at = np.flatnonzero(ids == placeholder_id)
+  if at.size != counts.size:
+    raise ValueError(f"{at.size} placeholder token(s) (id {placeholder_id}) in input_ids but "
+                     f"{counts.size} media item(s); write one placeholder per item")
+  if (counts < 0).any():
+    raise ValueError(f"token counts must be >= 0, got {counts.tolist()}")
+  repeats = np.ones(ids.shape, np.int64)
+  repeats[at] = counts
+  out = [np.repeat(ids, repeats)]
+  for array in aligned:
+    array = np.asarray(array)
+    if array.shape != ids.shape:
+      raise ValueError(f"an aligned array has shape {array.shape}, input_ids {ids.shape}")
+    out.append(np.repeat(array, repeats))
+  return tuple(out)
 
 
 def check_media_placement(input_ids: Any, placeholder_id: int, token_counts: Any, *,
@@ -189,4 +223,4 @@ def create_audio_language_model(config: AudioLanguageConfig, *, seed: int = 0
 
 
 __all__ = ["AudioLanguageConfig", "AudioLanguageModel", "check_media_placement",
-           "create_audio_language_model", "scatter_media"]
+           "create_audio_language_model", "expand_placeholders", "scatter_media"]
