@@ -1,9 +1,12 @@
 """Media fusion (models/multimodal.py): masked_scatter semantics, the host-side placement
-checks, and packing: an example's audio never reaches another segment of its row.
+checks, and packing: an example's audio never reaches another segment of its row; the LLaVA
+config's checks and token counts.
 
-Parity of the Qwen2-Audio model with transformers is tests/checkpoints/test_qwen2_audio_parity.py.
+Parity with transformers: tests/checkpoints/test_qwen2_audio_parity.py (Qwen2-Audio) and
+test_llava_parity.py (LLaVA).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -18,10 +21,13 @@ from wakea_jax.models.config import get_preset
 from wakea_jax.models.multimodal import (
   AudioLanguageConfig,
   AudioLanguageModel,
+  VisionLanguageConfig,
   check_media_placement,
   expand_placeholders,
   scatter_media,
 )
+from wakea_jax.models.projector import ProjectorConfig
+from wakea_jax.models.vision import VisionConfig
 
 P = 99  # the placeholder id in these tests
 
@@ -143,3 +149,34 @@ def test_packed_examples_keep_their_own_audio():
   # Called outside jit, the model checks the placement itself.
   with pytest.raises(ValueError, match=r"5 audio placeholder token\(s\) .* but 6 audio"):
     model(jnp.asarray([a, [7, P, 8, 9, 10, 11, 12, 13]], jnp.int32), features, frames)
+
+
+def test_vision_language_config_counts_and_errors():
+  text = get_preset("tiny", num_layers=1)
+  clip = VisionConfig(variant="clip", embed_dim=16, mlp_dim=32, num_layers=3, num_heads=2,
+                      image_size=32, patch_size=8)
+  mlp = ProjectorConfig(in_dim=16, out_dim=text.embed_dim)
+
+  def config(**changes):
+    return VisionLanguageConfig(**{**dict(text=text, vision=clip, projector=mlp,
+                                          image_token_id=P), **changes})
+
+  assert config().image_tokens == 16                  # 4 x 4 patches, CLS dropped
+  assert config().feature_layers == (2,)              # -2 of 4 hidden states
+  assert config(vision_feature_select_strategy="full").image_tokens == 17
+  pooled = dataclasses.replace(mlp, pool_window=3)    # 4 x 4 -> 2 x 2
+  assert config(projector=pooled).image_tokens == 4
+  two = dataclasses.replace(mlp, in_dim=32)
+  assert config(projector=two, vision_feature_layer=(-4, -1)).feature_layers == (0, 3)
+  for changes, match in [
+      (dict(vision_feature_layer=4), r"vision_feature_layer 4 is out of range for the tower's 4"),
+      (dict(vision_feature_layer=[-2]), r"an int or a non-empty tuple of ints, got \[-2\]"),
+      (dict(projector=two), r"projector in_dim 32 != vision embed_dim 16 x 1 feature layer"),
+      (dict(image_token_id=text.vocab_size), r"image_token_id \d+ is not in the text vocab"),
+      (dict(vision_feature_select_strategy="cls"), r"'default' or 'full', got 'cls'"),
+      # Pooling needs a square grid: CLIP's class token must be dropped.
+      (dict(projector=pooled, vision_feature_select_strategy="full"), r"17 tokens are not a "
+       r"square patch grid"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      config(**changes)

@@ -1,4 +1,4 @@
-"""Fusing media features into the decoder's token sequence, and the Qwen2-Audio model.
+"""Fusing media features into the decoder's token sequence; the Qwen2-Audio and LLaVA models.
 
 The HF convention (Qwen2-Audio, LLaVA): the prompt holds one placeholder token id
 (`audio_token_index` / `image_token_index` in config.json) per media token, the processor
@@ -21,6 +21,11 @@ concrete (called outside `jit`).
 `AudioLanguageModel` is Qwen2AudioForConditionalGeneration: Whisper-style audio tower with
 Qwen2-Audio's pool (`models/audio.py`) -> one-Linear projector -> fusion -> Qwen2 decoder.
 Checkpoints are `checkpoints/qwen2_audio.py`.
+
+`VisionLanguageModel` is LlavaForConditionalGeneration: ViT tower (`models/vision.py`) ->
+`select_features` (vision_feature_layer, vision_feature_select_strategy) -> two-layer MLP
+projector (`models/projector.py`, with optional token pooling of ours) -> fusion -> decoder.
+Checkpoints are `checkpoints/llava.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +42,15 @@ from jax import Array
 from wakea_jax.models.audio import AudioEncoder, AudioEncoderConfig, AudioProjector, output_lengths
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.layers import KVCache
+from wakea_jax.models.projector import Projector, ProjectorConfig
 from wakea_jax.models.transformer import DecoderOutput, Transformer
+from wakea_jax.models.vision import (
+    VisionConfig,
+    VisionTower,
+    layers_needed,
+    num_image_tokens,
+    select_features,
+)
 
 
 def scatter_media(embeds: Array, placeholders: Array, features: Array,
@@ -222,5 +235,117 @@ def create_audio_language_model(config: AudioLanguageConfig, *, seed: int = 0
   return nnx.merge(graphdef, state)
 
 
-__all__ = ["AudioLanguageConfig", "AudioLanguageModel", "check_media_placement",
-           "create_audio_language_model", "expand_placeholders", "scatter_media"]
+@dataclasses.dataclass(frozen=True)
+class VisionLanguageConfig:
+  """LLaVA's shape: a text decoder, a vision tower, its projector, and how features are taken.
+
+  `vision_feature_layer` is the tower's hidden state LLaVA projects (an index into the
+  num_layers + 1 hidden states, negative from the end; a tuple concatenates several along the
+  features), `vision_feature_select_strategy` "default" drops the first token (CLIP's class
+  token) and "full" keeps all. The projector maps vision width x feature layers to the text
+  embed_dim.
+  """
+
+  text: ModelConfig
+  vision: VisionConfig
+  projector: ProjectorConfig
+  image_token_id: int = 32000  # LlavaConfig.image_token_index's default
+  vision_feature_layer: int | tuple[int, ...] = -2
+  vision_feature_select_strategy: str = "default"
+
+  def __post_init__(self) -> None:
+    layer = self.vision_feature_layer
+    layers = (layer,) if isinstance(layer, int) else layer
+    if (isinstance(layer, list) or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)):
+      raise ValueError(f"vision_feature_layer must be an int or a non-empty tuple of ints, "
+                       f"got {layer!r}")
+    count = self.vision.num_layers + 1
+    if any(not -count <= i < count for i in layers):
+      raise ValueError(f"vision_feature_layer {layer!r} is out of range for the tower's {count} "
+                       f"hidden states")
+    if self.vision_feature_select_strategy not in ("default", "full"):
+      raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                       f"got {self.vision_feature_select_strategy!r}")
+    if self.projector.in_dim != self.vision.embed_dim * len(layers):
+      raise ValueError(f"projector in_dim {self.projector.in_dim} != vision embed_dim "
+                       f"{self.vision.embed_dim} x {len(layers)} feature layer(s)")
+    if self.projector.out_dim != self.text.embed_dim:
+      raise ValueError(f"projector out_dim {self.projector.out_dim} != text embed_dim "
+                       f"{self.text.embed_dim}")
+    if not 0 <= self.image_token_id < self.text.vocab_size:
+      raise ValueError(f"image_token_id {self.image_token_id} is not in the text vocabulary "
+                       f"[0, {self.text.vocab_size})")
+    self.projector.num_tokens(num_image_tokens(self.vision, self.vision_feature_select_strategy))
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    """The selected hidden states as non-negative indices (valid for a truncated run too)."""
+    layer = self.vision_feature_layer
+    count = self.vision.num_layers + 1
+    return tuple(i % count for i in ((layer,) if isinstance(layer, int) else layer))
+
+  @property
+  def image_tokens(self) -> int:
+    """Placeholder tokens per image (an image at the tower's image_size)."""
+    return self.projector.num_tokens(
+        num_image_tokens(self.vision, self.vision_feature_select_strategy))
+
+
+class VisionLanguageModel(nnx.Module):
+  """LlavaForConditionalGeneration: vision tower -> projector -> fused into the decoder.
+
+  `model(input_ids, pixel_values=None, **decoder_kwargs)`: input_ids [b, t] with
+  `image_token_id` repeated `config.image_tokens` times per image (as HF's processor expands
+  `<image>`), pixel_values [n, channels, size, size] the images in placeholder order
+  (`data/images.py`); decoder_kwargs are the decoder's (positions, segment_ids,
+  attention_mask, cache).
+  """
+
+  def __init__(self, config: VisionLanguageConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.vision_tower = VisionTower(config.vision, rngs=rngs)
+    self.projector = Projector(config.projector, rngs=rngs)
+    self.language_model = Transformer(config.text, rngs=rngs)
+
+  def image_features(self, pixel_values: Array) -> Array:
+    """Projected features [n, image_tokens, embed] of n images."""
+    c = self.config
+    layers = c.feature_layers
+    # Only the layers up to the deepest selected one run (LLaVA's usual -2 skips the last).
+    out = self.vision_tower(pixel_values, num_layers=layers_needed(c.vision.num_layers, layers))
+    return self.projector(select_features(out, layers, c.vision_feature_select_strategy))
+
+  def embed(self, input_ids: Array, pixel_values: Array | None = None) -> Array:
+    """The decoder's input [b, t, embed]: token embeddings with the images' tokens fused in."""
+    embeds = self.language_model.embed_tokens(input_ids)
+    if pixel_values is None:
+      return embeds
+    return scatter_media(embeds, input_ids == self.config.image_token_id,
+                         self.image_features(pixel_values))
+
+  def forward(self, input_ids: Array, pixel_values: Array | None = None, *,
+              positions: Array | None = None, segment_ids: Array | None = None,
+              attention_mask: Array | None = None, cache: KVCache | None = None
+              ) -> DecoderOutput:
+    """The decoder's output on the fused sequence (see the class docstring). Outside jit the
+    placeholder counts are checked first (`check_media_placement`)."""
+    if pixel_values is not None and _concrete(input_ids, segment_ids):
+      check_media_placement(input_ids, self.config.image_token_id,
+                            [self.config.image_tokens] * pixel_values.shape[0],
+                            segment_ids=segment_ids, what="image")
+    embeds = self.embed(input_ids, pixel_values)
+    return self.language_model.forward(inputs_embeds=embeds, positions=positions,
+                                       segment_ids=segment_ids, attention_mask=attention_mask,
+                                       cache=cache)
+
+  def __call__(self, input_ids: Array, pixel_values: Array | None = None, **kwargs: Any
+               ) -> Array | tuple[Array, KVCache]:
+    """Float32 logits [b, t, vocab]; with `cache=`, (logits, new_cache)."""
+    out = self.forward(input_ids, pixel_values, **kwargs)
+    return out.logits if kwargs.get("cache") is None else (out.logits, out.cache)
+
+
+__all__ = ["AudioLanguageConfig", "AudioLanguageModel", "VisionLanguageConfig",
+           "VisionLanguageModel", "check_media_placement", "create_audio_language_model",
+           "expand_placeholders", "scatter_media"]
