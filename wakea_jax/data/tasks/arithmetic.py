@@ -181,3 +181,18 @@ def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int
   (the records themselves stay unlabelled, so existing data files do not change)."""
   return [label(*question) for _, _, question in
           _dialogues(num_examples, seed, max_operand, tools, worked)]
+
+
+def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 0,
+                  worked: int = 0) -> list[dict[str, Any]]:
+  """Off-policy traces for LUFFY (`wakea_jax.rl.offpolicy`): for each of `prompts`' records
+  with the same arguments, `{"messages", "trace", "answer"}` where the trace is the worked
+  answer (`worked_answer`) an expert who always shows its work writes. The prompt messages
+  are exactly `prompts`' (the trace file of a run's prompt source keys onto its prompts)."""
+  if tools:
+    raise ValueError("expert traces answer directly; use tools=0 (the traces of a tool-calling "
+                     "prompt would need the tool's turns)")
+  return [{**record, "trace": worked_answer(*question)}
+          for record, (_, _, question) in zip(
+              prompts(num_examples, seed, max_operand=max_operand, tools=0, worked=worked),
+              _dialogues(num_examples, seed, max_operand, 0, worked))]

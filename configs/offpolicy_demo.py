@@ -1,0 +1,85 @@
+"""Learning beyond on-policy samples (issue 17): on-policy GRPO against LUFFY (off-policy expert
+traces in the groups) and ExGRPO (replayed successful rollouts), from one SFT model, on a
+split that model rarely solves.
+
+  python -m wakea_jax.offpolicy_demo --config=configs/offpolicy_demo.py --workdir=/tmp/offpolicy
+
+The SFT model is the learning demonstration's (configs/sft.py:arithmetic: operands up to 99);
+the RL prompts and the hard held-out split have operands up to 999, which it rarely gets
+right, so on-policy GRPO sees little reward (the LUFFY paper's setting). LUFFY's traces are
+the bundled expert's worked answers for the training prompts (data/tasks/arithmetic.py
+`expert_traces`). Every arm has the same prompts, group size and number of rollouts per step.
+
+Variants: default, test (a tiny version for the test suite). `--config.sft_dir=DIR` reuses
+an existing configs/sft.py:arithmetic workdir (e.g. the learning demonstration's sft/).
+"""
+
+import ml_collections
+
+from wakea_jax import config_files
+
+common = config_files.sibling(__file__, "common")
+
+HARD = "task:arithmetic?n={n}&seed={seed}&max_operand={max_operand}&tools=0"
+
+
+def _load(name: str, variant: str) -> ml_collections.ConfigDict:
+  return config_files.sibling(__file__, name).get_config(variant)
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  config = common.base_config()
+  config.objective = "offpolicy_demo"
+  config.variant = variant
+  config.seeds = (0, 1)
+  # Arms, each its own run per seed: grpo (on-policy), luffy (config.offpolicy traces),
+  # exgrpo (config.experience replay), hybrid (both).
+  config.arms = ("grpo", "luffy", "exgrpo")
+  config.sft_dir = ""                    # "" trains config.sft in WORKDIR/sft
+  config.sft = _load("sft", "arithmetic")
+  # LUFFY's traces: the expert's worked answers for the RL training prompts.
+  config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999))
+  # Held-out splits every model is evaluated on (greedy accuracy; pass@k off).
+  config.eval_splits = ml_collections.ConfigDict(dict(
+      hard=HARD.format(n=256, seed=777, max_operand=999),
+      standard="task:arithmetic?n=256&seed=777&max_operand=99&tools=0"))
+
+  grpo = _load("grpo", "arithmetic")
+  grpo.data.sources = HARD.format(**config.traces)
+  # The held-out accuracy curve: greedy accuracy on the hard split every 25 steps.
+  grpo.data.eval_sources = config.eval_splits.hard
+  grpo.train.steps = 100
+  grpo.train.eval_every = 25
+  grpo.train.checkpoint_every = 50
+  grpo.offpolicy.per_group = 1
+  grpo.offpolicy.gamma = 0.1
+  grpo.offpolicy.min_trace_reward = 1.0  # only traces the run's reward scores correct
+  grpo.eval.num_samples = 0             # greedy accuracy only
+  config.grpo = grpo
+
+  if variant == "default":
+    pass
+  elif variant == "test":
+    config.seeds = (0,)
+    config.arms = ("grpo", "luffy", "exgrpo")
+    sft = config.sft
+    sft.data.sources = (("task:arithmetic?n=256&max_operand=99&tools=0&worked=30", 1.0),)
+    sft.data.update(batch_size=8, eval_batch_size=8, eval_batches=1)
+    sft.train.update(steps=20, eval_every=20, checkpoint_every=20)
+    config.traces.n = 64
+    common.shrink_rl_for_tests(grpo)
+    grpo.data.sources = HARD.format(**config.traces)
+    grpo.rollout.max_new_tokens = 24
+    grpo.export.enabled = True           # every arm is evaluated from its export
+    grpo.train.steps = 2
+    grpo.train.eval_every = 2
+    grpo.train.checkpoint_every = 2
+    grpo.offpolicy.min_trace_reward = 1.0
+    grpo.eval.num_samples = 0
+    config.eval_splits.hard = HARD.format(n=8, seed=777, max_operand=999)
+    grpo.data.eval_sources = config.eval_splits.hard
+    config.eval_splits.standard = "task:arithmetic?n=8&seed=777&max_operand=99&tools=0"
+  else:
+    raise ValueError(f"unknown offpolicy_demo variant {variant!r}; use default or test")
+  return config

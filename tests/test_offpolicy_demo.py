@@ -1,0 +1,40 @@
+"""The off-policy demonstration's pipeline end to end on its `test` variant (a few steps per
+stage): SFT, the trace file, one run per arm, the evaluation on every split, the table, the
+statistics and the curves. The learning figures come from the full run in the README."""
+
+import json
+
+import pytest
+
+from wakea_jax import offpolicy_demo
+from wakea_jax.config_files import get_config
+from wakea_jax.rl import offpolicy as offpolicy_lib
+
+
+@pytest.mark.slow
+def test_offpolicy_demo_pipeline(tmp_path, capsys):
+  config = get_config("offpolicy_demo:test")
+  results = offpolicy_demo.run(config, tmp_path)
+  assert [r["arm"] for r in results["rows"]] == (
+      ["SFT"] + [offpolicy_demo.LABELS[a] for a in config.arms])
+  for row in results["rows"]:
+    assert set(config.eval_splits.keys()) <= set(row)
+    assert all(0.0 <= row[s] <= 1.0 for s in config.eval_splits.keys())
+  # The traces key onto the run's prompts and every one is correct.
+  traces = offpolicy_lib.load_traces(str(tmp_path / "traces.jsonl"))
+  assert len(traces) == results["traces"] == config.traces.n
+  # LUFFY's groups carried traces; on-policy GRPO's did not.
+  assert results["stats"]["luffy_seed0"]["offpolicy_fraction"] > 0
+  assert results["stats"]["grpo_seed0"].get("offpolicy_fraction", 0.0) == 0
+  assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]
+  assert "| LUFFY | 0 |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  assert "| SFT |" in capsys.readouterr().out
+
+
+def test_unknown_arm_fails_before_training(tmp_path):
+  config = get_config("offpolicy_demo:test")
+  config.arms = ("grpo", "lufy")
+  with pytest.raises(ValueError, match="unknown arm 'lufy'"):
+    offpolicy_demo.run(config, tmp_path)
+  assert not (tmp_path / "sft").exists()
