@@ -12,6 +12,8 @@ import ml_collections
 
 from wakea_jax import config_files
 
+common = config_files.sibling(__file__, "common")
+
 
 def _load(name: str, variant: str) -> ml_collections.ConfigDict:
   return config_files.sibling(__file__, name).get_config(variant)
@@ -19,7 +21,7 @@ def _load(name: str, variant: str) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   del arg
-  config = ml_collections.ConfigDict()
+  config = common.base_config()   # seed and mesh, as every config (the stages have their own)
   config.objective = "apo_demo"
   config.seeds = (0, 1)
   # The target's SFT dialogues (apo_demo.dialogues): each instruction in half the system
