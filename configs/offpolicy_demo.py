@@ -56,6 +56,9 @@ def get_config(arg=None):
   grpo.offpolicy.gamma = 0.1
   grpo.offpolicy.min_trace_reward = 1.0  # only traces the run's reward scores correct
   grpo.eval.num_samples = 0             # greedy accuracy only
+  # ExGRPO's delayed start (replay once a step's accuracy exceeds 0.35) would never come on a
+  # split the model solves 2% of: replay from the first successes on.
+  grpo.experience.start_accuracy = 0.0
   config.grpo = grpo
 
   if variant == "default":
