@@ -217,7 +217,7 @@ def test_llava_projector_parity(tmp_path):
     config = projector_ckpt.projector_config_from_hf(raw)
     assert (config.in_dim, config.out_dim, config.hidden_act, config.bias) == (
         64, 48, "gelu", True)
-    reader = hf._SafetensorsReader(directory)
+    reader = hf.SafetensorsReader(directory)
     ours = projector_ckpt.read_projector_params(reader, config, None, "config.json")
     features = np.random.default_rng(0).standard_normal((2, 16, 64)).astype(np.float32)
     with torch.no_grad():

@@ -39,8 +39,8 @@ from wakea_jax.checkpoints.hf import (
   HOOKS,
   Hook,
   PathLike,
+  SafetensorsReader,
   TensorRule,
-  _SafetensorsReader,
   check_writable,
   read_hf_config,
   replace_dir,
@@ -177,7 +177,7 @@ def _find_prefix(keys: set[str], prefixes: tuple[str, ...], first: str, what: st
   return found[0]
 
 
-def _load(module: nnx.Module, reader: _SafetensorsReader, entries: list[tuple[str, str, Hook]],
+def _load(module: nnx.Module, reader: SafetensorsReader, entries: list[tuple[str, str, Hook]],
           source: str) -> nnx.Module:
   """`module` with every parameter read through `entries`; shapes checked before reading."""
   graphdef, abstract_state = nnx.split(module)
@@ -216,7 +216,7 @@ def load_audio_encoder(path: PathLike, *, dtype: str = "float32",
   source = str(directory / "config.json")
   config = audio_config_from_hf(read_hf_config(directory), source=source, dtype=dtype,
                                 param_dtype=param_dtype)
-  reader = _SafetensorsReader(directory)
+  reader = SafetensorsReader(directory)
   keys = set(reader.weight_map)
   prefix = _find_prefix(keys, ENCODER_PREFIXES, "conv1.weight", "audio encoder", directory)
   entries = _expand(ENCODER_RULES, config.encoder_layers, prefix)
@@ -244,7 +244,7 @@ def load_audio_projector(path: PathLike, *, dtype: str = "float32",
   if not isinstance(text, dict) or not isinstance(text.get("hidden_size"), int):
     raise ValueError(f"{source}: field 'text_config.hidden_size' is missing; a projector "
                      "checkpoint is a composite (Qwen2AudioForConditionalGeneration) config")
-  reader = _SafetensorsReader(directory)
+  reader = SafetensorsReader(directory)
   prefix = _find_prefix(set(reader.weight_map), PROJECTOR_PREFIXES, "linear.weight",
                         "multi_modal_projector", directory)
   entries = _expand(PROJECTOR_RULES, 0, prefix)

@@ -187,14 +187,14 @@ _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
 _BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 
 
-def _int(value: Any, field: str, source: str) -> int:
+def int_field(value: Any, field: str, source: str) -> int:
   """`value` if it is a JSON integer (bools are not), else a ValueError naming the field."""
   if isinstance(value, bool) or not isinstance(value, int):
     raise ValueError(f"{source}: field '{field}' must be an integer, got {value!r}")
   return value
 
 
-def _float(value: Any, field: str, source: str, *, positive: bool = False) -> float:
+def float_field(value: Any, field: str, source: str, *, positive: bool = False) -> float:
   """`value` as a float if it is a finite JSON number (and > 0 when `positive`)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
     raise ValueError(f"{source}: field '{field}' must be a finite number, got {value!r}")
@@ -207,10 +207,10 @@ def _check_field_types(hf: dict[str, Any], source: str) -> None:
   """Type checks of the top-level fields config_from_hf reads (None means absent)."""
   for field in _INT_FIELDS:
     if hf.get(field) is not None:
-      _int(hf[field], field, source)
+      int_field(hf[field], field, source)
   for field in _FLOAT_FIELDS:
     if hf.get(field) is not None:
-      _float(hf[field], field, source)
+      float_field(hf[field], field, source)
   for field in _BOOL_FIELDS:
     if hf.get(field) is not None and not isinstance(hf[field], bool):
       raise ValueError(f"{source}: field '{field}' must be true or false, got {hf[field]!r}")
@@ -224,6 +224,12 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
   file = directory / "config.json"
   if not file.is_file():
     raise FileNotFoundError(f"{file} is missing; an HF checkpoint directory needs config.json")
+  return read_json_object(file)
+
+
+def read_json_object(file: pathlib.Path) -> dict[str, Any]:
+  """The JSON object in `file` (a config.json, preprocessor_config.json, ...); ValueError
+  naming the file when it is not valid JSON or not an object."""
   try:
     values = json.loads(file.read_text())
   except json.JSONDecodeError as e:
@@ -261,15 +267,16 @@ def _rope_from_hf(hf: dict[str, Any], max_len: int, source: str
   if params and all(isinstance(v, dict) for v in params.values()):
     raise NotImplementedError(f"{source}: per-layer-type {field} {sorted(params)} not supported")
   if params.get("rope_theta") is not None:
-    theta = _float(params["rope_theta"], f"{field}.rope_theta", source, positive=True)
+    theta = float_field(params["rope_theta"], f"{field}.rope_theta", source, positive=True)
   elif hf.get("rope_theta") is not None:
-    theta = _float(hf["rope_theta"], "rope_theta", source, positive=True)
+    theta = float_field(hf["rope_theta"], "rope_theta", source, positive=True)
   else:
     theta = 10_000.0
   partial = 1.0
   for where, values in ((f"{field}.", params), ("", hf)):
     if values.get("partial_rotary_factor") is not None:
-      partial = _float(values["partial_rotary_factor"], f"{where}partial_rotary_factor", source)
+      partial = float_field(values["partial_rotary_factor"], f"{where}partial_rotary_factor",
+                            source)
       break
   if partial != 1.0:
     raise NotImplementedError(f"{source}: partial_rotary_factor != 1 is not supported")
@@ -282,12 +289,12 @@ def _rope_from_hf(hf: dict[str, Any], max_len: int, source: str
   missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
   if missing:
     raise ValueError(f"{source}: {field} of rope_type 'llama3' lacks field {missing[0]!r}")
-  factors = {k: _float(params[k], f"{field}.{k}", source, positive=True)
+  factors = {k: float_field(params[k], f"{field}.{k}", source, positive=True)
              for k in ("factor", "low_freq_factor", "high_freq_factor")}
   original = params.get("original_max_position_embeddings")
   if original is None:
     original = max_len
-  elif _int(original, f"{field}.original_max_position_embeddings", source) <= 0:
+  elif int_field(original, f"{field}.original_max_position_embeddings", source) <= 0:
     raise ValueError(f"{source}: field '{field}.original_max_position_embeddings' must be > 0, "
                      f"got {original}")
   scaling = RopeScaling(original_max_position_embeddings=original, **factors)
@@ -394,7 +401,7 @@ _RAW_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16)}
 LOADABLE_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
-class _SafetensorsReader:
+class SafetensorsReader:
   """Tensors by name from `model.safetensors` or the shards of its index, one at a time."""
 
   def __init__(self, directory: pathlib.Path):
@@ -431,9 +438,11 @@ class _SafetensorsReader:
         raise ValueError(f"{index}: tensor(s) {absent[:5]} are not in the files it names")
 
   def file(self, name: str) -> pathlib.Path:
+    """The file that holds tensor `name`."""
     return self.directory / self.weight_map[name]
 
   def shape(self, name: str) -> Shape:
+    """Tensor `name`'s shape, from the header (no data read)."""
     return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
 
   def dtype(self, name: str) -> str:
@@ -447,6 +456,7 @@ class _SafetensorsReader:
                        f"one of {list(LOADABLE_DTYPES)} (no silent cast from {dtype})")
 
   def read(self, name: str) -> np.ndarray:
+    """Tensor `name` as a NumPy array (bfloat16 as ml_dtypes.bfloat16)."""
     self.check_dtype(name)
     handle = self._handles[self.weight_map[name]]
     dtype = self.dtype(name)
@@ -490,11 +500,11 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
   source = str(directory / "config.json")
   config = config_from_hf(read_hf_config(directory), source=source)
   config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-  return read_model(_SafetensorsReader(directory), config, source=source, mesh=mesh,
+  return read_model(SafetensorsReader(directory), config, source=source, mesh=mesh,
                     rules=rules)
 
 
-def read_model(reader: _SafetensorsReader, config: ModelConfig, *, source: str,
+def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
                prefixes: Mapping[str, str] | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: mesh_lib.Rules | None = None) -> Transformer:
   """A Transformer for `config` with its tensors read from `reader` (see `load_model`).
@@ -588,7 +598,7 @@ def read_model(reader: _SafetensorsReader, config: ModelConfig, *, source: str,
 # Export
 # ------------------------------------------------------------------------------------------
 
-_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "B": 1}
 
@@ -646,9 +656,9 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
   """
   config: ModelConfig = model.config
   dtype = dtype or config.param_dtype
-  if dtype not in _SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
-  np_dtype = np.dtype(_SAVE_DTYPES[dtype])
+  if dtype not in SAVE_DTYPES:
+    raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
+  np_dtype = np.dtype(SAVE_DTYPES[dtype])
   hf_config = config_to_hf(config, architecture, dtype)
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)

@@ -81,8 +81,8 @@ def _text_hf_config(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _feature_layer(value: Any, source: str) -> int | tuple[int, ...]:
   if isinstance(value, list) and value:
-    return tuple(hf._int(v, "vision_feature_layer", source) for v in value)
-  return hf._int(value, "vision_feature_layer", source)
+    return tuple(hf.int_field(v, "vision_feature_layer", source) for v in value)
+  return hf.int_field(value, "vision_feature_layer", source)
 
 
 def _image_token(hf_config: dict[str, Any], source: str) -> int:
@@ -90,7 +90,7 @@ def _image_token(hf_config: dict[str, Any], source: str) -> int:
   given = {f: hf_config[f] for f in ("image_token_index", "image_token_id")
            if hf_config.get(f) is not None}
   for field, value in given.items():
-    hf._int(value, field, source)
+    hf.int_field(value, field, source)
   if len(set(given.values())) > 1:
     raise ValueError(f"{source}: image_token_index {given['image_token_index']} and "
                      f"image_token_id {given['image_token_id']} differ")
@@ -174,7 +174,7 @@ def load_llava(path: hf.PathLike, *, dtype: str = "float32", param_dtype: str | 
   source = str(directory / "config.json")
   config = config_from_hf(hf.read_hf_config(directory), source=source, dtype=dtype,
                           param_dtype=param_dtype)
-  reader = hf._SafetensorsReader(directory)
+  reader = hf.SafetensorsReader(directory)
   names = set(reader.weight_map)
   lm_prefix = _prefix(names, tuple(p["model."] for p in LM_PREFIXES.values()),
                       "embed_tokens.weight", directory, "language model")

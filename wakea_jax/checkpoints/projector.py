@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from wakea_jax.checkpoints.hf import _SAVE_DTYPES, HOOKS, Hook, _int, _SafetensorsReader
+from wakea_jax.checkpoints.hf import HOOKS, SAVE_DTYPES, Hook, SafetensorsReader, int_field
 from wakea_jax.checkpoints.vision import vision_config_from_hf
 from wakea_jax.models.projector import Projector, ProjectorConfig, abstract_projector
 from wakea_jax.models.vision import ACTIVATIONS
@@ -52,7 +52,7 @@ def projector_config_from_hf(hf_config: dict[str, Any], *,
                      f"got {bias!r}")
   return ProjectorConfig(
       in_dim=vision.embed_dim * layers,
-      out_dim=_int(text["hidden_size"], "text_config.hidden_size", source),
+      out_dim=int_field(text["hidden_size"], "text_config.hidden_size", source),
       hidden_act=act, bias=bias)
 
 
@@ -62,7 +62,7 @@ def projector_map(config: ProjectorConfig, prefix: str) -> list[tuple[str, tuple
           if when == "always" or config.bias]
 
 
-def read_projector_params(reader: _SafetensorsReader, config: ProjectorConfig,
+def read_projector_params(reader: SafetensorsReader, config: ProjectorConfig,
                           prefix: str | None, source: str) -> Projector:
   """A projector of `config` from `reader`'s tensors under `prefix` (None: detected among
   `PROJECTOR_PREFIXES`); shapes and dtypes are checked before data is read."""
@@ -87,7 +87,7 @@ def read_projector_params(reader: _SafetensorsReader, config: ProjectorConfig,
     if (got := reader.shape(name)) != want:
       raise ValueError(f"{reader.file(name)}: tensor {name!r} has shape {got}, expected {want} "
                        f"from {source}")
-  dtype = np.dtype(_SAVE_DTYPES[config.param_dtype])
+  dtype = np.dtype(SAVE_DTYPES[config.param_dtype])
   values = {}
   for name, path, hook in entries:
     array = hook.to_ours(reader.read(name), tuple(expected[path].get_value().shape))

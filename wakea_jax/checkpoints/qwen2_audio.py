@@ -110,7 +110,7 @@ def load_qwen2_audio(path: hf.PathLike, *, dtype: str = "float32",
   source = str(directory / "config.json")
   config = config_from_hf(hf.read_hf_config(directory), source=source, dtype=dtype,
                           param_dtype=param_dtype)
-  reader = hf._SafetensorsReader(directory)
+  reader = hf.SafetensorsReader(directory)
   prefixes = LM_PREFIXES[_layout(set(reader.weight_map), directory)]
   orphans = sorted(k for k in reader.weight_map
                    if not k.startswith(_OTHER_PARTS) and not k.startswith(tuple(prefixes.values())))

@@ -31,16 +31,16 @@ import safetensors.numpy
 from flax import nnx
 
 from wakea_jax.checkpoints.hf import (
-    _SAVE_DTYPES,
-    HOOKS,
-    Hook,
-    PathLike,
-    _float,
-    _int,
-    _SafetensorsReader,
-    check_writable,
-    read_hf_config,
-    replace_dir,
+  HOOKS,
+  SAVE_DTYPES,
+  Hook,
+  PathLike,
+  SafetensorsReader,
+  check_writable,
+  float_field,
+  int_field,
+  read_hf_config,
+  replace_dir,
 )
 from wakea_jax.models.vision import ACTIVATIONS, VisionConfig, VisionTower, abstract_vision_tower
 from wakea_jax.parallel import mesh as mesh_lib
@@ -150,7 +150,7 @@ def _side(value: Any, field: str, source: str) -> int:
       raise NotImplementedError(f"{source}: field '{field}' is {value!r}; only square sizes "
                                 "are supported")
     value = value[0]
-  return _int(value, field, source)
+  return int_field(value, field, source)
 
 
 def vision_config_from_hf(hf_config: dict[str, Any], *,
@@ -182,14 +182,14 @@ def vision_config_from_hf(hf_config: dict[str, Any], *,
   try:
     return VisionConfig(
         variant=variant,
-        embed_dim=_int(hf["hidden_size"], "hidden_size", where),
-        mlp_dim=_int(hf["intermediate_size"], "intermediate_size", where),
-        num_layers=_int(hf["num_hidden_layers"], "num_hidden_layers", where),
-        num_heads=_int(hf["num_attention_heads"], "num_attention_heads", where),
-        num_channels=_int(hf["num_channels"], "num_channels", where),
+        embed_dim=int_field(hf["hidden_size"], "hidden_size", where),
+        mlp_dim=int_field(hf["intermediate_size"], "intermediate_size", where),
+        num_layers=int_field(hf["num_hidden_layers"], "num_hidden_layers", where),
+        num_heads=int_field(hf["num_attention_heads"], "num_attention_heads", where),
+        num_channels=int_field(hf["num_channels"], "num_channels", where),
         image_size=_side(hf["image_size"], "image_size", where),
         patch_size=_side(hf["patch_size"], "patch_size", where),
-        norm_eps=_float(hf["layer_norm_eps"], "layer_norm_eps", where, positive=True),
+        norm_eps=float_field(hf["layer_norm_eps"], "layer_norm_eps", where, positive=True),
         hidden_act=hf["hidden_act"], use_head=variant == "siglip" and use_head)
   except ValueError as e:
     if str(e).startswith(where):
@@ -229,7 +229,7 @@ def find_prefix(names: Any, source: str) -> str:
                    f"'<prefix>embeddings.patch_embedding.weight' for a prefix in {PREFIXES})")
 
 
-def read_vision_params(reader: _SafetensorsReader, config: VisionConfig, prefix: str,
+def read_vision_params(reader: SafetensorsReader, config: VisionConfig, prefix: str,
                        source: str, *, mesh: jax.sharding.Mesh | None = None,
                        rules: mesh_lib.Rules | None = None) -> VisionTower:
   """A tower of `config` filled from `reader`'s tensors under `prefix`; every tensor's shape
@@ -282,7 +282,7 @@ def load_vision_tower(path: PathLike, *, prefix: str | None = None, dtype: str =
   source = str(directory / "config.json")
   config = vision_config_from_hf(read_hf_config(directory), source=source)
   config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
-  reader = _SafetensorsReader(directory)
+  reader = SafetensorsReader(directory)
   if prefix is None:
     prefix = find_prefix(reader.weight_map, str(directory))
   return read_vision_params(reader, config, prefix, source, mesh=mesh, rules=rules)
@@ -313,11 +313,11 @@ def save_vision_tower(tower: VisionTower, path: PathLike, *, dtype: str | None =
   `hf.save_model`: written beside `path` and renamed over it."""
   config: VisionConfig = tower.config
   dtype = dtype or config.param_dtype
-  if dtype not in _SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+  if dtype not in SAVE_DTYPES:
+    raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)
-  tensors = dict(vision_tensors(tower, "", np.dtype(_SAVE_DTYPES[dtype])))
+  tensors = dict(vision_tensors(tower, "", np.dtype(SAVE_DTYPES[dtype])))
   temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   temp.mkdir(parents=True)
   try:

@@ -21,7 +21,6 @@ truncated one ValueError("<path>: not a readable image ...").
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from wakea_jax.checkpoints.hf import read_json_object
 
 PathLike = str | os.PathLike[str]
 
@@ -150,13 +151,7 @@ class ImageConfig:
       file = file / "preprocessor_config.json"
     if not file.is_file():
       raise FileNotFoundError(f"{file} does not exist")
-    try:
-      values = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{file}: invalid JSON: {e}") from e
-    if not isinstance(values, dict):
-      raise ValueError(f"{file}: expected a JSON object, got {type(values).__name__}")
-    return cls.from_dict(values, source=str(file))
+    return cls.from_dict(read_json_object(file), source=str(file))
 
 
 def load_image(path: PathLike) -> Image.Image:
