@@ -23,16 +23,12 @@ HF-named arrays for a composite exporter to place under its own prefix.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from wakea_jax.checkpoints.hf import (
@@ -42,8 +38,10 @@ from wakea_jax.checkpoints.hf import (
   SafetensorsReader,
   TensorRule,
   check_writable,
+  eager_tensors,
   read_hf_config,
-  replace_dir,
+  save_dtype,
+  write_checkpoint,
 )
 from wakea_jax.models.audio import AudioEncoder, AudioEncoderConfig, AudioProjector
 
@@ -292,23 +290,12 @@ def save_audio_encoder(encoder: AudioEncoder, path: PathLike, *, dtype: str = "f
   `WhisperEncoder.from_pretrained` (or `Qwen2AudioEncoder.from_pretrained` for a pooled
   encoder) loads. It appears atomically; a non-checkpoint directory is refused unless
   `overwrite`."""
-  if dtype not in _SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+  np_dtype = save_dtype(dtype, _SAVE_DTYPES)
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)
-  tensors = encoder_tensors(encoder, dtype=_SAVE_DTYPES[dtype])
-  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-  temp.mkdir(parents=True)
-  try:
-    safetensors.numpy.save_file(tensors, str(temp / "model.safetensors"),
-                                metadata={"format": "pt"})
-    (temp / "config.json").write_text(
-        json.dumps(audio_config_to_hf(encoder.config, dtype), indent=2, sort_keys=True) + "\n")
-    replace_dir(temp, target)
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  return target
+  tensors = encoder_tensors(encoder, dtype=np_dtype)
+  return write_checkpoint(target, eager_tensors(tensors),
+                          audio_config_to_hf(encoder.config, dtype), None)
 
 
 __all__ = ["AUDIO_HOOKS", "ENCODER_PREFIXES", "ENCODER_RULES", "PROJECTOR_RULES",

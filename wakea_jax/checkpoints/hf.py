@@ -504,6 +504,16 @@ def load_model(path: PathLike, *, dtype: str = "float32", param_dtype: str | Non
                     rules=rules)
 
 
+def stored_name(hf_name: str, prefixes: Mapping[str, str] | None) -> str:
+  """Where a composite checkpoint keeps the decoder tensor `hf_name`: the first prefix of
+  `prefixes` (decoder name start -> composite name start, as in `read_model`) it starts with
+  is replaced; a name under none of them (or no `prefixes`) is kept."""
+  for ours, theirs in (prefixes or {}).items():
+    if hf_name.startswith(ours):
+      return theirs + hf_name[len(ours):]
+  return hf_name
+
+
 def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
                prefixes: Mapping[str, str] | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: mesh_lib.Rules | None = None) -> Transformer:
@@ -518,12 +528,6 @@ def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
   """
   prefixes = dict(prefixes or {})
 
-  def stored(hf_name: str) -> str:
-    for ours, theirs in prefixes.items():
-      if hf_name.startswith(ours):
-        return theirs + hf_name[len(ours):]
-    return hf_name
-
   def decoder_name(key: str) -> str | None:  # the inverse of `stored`; None: not the decoder's
     if not prefixes:
       return key
@@ -536,7 +540,8 @@ def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
   expected = dict(nnx.to_flat_state(abstract_state))
   shardings = (dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract_state, mesh, rules)))
                if mesh is not None else {})
-  entries = [dataclasses.replace(e, hf_name=stored(e.hf_name)) for e in tensor_map(config)]
+  entries = [dataclasses.replace(e, hf_name=stored_name(e.hf_name, prefixes))
+             for e in tensor_map(config)]
   missing = [e.hf_name for e in entries if e.hf_name not in reader.weight_map]
   if missing:
     raise ValueError(f"{reader.directory}: tensor(s) {missing[:5]}"
@@ -599,6 +604,8 @@ def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
 # ------------------------------------------------------------------------------------------
 
 SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# (HF name, producer of the array, byte size): a tensor to write, fetched when its shard is.
+ExportTensor = tuple[str, Callable[[], np.ndarray], int]
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "B": 1}
 
@@ -613,9 +620,22 @@ def parse_size(size: int | str) -> int:
   return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"])
 
 
-def export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[[], np.ndarray],
-                                                                   int]]:
-  """(HF name, producer of the array, byte size) per tensor; arrays are fetched lazily."""
+def save_dtype(dtype: str, allowed: Mapping[str, Any] = SAVE_DTYPES) -> np.dtype:
+  """The NumPy dtype of the save dtype name `dtype`; ValueError naming the `allowed` ones."""
+  if dtype not in allowed:
+    raise ValueError(f"save dtype must be one of {sorted(allowed)}, got {dtype!r}")
+  return np.dtype(allowed[dtype])
+
+
+def eager_tensors(arrays: Mapping[str, np.ndarray]) -> list[ExportTensor]:
+  """`arrays` (HF name -> array, already in HF layout) as `write_tensors` entries."""
+  return [(name, lambda a=a: a, a.nbytes) for name, a in arrays.items()]
+
+
+def export_tensors(model: Transformer, dtype: Any, prefixes: Mapping[str, str] | None = None
+                   ) -> list[ExportTensor]:
+  """(HF name, producer of the array, byte size) per tensor; arrays are fetched lazily.
+  `prefixes` places the names inside a composite checkpoint (`stored_name`)."""
   config: ModelConfig = model.config
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   entries = tensor_map(config)
@@ -634,7 +654,8 @@ def export_tensors(model: Transformer, dtype: Any) -> list[tuple[str, Callable[[
     value = flat[e.path].get_value()
     shape = value.shape if e.layer is None else value.shape[1:]
     size = math.prod(shape) * dtype.itemsize
-    out.append((e.hf_name, lambda v=value, h=e.hook, i=e.layer: np.asarray(
+    name = stored_name(e.hf_name, prefixes)
+    out.append((name, lambda v=value, h=e.hook, i=e.layer: np.asarray(
         h.to_hf(np.asarray(jax.device_get(v if i is None else v[i]))).astype(dtype), order="C"),
         size))
   return out
@@ -656,14 +677,23 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
   """
   config: ModelConfig = model.config
   dtype = dtype or config.param_dtype
-  if dtype not in SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
-  np_dtype = np.dtype(SAVE_DTYPES[dtype])
+  np_dtype = save_dtype(dtype)
   hf_config = config_to_hf(config, architecture, dtype)
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)
-  tensors = export_tensors(model, np_dtype)
-  limit = parse_size(max_shard_size)
+  return write_checkpoint(target, export_tensors(model, np_dtype), hf_config, max_shard_size,
+                          extra_files=extra_files, files=files)
+
+
+def write_checkpoint(target: pathlib.Path, tensors: Sequence[ExportTensor],
+                     hf_config: dict[str, Any], max_shard_size: int | str | None, *,
+                     extra_files: Sequence[PathLike] = (),
+                     files: Mapping[str, bytes] | None = None) -> pathlib.Path:
+  """Writes an HF checkpoint directory at `target` atomically: `tensors` (`write_tensors`;
+  `max_shard_size` None: one model.safetensors), config.json from `hf_config`, `extra_files`
+  copied in and `files` (relative name -> contents) written, all beside `target`, then
+  renamed over it (`replace_dir`). The caller checks `target` first (`check_writable`)."""
+  limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
   temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   temp.mkdir(parents=True)
   try:
@@ -684,12 +714,11 @@ def save_model(model: Transformer, path: PathLike, *, dtype: str | None = None,
   return target
 
 
-def write_tensors(directory: pathlib.Path,
-                  tensors: Sequence[tuple[str, Callable[[], np.ndarray], int]],
-                  max_shard_size: int) -> None:
+def write_tensors(directory: pathlib.Path, tensors: Sequence[ExportTensor],
+                  max_shard_size: float) -> None:
   """Writes (HF name, producer, byte size) tensors into `directory` as `model.safetensors`, or
   as shards of at most `max_shard_size` bytes with `model.safetensors.index.json`."""
-  shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
+  shards: list[list[ExportTensor]] = [[]]
   for item in tensors:  # greedy, in order, like transformers; a big tensor gets its own shard
     if shards[-1] and sum(s for *_, s in shards[-1]) + item[2] > max_shard_size:
       shards.append([])

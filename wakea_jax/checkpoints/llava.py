@@ -27,14 +27,9 @@ Token pooling in the projector is ours alone: such a model cannot be exported.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
 from wakea_jax.checkpoints import hf
@@ -62,7 +57,6 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 _TEXT_DEFAULTS = {"llama": dict(zip(_SIZES, (32000, 4096, 11008, 32, 32))),
                   "qwen2": dict(zip(_SIZES, (151936, 4096, 22016, 32, 32))),
                   "qwen3": dict(zip(_SIZES, (151936, 4096, 22016, 32, 32)))}
-_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _text_hf_config(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -204,35 +198,17 @@ def save_llava(model: VisionLanguageModel, path: hf.PathLike, *, dtype: str = "f
   """Writes `model` as a LlavaForConditionalGeneration directory (the released layout) that
   transformers' `from_pretrained` loads. Shards past `max_shard_size`; appears atomically; a
   non-checkpoint directory is refused unless `overwrite`."""
-  if dtype not in _SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
-  np_dtype = np.dtype(_SAVE_DTYPES[dtype])
+  np_dtype = hf.save_dtype(dtype)
   hf_config = config_to_hf(model.config, dtype)
   target = pathlib.Path(path).absolute()
   hf.check_writable(target, "config.json", overwrite)
-  prefixes = LM_PREFIXES["saved"]
-
-  def stored(name: str) -> str:
-    ours = next(p for p in prefixes if name.startswith(p))
-    return prefixes[ours] + name[len(ours):]
-
   parts = {**dict(vision_ckpt.vision_tensors(model.vision_tower, VISION_PREFIXES[0], np_dtype)),
            **dict(projector_ckpt.projector_tensors(model.projector,
                                                    projector_ckpt.PROJECTOR_PREFIXES[0],
                                                    np_dtype))}
-  tensors = [(n, lambda a=a: a, a.nbytes) for n, a in parts.items()]
-  tensors += [(stored(n), make, size) for n, make, size in
-              hf.export_tensors(model.language_model, np_dtype)]
-  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-  temp.mkdir(parents=True)
-  try:
-    hf.write_tensors(temp, tensors, hf.parse_size(max_shard_size))
-    (temp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    hf.replace_dir(temp, target)
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  return target
+  tensors = hf.eager_tensors(parts) + hf.export_tensors(model.language_model, np_dtype,
+                                                        LM_PREFIXES["saved"])
+  return hf.write_checkpoint(target, tensors, hf_config, max_shard_size)
 
 
 __all__ = ["ARCHITECTURE", "LM_PREFIXES", "VISION_PREFIXES", "config_from_hf", "config_to_hf",

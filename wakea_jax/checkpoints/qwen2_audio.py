@@ -20,14 +20,9 @@ an error naming the file and the tensor.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
 from wakea_jax.checkpoints import audio as audio_ckpt
@@ -43,7 +38,6 @@ LM_PREFIXES: dict[str, dict[str, str]] = {
 }
 _OTHER_PARTS = ("audio_tower.", "multi_modal_projector.", "model.audio_tower.",
                 "model.multi_modal_projector.")
-_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def text_hf_config(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -135,36 +129,20 @@ def save_qwen2_audio(model: AudioLanguageModel, path: hf.PathLike, *, dtype: str
   """Writes `model` as a Qwen2AudioForConditionalGeneration directory (the saved layout) that
   transformers' `from_pretrained` loads. Shards past `max_shard_size`; appears atomically; a
   non-checkpoint directory is refused unless `overwrite`."""
-  if dtype not in _SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
-  np_dtype = np.dtype(_SAVE_DTYPES[dtype])
+  np_dtype = hf.save_dtype(dtype)
   hf_config = config_to_hf(model.config, dtype)
   target = pathlib.Path(path).absolute()
   hf.check_writable(target, "config.json", overwrite)
   prefixes = LM_PREFIXES["saved"]
-
-  def stored(name: str) -> str:
-    ours = next(p for p in prefixes if name.startswith(p))
-    return prefixes[ours] + name[len(ours):]
-
-  tensors = [(stored(n), make, size) for n, make, size in
-             hf.export_tensors(model.language_model, np_dtype)]
+  tensors = hf.export_tensors(model.language_model, np_dtype, prefixes)
   if model.config.text.tie_embeddings:  # HF's Qwen2-Audio does not tie: lm_head is the table
-    embed = next(t for t in tensors if t[0] == stored("model.embed_tokens.weight"))
-    tensors.append((stored("lm_head.weight"), embed[1], embed[2]))
+    embed = next(t for t in tensors
+                 if t[0] == hf.stored_name("model.embed_tokens.weight", prefixes))
+    tensors.append((hf.stored_name("lm_head.weight", prefixes), embed[1], embed[2]))
   parts = {**audio_ckpt.encoder_tensors(model.audio_tower, "audio_tower.", np_dtype),
            **audio_ckpt.projector_tensors(model.projector, "multi_modal_projector.", np_dtype)}
-  tensors = [(n, lambda a=a: a, a.nbytes) for n, a in parts.items()] + tensors
-  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-  temp.mkdir(parents=True)
-  try:
-    hf.write_tensors(temp, tensors, hf.parse_size(max_shard_size))
-    (temp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    hf.replace_dir(temp, target)
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  return target
+  return hf.write_checkpoint(target, hf.eager_tensors(parts) + tensors, hf_config,
+                             max_shard_size)
 
 
 __all__ = ["ARCHITECTURE", "LM_PREFIXES", "config_from_hf", "config_to_hf", "load_qwen2_audio",

@@ -17,30 +17,27 @@ importer and exporter reuse.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
-import shutil
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from wakea_jax.checkpoints.hf import (
   HOOKS,
-  SAVE_DTYPES,
   Hook,
   PathLike,
   SafetensorsReader,
   check_writable,
+  eager_tensors,
   float_field,
   int_field,
   read_hf_config,
-  replace_dir,
+  save_dtype,
+  write_checkpoint,
 )
 from wakea_jax.models.vision import ACTIVATIONS, VisionConfig, VisionTower, abstract_vision_tower
 from wakea_jax.parallel import mesh as mesh_lib
@@ -313,23 +310,12 @@ def save_vision_tower(tower: VisionTower, path: PathLike, *, dtype: str | None =
   `hf.save_model`: written beside `path` and renamed over it."""
   config: VisionConfig = tower.config
   dtype = dtype or config.param_dtype
-  if dtype not in SAVE_DTYPES:
-    raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
+  np_dtype = save_dtype(dtype)
   target = pathlib.Path(path).absolute()
   check_writable(target, "config.json", overwrite)
-  tensors = dict(vision_tensors(tower, "", np.dtype(SAVE_DTYPES[dtype])))
-  temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-  temp.mkdir(parents=True)
-  try:
-    safetensors.numpy.save_file(tensors, str(temp / "model.safetensors"),
-                                metadata={"format": "pt"})
-    (temp / "config.json").write_text(
-        json.dumps(vision_config_to_hf(config, dtype), indent=2, sort_keys=True) + "\n")
-    replace_dir(temp, target)
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  return target
+  tensors = dict(vision_tensors(tower, "", np_dtype))
+  return write_checkpoint(target, eager_tensors(tensors), vision_config_to_hf(config, dtype),
+                          None)
 
 
 __all__ = ["PREFIXES", "TENSOR_RULES", "VISION_HOOKS", "find_prefix", "load_vision_tower",
