@@ -186,11 +186,7 @@ def _load(module: nnx.Module, reader: SafetensorsReader, entries: list[tuple[str
     raise ValueError(f"{reader.directory}: tensor(s) {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''} missing; {source} implies them")
   for name, ours, hook in entries:
-    reader.check_dtype(name)
-    want = hook.hf_shape(tuple(expected[ours][1].get_value().shape))
-    if (got := reader.shape(name)) != want:
-      raise ValueError(f"{reader.file(name)}: tensor {name!r} has shape {got}, expected "
-                       f"{want} from {source}")
+    reader.check_tensor(name, hook.hf_shape(tuple(expected[ours][1].get_value().shape)), source)
   values = {ours: np.asarray(hook.to_ours(reader.read(name), tuple(
       expected[ours][1].get_value().shape)).astype(param_dtype), order="C")
             for name, ours, hook in entries}

@@ -455,6 +455,14 @@ class SafetensorsReader:
       raise ValueError(f"{self.file(name)}: tensor {name!r} has dtype {dtype}; weights must be "
                        f"one of {list(LOADABLE_DTYPES)} (no silent cast from {dtype})")
 
+  def check_tensor(self, name: str, shape: Shape, source: str) -> None:
+    """Raises ValueError naming the file and tensor unless `name` is a floating tensor of
+    `shape` (HF layout), the shape the config named by `source` implies."""
+    self.check_dtype(name)
+    if (got := self.shape(name)) != shape:
+      raise ValueError(f"{self.file(name)}: tensor {name!r} has shape {got}, expected {shape} "
+                       f"from {source}")
+
   def read(self, name: str) -> np.ndarray:
     """Tensor `name` as a NumPy array (bfloat16 as ml_dtypes.bfloat16)."""
     self.check_dtype(name)
@@ -568,11 +576,7 @@ def read_model(reader: SafetensorsReader, config: ModelConfig, *, source: str,
     return shape if e.layer is None else shape[1:]
 
   for e in entries:  # every shape and dtype is checked before any data is read
-    reader.check_dtype(e.hf_name)
-    want = e.hook.hf_shape(our_shape(e))
-    if (got := reader.shape(e.hf_name)) != want:
-      raise ValueError(f"{reader.file(e.hf_name)}: tensor {e.hf_name!r} has shape {got}, "
-                       f"expected {want} from {source}")
+    reader.check_tensor(e.hf_name, e.hook.hf_shape(our_shape(e)), source)
   values: dict[tuple[Any, ...], jax.Array] = {}
   rows: dict[tuple[Any, ...], dict[int, np.ndarray]] = {}
   for e in entries:

@@ -82,11 +82,7 @@ def read_projector_params(reader: SafetensorsReader, config: ProjectorConfig,
     raise ValueError(f"{reader.directory}: projector tensor(s) {missing[:5]} missing and "
                      f"{extra[:5]} unexpected for {source}")
   for name, path, hook in entries:
-    reader.check_dtype(name)
-    want = hook.hf_shape(tuple(expected[path].get_value().shape))
-    if (got := reader.shape(name)) != want:
-      raise ValueError(f"{reader.file(name)}: tensor {name!r} has shape {got}, expected {want} "
-                       f"from {source}")
+    reader.check_tensor(name, hook.hf_shape(tuple(expected[path].get_value().shape)), source)
   dtype = np.dtype(SAVE_DTYPES[config.param_dtype])
   values = {}
   for name, path, hook in entries:

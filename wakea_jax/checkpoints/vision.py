@@ -249,11 +249,7 @@ def read_vision_params(reader: SafetensorsReader, config: VisionConfig, prefix: 
     raise ValueError(f"{reader.directory}: unexpected tensor(s) {extra[:5]} ({len(extra)} in "
                      f"all, e.g. in {reader.file(extra[0]).name}) not described by {source}")
   for name, path, hook in entries:
-    reader.check_dtype(name)
-    want = hook.hf_shape(tuple(expected[path].get_value().shape))
-    if (got := reader.shape(name)) != want:
-      raise ValueError(f"{reader.file(name)}: tensor {name!r} has shape {got}, expected {want} "
-                       f"from {source}")
+    reader.check_tensor(name, hook.hf_shape(tuple(expected[path].get_value().shape)), source)
   values = {}
   for name, path, hook in entries:
     shape = tuple(expected[path].get_value().shape)
