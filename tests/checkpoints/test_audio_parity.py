@@ -22,6 +22,7 @@ from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
+from tests.checkpoints.torch_models import randomise_torch  # noqa: E402
 from wakea_jax.checkpoints import audio as audio_ckpt  # noqa: E402
 from wakea_jax.models.audio import encode  # noqa: E402
 
@@ -34,19 +35,6 @@ WHISPER = dict(ENCODER, decoder_layers=1, decoder_attention_heads=4, decoder_ffn
 QWEN2_TEXT = dict(model_type="qwen2", hidden_size=40, intermediate_size=48, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
 FRAMES = 2 * ENCODER["max_source_positions"]
-
-
-def _randomise_torch(model, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.2 * noise)
-      else:
-        p.copy_(0.08 * noise)
 
 
 def _ours(encoder, features, mask=None):
@@ -77,7 +65,7 @@ def _features(batch: int = 2) -> np.ndarray:
 def qwen2_audio_dir(tmp_path_factory):
   config = transformers.Qwen2AudioConfig(audio_config=ENCODER, text_config=QWEN2_TEXT)
   model = transformers.Qwen2AudioForConditionalGeneration(config).eval()
-  _randomise_torch(model, seed=3)
+  randomise_torch(model, seed=3)
   path = tmp_path_factory.mktemp("qwen2_audio")
   model.save_pretrained(path)
   return path, model
@@ -86,7 +74,7 @@ def qwen2_audio_dir(tmp_path_factory):
 @pytest.mark.parametrize("architecture", ["WhisperModel", "WhisperForConditionalGeneration"])
 def test_whisper_import_and_export(tmp_path, architecture):
   model = getattr(transformers, architecture)(transformers.WhisperConfig(**WHISPER)).eval()
-  _randomise_torch(model, seed=1)
+  randomise_torch(model, seed=1)
   model.save_pretrained(tmp_path / "hf")
   theirs_encoder = model.get_encoder()
   x = _features()

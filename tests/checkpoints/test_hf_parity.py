@@ -17,6 +17,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.checkpoints.torch_models import randomise_torch  # noqa: E402
 from wakea_jax import convert  # noqa: E402
 from wakea_jax.checkpoints import hf  # noqa: E402
 from wakea_jax.models.transformer import create_model  # noqa: E402
@@ -39,19 +40,6 @@ FAMILIES = {
     "qwen3_qknorm_sharded": ("Qwen3Config", dict(head_dim=24), dict(max_shard_size="50KB")),
 }
 LENGTHS = (40, 31, 17)
-
-
-def _randomise_torch(model, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.2 * noise)
-      else:
-        p.copy_(0.08 * noise)
 
 
 def _randomise_ours(model, seed: int) -> None:
@@ -103,7 +91,7 @@ def checkpoints(tmp_path_factory):
   for seed, family in enumerate(sorted(FAMILIES)):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).eval()
-    _randomise_torch(model, seed=seed)
+    randomise_torch(model, seed=seed)
     directory = tmp_path_factory.mktemp(family)
     model.save_pretrained(directory, **FAMILIES[family][2])
     out[family] = (directory, model)

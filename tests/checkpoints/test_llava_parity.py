@@ -22,6 +22,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.checkpoints.torch_models import randomise_torch  # noqa: E402
 from wakea_jax.checkpoints import llava  # noqa: E402
 from wakea_jax.models.multimodal import expand_placeholders  # noqa: E402
 
@@ -42,19 +43,6 @@ VARIANTS = {
                          multimodal_projector_bias=False),
 }
 TOKENS_PER_IMAGE = (TOWER["image_size"] // TOWER["patch_size"]) ** 2  # 16 (CLIP: CLS dropped)
-
-
-def _randomise_torch(model, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.2 * noise)
-      else:
-        p.copy_(0.08 * noise)
 
 
 def _inputs(tokens: int):
@@ -92,7 +80,7 @@ def saved(tmp_path_factory):
     if variant not in cache:
       config = transformers.LlavaConfig(image_token_index=IMAGE_TOKEN, **VARIANTS[variant])
       model = transformers.LlavaForConditionalGeneration(config).eval()
-      _randomise_torch(model, seed=7)
+      randomise_torch(model, seed=7)
       path = tmp_path_factory.mktemp(variant)
       model.save_pretrained(path)
       cache[variant] = path, model

@@ -18,6 +18,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.checkpoints.torch_models import randomise_torch  # noqa: E402
 from wakea_jax.checkpoints import qwen2_audio  # noqa: E402
 
 TOL = 1e-4
@@ -27,19 +28,6 @@ TEXT = dict(model_type="qwen2", hidden_size=40, intermediate_size=48, num_hidden
             num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
 AUDIO_TOKEN = 63
 FRAMES = 2 * AUDIO["max_source_positions"]
-
-
-def _randomise_torch(model, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.2 * noise)
-      else:
-        p.copy_(0.08 * noise)
 
 
 def _inputs():
@@ -79,7 +67,7 @@ def hf_model(tmp_path_factory):
   config = transformers.Qwen2AudioConfig(audio_config=AUDIO, text_config=TEXT,
                                          audio_token_index=AUDIO_TOKEN)
   model = transformers.Qwen2AudioForConditionalGeneration(config).eval()
-  _randomise_torch(model, seed=5)
+  randomise_torch(model, seed=5)
   path = tmp_path_factory.mktemp("qwen2_audio_lm")
   model.save_pretrained(path)
   return path, model

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.checkpoints.torch_models import randomise_torch  # noqa: E402
 from wakea_jax.checkpoints import hf  # noqa: E402
 from wakea_jax.checkpoints import projector as projector_ckpt  # noqa: E402
 from wakea_jax.checkpoints import vision as vision_ckpt  # noqa: E402
@@ -31,17 +32,6 @@ VARIANTS = {
     "siglip_head": ("SiglipVisionConfig", "SiglipVisionModel", dict(vision_use_head=True)),
     "clip": ("CLIPVisionConfig", "CLIPVisionModel", {}),
 }
-
-
-def _randomise(module, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_((0.2 if "bias" in name else 0.1) * noise)
 
 
 def _pixels(batch: int = 2, height: int = 32, width: int = 32) -> np.ndarray:
@@ -73,7 +63,7 @@ def hf_tower(request, tmp_path_factory):
   config_cls, model_cls, extra = VARIANTS[request.param]
   config = getattr(transformers, config_cls)(**TINY, **extra)
   model = getattr(transformers, model_cls)(config).eval()
-  _randomise(model, seed=len(request.param))
+  randomise_torch(model, seed=len(request.param), weight_scale=0.1)
   directory = tmp_path_factory.mktemp(request.param)
   model.save_pretrained(directory)
   return (request.param, model, directory, _hf_outputs(model, _pixels()),
@@ -206,7 +196,7 @@ def test_llava_projector_parity(tmp_path):
                                            vocab_size=64),
       vision_feature_layer=[-2, -1])
   module = LlavaMultiModalProjector(hf_config).eval()
-  _randomise(module, seed=7)
+  randomise_torch(module, seed=7, weight_scale=0.1)
   for prefix in projector_ckpt.PROJECTOR_PREFIXES:
     directory = tmp_path / prefix.rstrip(".")
     directory.mkdir()
