@@ -106,8 +106,8 @@ def test_parameters_shard_by_their_logical_axes():
   state = mesh_lib.shard_state(nnx.state(_encoder(), nnx.Param), mesh)
   flat = dict(nnx.to_flat_state(state))
   spec = lambda path: flat[path].get_value().sharding.spec  # noqa: E731
-  assert spec(("layers", 0, "q_proj")) == PartitionSpec("fsdp", "tensor", None)
-  assert spec(("layers", 0, "up_proj")) == PartitionSpec("fsdp", "tensor")
+  assert spec(("layers", 0, "attn", "q_proj")) == PartitionSpec("fsdp", "tensor", None)
+  assert spec(("layers", 0, "mlp", "up_proj")) == PartitionSpec("fsdp", "tensor")
   projector = nnx.eval_shape(lambda: AudioProjector(32, 40, rngs=nnx.Rngs(0)))
   assert nnx.eval_shape(lambda p, x: p(x), projector, jnp.ones((2, 6, 32))).shape == (2, 6, 40)
 

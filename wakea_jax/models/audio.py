@@ -39,7 +39,8 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
-from wakea_jax.models.layers import dense, dot_product_attention, param
+from wakea_jax.models.encoder_blocks import EncoderLayer, LayerNorm
+from wakea_jax.models.layers import dense, param
 
 # HF `ACT2FN` names of the layers' MLP activation: "gelu" is the exact erf form Whisper uses.
 GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
@@ -152,58 +153,12 @@ class AudioEncoderOutput:
   hidden_states: tuple[Array, ...] | None = None
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm with bias (arXiv 1607.06450): float32 statistics, the input's dtype out."""
-
-  def __init__(self, dim: int, eps: float, param_dtype: Any):
-    self.eps = eps
-    self.scale = param(None, (dim,), ("norm",), param_dtype, value=1.0)
-    self.bias = param(None, (dim,), ("norm",), param_dtype, value=0.0)
-
-  def __call__(self, x: Array) -> Array:
-    """Normalises x over its last axis; same shape and dtype as x."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-            ).astype(x.dtype)
-
-
-class AudioEncoderLayer(nnx.Module):
-  """One pre-LN layer: x += Attn(LN(x)); x += FFN(LN(x)) (HF `WhisperEncoderLayer`)."""
-
-  def __init__(self, config: AudioEncoderConfig, *, rngs: nnx.Rngs):
-    c, pd, std = config, config.weight_dtype, config.init_std
-    e, n, h, m = c.d_model, c.encoder_attention_heads, c.head_dim, c.encoder_ffn_dim
-    self.config = c
-    self.attn_norm = LayerNorm(e, c.layer_norm_eps, pd)
-    self.q_proj = param(rngs, (e, n, h), ("embed", "q_heads", "head_dim"), pd, std=std)
-    self.q_bias = param(None, (n, h), ("q_heads", "head_dim"), pd, value=0.0)
-    self.k_proj = param(rngs, (e, n, h), ("embed", "q_heads", "head_dim"), pd, std=std)
-    self.v_proj = param(rngs, (e, n, h), ("embed", "q_heads", "head_dim"), pd, std=std)
-    self.v_bias = param(None, (n, h), ("q_heads", "head_dim"), pd, value=0.0)
-    self.o_proj = param(rngs, (n, h, e), ("q_heads", "head_dim", "embed"), pd, std=std)
-    self.o_bias = param(None, (e,), ("embed",), pd, value=0.0)
-    self.mlp_norm = LayerNorm(e, c.layer_norm_eps, pd)
-    self.up_proj = param(rngs, (e, m), ("embed", "mlp"), pd, std=std)
-    self.up_bias = param(None, (m,), ("mlp",), pd, value=0.0)
-    self.down_proj = param(rngs, (m, e), ("mlp", "embed"), pd, std=std)
-    self.down_bias = param(None, (e,), ("embed",), pd, value=0.0)
-
-  def __call__(self, x: Array, mask: Array) -> Array:
-    """x [b, t, e], mask [b, t, t] (True = may attend) -> [b, t, e]."""
-    c, dt = self.config, self.config.compute_dtype
-    y = self.attn_norm(x)
-    q = dense(y, self.q_proj, "bte,enh->btnh", dt) + self.q_bias[...].astype(dt)
-    k = dense(y, self.k_proj, "bte,enh->btnh", dt)
-    v = dense(y, self.v_proj, "bte,enh->btnh", dt) + self.v_bias[...].astype(dt)
-    attn = dot_product_attention(q, k, v, mask, c.encoder_attention_heads)
-    x = x + dense(attn, self.o_proj, "btnh,nhe->bte", dt) + self.o_bias[...].astype(dt)
-    y = self.mlp_norm(x)
-    hidden = dense(y, self.up_proj, "bte,em->btm", dt) + self.up_bias[...].astype(dt)
-    hidden = jax.nn.gelu(hidden, approximate=GELU_APPROXIMATE[c.activation_function])
-    return x + dense(hidden, self.down_proj, "btm,me->bte", dt) + self.down_bias[...].astype(dt)
+def _encoder_layer(c: AudioEncoderConfig, rngs: nnx.Rngs) -> EncoderLayer:
+  """HF `WhisperEncoderLayer`: no bias on k_proj."""
+  act = functools.partial(jax.nn.gelu, approximate=GELU_APPROXIMATE[c.activation_function])
+  return EncoderLayer(c.d_model, c.encoder_attention_heads, c.encoder_ffn_dim, act,
+                      norm_eps=c.layer_norm_eps, k_bias=False, dtype=c.compute_dtype,
+                      param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
 
 
 def _conv1d(x: Array, weight: Array, bias: Array, stride: int) -> Array:
@@ -233,8 +188,8 @@ class AudioEncoder(nnx.Module):
     self.position_embed = nnx.Param(
         jnp.asarray(sinusoids(c.max_source_positions, c.d_model), pd),
         logical_axes=(None, "embed"))
-    self.layers = nnx.List([AudioEncoderLayer(c, rngs=rngs) for _ in range(c.encoder_layers)])
-    self.final_norm = LayerNorm(c.d_model, c.layer_norm_eps, pd)
+    self.layers = nnx.List([_encoder_layer(c, rngs) for _ in range(c.encoder_layers)])
+    self.final_norm = LayerNorm(c.d_model, c.layer_norm_eps, param_dtype=pd)
 
   def __call__(self, input_features: Array, attention_mask: Array | None = None, *,
                output_hidden_states: bool = False) -> AudioEncoderOutput:
@@ -311,6 +266,6 @@ class AudioProjector(nnx.Module):
         self.bias[...].astype(self.dtype))
 
 
-__all__ = ["AudioEncoder", "AudioEncoderConfig", "AudioEncoderLayer", "AudioEncoderOutput",
-           "AudioProjector", "LayerNorm", "create_audio_encoder", "encode", "output_lengths",
+__all__ = ["AudioEncoder", "AudioEncoderConfig", "AudioEncoderOutput", "AudioProjector",
+           "create_audio_encoder", "encode", "output_lengths",
            "sinusoids"]

@@ -30,6 +30,7 @@ from flax import nnx
 from jax import Array
 
 from wakea_jax.models.config import _DTYPES
+from wakea_jax.models.encoder_blocks import EncoderLayer, EncoderMLP, LayerNorm
 from wakea_jax.models.layers import dense, dot_product_attention, param
 from wakea_jax.parallel.mesh import constrain
 
@@ -156,81 +157,10 @@ class VisionOutput:
   hidden_states: tuple[Array, ...]
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm with bias (arXiv 1607.06450): float32 statistics, result in `dtype`."""
-
-  def __init__(self, dim: int, eps: float, *, param_dtype: Any, dtype: Any):
-    self.eps, self.dtype = eps, dtype
-    self.scale = param(None, (dim,), ("norm",), param_dtype, value=1.0)
-    self.bias = param(None, (dim,), ("norm",), param_dtype, value=0.0)
-
-  def __call__(self, x: Array) -> Array:
-    """Normalises x over its last axis, then scales and shifts; same shape, `dtype`."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)
-            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-class MLP(nnx.Module):
-  """fc2(act(fc1(x))) with biases; `act` from `VisionConfig.hidden_act`."""
-
-  def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs):
-    pd, self.dtype, self.act = c.weight_dtype, c.compute_dtype, ACTIVATIONS[c.hidden_act]
-    self.up_proj = param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), pd, std=c.init_std)
-    self.up_bias = param(None, (c.mlp_dim,), ("mlp",), pd, value=0.0)
-    self.down_proj = param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), pd,
-                           std=c.init_std)
-    self.down_bias = param(None, (c.embed_dim,), ("embed",), pd, value=0.0)
-
-  def __call__(self, x: Array) -> Array:
-    """x [b, t, e] -> [b, t, e]."""
-    dt = self.dtype
-    h = dense(x, self.up_proj, "bte,em->btm", dt) + self.up_bias[...].astype(dt)
-    h = constrain(self.act(h), ("act_batch", "act_length", "act_mlp"))
-    return dense(h, self.down_proj, "btm,me->bte", dt) + self.down_bias[...].astype(dt)
-
-
-class Attention(nnx.Module):
-  """Bidirectional multi-head self-attention with biases (every token sees every token)."""
-
-  def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs):
-    pd, e, n, h = c.weight_dtype, c.embed_dim, c.num_heads, c.head_dim
-    self.num_heads, self.dtype = n, c.compute_dtype
-    for name in ("q", "k", "v"):
-      setattr(self, f"{name}_proj",
-              param(rngs, (e, n, h), ("embed", "q_heads", "head_dim"), pd, std=c.init_std))
-      setattr(self, f"{name}_bias", param(None, (n, h), ("q_heads", "head_dim"), pd, value=0.0))
-    self.o_proj = param(rngs, (n, h, e), ("q_heads", "head_dim", "embed"), pd, std=c.init_std)
-    self.o_bias = param(None, (e,), ("embed",), pd, value=0.0)
-
-  def __call__(self, x: Array) -> Array:
-    """x [b, t, e] -> [b, t, e]."""
-    dt = self.dtype
-    q, k, v = (dense(x, getattr(self, f"{n}_proj"), "bte,enh->btnh", dt)
-               + getattr(self, f"{n}_bias")[...].astype(dt) for n in ("q", "k", "v"))
-    b, t = x.shape[:2]
-    out = dot_product_attention(q, k, v, jnp.ones((b, t, t), bool), self.num_heads)
-    return dense(out, self.o_proj, "btnh,nhe->bte", dt) + self.o_bias[...].astype(dt)
-
-
-class EncoderLayer(nnx.Module):
-  """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x))."""
-
-  def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs):
-    kw = dict(param_dtype=c.weight_dtype, dtype=c.compute_dtype)
-    self.attn_norm = LayerNorm(c.embed_dim, c.norm_eps, **kw)
-    self.attn = Attention(c, rngs=rngs)
-    self.mlp_norm = LayerNorm(c.embed_dim, c.norm_eps, **kw)
-    self.mlp = MLP(c, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    """x [b, t, e] -> [b, t, e]."""
-    x = x + self.attn(self.attn_norm(x))
-    x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("act_batch", "act_length", "act_embed"))
+def _encoder_layer(c: VisionConfig, rngs: nnx.Rngs) -> EncoderLayer:
+  return EncoderLayer(c.embed_dim, c.num_heads, c.mlp_dim, ACTIVATIONS[c.hidden_act],
+                      norm_eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                      init_std=c.init_std, rngs=rngs)
 
 
 class AttentionPoolingHead(nnx.Module):
@@ -248,7 +178,8 @@ class AttentionPoolingHead(nnx.Module):
     self.o_proj = param(rngs, (n, h, e), ("q_heads", "head_dim", "embed"), pd, std=c.init_std)
     self.o_bias = param(None, (e,), ("embed",), pd, value=0.0)
     self.norm = LayerNorm(e, c.norm_eps, param_dtype=pd, dtype=c.compute_dtype)
-    self.mlp = MLP(c, rngs=rngs)
+    self.mlp = EncoderMLP(e, c.mlp_dim, ACTIVATIONS[c.hidden_act], dtype=c.compute_dtype,
+                          param_dtype=pd, init_std=c.init_std, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     """x [b, t, e] -> pooled [b, e]."""
@@ -303,7 +234,7 @@ class VisionTower(nnx.Module):
       self.class_embed = param(rngs, (e,), ("embed",), pd, std=c.init_std)
       self.pre_norm = LayerNorm(e, c.norm_eps, param_dtype=pd, dtype=c.compute_dtype)
     self.position_embed = param(rngs, (c.num_positions, e), (None, "embed"), pd, std=c.init_std)
-    self.layers = nnx.List([EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.layers = nnx.List([_encoder_layer(c, rngs) for _ in range(c.num_layers)])
     self.post_norm = LayerNorm(e, c.norm_eps, param_dtype=pd, dtype=c.compute_dtype)
     if c.use_head:
       self.head = AttentionPoolingHead(c, rngs=rngs)
