@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wakea_jax.checkpoints.composite import find_prefix
 from wakea_jax.checkpoints.hf import (
   HOOKS,
   Hook,
@@ -166,15 +167,6 @@ def _expand(rules: tuple[TensorRule, ...], num_layers: int, prefix: str
   return out
 
 
-def _find_prefix(keys: set[str], prefixes: tuple[str, ...], first: str, what: str,
-                 directory: pathlib.Path) -> str:
-  found = [p for p in prefixes if p + first in keys]
-  if not found:
-    raise ValueError(f"{directory}: no {what} tensors (looked for "
-                     f"{[p + first for p in prefixes]})")
-  return found[0]
-
-
 def _load(module: nnx.Module, reader: SafetensorsReader, entries: list[tuple[str, str, Hook]],
           source: str) -> nnx.Module:
   """`module` with every parameter read through `entries`; shapes checked before reading."""
@@ -212,7 +204,7 @@ def load_audio_encoder(path: PathLike, *, dtype: str = "float32",
                                 param_dtype=param_dtype)
   reader = SafetensorsReader(directory)
   keys = set(reader.weight_map)
-  prefix = _find_prefix(keys, ENCODER_PREFIXES, "conv1.weight", "audio encoder", directory)
+  prefix = find_prefix(keys, ENCODER_PREFIXES, "conv1.weight", directory, "audio encoder")
   entries = _expand(ENCODER_RULES, config.encoder_layers, prefix)
   wanted = {n for n, _, _ in entries}
   # Only keys under the prefix are the encoder's; a bare encoder owns every key except a
@@ -239,8 +231,8 @@ def load_audio_projector(path: PathLike, *, dtype: str = "float32",
     raise ValueError(f"{source}: field 'text_config.hidden_size' is missing; a projector "
                      "checkpoint is a composite (Qwen2AudioForConditionalGeneration) config")
   reader = SafetensorsReader(directory)
-  prefix = _find_prefix(set(reader.weight_map), PROJECTOR_PREFIXES, "linear.weight",
-                        "multi_modal_projector", directory)
+  prefix = find_prefix(set(reader.weight_map), PROJECTOR_PREFIXES, "linear.weight", directory,
+                       "multi_modal_projector")
   entries = _expand(PROJECTOR_RULES, 0, prefix)
   abstract = nnx.eval_shape(lambda: AudioProjector(
       audio.d_model, text["hidden_size"], dtype=dtype, param_dtype=param_dtype or dtype,

@@ -32,18 +32,14 @@ from typing import Any
 
 from flax import nnx
 
-from wakea_jax.checkpoints import hf
+from wakea_jax.checkpoints import composite, hf
 from wakea_jax.checkpoints import projector as projector_ckpt
 from wakea_jax.checkpoints import vision as vision_ckpt
 from wakea_jax.models.multimodal import VisionLanguageConfig, VisionLanguageModel
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 DEFAULT_IMAGE_TOKEN_INDEX = 32000  # LlavaConfig's default
-# Decoder tensor prefix -> where each layout keeps it.
-LM_PREFIXES: dict[str, dict[str, str]] = {
-    "saved": {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
-    "transformers5": {"model.": "model.language_model.", "lm_head.": "lm_head."},
-}
+LM_PREFIXES = composite.LM_PREFIXES  # where each layout keeps the decoder's tensors
 # Where the tower and the projector live in a LLaVA checkpoint; the first ones are exported.
 VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.",
                    "model.vision_tower.vision_model.")
@@ -146,15 +142,6 @@ def config_to_hf(config: VisionLanguageConfig, dtype: str = "float32") -> dict[s
           "vision_config": vision, "dtype": dtype, "torch_dtype": dtype}
 
 
-def _prefix(names: set[str], candidates: tuple[str, ...], marker: str,
-            directory: pathlib.Path, what: str) -> str:
-  for prefix in candidates:
-    if prefix + marker in names:
-      return prefix
-  raise ValueError(f"{directory}: no {what} tensors (looked for "
-                   f"{[p + marker for p in candidates]})")
-
-
 def load_llava(path: hf.PathLike, *, dtype: str = "float32", param_dtype: str | None = None
                ) -> VisionLanguageModel:
   """The VisionLanguageModel of the HF LlavaForConditionalGeneration directory `path`.
@@ -170,19 +157,14 @@ def load_llava(path: hf.PathLike, *, dtype: str = "float32", param_dtype: str | 
                           param_dtype=param_dtype)
   reader = hf.SafetensorsReader(directory)
   names = set(reader.weight_map)
-  lm_prefix = _prefix(names, tuple(p["model."] for p in LM_PREFIXES.values()),
-                      "embed_tokens.weight", directory, "language model")
-  lm = next(p for p in LM_PREFIXES.values() if p["model."] == lm_prefix)
-  vision_prefix = _prefix(names, VISION_PREFIXES, "embeddings.patch_embedding.weight",
-                          directory, "vision tower")
-  projector_prefix = _prefix(names, projector_ckpt.PROJECTOR_PREFIXES, "linear_1.weight",
-                             directory, "multi_modal_projector")
-  parts = (vision_prefix, projector_prefix, *lm.values())
-  orphans = sorted(k for k in names if not k.startswith(parts))
-  if orphans:
-    raise ValueError(f"{directory}: unexpected tensor(s) {orphans[:5]} ({len(orphans)} in all, "
-                     f"e.g. in {reader.weight_map[orphans[0]]}) belong to no part of "
-                     f"{ARCHITECTURE}")
+  lm = composite.lm_prefixes(names, directory)
+  vision_prefix = composite.find_prefix(names, VISION_PREFIXES,
+                                        "embeddings.patch_embedding.weight", directory,
+                                        "vision tower")
+  projector_prefix = composite.find_prefix(names, projector_ckpt.PROJECTOR_PREFIXES,
+                                           "linear_1.weight", directory, "multi_modal_projector")
+  composite.check_parts(reader.weight_map, (vision_prefix, projector_prefix, *lm.values()),
+                        directory, ARCHITECTURE)
   model = nnx.eval_shape(lambda: VisionLanguageModel(config, rngs=nnx.Rngs(0)))
   model.vision_tower = vision_ckpt.read_vision_params(reader, config.vision, vision_prefix,
                                                       f"{source} (vision_config)")

@@ -26,16 +26,12 @@ from typing import Any
 from flax import nnx
 
 from wakea_jax.checkpoints import audio as audio_ckpt
-from wakea_jax.checkpoints import hf
+from wakea_jax.checkpoints import composite, hf
 from wakea_jax.models.multimodal import AudioLanguageConfig, AudioLanguageModel
 
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 DEFAULT_AUDIO_TOKEN_INDEX = 151646  # Qwen2AudioConfig's default
-# Decoder tensor prefix -> where each layout keeps it.
-LM_PREFIXES: dict[str, dict[str, str]] = {
-    "saved": {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
-    "transformers5": {"model.": "model.language_model.", "lm_head.": "lm_head."},
-}
+LM_PREFIXES = composite.LM_PREFIXES  # where each layout keeps the decoder's tensors
 _OTHER_PARTS = ("audio_tower.", "multi_modal_projector.", "model.audio_tower.",
                 "model.multi_modal_projector.")
 
@@ -84,14 +80,6 @@ def config_to_hf(config: AudioLanguageConfig, dtype: str = "float32") -> dict[st
           "audio_config": audio, "dtype": dtype, "torch_dtype": dtype}
 
 
-def _layout(keys: set[str], directory: pathlib.Path) -> str:
-  for name, prefixes in LM_PREFIXES.items():
-    if prefixes["model."] + "embed_tokens.weight" in keys:
-      return name
-  looked = [p["model."] + "embed_tokens.weight" for p in LM_PREFIXES.values()]
-  raise ValueError(f"{directory}: no language model tensors (looked for {looked})")
-
-
 def load_qwen2_audio(path: hf.PathLike, *, dtype: str = "float32",
                      param_dtype: str | None = None) -> AudioLanguageModel:
   """The AudioLanguageModel of the HF Qwen2AudioForConditionalGeneration directory `path`.
@@ -105,13 +93,9 @@ def load_qwen2_audio(path: hf.PathLike, *, dtype: str = "float32",
   config = config_from_hf(hf.read_hf_config(directory), source=source, dtype=dtype,
                           param_dtype=param_dtype)
   reader = hf.SafetensorsReader(directory)
-  prefixes = LM_PREFIXES[_layout(set(reader.weight_map), directory)]
-  orphans = sorted(k for k in reader.weight_map
-                   if not k.startswith(_OTHER_PARTS) and not k.startswith(tuple(prefixes.values())))
-  if orphans:
-    raise ValueError(f"{directory}: unexpected tensor(s) {orphans[:5]} ({len(orphans)} in all, "
-                     f"e.g. in {reader.weight_map[orphans[0]]}) belong to no part of "
-                     f"{ARCHITECTURE}")
+  prefixes = composite.lm_prefixes(set(reader.weight_map), directory)
+  composite.check_parts(reader.weight_map, _OTHER_PARTS + tuple(prefixes.values()), directory,
+                        ARCHITECTURE)
   language_model = hf.read_model(reader, config.text, source=f"{source}: text_config",
                                  prefixes=prefixes)
   model = nnx.eval_shape(lambda: AudioLanguageModel(config, rngs=nnx.Rngs(0)))
