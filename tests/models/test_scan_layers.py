@@ -273,7 +273,7 @@ def hf_dirs(parity, tmp_path_factory):
     parity.torch.manual_seed(seed)
     model = parity.transformers.AutoModelForCausalLM.from_config(
         parity._hf_config(family)).eval()
-    parity._randomise_torch(model, seed=seed)
+    parity.randomise_torch(model, seed=seed)
     directory = tmp_path_factory.mktemp(family)
     model.save_pretrained(directory, **parity.FAMILIES[family][2])
     out[family] = (directory, model)
