@@ -17,15 +17,3 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# One persistent compilation cache for the whole session, in a fresh temporary directory (a
-# clean run starts empty: nothing carries over between runs). Many tests build the same tiny
-# models and steps afresh (new jit closures over equal programs); with the cache a program
-# XLA already compiled in this session is loaded instead of compiled again.
-# WAKEA_TEST_COMPILE_CACHE=0 turns it off.
-if os.environ.get("WAKEA_TEST_COMPILE_CACHE", "1") != "0":
-  import tempfile  # noqa: E402
-
-  _CACHE_DIR = tempfile.mkdtemp(prefix="wakea_jax_test_compile_cache_")
-  jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
