@@ -17,3 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. One pytest process runs ~1850
+  tests; every XLA:CPU executable it keeps holds JIT code mappings, and near the end of the
+  suite the process crashed inside XLA's compiler (a segfault once, an abort in serialisation
+  once, both at the same test, 98% through): the accumulated mappings approach the kernel's
+  vm.max_map_count (65530 here). Modules share few programs, so little is recompiled."""
+  yield
+  jax.clear_caches()
+  gc.collect()
