@@ -74,11 +74,17 @@ def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
     return sum(1 for _ in f)
 
 
+def check_arms(arms: Sequence[str]) -> None:
+  """Raises ValueError naming the first arm that is not one of ARMS."""
+  for arm in arms:
+    if arm not in ARMS:
+      raise ValueError(f"config.arms: unknown arm {arm!r}; use one of {ARMS}")
+
+
 def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int, sft_model: pathlib.Path,
                traces: pathlib.Path) -> ml_collections.ConfigDict:
   """The RL config of one arm: config.grpo from the SFT model, with traces and/or replay."""
-  if arm not in ARMS:
-    raise ValueError(f"config.arms: unknown arm {arm!r}; use one of {ARMS}")
+  check_arms([arm])
   stage = config.grpo.copy_and_resolve_references()
   stage.seed = seed
   stage.init_from = str(sft_model)
@@ -124,9 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   """Runs (or resumes) every stage in `workdir`; returns what results.json holds."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  for arm in config.arms:   # fail before any training on a misspelt arm
-    if arm not in ARMS:
-      raise ValueError(f"config.arms: unknown arm {arm!r}; use one of {ARMS}")
+  check_arms(config.arms)   # fail before any training on a misspelt arm
   results: dict[str, Any] = {"rows": [], "timing_s": {}, "stats": {}}
   total_start = time.perf_counter()
 

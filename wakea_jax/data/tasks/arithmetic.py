@@ -153,12 +153,15 @@ def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: in
   The same arguments give the same questions as `generate`, so a held-out RL set should use
   a seed that no SFT source uses.
   """
-  records = []
-  for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked):
-    messages = dialogue["messages"]
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    records.append({"messages": messages[:first], "answer": str(answer)})
-  return records
+  return [_prompt_record(dialogue, answer)
+          for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
+
+
+def _prompt_record(dialogue: dict[str, Any], answer: int) -> dict[str, Any]:
+  """The dialogue's turns before the assistant's first, and the exact answer."""
+  messages = dialogue["messages"]
+  first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  return {"messages": messages[:first], "answer": str(answer)}
 
 
 # Evaluation breakdowns (wakea_jax.serving.tracking): the operator is the category, the size
@@ -192,7 +195,6 @@ def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, too
   if tools:
     raise ValueError("expert traces answer directly; use tools=0 (the traces of a tool-calling "
                      "prompt would need the tool's turns)")
-  return [{**record, "trace": worked_answer(*question)}
-          for record, (_, _, question) in zip(
-              prompts(num_examples, seed, max_operand=max_operand, tools=0, worked=worked),
-              _dialogues(num_examples, seed, max_operand, 0, worked))]
+  return [{**_prompt_record(dialogue, answer), "trace": worked_answer(*question)}
+          for dialogue, answer, question in _dialogues(num_examples, seed, max_operand, 0,
+                                                       worked)]
