@@ -189,10 +189,19 @@ class AudioLanguageModel(nnx.Module):
 
   def embed(self, input_ids: Array, input_features: Array | None = None,
             feature_attention_mask: Array | None = None) -> Array:
-    """The decoder's input [b, t, embed]: token embeddings with the clips' tokens fused in."""
+    """The decoder's input [b, t, embed]: token embeddings with the clips' tokens fused in.
+
+    Also takes the per-row batch layout (`models/media.py`): input_features [b, k, mels, F]
+    and feature_attention_mask [b, k, F], where a padding clip's mask is all zero (it gives
+    no tokens)."""
     embeds = self.language_model.embed_tokens(input_ids)
     if input_features is None:
       return embeds
+    if input_features.ndim == 4:
+      input_features = input_features.reshape((-1,) + input_features.shape[2:])
+      if feature_attention_mask is not None:
+        feature_attention_mask = feature_attention_mask.reshape(
+            (-1,) + feature_attention_mask.shape[2:])
     features, token_mask = self.audio_features(input_features, feature_attention_mask)
     return scatter_media(embeds, input_ids == self.config.audio_token_id, features, token_mask)
 
@@ -316,13 +325,22 @@ class VisionLanguageModel(nnx.Module):
     out = self.vision_tower(pixel_values, num_layers=layers_needed(c.vision.num_layers, layers))
     return self.projector(select_features(out, layers, c.vision_feature_select_strategy))
 
-  def embed(self, input_ids: Array, pixel_values: Array | None = None) -> Array:
-    """The decoder's input [b, t, embed]: token embeddings with the images' tokens fused in."""
+  def embed(self, input_ids: Array, pixel_values: Array | None = None,
+            image_mask: Array | None = None) -> Array:
+    """The decoder's input [b, t, embed]: token embeddings with the images' tokens fused in.
+
+    pixel_values [n, C, H, W], or the per-row batch layout (`models/media.py`) [b, k, C, H, W]
+    with image_mask [b, k] (1 for real images, padding images last in their row)."""
     embeds = self.language_model.embed_tokens(input_ids)
     if pixel_values is None:
       return embeds
-    return scatter_media(embeds, input_ids == self.config.image_token_id,
-                         self.image_features(pixel_values))
+    if pixel_values.ndim == 5:
+      pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
+    features = self.image_features(pixel_values)
+    token_mask = None
+    if image_mask is not None:
+      token_mask = jnp.broadcast_to(image_mask.reshape(-1, 1).astype(bool), features.shape[:2])
+    return scatter_media(embeds, input_ids == self.config.image_token_id, features, token_mask)
 
   def forward(self, input_ids: Array, pixel_values: Array | None = None, *,
               positions: Array | None = None, segment_ids: Array | None = None,
