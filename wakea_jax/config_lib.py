@@ -46,6 +46,7 @@ from wakea_jax.rl.offpolicy import OffPolicyConfig
 from wakea_jax.rl.rollout import RolloutConfig
 from wakea_jax.rl.srl import SRLConfig
 from wakea_jax.train.loop import TrainConfig
+from wakea_jax.train.multimodal import MediaModelConfig
 from wakea_jax.train.optimizer import OptimizerConfig
 from wakea_jax.train.setup import ExportConfig, RunConfig
 
@@ -160,6 +161,13 @@ def run_config(config: Config) -> RunConfig:
       lora=section(config, "lora") if "lora" in config else None,
       record=_record(config),
       **sections)
+
+
+def media_config(config: Config) -> MediaModelConfig:
+  """config.media (train/multimodal.py); a config without the section is a text run."""
+  if "media" not in config:
+    return MediaModelConfig()
+  return typed(MediaModelConfig, config["media"], "media")
 
 
 def rl_run_config(config: Config) -> RLRunConfig:

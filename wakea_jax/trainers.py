@@ -18,14 +18,18 @@ from wakea_jax.data.config import pooled_specs
 from wakea_jax.rl import evaluation, learner
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import srl as srl_lib
-from wakea_jax.train import preference, sft
+from wakea_jax.train import multimodal, preference, sft
 
 Trainer = Callable[[ml_collections.ConfigDict, str | pathlib.Path], dict[str, Any]]
 
 
 def train_sft(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
               ) -> dict[str, Any]:
-  """Supervised fine-tuning (train/sft.py)."""
+  """Supervised fine-tuning (train/sft.py); with config.media.kind set, of a vision- or
+  audio-language model (train/multimodal.py)."""
+  media = config_lib.media_config(config)
+  if media.enabled:
+    return multimodal.run_sft(config_lib.run_config(config), media, workdir)
   return sft.run(config_lib.run_config(config), workdir)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -166,24 +166,36 @@ def build_model(run: RunConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, 
   return model
 
 
+ModelBuilder = Callable[[RunConfig, jax.sharding.Mesh, mesh_lib.Rules, tokenizer_lib.Tokenizer],
+                       tuple[nnx.Module, Any]]
+
+
 def setup(run: RunConfig, loss_fn: step_lib.LossFn, *, total_updates: int | None = None,
-          value_head: bool = False) -> Setup:
+          value_head: bool = False, build: ModelBuilder | None = None) -> Setup:
   """Builds everything a run needs up to (and including) the jitted train step.
 
   `total_updates` is the number of optimizer steps (default `run.train.steps`), which sets
-  the learning-rate schedule's length.
+  the learning-rate schedule's length. `build(run, mesh, rules, tokenizer) -> (model, what
+  it trains)` replaces `build_model` and its trainable filter: a multimodal run
+  (train/multimodal.py) builds its vision- or audio-language model there; `model_config`
+  is then the text decoder's.
   """
   mesh = mesh_lib.create_mesh(run.mesh.shape)
   rules = mesh_lib.normalize_rules(run.sharding_rules)
   # An imported model brings its own tokenizer (and chat template) unless one is named.
   tokenizer = tokenizer_lib.tokenizer_from(run.tokenizer or loader.tokenizer_path(run.init_from))
-  model = build_model(run, mesh, rules, tokenizer=tokenizer, value_head=value_head)
-  model_config = model.config
+  if build is None:
+    model = build_model(run, mesh, rules, tokenizer=tokenizer, value_head=value_head)
+    trainable = lora_lib.trainable_filter(run.lora)
+    model_config = model.config
+  else:
+    model, trainable = build(run, mesh, rules, tokenizer)
+    model_config = getattr(model.config, "text", model.config)
   total_updates = total_updates or run.train.steps
   optimizer = opt_lib.make_optimizer(run.optimizer, total_updates)
   schedule = opt_lib.learning_rate_schedule(run.optimizer, total_updates)
-  graphdef, state = state_lib.create_train_state(
-      model, optimizer, trainable=lora_lib.trainable_filter(run.lora), seed=run.seed)
+  graphdef, state = state_lib.create_train_state(model, optimizer, trainable=trainable,
+                                                 seed=run.seed)
   del model
   _log_parameters(state)
   train_step = step_lib.jit_train_step(

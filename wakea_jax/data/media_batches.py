@@ -1,0 +1,193 @@
+"""Batches of multimodal examples for the train step, in the per-row media layout.
+
+One example per row (no packing), padded to `seq_len`: the token arrays of pipeline.py
+(`input_ids`, `targets`, `loss_mask`, `segment_ids`, `positions`) plus the media arrays of
+`models/media.py` (`pixel_values` [B, k, 3, H, W] + `image_mask` [B, k] with k =
+`max_images`; `input_features` [B, k, mels, F] + `feature_attention_mask` [B, k, F] with k =
+`max_audios`). Every shape is fixed, so the step compiles once.
+
+Media are decoded in grain's map (`MediaRows`), so with `worker_count > 0` they decode in
+worker processes. The iterator is grain's: `get_state()` / `set_state()` resume exactly (the
+position in a seeded shuffle over repeated epochs). Each process reads every
+`process_count`-th record from `process_index` on, and its `batch_size` rows are its share of
+the global batch.
+
+Why no packing: a packed row would hold a varying number of media items; the layout supports
+it (items in segment order, `check_media_placement` guards the scatter), but short media
+examples are the norm for the tasks here and padding costs little next to the encoder. An
+example longer than `seq_len` is an error naming its record (cutting it could cut a
+placeholder run), or dropped and counted with `overlength="drop"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from wakea_jax.data.multimodal import (
+    MediaConfig,
+    MultimodalSource,
+    audio_token_counts,
+    to_model_inputs,
+)
+from wakea_jax.data.tokenizer import Tokenizer
+from wakea_jax.models.multimodal import check_media_placement
+
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaBatchConfig:
+  """How examples become rows and batches (see the module docstring)."""
+
+  seq_len: int
+  batch_size: int                    # rows per batch on this process
+  max_images: int = 0                # image slots per row (0: the run has no images)
+  max_audios: int = 0                # clip slots per row
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None      # None: repeat forever (training)
+  overlength: str = "error"          # or "drop"
+  worker_count: int = 0              # grain worker processes decoding media
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self) -> None:
+    for name in ("seq_len", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"MediaBatchConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.max_images < 0 or self.max_audios < 0:
+      raise ValueError("MediaBatchConfig.max_images / max_audios must be >= 0")
+    if self.overlength not in ("error", "drop"):
+      raise ValueError(f"overlength must be 'error' or 'drop', got {self.overlength!r}")
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+
+
+def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: MediaConfig
+                ) -> dict[str, np.ndarray] | None:
+  """`to_model_inputs`' output -> one fixed-shape row; None when it is over-length and
+  `overlength="drop"`. Raises ValueError naming the record for too many media items, an
+  over-length example, or placeholders that do not match the media."""
+  where = inputs.get("origin", "<record>")
+  ids = np.asarray(inputs["input_ids"], np.int32)
+  mask = np.asarray(inputs["loss_mask"], np.float32)
+  n = len(ids) - 1
+  if n > config.seq_len:
+    if config.overlength == "drop":
+      return None
+    raise ValueError(f"{where}: the example has {n + 1} tokens (media placeholders included), "
+                     f"more than data.seq_len + 1 = {config.seq_len + 1}; raise seq_len or "
+                     "set overlength='drop'")
+  pad = config.seq_len - n
+  row = {"input_ids": np.pad(ids[:-1], (0, pad)), "targets": np.pad(ids[1:], (0, pad)),
+         "loss_mask": np.pad(mask[1:], (0, pad)),
+         "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+         "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
+  if media.image is not None:
+    images = np.asarray(inputs["pixel_values"], np.float32)
+    row["pixel_values"], row["image_mask"] = _slots(images, config.max_images, "images", where)
+    check_media_placement(row["input_ids"][None], media.image_token_id,
+                          [media.image_tokens] * len(images), what="image")
+  if media.audio is not None:
+    features = np.asarray(inputs["input_features"], np.float32)
+    frames = np.asarray(inputs["feature_attention_mask"], np.int32)
+    row["input_features"], _ = _slots(features, config.max_audios, "audios", where)
+    row["feature_attention_mask"], _ = _slots(frames, config.max_audios, "audios", where)
+    check_media_placement(row["input_ids"][None], media.audio_token_id,
+                          audio_token_counts(frames, media), what="audio")
+  return row
+
+
+def _slots(items: np.ndarray, slots: int, field: str, where: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """items [n, ...] -> ([slots, ...] zero-padded, mask [slots] int32)."""
+  if len(items) > slots:
+    raise ValueError(f"{where}: field '{field}' has {len(items)} item(s), more than the "
+                     f"{slots} slot(s) per row (data.max_{field})")
+  out = np.zeros((slots,) + items.shape[1:], items.dtype)
+  out[:len(items)] = items
+  mask = np.zeros((slots,), np.int32)
+  mask[:len(items)] = 1
+  return out, mask
+
+
+class MediaRows(grain.transforms.Map):
+  """A `MultimodalSource` item -> a fixed-shape row (decoding its media), or None."""
+
+  def __init__(self, tokenizer: Tokenizer, media: MediaConfig, config: MediaBatchConfig):
+    self.tokenizer, self.media, self.config = tokenizer, media, config
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """One source item -> one row."""
+    return example_row(to_model_inputs(element, self.tokenizer, self.media), self.config,
+                       self.media)
+
+
+def _dataset(source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
+             config: MediaBatchConfig, *, drop_remainder: bool) -> grain.IterDataset:
+  if media.image is not None and config.max_images < 1:
+    raise ValueError("the run reads images: set data.max_images (image slots per row) >= 1")
+  if media.audio is not None and config.max_audios < 1:
+    raise ValueError("the run reads audio: set data.max_audios (clip slots per row) >= 1")
+  ds = grain.MapDataset.source(source)
+  if config.process_count > 1:
+    ds = ds[config.process_index::config.process_count]
+  if config.shuffle:
+    ds = ds.shuffle(seed=config.seed)
+  ds = ds.repeat(config.num_epochs)
+  out = ds.map(MediaRows(tokenizer, media, config)).to_iter_dataset()
+  out = out.filter(lambda row: row is not None).batch(config.batch_size,
+                                                      drop_remainder=drop_remainder)
+  if config.worker_count:
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+  return out
+
+
+class MediaBatchIterator:
+  """Resumable iterator of host batches (train/supervised.BatchIterator)."""
+
+  def __init__(self, source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
+               config: MediaBatchConfig) -> None:
+    self.config = config
+    self._iter = iter(_dataset(source, tokenizer, media, config, drop_remainder=True))
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iter)
+
+  def get_state(self) -> Any:
+    """The grain iterator's position."""
+    return self._iter.get_state()
+
+  def set_state(self, state: Any) -> None:
+    """Continues from a `get_state` position."""
+    self._iter.set_state(state)
+
+
+def eval_batches(source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
+                 config: MediaBatchConfig, *, num_batches: int | None = None
+                 ) -> list[dict[str, np.ndarray]]:
+  """Every example once, in order, as batches; the last one filled with empty rows (loss
+  mask 0, no media) so every batch has `batch_size` rows."""
+  config = dataclasses.replace(config, shuffle=False, num_epochs=1)
+  out: list[dict[str, np.ndarray]] = []
+  for batch in _dataset(source, tokenizer, media, config, drop_remainder=False):
+    rows = len(batch["input_ids"])
+    if rows < config.batch_size:
+      batch = {k: np.concatenate([v, np.zeros((config.batch_size - rows,) + v.shape[1:],
+                                              v.dtype)]) for k, v in batch.items()}
+    out.append(batch)
+    if num_batches is not None and len(out) >= num_batches:
+      break
+  return out
+
+
+__all__ = ["MediaBatchConfig", "MediaBatchIterator", "MediaRows", "TOKEN_KEYS", "eval_batches",
+           "example_row"]
