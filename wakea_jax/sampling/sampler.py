@@ -44,6 +44,25 @@ tokens rounded to a power of two) + 1, so new
 prompt lengths and max_new_tokens within a bucket reuse the compiled functions (max new
 tokens is a per-row array, not a static). The batch size is not bucketed. `compile_count()`
 reports how many executables the jitted functions hold (for tests).
+
+Media prompts. The graphdef may be a `VisionLanguageModel` / `AudioLanguageModel`
+(`models/multimodal.py`); `Sampler.config` is then its text decoder's ModelConfig (a
+multimodal config given to `Sampler` or `chat_sampler` is replaced by its `.text`). Called
+without media such a model runs its text path, so decode, `inject` and `refill` are
+unchanged. `start` / `generate` take `media`, the per-row arrays of `models/media.py`, one
+row per prompt (row i holds prompt i's items in the order of its placeholders):
+
+  pixel_values [b, k, C, H, W] + image_mask [b, k]              (vision-language)
+  input_features [b, k, mels, F] + feature_attention_mask [b, k, F]   (audio-language)
+
+with every placeholder already expanded to its item's token count in the prompt ids
+(`data/multimodal.py` tokenize + expand). The filler rows `start` adds get empty media (mask
+0, zeros) and the prompt prefill runs `prefill_media`, a jitted entry of its own that fuses
+the media into the prompt's embeddings (`models.media.bind_media`); everything after the
+prompt is text. The text-only prefill is a separate executable, untouched by media calls.
+A new media shape (k, image size, frames) compiles `prefill_media` once more. The placeholder
+counts are not checked here (under jit a mismatch cannot raise): callers build the ids with
+`data.multimodal.expand`, or check with `models.multimodal.check_media_placement`.
 """
 
 from __future__ import annotations
@@ -51,7 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -65,6 +84,7 @@ from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.layers import KVCache
+from wakea_jax.models.media import bind_media
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.parallel import multihost
 
@@ -145,6 +165,8 @@ class Sampler:
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "rules", mesh_lib.normalize_rules(self.rules))
+    # A vision- or audio-language config: the cache and the vocabulary are its decoder's.
+    object.__setattr__(self, "config", text_config(self.config))
     if self.mesh is None and jax.process_count() > 1:
       raise ValueError("a Sampler on several processes needs the run's mesh (Sampler(mesh=...))")
     if not 0 <= self.vocab_limit <= self.config.vocab_size:
@@ -234,9 +256,18 @@ class Sampler:
     """
     return self._prefill(params, cache, tokens, mask)
 
-  def _prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array
-               ) -> tuple[KVCache, Array]:
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def prefill_media(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array,
+                    media: dict[str, Array]) -> tuple[KVCache, Array]:
+    """`prefill` of prompts holding media placeholders: `media` (per-row layout, rows aligned
+    with `tokens`; see the module docstring) is fused into the prompts' embeddings."""
+    return self._prefill(params, cache, tokens, mask, media)
+
+  def _prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array,
+               media: Mapping[str, Array] | None = None) -> tuple[KVCache, Array]:
     model = nnx.merge(self.graphdef, params)
+    if media is not None:
+      model = bind_media(model, media)   # a text-only graphdef: a ValueError naming the keys
     with self._rules():
       logits, cache = model(tokens, attention_mask=mask, cache=self._constrain_cache(cache))
       last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -359,8 +390,10 @@ class Sampler:
     return token.astype(jnp.int32), processed
 
   def compile_count(self) -> int:
-    """Executables held by the jitted prefill and decode (all Sampler instances)."""
-    return Sampler.prefill._cache_size() + Sampler.decode._cache_size()
+    """Executables held by the jitted prefill (text and media) and decode (all Sampler
+    instances)."""
+    return (Sampler.prefill._cache_size() + Sampler.prefill_media._cache_size()
+            + Sampler.decode._cache_size())
 
   # ---------------------------------------------------------------------------------------
   # Host API
@@ -489,14 +522,16 @@ class Sampler:
     return width, steps, -(-(width + steps + 1) // 128) * 128
 
   def start(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
-            max_new_tokens: int | Sequence[int], rng: Array, reserve: int = 0) -> DecodeState:
+            max_new_tokens: int | Sequence[int], rng: Array, reserve: int = 0,
+            media: Mapping[str, Any] | None = None) -> DecodeState:
     """Prefills right-padded prompts into a fresh cache -> the initial decode state.
 
     `reserve` extra cache slots (and decode columns) are kept for tokens injected later
     (tool turns). On a mesh the rows are this process's; they are padded with finished
     one-token rows up to a count that every process shares and the mesh's batch shards
     divide, so the state can hold more rows than `prompts` (the extra ones come last and
-    never generate).
+    never generate). `media`: the prompts' media in the per-row layout, first axis
+    len(prompts) (see "Media prompts" in the module docstring); filler rows get none.
     """
     if any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
@@ -525,8 +560,14 @@ class Sampler:
     sharding = self.batch_sharding()
     global_batch = (batch if sharding is None
                     else batch // multiple * multihost.batch_shards(sharding))
-    cache, logits = self.prefill(params, self.empty_cache(global_batch, capacity),
-                                 self.to_device(tokens), self.to_device(mask))
+    cache = self.empty_cache(global_batch, capacity)
+    if media:
+      rows = pad_media_rows(media, real, batch)
+      cache, logits = self.prefill_media(params, cache, self.to_device(tokens),
+                                         self.to_device(mask),
+                                         {k: self.to_device(v) for k, v in rows.items()})
+    else:
+      cache, logits = self.prefill(params, cache, self.to_device(tokens), self.to_device(mask))
     filler = np.arange(batch) >= real
     offset = jax.process_index() * batch   # this process's rows are global rows offset..
     return DecodeState(
@@ -542,16 +583,17 @@ class Sampler:
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: Array,
-               stop_strings: Sequence[str] = (), tokenizer: Any = None) -> SampleOutput:
+               stop_strings: Sequence[str] = (), tokenizer: Any = None,
+               media: Mapping[str, Any] | None = None) -> SampleOutput:
     """Samples completions of token-id prompts (any lengths; padded and bucketed here).
 
     On a mesh over several processes each process passes its own prompts and gets their
-    completions; every process must call it together.
+    completions; every process must call it together. `media` as in `start`.
     """
     if stop_strings and tokenizer is None:
       raise ValueError("stop_strings need a tokenizer to decode with")
     real = len(prompts)
-    state = self.start(params, prompts, max_new_tokens=max_new_tokens, rng=rng)
+    state = self.start(params, prompts, max_new_tokens=max_new_tokens, rng=rng, media=media)
     steps = state.tokens.shape[1]
     # Without stop strings one call runs to the end; with them the host looks between chunks.
     chunk = jnp.asarray(self.chunk_steps if stop_strings else steps, jnp.int32)
@@ -576,6 +618,26 @@ class Sampler:
         logprobs=[host["logprobs"][r, :counts[r]] for r in range(real)],
         processed_logprobs=[host["processed"][r, :counts[r]] for r in range(real)],
         lengths=[int(c) for c in counts[:real]], stop_reason=reasons)
+
+
+def text_config(config: Any) -> ModelConfig:
+  """The decoder's ModelConfig of a model config: a `VisionLanguageConfig` /
+  `AudioLanguageConfig`'s `.text`, a ModelConfig itself."""
+  return config if isinstance(config, ModelConfig) else config.text
+
+
+def pad_media_rows(media: Mapping[str, Any], rows: int, batch: int) -> dict[str, np.ndarray]:
+  """Per-row media arrays [rows, ...] -> [batch, ...] NumPy, the extra rows empty (zeros:
+  mask 0, so they hold no media). Raises ValueError naming the key whose first axis is not
+  `rows` (one row per prompt)."""
+  out = {}
+  for key, value in media.items():
+    array = np.asarray(value)
+    if array.ndim < 2 or array.shape[0] != rows:
+      raise ValueError(f"media[{key!r}] has shape {array.shape}; the per-row layout needs "
+                       f"one row per prompt first ({rows} prompts), then the items")
+    out[key] = np.concatenate([array, np.zeros((batch - rows,) + array.shape[1:], array.dtype)])
+  return out
 
 
 def first_argmax(x: Array) -> Array:
@@ -665,7 +727,9 @@ def chat_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, tokenizer: T
                  model_source: str = "the model", **settings: Any) -> Sampler:
   """A Sampler for chats of `tokenizer`: `vocab_limit` = its vocab_size (after
   `check_vocab`), stop ids = end of turn and EOS, and its pad id; `settings` are the other
-  Sampler fields (temperature, top_k, ...; stop_ids / pad_id override the defaults)."""
+  Sampler fields (temperature, top_k, ...; stop_ids / pad_id override the defaults).
+  `graphdef` may be a vision- or audio-language model's, with its config or its text config."""
+  model_config = text_config(model_config)
   limit = check_vocab(tokenizer, model_config, model_source=model_source)
   settings.setdefault("stop_ids", chat_stop_ids(tokenizer))
   settings.setdefault("pad_id", chat_pad_id(tokenizer))
