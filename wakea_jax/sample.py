@@ -17,6 +17,23 @@ directory (BM25). `--tools=search` runs the Search-R1 protocol over it (the mode
 `<search>query</search>`, the passages come back as `<information>...</information>`),
 `--tools=rsearch` the R-Search query DAGs (sources "Local" and "BM25"); with the chat tools
 (`--tools=retrieve,...`) it is the `retrieve` tool's corpus.
+
+Images and audio (a Hugging Face LLaVA or Qwen2-Audio directory: config.json model_type
+"llava" or "qwen2_audio", with its preprocessor_config.json):
+
+  python -m wakea_jax.sample --checkpoint=LLAVA_DIR --image=cat.png --prompt="What is this?"
+  python -m wakea_jax.sample --checkpoint=QWEN2_AUDIO_DIR --audio=a.wav --audio=b.wav \
+      --prompt="Which clip is louder, <audio> or <audio>?"
+
+Each --image / --audio file goes with every prompt, in order. A prompt without the
+placeholder strings (`<image>`, `<audio>`) gets one per file in front of its text; one that
+has them must have one per file. The images are preprocessed as the checkpoint's
+preprocessor_config.json says (data/images.py), the clips (16-bit PCM WAV at its sampling
+rate, at most chunk_length seconds) become Whisper log-mel features (data/audio.py), and the
+prompt is prefilled with them fused in (`Sampler.generate(media=)`). Media prompts are
+sampled without tools (the tool loop does not take media yet): --tools defaults to none
+then, and giving tools is an error. Without --image / --audio such a checkpoint samples text
+like any other (its text path, tools included).
 """
 
 from __future__ import annotations
@@ -25,17 +42,24 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from wakea_jax import logs
-from wakea_jax.checkpoints import loader
+from wakea_jax.checkpoints import hf, loader
+from wakea_jax.checkpoints.llava import load_llava
+from wakea_jax.checkpoints.qwen2_audio import load_qwen2_audio
 from wakea_jax.data import chat
+from wakea_jax.data import multimodal as mm_data
+from wakea_jax.data.audio import FeatureConfig, load_audio, log_mel_features
+from wakea_jax.data.images import ImageConfig, preprocess_batch
 from wakea_jax.data.tasks import multihop as multihop_task
-from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.data.tokenizer import Tokenizer, tokenizer_from
+from wakea_jax.models.multimodal import AudioLanguageModel, VisionLanguageModel
 from wakea_jax.rl.rollout import RolloutConfig, protocol_for
 from wakea_jax.sampling.batching import ContinuousBatcher
-from wakea_jax.sampling.sampler import chat_sampler
+from wakea_jax.sampling.sampler import Sampler, chat_sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 
@@ -55,7 +79,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("system", "", "Optional system message. With --tools=search or rsearch "
                       "and none given: the protocol's prompt the bundled multi-hop task trains "
                       "with (data/tasks/multihop.py SYSTEMS).")
-  flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none).")
+  flags.DEFINE_list("tools", ["calculator"], "Enabled tools (empty: none; none by default "
+                    "with --image / --audio).")
+  flags.DEFINE_multi_string("image", [], "Image file for every prompt (repeat for several); "
+                            "needs a LLaVA checkpoint (see the docstring).")
+  flags.DEFINE_multi_string("audio", [], "16-bit PCM WAV clip for every prompt (repeat for "
+                            "several); needs a Qwen2-Audio checkpoint.")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "0 disables.")
   flags.DEFINE_float("top_p", 1.0, "1 disables.")
@@ -72,15 +101,139 @@ def _define_flags() -> None:
   flags.DEFINE_integer("search_tokens", 256, "Token cap of one injected results block "
                        "(search protocols; the trained rollout.search_tokens).")
 
+# config.json model_type -> the loader of a model that takes media.
+MEDIA_MODEL_TYPES = {"llava": load_llava, "qwen2_audio": load_qwen2_audio}
+
+
+def load_checkpoint(checkpoint: str) -> nnx.Module:
+  """The model at `checkpoint`: a VisionLanguageModel / AudioLanguageModel for an HF
+  directory whose config.json has model_type "llava" / "qwen2_audio", else
+  `loader.load_model`'s text decoder. FileNotFoundError names --checkpoint."""
+  try:
+    kind, directory = loader.resolve(checkpoint)
+    model_type = hf.read_hf_config(directory).get("model_type") if kind == "hf" else None
+    if model_type in MEDIA_MODEL_TYPES:
+      return MEDIA_MODEL_TYPES[model_type](directory)
+    return loader.load_model(checkpoint)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"--checkpoint: {e}") from None
+
+
+def _preprocessor_file(checkpoint: str, flag: str) -> pathlib.Path:
+  file = loader.resolve(checkpoint)[1] / "preprocessor_config.json"
+  if not file.is_file():
+    raise FileNotFoundError(f"{flag}: {file} is missing; a {flag[2:]} checkpoint needs its "
+                            "preprocessor_config.json (the HF processor's) to preprocess "
+                            f"{flag[2:]} files")
+  return file
+
+
+def media_inputs(model: nnx.Module, checkpoint: str, image_paths: Sequence[str],
+                 audio_paths: Sequence[str]) -> tuple[mm_data.MediaConfig, dict[str, np.ndarray],
+                                                      np.ndarray]:
+  """The media of one prompt: (MediaConfig, arrays of the per-row layout without the row
+  axis: pixel_values [k, 3, H, W] + image_mask [k], or input_features [k, mels, F] +
+  feature_attention_mask [k, F], audio token counts [k]). app.UsageError when the model
+  does not take that kind of media; errors name the file at fault."""
+  if image_paths and not isinstance(model, VisionLanguageModel):
+    raise app.UsageError(f"--image needs a vision-language checkpoint (an HF LLaVA directory, "
+                         f"config.json model_type 'llava'); {checkpoint} holds a "
+                         f"{type(model).__name__}")
+  if audio_paths and not isinstance(model, AudioLanguageModel):
+    raise app.UsageError(f"--audio needs an audio-language checkpoint (an HF Qwen2-Audio "
+                         f"directory, config.json model_type 'qwen2_audio'); {checkpoint} holds "
+                         f"a {type(model).__name__}")
+  if isinstance(model, VisionLanguageModel):
+    file = _preprocessor_file(checkpoint, "--image")
+    image = ImageConfig.from_json(file)
+    pixels = preprocess_batch(list(image_paths), image)
+    size = model.config.vision.image_size
+    if pixels.shape[-2:] != (size, size):
+      raise ValueError(f"{file} preprocesses images to {pixels.shape[-2:]}, but the vision "
+                       f"tower takes {size}x{size}")
+    return (mm_data.MediaConfig.for_vision(model.config, image),
+            {"pixel_values": pixels, "image_mask": np.ones((len(pixels),), np.int32)},
+            np.zeros((0,), np.int64))
+  file = _preprocessor_file(checkpoint, "--audio")
+  features = FeatureConfig.from_json(file)
+  audio = model.config.audio
+  if (features.feature_size, features.num_frames) != (audio.num_mel_bins,
+                                                      2 * audio.max_source_positions):
+    raise ValueError(f"{file} gives {features.feature_size} mel bins x {features.num_frames} "
+                     f"frames, but the audio tower takes {audio.num_mel_bins} x "
+                     f"{2 * audio.max_source_positions}")
+  config = mm_data.MediaConfig.for_audio(model.config, features)
+  clips = []
+  for path in audio_paths:
+    clip = load_audio(path, features)
+    if clip.shape[0] > features.n_samples:
+      raise ValueError(f"--audio: {path} is {clip.shape[0] / features.sampling_rate:.2f} s "
+                       f"long, longer than the feature extractor's {features.chunk_length} s "
+                       "window (the rest would be cut off); split the clip")
+    clips.append(clip)
+  mels, frames = (log_mel_features(clips, features) if clips else
+                  (np.zeros((0, features.feature_size, features.num_frames), np.float32),
+                   np.zeros((0, features.num_frames), np.int32)))
+  return (config, {"input_features": mels, "feature_attention_mask": frames},
+          mm_data.audio_token_counts(frames, config))
+
+
+def media_prompt_ids(text: str, system: str, tokenizer: Tokenizer, config: mm_data.MediaConfig,
+                     *, images: int, audio_counts: np.ndarray, where: str = "the prompt"
+                     ) -> list[int]:
+  """Prompt ids of a user message with `images` images and clips of `audio_counts` tokens:
+  one placeholder string per item put in front of `text` unless it has them (then the
+  counts must match, else app.UsageError naming `where`), placeholders expanded."""
+  for placeholder, count, flag in ((config.image_placeholder, images, "--image"),
+                                   (config.audio_placeholder, len(audio_counts), "--audio")):
+    found = text.count(placeholder)
+    if found == 0 and count:
+      text = placeholder * count + "\n" + text
+    elif found != count:
+      raise app.UsageError(f"{where} has {found} {placeholder!r} placeholder(s) but {count} "
+                           f"{flag} file(s) were given; write one per file, or none (they are "
+                           "then put first)")
+  messages = ([{"role": "system", "content": system}] if system else [])
+  messages.append({"role": "user", "content": text})
+  ids, mask = mm_data.tokenize(messages, tokenizer, config, add_generation_prompt=True)
+  ids, _ = mm_data.expand(ids, mask, config, image_count=images, audio_token_counts=audio_counts)
+  return ids.tolist()
+
+
+def _sample_media(sampler: Sampler, params: nnx.State, prompt_ids: list[list[int]],
+                  media: dict[str, np.ndarray], *, seed: int, max_new_tokens: int
+                  ) -> ToolLoopOutput:
+  """Samples the prompts, each with the same media; the output in the tool loop's form
+  (no tool turns)."""
+  rows = {k: np.broadcast_to(v, (len(prompt_ids),) + v.shape) for k, v in media.items()}
+  out = sampler.generate(params, prompt_ids, max_new_tokens=max_new_tokens,
+                         rng=jax.random.key(seed), media=rows)
+  n = len(prompt_ids)
+  return ToolLoopOutput(tokens=out.tokens, logprobs=out.logprobs,
+                        tool_mask=[np.zeros(len(t), np.int32) for t in out.tokens],
+                        num_tool_calls=[0] * n, tool_errors=[0] * n,
+                        stop_reason=list(out.stop_reason))
+
+
 def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", system: str = "",
-        tools: Sequence[str] = ("calculator",), temperature: float = 0.0, top_k: int = 0,
+        tools: Sequence[str] | None = None, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, max_new_tokens: int = 128, max_tool_calls: int = 2,
         max_tool_tokens: int = 64, tool_schemas_in_prompt: bool = False, seed: int = 0,
-        index: str = "", search_k: int = 3, max_searches: int = 4, search_tokens: int = 256
+        index: str = "", search_k: int = 3, max_searches: int = 4, search_tokens: int = 256,
+        image_paths: Sequence[str] = (), audio_paths: Sequence[str] = ()
         ) -> tuple[list[str], ToolLoopOutput]:
-  """Samples a reply for each prompt; returns (transcripts, raw output)."""
+  """Samples a reply for each prompt; returns (transcripts, raw output).
+
+  `tools` None: the calculator, or none with media. `image_paths` / `audio_paths` go with
+  every prompt (see the module docstring); with them, tools are a usage error."""
   if not prompts:
     raise ValueError("no prompts given (--prompt or --prompts_file)")
+  with_media = bool(image_paths or audio_paths)
+  if tools is None:
+    tools = () if with_media else ("calculator",)
+  if with_media and tools:
+    raise app.UsageError(f"--image / --audio with --tools={','.join(tools)}: the tool loop does "
+                         "not take media prompts yet; sample them without tools (--tools=)")
   protocols = [t for t in tools if t in SEARCH_PROTOCOLS]
   if protocols and (len(protocols) > 1 or len(tools) > 1):
     raise ValueError(f"--tools={','.join(tools)}: {protocols[0]} is a protocol of its own; "
@@ -89,10 +242,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
     raise ValueError(f"--tools={','.join(tools)} needs --index (an index directory or a "
                      "corpus to search)")
   tok = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
-  try:
-    model = loader.load_model(checkpoint)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--checkpoint: {e}") from None
+  model = load_checkpoint(checkpoint)
+  media = media_inputs(model, checkpoint, image_paths, audio_paths) if with_media else None
   graphdef, params = nnx.split(model)
   router = default_router(enabled=tuple(t for t in tools if t not in SEARCH_PROTOCOLS),
                           retrieval_corpus=index or None)
@@ -102,6 +253,14 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
                   else None)
   if protocols and not system:
     system = multihop_task.SYSTEMS[SEARCH_PROTOCOLS[protocols[0]]]
+  if media is not None:
+    media_config, arrays, audio_counts = media
+    prompt_ids = [media_prompt_ids(text, system, tok, media_config, images=len(image_paths),
+                                   audio_counts=audio_counts, where=f"prompt {i}")
+                  for i, text in enumerate(prompts)]
+    out = _sample_media(sampler, params, prompt_ids, arrays, seed=seed,
+                        max_new_tokens=max_new_tokens)
+    return [f"user: {p}\nassistant: {out.text(tok, i)}" for i, p in enumerate(prompts)], out
   prompt_ids = []
   for text in prompts:
     messages = ([{"role": "system", "content": system}] if system else [])
@@ -134,8 +293,11 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.prompts_file:
     lines = pathlib.Path(FLAGS.prompts_file).read_text(encoding="utf-8").splitlines()
     prompts += [line for line in lines if line.strip()]
+  # --tools not given: run's default (the calculator, or none with media).
+  tools = [t for t in FLAGS.tools if t] if FLAGS["tools"].present else None
   transcripts, out = run(FLAGS.checkpoint, prompts, tokenizer_path=FLAGS.tokenizer,
-                         system=FLAGS.system, tools=[t for t in FLAGS.tools if t],
+                         system=FLAGS.system, tools=tools, image_paths=FLAGS.image,
+                         audio_paths=FLAGS.audio,
                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                          max_new_tokens=FLAGS.max_new_tokens, max_tool_calls=FLAGS.max_tool_calls,
                          max_tool_tokens=FLAGS.max_tool_tokens,
