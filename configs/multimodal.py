@@ -7,14 +7,17 @@ Variants:
               25 tokens per clip after Qwen2-Audio's pooling) + projector + decoder.
   projector   `vision` training only the projector (LLaVA stage 1): start from a model with
               --config.init_from=<an HF LLaVA directory or a multimodal run's workdir>.
-  test        tiny vision run for the test suite.
+  vision_grpo / audio_grpo   GRPO on media prompts from a multimodal SFT workdir
+              (--config.init_from=...), exact-match reward on one-word answers.
+  test / test_grpo   tiny vision runs for the test suite.
 
 Records are `{"messages": [...], "images": [...]}` / `"audios"` files
 (data/multimodal.py); the learning demonstration (`python -m wakea_jax.multimodal_demo`)
 writes its generated shapes and tones tasks and runs these configs:
 
   python -m wakea_jax.train --config=configs/multimodal.py:vision --workdir=/tmp/vlm \
-      --config.data.sources=/tmp/shapes/train.jsonl --config.data.eval_sources=/tmp/shapes/eval.jsonl
+      --config.data.sources=/tmp/shapes/train.jsonl \
+      --config.data.eval_sources=/tmp/shapes/eval.jsonl
 """
 
 import ml_collections
@@ -52,8 +55,36 @@ def media_section(kind: str) -> ml_collections.ConfigDict:
   return media
 
 
+def _grpo_config(variant: str) -> ml_collections.ConfigDict:
+  """GRPO on media prompts (records with "answer"), from a multimodal SFT run's workdir
+  (--config.init_from=<workdir>): one-word answers, exact-match reward."""
+  config = common.rl_config("grpo")
+  config.variant = variant
+  config.model.vocab_size = VOCAB
+  config.model.max_seq_len = 128
+  config.media = media_section("audio" if variant.startswith("audio") else "vision")
+  config.data.sources = ""
+  config.data.eval_sources = ""
+  config.rollout.update(group_size=8, max_new_tokens=8, temperature=1.0)
+  config.rl.update(prompts_per_step=16)
+  config.reward = ml_collections.ConfigDict({"exact_match": {"weight": 1.0}})
+  config.eval.update(correct_reward="exact_match", num_samples=0, pass_k=(1,))
+  config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0)
+  config.train.update(steps=100, eval_every=50, checkpoint_every=50, eval_at_start=True)
+  if variant == "test_grpo":
+    test = get_config("test")
+    config.model = test.model
+    config.media = test.media
+    config.rollout.update(group_size=4, max_new_tokens=4)
+    config.rl.prompts_per_step = 4
+    config.train.update(steps=2, eval_every=2, checkpoint_every=1, log_every=1)
+  return config
+
+
 def get_config(arg=None):
   variant = arg or "vision"
+  if variant in ("vision_grpo", "audio_grpo", "test_grpo"):
+    return _grpo_config(variant)
   config = common.run_config("sft")
   config.variant = variant
   config.model.vocab_size = VOCAB
@@ -85,6 +116,6 @@ def get_config(arg=None):
     config.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=2)
     config.optimizer.warmup_steps = 1
   else:
-    raise ValueError(f"unknown multimodal variant {variant!r}; use vision, audio, projector "
-                     "or test")
+    raise ValueError(f"unknown multimodal variant {variant!r}; use vision, audio, projector, "
+                     "vision_grpo, audio_grpo, test or test_grpo")
   return config

@@ -182,7 +182,8 @@ def rl_run_config(config: Config) -> RLRunConfig:
       reward=_plain(config["reward"]),
       offpolicy=section(config, "offpolicy") if "offpolicy" in config else OffPolicyConfig(),
       experience=(section(config, "experience") if "experience" in config
-                  else ExperienceConfig()))
+                  else ExperienceConfig()),
+      media=media_config(config))
 
 
 def preference_config(config: Config) -> PreferenceConfig:

@@ -99,6 +99,8 @@ def bind_media(model: nnx.Module, batch: Mapping[str, Any]) -> Any:
   """`model` ready for a text objective on `batch`: a `MediaBound` for a multimodal model
   (with no media in the batch it runs the text path), the model itself for a text decoder,
   which must then get no media (a ValueError names the keys)."""
+  if isinstance(model, MediaBound):
+    return model   # already bound (a loss wrapped in `with_media` that scores through here)
   media = media_of(batch)
   if is_multimodal(model):
     return MediaBound(model, media)  # type: ignore[arg-type]

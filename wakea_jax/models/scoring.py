@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from wakea_jax.models.media import bind_media
+
 # How many float32 logits may exist at once when the chunk size is left to this module:
 # 2**24 (64 MiB) is one chunk for a 1,024-entry vocabulary up to 16k tokens, and ~110
 # tokens per chunk for Qwen's 151,936 entries.
@@ -152,6 +154,7 @@ def score_tokens(model: nnx.Module, batch: dict[str, Array], *, with_entropy: bo
   distribution the sampler draws from (`Sampler.vocab_limit`), so sampler and trainer
   log-probs agree even where the padded rows carry mass (a random init).
   """
+  model = bind_media(model, batch)   # a multimodal model takes the batch's media
   out = model.forward(batch["input_ids"], positions=batch.get("positions"),
                       segment_ids=batch.get("segment_ids"))
   head, vocab_major = model.head_matrix()

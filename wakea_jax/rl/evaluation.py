@@ -24,6 +24,7 @@ from wakea_jax.checkpoints import loader
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.tokenizer import Tokenizer, chat_pad_id, tokenizer_from
 from wakea_jax.parallel import multihost
+from wakea_jax.rl.media_prompts import PromptMedia
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.rewards import correctness_reward
 from wakea_jax.rl.rollout import RolloutConfig, Rollouts, generate_rollouts, router_for
@@ -60,9 +61,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def sample_and_check(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord],
                      group: int, *, tokenizer: Tokenizer, rollout: RolloutConfig,
                      correct: CorrectFn, router: Router | None, rng: jax.Array,
-                     batch_prompts: int = 64) -> tuple[np.ndarray, list[str]]:
+                     batch_prompts: int = 64, media: PromptMedia | None = None
+                     ) -> tuple[np.ndarray, list[str]]:
   """`group` completions per prompt, `batch_prompts` prompts per sampler call:
-  (correctness [num_prompts, group], completion texts, group-major)."""
+  (correctness [num_prompts, group], completion texts, group-major). `media` renders and
+  prefills media prompts (rl/media_prompts.py)."""
   config = dataclasses.replace(rollout, group_size=group)
   rows, texts = [], []
   for start in range(0, len(prompts), batch_prompts):
@@ -70,7 +73,7 @@ def sample_and_check(sampler: Sampler, params: nnx.State, prompts: Sequence[Prom
     # collective, so every process runs the same number of chunks).
     chunk = multihost.process_slice(prompts[start:start + batch_prompts])
     out = generate_rollouts(sampler, params, chunk, tokenizer=tokenizer, config=config,
-                            rng=jax.random.fold_in(rng, start), router=router)
+                            rng=jax.random.fold_in(rng, start), router=router, media=media)
     rows.append(np.asarray(correct(out.samples()), np.float32).reshape(len(chunk), group))
     texts += out.texts
   return np.concatenate(rows), texts
@@ -81,7 +84,7 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
                     config: EvalConfig = EvalConfig(), router: Router | None = None,
                     stop_ids: tuple[int, ...] = (), pad_id: int = 0, seed: int = 0,
                     model_config: Any = None, mesh: Mesh | None = None,
-                    rules: Any = None) -> dict[str, Any]:
+                    rules: Any = None, media: PromptMedia | None = None) -> dict[str, Any]:
   """{"greedy_accuracy", "pass@k"..., "eval_seconds", "examples": [(prompt, completion)]}.
 
   With a `mesh` the sampler runs on it; on several processes each process samples and
@@ -93,7 +96,7 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
                         pad_id=pad_id, **placement)
   rng = jax.random.key(seed)
   common = dict(tokenizer=tokenizer, rollout=rollout, correct=correct, router=router,
-                batch_prompts=config.batch_prompts)
+                batch_prompts=config.batch_prompts, media=media)
   greedy_ok, texts = sample_and_check(greedy, params, prompts, 1, rng=rng, **common)
   mine = multihost.process_slice  # this process's prompts, in the order its texts come
   shown = [p.text for start in range(0, len(prompts), config.batch_prompts)

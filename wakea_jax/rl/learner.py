@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from wakea_jax.data.chat import chat_stop_ids
 from wakea_jax.data.config import pooled_specs
@@ -71,6 +72,7 @@ from wakea_jax.parallel import multihost
 from wakea_jax.rl import advantages as adv_lib
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.rl import experience as experience_lib
+from wakea_jax.rl import media_prompts
 from wakea_jax.rl import offpolicy as offpolicy_lib
 from wakea_jax.rl import prompts as prompts_lib
 from wakea_jax.rl import replay as replay_lib
@@ -81,6 +83,7 @@ from wakea_jax.rl import update as update_lib
 from wakea_jax.sampling import precision as precision_lib
 from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.train import loop as loop_lib
+from wakea_jax.train import multimodal
 from wakea_jax.train import setup as setup_lib
 from wakea_jax.train.state import TrainState
 
@@ -148,6 +151,8 @@ class RLRunConfig:
       default_factory=lambda: {"math": {"weight": 1.0}})   # rewards.build_reward spec
   offpolicy: offpolicy_lib.OffPolicyConfig = offpolicy_lib.OffPolicyConfig()   # LUFFY
   experience: experience_lib.ExperienceConfig = experience_lib.ExperienceConfig()   # ExGRPO
+  # A vision- or audio-language policy (train/multimodal.py); prompts carry images / audios.
+  media: multimodal.MediaModelConfig = multimodal.MediaModelConfig()
 
 
 def _check(objective: str, rl_run: RLRunConfig) -> None:
@@ -182,6 +187,18 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
     if rl_run.rl.old_logprobs == "sampler":
       raise ValueError("PPO scores the rollouts for its values anyway: rl.old_logprobs must be "
                        "'auto' or 'trainer', not 'sampler'")
+  if rl_run.media.enabled:
+    r = rl_run.rollout
+    unsupported = {"offpolicy.traces": rl_run.offpolicy.enabled,
+                   "experience.enabled": rl_run.experience.enabled,
+                   "rollout.tools": bool(r.tools), "rollout.protocol": bool(r.protocol),
+                   "rollout.slots": bool(r.slots), "rollout.dtype": bool(r.dtype),
+                   "objective 'ppo'": objective == "ppo"}
+    used = [name for name, on in unsupported.items() if on]
+    if used:
+      raise ValueError(f"media.kind={rl_run.media.kind!r}: {', '.join(used)} is not supported "
+                       "with media prompts yet (GRPO-family objectives, static batching, no "
+                       "tools)")
   if rl_run.rollout.dtype and rl_run.rl.old_logprobs == "sampler":
     # The bf16 / int8 sampler is not the policy being trained: its log-probs as the old
     # ones would make the ratio (and the clip) measure the precision gap, not the update.
@@ -218,11 +235,21 @@ class Learner:
     # the loss reads the limit when the train step is first traced, after that.
     self.vocab_limit: int | None = None
     rl = self.rl
+    self.media_config = rl_run.media
     self.built = setup_lib.setup(
         run, self._loss, total_updates=run.train.steps * rl.num_iterations * rl.minibatches,
-        value_head=self.ppo_config is not None)
+        value_head=self.ppo_config is not None,
+        build=multimodal.builder(rl_run.media) if rl_run.media.enabled else None)
     self.state = self.built.state
     self.tokenizer = self.built.tokenizer
+    self.media: media_prompts.PromptMedia | None = None
+    self.media_inputs = None
+    if rl_run.media.enabled:
+      model = nnx.merge(self.built.graphdef, self.state.params, self.state.frozen)
+      self.media_inputs = multimodal.media_config(model, rl_run.media)
+      self.media = media_prompts.PromptMedia(self.tokenizer, self.media_inputs,
+                                             rl_run.media.max_media)
+      del model
     self.vocab_limit = self.tokenizer.vocab_size
     self.model_config = self.built.model_config
     # The reference policy is the initial one; kept only when a KL term needs it.
@@ -357,7 +384,7 @@ class Learner:
       prompts = fresh + replay_lib.replay_prompts(replays, self.prompt_index)
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
-          rng=jax.random.fold_in(key, rounds), router=self.router)
+          rng=jax.random.fold_in(key, rounds), router=self.router, media=self.media)
       if self.traces is not None:   # LUFFY: traces replace members before the rewards
         rollouts = offpolicy_lib.mix_traces(
             rollouts, self.traces, per_group=self.offpolicy.per_group,
@@ -624,7 +651,8 @@ class Learner:
         self.built.graphdef, self.policy_params(), self.eval_prompts, tokenizer=self.tokenizer,
         rollout=self.rollout, correct=self.correct, config=self.eval_config,
         router=self.router, stop_ids=self.stop_ids, pad_id=self.pad_id, seed=self.run.seed,
-        model_config=self.model_config, mesh=self.built.mesh, rules=self.built.rules)
+        model_config=self.model_config, mesh=self.built.mesh, rules=self.built.rules,
+        media=self.media)
 
   def train(self) -> dict[str, float]:
     """Runs (or resumes) the run to config.train.steps, exports, returns the last scalars."""
@@ -656,7 +684,10 @@ class Learner:
     finally:
       checkpoints.close()
       writer.close()
-    setup_lib.export_trained(self.built, self.state, self.workdir / "export")
+    if self.media_inputs is not None:
+      multimodal.export(self.built, self.state, self.media_inputs, self.workdir / "export")
+    else:
+      setup_lib.export_trained(self.built, self.state, self.workdir / "export")
     return last
 
 

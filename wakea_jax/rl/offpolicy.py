@@ -305,7 +305,7 @@ def mix_traces(rollouts: rollout_lib.Rollouts, index: TraceIndex, *, per_group: 
   longer than `max_new_tokens` is cut there, as a sampled completion would be."""
   g = rollouts.group_size
   fields = {f.name: list(getattr(rollouts, f.name)) for f in dataclasses.fields(rollouts)
-            if f.name != "group_size"}
+            if f.name not in ("group_size", "media")}   # media runs mix nothing in (learner)
   for group in range(rollouts.num_groups):
     first = group * g
     prompt = rollouts.prompts[first]

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from wakea_jax.data import chat, records, sources
+from wakea_jax.data import chat, dataset_dirs, records, sources
 from wakea_jax.data.order import EpochOrder
 from wakea_jax.data.tasks import PROMPT_TASKS
 from wakea_jax.data.tokenizer import Tokenizer
@@ -114,7 +115,24 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str], *, on_error: str 
   prompts, _, _ = sources.validate_all(located, to_prompt_record, name=str(spec),
                                        on_error=on_error, kind="prompt record",
                                        empty="no prompt records")
+  if not (isinstance(spec, str) and spec.startswith(sources.TASK_PREFIX)):
+    path, _ = dataset_dirs.split_spec(spec)
+    prompts = [_resolve_media(p, path if path.is_dir() else path.parent) for p in prompts]
   return prompts
+
+
+MEDIA_FIELDS = ("images", "audios")
+
+
+def _resolve_media(record: PromptRecord, base: pathlib.Path) -> PromptRecord:
+  """Relative media paths (meta "images" / "audios", data/multimodal.py's fields) resolved
+  against the prompt file's directory, as SFT media records are."""
+  media = {f: record.meta[f] for f in MEDIA_FIELDS if isinstance(record.meta.get(f), list)}
+  if not media:
+    return record
+  resolved = {f: [os.fspath(base / v) if isinstance(v, str) else v for v in values]
+              for f, values in media.items()}
+  return dataclasses.replace(record, meta={**record.meta, **resolved})
 
 
 class PromptIterator:

@@ -81,7 +81,7 @@ def mix_replays(rollouts: rollout_lib.Rollouts, replays: Sequence[experience_lib
   log-probs as `sampler_logprobs` (cut at `max_new_tokens`, as a sampled completion is)."""
   g = rollouts.group_size
   fields = {f.name: list(getattr(rollouts, f.name)) for f in dataclasses.fields(rollouts)
-            if f.name != "group_size"}
+            if f.name not in ("group_size", "media")}   # media runs mix nothing in (learner)
   for i, replay in enumerate(replays):
     first = (first_group + i) * g
     if experience_lib.prompt_key(rollouts.prompts[first]) != replay.key:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.retrieval.index import is_index_dir
+from wakea_jax.rl.media_prompts import PromptMedia
 from wakea_jax.rl.prompts import PromptRecord
 from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling import precision
@@ -156,6 +157,8 @@ class Rollouts:
   finals: list[str]                    # decoded last assistant turn (no stop token)
   tool_errors: list[int]               # tool results that were "Error: ..."
   group_size: int
+  # The rows' media in the per-row layout (models/media.py), for media prompts; else None.
+  media: dict[str, np.ndarray] | None = None
 
   def __len__(self) -> int:
     return len(self.completion_ids)
@@ -188,26 +191,43 @@ class Rollouts:
         completion_ids=pick(self.completion_ids), sampler_logprobs=pick(self.sampler_logprobs),
         tool_mask=pick(self.tool_mask), num_tool_calls=pick(self.num_tool_calls),
         stop_reason=pick(self.stop_reason), texts=pick(self.texts), finals=pick(self.finals),
-        tool_errors=pick(self.tool_errors), group_size=self.group_size)
+        tool_errors=pick(self.tool_errors), group_size=self.group_size,
+        media=None if self.media is None else {k: v[rows] for k, v in self.media.items()})
 
   @staticmethod
   def concat(parts: Sequence[Rollouts]) -> Rollouts:
     """The rows of `parts` one after another (same group size)."""
     first = parts[0]
     merged = {f.name: [x for p in parts for x in getattr(p, f.name)]
-              for f in dataclasses.fields(Rollouts) if f.name != "group_size"}
-    return Rollouts(**merged, group_size=first.group_size)
+              for f in dataclasses.fields(Rollouts) if f.name not in ("group_size", "media")}
+    media = None
+    if first.media is not None:
+      media = {k: np.concatenate([p.media[k] for p in parts]) for k in first.media}
+    return Rollouts(**merged, group_size=first.group_size, media=media)
 
 
 def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[PromptRecord], *,
                       tokenizer: Tokenizer, config: RolloutConfig, rng: jax.Array,
                       router: Router | None = None, tool_schemas: Any = None,
-                      protocol: InteractionProtocol | None = None) -> Rollouts:
+                      protocol: InteractionProtocol | None = None,
+                      media: PromptMedia | None = None) -> Rollouts:
   """G completions of each prompt. With a `router` the tool loop runs tool calls; with a
   search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
-  (`rollout.slots`, or every row at once when 0)."""
+  (`rollout.slots`, or every row at once when 0). With `media` (rl/media_prompts.py) the
+  prompts' images or audio are rendered and prefilled with them (static batching, no tools)."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
+  if media is not None:
+    if protocol is not None or router is not None or config.slots:
+      raise ValueError("media prompts sample with static batching and no tools or search "
+                       "protocol for now: set rollout.slots=0, rollout.tools=() and "
+                       "rollout.protocol=''")
+    rendered = {id(p): media.render(p) for p in prompts}
+    prompt_ids = [rendered[id(p)] for p in rows]
+    row_media = media.arrays(rows)
+    out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng,
+                           media=row_media)
+    return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g, media=row_media)
   rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]
   continuous = bool(config.slots) and jax.process_count() == 1 and bool(prompt_ids)
@@ -232,6 +252,12 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   else:
     out = (batcher if continuous else sampler).generate(
         params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
+  return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g)
+
+
+def _rollouts(rows: list[PromptRecord], prompt_ids: list[list[int]], out: Any,
+              tokenizer: Tokenizer, sampler: Sampler, g: int,
+              media: dict[str, np.ndarray] | None = None) -> Rollouts:
   tokens, logprobs = out.tokens, out.logprobs
   if isinstance(out, ToolLoopOutput):
     tool_mask, calls, reasons, errors = (out.tool_mask, out.num_tool_calls, out.stop_reason,
@@ -246,7 +272,7 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
                   texts=[tokenizer.decode(t) for t in tokens],
                   finals=[tokenizer.decode(final_turn(t, m, sampler.stop_ids))
                           for t, m in zip(tokens, tool_mask)],
-                  tool_errors=list(errors), group_size=g)
+                  tool_errors=list(errors), group_size=g, media=media)
 
 
 def final_turn(tokens: Sequence[int], tool_mask: Sequence[int], stop_ids: Sequence[int]
@@ -293,4 +319,6 @@ def to_batch(rollouts: Rollouts, *, width: int | None = None, pad_id: int = 0,
     k = len(completion)
     batch["loss_mask"][r, start:start + k] = 1 - rollouts.tool_mask[r]
     batch["sampler_logprobs"][r, start:start + k] = rollouts.sampler_logprobs[r]
+  if rollouts.media is not None:
+    batch.update(rollouts.media)
   return batch

@@ -120,6 +120,8 @@ def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
   check_dtype(dtype)
   if not dtype:
     model_config = nnx.merge(graphdef, jax.tree.map(_abstract, params)).config
+    # A vision- or audio-language model samples with its text decoder's config (KV cache).
+    model_config = getattr(model_config, "text", model_config)
     return RolloutModel(dtype, graphdef, model_config, lambda p: p)
 
   def build(p: nnx.State) -> Transformer:
