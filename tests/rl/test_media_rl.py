@@ -61,6 +61,25 @@ def test_rollouts_carry_the_images_and_the_sampler_scores_like_the_trainer(sft_d
   assert np.abs(np.asarray(other)[mask] - batch["sampler_logprobs"][mask]).max() > 1e-3
 
 
+def test_tool_loop_rollouts_take_the_images_too(sft_dir):
+  """With the calculator on, rows that call it get a text tool turn; the model's own tokens
+  still score as the sampler drew them, image included (tool tokens are masked out)."""
+  config = _grpo(sft_dir)
+  config.rollout.tools = ("calculator",)
+  config.rollout.max_tool_calls = 1
+  config.rollout.max_tool_tokens = 8
+  learner = make_learner(config, sft_dir / "probe_tools")
+  rollouts = rollout_lib.generate_rollouts(
+      learner.sampler, learner.rollout_params(), learner.prompts.take(4),
+      tokenizer=learner.tokenizer, config=learner.rollout, rng=jax.random.key(1),
+      router=learner.router, media=learner.media)
+  batch = rollout_lib.to_batch(rollouts, pad_id=learner.pad_id)
+  logprobs, _ = learner.score(learner.state.params, learner.state.frozen, batch)
+  mask = batch["loss_mask"] > 0
+  np.testing.assert_allclose(np.asarray(logprobs)[mask], batch["sampler_logprobs"][mask],
+                             atol=2e-5)
+
+
 def test_grpo_run_on_image_prompts_trains_evaluates_and_exports(sft_dir):
   last = run(_grpo(sft_dir), sft_dir / "grpo")
   records = metrics_lib.read_jsonl(sft_dir / "grpo" / "metrics.jsonl")

@@ -191,14 +191,14 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
     r = rl_run.rollout
     unsupported = {"offpolicy.traces": rl_run.offpolicy.enabled,
                    "experience.enabled": rl_run.experience.enabled,
-                   "rollout.tools": bool(r.tools), "rollout.protocol": bool(r.protocol),
+                   "rollout.protocol": bool(r.protocol),
                    "rollout.slots": bool(r.slots), "rollout.dtype": bool(r.dtype),
                    "objective 'ppo'": objective == "ppo"}
     used = [name for name, on in unsupported.items() if on]
     if used:
       raise ValueError(f"media.kind={rl_run.media.kind!r}: {', '.join(used)} is not supported "
-                       "with media prompts yet (GRPO-family objectives, static batching, no "
-                       "tools)")
+                       "with media prompts yet (GRPO-family objectives, static batching, "
+                       "tools allowed)")
   if rl_run.rollout.dtype and rl_run.rl.old_logprobs == "sampler":
     # The bf16 / int8 sampler is not the policy being trained: its log-probs as the old
     # ones would make the ratio (and the clip) measure the precision gap, not the update.

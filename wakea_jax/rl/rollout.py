@@ -214,19 +214,26 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   """G completions of each prompt. With a `router` the tool loop runs tool calls; with a
   search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
   (`rollout.slots`, or every row at once when 0). With `media` (rl/media_prompts.py) the
-  prompts' images or audio are rendered and prefilled with them (static batching, no tools)."""
+  prompts' images or audio are rendered and prefilled with them (static batching; the tool
+  loop's turns are text)."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
   if media is not None:
-    if protocol is not None or router is not None or config.slots:
-      raise ValueError("media prompts sample with static batching and no tools or search "
-                       "protocol for now: set rollout.slots=0, rollout.tools=() and "
-                       "rollout.protocol=''")
+    if protocol is not None or config.slots:
+      raise ValueError("media prompts sample with static batching and no search protocol for "
+                       "now: set rollout.slots=0 and rollout.protocol=''")
     rendered = {id(p): media.render(p) for p in prompts}
     prompt_ids = [rendered[id(p)] for p in rows]
     row_media = media.arrays(rows)
-    out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng,
-                           media=row_media)
+    if router is not None and config.max_tool_calls > 0:
+      out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tokenizer, router=router,
+                          rng=rng, max_new_tokens=config.max_new_tokens,
+                          max_tool_calls=config.max_tool_calls,
+                          max_tool_tokens=config.max_tool_tokens,
+                          chunk_steps=config.chunk_steps, media=row_media)
+    else:
+      out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens,
+                             rng=rng, media=row_media)
     return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g, media=row_media)
   rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]

@@ -25,7 +25,8 @@ the generation budget and the tool-turn budget up front.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,12 @@ def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, lim
 def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                   tokenizer: Tokenizer, router: Router, rng: jax.Array,
                   max_new_tokens: int = 256, max_tool_calls: int = 4,
-                  max_tool_tokens: int = 128, chunk_steps: int = 16) -> ToolLoopOutput:
+                  max_tool_tokens: int = 128, chunk_steps: int = 16,
+                  media: Mapping[str, Any] | None = None) -> ToolLoopOutput:
   """Samples completions of `prompts` (ids ending with the assistant generation prompt),
-  executing tool calls as they complete. See the module docstring."""
+  executing tool calls as they complete. See the module docstring. `media`: the prompts'
+  images or audio (`Sampler.start(media=)`); tool turns are text, so only the prefill
+  takes them."""
   turn_end = chat.end_of_turn_id(tokenizer)
   if turn_end not in sampler.stop_ids:
     raise ValueError(f"the sampler's stop_ids {sampler.stop_ids} must include the chat format's "
@@ -120,7 +124,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
   state = sampler.start(params, prompts, max_new_tokens=max_new_tokens, reserve=reserve,
-                        rng=rng)
+                        rng=rng, media=media)
   rows = len(multihost.to_host(state.done))   # this process's rows, fillers included
   capacity = state.cache.capacity
   chunk = jnp.asarray(min(chunk_steps, state.tokens.shape[1]), jnp.int32)
