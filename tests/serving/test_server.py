@@ -150,14 +150,20 @@ def test_a_dropped_stream_frees_its_slot(server, monkeypatch):
 
   def slow_submit(request, on_event):
     def delayed(event):
-      time.sleep(0.05)
+      time.sleep(0.2)
       on_event(event)
     return submit(request, delayed)
 
+  # A seed whose completion runs to max_tokens: an unseeded one may sample the end-of-turn
+  # token within a few tokens and finish before the disconnect (no cancellation to see).
+  client = _client(url)
+  seed = next(seed for seed in range(20) if client.chat.completions.create(
+      model="tiny", messages=[{"role": "user", "content": "Go on forever"}], max_tokens=200,
+      temperature=1.0, seed=seed).choices[0].finish_reason == "length")
   monkeypatch.setattr(engine, "submit", slow_submit)
   before = host.model.engine.snapshot()["cancelled"]
   body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever"}],
-          "max_tokens": 200, "temperature": 1.0, "stream": True}
+          "max_tokens": 200, "temperature": 1.0, "stream": True, "seed": seed}
   connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
   connection.request("POST", "/v1/chat/completions", json.dumps(body),
                      {"Content-Type": "application/json"})
@@ -168,7 +174,7 @@ def test_a_dropped_stream_frees_its_slot(server, monkeypatch):
     if b'"content": "' in line and b'"content": ""' not in line:
       break
   connection.close()     # leave after the first generated text
-  deadline = time.monotonic() + 30
+  deadline = time.monotonic() + 60
   while host.model.engine.in_flight and time.monotonic() < deadline:
     time.sleep(0.05)
   assert host.model.engine.in_flight == 0
