@@ -63,6 +63,7 @@ def _grpo_config(variant: str) -> ml_collections.ConfigDict:
   config.model.vocab_size = VOCAB
   config.model.max_seq_len = 128
   config.media = media_section("audio" if variant.startswith("audio") else "vision")
+  config.model.qkv_bias = variant.startswith("audio")
   config.data.sources = ""
   config.data.eval_sources = ""
   config.rollout.update(group_size=8, max_new_tokens=8, temperature=1.0)
@@ -90,6 +91,8 @@ def get_config(arg=None):
   config.model.vocab_size = VOCAB
   config.model.max_seq_len = 128
   config.media = media_section("audio" if variant == "audio" else "vision")
+  if variant == "audio":
+    config.model.qkv_bias = True      # Qwen2-Audio's decoder is Qwen2 (q/k/v biases)
   config.data.sources = ""
   config.data.eval_sources = ""
   config.data.seq_len = 64

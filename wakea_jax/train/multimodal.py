@@ -136,6 +136,10 @@ def model_config(run: setup_lib.RunConfig, config: MediaModelConfig,
           text=text, vision=vision, projector=projector, image_token_id=token,
           vision_feature_layer=config.vision_feature_layer,
           vision_feature_select_strategy=config.vision_feature_select_strategy)
+    if not text.qkv_bias or text.qk_norm:
+      # Checked before training: the export (Qwen2AudioForConditionalGeneration) would fail.
+      raise ValueError("Qwen2-Audio's decoder is Qwen2: set config.model.qkv_bias=True and "
+                       "config.model.qk_norm=False")
     return AudioLanguageConfig(text=text, audio=AudioEncoderConfig(**dict(config.audio)),
                                audio_token_id=token)
   except (TypeError, ValueError) as e:
