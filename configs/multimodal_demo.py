@@ -29,16 +29,18 @@ def get_config(arg=None):
   # Examples per split of each generated task (the same data for every seed).
   config.data = ml_collections.ConfigDict(dict(train=4000, eval=256, prompts=2000, seed=0,
                                                image_size=32))
+  # Samples per held-out prompt at the rollout temperature (0: greedy accuracy only).
+  config.eval_samples = 4
   config.sft = ml_collections.ConfigDict()
   config.grpo = ml_collections.ConfigDict()
   for modality in MODALITIES:
     sft = _multimodal(modality)
-    sft.train.update(steps=150, eval_every=150, checkpoint_every=150, log_every=10)
+    sft.train.update(steps=400, eval_every=400, checkpoint_every=400, log_every=20)
     sft.optimizer.update(learning_rate=1e-3, warmup_steps=20)
     config.sft[modality] = sft
     grpo = _multimodal(f"{modality}_grpo")
     grpo.train.update(steps=60, eval_every=20, checkpoint_every=60, log_every=1)
-    grpo.optimizer.update(learning_rate=3e-5, warmup_steps=5)
+    grpo.optimizer.update(learning_rate=5e-5, warmup_steps=5)
     grpo.rollout.update(group_size=8, max_new_tokens=6, temperature=1.0)
     grpo.rl.prompts_per_step = 16
     grpo.eval.batch_prompts = 128
@@ -48,6 +50,7 @@ def get_config(arg=None):
   elif variant == "test":
     config.seeds = (0,)
     config.data.update(train=64, eval=16, prompts=32)
+    config.eval_samples = 2
     for modality in MODALITIES:
       sft, grpo = config.sft[modality], config.grpo[modality]
       for stage in (sft, grpo):

@@ -33,17 +33,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from wakea_jax import apo, logs, trainers
+from wakea_jax import apo, demo_app, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data.tasks import arithmetic
 from wakea_jax.rl.apo_proposers import RULES
 
 EXPORT = loader.RUN_EXPORT
-FLAGS = flags.FLAGS
 
 TAGS = RULES["missing_answer_tags"][0]
 WORK = RULES["wrong_answer"][0]
@@ -143,23 +141,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   return results
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/apo_demo.py", "The demonstration's config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where the stages and the results go.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs the demonstration and prints its table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  results = run(FLAGS.config, FLAGS.workdir)
+def _run_and_print(config: ml_collections.ConfigDict, workdir: str) -> None:
+  results = run(config, workdir)
   print(results_table(results["rows"]))
   print(json.dumps(results["timing_s"], indent=2))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(_run_and_print, "configs/apo_demo.py")

@@ -17,17 +17,15 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
-from wakea_jax import config_lib, logs, plots, trainers
+from wakea_jax import config_lib, demo_app, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import preferences as preference_data
 from wakea_jax.data import sources
@@ -40,7 +38,6 @@ from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.train import preference as preference_lib
 
 EXPORT = loader.RUN_EXPORT
-FLAGS = flags.FLAGS
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -221,21 +218,5 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/learning_demo.py", "The demonstration config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage writes.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs every stage and prints the table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(run, "configs/learning_demo.py")

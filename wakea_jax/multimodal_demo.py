@@ -9,7 +9,8 @@ or skips finished stages):
   sft/    a vision- (audio-) language model trained from scratch on the train split
           (configs/multimodal.py; tower, projector and decoder all train: no pretrained
           encoder is available offline, see the README for the recipe), stopped early
-  grpo/   GRPO from sft/ on the task's prompts, exact-match reward on the one-word answer
+  grpo/   GRPO from sft/ on new prompts of the task (images / clips SFT did not see),
+          exact-match reward on the one-word answer
 Every model is scored by greedy accuracy on the same held-out prompts, beside chance
 (uniform guessing among the answers each question offers) and the majority baseline. The
 table goes to stdout, results.md and results.json; the GRPO curves to curves.png.
@@ -20,22 +21,19 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from wakea_jax import logs, plots, trainers
+from wakea_jax import demo_app, plots, trainers
 from wakea_jax.data import sources
 from wakea_jax.data.tasks import shapes, tones
 from wakea_jax.rl import evaluation as eval_lib
 from wakea_jax.sampling.sampler import chat_sampler
 
-FLAGS = flags.FLAGS
 TASKS = {"vision": shapes, "audio": tones}
 
 
@@ -53,19 +51,22 @@ def write_task(config: ml_collections.ConfigDict, modality: str, root: pathlib.P
     extra = {"size": d.image_size} if modality == "vision" else {}
     train = task.write(directory, d.train, d.seed, split=0, **extra)
     held_out = task.write(directory, d.eval, d.seed, split=1, **extra)
+    # GRPO's prompts are new draws (split 2): questions without the labels SFT had.
+    fresh = task.write(directory, d.prompts, d.seed, split=2, **extra)
     sources.write_jsonl(train, files["train"])
     sources.write_jsonl(held_out, files["eval"])
-    sources.write_jsonl(task.prompts(train[:d.prompts]), files["prompts"])
+    sources.write_jsonl(task.prompts(fresh), files["prompts"])
     sources.write_jsonl(task.prompts(held_out), files["eval_prompts"])
   return {"files": files, "chance": task.chance_accuracy(held_out),
           "majority": task.majority_accuracy(held_out, train)}
 
 
 def held_out_accuracy(grpo: ml_collections.ConfigDict, model_dir: pathlib.Path,
-                      workdir: pathlib.Path) -> dict[str, float]:
+                      workdir: pathlib.Path, samples: int = 0) -> dict[str, float]:
   """Greedy accuracy of the model at `model_dir` (a multimodal run's workdir) on grpo's eval
   prompts, overall ("all") and per question kind (the prompts' "category"), with the RL
-  learner's own sampler, media rendering and correctness reward."""
+  learner's own sampler, media rendering and correctness reward; with `samples`, also the
+  accuracy of that many samples per prompt at the rollout temperature ("sampled")."""
   stage = grpo.copy_and_resolve_references()
   stage.init_from = str(model_dir)
   learner = trainers.make_learner(stage, workdir)
@@ -81,6 +82,17 @@ def held_out_accuracy(grpo: ml_collections.ConfigDict, model_dir: pathlib.Path,
   out = {"all": float(ok.mean())}
   for kind in dict.fromkeys(kinds.tolist()):
     out[kind] = float(ok[kinds == kind].mean())
+  if samples:
+    # Accuracy of samples at the rollout temperature: what the RL reward measures.
+    sampler = chat_sampler(learner.rollout_model.graphdef, learner.model_config,
+                           learner.tokenizer, temperature=learner.rollout.temperature,
+                           stop_ids=learner.stop_ids, pad_id=learner.pad_id)
+    drawn, _ = eval_lib.sample_and_check(
+        sampler, learner.policy_params(), learner.eval_prompts, samples,
+        tokenizer=learner.tokenizer, rollout=learner.rollout, correct=learner.correct,
+        router=None, rng=jax.random.key(1), batch_prompts=learner.eval_config.batch_prompts,
+        media=learner.media)
+    out["sampled"] = float((np.asarray(drawn) >= 0.5).mean())
   return out
 
 
@@ -115,17 +127,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       grpo.seed = seed
       grpo.data.sources = str(files["prompts"])
       grpo.data.eval_sources = str(files["eval_prompts"])
+      samples = config.eval_samples
       sft_accuracy, t_eval = _timed(held_out_accuracy, grpo, run_dir / "sft",
-                                    run_dir / "eval_sft")
+                                    run_dir / "eval_sft", samples)
       grpo.init_from = str(run_dir / "sft")
       _, results["timing_s"][f"{name}/grpo"] = _timed(trainers.run, grpo, run_dir / "grpo")
       grpo_accuracy, t_eval2 = _timed(held_out_accuracy, grpo, run_dir / "grpo",
-                                      run_dir / "eval_grpo")
+                                      run_dir / "eval_grpo", samples)
       results["timing_s"][f"{name}/eval"] = t_eval + t_eval2
       row = {"modality": modality, "seed": seed, "chance": task["chance"],
              "majority": task["majority"], "sft": sft_accuracy.pop("all"),
-             "grpo": grpo_accuracy.pop("all"), "sft_by_kind": sft_accuracy,
-             "grpo_by_kind": grpo_accuracy}
+             "grpo": grpo_accuracy.pop("all"),
+             "sft_sampled": sft_accuracy.pop("sampled", float("nan")),
+             "grpo_sampled": grpo_accuracy.pop("sampled", float("nan")),
+             "sft_by_kind": sft_accuracy, "grpo_by_kind": grpo_accuracy}
       results["rows"].append(row)
       logging.info("%s: %s", name, row)
   results["timing_s"]["total"] = time.perf_counter() - total_start
@@ -144,20 +159,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 def format_table(results: dict[str, Any]) -> str:
   """Held-out greedy accuracy per modality and seed, the means, and the wall times."""
-  lines = ["| modality | seed | chance | majority | SFT | GRPO | GRPO - SFT |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| modality | seed | chance | majority | SFT greedy | GRPO greedy | GRPO - SFT "
+           "| SFT sampled | GRPO sampled |",
+           "|---|---|---|---|---|---|---|---|---|"]
   pct = lambda x: f"{100 * x:.1f}%"
+  keys = ("chance", "majority", "sft", "grpo", "sft_sampled", "grpo_sampled")
+
+  def cells(r: dict[str, float]) -> str:
+    return (f"{pct(r['chance'])} | {pct(r['majority'])} | {pct(r['sft'])} | "
+            f"{pct(r['grpo'])} | {100 * (r['grpo'] - r['sft']):+.1f} | "
+            f"{pct(r['sft_sampled'])} | {pct(r['grpo_sampled'])} |")
+
   for r in results["rows"]:
-    lines.append(f"| {r['modality']} | {r['seed']} | {pct(r['chance'])} | "
-                 f"{pct(r['majority'])} | {pct(r['sft'])} | {pct(r['grpo'])} | "
-                 f"{100 * (r['grpo'] - r['sft']):+.1f} |")
+    lines.append(f"| {r['modality']} | {r['seed']} | {cells(r)}")
   for modality in dict.fromkeys(r["modality"] for r in results["rows"]):
     mine = [r for r in results["rows"] if r["modality"] == modality]
-    mean = {k: float(np.mean([r[k] for r in mine])) for k in ("chance", "majority", "sft",
-                                                              "grpo")}
-    lines.append(f"| **{modality} mean** | {len(mine)} seeds | {pct(mean['chance'])} | "
-                 f"{pct(mean['majority'])} | {pct(mean['sft'])} | {pct(mean['grpo'])} | "
-                 f"{100 * (mean['grpo'] - mean['sft']):+.1f} |")
+    mean = {k: float(np.mean([r.get(k, float("nan")) for r in mine])) for k in keys}
+    lines.append(f"| **{modality} mean** | {len(mine)} seeds | {cells(mean)}")
   lines += ["", "Per question kind (SFT -> GRPO, held-out greedy accuracy):"]
   for r in results["rows"]:
     kinds = ", ".join(f"{k} {pct(v)} -> {pct(r['grpo_by_kind'].get(k, float('nan')))}"
@@ -168,21 +186,5 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/multimodal_demo.py", "The demonstration config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage writes.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs every stage and prints the table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(run, "configs/multimodal_demo.py")

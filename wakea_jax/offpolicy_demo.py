@@ -31,16 +31,14 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from wakea_jax import logs, plots, trainers
+from wakea_jax import demo_app, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data.tasks import arithmetic
 
 EXPORT = loader.RUN_EXPORT
-FLAGS = flags.FLAGS
 ARMS = ("grpo", "luffy", "exgrpo", "hybrid")
 LABELS = {"grpo": "GRPO (on-policy)", "luffy": "LUFFY", "exgrpo": "ExGRPO",
           "hybrid": "LUFFY + ExGRPO"}
@@ -198,21 +196,5 @@ def format_table(results: dict[str, Any], splits: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/offpolicy_demo.py", "The demonstration config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage writes.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs every stage and prints the table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(run, "configs/offpolicy_demo.py")

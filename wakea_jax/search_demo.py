@@ -29,10 +29,9 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from wakea_jax import config_lib, logs, plots, trainers
+from wakea_jax import config_lib, demo_app, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data.tasks import multihop as task
@@ -46,7 +45,6 @@ from wakea_jax.toolbox import multihop
 
 EXPORT = loader.RUN_EXPORT
 PROTOCOL_NUMBERS = {"search_r1": 1, "rsearch": 2}   # the task's `protocol` option
-FLAGS = flags.FLAGS
 
 # The arms: (key, label, prompt format). The table lists the SFT arms first, then the GRPO
 # runs in the order they ran.
@@ -359,21 +357,5 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/search_demo.py", "The demonstration config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage writes.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs every stage and prints the table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(run, "configs/search_demo.py")

@@ -24,10 +24,9 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from wakea_jax import config_lib, logs, plots, trainers
+from wakea_jax import config_lib, demo_app, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
 from wakea_jax.data import trajectories as trajectories_lib
@@ -40,7 +39,6 @@ from wakea_jax.rl import rewards as rewards_lib
 from wakea_jax.rl.judge import LLMJudge
 
 EXPORT = loader.RUN_EXPORT
-FLAGS = flags.FLAGS
 
 # (key, label) of the table's rows, in order.
 STAGES = (("base", "base (easy levels only)"), ("sft", "SFT on the expert set"),
@@ -250,21 +248,5 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/srl_demo.py", "The demonstration config.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage writes.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Runs every stage and prints the table."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  demo_app.run_demo(run, "configs/srl_demo.py")
