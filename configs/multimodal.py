@@ -9,7 +9,8 @@ Variants:
               --config.init_from=<an HF LLaVA directory or a multimodal run's workdir>.
   vision_grpo / audio_grpo   GRPO on media prompts from a multimodal SFT workdir
               (--config.init_from=...), exact-match reward on one-word answers.
-  test / test_grpo   tiny vision runs for the test suite.
+  vision_dpo / audio_dpo     DPO on media pairs from a multimodal SFT workdir.
+  test / test_grpo / test_dpo   tiny vision runs for the test suite.
 
 Records are `{"messages": [...], "images": [...]}` / `"audios"` files
 (data/multimodal.py); the learning demonstration (`python -m wakea_jax.multimodal_demo`)
@@ -82,10 +83,33 @@ def _grpo_config(variant: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _dpo_config(variant: str) -> ml_collections.ConfigDict:
+  """DPO (or IPO / SimPO / ORPO) on media pairs ({"prompt", "chosen", "rejected", "images"}),
+  from a multimodal SFT workdir (--config.init_from=...)."""
+  config = config_files.sibling(__file__, "dpo").get_config("default")
+  config.variant = variant
+  config.model.vocab_size = VOCAB
+  config.model.max_seq_len = 128
+  config.media = media_section("audio" if variant.startswith("audio") else "vision")
+  config.model.qkv_bias = variant.startswith("audio")
+  config.data.seq_len = 64
+  config.optimizer.learning_rate = 1e-5
+  if variant == "test_dpo":
+    test = get_config("test")
+    config.model = test.model
+    config.media = test.media
+    config.data.update(seq_len=48, batch_size=8, eval_batch_size=8)
+    config.train.update(steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=0)
+  return config
+
+
 def get_config(arg=None):
   variant = arg or "vision"
   if variant in ("vision_grpo", "audio_grpo", "test_grpo"):
     return _grpo_config(variant)
+  if variant in ("vision_dpo", "audio_dpo", "test_dpo"):
+    return _dpo_config(variant)
   config = common.run_config("sft")
   config.variant = variant
   config.model.vocab_size = VOCAB
@@ -120,5 +144,6 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 1
   else:
     raise ValueError(f"unknown multimodal variant {variant!r}; use vision, audio, projector, "
-                     "vision_grpo, audio_grpo, test or test_grpo")
+                     "vision_grpo, audio_grpo, vision_dpo, audio_dpo, test, test_grpo or "
+                     "test_dpo")
   return config

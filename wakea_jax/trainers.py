@@ -37,7 +37,7 @@ def train_preference(config: ml_collections.ConfigDict, workdir: str | pathlib.P
                      ) -> dict[str, Any]:
   """DPO / IPO / SimPO / ORPO (train/preference.py)."""
   return preference.run(config_lib.run_config(config), config_lib.preference_config(config),
-                        workdir)
+                        workdir, media=config_lib.media_config(config))
 
 
 def train_rl(config: ml_collections.ConfigDict, workdir: str | pathlib.Path

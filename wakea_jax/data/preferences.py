@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -169,6 +169,9 @@ def to_pair(raw: Any, where: str) -> dict[str, Any]:
     prompt = records.prompt_messages(raw, where)
     responses = {side: records.response_messages(raw[side], side, where) for side in SIDES}
   pair: dict[str, Any] = {"prompt": prompt}
+  for field in ("images", "audios"):   # media pairs (data/media_pairs.py); refs as given
+    if raw.get(field):
+      pair[field] = raw[field]
   for side in SIDES:
     pair[side] = responses[side]
     try:  # what SFT targets must satisfy: no empty turns, no malformed inline tool calls
@@ -220,6 +223,10 @@ def load_pairs(spec: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *,
 
 # ---- tokenisation and the dataset -----------------------------------------------------------
 
+# (pair, side, tokenizer) -> (ids, response mask, prompt length) of prompt + that side.
+TokenizeSide = Callable[[Mapping[str, Any], str, Tokenizer], tuple[np.ndarray, np.ndarray, int]]
+
+
 def _tokenize_side(prompt: list[dict[str, Any]], response: list[dict[str, Any]],
                    tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
   """(ids, response mask, prompt length) of prompt + response."""
@@ -240,7 +247,16 @@ class PreferenceDataset:
 
   def __init__(self, pairs: Sequence[Mapping[str, Any]], origins: Sequence[str],
                tokenizer: Tokenizer, *, seq_len: int, overlength: str = "truncate",
-               name: str = "pairs", skipped: int = 0) -> None:
+               name: str = "pairs", skipped: int = 0,
+               tokenize_side: TokenizeSide | None = None,
+               media_of: Callable[[Mapping[str, Any], str], dict[str, np.ndarray]] | None = None
+               ) -> None:
+    """`tokenize_side(pair, side, tokenizer) -> (ids, mask, prompt_len)` replaces the chat
+    rendering (media pairs expand their placeholders there, data/media_pairs.py), and
+    `media_of(pair, where)` gives each kept pair's media in the per-row layout
+    (models/media.py), which every batch then carries for both sides."""
+    tokenize_side = tokenize_side or (
+        lambda pair, side, tok: _tokenize_side(pair["prompt"], pair[side], tok))
     if overlength not in OVERLENGTH:
       raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
     if seq_len < 2:
@@ -250,6 +266,7 @@ class PreferenceDataset:
     self.stats = {"pairs": 0, "truncated": 0, "dropped": 0, "identical": 0,
                   "skipped_malformed": skipped}
     rows: dict[str, list[np.ndarray]] = {f"{s}_{f}": [] for s in SIDES for f in PAIR_FIELDS}
+    media_rows: dict[str, list[np.ndarray]] = {}
     self.origins: list[str] = []
     for pair, where in zip(pairs, origins):
       if pair["chosen"] == pair["rejected"]:
@@ -258,7 +275,7 @@ class PreferenceDataset:
         self.stats["identical"] += 1
       sides, reason = {}, None
       for side in SIDES:
-        ids, mask, prompt_len = _tokenize_side(pair["prompt"], pair[side], tokenizer)
+        ids, mask, prompt_len = tokenize_side(pair, side, tokenizer)
         if len(ids) > seq_len + 1:
           if overlength == "drop":
             reason = f"'{side}' has {len(ids) - 1} tokens > seq_len={seq_len}"
@@ -284,6 +301,9 @@ class PreferenceDataset:
           row = np.zeros(seq_len, np.float32 if field == "loss_mask" else np.int32)
           row[:n] = values
           rows[f"{side}_{field}"].append(row)
+      if media_of is not None:
+        for key, value in media_of(pair, where).items():
+          media_rows.setdefault(key, []).append(value)
       self.origins.append(where)
     self.stats["pairs"] = len(self.origins)
     if not self.origins:
@@ -292,6 +312,7 @@ class PreferenceDataset:
     if self.stats["dropped"] or self.stats["truncated"]:
       logging.info("%s: %s", name, self.stats)
     self.arrays = {k: np.stack(v) for k, v in rows.items()}
+    self.media = {k: np.stack(v) for k, v in media_rows.items()}   # [num_pairs, slots, ...]
     self.reference: tuple[np.ndarray, np.ndarray] | None = None
 
   def __len__(self) -> int:
@@ -318,6 +339,8 @@ class PreferenceDataset:
     batch = {f: np.concatenate([self.arrays[f"{s}_{f}"][take] for s in SIDES])
              for f in PAIR_FIELDS}
     batch["loss_mask"] = batch["loss_mask"] * np.tile(pair_mask, 2)[:, None]  # padding: 0
+    for key, value in self.media.items():   # both sides see the pair's media
+      batch[key] = np.concatenate([value[take], value[take]])
     batch["pair_index"] = take
     batch["pair_mask"] = pair_mask
     if self.reference is not None:

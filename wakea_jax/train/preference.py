@@ -26,12 +26,14 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from wakea_jax.data import media_pairs
 from wakea_jax.data import preferences as pref_lib
 from wakea_jax.data.config import pooled_specs
+from wakea_jax.models.media import MEDIA_KEYS, bind_media, with_media
 from wakea_jax.objectives import dpo
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.train import multimodal, supervised
 from wakea_jax.train import setup as setup_lib
-from wakea_jax.train import supervised
 
 States = nnx.State | tuple[nnx.State, ...]
 
@@ -52,15 +54,16 @@ def pair_logps_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None,
   def logps(states: tuple[nnx.State, ...], batch: dict[str, jax.Array]):
     model = nnx.merge(graphdef, *states)
     model.eval()
-    pc, pr, _, _ = dpo.pair_logps(model, batch)
+    pc, pr, _, _ = dpo.pair_logps(bind_media(model, batch), batch)
     return pc, pr
 
   def run(params: States, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     states = tuple(params) if isinstance(params, (tuple, list)) else (params,)
+    keys = pref_lib.PAIR_FIELDS + tuple(k for k in MEDIA_KEYS if k in batch)
     if mesh is None:
-      fields = {f: jnp.asarray(batch[f]) for f in pref_lib.PAIR_FIELDS}
+      fields = {f: jnp.asarray(batch[f]) for f in keys}
     else:
-      rows = pref_lib.process_rows({f: batch[f] for f in pref_lib.PAIR_FIELDS},
+      rows = pref_lib.process_rows({f: batch[f] for f in keys},
                                    jax.process_index(), jax.process_count())
       fields = mesh_lib.shard_batch(rows, mesh, rules)
     pc, pr = logps(states, fields)
@@ -116,8 +119,12 @@ def preference_accuracy(graphdef: nnx.GraphDef, params: States,
 
 
 def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
-        workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains (or resumes) per the configs in `workdir`; returns the last logged metrics."""
+        workdir: str | pathlib.Path, media: multimodal.MediaModelConfig | None = None
+        ) -> dict[str, float]:
+  """Trains (or resumes) per the configs in `workdir`; returns the last logged metrics.
+  With `media` (config.media enabled) the model is a vision- or audio-language model and
+  the pairs carry images or audio (data/media_pairs.py)."""
+  media = media if media is not None and media.enabled else None
   data = run_config.data
   if not data.sources:
     raise ValueError("config.data.sources is empty: give preference pair files, e.g. "
@@ -128,15 +135,24 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
                      f"grad_accum={run_config.grad_accum} (micro-batches split pairs, not rows)")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  built = setup_lib.setup(run_config, dpo.make_loss_fn(preference))
+  built = setup_lib.setup(run_config, with_media(dpo.make_loss_fn(preference)),
+                          build=multimodal.builder(media) if media is not None else None)
+  inputs = None
+  if media is not None:
+    inputs = multimodal.media_config(
+        nnx.merge(built.graphdef, built.state.params, built.state.frozen), media)
   supervised.check_global_batch(built, data.batch_size, "data.batch_size")
   if data.eval_sources or preference.needs_reference:
     supervised.check_global_batch(built, data.eval_batch_size, "data.eval_batch_size")
 
   def load(field: str) -> pref_lib.PreferenceDataset:
-    return pref_lib.load_dataset(pooled_specs(getattr(data, field), field), built.tokenizer,
-                                 seq_len=data.seq_len, overlength=data.overlength,
-                                 on_error=data.on_error)
+    specs = pooled_specs(getattr(data, field), field)
+    if inputs is not None:
+      return media_pairs.load_dataset(specs, built.tokenizer, inputs, slots=media.max_media,
+                                      seq_len=data.seq_len, overlength=data.overlength,
+                                      on_error=data.on_error)
+    return pref_lib.load_dataset(specs, built.tokenizer, seq_len=data.seq_len,
+                                 overlength=data.overlength, on_error=data.on_error)
 
   train_set = load("sources")
   eval_set = load("eval_sources") if data.eval_sources else None
@@ -168,5 +184,8 @@ def run(run_config: setup_lib.RunConfig, preference: dpo.PreferenceConfig,
                                             eval_batches=eval_batches, seq_len=data.seq_len,
                                             checkpoints=checkpoints)
   logging.info("data: %s", train_iter.stats)
-  setup_lib.export_trained(built, state, workdir / "export")
+  if inputs is not None:
+    multimodal.export(built, state, inputs, workdir / "export")
+  else:
+    setup_lib.export_trained(built, state, workdir / "export")
   return last
