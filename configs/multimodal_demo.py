@@ -21,7 +21,8 @@ def _multimodal(variant: str) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   variant = arg or "default"
-  config = ml_collections.ConfigDict()
+  # seed and mesh as every config has them (the stages take their own from config.seeds).
+  config = config_files.sibling(__file__, "common").base_config()
   config.objective = "multimodal_demo"
   config.variant = variant
   config.seeds = (0, 1)

@@ -123,8 +123,9 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
                      f"end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
+  # Only with media: samplers that take text alone (test doubles) keep their signature.
   state = sampler.start(params, prompts, max_new_tokens=max_new_tokens, reserve=reserve,
-                        rng=rng, media=media)
+                        rng=rng, **({} if media is None else {"media": media}))
   rows = len(multihost.to_host(state.done))   # this process's rows, fillers included
   capacity = state.cache.capacity
   chunk = jnp.asarray(min(chunk_steps, state.tokens.shape[1]), jnp.int32)
