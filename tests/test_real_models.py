@@ -82,9 +82,7 @@ def _grpo_config(sft_dir, kind):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-# The llama3 case runs from tests/test_real_models_llama3.py: in a file of its own, the two
-# long cases run side by side in the suite's two xdist workers (whole files per worker).
-@pytest.mark.parametrize("kind", ["qwen3"])
+@pytest.mark.parametrize("kind", ["qwen3", "llama3"])
 def test_import_sft_grpo_export_reload(kind, tmp_path):
   start, peaks = time.time(), {}
   for stages in CHILDREN:
