@@ -201,3 +201,34 @@ def test_config_checks():
     multimodal.MediaConfig(image=ImageConfig(height=8, width=8))
   with pytest.raises(ValueError, match="must not contain each other"):
     multimodal.MediaConfig(image_placeholder="<a>", audio_placeholder="<a>x")
+
+
+def test_media_slots_pad_mask_and_name_the_cap(files):
+  """Every objective's rows lay media out through `media_slots`: items first, zeros after,
+  `image_mask` marking the items; more items than slots is an error naming the record, the
+  field and the setting that caps it."""
+  from wakea_jax.data.media_batches import media_slots
+  from wakea_jax.rl.media_prompts import PromptMedia
+  from wakea_jax.rl.prompts import PromptRecord
+  images = [str(files / "media" / name) for name in ("a.png", "b.png")]
+  item = {"messages": _chat("<image><image>What?"), "images": images, "audios": [],
+          "origin": "x.jsonl:3"}
+  inputs = multimodal.decode_media(item, CONFIG)
+  out = media_slots(inputs, CONFIG, "x.jsonl:3", images=3, audios=1)
+  assert out["pixel_values"].shape == (3, 3, 8, 8)
+  np.testing.assert_array_equal(out["pixel_values"][:2], inputs["pixel_values"])
+  assert not out["pixel_values"][2].any()
+  np.testing.assert_array_equal(out["image_mask"], [1, 1, 0])
+  assert out["input_features"].shape == (1, 8, FEATURES.num_frames)
+  assert not out["feature_attention_mask"].any()
+  with pytest.raises(ValueError, match=r"x.jsonl:3: field 'images' has 2 item\(s\), more than "
+                                       r"the 1 slot\(s\) per row \(data.max_images\)"):
+    media_slots(inputs, CONFIG, "x.jsonl:3", images=1, audios=1)
+  prompt = PromptRecord(messages=({"role": "user", "content": "<image><image>What?"},),
+                        origin="p.jsonl:7", meta={"images": images})
+  with pytest.raises(ValueError, match=r"p.jsonl:7: field 'images' .*\(media.max_media\)"):
+    PromptMedia(default_tokenizer(), CONFIG, slots=1).render(prompt)
+  rendered = PromptMedia(default_tokenizer(), CONFIG, slots=2)
+  ids = rendered.render(prompt)
+  assert ids.count(IMAGE_ID) == 2 * CONFIG.image_tokens
+  np.testing.assert_array_equal(rendered.arrays([prompt])["image_mask"], [[1, 1]])

@@ -88,27 +88,44 @@ def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: Medi
          "loss_mask": np.pad(mask[1:], (0, pad)),
          "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
          "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
+  row.update(media_slots(inputs, media, where, images=config.max_images,
+                         audios=config.max_audios))
   if media.image is not None:
-    images = np.asarray(inputs["pixel_values"], np.float32)
-    row["pixel_values"], row["image_mask"] = _slots(images, config.max_images, "images", where)
     check_media_placement(row["input_ids"][None], media.image_token_id,
-                          [media.image_tokens] * len(images), what="image")
+                          [media.image_tokens] * int(row["image_mask"].sum()), what="image")
   if media.audio is not None:
-    features = np.asarray(inputs["input_features"], np.float32)
     frames = np.asarray(inputs["feature_attention_mask"], np.int32)
-    row["input_features"], _ = _slots(features, config.max_audios, "audios", where)
-    row["feature_attention_mask"], _ = _slots(frames, config.max_audios, "audios", where)
     check_media_placement(row["input_ids"][None], media.audio_token_id,
                           audio_token_counts(frames, media), what="audio")
   return row
 
 
-def _slots(items: np.ndarray, slots: int, field: str, where: str
+def media_slots(inputs: Mapping[str, Any], media: MediaConfig, where: str, *, images: int,
+                audios: int, setting: str = "data.max_{field}") -> dict[str, np.ndarray]:
+  """One example's decoded media (`to_model_inputs`' arrays) laid out in fixed slots, as
+  every objective's rows carry them: `pixel_values` [images, 3, H, W] + `image_mask`
+  [images], `input_features` [audios, mels, F] + `feature_attention_mask` [audios, F],
+  zero-padded (only the fields of the modalities `media` enables). Raises ValueError naming
+  the record, the field and the `setting` that caps it when there are more items than slots."""
+  out: dict[str, np.ndarray] = {}
+  if media.image is not None:
+    out["pixel_values"], out["image_mask"] = _slots(
+        np.asarray(inputs["pixel_values"], np.float32), images, "images", where, setting)
+  if media.audio is not None:
+    out["input_features"], _ = _slots(np.asarray(inputs["input_features"], np.float32),
+                                      audios, "audios", where, setting)
+    out["feature_attention_mask"], _ = _slots(
+        np.asarray(inputs["feature_attention_mask"], np.int32), audios, "audios", where,
+        setting)
+  return out
+
+
+def _slots(items: np.ndarray, slots: int, field: str, where: str, setting: str
            ) -> tuple[np.ndarray, np.ndarray]:
   """items [n, ...] -> ([slots, ...] zero-padded, mask [slots] int32)."""
   if len(items) > slots:
     raise ValueError(f"{where}: field '{field}' has {len(items)} item(s), more than the "
-                     f"{slots} slot(s) per row (data.max_{field})")
+                     f"{slots} slot(s) per row ({setting.format(field=field)})")
   out = np.zeros((slots,) + items.shape[1:], items.dtype)
   out[:len(items)] = items
   mask = np.zeros((slots,), np.int32)
@@ -190,4 +207,4 @@ def eval_batches(source: MultimodalSource, tokenizer: Tokenizer, media: MediaCon
 
 
 __all__ = ["MediaBatchConfig", "MediaBatchIterator", "MediaRows", "TOKEN_KEYS", "eval_batches",
-           "example_row"]
+           "example_row", "media_slots"]

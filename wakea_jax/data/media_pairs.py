@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from wakea_jax.data import dataset_dirs
+from wakea_jax.data import dataset_dirs, media_batches
 from wakea_jax.data import multimodal as mm_data
 from wakea_jax.data import preferences as pref_lib
 from wakea_jax.data.tokenizer import Tokenizer
@@ -58,7 +58,8 @@ class _PairMedia:
                            f"model takes no {field[:-1]}s")
       item = {"messages": list(pair["prompt"]), "images": list(pair.get("images") or []),
               "audios": list(pair.get("audios") or []), "origin": where}
-      hit = mm_data.to_model_inputs(item, self.tokenizer, self.media)   # checks the counts
+      # Decoded once per pair; tokenize_side's expand checks the placeholder counts.
+      hit = mm_data.decode_media(item, self.media)
       hit["num_images"] = len(item["images"])
       self._cache = {where: hit}   # pairs are visited one after another
     return hit
@@ -86,24 +87,9 @@ class _PairMedia:
     return ids, mask, len(prompt_ids)
 
   def arrays(self, pair: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
-    inputs = self.inputs(pair, where)
-    out: dict[str, np.ndarray] = {}
-    keys = []
-    if self.media.image is not None:
-      keys.append(("images", "pixel_values"))
-    if self.media.audio is not None:
-      keys += [("audios", "input_features"), ("audios", "feature_attention_mask")]
-    for field, key in keys:
-      value = np.asarray(inputs[key])
-      if len(value) > self.slots:
-        raise ValueError(f"{where}: field '{field}' has {len(value)} item(s), more than the "
-                         f"{self.slots} media slot(s) per row (media.max_media)")
-      padded = np.zeros((self.slots,) + value.shape[1:], value.dtype)
-      padded[:len(value)] = value
-      out[key] = padded
-      if key == "pixel_values":
-        out["image_mask"] = (np.arange(self.slots) < len(value)).astype(np.int32)
-    return out
+    return media_batches.media_slots(self.inputs(pair, where), self.media, where,
+                                     images=self.slots, audios=self.slots,
+                                     setting="media.max_media")
 
 
 def load_dataset(specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],

@@ -331,21 +331,15 @@ def expand(input_ids: np.ndarray, loss_mask: np.ndarray, config: MediaConfig, *,
 # ------------------------------------------------------------------------------------------
 
 
-def to_model_inputs(item: Mapping[str, Any], tokenizer: Tokenizer, config: MediaConfig
-                    ) -> dict[str, Any]:
-  """One `MultimodalSource` item -> the model's inputs (decoding its media here).
-
-  input_ids, loss_mask   int32 [t], placeholders expanded, loss 0 on media positions
-  pixel_values           float32 [n_images, 3, H, W]   (when images are configured)
-  input_features         float32 [n_clips, mels, frames] (when audio is configured)
-  feature_attention_mask int32 [n_clips, frames]
-  origin                 the record's location
-  Errors start with the origin and name the field."""
+def decode_media(item: Mapping[str, Any], config: MediaConfig) -> dict[str, Any]:
+  """One `MultimodalSource` item's media, decoded and preprocessed (its messages are not
+  tokenised): `origin`, then `pixel_values` float32 [n_images, 3, H, W] when images are
+  configured, `input_features` float32 [n_clips, mels, frames] and `feature_attention_mask`
+  int32 [n_clips, frames] when audio is. Errors start with the origin and name the field."""
   where = item.get("origin", "<record>")
   images = list(item.get("images") or [])
   audios = list(item.get("audios") or [])
   out: dict[str, Any] = {"origin": where}
-  counts: np.ndarray = np.zeros((0,), np.int64)
   if config.image is not None:
     decoded = [_decode_image(ref, where, f"images[{k}]") for k, ref in enumerate(images)]
     try:
@@ -360,7 +354,25 @@ def to_model_inputs(item: Mapping[str, Any], tokenizer: Tokenizer, config: Media
       features = np.zeros((0, config.audio.feature_size, config.audio.num_frames), np.float32)
       frame_mask = np.zeros((0, config.audio.num_frames), np.int32)
     out["input_features"], out["feature_attention_mask"] = features, frame_mask
-    counts = audio_token_counts(frame_mask, config)
+  return out
+
+
+def to_model_inputs(item: Mapping[str, Any], tokenizer: Tokenizer, config: MediaConfig
+                    ) -> dict[str, Any]:
+  """One `MultimodalSource` item -> the model's inputs (decoding its media here).
+
+  input_ids, loss_mask   int32 [t], placeholders expanded, loss 0 on media positions
+  pixel_values           float32 [n_images, 3, H, W]   (when images are configured)
+  input_features         float32 [n_clips, mels, frames] (when audio is configured)
+  feature_attention_mask int32 [n_clips, frames]
+  origin                 the record's location
+  Errors start with the origin and name the field."""
+  where = item.get("origin", "<record>")
+  images = list(item.get("images") or [])
+  out = decode_media(item, config)
+  counts: np.ndarray = np.zeros((0,), np.int64)
+  if config.audio is not None:
+    counts = audio_token_counts(out["feature_attention_mask"], config)
   try:
     ids, mask = tokenize(item["messages"], tokenizer, config, tools=item.get("tools"))
     num_prompt = int(item.get("num_prompt_messages") or 0)
@@ -393,5 +405,5 @@ class ModelInputs(grain.transforms.Map):
 
 
 __all__ = ["MEDIA_FIELDS", "MediaConfig", "ModelInputs", "MultimodalSource",
-           "audio_token_counts", "expand", "load_source", "to_model_inputs",
+           "audio_token_counts", "decode_media", "expand", "load_source", "to_model_inputs",
            "to_multimodal_record", "tokenize"]

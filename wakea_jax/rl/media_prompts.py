@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from wakea_jax.data import media_batches
 from wakea_jax.data import multimodal as mm_data
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.rl.prompts import MEDIA_FIELDS, PromptRecord
 
 _MAX_CACHE = 4096
+_SETTING = "media.max_media"
 
 
 class PromptMedia:
@@ -49,35 +51,20 @@ class PromptMedia:
         raise ValueError(f"{where}: field '{field}' has {len(values)} item(s) but the model "
                          f"takes no {field[:-1]}s")
     item = {"messages": list(prompt.messages), **refs, "origin": where}
-    # Decodes the media (errors name the field and file) and checks the placeholder counts.
-    inputs = mm_data.to_model_inputs(item, self.tokenizer, self.media)
-    # The prompt ends with the generation prompt: render it alone (no loss mask needed).
-    ids, _ = mm_data.tokenize(item["messages"], self.tokenizer, self.media,
-                              add_generation_prompt=True)
+    inputs = mm_data.decode_media(item, self.media)   # errors name the field and file
     counts = (mm_data.audio_token_counts(inputs["feature_attention_mask"], self.media)
               if self.media.audio is not None else ())
-    ids, _ = mm_data.expand(ids, np.zeros_like(ids), self.media,
-                            image_count=len(item["images"]), audio_token_counts=counts)
-    out = {"ids": ids.tolist()}
-    fields = []
-    if self.media.image is not None:
-      fields.append(("images", ("pixel_values",)))
-    if self.media.audio is not None:
-      fields.append(("audios", ("input_features", "feature_attention_mask")))
-    for field, keys in fields:
-      n = len(item[field])
-      if n > self.slots:
-        raise ValueError(f"{where}: field '{field}' has {n} item(s), more than the "
-                         f"{self.slots} media slot(s) per row (media.max_media)")
-      for key in keys:
-        value = np.asarray(inputs[key])
-        padded = np.zeros((self.slots,) + value.shape[1:], value.dtype)
-        padded[:n] = value
-        out[key] = padded
-      if field == "images":
-        mask = np.zeros((self.slots,), np.int32)
-        mask[:n] = 1
-        out["image_mask"] = mask
+    try:
+      # The prompt ends with the generation prompt; expand checks the placeholder counts.
+      ids, _ = mm_data.tokenize(item["messages"], self.tokenizer, self.media,
+                                add_generation_prompt=True)
+      ids, _ = mm_data.expand(ids, np.zeros_like(ids), self.media,
+                              image_count=len(item["images"]), audio_token_counts=counts)
+    except ValueError as err:
+      raise ValueError(f"{where}: {err}") from None
+    out = {"ids": ids.tolist(),
+           **media_batches.media_slots(inputs, self.media, where, images=self.slots,
+                                       audios=self.slots, setting=_SETTING)}
     if len(self._cache) >= _MAX_CACHE:
       self._cache.clear()
     self._cache[key] = out
