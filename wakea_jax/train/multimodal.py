@@ -242,23 +242,22 @@ def export(built: setup_lib.Setup, state: Any, media: mm_data.MediaConfig,
            directory: pathlib.Path) -> pathlib.Path | None:
   """Writes the trained model as an HF LLaVA / Qwen2-Audio directory to directory/hf (LoRA
   merged), with the tokenizer files and preprocessor_config.json. Process 0 writes."""
-  run = built.run
-  if not run.export.enabled:
+  if not built.run.export.enabled:
     return None
-  params, frozen = state.params, state.frozen
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process only)
-    params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
-    if jax.process_index() != 0:
-      return None
+  return setup_lib.write_on_process0(
+      state, lambda params, frozen: _write_hf(built, params, frozen, media, directory))
+
+
+def _write_hf(built: setup_lib.Setup, params: Any, frozen: Any, media: mm_data.MediaConfig,
+              directory: pathlib.Path) -> pathlib.Path:
   model = nnx.merge(built.graphdef, params, frozen)
-  if run.lora is not None:
+  if built.run.lora is not None:
     model.language_model = lora_lib.merge_lora(model.language_model)
   target = directory / "hf"
   save = (llava_ckpt.save_llava if isinstance(model, VisionLanguageModel)
           else qwen2_audio_ckpt.save_qwen2_audio)
   save(model, target, overwrite=True)
-  files = hf_export.side_files(built.tokenizer, model.config.text, init_from=run.init_from)
+  files = hf_export.side_files(built.tokenizer, model.config.text, init_from=built.run.init_from)
   files["preprocessor_config.json"] = (json.dumps(preprocessor_dict(media), indent=2)
                                        + "\n").encode()
   for name, data in files.items():

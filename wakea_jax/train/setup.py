@@ -245,21 +245,29 @@ def export_trained(built: Setup, state: state_lib.TrainState, directory: pathlib
   gathered to every host; process 0 writes from its copy, laid on one local device so that
   LoRA merging runs there alone, while the others wait for it at a barrier.
   """
-  run = built.run
-  if not run.export.enabled:
+  if not built.run.export.enabled:
     return
+  write_on_process0(state, lambda params, frozen: _export(built, params, frozen, directory))
+
+
+def write_on_process0(state: state_lib.TrainState,
+                      write: Callable[[nnx.State, nnx.State], Any]) -> Any:
+  """Calls `write(params, frozen)` with the whole, unsharded model and returns its result on
+  process 0 (None elsewhere). On several processes (a collective: every process calls it) the
+  sharded parameters are gathered to every host; process 0 writes from its copy, laid on one
+  local device so that LoRA merging runs there alone, while the others wait for it at a
+  barrier, which releases them also when writing fails (the error is raised on process 0)."""
   params, frozen = state.params, state.frozen
-  if jax.process_count() > 1:
-    params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
-    if jax.process_index() == 0:
-      try:
-        _export(built, *jax.device_put((params, frozen), jax.local_devices()[0]), directory)
-      finally:  # release the others even when writing failed (the error is raised here)
-        _export_barrier()
-    else:
-      _export_barrier()
-    return
-  _export(built, params, frozen, directory)
+  if jax.process_count() == 1:
+    return write(params, frozen)
+  params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+  if jax.process_index() != 0:
+    _export_barrier()
+    return None
+  try:
+    return write(*jax.device_put((params, frozen), jax.local_devices()[0]))
+  finally:
+    _export_barrier()
 
 
 def _export_barrier() -> None:
