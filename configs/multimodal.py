@@ -53,6 +53,7 @@ def media_section(kind: str) -> ml_collections.ConfigDict:
   media.train = ("encoder", "projector", "language_model")
   media.max_media = 1
   media.worker_count = 0
+  media.cache_features = False           # True: run a frozen encoder once, train on its output
   return media
 
 

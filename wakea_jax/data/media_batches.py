@@ -4,7 +4,10 @@ One example per row (no packing), padded to `seq_len`: the token arrays of pipel
 (`input_ids`, `targets`, `loss_mask`, `segment_ids`, `positions`) plus the media arrays of
 `models/media.py` (`pixel_values` [B, k, 3, H, W] + `image_mask` [B, k] with k =
 `max_images`; `input_features` [B, k, mels, F] + `feature_attention_mask` [B, k, F] with k =
-`max_audios`). Every shape is fixed, so the step compiles once.
+`max_audios`). Every shape is fixed, so the step compiles once. Given a split's
+`CachedFeatures` (data/feature_cache.py), rows carry the stored tower output instead
+(`image_tower_features` + `image_mask`, or `audio_tower_features` + `audio_tower_mask`),
+looked up by the record's index, and the media are not decoded at all.
 
 Media are decoded in grain's map (`MediaRows`), so with `worker_count > 0` they decode in
 worker processes. The iterator is grain's: `get_state()` / `set_state()` resume exactly (the
@@ -28,11 +31,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from wakea_jax.data.feature_cache import CachedFeatures
 from wakea_jax.data.multimodal import (
     MediaConfig,
     MultimodalSource,
     audio_token_counts,
     to_model_inputs,
+    tokenize_item,
 )
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.models.multimodal import check_media_placement
@@ -68,11 +73,14 @@ class MediaBatchConfig:
       raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
 
 
-def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: MediaConfig
+def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: MediaConfig,
+                cached: Mapping[str, np.ndarray] | None = None
                 ) -> dict[str, np.ndarray] | None:
   """`to_model_inputs`' output -> one fixed-shape row; None when it is over-length and
-  `overlength="drop"`. Raises ValueError naming the record for too many media items, an
-  over-length example, or placeholders that do not match the media."""
+  `overlength="drop"`. With `cached` (the record's `CachedFeatures.row`), `inputs` need only
+  the tokens and the row carries the cached features instead of the media. Raises ValueError
+  naming the record for too many media items, an over-length example, or placeholders that
+  do not match the media."""
   where = inputs.get("origin", "<record>")
   ids = np.asarray(inputs["input_ids"], np.int32)
   mask = np.asarray(inputs["loss_mask"], np.float32)
@@ -88,15 +96,19 @@ def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: Medi
          "loss_mask": np.pad(mask[1:], (0, pad)),
          "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
          "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
-  row.update(media_slots(inputs, media, where, images=config.max_images,
-                         audios=config.max_audios))
+  if cached is None:
+    row.update(media_slots(inputs, media, where, images=config.max_images,
+                           audios=config.max_audios))
+  else:
+    row.update(cached)
   if media.image is not None:
     check_media_placement(row["input_ids"][None], media.image_token_id,
                           [media.image_tokens] * int(row["image_mask"].sum()), what="image")
   if media.audio is not None:
-    frames = np.asarray(inputs["feature_attention_mask"], np.int32)
-    check_media_placement(row["input_ids"][None], media.audio_token_id,
-                          audio_token_counts(frames, media), what="audio")
+    counts = (row["audio_tower_mask"].astype(np.int64).sum(-1) if cached is not None
+              else audio_token_counts(np.asarray(inputs["feature_attention_mask"], np.int32),
+                                      media))
+    check_media_placement(row["input_ids"][None], media.audio_token_id, counts, what="audio")
   return row
 
 
@@ -134,30 +146,55 @@ def _slots(items: np.ndarray, slots: int, field: str, where: str, setting: str
 
 
 class MediaRows(grain.transforms.Map):
-  """A `MultimodalSource` item -> a fixed-shape row (decoding its media), or None."""
+  """A `MultimodalSource` item -> a fixed-shape row (decoding its media, or with `cached`
+  taking its record's stored features by `record_index`), or None."""
 
-  def __init__(self, tokenizer: Tokenizer, media: MediaConfig, config: MediaBatchConfig):
-    self.tokenizer, self.media, self.config = tokenizer, media, config
+  def __init__(self, tokenizer: Tokenizer, media: MediaConfig, config: MediaBatchConfig,
+               cached: CachedFeatures | None = None):
+    self.tokenizer, self.media, self.config, self.cached = tokenizer, media, config, cached
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
     """One source item -> one row."""
-    return example_row(to_model_inputs(element, self.tokenizer, self.media), self.config,
-                       self.media)
+    if self.cached is None:
+      return example_row(to_model_inputs(element, self.tokenizer, self.media), self.config,
+                         self.media)
+    index = element["record_index"]
+    counts = (self.cached.token_counts(index)[:len(element.get("audios") or [])]
+              if self.media.audio is not None else ())
+    inputs = tokenize_item(element, self.tokenizer, self.media, audio_token_counts=counts)
+    inputs["origin"] = element.get("origin", "<record>")
+    return example_row(inputs, self.config, self.media, self.cached.row(index))
+
+
+class _WithIndex(grain.transforms.MapWithIndex):
+  """Adds the item's record index. Grain hands a source the index of the repeated, shuffled
+  sequence (the source wraps it), so it is taken modulo the record count here."""
+
+  def __init__(self, records: int) -> None:
+    self.records = records
+
+  def map_with_index(self, index: int, element: Mapping[str, Any]) -> dict[str, Any]:
+    """`element` with "record_index"."""
+    return {**element, "record_index": index % self.records}
 
 
 def _dataset(source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
-             config: MediaBatchConfig, *, drop_remainder: bool) -> grain.IterDataset:
+             config: MediaBatchConfig, *, drop_remainder: bool,
+             cached: CachedFeatures | None = None) -> grain.IterDataset:
   if media.image is not None and config.max_images < 1:
     raise ValueError("the run reads images: set data.max_images (image slots per row) >= 1")
   if media.audio is not None and config.max_audios < 1:
     raise ValueError("the run reads audio: set data.max_audios (clip slots per row) >= 1")
   ds = grain.MapDataset.source(source)
+  if cached is not None:
+    # Before any slicing or shuffle, so the index is the record's: its row in the cache.
+    ds = ds.map_with_index(_WithIndex(len(source)))
   if config.process_count > 1:
     ds = ds[config.process_index::config.process_count]
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
   ds = ds.repeat(config.num_epochs)
-  out = ds.map(MediaRows(tokenizer, media, config)).to_iter_dataset()
+  out = ds.map(MediaRows(tokenizer, media, config, cached)).to_iter_dataset()
   out = out.filter(lambda row: row is not None).batch(config.batch_size,
                                                       drop_remainder=drop_remainder)
   if config.worker_count:
@@ -169,9 +206,10 @@ class MediaBatchIterator:
   """Resumable iterator of host batches (train/supervised.BatchIterator)."""
 
   def __init__(self, source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
-               config: MediaBatchConfig) -> None:
+               config: MediaBatchConfig, cached: CachedFeatures | None = None) -> None:
     self.config = config
-    self._iter = iter(_dataset(source, tokenizer, media, config, drop_remainder=True))
+    self._iter = iter(_dataset(source, tokenizer, media, config, drop_remainder=True,
+                               cached=cached))
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -189,13 +227,14 @@ class MediaBatchIterator:
 
 
 def eval_batches(source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
-                 config: MediaBatchConfig, *, num_batches: int | None = None
-                 ) -> list[dict[str, np.ndarray]]:
+                 config: MediaBatchConfig, *, num_batches: int | None = None,
+                 cached: CachedFeatures | None = None) -> list[dict[str, np.ndarray]]:
   """Every example once, in order, as batches; the last one filled with empty rows (loss
-  mask 0, no media) so every batch has `batch_size` rows."""
+  mask 0, no media) so every batch has `batch_size` rows. `cached`: as MediaBatchIterator."""
   config = dataclasses.replace(config, shuffle=False, num_epochs=1)
   out: list[dict[str, np.ndarray]] = []
-  for batch in _dataset(source, tokenizer, media, config, drop_remainder=False):
+  for batch in _dataset(source, tokenizer, media, config, drop_remainder=False,
+                        cached=cached):
     rows = len(batch["input_ids"])
     if rows < config.batch_size:
       batch = {k: np.concatenate([v, np.zeros((config.batch_size - rows,) + v.shape[1:],

@@ -367,12 +367,23 @@ def to_model_inputs(item: Mapping[str, Any], tokenizer: Tokenizer, config: Media
   feature_attention_mask int32 [n_clips, frames]
   origin                 the record's location
   Errors start with the origin and name the field."""
-  where = item.get("origin", "<record>")
-  images = list(item.get("images") or [])
   out = decode_media(item, config)
   counts: np.ndarray = np.zeros((0,), np.int64)
   if config.audio is not None:
     counts = audio_token_counts(out["feature_attention_mask"], config)
+  out.update(tokenize_item(item, tokenizer, config, audio_token_counts=counts))
+  return out
+
+
+def tokenize_item(item: Mapping[str, Any], tokenizer: Tokenizer, config: MediaConfig, *,
+                  audio_token_counts: Sequence[int] | np.ndarray = ()) -> dict[str, Any]:
+  """One `MultimodalSource` item's `input_ids` and `loss_mask` (int32 [t], placeholders
+  expanded: `image_tokens` per image, `audio_token_counts` per clip) without decoding its
+  media, e.g. when the batch carries cached encoder features. Errors start with the origin."""
+  where = item.get("origin", "<record>")
+  images = list(item.get("images") or [])
+  out: dict[str, Any] = {}
+  counts = audio_token_counts
   try:
     ids, mask = tokenize(item["messages"], tokenizer, config, tools=item.get("tools"))
     num_prompt = int(item.get("num_prompt_messages") or 0)
@@ -406,4 +417,4 @@ class ModelInputs(grain.transforms.Map):
 
 __all__ = ["MEDIA_FIELDS", "MediaConfig", "ModelInputs", "MultimodalSource",
            "audio_token_counts", "decode_media", "expand", "load_source", "to_model_inputs",
-           "to_multimodal_record", "tokenize"]
+           "to_multimodal_record", "tokenize", "tokenize_item"]

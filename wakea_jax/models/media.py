@@ -16,6 +16,16 @@ splits into micro-batches and concatenates, e.g. chosen + rejected, like its tok
   feature_attention_mask  int   [B, k, F]        real frames; a padding clip's row is all 0
                                                  (it yields no tokens)
 
+With a frozen tower and `config.media.cache_features` (train/cached_features.py) the batch
+carries the tower's stored output instead of the pixels / log-mels, and the model runs only
+the projector on it (gradients reach the projector and decoder as before):
+
+  image_tower_features    float [B, k, T, D]     `VisionLanguageModel.encode_images` of each
+                                                 slot (LLaVA's selected layers, before the
+                                                 projector), with `image_mask` as above
+  audio_tower_features    float [B, k, T, D]     `AudioLanguageModel.encode_audios` (pooled)
+  audio_tower_mask        int   [B, k, T]        its real tokens; a padding clip's row is all 0
+
 Placeholders are filled row-major (`models.multimodal.scatter_media`), so a row's items must
 be in the order of its placeholders, and a packed row's items in segment order; the data side
 (`data/media_batches.py`) builds batches that way and checks the counts on the host.
@@ -34,7 +44,10 @@ from wakea_jax.models.transformer import DecoderOutput
 
 IMAGE_KEYS = ("pixel_values", "image_mask")
 AUDIO_KEYS = ("input_features", "feature_attention_mask")
-MEDIA_KEYS = IMAGE_KEYS + AUDIO_KEYS
+# The cached tower outputs that replace pixel_values / the log-mels (media.cache_features).
+CACHED_IMAGE_KEYS = ("image_tower_features", "image_mask")
+CACHED_AUDIO_KEYS = ("audio_tower_features", "audio_tower_mask")
+MEDIA_KEYS = IMAGE_KEYS + AUDIO_KEYS + ("image_tower_features",) + CACHED_AUDIO_KEYS
 
 LossFn = Callable[[Any, dict[str, Array], Array], tuple[Array, dict[str, Array]]]
 
@@ -64,11 +77,15 @@ class MediaBound:
 
   def __init__(self, model: VisionLanguageModel | AudioLanguageModel,
                media: Mapping[str, Array]) -> None:
-    keys = IMAGE_KEYS if isinstance(model, VisionLanguageModel) else AUDIO_KEYS
-    other = sorted(set(media) - set(keys))
+    vision = isinstance(model, VisionLanguageModel)
+    keys, cached = (IMAGE_KEYS, CACHED_IMAGE_KEYS) if vision else (AUDIO_KEYS, CACHED_AUDIO_KEYS)
+    other = sorted(set(media) - set(keys) - set(cached))
     if other:
-      kind = "vision" if isinstance(model, VisionLanguageModel) else "audio"
+      kind = "vision" if vision else "audio"
       raise ValueError(f"the batch has {other}, which a {kind}-language model does not take")
+    if keys[0] in media and cached[0] in media:
+      raise ValueError(f"the batch has both {keys[0]} and {cached[0]}; give one (the cached "
+                       "tower output replaces the raw media)")
     self.model = model
     self.media = dict(media)
 
@@ -121,5 +138,5 @@ def with_media(loss_fn: LossFn) -> LossFn:
   return media_loss_fn
 
 
-__all__ = ["AUDIO_KEYS", "IMAGE_KEYS", "MEDIA_KEYS", "MediaBound", "bind_media", "is_multimodal",
-           "media_of", "text_model", "with_media"]
+__all__ = ["AUDIO_KEYS", "CACHED_AUDIO_KEYS", "CACHED_IMAGE_KEYS", "IMAGE_KEYS", "MEDIA_KEYS",
+           "MediaBound", "bind_media", "is_multimodal", "media_of", "text_model", "with_media"]

@@ -181,20 +181,43 @@ class AudioLanguageModel(nnx.Module):
                                     init_std=config.text.init_std, rngs=rngs)
     self.language_model = Transformer(config.text, rngs=rngs)
 
+  def encode_audios(self, input_features: Array, feature_attention_mask: Array | None = None
+                    ) -> tuple[Array, Array]:
+    """The tower's part (pooling included, projector not): (features [n, P // 2, d_model],
+    token_mask [n, P // 2] bool) of n clips. A frozen tower's output is what a run with
+    media.cache_features stores (train/cached_features.py)."""
+    out = self.audio_tower(input_features, feature_attention_mask)
+    return out.last_hidden_state, out.token_mask
+
   def audio_features(self, input_features: Array, feature_attention_mask: Array | None = None
                      ) -> tuple[Array, Array]:
     """(projected features [n, P // 2, embed], token_mask [n, P // 2] bool) of n clips."""
-    out = self.audio_tower(input_features, feature_attention_mask)
-    return self.projector(out.last_hidden_state), out.token_mask
+    hidden, token_mask = self.encode_audios(input_features, feature_attention_mask)
+    return self.projector(hidden), token_mask
 
   def embed(self, input_ids: Array, input_features: Array | None = None,
-            feature_attention_mask: Array | None = None) -> Array:
+            feature_attention_mask: Array | None = None, *,
+            audio_tower_features: Array | None = None, audio_tower_mask: Array | None = None
+            ) -> Array:
     """The decoder's input [b, t, embed]: token embeddings with the clips' tokens fused in.
 
     Also takes the per-row batch layout (`models/media.py`): input_features [b, k, mels, F]
     and feature_attention_mask [b, k, F], where a padding clip's mask is all zero (it gives
-    no tokens)."""
+    no tokens). Or, instead of the log-mels, the tower's cached output (`encode_audios`):
+    audio_tower_features [b, k, T, d_model] (or [n, T, d_model]) with audio_tower_mask
+    [b, k, T] (or [n, T]), its real tokens; the tower is then skipped and the projector runs
+    on them as it would on the tower's output."""
     embeds = self.language_model.embed_tokens(input_ids)
+    if audio_tower_features is not None:
+      if input_features is not None:
+        raise ValueError("give input_features or audio_tower_features, not both")
+      if audio_tower_mask is None:
+        raise ValueError("audio_tower_features need their audio_tower_mask (real tokens)")
+      t, d = audio_tower_features.shape[-2:]
+      features = self.projector(audio_tower_features.reshape(-1, t, d))
+      token_mask = audio_tower_mask.reshape(-1, t).astype(bool)
+      return scatter_media(embeds, input_ids == self.config.audio_token_id, features,
+                           token_mask)
     if input_features is None:
       return embeds
     if input_features.ndim == 4:
@@ -317,26 +340,41 @@ class VisionLanguageModel(nnx.Module):
     self.projector = Projector(config.projector, rngs=rngs)
     self.language_model = Transformer(config.text, rngs=rngs)
 
-  def image_features(self, pixel_values: Array) -> Array:
-    """Projected features [n, image_tokens, embed] of n images."""
+  def encode_images(self, pixel_values: Array) -> Array:
+    """The tower's part, up to the projector: LLaVA's selected features [n, tokens, width x
+    feature layers] of n images (the projector's input). A frozen tower's output is what a run
+    with media.cache_features stores (train/cached_features.py)."""
     c = self.config
     layers = c.feature_layers
     # Only the layers up to the deepest selected one run (LLaVA's usual -2 skips the last).
     out = self.vision_tower(pixel_values, num_layers=layers_needed(c.vision.num_layers, layers))
-    return self.projector(select_features(out, layers, c.vision_feature_select_strategy))
+    return select_features(out, layers, c.vision_feature_select_strategy)
+
+  def image_features(self, pixel_values: Array) -> Array:
+    """Projected features [n, image_tokens, embed] of n images."""
+    return self.projector(self.encode_images(pixel_values))
 
   def embed(self, input_ids: Array, pixel_values: Array | None = None,
-            image_mask: Array | None = None) -> Array:
+            image_mask: Array | None = None, *, image_tower_features: Array | None = None
+            ) -> Array:
     """The decoder's input [b, t, embed]: token embeddings with the images' tokens fused in.
 
     pixel_values [n, C, H, W], or the per-row batch layout (`models/media.py`) [b, k, C, H, W]
-    with image_mask [b, k] (1 for real images, padding images last in their row)."""
+    with image_mask [b, k] (1 for real images, padding images last in their row). Or, instead
+    of the pixels, the tower's cached output (`encode_images`): image_tower_features
+    [b, k, T, D] (or [n, T, D]); the tower is then skipped and the projector runs on them."""
     embeds = self.language_model.embed_tokens(input_ids)
-    if pixel_values is None:
+    if image_tower_features is not None:
+      if pixel_values is not None:
+        raise ValueError("give pixel_values or image_tower_features, not both")
+      t, d = image_tower_features.shape[-2:]
+      features = self.projector(image_tower_features.reshape(-1, t, d))
+    elif pixel_values is None:
       return embeds
-    if pixel_values.ndim == 5:
-      pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
-    features = self.image_features(pixel_values)
+    else:
+      if pixel_values.ndim == 5:
+        pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
+      features = self.image_features(pixel_values)
     token_mask = None
     if image_mask is not None:
       token_mask = jnp.broadcast_to(image_mask.reshape(-1, 1).astype(bool), features.shape[:2])

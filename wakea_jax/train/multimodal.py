@@ -13,6 +13,10 @@ and decoder (LLaVA's stage 1); adding "encoder" unfreezes the tower; "language_m
 the decoder too, fully or, with config.lora, through LoRA adapters (stage 2). A stage starts
 from the previous one's workdir with `config.init_from=<workdir>`.
 
+With the encoder frozen, `media.cache_features=True` runs the tower once over every record
+before training and feeds the stored features to the projector instead of the pixels /
+log-mels (train/cached_features.py; SFT only).
+
 The export (`workdir/export/hf`) is the HF layout (`LlavaForConditionalGeneration` /
 `Qwen2AudioForConditionalGeneration`) with the tokenizer files and a
 `preprocessor_config.json` (the image processor's or the Whisper feature extractor's fields),
@@ -57,7 +61,7 @@ from wakea_jax.models.vision import VisionConfig
 from wakea_jax.objectives.sft import sft_loss_fn
 from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.sampling.sampler import check_vocab
-from wakea_jax.train import hf_export, supervised
+from wakea_jax.train import cached_features, hf_export, supervised
 from wakea_jax.train import setup as setup_lib
 
 KINDS = ("vision", "audio")
@@ -80,6 +84,8 @@ class MediaModelConfig:
   train           the parts that train: a subset of PARTS.
   max_media       media slots per row (images or clips).
   worker_count    grain workers decoding media.
+  cache_features  run the frozen encoder once per record and train on its stored output
+                  (train/cached_features.py); needs "encoder" out of `train`; SFT only.
   """
 
   kind: str = ""
@@ -94,6 +100,7 @@ class MediaModelConfig:
   train: tuple[str, ...] = PARTS
   max_media: int = 1
   worker_count: int = 0
+  cache_features: bool = False
 
   def __post_init__(self) -> None:
     if self.kind not in ("",) + KINDS:
@@ -105,6 +112,10 @@ class MediaModelConfig:
       raise ValueError(f"media.train must name some of {PARTS}, got {self.train!r}")
     if self.max_media < 1:
       raise ValueError(f"media.max_media must be >= 1, got {self.max_media}")
+    if self.cache_features and "encoder" in train:
+      raise ValueError(f"config.media.cache_features=True stores the frozen encoder's features, "
+                       f"but config.media.train={train} trains the 'encoder'; remove it from "
+                       "config.media.train or set config.media.cache_features=False")
 
   @property
   def enabled(self) -> bool:
@@ -188,6 +199,9 @@ def builder(config: MediaModelConfig) -> setup_lib.ModelBuilder:
 
   def build(run: setup_lib.RunConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
             tokenizer: tokenizer_lib.Tokenizer) -> tuple[nnx.Module, Any]:
+    if config.cache_features and run.objective != "sft":
+      raise ValueError(f"config.media.cache_features is supported for SFT only "
+                       f"(config.objective={run.objective!r}); set it to False")
     if run.lora is not None and "language_model" not in config.train:
       raise ValueError("config.lora adapts the language model: add 'language_model' to "
                        "media.train, or disable LoRA")
@@ -299,16 +313,23 @@ def run_sft(run: setup_lib.RunConfig, config: MediaModelConfig, workdir: str | p
       seq_len=data.seq_len, batch_size=data.batch_size // count, seed=data.seed,
       worker_count=config.worker_count, process_index=index, process_count=count,
       overlength="drop" if data.overlength == "drop" else "error", **slots)
-  train_iter = media_batches.MediaBatchIterator(train_source, built.tokenizer, media, batching)
-  eval_batches: list[dict[str, Any]] = []
   eval_source = _source(tuple(spec for spec, _ in data.eval_sources), media, data.on_error,
                         "eval_sources")
+  cached: dict[str, Any] = {}
+  if config.cache_features:
+    splits = {"train": train_source, **({"eval": eval_source} if eval_source else {})}
+    cached = cached_features.prepare(built, media, workdir, sources=splits,
+                                     max_media=config.max_media, batch_size=data.batch_size,
+                                     worker_count=config.worker_count)
+  train_iter = media_batches.MediaBatchIterator(train_source, built.tokenizer, media, batching,
+                                                cached=cached.get("train"))
+  eval_batches: list[dict[str, Any]] = []
   if eval_source is not None:
     supervised.check_global_batch(built, data.eval_batch_size, "data.eval_batch_size")
     eval_batches = media_batches.eval_batches(
         eval_source, built.tokenizer, media,
         dataclasses.replace(batching, batch_size=data.eval_batch_size // count),
-        num_batches=data.eval_batch_limit)
+        num_batches=data.eval_batch_limit, cached=cached.get("eval"))
   state, last = supervised.train_on_batches(built, workdir, train_iter=train_iter,
                                             eval_batches=eval_batches, seq_len=data.seq_len)
   export(built, state, media, workdir / "export")
