@@ -1,6 +1,8 @@
 """media.cache_features: a frozen encoder's stored output trains the projector exactly as the
 pixels / log-mels do; the cache is keyed by the encoder and the data; the config is checked."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -93,6 +95,7 @@ def test_stage1_run_logs_the_same_losses_with_the_cache(tmp_path):
     config = _config(tmp_path, train=("projector",))
     config.media.cache_features = cache
     config.export.enabled = False
+    config.train.checkpoint_every = 4
     run(config, tmp_path / f"cache_{cache}")
     records = metrics_lib.read_jsonl(tmp_path / f"cache_{cache}" / "metrics.jsonl")
     logged[cache] = {k: [(r["step"], r[k]) for r in records if k in r]
@@ -143,6 +146,12 @@ def test_cache_is_reused_for_the_same_encoder_and_rebuilt_for_another(tmp_path):
   assert not np.allclose(other.row(0)["image_tower_features"],
                          first.row(0)["image_tower_features"])
   np.testing.assert_array_equal(other.row(0)["image_mask"], [1])
+  # Another image under the same name (a changed dataset): rebuilt too.
+  image = tmp_path / "data" / "images" / "0_0.png"
+  image.write_bytes(image.read_bytes())
+  os.utime(image, ns=(0, 0))
+  assert _prepare(built, config, tmp_path / "w").directory not in (first.directory,
+                                                                   other.directory)
 
 
 def test_cache_features_needs_a_frozen_encoder_and_sft():
