@@ -16,8 +16,11 @@ pooling (`AudioLanguageModel.encode_audios`).
 The fingerprint hashes the tower's parameter values, the tower's and the preprocessing's
 configs, the slot count and each source's files and media files (data/feature_cache.py), so
 a changed encoder (another init_from or seed) or dataset never reuses a stale cache, while a
-restart or resume of the same run finds the one it built. Stale directories are left in
-place; delete `workdir/media_features` to reclaim the space.
+restart or resume of the same run finds the one it built. The digest is of the tower the
+run builds (from scratch or `init_from`), which a resume's checkpoint holds unchanged since it
+is frozen; resuming a workdir under another seed or init_from is not supported (the
+checkpoint's tower would win, the cache would be the new one's). Stale directories are left
+in place; delete `workdir/media_features` to reclaim the space.
 
 On several processes the build is a collective: each process decodes its share of every
 batch, the tower runs on the global mesh, and process 0 writes the gathered rows (the workdir
@@ -124,12 +127,20 @@ class _Slots(grain.transforms.Map):
                        setting="config.media.max_media")
 
 
+def encoder(built: setup_lib.Setup) -> Any:
+  """The jitted `encode_batch` of the run's model: (params, frozen, batch) -> (features,
+  mask)."""
+  graphdef = built.graphdef
+  return jax.jit(lambda params, frozen, batch: encode_batch(
+      nnx.merge(graphdef, params, frozen), batch))
+
+
 def build_split(built: setup_lib.Setup, source: MultimodalSource, media: MediaConfig, *,
                 max_media: int, batch_size: int, worker_count: int, directory: pathlib.Path,
-                split: str) -> feature_cache.CachedFeatures:
-  """Runs the frozen part over every record of `source` in global batches of `batch_size`
-  (the last padded with repeats of the last record, whose extra rows are dropped) and writes
-  the split; a collective on several processes."""
+                split: str, encode: Any = None) -> feature_cache.CachedFeatures:
+  """Runs the frozen part (`encode`, default `encoder(built)`) over every record of `source`
+  in global batches of `batch_size` (the last padded with repeats of the last record, whose
+  extra rows are dropped) and writes the split; a collective on several processes."""
   kind = kind_of(nnx.merge(built.graphdef, built.state.params, built.state.frozen))
   records, count, index = len(source), jax.process_count(), jax.process_index()
   local = batch_size // count
@@ -140,9 +151,8 @@ def build_split(built: setup_lib.Setup, source: MultimodalSource, media: MediaCo
   batches = ds.to_iter_dataset().batch(local)
   if worker_count:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  graphdef, mesh, rules = built.graphdef, built.mesh, built.rules
-  encode = jax.jit(lambda params, frozen, batch: encode_batch(
-      nnx.merge(graphdef, params, frozen), batch))
+  mesh, rules = built.mesh, built.rules
+  encode = encode or encoder(built)
   writer = None
   try:
     for c, batch in enumerate(batches):
@@ -178,12 +188,13 @@ def prepare(built: setup_lib.Setup, media: MediaConfig, workdir: pathlib.Path, *
     return {split: cached for split, cached in found.items() if cached is not None}
   out = {}
   ok = False
+  encode = encoder(built)
   try:
     for split, source in sources.items():
       start = time.perf_counter()
       out[split] = build_split(built, source, media, max_media=max_media,
                                batch_size=batch_size, worker_count=worker_count,
-                               directory=directory, split=split)
+                               directory=directory, split=split, encode=encode)
       logging.info("cached the encoder features of %d %s records in %s (%.1f s)",
                    len(source), split, directory, time.perf_counter() - start)
     if jax.process_index() == 0:
@@ -199,5 +210,5 @@ def prepare(built: setup_lib.Setup, media: MediaConfig, workdir: pathlib.Path, *
   return out
 
 
-__all__ = ["CACHE_DIR", "build_split", "encode_batch", "encoder_digest", "fingerprint_parts",
-           "kind_of", "prepare"]
+__all__ = ["CACHE_DIR", "build_split", "encode_batch", "encoder", "encoder_digest",
+           "fingerprint_parts", "kind_of", "prepare"]
