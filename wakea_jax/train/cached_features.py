@@ -143,6 +143,9 @@ def build_split(built: setup_lib.Setup, source: MultimodalSource, media: MediaCo
   extra rows are dropped) and writes the split; a collective on several processes."""
   kind = kind_of(nnx.merge(built.graphdef, built.state.params, built.state.frozen))
   records, count, index = len(source), jax.process_count(), jax.process_index()
+  if not records:
+    raise ValueError(f"{source.name}: no records to cache encoder features for "
+                     "(config.media.cache_features)")
   local = batch_size // count
   chunks = -(-records // batch_size)
   indices = [min(c * batch_size + index * local + j, records - 1)
