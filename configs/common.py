@@ -71,6 +71,8 @@ def rl_config(objective: str) -> ml_collections.ConfigDict:
       tools=(), max_tool_calls=2, max_tool_tokens=64, chunk_steps=16, slots=0,
       # Decode precision: "" (the trainer's), "bfloat16" or "int8" (sampling/precision.py).
       dtype="",
+      # > 0: sample on a (data=-1, fsdp=1, tensor=N) mesh of its own (rl/rollout.py).
+      tensor=0,
       # Search protocols (rl/rollout.py, sampling/protocols.py): "" | "search_r1" | "rsearch",
       # searching `index` (a build_index directory, or a corpus file for BM25).
       protocol="", index="", search_mode="dense", search_k=3, max_searches=4,

@@ -25,6 +25,9 @@ the generated-token count is printed beside the time.
 --tunix_python=/tmp/tunix-venv/bin/python (an interpreter with google-tunix installed) also
 runs tools/bench_tunix_grpo.py there after ours, on the same shapes and sizes (Tunix's own
 GRPOLearner loop, vanilla rollout), and prints its row and the step-time ratio beside ours.
+
+--tensor_parallel=N runs every phase on N host devices as mesh.tensor=N; --rollout_tensor=N
+samples on a tensor=N mesh (rollout.tensor) and trains data-parallel on the same N devices.
 """
 
 from __future__ import annotations
@@ -56,10 +59,16 @@ _TUNIX_TIMEOUT = flags.DEFINE_integer("tunix_timeout", 1800, "Seconds for the Tu
 _TENSOR = flags.DEFINE_integer(
     "tensor_parallel", 1, "Run on N host devices as mesh.tensor=N (XLA:CPU runs a device's "
     "small-batch decode matmuls on one core; N = cores uses them all).")
+_ROLLOUT_TENSOR = flags.DEFINE_integer(
+    "rollout_tensor", 0, "Sample on a tensor-parallel mesh of N host devices (rollout.tensor=N"
+    ", params resharded each update) while the trainer runs data-parallel over the same "
+    "devices (mesh.data=N): each phase on the layout that suits it. Not with "
+    "--tensor_parallel.")
 _FULL = flags.DEFINE_bool(
     "full_length", False, "Every completion runs to --new tokens (the sampler's stop ids off), "
     "as the Tunix run does: a random model otherwise stops early on the chat stop ids.")
 
+_XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS", "")
 PHASES = ("rollout", "reward", "score", "update", "step")
 _WORDS = ("alpha beta gamma delta river stone cloud maple quiet orange window seven green "
           "silver paper market honest little garden yellow winter").split()
@@ -128,7 +137,7 @@ def grpo_config(mode: str, prompt_file: pathlib.Path):
       "loss.kl_beta": _KL_BETA.value, "train.steps": _STEPS.value + 1,
       "data.sources": str(prompt_file), "data.eval_sources": "",
       "train.eval_at_start": False, "export.enabled": False,
-      "mesh.tensor": _TENSOR.value})
+      "mesh.tensor": _TENSOR.value, "rollout.tensor": _ROLLOUT_TENSOR.value})
   config.model.update(fields)
   config.reward = {"vowels": {"weight": 1.0}}
   return config
@@ -178,7 +187,10 @@ def bench_tunix(model_fields: dict) -> dict | None:
              f"--steps={_STEPS.value}", f"--kl_beta={_KL_BETA.value}"]
   print(f"Tunix ({_TUNIX_PYTHON.value}):", flush=True)
   try:
-    done = subprocess.run(command, capture_output=True, text=True,
+    # Tunix runs on one host device, as it would by default: not on the devices this process
+    # forced for --tensor_parallel / --rollout_tensor.
+    env = dict(os.environ, XLA_FLAGS=_XLA_FLAGS_BEFORE)
+    done = subprocess.run(command, capture_output=True, text=True, env=env,
                           timeout=_TUNIX_TIMEOUT.value, check=False)
   except (OSError, subprocess.TimeoutExpired) as e:
     print(f"  Tunix run failed: {e}")
@@ -198,9 +210,12 @@ def bench_tunix(model_fields: dict) -> dict | None:
 
 def main(argv):
   del argv
-  if _TENSOR.value > 1:   # before JAX starts
+  if _TENSOR.value > 1 and _ROLLOUT_TENSOR.value:
+    raise ValueError("give --tensor_parallel or --rollout_tensor, not both")
+  devices = max(_TENSOR.value, _ROLLOUT_TENSOR.value)
+  if devices > 1:   # before JAX starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_TENSOR.value}")
+                               f" --xla_force_host_platform_device_count={devices}")
   import jax
 
   from wakea_jax.models.config import get_preset

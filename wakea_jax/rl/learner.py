@@ -193,7 +193,7 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
                    "experience.enabled": rl_run.experience.enabled,
                    "rollout.protocol": bool(r.protocol),
                    "rollout.slots": bool(r.slots), "rollout.dtype": bool(r.dtype),
-                   "objective 'ppo'": objective == "ppo"}
+                   "rollout.tensor": bool(r.tensor), "objective 'ppo'": objective == "ppo"}
     used = [name for name, on in unsupported.items() if on]
     if used:
       raise ValueError(f"media.kind={rl_run.media.kind!r}: {', '.join(used)} is not supported "
@@ -275,11 +275,15 @@ class Learner:
                     or bool(r.dtype) or (rl.old_logprobs == "auto" and not single_update)
                     or self.mixed)
     self.stop_ids, self.pad_id = chat_stop_ids(self.tokenizer), chat_pad_id(self.tokenizer)
+    # Rollouts sample on the trainer's mesh, or (rollout.tensor) on a tensor-parallel one.
+    self.rollout_mesh = self.built.mesh
+    if r.tensor:
+      self.rollout_mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": r.tensor})
     self.sampler = chat_sampler(self.rollout_model.graphdef, self.rollout_model.config,
                                 self.tokenizer,
                                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                chunk_steps=r.chunk_steps, mesh=self.built.mesh,
+                                chunk_steps=r.chunk_steps, mesh=self.rollout_mesh,
                                 rules=self.built.rules)
     self.router = rollout_lib.router_for(r)
     if r.slots and jax.process_count() > 1:
@@ -343,8 +347,12 @@ class Learner:
     return self.built.policy_params(self.state)
 
   def rollout_params(self) -> Any:
-    """The sampler's params for this step: the policy's, at the rollout precision."""
-    return self.rollout_model.convert(self.policy_params())
+    """The sampler's params for this step: the policy's, at the rollout precision, laid out
+    on the rollout mesh (a copy resharded by their logical axes when it is not the trainer's)."""
+    params = self.rollout_model.convert(self.policy_params())
+    if self.rollout_mesh is not self.built.mesh:
+      params = mesh_lib.shard_state(params, self.rollout_mesh, self.built.rules)
+    return params
 
   def collect(self, step: int, on_rollouts: Callable[[rollout_lib.Rollouts], None] | None = None
               ) -> tuple[rollout_lib.Rollouts, np.ndarray, dict[str, np.ndarray], np.ndarray,

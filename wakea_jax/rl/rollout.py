@@ -60,6 +60,13 @@ class RolloutConfig:
   # per-channel int8. With either, the learner re-scores the rollouts with the trainer (the
   # importance ratio is against the trainer's log-probs) and logs the gap every step.
   dtype: str = ""
+  # Tensor-parallel sampling (verl's resharding between phases): N > 0 samples on a mesh of
+  # its own, (data=-1, fsdp=1, tensor=N) over the same devices, and the policy's params are
+  # resharded onto it once per update; the trainer keeps config.mesh for scoring and the
+  # update. Decode streams every weight each step, so splitting the layers over N devices
+  # (XLA:CPU runs one device's small matmuls on one core) speeds it up, while the update's
+  # large matmuls run best on the trainer's layout. 0: sample on the trainer's mesh.
+  tensor: int = 0
   # Search protocols (sampling/protocols.py): "" (the chat tools above, if any), "search_r1"
   # (<search>q</search> -> <information> passages) or "rsearch" (a <search> query DAG over
   # sources -> <r> blocks). Both search `index`: a directory written by
@@ -91,6 +98,8 @@ class RolloutConfig:
     for name in ("group_size", "max_new_tokens", "max_tool_tokens", "chunk_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+    if self.tensor < 0:
+      raise ValueError(f"rollout.tensor must be >= 0 (0: the trainer's mesh), got {self.tensor}")
     if self.slots < 0:
       raise ValueError(f"rollout.slots must be >= 0 (0: static batching), got {self.slots}")
     if self.max_tool_calls < 0:
