@@ -35,6 +35,17 @@ def _vision_model():
   return model
 
 
+def _audio_model():
+  config = AudioLanguageConfig(
+      text=get_preset("tiny", num_layers=1),
+      audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
+                               encoder_attention_heads=2, encoder_ffn_dim=32,
+                               max_source_positions=8, avg_pool=True), audio_token_id=P)
+  model = nnx.eval_shape(lambda: AudioLanguageModel(config, rngs=nnx.Rngs(0)))
+  randomise(model, seed=0)
+  return model
+
+
 def test_per_row_images_fill_each_rows_placeholders():
   """Row 0 has two images, row 1 one (and a padding image): the per-row layout gives the
   logits of the flat layout holding the three real images in order."""
@@ -89,13 +100,7 @@ def test_sft_loss_with_media_equals_the_loss_on_fused_embeddings():
 
 
 def test_padding_clips_give_no_tokens_and_text_models_refuse_media():
-  config = AudioLanguageConfig(
-      text=get_preset("tiny", num_layers=1),
-      audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
-                               encoder_attention_heads=2, encoder_ffn_dim=32,
-                               max_source_positions=8, avg_pool=True), audio_token_id=P)
-  model = nnx.eval_shape(lambda: AudioLanguageModel(config, rngs=nnx.Rngs(0)))
-  randomise(model, seed=0)
+  model = _audio_model()
   clips = np.random.default_rng(2).standard_normal((1, 2, 8, 16)).astype(np.float32)
   frames = np.zeros((1, 2, 16), np.int32)
   frames[0, 0] = 1                                        # one real clip: 4 tokens

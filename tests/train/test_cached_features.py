@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.models.test_media import P, _vision_model
-from tests.randomise import randomise
+from tests.models.test_media import P, _audio_model, _vision_model
 from tests.train.test_multimodal_run import _config
 from wakea_jax import config_lib
 from wakea_jax.config_files import get_config
-from wakea_jax.models.audio import AudioEncoderConfig
-from wakea_jax.models.config import get_preset
 from wakea_jax.models.media import with_media
-from wakea_jax.models.multimodal import AudioLanguageConfig, AudioLanguageModel
 from wakea_jax.objectives.sft import sft_loss_fn
 from wakea_jax.train import cached_features, multimodal
 from wakea_jax.train import metrics as metrics_lib
@@ -70,13 +66,7 @@ def test_cached_features_give_the_pixels_loss_and_projector_gradients():
 
 
 def test_cached_features_give_the_log_mels_loss_and_projector_gradients():
-  config = AudioLanguageConfig(
-      text=get_preset("tiny", num_layers=1),
-      audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
-                               encoder_attention_heads=2, encoder_ffn_dim=32,
-                               max_source_positions=8, avg_pool=True), audio_token_id=P)
-  model = nnx.eval_shape(lambda: AudioLanguageModel(config, rngs=nnx.Rngs(0)))
-  randomise(model, seed=0)
+  model = _audio_model()
   frames = np.zeros((2, 2, 16), np.int32)
   frames[0, 0] = 1                         # a full clip: 4 tokens
   frames[0, 1, :9] = 1                     # 9 frames: 2 tokens
