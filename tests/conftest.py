@@ -42,9 +42,10 @@ _FIRST = ("tests/test_real_models.py",)
 def pytest_collection_modifyitems(config, items):
   """Runs the files holding `slow` tests first (tests/test_real_models.py, ~460 s, before all).
 
-  CI runs `pytest -n 2 --dist loadfile`: xdist hands whole files to its two workers in
-  collection order, so a long file collected last (tests/ sorts test_real_models.py near the
-  end) ran alone while the other worker sat idle. Started first, the long files overlap the
+  CI runs `pytest -n 2 --dist loadfile`, and setup.cfg adds `--no-loadscope-reorder`, so
+  xdist hands whole files to its two workers in this order (by default it hands out the files
+  with the most tests first, which left the 2-test real-model file for the end, where it ran
+  alone while the other worker sat idle). Started first, the long files overlap the
   many short ones. The order within a file is unchanged; every worker sorts alike (xdist
   checks that the workers' collections agree)."""
   del config
