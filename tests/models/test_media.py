@@ -23,7 +23,7 @@ from wakea_jax.objectives.sft import sft_loss_fn
 P = 99
 
 
-def _vision_model():
+def _vision_model(seed=0):
   text = get_preset("tiny", num_layers=1)
   vision = VisionConfig(variant="clip", embed_dim=16, mlp_dim=32, num_layers=2, num_heads=2,
                         image_size=16, patch_size=8)
@@ -31,18 +31,18 @@ def _vision_model():
                                 projector=ProjectorConfig(in_dim=16, out_dim=text.embed_dim),
                                 image_token_id=P)
   model = nnx.eval_shape(lambda: VisionLanguageModel(config, rngs=nnx.Rngs(0)))
-  randomise(model, seed=0)
+  randomise(model, seed=seed)
   return model
 
 
-def _audio_model():
+def _audio_model(seed=0):
   config = AudioLanguageConfig(
       text=get_preset("tiny", num_layers=1),
       audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
                                encoder_attention_heads=2, encoder_ffn_dim=32,
                                max_source_positions=8, avg_pool=True), audio_token_id=P)
   model = nnx.eval_shape(lambda: AudioLanguageModel(config, rngs=nnx.Rngs(0)))
-  randomise(model, seed=0)
+  randomise(model, seed=seed)
   return model
 
 

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.randomise import randomise
+from tests.models.test_media import _audio_model, _vision_model
 from wakea_jax.models import scoring
-from wakea_jax.models.audio import AudioEncoderConfig
-from wakea_jax.models.config import get_preset
 from wakea_jax.models.media import bind_media
-from wakea_jax.models.multimodal import (
-    AudioLanguageConfig,
-    AudioLanguageModel,
-    VisionLanguageConfig,
-    VisionLanguageModel,
-)
-from wakea_jax.models.projector import ProjectorConfig
-from wakea_jax.models.vision import VisionConfig
 from wakea_jax.sampling import Sampler
 
 P = 99          # the placeholder id
@@ -29,30 +19,14 @@ WIDTH = 32      # reference forwards: every sequence right-padded to this (one c
 NEW = 6
 
 
-def _randomised(cls, config):
-  model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-  randomise(model, seed=4)
-  return model
-
-
 @pytest.fixture(scope="module")
 def vision():
-  text = get_preset("tiny", num_layers=1)
-  config = VisionLanguageConfig(
-      text=text, vision=VisionConfig(variant="clip", embed_dim=16, mlp_dim=32, num_layers=2,
-                                     num_heads=2, image_size=16, patch_size=8),
-      projector=ProjectorConfig(in_dim=16, out_dim=text.embed_dim), image_token_id=P)
-  return _randomised(VisionLanguageModel, config)
+  return _vision_model(seed=4)
 
 
 @pytest.fixture(scope="module")
 def audio():
-  config = AudioLanguageConfig(
-      text=get_preset("tiny", num_layers=1),
-      audio=AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=1,
-                               encoder_attention_heads=2, encoder_ffn_dim=32,
-                               max_source_positions=8, avg_pool=True), audio_token_id=P)
-  return _randomised(AudioLanguageModel, config)
+  return _audio_model(seed=4)
 
 
 @jax.jit
