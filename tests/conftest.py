@@ -14,6 +14,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _persistent_compile_cache() -> None:
+  """One persistent XLA compilation cache for the whole run: this process, pytest-xdist's
+  workers (started later, they inherit the environment) and every child process the tests
+  start (trainers, demos, the two-process runs). Tests build the same tiny models again and
+  again, and `_release_compiled_programs` drops the in-memory programs after each module, so
+  most compiles repeat one already done; the cache turns them into reads (tests/rl: 302 ->
+  196 s from an empty cache). A directory of the run's own, removed at its end by the process
+  that made it; a cache the caller names is used as is. Benchmarks switch it off
+  (tools/machine.py): their compile seconds must be compiles."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix="wakea_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_persistent_compile_cache()
+
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")

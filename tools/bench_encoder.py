@@ -15,6 +15,7 @@ import os
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _N = flags.DEFINE_integer("n", 2000, "Number of sentences.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size for both encoders.")
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> None:
   compile_s = time.perf_counter() - start
   ours_s, ours_out = timed(lambda: ours.embed(texts, batch_size=batch), _REPEATS.value)
   lengths = [len(ids) for ids in ours.tokenize(texts)]
-  print(f"device: {jax.devices()[0].device_kind}; {len(texts)} sentences, "
+  print(f"device: {jax.devices()[0].device_kind} ({cpu_model()}); {len(texts)} sentences, "
         f"{np.mean(lengths):.1f} tokens on average (max {max(lengths)}), batch {batch}")
   print(f"wakea_jax MiniLMEmbedder (jit, warm): {len(texts) / ours_s:9.1f} sentences/s "
         f"({ours_s:.2f} s; first pass with {len(ours.compiled_shapes)} compiles {compile_s:.2f} s)")

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from machine import cpu_model
 
 from wakea_jax.retrieval.index import DenseIndex, IndexConfig, exact_top_k
 from wakea_jax.retrieval.store import Document, DocumentStore
@@ -99,6 +100,7 @@ def main() -> None:
     both = clustered(args.num_vectors + args.num_queries, args.dim, rng)
     db, queries, dim = both[:args.num_vectors], both[args.num_vectors:], args.dim
     source = "clustered synthetic vectors"
+  print(f"cpu: {cpu_model()}")
   print(f"data: {len(db)} x {dim} {source}, {len(queries)} queries "
         f"({time.perf_counter() - start:.1f}s)")
 

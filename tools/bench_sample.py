@@ -16,6 +16,7 @@ import os
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -130,7 +131,7 @@ def main(argv):
   b, p, n, k = _BATCH.value, _PROMPT.value, _NEW.value, _TOP_K.value
   cfg = get_preset(_PRESET.value)
   bandwidth = memcpy_bandwidth()
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({cpu_model()}), "
         f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
         f"{n} new tokens, top-k {k}")

@@ -13,6 +13,7 @@ import os
 import time
 
 from absl import app, flags
+from machine import cpu_model
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -115,7 +116,7 @@ def main(argv):
   tokens = _BATCH.value * _SEQ.value
   flop_per_step = flops.train_flops_per_token(cfg, _SEQ.value) * tokens
   peak = matmul_rate()
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({cpu_model()}), "
         f"measured float32 matmul rate {peak / 1e12:.3f} TFLOP/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {_BATCH.value} x "
         f"{_SEQ.value}, {flop_per_step / 1e12:.2f} TFLOP per step (analytic)")

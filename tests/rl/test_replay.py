@@ -11,7 +11,6 @@ import chex
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from wakea_jax import trainers
 from wakea_jax.checkpoints.manager import CheckpointManager
@@ -81,22 +80,6 @@ def test_mix_replays_replaces_one_member_after_the_traces() -> None:
   assert buf.trajectories(c) == []
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """The persistent compilation cache, for this module's learners only: their runs share one
-  config's shapes, so each program compiles once (a resumed run in a new process would
-  compile the very same programs); ~90 s -> ~40 s for the three learner tests."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-  compilation_cache.reset_cache()      # JAX decides whether to use the cache once
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 @pytest.fixture
 def parity_reward(monkeypatch):
   """A reward a from-scratch model earns about half the time, deterministically: the
@@ -135,7 +118,7 @@ def _capture(learner):
   return batches
 
 
-def test_learner_replays_stored_trajectories_into_groups(tmp_path, compile_cache,
+def test_learner_replays_stored_trajectories_into_groups(tmp_path,
                                                         parity_reward) -> None:
   learner = trainers.make_learner(_config(), tmp_path)
   stored = _fill(learner)
@@ -187,7 +170,7 @@ def _restored(workdir, target):
   return jax.tree.leaves(state.params), data_state
 
 
-def test_resume_with_a_non_empty_buffer_is_exact(tmp_path, monkeypatch, compile_cache,
+def test_resume_with_a_non_empty_buffer_is_exact(tmp_path, monkeypatch,
                                                  parity_reward) -> None:
   overrides = {"train.steps": 2, "train.checkpoint_every": 1, "train.eval_every": 100}
   trainers.run(_config(**overrides), tmp_path / "straight")
@@ -218,7 +201,7 @@ def test_resume_with_a_non_empty_buffer_is_exact(tmp_path, monkeypatch, compile_
   assert straight == resumed
 
 
-def test_hybrid_traces_and_replay_two_steps(tmp_path, compile_cache, parity_reward) -> None:
+def test_hybrid_traces_and_replay_two_steps(tmp_path, parity_reward) -> None:
   config = _config()
   records = [{"messages": [dict(m) for m in p.messages],       # two traces per prompt
               "trace": f"{lead}<answer>{p.answer}</answer>"}
