@@ -57,6 +57,9 @@ def test_extract_answer_without_number_fallback():
   assert rewards.extract_answer("the answer is 5", fallback=None) is None
   with pytest.raises(ValueError, match="fallback"):
     rewards.extract_answer("5", fallback="first_number")
+  assert rewards.extract_answer("circle 01, square 23: three", fallback="last_word") == "three"
+  assert rewards.extract_answer("so it's don't-care_", fallback="last_word") == "don't-care"
+  assert rewards.extract_answer("... --", fallback="last_word") is None
 
 
 # --- math_equal -----------------------------------------------------------------------------
@@ -95,6 +98,12 @@ def test_exact_match_reward():
   np.testing.assert_array_equal(fn(samples), [1, 1, 0, 0])
   whole = rewards.REWARDS["exact_match"](whole_response=True)
   np.testing.assert_array_equal(whole([_s("<answer>x</answer>", "x")]), [0])
+  # A one-word answer after a description: the last word, unless tagged.
+  last = rewards.REWARDS["exact_match"](fallback="last_word")
+  samples = [_s("blue", "blue"), _s("red circle 01, blue square 23: blue.", "blue"),
+             _s("red circle 01, blue square 23: red", "blue"), _s("It is Paris.", "paris"),
+             _s("blue circle 01: <answer>red</answer> blue", "blue"), _s("...", "blue")]
+  np.testing.assert_array_equal(last(samples), [1, 1, 0, 1, 0, 0])
 
 
 # --- format ---------------------------------------------------------------------------------

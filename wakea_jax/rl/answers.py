@@ -65,6 +65,8 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACES = re.compile(r"[{}]")
 # A number not glued to a word ("x2", "v1.2"): optional sign (only when not a binary minus, as
 # in "3-5"), thousands groups or plain digits, optional decimals, optional "/denominator".
+_FALLBACKS = (None, "last_number", "last_word")
+_WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")
 _NUMBER = re.compile(
     r"(?<![A-Za-z0-9_.])(?:(?<![0-9)])-)?"
     r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:/\d+)?(?![0-9])")
@@ -105,10 +107,12 @@ def _last_tagged(text: str) -> str | None:
 
 
 def extract_answer(text: str, *, fallback: str | None = "last_number") -> str | None:
-  """The last <answer>...</answer>, else the last \\boxed{...}, else (fallback="last_number")
-  the last number (ints, decimals, negatives, 1,234, 3/4), else None."""
-  if fallback not in (None, "last_number"):
-    raise ValueError(f"extract_answer: fallback must be 'last_number' or None, got {fallback!r}")
+  """The last <answer>...</answer>, else the last \\boxed{...}, else with
+  fallback="last_number" the last number (ints, decimals, negatives, 1,234, 3/4), with
+  fallback="last_word" the last word (letters, digits, ' and -: the one-word answer after a
+  description, "red circle 01, blue square 23: blue"), else None."""
+  if fallback not in _FALLBACKS:
+    raise ValueError(f"extract_answer: fallback must be one of {_FALLBACKS}, got {fallback!r}")
   tagged = _last_tagged(text)
   if tagged is not None:
     return tagged.strip()
@@ -119,6 +123,10 @@ def extract_answer(text: str, *, fallback: str | None = "last_number") -> str | 
     numbers = _NUMBER.findall(text)
     if numbers:
       return numbers[-1]
+  if fallback == "last_word":
+    words = _WORD.findall(text)
+    if words:
+      return words[-1]
   return None
 
 

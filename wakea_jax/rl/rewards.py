@@ -86,8 +86,8 @@ def exact_match_reward(*, whole_response: bool = False,
   """SQuAD-normalised exact match against any accepted answer.
 
   The candidate is the final response's extracted answer (<answer>, \\boxed, or with
-  fallback="last_number" the last number), or the whole final response when nothing was
-  extracted or `whole_response` is set.
+  fallback="last_number" / "last_word" the last number / word), or the whole final response
+  when nothing was extracted or `whole_response` is set.
   """
   def reward(samples: Sequence[Sample]) -> np.ndarray:
     out = np.zeros(len(samples), np.float32)
