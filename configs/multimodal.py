@@ -70,7 +70,9 @@ def _grpo_config(variant: str) -> ml_collections.ConfigDict:
   config.data.eval_sources = ""
   config.rollout.update(group_size=8, max_new_tokens=8, temperature=1.0)
   config.rl.update(prompts_per_step=16)
-  config.reward = ml_collections.ConfigDict({"exact_match": {"weight": 1.0}})
+  # The last word: the one-word answer, also after a description (shapes' `described`).
+  config.reward = ml_collections.ConfigDict({"exact_match": {"weight": 1.0,
+                                                             "fallback": "last_word"}})
   config.eval.update(correct_reward="exact_match", num_samples=0, pass_k=(1,))
   config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0)
   config.train.update(steps=100, eval_every=50, checkpoint_every=50, eval_at_start=True)

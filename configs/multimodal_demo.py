@@ -28,8 +28,10 @@ def get_config(arg=None):
   config.seeds = (0, 1)
   config.modalities = ("vision", "audio")
   # Examples per split of each generated task (the same data for every seed).
+  # described: the fraction of the shapes' SFT answers that describe the picture first
+  # (data/tasks/shapes.describe); GRPO then chooses per question which form to give.
   config.data = ml_collections.ConfigDict(dict(train=4000, eval=256, prompts=2000, seed=0,
-                                               image_size=32))
+                                               image_size=32, described=0.0))
   # Samples per held-out prompt at the rollout temperature (0: greedy accuracy only).
   config.eval_samples = 4
   config.sft = ml_collections.ConfigDict()

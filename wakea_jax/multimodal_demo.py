@@ -49,7 +49,8 @@ def write_task(config: ml_collections.ConfigDict, modality: str, root: pathlib.P
     train, held_out = ([r for _, r in sources.jsonl_lines(files[k])] for k in ("train", "eval"))
   else:
     extra = {"size": d.image_size} if modality == "vision" else {}
-    train = task.write(directory, d.train, d.seed, split=0, **extra)
+    described = {"described": d.described} if modality == "vision" else {}
+    train = task.write(directory, d.train, d.seed, split=0, **extra, **described)
     held_out = task.write(directory, d.eval, d.seed, split=1, **extra)
     # GRPO's prompts are new draws (split 2): questions without the labels SFT had.
     fresh = task.write(directory, d.prompts, d.seed, split=2, **extra)

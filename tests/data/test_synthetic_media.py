@@ -15,6 +15,7 @@ from wakea_jax.data.images import ImageConfig
 from wakea_jax.data.sources import write_jsonl
 from wakea_jax.data.tasks import shapes, tones
 from wakea_jax.data.tokenizer import default_tokenizer
+from wakea_jax.rl import answers
 
 # Byte-fallback ids of 0xFE / 0xFF: no UTF-8 text encodes to them (as test_multimodal_records).
 IMAGE_ID, AUDIO_ID = 267, 268
@@ -206,6 +207,51 @@ def test_shape_pixels_match_answers(size, shape_sets):
       assert count == 2 and answer in asked and set(colours) == set(asked)
       other = next(c for c in asked if c != answer)
       assert colours[answer] >= 2 * colours[other]
+
+
+def _shape_kind(component):
+  """square / circle / triangle: a square fills its bounding box; a circle's top and bottom
+  rows are as wide as each other, an (upward) triangle's top row is narrower."""
+  ys, xs = np.nonzero(component)
+  fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+  top, bottom = component[ys.min()].sum(), component[ys.max()].sum()
+  return "square" if fill == 1 else "circle" if top == bottom else "triangle"
+
+
+def test_described_answers_say_what_the_pixels_show(shape_sets, tmp_path):
+  """`described` changes only the assistant turns; each description lists every shape of the
+  picture in reading order, with its kind, its colour where asked and its cell on the 4 x 4
+  grid, all read back from the pixels here, and its last word is the answer."""
+  directory, plain = shape_sets[32]
+  records = shapes.write(tmp_path, NUM_SHAPES, seed=3, described=0.5)
+  assert _files(tmp_path, records, "images") == _files(directory, plain, "images")
+  assert [r["messages"][0] for r in records] == [r["messages"][0] for r in plain]
+  replies = [r["messages"][1]["content"] for r in records]
+  described = [reply != r["answer"] for reply, r in zip(replies, records)]
+  assert 0.3 < np.mean(described) < 0.7 and all(
+      reply == r["answer"] for reply, r, d in zip(replies, records, described) if not d)
+  for r, reply in zip(records, replies):
+    if reply == r["answer"]:
+      continue
+    assert answers.extract_answer(reply, fallback="last_word") == r["answer"]
+    pixels = np.asarray(Image.open(tmp_path / r["images"][0]))
+    mask = (pixels != pixels[0, 0]).any(-1)
+    labels = _components(mask)
+    items = []
+    for label in sorted(set(labels[mask].tolist())):
+      component = labels == label
+      ys, xs = np.nonzero(component)
+      x = int((xs.min() + (xs.max() - xs.min() + 1) / 2) // 8)
+      y = int((ys.min() + (ys.max() - ys.min() + 1) / 2) // 8)
+      colour = collections.Counter(_nearest_colour(pixels[component]).tolist()).most_common(1)
+      named = _shape_kind(component)
+      if r["category"] in ("colour", "compare"):
+        named = f"{colour[0][0]} {named}"
+      items.append((y, x, f"{named} {x}{y}"))
+    expected = ", ".join(text for _, _, text in sorted(items)) + f": {r['answer']}"
+    assert reply == expected, r
+  with pytest.raises(ValueError, match="described"):
+    shapes.write(tmp_path, 1, described=1.5)
 
 
 def _segments(samples, rate=tones.RATE):

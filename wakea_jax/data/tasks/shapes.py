@@ -152,19 +152,22 @@ def _render(size: int, background: int,
 
 
 def _example(rng: random.Random, kind: str, answer: str, size: int
-             ) -> tuple[np.ndarray, str]:
-  """(pixels, question) of one example whose answer is `answer`."""
+             ) -> tuple[np.ndarray, str, list[tuple[Placed, str]]]:
+  """(pixels, question, [(placed shape, colour name)]) of one example whose answer is
+  `answer`."""
   lo, hi, gap = _scaled(6, size), _scaled(12, size), _scaled(2, size)
   shapes: list[tuple[Placed, tuple[int, int, int]]]
   if kind == "colour":
     (placed,) = _place(rng, [rng.randint(lo, hi)], size, gap)
     shapes = [(placed, _jittered(rng, answer))]
+    names = [answer]
     question = rng.choice(_QUESTIONS["colour"])
   elif kind == "count":
     colour = rng.choice(CHOICES["colour"])
     sides = [rng.randint(lo, _scaled(9, size)) for _ in range(NUMBERS.index(answer) + 1)]
     rgb = _jittered(rng, colour)
     shapes = [(p, rgb) for p in _place(rng, sides, size, gap)]
+    names = [colour] * len(shapes)
     question = rng.choice(_QUESTIONS["count"])
   elif kind == "position":
     side = rng.randint(lo, hi)
@@ -172,8 +175,9 @@ def _example(rng: random.Random, kind: str, answer: str, size: int
     near = rng.randint(1, half - gap - side)             # offset along the asked axis
     along = near if answer in ("left", "top") else size - side - near
     top, left = (free, along) if answer in ("left", "right") else (along, free)
-    shapes = [((rng.choice(SHAPES), side, top, left), _jittered(rng, rng.choice(
-        CHOICES["colour"])))]
+    placed = (rng.choice(SHAPES), side, top, left)   # drawn before the colour, as always
+    names = [rng.choice(CHOICES["colour"])]
+    shapes = [(placed, _jittered(rng, names[0]))]
     question = rng.choice(_QUESTIONS["horizontal" if answer in ("left", "right")
                                      else "vertical"])
   elif kind == "compare":
@@ -185,19 +189,49 @@ def _example(rng: random.Random, kind: str, answer: str, size: int
       if shape_mask(big_placed[0], big).sum() >= 2 * shape_mask(small_placed[0], small).sum():
         break
     shapes = [(big_placed, _jittered(rng, answer)), (small_placed, _jittered(rng, other))]
+    names = [answer, other]
     a, b = (answer, other) if rng.random() < 0.5 else (other, answer)
     question = rng.choice(_QUESTIONS["compare"]).format(a=a, b=b)
   else:
     raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
-  return _render(size, rng.randint(0, MAX_BACKGROUND), shapes), question
+  pixels = _render(size, rng.randint(0, MAX_BACKGROUND), shapes)
+  return pixels, question, [(placed, name) for (placed, _), name in zip(shapes, names)]
+
+
+def describe(shapes: Sequence[tuple[Placed, str]], size: int, kind: str, answer: str
+             ) -> str:
+  """The answer with the picture described first, point by point (the "point, then count"
+  recipe of pointing VLMs such as Molmo): every shape in reading order (by the row, then the
+  column of its centre on the 4 x 4 grid of 8 px patches at 32 px) as its kind and its cell
+  "xy", its colour first where the question is about colours (colour, compare), then ": " and
+  the one-word answer (`rl.answers.extract_answer(fallback="last_word")` reads it):
+
+      count    "circle 01, square 31, triangle 13: three"
+      compare  "red circle 01, blue square 23: red"
+  """
+  cell = size / 4
+  items = []
+  for (shape, side, top, left), colour in shapes:
+    x, y = int((left + side / 2) // cell), int((top + side / 2) // cell)
+    named = f"{colour} {shape}" if kind in ("colour", "compare") else shape
+    items.append((y, x, f"{named} {x}{y}"))
+  return ", ".join(text for _, _, text in sorted(items)) + f": {answer}"
 
 
 def write(directory: str | os.PathLike[str], num_examples: int, seed: int = 0, *,
-          split: int = 0, size: int = 32, kinds: Sequence[str] = KINDS
-          ) -> list[dict[str, Any]]:
+          split: int = 0, size: int = 32, kinds: Sequence[str] = KINDS,
+          described: float = 0.0) -> list[dict[str, Any]]:
   """Writes `directory/images/<split>_<i>.png` for i < num_examples and returns the records
-  (see the module docstring), image paths relative to `directory`."""
+  (see the module docstring), image paths relative to `directory`.
+
+  `described` is the fraction of records whose assistant turn describes the picture before
+  answering (`describe`; the record's "answer" stays the one word). Which records are
+  described is drawn from a stream of its own, so the images and questions do not depend on
+  it. A model trained on both forms can be taught by RL which one to use for which question,
+  as the text demonstration's worked answers are."""
   kinds = _synthetic.check_kinds(kinds, CHOICES, "shapes")
+  if not 0.0 <= described <= 1.0:
+    raise ValueError(f"shapes: described must be a fraction in [0, 1], got {described}")
   if num_examples < 0:
     raise ValueError(f"shapes: num_examples must be >= 0, got {num_examples}")
   if size < 32:
@@ -205,14 +239,16 @@ def write(directory: str | os.PathLike[str], num_examples: int, seed: int = 0, *
   images = pathlib.Path(directory) / "images"
   images.mkdir(parents=True, exist_ok=True)
   rng = random.Random(f"shapes-{seed}-{split}")
+  form_rng = random.Random(f"shapes-described-{seed}-{split}")
   records = []
   for i, (kind, answer) in enumerate(_synthetic.balanced_draws(rng, num_examples, kinds,
                                                                CHOICES)):
-    pixels, question = _example(rng, kind, answer, size)
+    pixels, question, placed = _example(rng, kind, answer, size)
     name = f"images/{split}_{i}.png"
     Image.fromarray(pixels, "RGB").save(images.parent / name, format="PNG")
+    reply = describe(placed, size, kind, answer) if form_rng.random() < described else answer
     records.append({"messages": [{"role": "user", "content": "<image>" + question},
-                                 {"role": "assistant", "content": answer}],
+                                 {"role": "assistant", "content": reply}],
                     "images": [name], "answer": answer, "category": kind})
   return records
 
@@ -238,5 +274,5 @@ def majority_accuracy(records: Sequence[Mapping[str, Any]],
   return _synthetic.majority_accuracy(records, CHOICES, train)
 
 
-__all__ = ["CHOICES", "COLOURS", "KINDS", "OFFERED", "SHAPES", "chance_accuracy",
+__all__ = ["CHOICES", "COLOURS", "KINDS", "OFFERED", "SHAPES", "chance_accuracy", "describe",
            "majority_accuracy", "prompts", "shape_mask", "write"]
