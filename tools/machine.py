@@ -11,16 +11,23 @@ import subprocess
 import sys
 
 
-def _without_persistent_compile_cache() -> None:
-  """Compiles in a benchmark are real compiles. A persistent compilation cache named by the
-  environment (the test suite sets one for its processes and their children) would turn the
-  compile seconds the benchmarks print into cache reads."""
+def _benchmark_environment() -> None:
+  """Compiles in a benchmark are real compiles, and its programs are optimised as a user's
+  are. The test suite (tests/conftest.py) sets a persistent compilation cache, which would
+  turn the compile seconds the benchmarks print into cache reads, and XLA:CPU's LLVM
+  optimisation level 0, which makes compiles faster and programs slower; both reach the
+  benchmarks the tests start, through the environment, and are dropped here. XLA reads
+  XLA_FLAGS when its backend starts, so this module is imported before anything runs."""
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  kept = [f for f in flags if not f.startswith("--xla_backend_optimization_level")]
+  if kept != flags:
+    os.environ["XLA_FLAGS"] = " ".join(kept)
   if "jax" in sys.modules:   # imported first: switch the cache off before anything compiles
     sys.modules["jax"].config.update("jax_enable_compilation_cache", False)
 
 
-_without_persistent_compile_cache()
+_benchmark_environment()
 
 
 def cpu_model() -> str:
