@@ -52,6 +52,9 @@ def get_config(arg=None):
     pass
   elif variant == "test":
     config.seeds = (0,)
+    # One modality: the loop runs the same code for the other (audio SFT, GRPO and sampling
+    # are tested in tests/train/test_multimodal_run.py and tests/rl/test_media_rl.py).
+    config.modalities = ("vision",)
     config.data.update(train=64, eval=16, prompts=32)
     config.eval_samples = 2
     for modality in MODALITIES:
