@@ -222,3 +222,16 @@ def test_real_model_pauses_injects_and_resumes_exactly():
     assert model_tokens.sum() <= 24
     if out.num_tool_calls[row]:
       assert "<tool_response>\nError: malform" in out.text(TOK, row)
+
+
+def test_a_tool_turn_longer_than_its_budget_is_cut_and_never_hangs():
+  """Result texts are shortened until the tool turn fits max_tool_tokens; below what the
+  markup and "[truncated]" take, the ids are cut at the limit (this once looped forever)."""
+  from wakea_jax.sampling.tool_loop import tool_turn
+  tok = default_tokenizer()
+  calls = [{"name": "calculator", "arguments": {"expression": "123456789*987654321"}}]
+  full, errors = tool_turn(calls, default_router(), tok, 10_000)
+  assert errors == 0 and tok.decode(full).count("121932631112635269") == 1
+  for limit in (len(full) - 3, 12, 4, 1):
+    ids, _ = tool_turn(calls, default_router(), tok, limit)
+    assert 0 < len(ids) <= limit

@@ -99,11 +99,16 @@ def last_turn(tokens: Sequence[int], tool_mask: Sequence[int]) -> list[int]:
 
 def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, limit: int
                    ) -> list[int]:
-  """Cuts result texts until the tool turn fits `limit` tokens (markup is kept whole)."""
+  """Cuts result texts until the tool turn fits `limit` tokens (markup is kept whole), then
+  cuts the ids at `limit` when even "[truncated]" results do not fit (a small limit: the
+  loop stops once no result can get shorter, where it used to spin forever)."""
   while len(ids) > limit and any(results):
     longest = max(range(len(results)), key=lambda i: len(results[i]))
     keep = max(0, len(results[longest]) * limit // len(ids) - 16)
-    results[longest] = results[longest][:keep] + " [truncated]" if keep else "[truncated]"
+    cut = results[longest][:keep] + " [truncated]" if keep else "[truncated]"
+    if len(cut) >= len(results[longest]):
+      break
+    results[longest] = cut
     ids = chat.tool_turn_ids(results, tokenizer)
   return ids[:limit]
 
