@@ -23,8 +23,8 @@ from wakea_jax.objectives.sft import sft_loss_fn
 P = 99
 
 
-def _vision_model(seed=0):
-  text = get_preset("tiny", num_layers=1)
+def _vision_model(seed=0, **text_fields):
+  text = get_preset("tiny", num_layers=1, **text_fields)
   vision = VisionConfig(variant="clip", embed_dim=16, mlp_dim=32, num_layers=2, num_heads=2,
                         image_size=16, patch_size=8)
   config = VisionLanguageConfig(text=text, vision=vision,

@@ -134,3 +134,91 @@ def test_media_rows_must_match_the_prompts(audio):
   with pytest.raises(ValueError, match=r"media\['input_features'\] has shape \(1, 8, 16\)"):
     sampler.start(params, [[3, 4], [5]], max_new_tokens=2, rng=jax.random.key(0),
                   media={"input_features": np.zeros((1, 8, 16), np.float32)})
+
+
+def _image_prompts(n_images, rng, body=lambda i: [3 + i, 4]):
+  """Prompts of 1 or 2 images each ([first token] + P x 4 per image + body) and their media."""
+  n = 4                                                        # tokens per 16x16 image
+  prompts, images = [], rng.standard_normal((len(n_images), 2, 3, 16, 16)).astype(np.float32)
+  mask = np.zeros((len(n_images), 2), np.int32)
+  for i, k in enumerate(n_images):
+    mask[i, :k] = 1
+    prompts.append(([5] + [P] * n) * k + body(i))
+  return prompts, {"pixel_values": images, "image_mask": mask}
+
+
+def test_continuous_batching_with_images_equals_static_batching(vision):
+  """`ContinuousBatcher` with per-row images: 6 requests of 1 or 2 images through 2 slots
+  (so requests start in whichever slot frees, beside others at other steps), sampled at
+  temperature 1 with per-request keys: every request's tokens are those `Sampler.generate`
+  draws for it, log-probs within 1e-5, and greedy tokens are a full forward's argmax with its
+  images. Another image changes only its own request."""
+  from wakea_jax.sampling import ContinuousBatcher
+  graphdef, params = nnx.split(vision)
+  prompts, media = _image_prompts([1, 2, 1, 2, 2, 1], np.random.default_rng(5))
+  limits = [NEW, 2, NEW, 3, NEW, 1]
+  for temperature in (1.0, 0.0):
+    sampler = Sampler(graphdef, vision.config, temperature=temperature)
+    static = sampler.generate(params, prompts, max_new_tokens=limits, rng=jax.random.key(7),
+                              media=media)
+    out = ContinuousBatcher(sampler, slots=2, chunk_steps=2).generate(
+        params, prompts, max_new_tokens=limits, rng=jax.random.key(7), media=media)
+    assert out.tokens == static.tokens and out.lengths == limits
+    for a, b in zip(static.logprobs, out.logprobs):
+      np.testing.assert_allclose(b, a, atol=1e-5)
+  _check_against_full_forward(vision, prompts, media, out)      # greedy, the last loop
+  other = {k: v.copy() for k, v in media.items()}
+  other["pixel_values"][2] = np.random.default_rng(6).standard_normal((2, 3, 16, 16))
+  changed = ContinuousBatcher(sampler, slots=2, chunk_steps=2).generate(
+      params, prompts, max_new_tokens=limits, rng=jax.random.key(7), media=other)
+  for i in (0, 1, 3, 4, 5):
+    np.testing.assert_allclose(changed.logprobs[i], out.logprobs[i], atol=1e-6)
+  assert (changed.tokens[2] != out.tokens[2]
+          or np.abs(changed.logprobs[2] - out.logprobs[2]).max() > 1e-3)
+  with pytest.raises(ValueError, match=r"media\['image_mask'\] has shape \(5, 2\)"):
+    ContinuousBatcher(sampler, slots=2).generate(
+        params, prompts, max_new_tokens=2, rng=jax.random.key(7),
+        media={**media, "image_mask": media["image_mask"][:5]})
+
+
+def test_tool_pauses_with_images_resume_like_the_static_tool_loop(vision):
+  """The tool loop on image prompts, continuous against static: a request that pauses for a
+  tool call gives up its slot and, when the result is back, is prefilled again from its whole
+  context, its images included, into whichever slot is free. The model's language head is
+  rigged towards `<tool_call>`, `</tool_call>` and the end of turn (as in
+  tests/sampling/test_batching.py), so that calls happen; tokens, masks, calls and reasons
+  equal `run_tool_loop`'s, log-probs within 1e-5."""
+  import jax.numpy as jnp
+
+  from wakea_jax.data import chat
+  from wakea_jax.data.tokenizer import IM_END, default_tokenizer
+  from wakea_jax.sampling import ContinuousBatcher
+  from wakea_jax.sampling.tool_loop import run_tool_loop
+  from wakea_jax.toolbox.registry import default_router
+  tok = default_tokenizer()
+  model = _vision_model(seed=4, vocab_size=tok.vocab_size)     # the chat turns' ids
+  lm = model.language_model
+  lm.embed[...] = lm.embed[...].at[:, 0].add(10.0)
+  lm.final_norm.scale[...] = jnp.ones_like(lm.final_norm.scale[...])   # randomise's: any sign
+  head = np.full(lm.config.vocab_size, -8.0, np.float32)
+  head[[tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>"),
+        tok.token_to_id(IM_END)]] = [2.5, 0.5, 0.5]
+  lm.lm_head[...] = lm.lm_head[...].at[0].set(jnp.asarray(head) / np.sqrt(lm.config.embed_dim))
+  graphdef, params = nnx.split(model)
+  sampler = Sampler(graphdef, model.config, temperature=1.0, stop_ids=(chat.end_of_turn_id(tok),))
+  turns = [chat.render([{"role": "user", "content": text}], tok,
+                       add_generation_prompt=True).input_ids.tolist()
+           for text in ("What is 23*19?", "Hi", "Compute 2+2 please", "x", "7*6")]
+  prompts, media = _image_prompts([1, 2, 1, 1, 2], np.random.default_rng(8),
+                                  body=lambda i: turns[i])
+  kwargs = dict(tokenizer=tok, router=default_router(), rng=jax.random.key(3),
+                max_new_tokens=24, max_tool_calls=2, max_tool_tokens=24, media=media)
+  static = run_tool_loop(sampler, params, prompts, chunk_steps=4, **kwargs)
+  assert sum(static.num_tool_calls) >= 3
+  out = ContinuousBatcher(sampler, slots=2, chunk_steps=4).run_tools(params, prompts, **kwargs)
+  assert out.tokens == static.tokens and out.num_tool_calls == static.num_tool_calls
+  assert out.stop_reason == static.stop_reason and out.tool_errors == static.tool_errors
+  for a, b in zip(static.tool_mask, out.tool_mask):
+    np.testing.assert_array_equal(b, a)
+  for a, b in zip(static.logprobs, out.logprobs):
+    np.testing.assert_allclose(b, a, atol=1e-5)

@@ -223,29 +223,22 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   """G completions of each prompt. With a `router` the tool loop runs tool calls; with a
   search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
   (`rollout.slots`, or every row at once when 0). With `media` (rl/media_prompts.py) the
-  prompts' images or audio are rendered and prefilled with them (static batching; the tool
-  loop's turns are text)."""
+  prompts' images or audio are rendered and prefilled with them, on static or continuous
+  batching, with or without the tool loop (its turns are text); not with a search protocol
+  yet."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
+  row_media = None
   if media is not None:
-    if protocol is not None or config.slots:
-      raise ValueError("media prompts sample with static batching and no search protocol for "
-                       "now: set rollout.slots=0 and rollout.protocol=''")
+    if protocol is not None or config.protocol:
+      raise ValueError("media prompts sample without a search protocol for now: set "
+                       "rollout.protocol=''")
     rendered = {id(p): media.render(p) for p in prompts}
-    prompt_ids = [rendered[id(p)] for p in rows]
     row_media = media.arrays(rows)
-    if router is not None and config.max_tool_calls > 0:
-      out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tokenizer, router=router,
-                          rng=rng, max_new_tokens=config.max_new_tokens,
-                          max_tool_calls=config.max_tool_calls,
-                          max_tool_tokens=config.max_tool_tokens,
-                          chunk_steps=config.chunk_steps, media=row_media)
-    else:
-      out = sampler.generate(params, prompt_ids, max_new_tokens=config.max_new_tokens,
-                             rng=rng, media=row_media)
-    return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g, media=row_media)
-  rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
+  else:
+    rendered = {id(p): p.render(tokenizer, tool_schemas) for p in prompts}
   prompt_ids = [rendered[id(p)] for p in rows]
+  with_media = {} if row_media is None else {"media": row_media}
   continuous = bool(config.slots) and jax.process_count() == 1 and bool(prompt_ids)
   # With slots 0 only the search protocols use it, with every row at once.
   batcher = ContinuousBatcher(sampler, slots=config.slots or max(len(rows), 1),
@@ -261,14 +254,14 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
     tool_settings = dict(tokenizer=tokenizer, router=router, rng=rng,
                          max_new_tokens=config.max_new_tokens,
                          max_tool_calls=config.max_tool_calls,
-                         max_tool_tokens=config.max_tool_tokens)
+                         max_tool_tokens=config.max_tool_tokens, **with_media)
     out = (batcher.run_tools(params, prompt_ids, **tool_settings) if continuous else
            run_tool_loop(sampler, params, prompt_ids, chunk_steps=config.chunk_steps,
                          **tool_settings))
   else:
     out = (batcher if continuous else sampler).generate(
-        params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng)
-  return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g)
+        params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng, **with_media)
+  return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g, media=row_media)
 
 
 def _rollouts(rows: list[PromptRecord], prompt_ids: list[list[int]], out: Any,

@@ -29,6 +29,11 @@ depend on which slot or batch it ran in, nor on when its tool results came back,
 what `Sampler.generate` (or `run_tool_loop`) gives the same request as row `index` of one
 static batch (to float rounding: greedy tokens identical, log-probs within 1e-5; tested).
 
+Media prompts (a vision- or audio-language model's sampler): `media` in the per-row layout
+(models/media.py, first axis one entry per prompt) travels with its request; every refill
+of a request, first start or resume, prefills its context with its media
+(`Sampler.refill(media=)`), so a resumed request sees its images again.
+
 Tool calls run on the host in `tool_workers` threads while the device decodes the other
 slots (the router's tools are thread-safe; isolated tools use separate worker processes).
 
@@ -41,7 +46,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -56,6 +61,7 @@ from wakea_jax.sampling.sampler import (
   DecodeState,
   SampleOutput,
   Sampler,
+  pad_media_rows,
   row_keys,
   stop_string_cut,
 )
@@ -108,12 +114,15 @@ class ContinuousBatcher:
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: jax.Array,
-               stop_strings: Sequence[str] = (), tokenizer: Any = None) -> SampleOutput:
-    """Completions of every prompt, in request order, as `Sampler.generate` returns them."""
+               stop_strings: Sequence[str] = (), tokenizer: Any = None,
+               media: Mapping[str, Any] | None = None) -> SampleOutput:
+    """Completions of every prompt, in request order, as `Sampler.generate` returns them.
+    `media`: the prompts' images or audio in the per-row layout (first axis len(prompts)),
+    as `Sampler.start` takes them; each request's rows go with it into whichever slot."""
     if stop_strings and tokenizer is None:
       raise ValueError("stop_strings need a tokenizer to decode with")
     requests = self._run(params, prompts, max_new_tokens, rng, stop_strings=stop_strings,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, media=media)
     return SampleOutput(
         tokens=[r.tokens for r in requests],
         logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
@@ -123,23 +132,28 @@ class ContinuousBatcher:
   def run_tools(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                 tokenizer: Tokenizer, router: Router, rng: jax.Array,
                 max_new_tokens: int = 256, max_tool_calls: int = 4,
-                max_tool_tokens: int = 128) -> ToolLoopOutput:
-    """`run_tool_loop` on continuous batching: the same outputs, request by request."""
+                max_tool_tokens: int = 128,
+                media: Mapping[str, Any] | None = None) -> ToolLoopOutput:
+    """`run_tool_loop` on continuous batching: the same outputs, request by request (`media`
+    as in `generate`; a request resumed after its tool turn is prefilled with its media
+    again, since its whole context is)."""
     protocol = ChatToolCalls(tokenizer, router, max_tool_calls, max_tool_tokens)
     if protocol.turn_end not in self.sampler.stop_ids:
       raise ValueError(f"the sampler's stop_ids {self.sampler.stop_ids} must include the chat "
                        f"format's end-of-turn id {protocol.turn_end} (use "
                        "chat.chat_stop_ids(tokenizer))")
-    return self.run_protocol(params, prompts, protocol, rng=rng, max_new_tokens=max_new_tokens)
+    return self.run_protocol(params, prompts, protocol, rng=rng, max_new_tokens=max_new_tokens,
+                             media=media)
 
   def run_protocol(self, params: nnx.State, prompts: Sequence[Sequence[int]],
                    protocol: InteractionProtocol, *, rng: jax.Array,
-                   max_new_tokens: int | Sequence[int] = 256) -> ToolLoopOutput:
+                   max_new_tokens: int | Sequence[int] = 256,
+                   media: Mapping[str, Any] | None = None) -> ToolLoopOutput:
     """Samples with `protocol` (sampling/protocols.py: tool calls, Search-R1, R-Search):
     rows pause, the host responds in a worker thread, and they resume with the response in
-    their context (masked in `tool_mask`)."""
+    their context (masked in `tool_mask`). `media` as in `generate`."""
     requests = self._run(params, prompts, max_new_tokens, rng, protocol=protocol,
-                         reserve=protocol.reserve)
+                         reserve=protocol.reserve, media=media)
     return ToolLoopOutput(
         tokens=[r.tokens for r in requests],
         logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
@@ -152,7 +166,8 @@ class ContinuousBatcher:
   def _run(self, params: nnx.State, prompts: Sequence[Sequence[int]],
            max_new_tokens: int | Sequence[int], rng: jax.Array, *,
            stop_strings: Sequence[str] = (), tokenizer: Any = None,
-           protocol: InteractionProtocol | None = None, reserve: int = 0) -> list[_Request]:
+           protocol: InteractionProtocol | None = None, reserve: int = 0,
+           media: Mapping[str, Any] | None = None) -> list[_Request]:
     if jax.process_count() > 1:
       raise ValueError("continuous batching runs on one process; on several, use static "
                        "batching (Sampler.generate / run_tool_loop)")
@@ -169,6 +184,12 @@ class ContinuousBatcher:
       raise ValueError(f"prompt ({longest}) + max_new_tokens ({limits.max()}) "
                        + (f"+ tool turns ({reserve}) " if reserve else "")
                        + f"needs a cache of {capacity} > max_seq_len {sampler.config.max_seq_len}")
+    if media:
+      media = {k: np.asarray(v) for k, v in media.items()}
+      wrong = [k for k, v in media.items() if v.ndim < 1 or v.shape[0] != n]
+      if wrong:
+        raise ValueError(f"media[{wrong[0]!r}] has shape {media[wrong[0]].shape}; the per-row "
+                         f"layout needs a first axis of {n} (one entry per prompt)")
     keys = row_keys(rng, 0, n)
     requests = [_Request(list(p), int(limits[i]), keys[i]) for i, p in enumerate(prompts)]
     slots = min(self.slots, n)
@@ -203,7 +224,9 @@ class ContinuousBatcher:
           chosen = [requests[r] for r in started]
           state = refill_rows(sampler, params, state, start, [r.context for r in chosen],
                               [r.limit for r in chosen], [r.key for r in chosen], capacity,
-                              generated=[r.generated for r in chosen])
+                              generated=[r.generated for r in chosen],
+                              media=({k: v[started] for k, v in media.items()} if media
+                                     else None))
           owner[start] = started
           counts[start] = [requests[r].generated for r in started]
         if not (owner >= 0).any():
@@ -260,11 +283,14 @@ def refill_rows(sampler: Sampler, params: nnx.State, state: DecodeState, slots: 
                 contexts: Sequence[Sequence[int]], limits: Sequence[int], keys: Sequence[Any],
                 capacity: int, *, generated: Sequence[int] | None = None,
                 temperature: Sequence[float] | None = None,
-                top_p: Sequence[float] | None = None) -> DecodeState:
+                top_p: Sequence[float] | None = None,
+                media: Mapping[str, Any] | None = None) -> DecodeState:
   """`Sampler.refill` of `contexts` into rows `slots` of a running state, from host lists:
   the row count is padded to a power of two (rows past the batch, which change nothing) and
   the width to a power of two (at least the sampler's smallest prompt bucket, at most the
-  capacity), so that few shapes compile. Used by the batcher and the serving engine."""
+  capacity), so that few shapes compile. `media`: the contexts' media in the per-row layout
+  (first axis len(contexts)), padded with empty rows like the sampler's fillers. Used by the
+  batcher and the serving engine."""
   k = 1 << max(0, len(slots) - 1).bit_length()
   longest = max(map(len, contexts))
   width = min(max(1 << max(0, longest - 1).bit_length(), sampler.min_prompt_bucket), capacity)
@@ -286,7 +312,9 @@ def refill_rows(sampler: Sampler, params: nnx.State, state: DecodeState, slots: 
   return sampler.refill(
       params, state, column(slots, state.done.shape[0], np.int32), jnp.asarray(ids),
       jnp.asarray(mask), column(limits, 1, np.int32), column(keys, 0, np.uint32, (2,)),
-      generated=None if generated is None else column(generated, 0, np.int32), **settings)
+      generated=None if generated is None else column(generated, 0, np.int32), **settings,
+      **({"media": {key: jnp.asarray(value) for key, value in
+                    pad_media_rows(media, len(slots), k).items()}} if media else {}))
 
 
 def _cut_turn(request: _Request, strings: Sequence[str], tokenizer: Any) -> bool:

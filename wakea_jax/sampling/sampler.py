@@ -452,7 +452,8 @@ class Sampler:
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def refill(self, params: nnx.State, state: DecodeState, rows: Array, tokens: Array,
              mask: Array, limits: Array, keys: Array, temperature: Array | None = None,
-             top_p: Array | None = None, generated: Array | None = None) -> DecodeState:
+             top_p: Array | None = None, generated: Array | None = None,
+             media: dict[str, Array] | None = None) -> DecodeState:
     """Starts new requests in rows `rows` [k] of a running state: each such row's cache is
     emptied and its prompt tokens [k, w] (mask [k, w]) prefilled, its counters reset, and it
     decodes on with `limits` [k] and key data `keys` [k, 2]. Only those k rows are computed
@@ -460,7 +461,8 @@ class Sampler:
     change nothing. The other rows keep decoding state untouched. `generated` [k] starts
     rows at a generated count other than 0 (a request resumed after a pause goes on
     counting, and keying, its tokens); `temperature` / `top_p` [k] are a per_row sampler's
-    settings."""
+    settings. `media`: the k rows' media in the per-row layout, prefilled with their
+    placeholders (a media model; text-only refills compile without it)."""
     batch = state.done.shape[0]
     safe = jnp.minimum(rows, batch - 1)
 
@@ -476,7 +478,7 @@ class Sampler:
       sub = dataclasses.replace(cache, keys=jax.tree.map(take, cache.keys),
                                 values=jax.tree.map(take, cache.values),
                                 end_index=jnp.zeros(rows.shape, jnp.int32))
-      sub, logits = self._prefill(params, sub, tokens, mask)
+      sub, logits = self._prefill(params, sub, tokens, mask, media)
       cache = dataclasses.replace(
           cache, keys=jax.tree.map(put, cache.keys, sub.keys),
           values=jax.tree.map(put, cache.values, sub.values),
