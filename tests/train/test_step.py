@@ -75,7 +75,9 @@ def test_gradient_accumulation_is_exact(accum):
                              rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
   assert float(m1["weight"]) == float(m2["weight"]) == batch["loss_mask"].sum()
-  chex.assert_trees_all_close(s1.params, s2.params, atol=1e-7, rtol=0)
+  # A few float32 ulps (values ~1): the micro-batch sums round in another order, and how
+  # XLA vectorises them depends on its flags (the suite's -O0 moved one parameter by 1.2e-7).
+  chex.assert_trees_all_close(s1.params, s2.params, atol=3e-7, rtol=0)
   assert int(s1.step) == int(s2.step) == 1
 
 
