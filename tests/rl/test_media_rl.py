@@ -74,7 +74,7 @@ def test_tool_loop_rollouts_take_the_images_too(sft_dir):
   config = _grpo(sft_dir)
   config.rollout.tools = ("calculator",)
   config.rollout.max_tool_calls = 1
-  config.rollout.max_tool_tokens = 8
+  config.rollout.max_tool_tokens = 32
   learner = make_learner(config, sft_dir / "probe_tools")
   prompts = learner.prompts.take(4)
 

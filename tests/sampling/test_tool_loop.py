@@ -235,3 +235,13 @@ def test_a_tool_turn_longer_than_its_budget_is_cut_and_never_hangs():
   for limit in (len(full) - 3, 12, 4, 1):
     ids, _ = tool_turn(calls, default_router(), tok, limit)
     assert 0 < len(ids) <= limit
+  # The loops refuse such a budget up front, naming the setting.
+  from wakea_jax.sampling.tool_loop import check_tool_budget
+  minimum = len(chat.tool_turn_ids(["[truncated]"], tok))
+  check_tool_budget(tok, minimum)
+  with pytest.raises(ValueError, match=rf"max_tool_tokens={minimum - 1} is below the {minimum}"):
+    check_tool_budget(tok, minimum - 1)
+  sampler = ScriptedSampler(turns=[["Hello."]])
+  with pytest.raises(ValueError, match="rollout.max_tool_tokens"):
+    run_tool_loop(sampler, None, [[1, 2]], tokenizer=tok, router=default_router(),
+                  rng=jax.random.key(0), max_tool_tokens=minimum - 1)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from wakea_jax.data import chat
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.sampling.sampler import STOP_ID
-from wakea_jax.sampling.tool_loop import tool_turn
+from wakea_jax.sampling.tool_loop import check_tool_budget, tool_turn
 from wakea_jax.toolbox.router import Router
 from wakea_jax.toolbox.search_dag import DAGCaps, DAGError
 from wakea_jax.toolbox.search_render import RenderCaps, search_response
@@ -88,6 +88,10 @@ class ChatToolCalls:
   max_calls: int = 4
   max_tool_tokens: int = 128
   pause_strings: tuple[str, ...] = ()
+
+  def __post_init__(self) -> None:
+    if self.max_calls > 0:
+      check_tool_budget(self.tokenizer, self.max_tool_tokens)
 
   @property
   def reserve(self) -> int:

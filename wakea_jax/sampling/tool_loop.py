@@ -113,6 +113,18 @@ def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, lim
   return ids[:limit]
 
 
+def check_tool_budget(tokenizer: Tokenizer, max_tool_tokens: int) -> None:
+  """ValueError unless a tool turn of `max_tool_tokens` holds the chat markup around a
+  truncated result: below that, the turn would be cut inside its markup (losing the end of
+  the tool message and the next generation prompt) and the model would go on writing inside
+  the tool's message."""
+  minimum = len(chat.tool_turn_ids(["[truncated]"], tokenizer))
+  if max_tool_tokens < minimum:
+    raise ValueError(f"max_tool_tokens={max_tool_tokens} is below the {minimum} tokens this "
+                     "tokenizer's tool-turn markup takes around a truncated result; raise it "
+                     "(rollout.max_tool_tokens, or --max_tool_tokens)")
+
+
 def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                   tokenizer: Tokenizer, router: Router, rng: jax.Array,
                   max_new_tokens: int = 256, max_tool_calls: int = 4,
@@ -126,6 +138,8 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   if turn_end not in sampler.stop_ids:
     raise ValueError(f"the sampler's stop_ids {sampler.stop_ids} must include the chat format's "
                      f"end-of-turn id {turn_end} (use chat.chat_stop_ids(tokenizer))")
+  if max_tool_calls > 0:
+    check_tool_budget(tokenizer, max_tool_tokens)
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
   # Only with media: samplers that take text alone (test doubles) keep their signature.
