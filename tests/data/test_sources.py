@@ -170,3 +170,54 @@ def test_arithmetic_dialogues_call_the_calculator_and_copy_its_result():
   assert arithmetic.evaluate("12 * 3") == 36 and arithmetic.evaluate("5-9") == -4
   with pytest.raises(ValueError, match="not a generated expression"):
     arithmetic.evaluate("12")
+
+
+def _check_steps(text: str) -> list[tuple[int, str, int, int]]:
+  """Every "x op y = z" step of a worked answer, each checked to be right."""
+  steps = [(int(x), op, int(y), int(z)) for x, op, y, z in
+           re.findall(r"(-?\d+) ([+-]) (\d+) = (-?\d+)", text)]
+  for x, op, y, z in steps:
+    assert z == (x + y if op == "+" else x - y), text
+  return steps
+
+
+def test_arithmetic_chains_and_their_worked_answers():
+  records = arithmetic.expert_traces(300, 3, max_operand=99, operands=3)
+  prompts = arithmetic.prompts(300, 3, max_operand=99, tools=0, operands=3)
+  assert [r["messages"] for r in records] == [p["messages"] for p in prompts]
+  spoken = 0
+  for record in records:
+    question = record["messages"][-1]["content"]
+    words = re.sub(r"\bplus\b", "+", re.sub(r"\bminus\b", "-", question))
+    spoken += words != question
+    terms = re.findall(r"\d+|[+-]", words)
+    assert len(terms) == 5, question                       # three operands
+    value = int(terms[0])
+    for op, b in zip(terms[1::2], terms[2::2]):
+      assert 1 <= int(b) <= 99
+      value = value + int(b) if op == "+" else value - int(b)
+      assert value >= 0, question                          # the running value stays >= 0
+    assert record["answer"] == str(value)
+    trace = record["trace"]
+    assert trace.endswith(f"The answer is {value}.")
+    steps = _check_steps(trace)
+    # The steps walk the chain: each starts from the last one's result, and each operand
+    # is added or taken in its tens, then its ones.
+    assert steps[0][0] == int(terms[0]) and steps[-1][3] == value
+    assert all(s[0] == prev[3] for prev, s in zip(steps, steps[1:]))
+    assert all(x >= 0 for x, _, _, _ in steps)
+  assert 30 < spoken < 120                                 # a quarter in words
+  assert arithmetic.labels(2, 3, max_operand=99, tools=0, operands=3)[0]["category"] == "chain"
+  # Two operands: the chain method is worked_answer itself.
+  for a, op, b in ((47, "+", 85), (93, "-", 40), (12, "-", 7), (5, "+", 61)):
+    assert arithmetic.worked_chain((a, op, b)) == arithmetic.worked_answer(a, op, b)
+  # Dialogues with worked=100 show the work; the SFT data's default (2 operands) is unchanged.
+  worked = arithmetic.generate(20, 3, max_operand=99, tools=0, operands=3, worked=100)
+  assert [d["messages"][-1]["content"] for d in worked] == [r["trace"] for r in records[:20]]
+  assert arithmetic.generate(5, 0, max_operand=99, tools=0) == arithmetic.generate(
+      5, 0, max_operand=99, tools=0, operands=2)
+  assert sources.load_source("task:arithmetic?n=4&max_operand=99&tools=0&operands=3").records
+  with pytest.raises(ValueError, match="tools=0 and max_operand > 0"):
+    arithmetic.generate(2, 0, max_operand=99, operands=3)
+  with pytest.raises(ValueError, match="operands must be >= 2"):
+    arithmetic.generate(2, 0, max_operand=99, tools=0, operands=1)

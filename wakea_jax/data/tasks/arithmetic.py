@@ -14,6 +14,12 @@ result) from a few thousand examples. A system prompt is present in a quarter of
 dialogues so the model does not depend on one; leaving it out of the rest keeps most
 dialogues short enough that two fit in a 256-token row.
 
+Chains (`operands=3` or more, direct answers only) add and subtract several operands left to
+right ("What is 23 + 45 - 17?", the running value never below zero); their worked answer
+applies the two-operand method one operand at a time ("23 + 40 = 63, 63 + 5 = 68,
+68 - 10 = 58, 58 - 7 = 51. The answer is 51."), so a model that knows the two-operand steps
+can reach it: the off-policy learning demonstration's hard split (wakea_jax.offpolicy_demo).
+
 Deterministic: the same (num_examples, seed) always gives the same records, on any
 platform (`random.Random` seeded with a string is stable across Python versions >= 3.2).
 """
@@ -45,6 +51,7 @@ SYSTEMS = ("You are a helpful assistant. Use the calculator tool for arithmetic.
 _WORDS = {"+": ("plus", "added to"), "-": ("minus",), "*": ("times", "multiplied by")}
 _QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?",
               "How much is {q}?", "Can you work out {q}?", "what's {q}")
+_CHAIN_WORDS = {"+": "plus", "-": "minus"}   # "added to" would reverse a chain's order
 _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
 
 
@@ -91,6 +98,68 @@ def worked_answer(a: int, op: str, b: int) -> str:
   return f"{steps}. The answer is {a + sign * b}."
 
 
+def chain(rng: random.Random, max_operand: int, operands: int) -> tuple[Any, ...]:
+  """(a, op, b, op, c, ...): `operands` operands in [1, max_operand] joined by + or -, the
+  running value never below zero (a subtrahend is at most the value so far), so every step
+  of the worked answer has the non-negative left operand of the two-operand questions."""
+  value = rng.randint(1, max_operand)
+  terms: list[Any] = [value]
+  for _ in range(operands - 1):
+    op = rng.choice("+-") if value >= 1 else "+"
+    b = rng.randint(1, max_operand if op == "+" else min(max_operand, value))
+    value = value + b if op == "+" else value - b
+    terms += [op, b]
+  return tuple(terms)
+
+
+def chain_value(terms: tuple[Any, ...]) -> int:
+  """Left-to-right value of `chain`'s (a, op, b, ...)."""
+  value = terms[0]
+  for op, b in zip(terms[1::2], terms[2::2]):
+    value = value + b if op == "+" else value - b
+  return value
+
+
+def worked_chain(terms: tuple[Any, ...]) -> str:
+  """`worked_answer`'s method applied one operand at a time, left to right:
+  "23 + 40 = 63, 63 + 5 = 68, 68 - 10 = 58, 58 - 7 = 51. The answer is 51."; for two
+  operands it is exactly `worked_answer`."""
+  value, steps = terms[0], []
+  for op, b in zip(terms[1::2], terms[2::2]):
+    if op not in "+-":
+      raise ValueError(f"worked_chain: only + and - chain, got {op!r} in {terms}")
+    sign = 1 if op == "+" else -1
+    tens, ones = b // 10 * 10, b % 10
+    if tens and ones:
+      mid = value + sign * tens
+      steps += [f"{value} {op} {tens} = {mid}", f"{mid} {op} {ones} = {value + sign * b}"]
+    else:
+      steps.append(f"{value} {op} {b} = {value + sign * b}")
+    value += sign * b
+  return f"{', '.join(steps)}. The answer is {value}."
+
+
+def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int = 0
+                        ) -> dict[str, Any]:
+  """A direct-answer dialogue for a chain (no calculator: its tool evaluates `a op b` only);
+  `worked` percent show the work (`worked_chain`)."""
+  spaced = rng.random() < 0.5
+  expr = (" " if spaced else "").join(str(t) for t in terms)
+  spoken = (" ".join(str(t) if i % 2 == 0 else _CHAIN_WORDS[t]
+                     for i, t in enumerate(terms))
+            if rng.random() < 0.25 else expr)
+  result = str(chain_value(terms))
+  messages: list[dict[str, Any]] = [
+      {"role": "user", "content": rng.choice(_QUESTIONS).format(q=spoken)}]
+  template = rng.choice(_ANSWERS)
+  if worked and rng.random() * 100 < worked:
+    answer = worked_chain(terms)
+  else:
+    answer = template.format(e=expr, q=spoken, r=result)
+  messages.append({"role": "assistant", "content": answer})
+  return {"messages": messages}
+
+
 def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = True,
                   worked: int = 0) -> dict[str, Any]:
   """One record; the final answer is a function of the tool's result (its text, copied).
@@ -121,9 +190,20 @@ def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = Tru
   return {"messages": messages}
 
 
-def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worked: int
-               ) -> list[tuple[dict[str, Any], int, tuple[int, str, int]]]:
-  """(dialogue, exact answer, (a, op, b)) per example."""
+def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worked: int,
+               operands: int = 2) -> list[tuple[dict[str, Any], int, tuple[Any, ...]]]:
+  """(dialogue, exact answer, (a, op, b, ...)) per example."""
+  if operands != 2:
+    if operands < 2:
+      raise ValueError(f"arithmetic: operands must be >= 2, got {operands}")
+    if tools or max_operand <= 0:
+      raise ValueError(f"arithmetic: chains of {operands} operands are direct-answer "
+                       f"questions with bounded operands: set tools=0 and max_operand > 0 "
+                       f"(got tools={tools}, max_operand={max_operand})")
+    rng = random.Random(f"arithmetic-{seed}-{max_operand}-chain{operands}")
+    chains = [chain(rng, max_operand, operands) for _ in range(num_examples)]
+    return [(make_chain_dialogue(terms, rng, worked), chain_value(terms), terms)
+            for terms in chains]
   rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
   out = []
   for _ in range(num_examples):
@@ -134,19 +214,21 @@ def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worke
 
 
 def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-             worked: int = 0) -> list[dict[str, Any]]:
+             worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
   """`num_examples` dialogues, `{"messages": [...]}` each.
 
   Task options (`task:arithmetic?n=..&max_operand=99&tools=0&worked=30`): `max_operand` > 0
   draws operands from [1, max_operand] (one-digit multipliers); `tools=0` makes
   direct-answer dialogues without the calculator; `worked` is the percentage of those that
-  show the work before the answer.
+  show the work before the answer; `operands` >= 3 makes chains of + and - (`chain`; with
+  tools=0 and max_operand > 0).
   """
-  return [d for d, _, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
+  return [d for d, _, _ in _dialogues(num_examples, seed, max_operand, tools, worked,
+                                      operands)]
 
 
 def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-            worked: int = 0) -> list[dict[str, Any]]:
+            worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
   """RL prompts: the turns of `generate`'s dialogues before the assistant's first turn, plus
   the exact `answer`.
 
@@ -154,7 +236,8 @@ def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: in
   a seed that no SFT source uses.
   """
   return [_prompt_record(dialogue, answer)
-          for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked)]
+          for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked,
+                                                operands)]
 
 
 def _prompt_record(dialogue: dict[str, Any], answer: int) -> dict[str, Any]:
@@ -169,32 +252,37 @@ def _prompt_record(dialogue: dict[str, Any], answer: int) -> dict[str, Any]:
 # digit is one more carry or partial product to get right), and the three buckets line up
 # with the generator's modes: max_operand=9, max_operand=99, and the multi-digit default.
 CATEGORIES = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+CHAIN = "chain"                              # the category of 3+ operands (`chain`)
 DIFFICULTIES = ("easy", "medium", "hard")   # larger operand of 1, 2, 3+ digits
 
 
-def label(a: int, op: str, b: int) -> dict[str, str]:
-  """{"category", "difficulty"} of the question `a op b` (see CATEGORIES, DIFFICULTIES)."""
-  digits = len(str(max(abs(a), abs(b))))
-  return {"category": CATEGORIES[op], "difficulty": DIFFICULTIES[min(digits, 3) - 1]}
+def label(a: int, op: str, b: int, *rest: Any) -> dict[str, str]:
+  """{"category", "difficulty"} of the question `a op b` (see CATEGORIES, DIFFICULTIES), or
+  of a chain `a op b op c ...` (category CHAIN)."""
+  digits = len(str(max(abs(t) for t in (a, b, *rest[1::2]))))
+  return {"category": CHAIN if rest else CATEGORIES[op],
+          "difficulty": DIFFICULTIES[min(digits, 3) - 1]}
 
 
 def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-           worked: int = 0) -> list[dict[str, str]]:
+           worked: int = 0, operands: int = 2) -> list[dict[str, str]]:
   """`label` of each record `generate` and `prompts` return for the same arguments, in order
   (the records themselves stay unlabelled, so existing data files do not change)."""
   return [label(*question) for _, _, question in
-          _dialogues(num_examples, seed, max_operand, tools, worked)]
+          _dialogues(num_examples, seed, max_operand, tools, worked, operands)]
 
 
 def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 0,
-                  worked: int = 0) -> list[dict[str, Any]]:
+                  worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
   """Off-policy traces for LUFFY (`wakea_jax.rl.offpolicy`): for each of `prompts`' records
   with the same arguments, `{"messages", "trace", "answer"}` where the trace is the worked
-  answer (`worked_answer`) an expert who always shows its work writes. The prompt messages
+  answer (`worked_answer`, or `worked_chain` for chains) an expert who always shows its work
+  writes. The prompt messages
   are exactly `prompts`' (the trace file of a run's prompt source keys onto its prompts)."""
   if tools:
     raise ValueError("expert traces answer directly; use tools=0 (the traces of a tool-calling "
                      "prompt would need the tool's turns)")
-  return [{**_prompt_record(dialogue, answer), "trace": worked_answer(*question)}
+  return [{**_prompt_record(dialogue, answer),
+           "trace": worked_chain(question) if operands != 2 else worked_answer(*question)}
           for dialogue, answer, question in _dialogues(num_examples, seed, max_operand, 0,
-                                                       worked)]
+                                                       worked, operands)]
