@@ -10,7 +10,13 @@ right, so on-policy GRPO sees little reward (the LUFFY paper's setting). LUFFY's
 the bundled expert's worked answers for the training prompts (data/tasks/arithmetic.py
 `expert_traces`). Every arm has the same prompts, group size and number of rollouts per step.
 
-Variants: default, test (a tiny version for the test suite). `--config.sft_dir=DIR` reuses
+The `chains` variant makes the hard split one whose traces are within reach: chains of three
+operands (`operands=3`: "What is 23 + 45 - 17?"), whose worked answers are the two-operand
+steps the model knows, one operand at a time; its SFT data adds 3% chains, answered directly
+but for one in ten that shows the work, so the model knows the questions and has seen the
+method but rarely uses it or gets them right.
+
+Variants: default, chains, test (a tiny version for the test suite). `--config.sft_dir=DIR` reuses
 an existing configs/sft.py:arithmetic workdir (e.g. the learning demonstration's sft/).
 """
 
@@ -20,7 +26,8 @@ from wakea_jax import config_files
 
 common = config_files.sibling(__file__, "common")
 
-HARD = "task:arithmetic?n={n}&seed={seed}&max_operand={max_operand}&tools=0"
+HARD = ("task:arithmetic?n={n}&seed={seed}&max_operand={max_operand}&operands={operands}"
+        "&tools=0")
 
 
 def _load(name: str, variant: str) -> ml_collections.ConfigDict:
@@ -38,11 +45,24 @@ def get_config(arg=None):
   config.arms = ("grpo", "luffy", "exgrpo")
   config.sft_dir = ""                    # "" trains config.sft in WORKDIR/sft
   config.sft = _load("sft", "arithmetic")
-  # LUFFY's traces: the expert's worked answers for the RL training prompts.
-  config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999))
-  # Held-out splits every model is evaluated on (greedy accuracy; pass@k off).
+  # LUFFY's traces: the expert's worked answers for the RL training prompts (chains:
+  # split=False takes each operand whole, one step per operand).
+  config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999, operands=2,
+                                                split=True))
+  if variant == "chains":
+    # The learning demonstration's SFT data plus 3% chains of three, answered directly but
+    # for one in ten that shows the work: the model has seen the questions and, rarely, the
+    # worked method, but answers them directly and rarely right; LUFFY's traces show the
+    # method every time (the paper's setting: a pattern the model rarely samples itself).
+    (base, _), = config.sft.data.sources
+    config.sft.data.sources = (
+        (base, 0.97),
+        (HARD.format(n=2000, seed=3, max_operand=99, operands=3) + "&worked=10", 0.03))
+    config.traces.update(max_operand=99, operands=3)
+  # Held-out splits every model is evaluated on (greedy accuracy; pass@k off): the hard one
+  # is drawn like the RL prompts.
   config.eval_splits = ml_collections.ConfigDict(dict(
-      hard=HARD.format(n=256, seed=777, max_operand=999),
+      hard=HARD.format(**{**config.traces, "n": 256, "seed": 777}),
       standard="task:arithmetic?n=256&seed=777&max_operand=99&tools=0"))
 
   grpo = _load("grpo", "arithmetic")
@@ -61,7 +81,7 @@ def get_config(arg=None):
   grpo.experience.start_accuracy = 0.0
   config.grpo = grpo
 
-  if variant == "default":
+  if variant in ("default", "chains"):
     pass
   elif variant == "test":
     config.seeds = (0,)
@@ -80,9 +100,9 @@ def get_config(arg=None):
     grpo.train.checkpoint_every = 2
     grpo.offpolicy.min_trace_reward = 1.0
     grpo.eval.num_samples = 0
-    config.eval_splits.hard = HARD.format(n=8, seed=777, max_operand=999)
+    config.eval_splits.hard = HARD.format(**{**config.traces, "n": 8, "seed": 777})
     grpo.data.eval_sources = config.eval_splits.hard
     config.eval_splits.standard = "task:arithmetic?n=8&seed=777&max_operand=99&tools=0"
   else:
-    raise ValueError(f"unknown offpolicy_demo variant {variant!r}; use default or test")
+    raise ValueError(f"unknown offpolicy_demo variant {variant!r}; use default, chains or test")
   return config

@@ -9,6 +9,7 @@ import pytest
 from wakea_jax import offpolicy_demo
 from wakea_jax.config_files import get_config
 from wakea_jax.rl import offpolicy as offpolicy_lib
+from wakea_jax.rl import prompts as prompts_lib
 
 
 @pytest.mark.slow
@@ -38,3 +39,23 @@ def test_unknown_arm_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="unknown arm 'lufy'"):
     offpolicy_demo.run(config, tmp_path)
   assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("variant", ["default", "chains"])
+def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
+  """Each variant's trace file keys onto its RL prompts one for one, every trace ends in the
+  prompt's answer, and the hard split is drawn like the prompts (chains of three there)."""
+  config = get_config(f"offpolicy_demo:{variant}")
+  config.traces.n = 50
+  n = offpolicy_demo.write_traces(config, tmp_path / "traces.jsonl")
+  traces = offpolicy_lib.load_traces(str(tmp_path / "traces.jsonl"))
+  spec = config.grpo.data.sources.replace("n=4000", "n=50")
+  prompts = prompts_lib.load_prompts(spec)
+  assert n == len(traces) == len(prompts) == 50
+  assert [t.key for t in traces] == [offpolicy_lib.trace_key(p) for p in prompts]
+  assert all(t.text.endswith(f"The answer is {p.answer}.") for t, p in zip(traces, prompts))
+  operands = 3 if variant == "chains" else 2
+  assert f"operands={operands}" in config.eval_splits.hard
+  assert "seed=777" in config.eval_splits.hard
+  if variant == "chains":   # the SFT data has seen a few chains
+    assert any("operands=3" in spec for spec, _ in config.sft.data.sources)

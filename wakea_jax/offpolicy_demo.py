@@ -66,7 +66,9 @@ def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
   """The expert's worked answers for the RL training prompts, as a LUFFY trace file."""
   if not path.exists():
     records = arithmetic.expert_traces(config.traces.n, config.traces.seed,
-                                       max_operand=config.traces.max_operand)
+                                       max_operand=config.traces.max_operand,
+                                       operands=config.traces.get("operands", 2),
+                                       split=config.traces.get("split", True))
     sources.write_jsonl(records, path)
   with open(path) as f:
     return sum(1 for _ in f)

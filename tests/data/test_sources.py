@@ -208,6 +208,13 @@ def test_arithmetic_chains_and_their_worked_answers():
     assert all(x >= 0 for x, _, _, _ in steps)
   assert 30 < spoken < 120                                 # a quarter in words
   assert arithmetic.labels(2, 3, max_operand=99, tools=0, operands=3)[0]["category"] == "chain"
+  # split=False: one step per operand, walking the chain the same way.
+  whole = arithmetic.expert_traces(300, 3, max_operand=99, operands=3, split=False)
+  for record, plain in zip(records, whole):
+    assert plain["messages"] == record["messages"] and plain["answer"] == record["answer"]
+    steps = _check_steps(plain["trace"])
+    assert len(steps) == 2 and steps[1][0] == steps[0][3]
+    assert plain["trace"].endswith(f"The answer is {record['answer']}.")
   # Two operands: the chain method is worked_answer itself.
   for a, op, b in ((47, "+", 85), (93, "-", 40), (12, "-", 7), (5, "+", 61)):
     assert arithmetic.worked_chain((a, op, b)) == arithmetic.worked_answer(a, op, b)

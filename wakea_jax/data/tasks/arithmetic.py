@@ -120,17 +120,18 @@ def chain_value(terms: tuple[Any, ...]) -> int:
   return value
 
 
-def worked_chain(terms: tuple[Any, ...]) -> str:
+def worked_chain(terms: tuple[Any, ...], split: bool = True) -> str:
   """`worked_answer`'s method applied one operand at a time, left to right:
   "23 + 40 = 63, 63 + 5 = 68, 68 - 10 = 58, 58 - 7 = 51. The answer is 51."; for two
-  operands it is exactly `worked_answer`."""
+  operands it is exactly `worked_answer`. `split=False` takes each operand whole:
+  "23 + 45 = 68, 68 - 17 = 51. The answer is 51."."""
   value, steps = terms[0], []
   for op, b in zip(terms[1::2], terms[2::2]):
     if op not in "+-":
       raise ValueError(f"worked_chain: only + and - chain, got {op!r} in {terms}")
     sign = 1 if op == "+" else -1
     tens, ones = b // 10 * 10, b % 10
-    if tens and ones:
+    if split and tens and ones:
       mid = value + sign * tens
       steps += [f"{value} {op} {tens} = {mid}", f"{mid} {op} {ones} = {value + sign * b}"]
     else:
@@ -273,16 +274,17 @@ def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int
 
 
 def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 0,
-                  worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
+                  worked: int = 0, operands: int = 2, split: bool = True
+                  ) -> list[dict[str, Any]]:
   """Off-policy traces for LUFFY (`wakea_jax.rl.offpolicy`): for each of `prompts`' records
   with the same arguments, `{"messages", "trace", "answer"}` where the trace is the worked
   answer (`worked_answer`, or `worked_chain` for chains) an expert who always shows its work
-  writes. The prompt messages
+  writes (a chain's `split=False`: one step per operand). The prompt messages
   are exactly `prompts`' (the trace file of a run's prompt source keys onto its prompts)."""
   if tools:
     raise ValueError("expert traces answer directly; use tools=0 (the traces of a tool-calling "
                      "prompt would need the tool's turns)")
   return [{**_prompt_record(dialogue, answer),
-           "trace": worked_chain(question) if operands != 2 else worked_answer(*question)}
+           "trace": worked_chain(question, split) if operands != 2 else worked_answer(*question)}
           for dialogue, answer, question in _dialogues(num_examples, seed, max_operand, 0,
                                                        worked, operands)]
