@@ -12,9 +12,9 @@ the bundled expert's worked answers for the training prompts (data/tasks/arithme
 
 The `chains` variant makes the hard split one whose traces are within reach: chains of three
 operands (`operands=3`: "What is 23 + 45 - 17?"), whose worked answers are the two-operand
-steps the model knows, one operand at a time; its SFT data adds 3% chains, answered directly
-but for one in ten that shows the work, so the model knows the questions and has seen the
-method but rarely uses it or gets them right.
+steps the model knows, one operand at a time; its SFT data adds 3% chains, 30% of them
+worked like the two-operand data, so the model knows the questions and has seen the method,
+but mostly answers directly and rarely right.
 
 Variants: default, chains, test (a tiny version for the test suite). `--config.sft_dir=DIR` reuses
 an existing configs/sft.py:arithmetic workdir (e.g. the learning demonstration's sft/).
@@ -50,14 +50,14 @@ def get_config(arg=None):
   config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999, operands=2,
                                                 split=True))
   if variant == "chains":
-    # The learning demonstration's SFT data plus 3% chains of three, answered directly but
-    # for one in ten that shows the work: the model has seen the questions and, rarely, the
-    # worked method, but answers them directly and rarely right; LUFFY's traces show the
-    # method every time (the paper's setting: a pattern the model rarely samples itself).
+    # The learning demonstration's SFT data plus 3% chains of three, 30% of them showing the
+    # work like the two-operand data: the model has seen the questions and the worked method
+    # but mostly answers directly, and rarely right; LUFFY's traces show the method every
+    # time (the paper's setting: a pattern the model rarely samples by itself).
     (base, _), = config.sft.data.sources
     config.sft.data.sources = (
         (base, 0.97),
-        (HARD.format(n=2000, seed=3, max_operand=99, operands=3) + "&worked=10", 0.03))
+        (HARD.format(n=2000, seed=3, max_operand=99, operands=3) + "&worked=30", 0.03))
     config.traces.update(max_operand=99, operands=3)
   # Held-out splits every model is evaluated on (greedy accuracy; pass@k off): the hard one
   # is drawn like the RL prompts.
