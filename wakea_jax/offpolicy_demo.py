@@ -67,8 +67,8 @@ def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
   if not path.exists():
     records = arithmetic.expert_traces(config.traces.n, config.traces.seed,
                                        max_operand=config.traces.max_operand,
-                                       operands=config.traces.get("operands", 2),
-                                       split=config.traces.get("split", True))
+                                       operands=config.traces.operands,
+                                       split=config.traces.split)
     sources.write_jsonl(records, path)
   with open(path) as f:
     return sum(1 for _ in f)

@@ -218,6 +218,8 @@ def test_arithmetic_chains_and_their_worked_answers():
   # Two operands: the chain method is worked_answer itself.
   for a, op, b in ((47, "+", 85), (93, "-", 40), (12, "-", 7), (5, "+", 61)):
     assert arithmetic.worked_chain((a, op, b)) == arithmetic.worked_answer(a, op, b)
+  assert arithmetic.worked_answer(47, "+", 85) == "47 + 80 = 127, 127 + 5 = 132. The answer is 132."
+  assert arithmetic.worked_answer(93, "-", 40) == "93 - 40 = 53. The answer is 53."
   # Dialogues with worked=100 show the work; the SFT data's default (2 operands) is unchanged.
   worked = arithmetic.generate(20, 3, max_operand=99, tools=0, operands=3, worked=100)
   assert [d["messages"][-1]["content"] for d in worked] == [r["trace"] for r in records[:20]]

@@ -88,14 +88,7 @@ def worked_answer(a: int, op: str, b: int) -> str:
     steps = (f"{a} * {b} = {tens} * {b} + {ones} * {b} = {tens * b} + {ones * b} = {a * b}"
              if tens and ones else f"{a} * {b} = {a * b}")
     return f"{steps}. The answer is {a * b}."
-  sign = 1 if op == "+" else -1
-  tens, ones = b // 10 * 10, b % 10
-  if tens and ones:
-    mid = a + sign * tens
-    steps = f"{a} {op} {tens} = {mid}, {mid} {op} {ones} = {a + sign * b}"
-  else:
-    steps = f"{a} {op} {b} = {a + sign * b}"
-  return f"{steps}. The answer is {a + sign * b}."
+  return worked_chain((a, op, b))   # + and -: the chain method over one operation
 
 
 def chain(rng: random.Random, max_operand: int, operands: int) -> tuple[Any, ...]:
@@ -121,9 +114,9 @@ def chain_value(terms: tuple[Any, ...]) -> int:
 
 
 def worked_chain(terms: tuple[Any, ...], split: bool = True) -> str:
-  """`worked_answer`'s method applied one operand at a time, left to right:
+  """The worked method for + and -, one operand at a time, left to right:
   "23 + 40 = 63, 63 + 5 = 68, 68 - 10 = 58, 58 - 7 = 51. The answer is 51."; for two
-  operands it is exactly `worked_answer`. `split=False` takes each operand whole:
+  operands it is `worked_answer`'s. `split=False` takes each operand whole:
   "23 + 45 = 68, 68 - 17 = 51. The answer is 51."."""
   value, steps = terms[0], []
   for op, b in zip(terms[1::2], terms[2::2]):
