@@ -102,8 +102,13 @@ def test_sample_with_an_image(llava_dir):
   assert first.index(PLACEHOLDER) < inside.index(PLACEHOLDER)
   with pytest.raises(app.UsageError, match=r"prompt 0 has 2 '<image>' placeholder\(s\) but 1"):
     sample.run(str(llava_dir), ["<image><image> two?"], image_paths=[image])
-  with pytest.raises(app.UsageError, match="tool loop does not take media"):
-    sample.run(str(llava_dir), ["x"], image_paths=[image], tools=("calculator",))
+  # With tools the image prompt runs in the tool loop: greedy and without a call (a random
+  # model), the same tokens as without tools; the image still reaches the model.
+  _, looped = sample.run(str(llava_dir), ["What is this?"], image_paths=[image],
+                         tools=("calculator",), max_new_tokens=5, max_tool_calls=1,
+                         max_tool_tokens=32)
+  assert looped.tokens == out.tokens and looped.num_tool_calls == [0]
+  np.testing.assert_allclose(looped.logprobs[0], out.logprobs[0], atol=1e-5)
   with pytest.raises(app.UsageError, match="--audio needs an audio-language checkpoint"):
     sample.run(str(llava_dir), ["x"], audio_paths=[image])
 

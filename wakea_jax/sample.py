@@ -30,16 +30,18 @@ placeholder strings (`<image>`, `<audio>`) gets one per file in front of its tex
 has them must have one per file. The images are preprocessed as the checkpoint's
 preprocessor_config.json says (data/images.py), the clips (16-bit PCM WAV at its sampling
 rate, at most chunk_length seconds) become Whisper log-mel features (data/audio.py), and the
-prompt is prefilled with them fused in (`Sampler.generate(media=)`). Media prompts are
-sampled without tools (the tool loop does not take media yet): --tools defaults to none
-then, and giving tools is an error. Without --image / --audio such a checkpoint samples text
-like any other (its text path, tools included).
+prompt is prefilled with them fused in (`Sampler.generate(media=)`). --tools defaults to
+none with media (the bundled multimodal models were not trained to call tools); given, the
+tool loop or search protocol runs on the media prompts as on text ones (a tool turn is text,
+appended to the row's cache, which holds the media). Without --image / --audio such a
+checkpoint samples text like any other.
 """
 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -179,11 +181,12 @@ def media_inputs(model: nnx.Module, checkpoint: str, image_paths: Sequence[str],
 
 
 def media_prompt_ids(text: str, system: str, tokenizer: Tokenizer, config: mm_data.MediaConfig,
-                     *, images: int, audio_counts: np.ndarray, where: str = "the prompt"
-                     ) -> list[int]:
+                     *, images: int, audio_counts: np.ndarray, where: str = "the prompt",
+                     tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
   """Prompt ids of a user message with `images` images and clips of `audio_counts` tokens:
   one placeholder string per item put in front of `text` unless it has them (then the
-  counts must match, else app.UsageError naming `where`), placeholders expanded."""
+  counts must match, else app.UsageError naming `where`), placeholders expanded; `tools`:
+  schemas rendered into the system turn, as `chat.render` does."""
   for placeholder, count, flag in ((config.image_placeholder, images, "--image"),
                                    (config.audio_placeholder, len(audio_counts), "--audio")):
     found = text.count(placeholder)
@@ -195,7 +198,8 @@ def media_prompt_ids(text: str, system: str, tokenizer: Tokenizer, config: mm_da
                            "then put first)")
   messages = ([{"role": "system", "content": system}] if system else [])
   messages.append({"role": "user", "content": text})
-  ids, mask = mm_data.tokenize(messages, tokenizer, config, add_generation_prompt=True)
+  ids, mask = mm_data.tokenize(messages, tokenizer, config, tools=tools,
+                               add_generation_prompt=True)
   ids, _ = mm_data.expand(ids, mask, config, image_count=images, audio_token_counts=audio_counts)
   return ids.tolist()
 
@@ -203,11 +207,10 @@ def media_prompt_ids(text: str, system: str, tokenizer: Tokenizer, config: mm_da
 def _sample_media(sampler: Sampler, params: nnx.State, prompt_ids: list[list[int]],
                   media: dict[str, np.ndarray], *, seed: int, max_new_tokens: int
                   ) -> ToolLoopOutput:
-  """Samples the prompts, each with the same media; the output in the tool loop's form
-  (no tool turns)."""
-  rows = {k: np.broadcast_to(v, (len(prompt_ids),) + v.shape) for k, v in media.items()}
+  """Samples the prompts with their media (the per-row layout); the output in the tool
+  loop's form (no tool turns)."""
   out = sampler.generate(params, prompt_ids, max_new_tokens=max_new_tokens,
-                         rng=jax.random.key(seed), media=rows)
+                         rng=jax.random.key(seed), media=media)
   n = len(prompt_ids)
   return ToolLoopOutput(tokens=out.tokens, logprobs=out.logprobs,
                         tool_mask=[np.zeros(len(t), np.int32) for t in out.tokens],
@@ -225,15 +228,12 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
   """Samples a reply for each prompt; returns (transcripts, raw output).
 
   `tools` None: the calculator, or none with media. `image_paths` / `audio_paths` go with
-  every prompt (see the module docstring); with them, tools are a usage error."""
+  every prompt (see the module docstring), tools and search protocols included."""
   if not prompts:
     raise ValueError("no prompts given (--prompt or --prompts_file)")
   with_media = bool(image_paths or audio_paths)
   if tools is None:
     tools = () if with_media else ("calculator",)
-  if with_media and tools:
-    raise app.UsageError(f"--image / --audio with --tools={','.join(tools)}: the tool loop does "
-                         "not take media prompts yet; sample them without tools (--tools=)")
   protocols = [t for t in tools if t in SEARCH_PROTOCOLS]
   if protocols and (len(protocols) > 1 or len(tools) > 1):
     raise ValueError(f"--tools={','.join(tools)}: {protocols[0]} is a protocol of its own; "
@@ -253,31 +253,36 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer_path: str = "", sy
                   else None)
   if protocols and not system:
     system = multihop_task.SYSTEMS[SEARCH_PROTOCOLS[protocols[0]]]
+  rows = None   # the prompts' media in the per-row layout, one row per prompt
   if media is not None:
     media_config, arrays, audio_counts = media
     prompt_ids = [media_prompt_ids(text, system, tok, media_config, images=len(image_paths),
-                                   audio_counts=audio_counts, where=f"prompt {i}")
+                                   audio_counts=audio_counts, where=f"prompt {i}",
+                                   tools=tool_schemas)
                   for i, text in enumerate(prompts)]
-    out = _sample_media(sampler, params, prompt_ids, arrays, seed=seed,
+    rows = {k: np.broadcast_to(v, (len(prompt_ids),) + v.shape) for k, v in arrays.items()}
+  else:
+    prompt_ids = []
+    for text in prompts:
+      messages = ([{"role": "system", "content": system}] if system else [])
+      messages.append({"role": "user", "content": text})
+      prompt_ids.append(chat.render(messages, tok, tools=tool_schemas,
+                                    add_generation_prompt=True).input_ids.tolist())
+  if rows is not None and not tools:
+    out = _sample_media(sampler, params, prompt_ids, rows, seed=seed,
                         max_new_tokens=max_new_tokens)
-    return [f"user: {p}\nassistant: {out.text(tok, i)}" for i, p in enumerate(prompts)], out
-  prompt_ids = []
-  for text in prompts:
-    messages = ([{"role": "system", "content": system}] if system else [])
-    messages.append({"role": "user", "content": text})
-    prompt_ids.append(chat.render(messages, tok, tools=tool_schemas,
-                                  add_generation_prompt=True).input_ids.tolist())
-  if protocols:
+  elif protocols:
     config = RolloutConfig(protocol=SEARCH_PROTOCOLS[protocols[0]], index=index,
                            search_k=search_k, max_searches=max_searches,
                            search_tokens=search_tokens)
     out = ContinuousBatcher(sampler, slots=len(prompt_ids)).run_protocol(
         params, prompt_ids, protocol_for(config, tok), rng=jax.random.key(seed),
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, media=rows)
   else:
     out = run_tool_loop(sampler, params, prompt_ids, tokenizer=tok, router=router,
                         rng=jax.random.key(seed), max_new_tokens=max_new_tokens,
-                        max_tool_calls=max_tool_calls, max_tool_tokens=max_tool_tokens)
+                        max_tool_calls=max_tool_calls, max_tool_tokens=max_tool_tokens,
+                        media=rows)
   transcripts = [f"user: {p}\nassistant: {out.text(tok, i)}" for i, p in enumerate(prompts)]
   return transcripts, out
 

@@ -99,6 +99,30 @@ def test_tool_loop_rollouts_take_the_images_too(sft_dir):
     np.testing.assert_array_equal(continuous.media[key], value)
 
 
+def test_search_protocol_rollouts_take_the_images_too(sft_dir, tmp_path):
+  """rollout.protocol="search_r1" on image prompts: the rows are prefilled with their images
+  and score as the sampler drew them (searches that happen are masked out; this tiny SFT
+  model seldom searches: a resumed row's images are tested on a rigged protocol in
+  tests/sampling/test_media_prompts.py)."""
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"id": "shapes", "text": "A square has four sides."}\n')
+  config = _grpo(sft_dir)
+  config.rollout.protocol = "search_r1"
+  config.rollout.index = str(corpus)
+  config.rollout.update(max_searches=1, search_tokens=48)   # the tiny model: 128 positions
+  learner = make_learner(config, sft_dir / "probe_search")
+  rollouts = rollout_lib.generate_rollouts(
+      learner.sampler, learner.rollout_params(), learner.prompts.take(2),
+      tokenizer=learner.tokenizer, config=learner.rollout, rng=jax.random.key(2),
+      media=learner.media)
+  assert rollouts.media["pixel_values"].shape[0] == len(rollouts.completion_ids) == 8
+  batch = rollout_lib.to_batch(rollouts, pad_id=learner.pad_id)
+  logprobs, _ = learner.score(learner.state.params, learner.state.frozen, batch)
+  mask = batch["loss_mask"] > 0
+  np.testing.assert_allclose(np.asarray(logprobs)[mask], batch["sampler_logprobs"][mask],
+                             atol=2e-5)
+
+
 def test_grpo_run_on_image_prompts_trains_evaluates_and_exports(sft_dir):
   last = run(_grpo(sft_dir), sft_dir / "grpo")
   records = metrics_lib.read_jsonl(sft_dir / "grpo" / "metrics.jsonl")

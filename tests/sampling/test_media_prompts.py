@@ -222,3 +222,36 @@ def test_tool_pauses_with_images_resume_like_the_static_tool_loop(vision):
     np.testing.assert_array_equal(b, a)
   for a, b in zip(static.logprobs, out.logprobs):
     np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_search_protocol_pauses_with_images_resume_like_a_full_forward(vision):
+  """A search protocol (`ContinuousBatcher.run_protocol(media=)`) on image prompts: a row that
+  writes the protocol's pause string gives up its slot, the response goes into its context
+  (masked), and it is prefilled again from prompt + turn + response with its images, in
+  whichever slot frees. Its own tokens then score as a full forward of the whole sequence
+  with its images scores them (within 1e-5): the resumed row still sees its images."""
+  from tests.sampling.test_protocols import EchoProtocol
+  from tests.toy import CharTokenizer
+  from wakea_jax.sampling import ContinuousBatcher
+  graphdef, params = nnx.split(vision)
+  prompts, media = _image_prompts([1, 2, 2, 1], np.random.default_rng(9))
+  sampler = Sampler(graphdef, vision.config, temperature=1.0)
+  free = sampler.generate(params, prompts, max_new_tokens=12, rng=jax.random.key(2),
+                          media=media)
+  protocol = EchoProtocol(CharTokenizer().decode(free.tokens[0][2:4]))  # row 0 writes it
+  out = ContinuousBatcher(sampler, slots=2, chunk_steps=3).run_protocol(
+      params, prompts, protocol, rng=jax.random.key(2), max_new_tokens=12, media=media)
+  assert out.num_tool_calls[0] >= 1
+  seqs = [list(p) + t for p, t in zip(prompts, out.tokens)]
+  ids = jnp.asarray([s + [0] * (WIDTH - len(s)) for s in seqs], jnp.int32)
+  _, logprobs = _reference(vision, ids, media)
+  for i, p in enumerate(prompts):
+    at = np.arange(len(p) - 1, len(seqs[i]) - 1)
+    own = out.tool_mask[i] == 0
+    np.testing.assert_allclose(out.logprobs[i][own], np.asarray(logprobs[i, at])[own],
+                               atol=1e-5)
+  # Without its images, the same row's tokens score otherwise: the check can fail.
+  blind = {**media, "image_mask": np.zeros_like(media["image_mask"])}
+  _, other = _reference(vision, ids, blind)
+  at = np.arange(len(prompts[0]) - 1, len(seqs[0]) - 1)
+  assert np.abs(out.logprobs[0] - np.asarray(other[0, at])).max() > 1e-3

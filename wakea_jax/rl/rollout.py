@@ -224,15 +224,12 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
   (`rollout.slots`, or every row at once when 0). With `media` (rl/media_prompts.py) the
   prompts' images or audio are rendered and prefilled with them, on static or continuous
-  batching, with or without the tool loop (its turns are text); not with a search protocol
-  yet."""
+  batching, with the tool loop or a search protocol too (their turns are text; a row resumed
+  after one is prefilled again with its media)."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
   row_media = None
   if media is not None:
-    if protocol is not None or config.protocol:
-      raise ValueError("media prompts sample without a search protocol for now: set "
-                       "rollout.protocol=''")
     rendered = {id(p): media.render(p) for p in prompts}
     row_media = media.arrays(rows)
   else:
@@ -249,7 +246,7 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
       raise ValueError(f"rollout.protocol={config.protocol!r} runs on one process for now "
                        "(its pauses use continuous batching)")
     out = batcher.run_protocol(params, prompt_ids, protocol, rng=rng,
-                               max_new_tokens=config.max_new_tokens)
+                               max_new_tokens=config.max_new_tokens, **with_media)
   elif router is not None and config.max_tool_calls > 0:
     tool_settings = dict(tokenizer=tokenizer, router=router, rng=rng,
                          max_new_tokens=config.max_new_tokens,
