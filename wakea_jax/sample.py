@@ -49,18 +49,16 @@ from absl import app, flags
 from flax import nnx
 
 from wakea_jax import logs
-from wakea_jax.checkpoints import hf, loader
-from wakea_jax.checkpoints.llava import load_llava
-from wakea_jax.checkpoints.qwen2_audio import load_qwen2_audio
+from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
 from wakea_jax.data import multimodal as mm_data
-from wakea_jax.data.audio import FeatureConfig, load_audio, log_mel_features
-from wakea_jax.data.images import ImageConfig, preprocess_batch
+from wakea_jax.data.audio import read_wav
 from wakea_jax.data.tasks import multihop as multihop_task
 from wakea_jax.data.tokenizer import Tokenizer, tokenizer_from
 from wakea_jax.models.multimodal import AudioLanguageModel, VisionLanguageModel
 from wakea_jax.rl.rollout import RolloutConfig, protocol_for
 from wakea_jax.sampling.batching import ContinuousBatcher
+from wakea_jax.sampling.media_inputs import load_checkpoint, media_inputs_for
 from wakea_jax.sampling.sampler import Sampler, chat_sampler
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
@@ -103,33 +101,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("search_tokens", 256, "Token cap of one injected results block "
                        "(search protocols; the trained rollout.search_tokens).")
 
-# config.json model_type -> the loader of a model that takes media.
-MEDIA_MODEL_TYPES = {"llava": load_llava, "qwen2_audio": load_qwen2_audio}
-
-
-def load_checkpoint(checkpoint: str) -> nnx.Module:
-  """The model at `checkpoint`: a VisionLanguageModel / AudioLanguageModel for an HF
-  directory whose config.json has model_type "llava" / "qwen2_audio", else
-  `loader.load_model`'s text decoder. FileNotFoundError names --checkpoint."""
-  try:
-    kind, directory = loader.resolve(checkpoint)
-    model_type = hf.read_hf_config(directory).get("model_type") if kind == "hf" else None
-    if model_type in MEDIA_MODEL_TYPES:
-      return MEDIA_MODEL_TYPES[model_type](directory)
-    return loader.load_model(checkpoint)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--checkpoint: {e}") from None
-
-
-def _preprocessor_file(checkpoint: str, flag: str) -> pathlib.Path:
-  file = loader.resolve(checkpoint)[1] / "preprocessor_config.json"
-  if not file.is_file():
-    raise FileNotFoundError(f"{flag}: {file} is missing; a {flag[2:]} checkpoint needs its "
-                            "preprocessor_config.json (the HF processor's) to preprocess "
-                            f"{flag[2:]} files")
-  return file
-
-
 def media_inputs(model: nnx.Module, checkpoint: str, image_paths: Sequence[str],
                  audio_paths: Sequence[str]) -> tuple[mm_data.MediaConfig, dict[str, np.ndarray],
                                                       np.ndarray]:
@@ -145,39 +116,15 @@ def media_inputs(model: nnx.Module, checkpoint: str, image_paths: Sequence[str],
     raise app.UsageError(f"--audio needs an audio-language checkpoint (an HF Qwen2-Audio "
                          f"directory, config.json model_type 'qwen2_audio'); {checkpoint} holds "
                          f"a {type(model).__name__}")
-  if isinstance(model, VisionLanguageModel):
-    file = _preprocessor_file(checkpoint, "--image")
-    image = ImageConfig.from_json(file)
-    pixels = preprocess_batch(list(image_paths), image)
-    size = model.config.vision.image_size
-    if pixels.shape[-2:] != (size, size):
-      raise ValueError(f"{file} preprocesses images to {pixels.shape[-2:]}, but the vision "
-                       f"tower takes {size}x{size}")
-    return (mm_data.MediaConfig.for_vision(model.config, image),
-            {"pixel_values": pixels, "image_mask": np.ones((len(pixels),), np.int32)},
-            np.zeros((0,), np.int64))
-  file = _preprocessor_file(checkpoint, "--audio")
-  features = FeatureConfig.from_json(file)
-  audio = model.config.audio
-  if (features.feature_size, features.num_frames) != (audio.num_mel_bins,
-                                                      2 * audio.max_source_positions):
-    raise ValueError(f"{file} gives {features.feature_size} mel bins x {features.num_frames} "
-                     f"frames, but the audio tower takes {audio.num_mel_bins} x "
-                     f"{2 * audio.max_source_positions}")
-  config = mm_data.MediaConfig.for_audio(model.config, features)
+  inputs = media_inputs_for(model, checkpoint, "--image" if image_paths else "--audio")
+  if inputs.kind == "image":
+    return inputs.config, inputs.images(image_paths), np.zeros((0,), np.int64)
   clips = []
   for path in audio_paths:
-    clip = load_audio(path, features)
-    if clip.shape[0] > features.n_samples:
-      raise ValueError(f"--audio: {path} is {clip.shape[0] / features.sampling_rate:.2f} s "
-                       f"long, longer than the feature extractor's {features.chunk_length} s "
-                       "window (the rest would be cut off); split the clip")
-    clips.append(clip)
-  mels, frames = (log_mel_features(clips, features) if clips else
-                  (np.zeros((0, features.feature_size, features.num_frames), np.float32),
-                   np.zeros((0, features.num_frames), np.int32)))
-  return (config, {"input_features": mels, "feature_attention_mask": frames},
-          mm_data.audio_token_counts(frames, config))
+    samples, rate = read_wav(path)
+    clips.append((samples, rate, f"--audio: {path}"))
+  arrays, counts = inputs.clips(clips)
+  return inputs.config, arrays, counts
 
 
 def media_prompt_ids(text: str, system: str, tokenizer: Tokenizer, config: mm_data.MediaConfig,

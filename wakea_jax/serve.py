@@ -7,7 +7,8 @@ r"""Serving binary: an OpenAI-compatible HTTP API for a checkpoint.
       -d '{"model": "model", "messages": [{"role": "user", "content": "Hi"}]}'
 
 --checkpoint is a wakea_jax model directory (model_config.json) or a Hugging Face directory
-(config.json), as for `python -m wakea_jax.sample`; or, with --registry=ROOT, a registered
+(config.json), as for `python -m wakea_jax.sample` (a LLaVA or Qwen2-Audio directory takes
+image_url / input_audio content parts, base64 inline); or, with --registry=ROOT, a registered
 version ('NAME', 'NAME:3', 'NAME@production'; `python -m wakea_jax.registry`). With
 --watch_s the server re-resolves that reference every so many seconds and hot-swaps to the
 version it points to when that changes (promote a version and the server follows); the admin
@@ -32,6 +33,7 @@ from flax import nnx
 from wakea_jax import logs
 from wakea_jax.checkpoints import loader
 from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.sampling.media_inputs import load_checkpoint, media_inputs_for, media_kind
 from wakea_jax.sampling.sampler import chat_sampler
 from wakea_jax.serving import guardrails as guard_lib
 from wakea_jax.serving import registry as registry_lib
@@ -77,18 +79,22 @@ def load_served(checkpoint: str, *, tokenizer_path: str = "", name: str = "",
       tok = tokenizer_from(tokenizer_path)
   else:
     tok = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
+    model = load_checkpoint(checkpoint)    # a LLaVA / Qwen2-Audio directory takes media
+  media, media_note = None, ""
+  if media_kind(model):
     try:
-      model = loader.load_model(checkpoint)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"--checkpoint: {e}") from None
+      media = media_inputs_for(model, checkpoint, "--checkpoint")
+    except FileNotFoundError as e:       # its text path still serves
+      media_note = str(e)
+      logging.warning("%s: serving text only", e)
   graphdef, params = nnx.split(model)
   sampler = chat_sampler(graphdef, model.config, tok, model_source=f"--checkpoint {checkpoint}",
                          per_row=True)
-  context = min(context, model.config.max_seq_len)
+  context = min(context, sampler.config.max_seq_len)
   engine = Engine(sampler, params, tok, slots=slots, chunk_steps=chunk_steps,
                   capacity=context, name=name or pathlib.Path(checkpoint).name)
   return ServedModel(name=name or pathlib.Path(checkpoint).name, version=version or checkpoint,
-                     engine=engine, tokenizer=tok)
+                     engine=engine, tokenizer=tok, media=media, media_note=media_note)
 
 
 def build_app(checkpoint: str, **settings: Any):

@@ -253,3 +253,12 @@ def test_hot_swap_under_load_and_rollback(server, checkpoints, tmp_path):
   expected, _ = _reference(checkpoints[1], 6)
   assert reply.choices[0].message.content == expected
   np.testing.assert_equal(host.model.version, "2")
+
+
+def test_image_parts_to_a_text_model_are_refused(server):
+  url, _ = server
+  code, body = request(f"{url}/v1/chat/completions", {
+      "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
+          {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]})
+  assert code == 400 and body["error"]["param"] == "messages[0].content[0]"
+  assert "'tiny' takes text only, not image inputs" in body["error"]["message"]

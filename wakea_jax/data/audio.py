@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -193,30 +194,32 @@ def log_mel_features(waveforms: Sequence[np.ndarray] | np.ndarray, config: Featu
 # ------------------------------------------------------------------------------------------
 
 
-def read_wav(path: PathLike) -> tuple[np.ndarray, int]:
+def read_wav(path: PathLike, data: bytes | None = None) -> tuple[np.ndarray, int]:
   """(samples [n] float32 in [-1, 1), sample rate) of a 16-bit PCM WAV file; several channels
   are averaged to mono. Raises ValueError naming the file for anything else (8/24/32-bit or
-  float samples, compressed data, a damaged or truncated file), FileNotFoundError if absent."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: audio file not found")
+  float samples, compressed data, a damaged or truncated file), FileNotFoundError if absent.
+  With `data`, the WAV file's bytes (e.g. sent to the server), `path` only names them."""
+  if data is None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: audio file not found")
   try:
-    with wave.open(str(path), "rb") as f:
+    with wave.open(str(path) if data is None else io.BytesIO(data), "rb") as f:
       channels, width, rate, count = (f.getnchannels(), f.getsampwidth(), f.getframerate(),
                                       f.getnframes())
       if width != 2:
         raise ValueError(f"{path}: {8 * width}-bit samples; only 16-bit PCM WAV is supported "
                          "(convert it, e.g. `ffmpeg -i IN -c:a pcm_s16le OUT.wav`)")
-      data = f.readframes(count)
+      frames = f.readframes(count)
   except (wave.Error, EOFError) as e:
     raise ValueError(f"{path}: not a readable PCM WAV file ({e}); only 16-bit PCM WAV is "
                      "supported") from e
   if channels < 1 or rate <= 0:
     raise ValueError(f"{path}: invalid WAV header ({channels} channels, {rate} Hz)")
-  if len(data) != count * channels * width:
+  if len(frames) != count * channels * width:
     raise ValueError(f"{path}: truncated WAV file: the header declares {count} frames, the "
-                     f"data holds {len(data) // (channels * width)}")
-  samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+                     f"data holds {len(frames) // (channels * width)}")
+  samples = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
   return samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate
 
 

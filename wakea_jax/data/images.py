@@ -21,6 +21,7 @@ truncated one ValueError("<path>: not a readable image ...").
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import pathlib
@@ -165,6 +166,17 @@ def load_image(path: PathLike) -> Image.Image:
       return image.copy()
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"{file}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+  """The image encoded in `data` (PNG, JPEG, ... bytes, e.g. sent to the server), fully
+  decoded; ValueError naming `where` when it is not a readable image."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      return image.copy()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -34,7 +34,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,7 +49,10 @@ from wakea_jax.sampling.sampler import STOP_ID, DecodeState, Sampler, row_keys
 
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
-  """One completion to generate from token ids."""
+  """One completion to generate from token ids. `media`: the prompt's images or audio for a
+  vision- or audio-language model, in the per-row layout without the row axis
+  (sampling/media_inputs.py: pixel_values [k, 3, H, W] + image_mask [k], or input_features
+  + feature_attention_mask), the prompt's placeholders already expanded."""
   prompt: Sequence[int]
   max_tokens: int
   temperature: float = 1.0
@@ -57,6 +60,7 @@ class GenerationRequest:
   stop: tuple[str, ...] = ()
   seed: int | None = None
   logprobs: bool = False
+  media: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,13 +331,35 @@ class Engine:
       self.stats["active"] = n
 
   def _refill(self, state: DecodeState, start: list[tuple[int, _Live]]) -> DecodeState:
-    """Prefills the prompts of `start` into their slots, with their own settings."""
+    """Prefills the prompts of `start` into their slots, with their own settings (and media:
+    requests without any, in a batch with some, get empty rows)."""
     requests = [live.request for _, live in start]
     return refill_rows(self.sampler, self.params, state, [slot for slot, _ in start],
                        [r.prompt for r in requests], [r.max_tokens for r in requests],
                        [live.key for _, live in start], self.capacity,
                        temperature=[r.temperature for r in requests],
-                       top_p=[r.top_p for r in requests])
+                       top_p=[r.top_p for r in requests],
+                       media=stack_media([r.media for r in requests]))
+
+
+def stack_media(media: Sequence[Mapping[str, np.ndarray] | None]
+                ) -> dict[str, np.ndarray] | None:
+  """Requests' media (each without the row axis, or None) -> the per-row layout [rows, items,
+  ...], items padded with zeros (masked out) to a power of two so that few prefill shapes
+  compile; None when no request has media."""
+  given = [m for m in media if m]
+  if not given:
+    return None
+  items = max(1, max(len(next(iter(m.values()))) for m in given))
+  items = 1 << (items - 1).bit_length()
+  out = {}
+  for key, first in given[0].items():
+    rows = np.zeros((len(media), items) + first.shape[1:], first.dtype)
+    for i, m in enumerate(media):
+      if m:
+        rows[i, :len(m[key])] = m[key]
+    out[key] = rows
+  return out
 
 
 def generate_text(engine: Engine, request: GenerationRequest, timeout: float | None = None

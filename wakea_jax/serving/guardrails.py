@@ -29,6 +29,8 @@ Choices, and why:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime
 import hashlib
@@ -84,6 +86,8 @@ class ServeLimits:
   # Characters of text in a request: message contents, tool-call arguments, tool schemas.
   max_total_chars: int = 200_000
   max_tools: int = 128                     # OpenAI's own limit
+  # image_url / input_audio content parts per request (a model that takes media only).
+  max_media: int = 8
   # Alternatives per token the engine can return (top_logprobs); 0 = only the chosen token's.
   max_top_logprobs: int = 0
   request_timeout_s: float = 120.0
@@ -108,6 +112,8 @@ class ServeLimits:
                        f"serve.max_tokens ({self.max_tokens})")
     if not 0 <= self.max_tools:
       raise ValueError(f"serve.max_tools must be >= 0, got {self.max_tools}")
+    if not 0 <= self.max_media:
+      raise ValueError(f"serve.max_media must be >= 0, got {self.max_media}")
     if not 0 <= self.max_top_logprobs <= 20:
       raise ValueError(f"serve.max_top_logprobs must be in 0..20 (OpenAI's range), got "
                        f"{self.max_top_logprobs}")
@@ -438,7 +444,10 @@ class ChatRequest:
   `messages` are dicts in the form `data.chat.render` takes: role (system, user, assistant,
   tool), content (a str: text parts joined by "\\n"; "" for an assistant turn that only calls
   tools), and where given name, tool_calls ({"id", "type": "function", "function": {"name",
-  "arguments"}}) and tool_call_id. Other message fields are dropped.
+  "arguments"}}) and tool_call_id. Other message fields are dropped. A user message with
+  `image_url` / `input_audio` parts has IMAGE_SLOT / AUDIO_SLOT in its content where they
+  were and `media`: [{"kind": "image" | "audio", "data": bytes, "param"}] in that order
+  (inline base64 only; the server decodes them for a model that takes media).
   """
 
   model: str
@@ -730,7 +739,7 @@ def _messages(raw: Any, limits: ServeLimits) -> tuple[tuple[dict[str, Any], ...]
     raise RequestError(400, f"messages holds {len(raw)} messages; this server accepts at most "
                        f"{limits.max_messages} (serve.max_messages)", "messages",
                        "array_above_max_length")
-  out, chars = [], 0
+  out, chars, media_count = [], 0, 0
   for i, message in enumerate(raw):
     where = f"messages[{i}]"
     if not isinstance(message, dict):
@@ -752,7 +761,19 @@ def _messages(raw: Any, limits: ServeLimits) -> tuple[tuple[dict[str, Any], ...]
                            f"{where}.tool_calls", "invalid_value")
       normal["tool_calls"], n = _message_tool_calls(calls, f"{where}.tool_calls")
       chars += n
-    content = _content(message.get("content"), f"{where}.content")
+    media: list[dict[str, Any]] = []
+    content = _content(message.get("content"), f"{where}.content", media)
+    if media:
+      if role != "user":
+        raise RequestError(400, f"{media[0]['param']}: image and audio parts are only allowed "
+                           f"in user messages, not {role} ones", media[0]["param"],
+                           "invalid_value")
+      media_count += len(media)
+      if media_count > limits.max_media:
+        raise RequestError(400, f"{media[-1]['param']}: more than {limits.max_media} image and "
+                           f"audio parts in one request (serve.max_media)", media[-1]["param"],
+                           "array_above_max_length")
+      normal["media"] = media
     if content is None:
       if role == "assistant" and normal.get("tool_calls"):
         content = ""
@@ -778,8 +799,11 @@ def _messages(raw: Any, limits: ServeLimits) -> tuple[tuple[dict[str, Any], ...]
   return tuple(out), chars
 
 
-def _content(content: Any, where: str) -> str | None:
-  """A message's content as one string (text parts joined by "\\n"); None when absent."""
+def _content(content: Any, where: str, media: list[dict[str, Any]] | None = None
+             ) -> str | None:
+  """A message's content as one string (text parts joined by "\\n"); None when absent.
+  `image_url` and `input_audio` parts become the placeholders IMAGE_SLOT / AUDIO_SLOT in
+  the text, their decoded data appended to `media` in order (`_media_part`)."""
   if content is None or isinstance(content, str):
     if content is not None:
       _check_text(content, where)
@@ -792,17 +816,68 @@ def _content(content: Any, where: str) -> str | None:
     if not isinstance(part, dict):
       raise _type_error(param, "an object", part)
     kind = part.get("type")
+    if kind in MEDIA_PARTS and media is not None:
+      media.append(_media_part(part, kind, param))
+      texts.append(MEDIA_PARTS[kind])
+      continue
     if kind != "text":
       if not isinstance(kind, str):
         raise _type_error(f"{param}.type", "a string", kind)
       raise RequestError(400, f"{param}.type {kind!r} is not supported: this server takes "
-                         "text parts only", f"{param}.type", "unsupported_value")
+                         "text, image_url and input_audio parts", f"{param}.type",
+                         "unsupported_value")
     text = part.get("text")
     if not isinstance(text, str):
       raise _type_error(f"{param}.text", "a string", text)
     _check_text(text, f"{param}.text")
     texts.append(text)
   return "\n".join(texts)
+
+
+# Content part type -> the placeholder string it becomes in the message text (a vision- or
+# audio-language model's chat format expands it to the item's tokens).
+IMAGE_SLOT = "<image>"
+AUDIO_SLOT = "<audio>"
+MEDIA_PARTS = {"image_url": IMAGE_SLOT, "input_audio": AUDIO_SLOT}
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?;base64,(?P<data>.*)", re.DOTALL)
+
+
+def _media_part(part: dict[str, Any], kind: str, param: str) -> dict[str, Any]:
+  """An `image_url` ({"url": "data:image/png;base64,..."}) or `input_audio` ({"data": base64,
+  "format": "wav"}) part -> {"kind": "image" | "audio", "data": bytes, "param"}. The server
+  fetches nothing: only inline base64 data is taken."""
+  body = part.get(kind)
+  if kind == "image_url":
+    if isinstance(body, str):
+      body = {"url": body}
+    if not isinstance(body, dict):
+      raise _type_error(f"{param}.image_url", "an object", body)
+    url = body.get("url")
+    if not isinstance(url, str):
+      raise _type_error(f"{param}.image_url.url", "a string", url)
+    match = _DATA_URL.fullmatch(url.strip())
+    if match is None:
+      raise RequestError(400, f"{param}.image_url.url must be a base64 data URL "
+                         "(data:image/png;base64,...); this server does not fetch URLs",
+                         f"{param}.image_url.url", "invalid_value")
+    encoded, field, what = match["data"], f"{param}.image_url.url", "image"
+  else:
+    if not isinstance(body, dict):
+      raise _type_error(f"{param}.input_audio", "an object", body)
+    fmt = body.get("format")
+    if fmt != "wav":
+      raise RequestError(400, f"{param}.input_audio.format must be 'wav' (16-bit PCM), got "
+                         f"{_short(fmt)}", f"{param}.input_audio.format", "unsupported_value")
+    encoded, field, what = body.get("data"), f"{param}.input_audio.data", "audio"
+    if not isinstance(encoded, str):
+      raise _type_error(field, "a base64 string", encoded)
+  try:
+    data = base64.b64decode(encoded, validate=True)
+  except (binascii.Error, ValueError):
+    raise RequestError(400, f"{field} is not valid base64", field, "invalid_value") from None
+  if not data:
+    raise RequestError(400, f"{field} holds no data", field, "invalid_value")
+  return {"kind": what, "data": data, "param": param}
 
 
 def _message_tool_calls(calls: Any, where: str) -> tuple[list[dict[str, Any]], int]:

@@ -39,6 +39,7 @@ from typing import Any
 
 from wakea_jax.checkpoints import loader
 from wakea_jax.data.tokenizer import tokenizer_from
+from wakea_jax.sampling import media_inputs
 from wakea_jax.serving.results import (
   SERVING_FIGURES,
   cell_rows,
@@ -402,5 +403,5 @@ def load_for_serving(version: ModelVersion, *, verify: bool = True) -> tuple[Any
       raise RegistryError(f"{version.ref}: the files of {version.model_dir} changed since it "
                           f"was registered (fingerprint {found[:12]}, registered "
                           f"{version.fingerprint[:12]}); register it again as a new version")
-  model = loader.load_model(version.checkpoint)
+  model = media_inputs.load_checkpoint(version.checkpoint)
   return model, tokenizer_from(version.tokenizer or loader.tokenizer_path(version.checkpoint))

@@ -39,6 +39,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from wakea_jax.data import chat
+from wakea_jax.data import multimodal as mm_data
+from wakea_jax.data.audio import read_wav
+from wakea_jax.data.images import decode_image
+from wakea_jax.sampling.media_inputs import MediaInputs
 from wakea_jax.sampling.tool_loop import tool_turn
 from wakea_jax.serving import guardrails as guard_lib
 from wakea_jax.serving.engine import Delta, Done, Engine, EngineClosed, GenerationRequest
@@ -55,6 +59,10 @@ class ServedModel:
   tokenizer: Any
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
   users: int = 0
+  # A vision- or audio-language model's preprocessing of image_url / input_audio parts; None
+  # for a text model, or (with `media_note` saying why) one whose preprocessor is missing.
+  media: MediaInputs | None = None
+  media_note: str = ""
 
   @property
   def label(self) -> str:
@@ -351,7 +359,7 @@ _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "st
 
 
 def _engine_request(req: Any, ids: Sequence[int], served: ServedModel,
-                    limits: guard_lib.ServeLimits) -> GenerationRequest:
+                    limits: guard_lib.ServeLimits, media: Any = None) -> GenerationRequest:
   room = served.engine.capacity - len(ids)
   if room < 1:
     raise _APIError(400, f"the prompt has {len(ids)} tokens; this model's context is "
@@ -359,7 +367,7 @@ def _engine_request(req: Any, ids: Sequence[int], served: ServedModel,
   max_tokens = min(req.max_tokens or limits.default_max_tokens, room)
   return GenerationRequest(list(ids), max_tokens=max_tokens, temperature=req.temperature,
                            top_p=req.top_p, stop=tuple(req.stop), seed=req.seed,
-                           logprobs=req.logprobs not in (None, False))
+                           logprobs=req.logprobs not in (None, False), media=media)
 
 
 def _submit(served: ServedModel, greq: GenerationRequest) -> tuple[Any, asyncio.Queue]:
@@ -425,12 +433,52 @@ def _messages(req: Any) -> list[dict[str, Any]]:
   return [dict(m) for m in req.messages]
 
 
-def _render(served: ServedModel, messages: list[dict[str, Any]], tools: Any) -> list[int]:
+def _render(served: ServedModel, messages: list[dict[str, Any]], tools: Any
+            ) -> tuple[list[int], dict[str, Any] | None]:
+  """The prompt ids of `messages` and, when they hold image or audio parts, the media arrays
+  the engine prefills with them (placeholders expanded to each item's tokens)."""
+  parts = [p for m in messages for p in m.get("media", ())]
+  plain = [{k: v for k, v in m.items() if k != "media"} for m in messages]
+  param = "messages"
   try:
-    return chat.render(messages, served.tokenizer, tools=tools,
-                       add_generation_prompt=True).input_ids.tolist()
+    if not parts:
+      return chat.render(plain, served.tokenizer, tools=tools,
+                         add_generation_prompt=True).input_ids.tolist(), None
+    inputs = served.media
+    wrong = [p for p in parts if inputs is None or p["kind"] != inputs.kind]
+    if wrong:
+      takes = (f"takes {inputs.kind} inputs only" if inputs is not None else
+               served.media_note or "takes text only")
+      raise _APIError(400, f"{wrong[0]['param']}: model {served.name!r} {takes}, not "
+                      f"{wrong[0]['kind']} inputs", param=wrong[0]["param"],
+                      code="unsupported_value")
+    config = inputs.config
+    counts: Any = ()
+    if inputs.kind == "image":
+      images = []
+      for p in parts:
+        param = p["param"]
+        images.append(decode_image(p["data"], p["param"]))
+      param = "messages"
+      arrays = inputs.images(images)
+      slot, placeholder = guard_lib.IMAGE_SLOT, config.image_placeholder
+    else:
+      clips = []
+      for p in parts:
+        param = p["param"]
+        clips.append((*read_wav(p["param"], p["data"]), p["param"]))
+      arrays, counts = inputs.clips(clips)
+      slot, placeholder = guard_lib.AUDIO_SLOT, config.audio_placeholder
+    if placeholder != slot:
+      plain = [dict(m, content=m["content"].replace(slot, placeholder)) for m in plain]
+    ids, mask = mm_data.tokenize(plain, served.tokenizer, config, tools=tools,
+                                 add_generation_prompt=True)
+    ids, _ = mm_data.expand(ids, mask, config,
+                            image_count=len(parts) if inputs.kind == "image" else 0,
+                            audio_token_counts=counts)
+    return ids.tolist(), arrays
   except ValueError as e:
-    raise _APIError(400, str(e), param="messages") from None
+    raise _APIError(400, str(e), param=param) from None
 
 
 def _tool_calls(text: str, served: ServedModel) -> list[dict[str, Any]]:
@@ -449,12 +497,14 @@ async def _run_turns(served: ServedModel, req: Any, options: ServerOptions, requ
   limits = options.limits
   client_tools = (req.tools or None) if req.tool_choice != "none" else None
   messages = _messages(req)
-  ids = _render(served, messages, client_tools or _server_schemas(options))
+  ids, media = await asyncio.to_thread(_render, served, messages,
+                                       client_tools or _server_schemas(options))
   completion_tokens, all_lps = 0, []
   server_tools = options.router is not None and not client_tools
   for round_ in range(options.max_tool_calls + 1):
     text, done, lps, generated = await _generate(
-        served, _engine_request(req, ids, served, limits), request, limits.request_timeout_s)
+        served, _engine_request(req, ids, served, limits, media), request,
+        limits.request_timeout_s)
     completion_tokens += done.completion_tokens
     all_lps += lps
     calls = _tool_calls(text, served) if (client_tools or server_tools) else []
@@ -558,8 +608,8 @@ async def _chat_stream(served: ServedModel, req: Any, request_id: str,
     yield "data: [DONE]\n\n", u, choice["finish_reason"]
     return
 
-  ids = _render(served, _messages(req), None)
-  handle, events = _submit(served, _engine_request(req, ids, served, options.limits))
+  ids, media = await asyncio.to_thread(_render, served, _messages(req), None)
+  handle, events = _submit(served, _engine_request(req, ids, served, options.limits, media))
   stream_filter = output_filter.stream() if output_filter is not None else None
   blocked = False
   try:
