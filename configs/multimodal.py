@@ -129,6 +129,9 @@ def get_config(arg=None):
   config.data.overlength = "drop"
   config.data.on_error = "raise"
   config.data.seed = 0
+  # Several examples per row (data/media_batches.py; media.max_media then caps a row's
+  # items). Off: one example per row is what the multimodal demo was measured with.
+  config.data.packing = False
   config.optimizer.learning_rate = 1e-3
   config.train.update(steps=600, log_every=20, eval_every=200, checkpoint_every=200)
   if variant in ("vision", "audio"):

@@ -77,3 +77,29 @@ def test_rows_take_their_records_cached_features_and_resume(tmp_path):
     got = next(second)
     for key in expected:
       np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_packed_rows_take_each_records_cached_features_in_segment_order(tmp_path):
+  """With packing, a row's cached clips are its segments' own, in order: the features of
+  clip k hold the record whose text is in segment k."""
+  source = _source(tmp_path)
+  cached = _cache(tmp_path, source)
+  batching = media_batches.MediaBatchConfig(seq_len=96, batch_size=2, max_audios=3, seed=3,
+                                            packing=True)
+  tokenizer = default_tokenizer()
+  batch = next(media_batches.MediaBatchIterator(source, tokenizer, MEDIA, batching,
+                                                cached=cached))
+  most = 0
+  for row in range(2):
+    segments = [s for s in np.unique(batch["segment_ids"][row]) if s > 0]
+    most = max(most, len(segments))
+    for k, segment in enumerate(segments):
+      record = int(batch["audio_tower_features"][row, k, 0, 0])
+      ids = batch["input_ids"][row]
+      text = tokenizer.decode([int(t) for t in ids[(batch["segment_ids"][row] == segment)
+                                                   & (ids != 1024)]])
+      assert f"tone {record}" in text, (record, text)
+      np.testing.assert_array_equal(batch["audio_tower_mask"][row, k],
+                                    cached.row(record)["audio_tower_mask"][0])
+    assert not batch["audio_tower_mask"][row, len(segments):].any()
+  assert most >= 2

@@ -1,6 +1,6 @@
 """Batches of multimodal examples for the train step, in the per-row media layout.
 
-One example per row (no packing), padded to `seq_len`: the token arrays of pipeline.py
+One example per row, padded to `seq_len`, or with `packing` several: the token arrays of pipeline.py
 (`input_ids`, `targets`, `loss_mask`, `segment_ids`, `positions`) plus the media arrays of
 `models/media.py` (`pixel_values` [B, k, 3, H, W] + `image_mask` [B, k] with k =
 `max_images`; `input_features` [B, k, mels, F] + `feature_attention_mask` [B, k, F] with k =
@@ -15,16 +15,23 @@ position in a seeded shuffle over repeated epochs). Each process reads every
 `process_count`-th record from `process_index` on, and its `batch_size` rows are its share of
 the global batch.
 
-Why no packing: a packed row would hold a varying number of media items; the layout supports
-it (items in segment order, `check_media_placement` guards the scatter), but short media
-examples are the norm for the tasks here and padding costs little next to the encoder. An
-example longer than `seq_len` is an error naming its record (cutting it could cut a
-placeholder run), or dropped and counted with `overlength="drop"`.
+Packing (`packing=True`, `data.packing`): grain's first-fit packer fills each row with whole
+examples while their tokens fit `seq_len` and their media items fit the row's slots
+(`max_images` / `max_audios` now cap a row, not an example); every feature is packed along
+its first axis, so a row's media items are its examples' items in segment order, which is
+the order `scatter_media` fills placeholders in, and `segment_ids` keep the examples'
+attention apart. Every packed row is checked with `check_media_placement(segment_ids=)`: an
+item whose placeholders would fall in another example's segment is an error, never a silent
+leak. Off by default: the tasks here are short and padding costs little next to the
+encoder; it pays when examples are much shorter than `seq_len`. An example longer than
+`seq_len` is an error naming its record (cutting it could cut a placeholder run), or dropped
+and counted with `overlength="drop"`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -57,6 +64,7 @@ class MediaBatchConfig:
   shuffle: bool = True
   num_epochs: int | None = None      # None: repeat forever (training)
   overlength: str = "error"          # or "drop"
+  packing: bool = False              # several examples per row (module docstring)
   worker_count: int = 0              # grain worker processes decoding media
   process_index: int = 0
   process_count: int = 1
@@ -101,15 +109,62 @@ def example_row(inputs: Mapping[str, Any], config: MediaBatchConfig, media: Medi
                            audios=config.max_audios))
   else:
     row.update(cached)
-  if media.image is not None:
-    check_media_placement(row["input_ids"][None], media.image_token_id,
-                          [media.image_tokens] * int(row["image_mask"].sum()), what="image")
-  if media.audio is not None:
-    counts = (row["audio_tower_mask"].astype(np.int64).sum(-1) if cached is not None
-              else audio_token_counts(np.asarray(inputs["feature_attention_mask"], np.int32),
-                                      media))
-    check_media_placement(row["input_ids"][None], media.audio_token_id, counts, what="audio")
+  check_row(row, media)
   return row
+
+
+def check_row(row: Mapping[str, np.ndarray], media: MediaConfig) -> None:
+  """`check_media_placement` of one row (padded or packed): every image / clip fills exactly
+  its own placeholders, inside one segment (ValueError otherwise)."""
+  ids, segments = row["input_ids"][None], row["segment_ids"][None]
+  if media.image is not None:
+    check_media_placement(ids, media.image_token_id,
+                          [media.image_tokens] * int(np.asarray(row["image_mask"]).sum()),
+                          segment_ids=segments, what="image")
+  if media.audio is not None:
+    if "audio_tower_mask" in row:
+      counts = np.asarray(row["audio_tower_mask"], np.int64).sum(-1)
+    else:   # the clips of the slots that hold one
+      frames = np.asarray(row["feature_attention_mask"], np.int32)
+      counts = audio_token_counts(frames[frames.any(-1)], media)
+    check_media_placement(ids, media.audio_token_id, counts[counts > 0], segment_ids=segments,
+                          what="audio")
+
+
+def _real_items(row: Mapping[str, np.ndarray]) -> int:
+  """How many of a padded row's media slots hold an item (they come first)."""
+  for key in ("image_mask", "audio_tower_mask", "feature_attention_mask"):
+    if key in row:
+      mask = np.asarray(row[key])
+      return int((mask.reshape(len(mask), -1).sum(-1) > 0).sum())
+  return 0
+
+
+def example_item(inputs: Mapping[str, Any], config: MediaBatchConfig, media: MediaConfig,
+                 cached: Mapping[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray] | None:
+  """One example as the packer takes it: `example_row`'s arrays (checked the same way)
+  without the padding: tokens [n], media items [k, ...] for its k real items only."""
+  row = example_row(inputs, config, media, cached)
+  if row is None:
+    return None
+  n = int(row["segment_ids"].sum())
+  out = {key: row[key][:n] for key in ("input_ids", "targets", "loss_mask")}
+  k = _real_items(row)
+  out.update({key: value[:k] for key, value in row.items() if key not in TOKEN_KEYS})
+  return out
+
+
+def _packed_row(row: dict[str, np.ndarray], media: MediaConfig) -> dict[str, np.ndarray]:
+  """The packer's output -> a row: the tokens' own segment ids and positions (the media
+  features' are dropped), checked."""
+  out = {key: value for key, value in row.items()
+         if not key.endswith(("_segment_ids", "_positions"))}
+  out["segment_ids"] = row["input_ids_segment_ids"].astype(np.int32)
+  out["positions"] = row["input_ids_positions"].astype(np.int32)
+  out["loss_mask"] = out["loss_mask"].astype(np.float32)
+  check_row(out, media)
+  return out
 
 
 def media_slots(inputs: Mapping[str, Any], media: MediaConfig, where: str, *, images: int,
@@ -152,18 +207,20 @@ class MediaRows(grain.transforms.Map):
   def __init__(self, tokenizer: Tokenizer, media: MediaConfig, config: MediaBatchConfig,
                cached: CachedFeatures | None = None):
     self.tokenizer, self.media, self.config, self.cached = tokenizer, media, config, cached
+    # Packing takes unpadded examples; the packer pads its rows.
+    self.make = example_item if config.packing else example_row
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
-    """One source item -> one row."""
+    """One source item -> one row (or, packing, one unpadded example)."""
     if self.cached is None:
-      return example_row(to_model_inputs(element, self.tokenizer, self.media), self.config,
-                         self.media)
+      return self.make(to_model_inputs(element, self.tokenizer, self.media), self.config,
+                       self.media)
     index = element["record_index"]
     counts = (self.cached.token_counts(index)[:len(element.get("audios") or [])]
               if self.media.audio is not None else ())
     inputs = tokenize_item(element, self.tokenizer, self.media, audio_token_counts=counts)
     inputs["origin"] = element.get("origin", "<record>")
-    return example_row(inputs, self.config, self.media, self.cached.row(index))
+    return self.make(inputs, self.config, self.media, self.cached.row(index))
 
 
 class _WithIndex(grain.transforms.MapWithIndex):
@@ -195,8 +252,21 @@ def _dataset(source: MultimodalSource, tokenizer: Tokenizer, media: MediaConfig,
     ds = ds.shuffle(seed=config.seed)
   ds = ds.repeat(config.num_epochs)
   out = ds.map(MediaRows(tokenizer, media, config, cached)).to_iter_dataset()
-  out = out.filter(lambda row: row is not None).batch(config.batch_size,
-                                                      drop_remainder=drop_remainder)
+  out = out.filter(lambda row: row is not None)
+  if config.packing:
+    # One packing group = one batch of rows, as in the text pipeline (pipeline.py).
+    lengths = {key: config.seq_len for key in ("input_ids", "targets", "loss_mask")}
+    if media.image is not None:
+      lengths.update(dict.fromkeys(("image_tower_features" if cached is not None
+                                    else "pixel_values", "image_mask"), config.max_images))
+    if media.audio is not None:
+      lengths.update(dict.fromkeys(
+          ("audio_tower_features", "audio_tower_mask") if cached is not None
+          else ("input_features", "feature_attention_mask"), config.max_audios))
+    out = grain.experimental.FirstFitPackIterDataset(
+        out, length_struct=lengths, num_packing_bins=config.batch_size,
+        shuffle_bins=False).map(functools.partial(_packed_row, media=media))
+  out = out.batch(config.batch_size, drop_remainder=drop_remainder)
   if config.worker_count:
     out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   return out
@@ -245,5 +315,5 @@ def eval_batches(source: MultimodalSource, tokenizer: Tokenizer, media: MediaCon
   return out
 
 
-__all__ = ["MediaBatchConfig", "MediaBatchIterator", "MediaRows", "TOKEN_KEYS", "eval_batches",
-           "example_row", "media_slots"]
+__all__ = ["MediaBatchConfig", "MediaBatchIterator", "MediaRows", "TOKEN_KEYS", "check_row",
+           "eval_batches", "example_item", "example_row", "media_slots"]

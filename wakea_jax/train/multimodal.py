@@ -312,7 +312,8 @@ def run_sft(run: setup_lib.RunConfig, config: MediaModelConfig, workdir: str | p
   batching = media_batches.MediaBatchConfig(
       seq_len=data.seq_len, batch_size=data.batch_size // count, seed=data.seed,
       worker_count=config.worker_count, process_index=index, process_count=count,
-      overlength="drop" if data.overlength == "drop" else "error", **slots)
+      overlength="drop" if data.overlength == "drop" else "error",
+      packing=data.packing, **slots)
   eval_source = _source(tuple(spec for spec, _ in data.eval_sources), media, data.on_error,
                         "eval_sources")
   cached: dict[str, Any] = {}
