@@ -58,6 +58,10 @@ def get_config(arg=None):
     config.sft.data.sources = (
         (base, 0.97),
         (HARD.format(n=2000, seed=3, max_operand=99, operands=3) + "&worked=30", 0.03))
+    # Twice the learning demonstration's steps: single steps near-perfect (~92% on the
+    # standard split), so composing them is the only new thing the traces teach. From the
+    # 1500-step model LUFFY only taught the traces' form (README, issue 17).
+    config.sft.train.steps = 3000
     config.traces.update(max_operand=99, operands=3)
   # Held-out splits every model is evaluated on (greedy accuracy; pass@k off): the hard one
   # is drawn like the RL prompts.
