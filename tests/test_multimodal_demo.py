@@ -22,6 +22,7 @@ def test_multimodal_demo_pipeline(tmp_path, capsys):
   assert results["rows"][0]["chance"] == pytest.approx(0.375, abs=0.05)
   assert (tmp_path / "data" / "shapes" / "eval_prompts.jsonl").is_file()
   train = [json.loads(line) for line in (tmp_path / "data" / "shapes" / "train.jsonl").open()]
+  assert len(train) == config.data.train.vision          # the labelled set, per modality
   replies = [r["messages"][1]["content"] for r in train]
   assert any(reply.endswith(": " + r["answer"]) for reply, r in zip(replies, train))
   assert (tmp_path / "vision_seed0" / "grpo" / "export" / "hf" /

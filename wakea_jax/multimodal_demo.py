@@ -50,7 +50,7 @@ def write_task(config: ml_collections.ConfigDict, modality: str, root: pathlib.P
   else:
     extra = {"size": d.image_size} if modality == "vision" else {}
     described = {"described": d.described} if modality == "vision" else {}
-    train = task.write(directory, d.train, d.seed, split=0, **extra, **described)
+    train = task.write(directory, d.train[modality], d.seed, split=0, **extra, **described)
     held_out = task.write(directory, d.eval, d.seed, split=1, **extra)
     # GRPO's prompts are new draws (split 2): questions without the labels SFT had.
     fresh = task.write(directory, d.prompts, d.seed, split=2, **extra)
