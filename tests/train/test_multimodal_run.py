@@ -102,13 +102,18 @@ def test_projector_stage_trains_only_the_projector_and_exports_llava(tmp_path):
   np.testing.assert_allclose(loss, last["eval_loss"], rtol=1e-4)
 
 
-def test_media_batches_resume_and_bad_records_name_the_field(tmp_path):
+def _image_source(tmp_path):
+  """(config, tokenizer, MediaConfig, the train source) of the 16 px image records."""
   config = _config(tmp_path)
-  tokenizer = tokenizer_lib.tokenizer_from("")
   media = mm_data.MediaConfig(image=ImageConfig(height=16, width=16), image_token_id=1024,
                               image_tokens=4)
-  source = mm_data.load_source(config.data.sources, media)
-  batching = media_batches.MediaBatchConfig(seq_len=48, batch_size=4, max_images=1)
+  return (config, tokenizer_lib.tokenizer_from(""), media,
+          mm_data.load_source(config.data.sources, media))
+
+
+def _resumed_batches_match(source, tokenizer, media, batching):
+  """A second iterator set to the first's state after one batch gives its next 3 batches;
+  returns them."""
   first = media_batches.MediaBatchIterator(source, tokenizer, media, batching)
   next(first)
   state = first.get_state()
@@ -119,6 +124,13 @@ def test_media_batches_resume_and_bad_records_name_the_field(tmp_path):
     got = next(second)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+  return expected
+
+
+def test_media_batches_resume_and_bad_records_name_the_field(tmp_path):
+  config, tokenizer, media, source = _image_source(tmp_path)
+  batching = media_batches.MediaBatchConfig(seq_len=48, batch_size=4, max_images=1)
+  expected = _resumed_batches_match(source, tokenizer, media, batching)
   assert expected[0]["pixel_values"].shape == (4, 1, 3, 16, 16)
   assert (expected[0]["input_ids"] == 1024).sum() == 4 * 4
   assert expected[0]["loss_mask"][expected[0]["targets"] == 1024].sum() == 0
@@ -139,11 +151,7 @@ def test_packed_media_rows_keep_each_example_with_its_own_image_and_resume(tmp_p
   exactly the examples' unpacked rows (tokens, targets, loss mask, restarted positions),
   each with its own image in segment order (so the scatter puts it on its own
   placeholders), every example once; resume is exact; and an SFT run trains on them."""
-  config = _config(tmp_path)
-  tokenizer = tokenizer_lib.tokenizer_from("")
-  media = mm_data.MediaConfig(image=ImageConfig(height=16, width=16), image_token_id=1024,
-                              image_tokens=4)
-  source = mm_data.load_source(config.data.sources, media)
+  config, tokenizer, media, source = _image_source(tmp_path)
   plain = media_batches.MediaBatchConfig(seq_len=48, batch_size=4, max_images=1)
   packed = dataclasses.replace(plain, packing=True, max_images=3, seq_len=80)
   alone, keys = {}, []      # two records may draw the same picture: then the same row
@@ -168,16 +176,7 @@ def test_packed_media_rows_keep_each_example_with_its_own_image_and_resume(tmp_p
         seen.append(row["pixel_values"][k].tobytes())
       assert not row["pixel_values"][len(segments):].any()
   assert most >= 2 and sorted(seen) == sorted(keys)
-  first = media_batches.MediaBatchIterator(source, tokenizer, media, packed)
-  next(first)
-  state = first.get_state()
-  expected = [next(first) for _ in range(3)]
-  second = media_batches.MediaBatchIterator(source, tokenizer, media, packed)
-  second.set_state(state)
-  for want in expected:
-    got = next(second)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+  _resumed_batches_match(source, tokenizer, media, packed)
   config.data.packing = True
   config.data.seq_len = 64       # two examples a row
   config.media.max_media = 2
