@@ -52,7 +52,7 @@ from wakea_jax import logs
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import chat
 from wakea_jax.data import multimodal as mm_data
-from wakea_jax.data.audio import read_wav
+from wakea_jax.data.audio import load_audio
 from wakea_jax.data.tasks import multihop as multihop_task
 from wakea_jax.data.tokenizer import Tokenizer, tokenizer_from
 from wakea_jax.models.multimodal import AudioLanguageModel, VisionLanguageModel
@@ -119,11 +119,8 @@ def media_inputs(model: nnx.Module, checkpoint: str, image_paths: Sequence[str],
   inputs = media_inputs_for(model, checkpoint, "--image" if image_paths else "--audio")
   if inputs.kind == "image":
     return inputs.config, inputs.images(image_paths), np.zeros((0,), np.int64)
-  clips = []
-  for path in audio_paths:
-    samples, rate = read_wav(path)
-    clips.append((samples, rate, f"--audio: {path}"))
-  arrays, counts = inputs.clips(clips)
+  arrays, counts = inputs.clips([(load_audio(path, inputs.features), f"--audio: {path}")
+                                 for path in audio_paths])
   return inputs.config, arrays, counts
 
 

@@ -230,14 +230,15 @@ def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
   return signal.resample_poly(samples, target_rate // g, rate // g).astype(np.float32)
 
 
-def load_audio(path: PathLike, config: FeatureConfig, *, resample_to_config: bool = False
-               ) -> np.ndarray:
-  """Mono float32 samples of the WAV file `path` at `config.sampling_rate`.
+def load_audio(path: PathLike, config: FeatureConfig, *, resample_to_config: bool = False,
+               data: bytes | None = None) -> np.ndarray:
+  """Mono float32 samples of the WAV file `path` at `config.sampling_rate` (with `data`, of
+  those WAV bytes, `path` naming them, as `read_wav`).
 
   A different sample rate is a ValueError naming the file, unless `resample_to_config=True`
   asks for a polyphase resample (which changes the signal; opt in knowingly).
   """
-  samples, rate = read_wav(path)
+  samples, rate = read_wav(path, data)
   if rate == config.sampling_rate:
     return samples
   if not resample_to_config:

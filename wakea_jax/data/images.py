@@ -160,19 +160,19 @@ def load_image(path: PathLike) -> Image.Image:
   file = pathlib.Path(path)
   if not file.is_file():
     raise FileNotFoundError(f"image file {file} does not exist")
-  try:
-    with Image.open(file) as image:
-      image.load()
-      return image.copy()
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"{file}: not a readable image ({type(e).__name__}: {e})") from e
+  return _decoded(file, file)
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
   """The image encoded in `data` (PNG, JPEG, ... bytes, e.g. sent to the server), fully
   decoded; ValueError naming `where` when it is not a readable image."""
+  return _decoded(io.BytesIO(data), where)
+
+
+def _decoded(source: Any, where: Any) -> Image.Image:
+  """`Image.open(source)` fully read; ValueError naming `where` when that fails."""
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(source) as image:
       image.load()
       return image.copy()
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

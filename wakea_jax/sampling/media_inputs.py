@@ -72,20 +72,18 @@ class MediaInputs:
                        f"vision tower takes {self.image_size}x{self.image_size}")
     return {"pixel_values": pixels, "image_mask": np.ones((len(pixels),), np.int32)}
 
-  def clips(self, clips: Sequence[tuple[np.ndarray, int, str]]
+  def clips(self, clips: Sequence[tuple[np.ndarray, str]]
             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Clips (mono samples, sample rate, where they came from) -> (input_features [k, mels,
-    F] + feature_attention_mask [k, F], placeholder tokens per clip [k]). A clip at another
-    rate or longer than the feature extractor's window is a ValueError naming `where`."""
+    """Clips (mono samples at the feature extractor's rate, as `data.audio.load_audio`
+    returns them, and where they came from) -> (input_features [k, mels, F] +
+    feature_attention_mask [k, F], placeholder tokens per clip [k]). A clip longer than the
+    feature extractor's window is a ValueError naming `where`."""
     features = self.features
-    for samples, rate, where in clips:
-      if rate != features.sampling_rate:
-        raise ValueError(f"{where}: sample rate is {rate} Hz, but the feature extractor "
-                         f"expects {features.sampling_rate} Hz; resample the clip")
+    for samples, where in clips:
       if samples.shape[0] > features.n_samples:
-        raise ValueError(f"{where} is {samples.shape[0] / rate:.2f} s long, longer than the "
-                         f"feature extractor's {features.chunk_length} s window (the rest "
-                         "would be cut off); split the clip")
+        raise ValueError(f"{where} is {samples.shape[0] / features.sampling_rate:.2f} s long, "
+                         f"longer than the feature extractor's {features.chunk_length} s "
+                         "window (the rest would be cut off); split the clip")
     if clips:
       mels, frames = log_mel_features([c[0] for c in clips], features)
     else:

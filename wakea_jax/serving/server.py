@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from wakea_jax.data import chat
 from wakea_jax.data import multimodal as mm_data
-from wakea_jax.data.audio import read_wav
+from wakea_jax.data.audio import load_audio
 from wakea_jax.data.images import decode_image
 from wakea_jax.sampling.media_inputs import MediaInputs
 from wakea_jax.sampling.tool_loop import tool_turn
@@ -439,7 +439,6 @@ def _render(served: ServedModel, messages: list[dict[str, Any]], tools: Any
   the engine prefills with them (placeholders expanded to each item's tokens)."""
   parts = [p for m in messages for p in m.get("media", ())]
   plain = [{k: v for k, v in m.items() if k != "media"} for m in messages]
-  param = "messages"
   try:
     if not parts:
       return chat.render(plain, served.tokenizer, tools=tools,
@@ -453,21 +452,13 @@ def _render(served: ServedModel, messages: list[dict[str, Any]], tools: Any
                       f"{wrong[0]['kind']} inputs", param=wrong[0]["param"],
                       code="unsupported_value")
     config = inputs.config
+    decoded = [_decode_part(p, inputs) for p in parts]
     counts: Any = ()
     if inputs.kind == "image":
-      images = []
-      for p in parts:
-        param = p["param"]
-        images.append(decode_image(p["data"], p["param"]))
-      param = "messages"
-      arrays = inputs.images(images)
+      arrays = inputs.images(decoded)
       slot, placeholder = guard_lib.IMAGE_SLOT, config.image_placeholder
     else:
-      clips = []
-      for p in parts:
-        param = p["param"]
-        clips.append((*read_wav(p["param"], p["data"]), p["param"]))
-      arrays, counts = inputs.clips(clips)
+      arrays, counts = inputs.clips([(c, p["param"]) for c, p in zip(decoded, parts)])
       slot, placeholder = guard_lib.AUDIO_SLOT, config.audio_placeholder
     if placeholder != slot:
       plain = [dict(m, content=m["content"].replace(slot, placeholder)) for m in plain]
@@ -478,7 +469,18 @@ def _render(served: ServedModel, messages: list[dict[str, Any]], tools: Any
                             audio_token_counts=counts)
     return ids.tolist(), arrays
   except ValueError as e:
-    raise _APIError(400, str(e), param=param) from None
+    raise _APIError(400, str(e), param="messages") from None
+
+
+def _decode_part(part: dict[str, Any], inputs: MediaInputs) -> Any:
+  """An image part's decoded image, or an audio part's samples at the model's rate; a 400
+  naming the part when its data is not a readable image / 16-bit WAV at that rate."""
+  try:
+    if part["kind"] == "image":
+      return decode_image(part["data"], part["param"])
+    return load_audio(part["param"], inputs.features, data=part["data"])
+  except ValueError as e:
+    raise _APIError(400, str(e), param=part["param"]) from None
 
 
 def _tool_calls(text: str, served: ServedModel) -> list[dict[str, Any]]:
