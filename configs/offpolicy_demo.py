@@ -16,8 +16,14 @@ steps the model knows, one operand at a time; its SFT data adds 3% chains, 30% o
 worked like the two-operand data, so the model knows the questions and has seen the method,
 but mostly answers directly and rarely right.
 
-Variants: default, chains, test (a tiny version for the test suite). `--config.sft_dir=DIR` reuses
-an existing configs/sft.py:arithmetic workdir (e.g. the learning demonstration's sft/).
+The `direct` variant is `chains` whose SFT data answers every chain directly: the model has
+seen the worked method on two operands only, and does not sample it for a chain by itself
+(from the `chains` model, GRPO found the worked chains on its own and LUFFY did not beat it).
+Here GRPO stalls, and LUFFY's traces teach the form without the content (README, issue 17).
+
+Variants: default, chains, direct, test (a tiny version for the test suite).
+`--config.sft_dir=DIR` reuses an existing configs/sft.py:arithmetic workdir (e.g. the learning
+demonstration's sft/).
 """
 
 import ml_collections
@@ -49,7 +55,7 @@ def get_config(arg=None):
   # split=False takes each operand whole, one step per operand).
   config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999, operands=2,
                                                 split=True))
-  if variant == "chains":
+  if variant in ("chains", "direct"):
     # The learning demonstration's SFT data plus 3% chains of three, 30% of them showing the
     # work like the two-operand data: the model has seen the questions and the worked method
     # but mostly answers directly, and rarely right; LUFFY's traces show the method every
@@ -57,7 +63,8 @@ def get_config(arg=None):
     (base, _), = config.sft.data.sources
     config.sft.data.sources = (
         (base, 0.97),
-        (HARD.format(n=2000, seed=3, max_operand=99, operands=3) + "&worked=30", 0.03))
+        (HARD.format(n=2000, seed=3, max_operand=99, operands=3)
+         + ("&worked=30" if variant == "chains" else ""), 0.03))
     # Twice the learning demonstration's steps: single steps near-perfect (~92% on the
     # standard split), so composing them is the only new thing the traces teach. From the
     # 1500-step model LUFFY only taught the traces' form (README, issue 17).
@@ -85,7 +92,7 @@ def get_config(arg=None):
   grpo.experience.start_accuracy = 0.0
   config.grpo = grpo
 
-  if variant in ("default", "chains"):
+  if variant in ("default", "chains", "direct"):
     pass
   elif variant == "test":
     config.seeds = (0,)
@@ -108,5 +115,6 @@ def get_config(arg=None):
     grpo.data.eval_sources = config.eval_splits.hard
     config.eval_splits.standard = "task:arithmetic?n=8&seed=777&max_operand=99&tools=0"
   else:
-    raise ValueError(f"unknown offpolicy_demo variant {variant!r}; use default, chains or test")
+    raise ValueError(f"unknown offpolicy_demo variant {variant!r}; "
+                     "use default, chains, direct or test")
   return config

@@ -41,7 +41,7 @@ def test_unknown_arm_fails_before_training(tmp_path):
   assert not (tmp_path / "sft").exists()
 
 
-@pytest.mark.parametrize("variant", ["default", "chains"])
+@pytest.mark.parametrize("variant", ["default", "chains", "direct"])
 def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   """Each variant's trace file keys onto its RL prompts one for one, every trace ends in the
   prompt's answer, and the hard split is drawn like the prompts (chains of three there)."""
@@ -54,8 +54,10 @@ def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   assert n == len(traces) == len(prompts) == 50
   assert [t.key for t in traces] == [offpolicy_lib.trace_key(p) for p in prompts]
   assert all(t.text.endswith(f"The answer is {p.answer}.") for t, p in zip(traces, prompts))
-  operands = 3 if variant == "chains" else 2
+  operands = 2 if variant == "default" else 3
   assert f"operands={operands}" in config.eval_splits.hard
   assert "seed=777" in config.eval_splits.hard
-  if variant == "chains":   # the SFT data has seen a few chains
-    assert any("operands=3" in spec for spec, _ in config.sft.data.sources)
+  if variant != "default":   # the SFT data has seen a few chains: worked only in `chains`
+    chains = [spec for spec, _ in config.sft.data.sources if "operands=3" in spec]
+    assert len(chains) == 1
+    assert ("worked=" in chains[0]) == (variant == "chains")
