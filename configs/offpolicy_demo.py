@@ -59,7 +59,8 @@ def get_config(arg=None):
     # The learning demonstration's SFT data plus 3% chains of three, 30% of them showing the
     # work like the two-operand data: the model has seen the questions and the worked method
     # but mostly answers directly, and rarely right; LUFFY's traces show the method every
-    # time (the paper's setting: a pattern the model rarely samples by itself).
+    # time (the paper's setting: a pattern the model rarely samples by itself). `direct`
+    # shows the work on no chain, so the model never samples the method for one.
     (base, _), = config.sft.data.sources
     config.sft.data.sources = (
         (base, 0.97),
