@@ -104,6 +104,11 @@ def test_index_finds_and_picks_deterministically(tmp_path) -> None:
   assert len(index.pick(run_prompt, 9, np.random.default_rng(0))) == 5
   other = to_prompt_record({"prompt": "unknown"}, "run:2")
   assert other not in index and index.pick(other, 1, np.random.default_rng(0)) == []
+  assert index.most_per_prompt == 5 and op.TraceIndex([]).most_per_prompt == 0
+  assert op.per_group_shortfall(index, 5) is None
+  assert re.search(r"per_group=6 but no prompt has more than 5 traces: each group takes at "
+                   r"most 5", op.per_group_shortfall(index, 6))
+  assert "than 0 traces" in op.per_group_shortfall(op.TraceIndex([]), 1)
 
 
 def test_min_trace_reward_uses_given_or_computed_rewards(tmp_path) -> None:

@@ -320,6 +320,9 @@ class Learner:
       if not counts["kept"]:
         raise ValueError(f"offpolicy.traces={self.offpolicy.traces!r}: no trace is left "
                          f"({counts}); lower offpolicy.min_trace_reward or check the file")
+      shortfall = offpolicy_lib.per_group_shortfall(self.traces, self.offpolicy.per_group)
+      if shortfall:
+        logging.warning(shortfall)
     self.buffer: experience_lib.ExperienceBuffer | None = None
     self.prompt_index: dict[str, prompts_lib.PromptRecord] = {}   # the replays' prompts
     if self.experience.enabled:   # one buffer per process, of the prompts it draws

@@ -220,6 +220,11 @@ class TraceIndex:
     """How many distinct prompts have traces."""
     return len(self._by_key)
 
+  @property
+  def most_per_prompt(self) -> int:
+    """The most traces any one prompt has (0 when empty): a group takes at most that many."""
+    return max((len(v) for v in self._by_key.values()), default=0)
+
   def for_prompt(self, prompt: prompts_lib.PromptRecord | Sequence[Mapping[str, Any]]
                  ) -> list[Trace]:
     """Every trace of `prompt` (in file order); [] when it has none."""
@@ -235,6 +240,17 @@ class TraceIndex:
     if len(found) <= n:
       return list(found)
     return [found[i] for i in sorted(rng.choice(len(found), size=n, replace=False))]
+
+
+def per_group_shortfall(index: TraceIndex, per_group: int) -> str | None:
+  """A warning when `per_group` asks for more traces than any prompt has (a group takes
+  min(per_group, its prompt's traces), so the extra members stay on-policy); else None."""
+  most = index.most_per_prompt
+  if per_group <= most:
+    return None
+  return (f"offpolicy.per_group={per_group} but no prompt has more than {most} trace"
+          f"{'s' if most != 1 else ''}: each group takes at most {most} (write several traces "
+          f"per prompt for more off-policy members, or lower per_group)")
 
 
 def select_traces(traces: Sequence[Trace], *, min_trace_reward: float | None = None,
