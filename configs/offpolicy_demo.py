@@ -21,7 +21,12 @@ seen the worked method on two operands only, and does not sample it for a chain 
 (from the `chains` model, GRPO found the worked chains on its own and LUFFY did not beat it).
 Here GRPO stalls, and LUFFY's traces teach the form without the content (README, issue 17).
 
-Variants: default, chains, direct, test (a tiny version for the test suite).
+The `inrange` variant is `direct` with chain operands up to 50 (SFT chains, RL prompts,
+traces and the hard split): every step of a chain's worked answer then has a left operand up
+to 100 and a tens part up to 50, as in the two-operand worked steps the model computes (with
+operands up to 99 a chain's running value reaches ~290, outside anything it was taught).
+
+Variants: default, chains, direct, inrange, test (a tiny version for the test suite).
 `--config.sft_dir=DIR` reuses an existing configs/sft.py:arithmetic workdir (e.g. the learning
 demonstration's sft/).
 """
@@ -55,22 +60,23 @@ def get_config(arg=None):
   # split=False takes each operand whole, one step per operand).
   config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999, operands=2,
                                                 split=True))
-  if variant in ("chains", "direct"):
+  if variant in ("chains", "direct", "inrange"):
     # The learning demonstration's SFT data plus 3% chains of three, 30% of them showing the
     # work like the two-operand data: the model has seen the questions and the worked method
     # but mostly answers directly, and rarely right; LUFFY's traces show the method every
     # time (the paper's setting: a pattern the model rarely samples by itself). `direct`
     # shows the work on no chain, so the model never samples the method for one.
     (base, _), = config.sft.data.sources
+    chain_max = 50 if variant == "inrange" else 99
     config.sft.data.sources = (
         (base, 0.97),
-        (HARD.format(n=2000, seed=3, max_operand=99, operands=3)
+        (HARD.format(n=2000, seed=3, max_operand=chain_max, operands=3)
          + ("&worked=30" if variant == "chains" else ""), 0.03))
     # Twice the learning demonstration's steps: single steps near-perfect (~92% on the
     # standard split), so composing them is the only new thing the traces teach. From the
     # 1500-step model LUFFY only taught the traces' form (README, issue 17).
     config.sft.train.steps = 3000
-    config.traces.update(max_operand=99, operands=3)
+    config.traces.update(max_operand=chain_max, operands=3)
   # Held-out splits every model is evaluated on (greedy accuracy; pass@k off): the hard one
   # is drawn like the RL prompts.
   config.eval_splits = ml_collections.ConfigDict(dict(
@@ -93,7 +99,7 @@ def get_config(arg=None):
   grpo.experience.start_accuracy = 0.0
   config.grpo = grpo
 
-  if variant in ("default", "chains", "direct"):
+  if variant in ("default", "chains", "direct", "inrange"):
     pass
   elif variant == "test":
     config.seeds = (0,)
@@ -117,5 +123,5 @@ def get_config(arg=None):
     config.eval_splits.standard = "task:arithmetic?n=8&seed=777&max_operand=99&tools=0"
   else:
     raise ValueError(f"unknown offpolicy_demo variant {variant!r}; "
-                     "use default, chains, direct or test")
+                     "use default, chains, direct, inrange or test")
   return config

@@ -41,7 +41,7 @@ def test_unknown_arm_fails_before_training(tmp_path):
   assert not (tmp_path / "sft").exists()
 
 
-@pytest.mark.parametrize("variant", ["default", "chains", "direct"])
+@pytest.mark.parametrize("variant", ["default", "chains", "direct", "inrange"])
 def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   """Each variant's trace file keys onto its RL prompts one for one, every trace ends in the
   prompt's answer, and the hard split is drawn like the prompts (chains of three there)."""
