@@ -1,4 +1,5 @@
-"""GRPO on image prompts: rollouts prefilled with the images, scored and trained with them."""
+"""GRPO on image prompts: rollouts prefilled with the images, scored and trained with them
+(also with a bfloat16 / int8 rollout decoder, and on a tensor-parallel rollout mesh)."""
 
 import dataclasses
 import json
@@ -6,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.train.test_multimodal_run import _records
 from wakea_jax.checkpoints.llava import load_llava
@@ -134,10 +136,86 @@ def test_grpo_run_on_image_prompts_trains_evaluates_and_exports(sft_dir):
   load_llava(sft_dir / "grpo" / "export" / "hf")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_rollout_dtype_on_image_prompts_converts_the_decoder_and_reports_the_gap(
+    sft_dir, monkeypatch, dtype):
+  """rollout.dtype with image prompts: the sampler runs a LLaVA model whose decoder is the
+  bfloat16 / int8 copy and whose tower and projector are the trainer's own params (float32);
+  its greedy rollouts see the images (they are the float32 policy's, or nearly); a GRPO
+  step re-scores with the trainer and logs a small, non-zero sampler-trainer gap."""
+  from tests.parallel.rl_child import vowel_reward
+  from wakea_jax.rl import rewards as rewards_lib
+
+  monkeypatch.setitem(rewards_lib.REWARDS, "vowels", vowel_reward)   # varies per completion
+  config = _grpo(sft_dir)
+  config.train.update(steps=1, eval_every=100, eval_at_start=False)
+  config.reward = {"vowels": {"weight": 1.0}}
+  config.rollout.dtype = dtype
+  learner = make_learner(config, sft_dir / f"rollout_{dtype}")
+  assert learner.rescore                 # "auto" with a rollout dtype re-scores
+  assert learner.sampler.config.dtype == ("bfloat16" if dtype == "bfloat16" else "float32")
+  rollout = nnx.merge(learner.rollout_model.graphdef, learner.rollout_params())
+  trainer = nnx.merge(learner.built.graphdef, learner.policy_params())
+  assert type(rollout) is type(trainer)
+  for part in ("vision_tower", "projector"):        # the trainer's, unconverted
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(getattr(rollout, part))),
+                            jax.tree.leaves(nnx.state(getattr(trainer, part))), strict=True):
+      assert ours.dtype == np.float32
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  kinds = {str(x.dtype) for x in jax.tree.leaves(nnx.state(rollout.language_model))}
+  assert kinds == ({"bfloat16"} if dtype == "bfloat16" else {"int8", "float32"})
+  # Greedy rollouts of the rollout copy and of the trainer's float32 policy, same prompts.
+  prompts = learner.prompts.take(4)
+  greedy = dataclasses.replace(learner.sampler, temperature=0.0)
+  reference = dataclasses.replace(greedy, graphdef=learner.built.graphdef,
+                                  config=trainer.config.text)
+
+  def rollouts(sampler, params):
+    return rollout_lib.generate_rollouts(
+        sampler, params, prompts, tokenizer=learner.tokenizer, config=learner.rollout,
+        rng=jax.random.key(3), media=learner.media)
+
+  ours = rollouts(greedy, learner.rollout_params())
+  theirs = rollouts(reference, learner.policy_params())
+  same = np.mean([a == b for a, b in zip(ours.completion_ids, theirs.completion_ids)])
+  print(f"rollout.dtype={dtype}: {same:.0%} of greedy media rollouts equal float32's")
+  assert same >= 0.75
+  last = learner.train()
+  assert np.isfinite(last["loss"]) and last["grad_norm"] > 0
+  gap_max, gap_mean = last["logprob_gap_sampler_trainer"], last["logprob_gap_mean"]
+  print(f"rollout.dtype={dtype}: logprob gap mean {gap_mean:.2e}, max {gap_max:.2e}")
+  assert 0 < gap_mean <= gap_max < 0.5, (gap_mean, gap_max)
+
+
+def test_tensor_parallel_rollouts_on_image_prompts_equal_the_trainer_meshs(sft_dir):
+  """rollout.tensor=2 with image prompts: the tower, projector and decoder are resharded onto
+  the (data, tensor=2) mesh by their logical axes (the tower's heads split there), and the
+  rollouts are those sampled on the trainer's mesh: the same tokens, log-probs within 1e-5."""
+  config = _grpo(sft_dir)
+  single = make_learner(config, sft_dir / "tensor0")
+  config.rollout.tensor = 2
+  split = make_learner(config, sft_dir / "tensor2")
+  params = split.rollout_params()
+  assert {dict(x.sharding.mesh.shape)["tensor"] for x in jax.tree.leaves(params)} == {2}
+  tower = nnx.state(nnx.merge(split.rollout_model.graphdef, params).vision_tower)
+  assert any("tensor" in str(x.sharding.spec) for x in jax.tree.leaves(tower))
+  prompts = single.prompts.take(4)
+
+  def rollouts(learner):
+    return rollout_lib.generate_rollouts(
+        learner.sampler, learner.rollout_params(), prompts, tokenizer=learner.tokenizer,
+        config=learner.rollout, rng=jax.random.key(4), media=learner.media)
+
+  want, got = rollouts(single), rollouts(split)
+  assert got.completion_ids == want.completion_ids
+  for ours, theirs in zip(got.sampler_logprobs, want.sampler_logprobs):
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_media_runs_refuse_what_is_not_wired(sft_dir):
   config = _grpo(sft_dir)
-  config.rollout.dtype = "bfloat16"
-  with pytest.raises(ValueError, match=r"rollout.dtype is not supported with media"):
+  config.experience.enabled = True
+  with pytest.raises(ValueError, match=r"experience.enabled is not supported with media"):
     make_learner(config, sft_dir / "bad")
 
 

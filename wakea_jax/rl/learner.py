@@ -188,16 +188,15 @@ def _check(objective: str, rl_run: RLRunConfig) -> None:
       raise ValueError("PPO scores the rollouts for its values anyway: rl.old_logprobs must be "
                        "'auto' or 'trainer', not 'sampler'")
   if rl_run.media.enabled:
-    r = rl_run.rollout
     unsupported = {"offpolicy.traces": rl_run.offpolicy.enabled,
                    "experience.enabled": rl_run.experience.enabled,
-                   "rollout.dtype": bool(r.dtype),
-                   "rollout.tensor": bool(r.tensor), "objective 'ppo'": objective == "ppo"}
+                   "objective 'ppo'": objective == "ppo"}
     used = [name for name, on in unsupported.items() if on]
     if used:
       raise ValueError(f"media.kind={rl_run.media.kind!r}: {', '.join(used)} is not supported "
                        "with media prompts yet (GRPO-family objectives, static or continuous "
-                       "batching, tools and search protocols allowed)")
+                       "batching, tools and search protocols, rollout.dtype and rollout.tensor "
+                       "allowed)")
   if rl_run.rollout.dtype and rl_run.rl.old_logprobs == "sampler":
     # The bf16 / int8 sampler is not the policy being trained: its log-probs as the old
     # ones would make the ratio (and the clip) measure the precision gap, not the update.

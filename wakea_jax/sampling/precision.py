@@ -20,11 +20,19 @@ is measured every step (rl/learner.py).
               the decoder reads them without `layers.dense`, and the LM head is the one
               matrix whose error lands on the logits unfiltered.
 
-LoRA: the rollout model is always a plain decoder. Adapters are merged first (W + scale A B,
+LoRA: the rollout decoder is always a plain one. Adapters are merged first (W + scale A B,
 an NF4 base dequantized: `lora.merge_lora`), so decoding runs no low-rank branch and int8
 quantizes the weight the policy actually applies. The rollout graph is that of a fresh
 `Transformer` of the rollout config (`nnx.eval_shape`, no memory), so it owes nothing to how
 the trainer's modules hold their config.
+
+Media models (`VisionLanguageModel` / `AudioLanguageModel`, GRPO on image or audio prompts):
+only the text decoder is converted, as above; the tower and projector keep the trainer's
+params and dtype. They run once per prompt, in the prefill, while the decoder's weights are
+read at every decode step, so that is where the bandwidth goes; the projected features are
+cast to the decoder's dtype where they are written over the placeholders. The rollout model
+is a media model of the same class (a fresh one's tower and projector, the trainer's params)
+whose `language_model` is the rollout decoder and whose `config.text` that decoder's config.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from flax import nnx
 from wakea_jax.models import lora as lora_lib
 from wakea_jax.models.config import ModelConfig
 from wakea_jax.models.int8 import Int8Weight
+from wakea_jax.models.media import is_multimodal
 from wakea_jax.models.quant import NF4Weight
 from wakea_jax.models.stacking import layer_list, set_layers
 from wakea_jax.models.transformer import Transformer
@@ -69,6 +78,19 @@ def _plain_graphdef(config: ModelConfig) -> nnx.GraphDef:
   return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))[0]
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder_graphdef(cls: type, config: object) -> nnx.GraphDef:
+  """The graph of a fresh media model of `config` without its text decoder: the tower and
+  projector (shapes only, nothing allocated)."""
+
+  def make() -> nnx.Module:
+    model = cls(config, rngs=nnx.Rngs(0))
+    del model.language_model
+    return model
+
+  return nnx.split(nnx.eval_shape(make))[0]
+
+
 def _adapted(model: nnx.Module) -> bool:
   return any(isinstance(node, (lora_lib.LoRAWeight, NF4Weight))
              for _, node in nnx.iter_graph(model))
@@ -86,12 +108,22 @@ def quantize_projections(model: Transformer) -> Transformer:
   return model
 
 
-def rollout_model(model: Transformer, dtype: str) -> Transformer:
+def rollout_model(model: nnx.Module, dtype: str) -> nnx.Module:
   """A plain decoder computing `model`'s policy at rollout precision `dtype` (a new module;
-  `model` is not changed). Works on concrete, traced and abstract state."""
+  `model` is not changed); for a media model, one of its class with the tower and projector
+  as they are and that decoder as `language_model` (the module docstring). Works on
+  concrete, traced and abstract state."""
   check_dtype(dtype)
+  if is_multimodal(model):
+    decoder = rollout_model(model.language_model, dtype)
+    encoder = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("language_model"))))
+    out = nnx.merge(_encoder_graphdef(type(model), model.config), encoder)
+    out.language_model = decoder
+    out.config = dataclasses.replace(model.config, text=decoder.config)
+    return out
   if not isinstance(model, Transformer):
-    raise TypeError(f"rollout precision needs a Transformer, got {type(model).__name__}")
+    raise TypeError(f"rollout precision needs a Transformer or a vision- / audio-language "
+                    f"model, got {type(model).__name__}")
   plain = lora_lib.merge_lora(model) if _adapted(model) else model
   config = rollout_config(plain.config, dtype)
   params = nnx.state(plain, nnx.Param)
@@ -124,7 +156,7 @@ def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
     model_config = getattr(model_config, "text", model_config)
     return RolloutModel(dtype, graphdef, model_config, lambda p: p)
 
-  def build(p: nnx.State) -> Transformer:
+  def build(p: nnx.State) -> nnx.Module:
     return rollout_model(nnx.merge(graphdef, p), dtype)
 
   abstract = nnx.eval_shape(build, jax.tree.map(_abstract, params))
@@ -132,7 +164,8 @@ def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
   shardings = (None if mesh is None
                else mesh_lib.state_shardings(abstract_state, mesh, rules))
   convert = jax.jit(lambda p: nnx.split(build(p))[1], out_shardings=shardings)
-  return RolloutModel(dtype, rollout_graphdef, abstract.config, convert)
+  config = getattr(abstract.config, "text", abstract.config)   # a media model's decoder's
+  return RolloutModel(dtype, rollout_graphdef, config, convert)
 
 
 def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
