@@ -57,9 +57,10 @@ def get_config(arg=None):
   config.sft_dir = ""                    # "" trains config.sft in WORKDIR/sft
   config.sft = _load("sft", "arithmetic")
   # LUFFY's traces: the expert's worked answers for the RL training prompts (chains:
-  # split=False takes each operand whole, one step per operand).
+  # split=False takes each operand whole, one step per operand; style="reduce" reduces the
+  # expression one operation at a time, "23 + 45 - 17 = 68 - 17 = 51").
   config.traces = ml_collections.ConfigDict(dict(n=4000, seed=100, max_operand=999, operands=2,
-                                                split=True))
+                                                split=True, style="steps"))
   if variant in ("chains", "direct", "inrange"):
     # The learning demonstration's SFT data plus 3% chains of three, 30% of them showing the
     # work like the two-operand data: the model has seen the questions and the worked method

@@ -68,7 +68,8 @@ def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
     records = arithmetic.expert_traces(config.traces.n, config.traces.seed,
                                        max_operand=config.traces.max_operand,
                                        operands=config.traces.operands,
-                                       split=config.traces.split)
+                                       split=config.traces.split,
+                                       style=config.traces.style)
     sources.write_jsonl(records, path)
   with open(path) as f:
     return sum(1 for _ in f)

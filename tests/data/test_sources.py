@@ -215,6 +215,21 @@ def test_arithmetic_chains_and_their_worked_answers():
     steps = _check_steps(plain["trace"])
     assert len(steps) == 2 and steps[1][0] == steps[0][3]
     assert plain["trace"].endswith(f"The answer is {record['answer']}.")
+  # style="reduce": the expression reduced one operation at a time, tail carried along.
+  reduced = arithmetic.expert_traces(300, 3, max_operand=99, operands=3, style="reduce")
+  for record, red in zip(records, reduced):
+    assert red["messages"] == record["messages"] and red["answer"] == record["answer"]
+    body = red["trace"].removesuffix(f". The answer is {red['answer']}.")
+    first, middle, last = body.split(" = ")
+    a, op1, b, op2, c = first.split()
+    ab = int(a) + int(b) if op1 == "+" else int(a) - int(b)   # independent of the code
+    assert middle == f"{ab} {op2} {c}" and last == red["answer"]
+  assert arithmetic.reduced_chain((5, "+", 6, "+", 7, "-", 3)) == (
+      "5 + 6 + 7 - 3 = 11 + 7 - 3 = 18 - 3 = 15. The answer is 15.")
+  with pytest.raises(ValueError, match="style must be one of"):
+    arithmetic.expert_traces(2, 3, max_operand=99, operands=3, style="tree")
+  with pytest.raises(ValueError, match="reduces chains"):
+    arithmetic.expert_traces(2, 3, max_operand=99, style="reduce")
   # Two operands: the chain method is worked_answer itself.
   for a, op, b in ((47, "+", 85), (93, "-", 40), (12, "-", 7), (5, "+", 61)):
     assert arithmetic.worked_chain((a, op, b)) == arithmetic.worked_answer(a, op, b)

@@ -133,6 +133,24 @@ def worked_chain(terms: tuple[Any, ...], split: bool = True) -> str:
   return f"{', '.join(steps)}. The answer is {value}."
 
 
+def reduced_chain(terms: tuple[Any, ...]) -> str:
+  """The chain reduced one operation at a time, the rest of the expression carried along:
+  "23 + 45 - 17 = 68 - 17 = 51. The answer is 51.". Each step is a direct two-operand answer
+  followed by a copy of the expression's tail, both of which a model that answers
+  "{expression} = {value}" already does; only the composition is new."""
+  if any(op not in "+-" for op in terms[1::2]):
+    raise ValueError(f"reduced_chain: only + and - chain, got {terms}")
+  parts = [" ".join(str(t) for t in terms)]
+  value = terms[0]
+  for i in range(1, len(terms), 2):
+    value = value + terms[i + 1] if terms[i] == "+" else value - terms[i + 1]
+    parts.append(" ".join(str(t) for t in (value, *terms[i + 2:])))
+  return f"{' = '.join(parts)}. The answer is {value}."
+
+
+TRACE_STYLES = ("steps", "reduce")
+
+
 def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int = 0
                         ) -> dict[str, Any]:
   """A direct-answer dialogue for a chain (no calculator: its tool evaluates `a op b` only);
@@ -267,17 +285,24 @@ def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int
 
 
 def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 0,
-                  worked: int = 0, operands: int = 2, split: bool = True
-                  ) -> list[dict[str, Any]]:
+                  worked: int = 0, operands: int = 2, split: bool = True,
+                  style: str = "steps") -> list[dict[str, Any]]:
   """Off-policy traces for LUFFY (`wakea_jax.rl.offpolicy`): for each of `prompts`' records
   with the same arguments, `{"messages", "trace", "answer"}` where the trace is the worked
   answer (`worked_answer`, or `worked_chain` for chains) an expert who always shows its work
-  writes (a chain's `split=False`: one step per operand). The prompt messages
+  writes (a chain's `split=False`: one step per operand), or, with `style="reduce"`, a
+  chain reduced one operation at a time (`reduced_chain`). The prompt messages
   are exactly `prompts`' (the trace file of a run's prompt source keys onto its prompts)."""
+  if style not in TRACE_STYLES:
+    raise ValueError(f"expert_traces: style must be one of {TRACE_STYLES}, got {style!r}")
+  if style == "reduce" and operands == 2:
+    raise ValueError("expert_traces: style 'reduce' reduces chains (operands >= 3); a "
+                     "two-operand question has a single step")
   if tools:
     raise ValueError("expert traces answer directly; use tools=0 (the traces of a tool-calling "
                      "prompt would need the tool's turns)")
   return [{**_prompt_record(dialogue, answer),
-           "trace": worked_chain(question, split) if operands != 2 else worked_answer(*question)}
+           "trace": (worked_answer(*question) if operands == 2 else reduced_chain(question)
+                     if style == "reduce" else worked_chain(question, split))}
           for dialogue, answer, question in _dialogues(num_examples, seed, max_operand, 0,
                                                        worked, operands)]
