@@ -54,6 +54,11 @@ def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   assert n == len(traces) == len(prompts) == 50
   assert [t.key for t in traces] == [offpolicy_lib.trace_key(p) for p in prompts]
   assert all(t.text.endswith(f"The answer is {p.answer}.") for t, p in zip(traces, prompts))
+  assert offpolicy_demo.write_traces(config, tmp_path / "traces.jsonl") == 50   # reused
+  if variant == "inrange":   # other settings in the same workdir: refused, naming the field
+    config.traces.style = "reduce"
+    with pytest.raises(ValueError, match=r"traces\.jsonl was written with .*differs in style"):
+      offpolicy_demo.write_traces(config, tmp_path / "traces.jsonl")
   operands = 2 if variant == "default" else 3
   assert f"operands={operands}" in config.eval_splits.hard
   assert "seed=777" in config.eval_splits.hard

@@ -63,7 +63,19 @@ def _timed(fn, *args) -> tuple[Any, float]:
 
 
 def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
-  """The expert's worked answers for the RL training prompts, as a LUFFY trace file."""
+  """The expert's worked answers for the RL training prompts, as a LUFFY trace file. The
+  settings they were made with are kept beside it (`*.settings.json`); a re-run with other
+  config.traces settings is refused rather than silently reusing the old traces."""
+  settings = {k: config.traces[k] for k in sorted(config.traces.keys())}
+  settings_path = path.with_suffix(".settings.json")
+  if path.exists() and settings_path.exists():
+    old = json.loads(settings_path.read_text())
+    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if changed:
+      raise ValueError(
+          f"{path} was written with config.traces {old}, this run asks for {settings} "
+          f"(differs in {', '.join(changed)}); use a new workdir (--config.sft_dir can share "
+          "the SFT model)")
   if not path.exists():
     records = arithmetic.expert_traces(config.traces.n, config.traces.seed,
                                        max_operand=config.traces.max_operand,
@@ -71,6 +83,7 @@ def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
                                        split=config.traces.split,
                                        style=config.traces.style)
     sources.write_jsonl(records, path)
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
   with open(path) as f:
     return sum(1 for _ in f)
 
