@@ -1,0 +1,26 @@
+"""tools/bench_matvec.py at toy size: the bandwidth references and every engine's dot rate,
+with the ratio of the XLA dots to the memcpy bound."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_matvec.py"
+
+
+def test_bench_matvec_prints_rates_and_the_bound():
+  out = subprocess.run(
+      [sys.executable, str(BENCH), "--preset=tiny", "--batch=2", "--repeats=2", "--no_torch"],
+      capture_output=True, text=True, timeout=300, check=True,
+      env={**os.environ, "XLA_FLAGS": ""}).stdout   # one device, not the suite's 8
+  assert re.search(r"machine: .+, 1 device", out), out
+  # tiny: 2 layers x 7 projections + the LM head; 64-wide, vocabulary 256.
+  assert "tiny decode matmuls: 15 dots" in out, out
+  for name in ("read, 1 thread", "read, 2 threads", "memcpy \\(read \\+ write\\)",
+               "XLA:CPU \\(jax.jit\\)", "numpy \\(OpenBLAS\\)"):
+    match = re.search(rf"^  {name} +([\d.]+) GB/s", out, re.MULTILINE)
+    assert match and float(match.group(1)) > 0, (name, out)
+  assert "torch" not in out
+  assert re.search(r"the XLA dots alone take [\d.]+ ms \([\d.]+x the bound\)$", out.strip()), out

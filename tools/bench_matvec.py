@@ -1,0 +1,126 @@
+r"""What a decode step's matmuls can reach on this CPU: small-batch dots against bandwidth.
+
+  python tools/bench_matvec.py [--batch=8 --preset=bench56m --repeats=20 --no_torch]
+
+A decode step multiplies a few rows (the batch) by every weight matrix once, so it is often
+called bandwidth-bound and measured against a bound of bytes over memcpy bandwidth
+(tools/bench_sample.py). This benchmark asks how fast the dots themselves stream weights:
+for the preset's decode matmuls (every layer's q, k, v, o, gate, up and down, then the LM
+head: distinct weights, as a step reads them) at `batch` rows it prints the weight bytes
+streamed per second by
+
+  - XLA:CPU (the step's dots jitted as one program), the sampler's engine;
+  - numpy (OpenBLAS) and, when installed, torch (`F.linear`), the references;
+
+beside the memory bandwidth measured in the same run: a single-thread read (numpy sum), a
+two-thread read, and memcpy (read + write, as bench_sample.py's bound counts it). The step
+time the dots alone need at the XLA rate is printed as the attainable decode step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from absl import app, flags
+from machine import cpu_model
+
+_PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset whose decode matmuls to run.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows per dot (the decode batch).")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats of each measurement.")
+_NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the torch reference.")
+
+
+def _timed(fn, repeats: int) -> float:
+  """Seconds per call, after one warm-up call."""
+  fn()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  return (time.perf_counter() - start) / repeats
+
+
+def read_bandwidths(repeats: int) -> dict[str, float]:
+  """Bytes per second: one thread summing 256 MiB, two threads a half each, and memcpy
+  (2x the bytes copied, read + write)."""
+  import numpy as np
+  a = np.ones(64 * 2 ** 20, np.float32)
+  halves = (a[:a.size // 2], a[a.size // 2:])
+
+  def two_threads():
+    threads = [threading.Thread(target=h.sum) for h in halves]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+
+  dst = np.empty_like(a)
+  return {"read, 1 thread": a.nbytes / _timed(a.sum, repeats),
+          "read, 2 threads": a.nbytes / _timed(two_threads, repeats),
+          "memcpy (read + write)": 2 * a.nbytes / _timed(lambda: np.copyto(dst, a), repeats)}
+
+
+def decode_shapes(preset: str) -> list[tuple[int, int]]:
+  """(in, out) of every decode matmul of `preset`, in step order."""
+  from wakea_jax.models.config import get_preset
+  c = get_preset(preset)
+  d, q, kv, m = c.embed_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.mlp_dim
+  layer = [(d, q), (d, kv), (d, kv), (q, d), (d, m), (d, m), (m, d)]
+  return layer * c.num_layers + [(d, c.vocab_size)]
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  b, repeats = _BATCH.value, _REPEATS.value
+  shapes = decode_shapes(_PRESET.value)
+  rng = np.random.default_rng(0)
+  weights = [rng.standard_normal(s, dtype=np.float32) / np.float32(np.sqrt(s[0]))
+             for s in shapes]
+  nbytes = sum(w.nbytes for w in weights)
+  print(f"machine: {cpu_model()}, {jax.device_count()} device(s), jax {jax.__version__}")
+  print(f"{_PRESET.value} decode matmuls: {len(shapes)} dots, {nbytes / 1e6:.1f} MB of float32 "
+        f"weights, batch {b}")
+  bandwidth = read_bandwidths(repeats)
+  for name, value in bandwidth.items():
+    print(f"  {name:<24} {value / 1e9:7.1f} GB/s")
+
+  # Each dot takes a fixed [b, in] input (the chain's activations are not what is measured,
+  # and a fixed input keeps every dot independent of the last one's values).
+  inputs = {s[0]: rng.standard_normal((b, s[0]), dtype=np.float32) for s in shapes}
+
+  def run_all(dot, xs, ws):
+    return [dot(xs[w.shape[0]], w) for w in ws]
+
+  jit_weights = [jnp.asarray(w) for w in weights]
+  jit_inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
+  step = jax.jit(lambda xs, ws: run_all(jnp.dot, xs, ws))
+  rates = {"XLA:CPU (jax.jit)": nbytes / _timed(
+      lambda: jax.block_until_ready(step(jit_inputs, jit_weights)), repeats)}
+  rates["numpy (OpenBLAS)"] = nbytes / _timed(lambda: run_all(np.dot, inputs, weights), repeats)
+  if not _NO_TORCH.value:
+    try:
+      import torch
+    except ImportError:
+      torch = None
+    if torch is not None:
+      t_weights = [torch.from_numpy(np.ascontiguousarray(w.T)) for w in weights]   # [out, in]
+      t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+      with torch.no_grad():
+        rates[f"torch {torch.__version__} (F.linear)"] = nbytes / _timed(
+            lambda: [torch.nn.functional.linear(t_inputs[w.shape[1]], w) for w in t_weights],
+            repeats)
+  print("weights streamed by the dots:")
+  for name, rate in rates.items():
+    print(f"  {name:<24} {rate / 1e9:7.1f} GB/s  ({nbytes / rate * 1e3:6.2f} ms per step)")
+  memcpy = bandwidth["memcpy (read + write)"]
+  xla = rates["XLA:CPU (jax.jit)"]
+  print(f"bound by memcpy bandwidth: {nbytes / memcpy * 1e3:.2f} ms per step for these weights; "
+        f"the XLA dots alone take {nbytes / xla * 1e3:.2f} ms ({memcpy / xla:.2f}x the bound)")
+
+
+if __name__ == "__main__":
+  app.run(main)
