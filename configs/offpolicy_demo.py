@@ -22,9 +22,10 @@ seen the worked method on two operands only, and does not sample it for a chain 
 Here GRPO stalls, and LUFFY's traces teach the form without the content (README, issue 17).
 
 The `inrange` variant is `direct` with chain operands up to 50 (SFT chains, RL prompts,
-traces and the hard split): every step of a chain's worked answer then has a left operand up
-to 100 and a tens part up to 50, as in the two-operand worked steps the model computes (with
-operands up to 99 a chain's running value reaches ~290, outside anything it was taught).
+traces and the hard split): every tens step of a chain's worked answer then has a left
+operand up to 100 and a tens part up to 50 (ones steps up to ~140), as in the two-operand
+worked steps the model computes (with operands up to 99 a chain's running value reaches
+~290, outside anything it was taught).
 
 Variants: default, chains, direct, inrange, test (a tiny version for the test suite).
 `--config.sft_dir=DIR` reuses an existing configs/sft.py:arithmetic workdir (e.g. the learning
