@@ -23,7 +23,7 @@ import threading
 import time
 
 from absl import app, flags
-from machine import cpu_model
+from machine import cpu_model, memcpy_bandwidth
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset whose decode matmuls to run.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per dot (the decode batch).")
@@ -42,7 +42,7 @@ def _timed(fn, repeats: int) -> float:
 
 def read_bandwidths(repeats: int) -> dict[str, float]:
   """Bytes per second: one thread summing 256 MiB, two threads a half each, and memcpy
-  (2x the bytes copied, read + write)."""
+  (`machine.memcpy_bandwidth`, bench_sample.py's: 2x the bytes copied, read + write)."""
   import numpy as np
   a = np.ones(64 * 2 ** 20, np.float32)
   halves = (a[:a.size // 2], a[a.size // 2:])
@@ -54,10 +54,9 @@ def read_bandwidths(repeats: int) -> dict[str, float]:
     for t in threads:
       t.join()
 
-  dst = np.empty_like(a)
   return {"read, 1 thread": a.nbytes / _timed(a.sum, repeats),
           "read, 2 threads": a.nbytes / _timed(two_threads, repeats),
-          "memcpy (read + write)": 2 * a.nbytes / _timed(lambda: np.copyto(dst, a), repeats)}
+          "memcpy (read + write)": memcpy_bandwidth(repeats=repeats)}
 
 
 def decode_shapes(preset: str) -> list[tuple[int, int]]:

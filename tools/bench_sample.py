@@ -16,7 +16,7 @@ import os
 import time
 
 from absl import app, flags
-from machine import cpu_model
+from machine import cpu_model, memcpy_bandwidth
 
 _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -27,18 +27,6 @@ _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers referenc
 _TENSOR = flags.DEFINE_integer(
     "tensor_parallel", 1, "Split the model over this many host devices on a (1, 1, N) mesh "
     "(XLA:CPU runs a device's small-batch matmuls on one core: N = cores uses them all).")
-
-
-def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-  """Bytes moved per second (read + write) by a large numpy copy."""
-  import numpy as np
-  src = np.ones(megabytes * 2 ** 20 // 4, np.float32)
-  dst = np.empty_like(src)
-  np.copyto(dst, src)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    np.copyto(dst, src)
-  return 2 * src.nbytes * repeats / (time.perf_counter() - start)
 
 
 def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, float, int]:

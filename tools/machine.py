@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 
 def _benchmark_environment() -> None:
@@ -40,3 +41,15 @@ def cpu_model() -> str:
     if line.startswith("Model name:"):
       return line.split(":", 1)[1].strip()
   return "unknown"
+
+
+def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+  """Bytes moved per second (read + write) by a large numpy copy."""
+  import numpy as np
+  src = np.ones(megabytes * 2 ** 20 // 4, np.float32)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    np.copyto(dst, src)
+  return 2 * src.nbytes * repeats / (time.perf_counter() - start)

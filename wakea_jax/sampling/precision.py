@@ -52,6 +52,7 @@ from wakea_jax.models.quant import NF4Weight
 from wakea_jax.models.stacking import layer_list, set_layers
 from wakea_jax.models.transformer import Transformer
 from wakea_jax.parallel import mesh as mesh_lib
+from wakea_jax.sampling.sampler import text_config
 
 ROLLOUT_DTYPES = ("", "bfloat16", "int8")
 
@@ -151,9 +152,8 @@ def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
   the trainer's are. dtype "": the trainer's graph, config and params unchanged."""
   check_dtype(dtype)
   if not dtype:
-    model_config = nnx.merge(graphdef, jax.tree.map(_abstract, params)).config
     # A vision- or audio-language model samples with its text decoder's config (KV cache).
-    model_config = getattr(model_config, "text", model_config)
+    model_config = text_config(nnx.merge(graphdef, jax.tree.map(_abstract, params)).config)
     return RolloutModel(dtype, graphdef, model_config, lambda p: p)
 
   def build(p: nnx.State) -> nnx.Module:
@@ -164,8 +164,7 @@ def rollout_model_for(graphdef: nnx.GraphDef, params: nnx.State, dtype: str, *,
   shardings = (None if mesh is None
                else mesh_lib.state_shardings(abstract_state, mesh, rules))
   convert = jax.jit(lambda p: nnx.split(build(p))[1], out_shardings=shardings)
-  config = getattr(abstract.config, "text", abstract.config)   # a media model's decoder's
-  return RolloutModel(dtype, rollout_graphdef, config, convert)
+  return RolloutModel(dtype, rollout_graphdef, text_config(abstract.config), convert)
 
 
 def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
