@@ -161,3 +161,36 @@ def test_search_protocol_rollouts_mask_the_passages(tmp_path):
   assert injected > 0
   assert batch["loss_mask"][0].sum() == len(out.completion_ids[0]) - injected
   np.testing.assert_array_equal(out.sampler_logprobs[0][out.tool_mask[0] == 1], 0.0)
+
+
+def test_srl_rollouts_stop_at_the_end_of_the_first_step():
+  """`generate_rollouts(stop=(srl.step_complete,))`, as the SRL learner calls it, on a model
+  that writes a monologue and a step over and over: every row ends right after the step's
+  line, on static and on continuous batching; without the stop it runs to max_new_tokens.
+  The stop is for plain generation: with the tool loop it is refused."""
+  from wakea_jax.rl import srl
+  from wakea_jax.sampling.sampler import chat_sampler
+
+  tok = default_tokenizer()
+  step = "<think>a</think>Step 2: x=3\n"
+  cfg, model = _chain_model(tok.encode(step))
+  graphdef, params = nnx.split(model)
+  sampler = chat_sampler(graphdef, cfg, tok, temperature=0.0)
+  prompts = [prompts_lib.PromptRecord(messages=({"role": "user", "content": "Solve."},),
+                                      answer="3")]
+  for slots in (0, 2):
+    config = rollout_lib.RolloutConfig(group_size=2, max_new_tokens=40, slots=slots,
+                                       chunk_steps=8)
+    out = rollout_lib.generate_rollouts(sampler, params, prompts, tokenizer=tok,
+                                        config=config, rng=jax.random.key(0),
+                                        stop=(srl.step_complete,))
+    assert out.texts == [step] * 2 and out.stop_reason == ["stop_string"] * 2, out.texts
+    assert [len(c) for c in out.completion_ids] == [len(tok.encode(step))] * 2
+  free = rollout_lib.generate_rollouts(sampler, params, prompts, tokenizer=tok, config=config,
+                                       rng=jax.random.key(0))
+  assert free.texts[0].startswith(step * 2) and free.stop_reason == ["length"] * 2
+  with pytest.raises(ValueError, match="`stop` applies to plain generation"):
+    rollout_lib.generate_rollouts(
+        sampler, params, prompts, tokenizer=tok, rng=jax.random.key(0),
+        config=rollout_lib.RolloutConfig(group_size=2, max_tool_calls=1),
+        router=object(), stop=(srl.step_complete,))

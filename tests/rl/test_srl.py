@@ -106,6 +106,25 @@ def test_first_step_tokens_cover_exactly_the_scored_step(text, first):
   assert (None if count is None else tok.decode(ids[:count])) == first
 
 
+@pytest.mark.parametrize("text, first", [
+    ("<think>a\nb</think>\nStep 2: x = 3\n<think>c</think>\nStep 3: x = 1\n",
+     "<think>a\nb</think>\nStep 2: x = 3\n"),
+    ("\n \n<answer>3</answer>\nmore", "\n \n<answer>3</answer>\n"),
+    ("Step 2: x = 3\nStep 3: y = 1\n", "Step 2: x = 3\n"),
+    ("I think <think>t</think>\nStep 2", "I think <think>t</think>\n"),  # -1 either way
+    ("<think>a</think>\nStep 2: x = 3<|im_end|>", None),    # the line never ends
+    ("<think>never closed\nStep 2: x = 3\n", None),
+])
+def test_step_complete_first_holds_at_the_end_of_the_scored_line(text, first):
+  """The rollouts' stop (`step_complete`): false on every prefix shorter than the first
+  step's line and its "\\n", true on every longer one (a sampler stop must stay true)."""
+  holds = [srl.step_complete(text[:i]) for i in range(len(text) + 1)]
+  if first is None:
+    assert not any(holds)
+  else:
+    assert holds == [i >= len(first) for i in range(len(text) + 1)]
+
+
 def test_the_learner_mask_trains_exactly_the_first_step_tokens():
   """The mask cut lands on rl/rollout.py's layout (position t predicts token t + 1): the
   targets left in the loss spell the first step; an output the reward (with its own
@@ -220,6 +239,10 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   first_step_tokens = srl.first_step_tokens
   monkeypatch.setattr(srl, "first_step_tokens",
                       lambda *a, **k: cuts.append(first_step_tokens(*a, **k)) or cuts[-1])
+  stops = []  # and its rollouts stop there (tests/rl/test_rollout.py: where they stop)
+  generate = rollout_lib.generate_rollouts
+  monkeypatch.setattr(rollout_lib, "generate_rollouts",
+                      lambda *a, **k: stops.append(k.get("stop")) or generate(*a, **k))
   config = get_config("srl:test")
   # The SRL reward of an untrained model is noise; it is logged but weighted 0 here, and a
   # component that varies by less than min_std inside every group shows that the threshold
@@ -231,6 +254,7 @@ def test_srl_objective_runs_end_to_end(tmp_path, monkeypatch):
   assert last["zero_variance_fraction"] == 1.0
   assert "eval_greedy_accuracy" in last and "eval_pass@1" not in last
   assert len(cuts) == 2 * 4 * 4        # steps x prompts_per_step x group_size
+  assert stops and all(stop == (srl.step_complete,) for stop in stops)
   lines = (workdir / srl.STEP_PROMPTS_FILE).read_text().splitlines()
   expected = srl.step_prompts(traj_lib.load_trajectories(config.srl.trajectories),
                               system=config.srl.system)

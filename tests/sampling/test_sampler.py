@@ -113,6 +113,11 @@ def test_stops_and_max_new_tokens(tiny):
       tokenizer=CharTokenizer())
   assert out.tokens[2] == free[2][:expected] and out.stop_reason[2] == "stop_string"
   assert len(out.logprobs[2]) == expected
+  # A predicate on the text (sampler.StopRule) cuts where the string it tests for does.
+  by_rule = _sampler(tiny, temperature=0.0, chunk_steps=4).generate(
+      params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0),
+      stop_strings=[lambda text: target in text], tokenizer=CharTokenizer())
+  assert by_rule.tokens == out.tokens and by_rule.stop_reason == out.stop_reason
   # Driven by hand: the cut row's cache end index is rewound to prompt + kept tokens.
   sampler = _sampler(tiny, temperature=0.0)
   state = sampler.start(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0))

@@ -393,7 +393,8 @@ class Learner:
       prompts = fresh + replay_lib.replay_prompts(replays, self.prompt_index)
       rollouts = rollout_lib.generate_rollouts(
           self.sampler, params, prompts, tokenizer=self.tokenizer, config=self.rollout,
-          rng=jax.random.fold_in(key, rounds), router=self.router, media=self.media)
+          rng=jax.random.fold_in(key, rounds), router=self.router, media=self.media,
+          stop=(srl_lib.step_complete,) if self.objective == "srl" else ())
       if self.traces is not None:   # LUFFY: traces replace members before the rewards
         rollouts = offpolicy_lib.mix_traces(
             rollouts, self.traces, per_group=self.offpolicy.per_group,

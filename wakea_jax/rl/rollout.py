@@ -31,7 +31,7 @@ from wakea_jax.rl.samples import Sample
 from wakea_jax.sampling import precision
 from wakea_jax.sampling.batching import ContinuousBatcher
 from wakea_jax.sampling.protocols import InteractionProtocol, RSearch, SearchR1
-from wakea_jax.sampling.sampler import Sampler
+from wakea_jax.sampling.sampler import Sampler, StopRule
 from wakea_jax.sampling.tool_loop import ToolLoopOutput, last_turn, run_tool_loop
 from wakea_jax.toolbox.registry import default_router
 from wakea_jax.toolbox.router import Router
@@ -219,13 +219,15 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
                       tokenizer: Tokenizer, config: RolloutConfig, rng: jax.Array,
                       router: Router | None = None, tool_schemas: Any = None,
                       protocol: InteractionProtocol | None = None,
-                      media: PromptMedia | None = None) -> Rollouts:
+                      media: PromptMedia | None = None,
+                      stop: Sequence[StopRule] = ()) -> Rollouts:
   """G completions of each prompt. With a `router` the tool loop runs tool calls; with a
   search `protocol` (`protocol_for`) rows search as they go, always on continuous batching
   (`rollout.slots`, or every row at once when 0). With `media` (rl/media_prompts.py) the
   prompts' images or audio are rendered and prefilled with them, on static or continuous
   batching, with the tool loop or a search protocol too (their turns are text; a row resumed
-  after one is prefilled again with its media)."""
+  after one is prefilled again with its media). `stop`: host-side stops of plain generation
+  (sampler.StopRule: strings or predicates on a row's text, e.g. SRL's end of a step)."""
   g = config.group_size
   rows = [p for p in prompts for _ in range(g)]
   row_media = None
@@ -241,6 +243,9 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
   batcher = ContinuousBatcher(sampler, slots=config.slots or max(len(rows), 1),
                               chunk_steps=config.chunk_steps)
   protocol = protocol or protocol_for(config, tokenizer)
+  if stop and (protocol is not None or (router is not None and config.max_tool_calls > 0)):
+    raise ValueError("generate_rollouts: `stop` applies to plain generation; the tool loop "
+                     "and the search protocols end turns themselves")
   if protocol is not None:
     if jax.process_count() > 1:
       raise ValueError(f"rollout.protocol={config.protocol!r} runs on one process for now "
@@ -256,8 +261,10 @@ def generate_rollouts(sampler: Sampler, params: nnx.State, prompts: Sequence[Pro
            run_tool_loop(sampler, params, prompt_ids, chunk_steps=config.chunk_steps,
                          **tool_settings))
   else:
+    stops = {"stop_strings": tuple(stop), "tokenizer": tokenizer} if stop else {}
     out = (batcher if continuous else sampler).generate(
-        params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng, **with_media)
+        params, prompt_ids, max_new_tokens=config.max_new_tokens, rng=rng, **with_media,
+        **stops)
   return _rollouts(rows, prompt_ids, out, tokenizer, sampler, g, media=row_media)
 
 

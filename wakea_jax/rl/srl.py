@@ -38,8 +38,9 @@ action without an <answer> block is compared whole with the whole answer line (`
 The action (`parse_action`), exactly: the output may start (after whitespace) with a think
 block, which must then be closed by </think>; the action is the first non-blank line after
 it (after the first </think>), with a leading "Step k:" label (any k, any case) removed and
-surrounding whitespace stripped. Whatever follows that line (the model often goes on with the
-next step: the rollout has no stop at the end of a step) is not scored, and not trained on
+surrounding whitespace stripped. The rollouts stop at the end of that line
+(`step_complete`, a sampler stop: checked between decode chunks, the row cut right after
+the line); whatever follows it is not scored, and not trained on
 either: the learner masks the tokens after the action line's "\\n" out of the loss
 (`first_step_tokens`). A think block that is never closed, no action line, an empty action,
 or think markup inside the action line (text before the monologue): the output does not
@@ -209,6 +210,27 @@ def _first_step(text: str, require_think: bool) -> tuple[str, int | None] | None
   if not action or THINK_START in action or THINK_END in action:
     return None
   return action, None if newline < 0 else newline + 1
+
+
+def step_complete(text: str) -> bool:
+  """Whether an output holds its whole first step: after a closed think block, if it opens
+  with one, a non-blank line ended by "\\n". True stays true as the text grows, so it is a
+  sampler stop (sampler.StopRule): the SRL rollouts stop there, since nothing after that
+  line is scored (`parse_action`) or trained (`first_step_tokens`). It holds for lines that
+  do not parse too: their reward is -1 whatever follows."""
+  pos = len(text) - len(text.lstrip())
+  if text.startswith(THINK_START, pos):
+    close = text.find(THINK_END, pos + len(THINK_START))
+    if close < 0:
+      return False
+    pos = close + len(THINK_END)
+  while True:
+    newline = text.find("\n", pos)
+    if newline < 0:
+      return False
+    if text[pos:newline].strip():
+      return True
+    pos = newline + 1
 
 
 def parse_action(text: str, *, require_think: bool = False) -> str | None:

@@ -61,6 +61,7 @@ from wakea_jax.sampling.sampler import (
   DecodeState,
   SampleOutput,
   Sampler,
+  StopRule,
   pad_media_rows,
   row_keys,
   stop_string_cut,
@@ -114,7 +115,7 @@ class ContinuousBatcher:
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: jax.Array,
-               stop_strings: Sequence[str] = (), tokenizer: Any = None,
+               stop_strings: Sequence[StopRule] = (), tokenizer: Any = None,
                media: Mapping[str, Any] | None = None) -> SampleOutput:
     """Completions of every prompt, in request order, as `Sampler.generate` returns them.
     `media`: the prompts' images or audio in the per-row layout (first axis len(prompts)),
@@ -165,7 +166,7 @@ class ContinuousBatcher:
 
   def _run(self, params: nnx.State, prompts: Sequence[Sequence[int]],
            max_new_tokens: int | Sequence[int], rng: jax.Array, *,
-           stop_strings: Sequence[str] = (), tokenizer: Any = None,
+           stop_strings: Sequence[StopRule] = (), tokenizer: Any = None,
            protocol: InteractionProtocol | None = None, reserve: int = 0,
            media: Mapping[str, Any] | None = None) -> list[_Request]:
     if jax.process_count() > 1:
@@ -317,7 +318,7 @@ def refill_rows(sampler: Sampler, params: nnx.State, state: DecodeState, slots: 
                     pad_media_rows(media, len(slots), k).items()}} if media else {}))
 
 
-def _cut_turn(request: _Request, strings: Sequence[str], tokenizer: Any) -> bool:
+def _cut_turn(request: _Request, strings: Sequence[StopRule], tokenizer: Any) -> bool:
   """Cuts `request` right after the first of `strings` in its current turn (the model's text
   since the last injection; without injections its whole output, as
   `Sampler.apply_stop_strings` cuts); whether one was there."""

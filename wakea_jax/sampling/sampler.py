@@ -70,7 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -89,6 +89,12 @@ from wakea_jax.parallel import mesh as mesh_lib
 from wakea_jax.parallel import multihost
 
 STOP_NONE, STOP_ID = 0, 1  # device-side stop codes; stop strings are found on the host
+
+# A host-side stop, checked between decode chunks on a row's decoded text: a string (the row
+# stops right after its first occurrence) or a predicate on the text (the row stops at the
+# shortest token prefix whose text satisfies it; it must stay true once true, as containing
+# a string does: a step that is complete, e.g. rl/srl.py's `step_complete`).
+StopRule = str | Callable[[str], bool]
 
 
 @jax.tree_util.register_dataclass
@@ -399,12 +405,13 @@ class Sampler:
   # Host API
   # ---------------------------------------------------------------------------------------
 
-  def apply_stop_strings(self, state: DecodeState, stop_strings: Sequence[str], tokenizer: Any,
-                         *, skip: np.ndarray | None = None, cut: dict[int, int] | None = None
+  def apply_stop_strings(self, state: DecodeState, stop_strings: Sequence[StopRule],
+                         tokenizer: Any, *, skip: np.ndarray | None = None,
+                         cut: dict[int, int] | None = None
                          ) -> tuple[DecodeState, dict[int, int]]:
-    """Host check between decode chunks: stops rows whose text contains a stop string.
+    """Host check between decode chunks: stops rows whose text holds a stop (`StopRule`).
 
-    Such a row keeps the shortest token prefix containing the string; it is marked done and
+    Such a row keeps the shortest token prefix whose text holds it; it is marked done and
     its cache end index is rewound by the tokens dropped (their slots become stale). Rows in
     `cut` (already cut) or flagged in `skip` are not looked at. Returns (state, cut) where
     `cut` maps row -> kept number of generated tokens. Rows are this process's; every
@@ -585,7 +592,7 @@ class Sampler:
 
   def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int | Sequence[int], rng: Array,
-               stop_strings: Sequence[str] = (), tokenizer: Any = None,
+               stop_strings: Sequence[StopRule] = (), tokenizer: Any = None,
                media: Mapping[str, Any] | None = None) -> SampleOutput:
     """Samples completions of token-id prompts (any lengths; padded and bucketed here).
 
@@ -738,18 +745,22 @@ def chat_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, tokenizer: T
   return Sampler(graphdef, model_config, vocab_limit=limit, **settings)
 
 
-def stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[str]
+def stop_string_cut(tokenizer: Any, tokens: list[int], stop_strings: Sequence[StopRule]
                      ) -> int | None:
-  """Length of the shortest prefix of `tokens` whose text contains a stop string, or None."""
+  """Length of the shortest prefix of `tokens` whose text holds a stop (`StopRule`), or None."""
   text = tokenizer.decode(tokens)
-  if not any(s in text for s in stop_strings):
+  if not _stops(text, stop_strings):
     return None
   lo, hi = 1, len(tokens)   # the text of a prefix only grows, so binary search is exact
   while lo < hi:
     mid = (lo + hi) // 2
     prefix = tokenizer.decode(tokens[:mid])
-    if any(s in prefix for s in stop_strings):
+    if _stops(prefix, stop_strings):
       hi = mid
     else:
       lo = mid + 1
   return lo
+
+
+def _stops(text: str, rules: Sequence[StopRule]) -> bool:
+  return any(rule in text if isinstance(rule, str) else rule(text) for rule in rules)
