@@ -13,6 +13,7 @@ from configs import search_demo as search_demo_config
 from wakea_jax import search_demo
 from wakea_jax.data.tokenizer import tokenizer_from
 from wakea_jax.rl import prompts as prompts_lib
+from wakea_jax.rl import rollout as rollout_lib
 
 
 @pytest.mark.slow
@@ -24,6 +25,10 @@ def test_search_demo_pipeline(tmp_path, capsys):
                   "grpo_rsearch"]
   for row in results["rows"]:
     assert 0.0 <= row["accuracy"] <= 1.0 and row["questions"] == 4
+  # Every searching arm, SFT and GRPO alike, reads as many passages per search as the
+  # teacher's dialogues showed (the rollout config's default is another number).
+  assert config.search_k != rollout_lib.RolloutConfig().search_k
+  assert [r.get("search_k") for r in results["rows"]] == [None, None] + [config.search_k] * 4
   for row in results["rows"]:   # the R-Search arms report the three components
     if row["arm"].endswith("rsearch"):
       assert {"dag_validity", "dag_format", "answer_accuracy"} <= set(row)

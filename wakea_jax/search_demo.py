@@ -210,9 +210,9 @@ def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prom
   start = time.perf_counter()
   rl_config = rl_config.copy_and_resolve_references()
   rl_config.rollout.update(protocol=protocol, index=index if protocol else "")
+  rollout = config_lib.section(rl_config, "rollout")
   out = eval_lib.greedy_rollouts(model_dir, prompts_lib.load_prompts(prompts_spec),
-                                 rollout=config_lib.section(rl_config, "rollout"),
-                                 tokenizer_path=tokenizer_path, seed=seed)
+                                 rollout=rollout, tokenizer_path=tokenizer_path, seed=seed)
   samples = out.samples()
   correct = np.asarray(rewards_lib.correctness_reward("search_r1_em")(samples)) > 0.5
   result: dict[str, Any] = {
@@ -222,6 +222,8 @@ def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prom
       "answered": float(np.mean([search_rewards.final_answer(s) is not None
                                  for s in samples])),
       "questions": len(samples)}
+  if protocol:
+    result["search_k"] = rollout.search_k
   if protocol == "rsearch":
     for name, fn in (("dag_validity", search_rewards.dag_validity_reward()),
                      ("dag_format", search_rewards.dag_format_reward()),
@@ -244,6 +246,17 @@ def _eval_spec(config: ml_collections.ConfigDict, n: int, protocol: int) -> str:
           + task.kb_spec_options(config.kb) + f"&protocol={protocol}")
 
 
+def _sampled_as_taught(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
+  """`stage` (a GRPO stage config) with the demonstration's `search_k`: every search returns
+  as many passages as the teacher's did, in the GRPO rollouts and in every arm's evaluation
+  (the rollout config's own default is 3, and 3 passages overrun the Search-R1 stage's
+  96-token `search_tokens`)."""
+  stage = stage.copy_and_resolve_references()
+  stage.rollout.search_k = config.search_k
+  return stage
+
+
 def _rl_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               sft_dir: pathlib.Path, prepared: Prepared, seed: int
               ) -> ml_collections.ConfigDict:
@@ -251,12 +264,11 @@ def _rl_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDic
   search_k (set here, after command-line overrides, so `--config.kb.*` reaches the RL
   prompts too); its periodic evaluation, on the first `eval_during_rl` held-out questions,
   draws the curves' accuracy (the table's figures come from `evaluate` afterwards)."""
-  stage = stage.copy_and_resolve_references()
+  stage = _sampled_as_taught(config, stage)
   stage.seed = seed
   stage.init_from = str(sft_dir / EXPORT)
   stage.tokenizer = prepared.tokenizer
   stage.rollout.index = prepared.index
-  stage.rollout.search_k = config.search_k
   number = PROTOCOL_NUMBERS[stage.rollout.protocol]
   stage.data.sources = (f"task:multihop?n=4000&seed=11&split=0&hop=2&protocol={number}"
                         + task.kb_spec_options(config.kb))
@@ -294,8 +306,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   for key, label, fmt in ARMS:
     if key.startswith("grpo_") or (fmt == "rsearch" and not config.run_rsearch):
       continue
-    score(key, label, fmt, sft_model, config.sft.seed,
-          config.grpo_rsearch if fmt == "rsearch" else config.grpo_search_r1)
+    score(key, label, fmt, sft_model, config.sft.seed, _sampled_as_taught(
+        config, config.grpo_rsearch if fmt == "rsearch" else config.grpo_search_r1))
 
   runs = {}
   stages = [("search_r1", config.grpo_search_r1, config.seeds)]
