@@ -58,6 +58,9 @@ def test_search_demo_pipeline(tmp_path, capsys):
   assert all((tmp_path / run / "metrics.jsonl").read_text() == text
              for run, text in logged.items())
   assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in results["rows"]]
+  # and keeps the wall times of the run that trained (demo_app.StageTimes), not the skips'.
+  assert all(again["timing_s"][k] == results["timing_s"][k]
+             for k in ("sft", "search_r1_seed0", "rsearch_seed0"))
 
   # A workdir prepared with other settings is refused, not silently reused.
   config.eval_questions = 5

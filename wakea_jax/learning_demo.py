@@ -40,12 +40,6 @@ from wakea_jax.train import preference as preference_lib
 EXPORT = loader.RUN_EXPORT
 
 
-def _timed(fn, *args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args)
-  return out, time.perf_counter() - start
-
-
 def _evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path) -> dict[str, Any]:
   """Greedy accuracy and pass@k of the model in `model_dir` on the RL config's eval prompts."""
   result = trainers.evaluate_checkpoint(rl_config, model_dir)
@@ -107,12 +101,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   """Runs (or resumes) every stage in `workdir`; returns the results written to results.json."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  results: dict[str, Any] = {"rows": [], "timing_s": {}}
+  times = demo_app.StageTimes(workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": times.seconds}
   total_start = time.perf_counter()
 
   sft_dir = workdir / "sft"
-  _, seconds = _timed(trainers.run, config.sft, sft_dir)
-  results["timing_s"]["sft"] = seconds
+  times.run("sft", trainers.run, config.sft, sft_dir, run_dir=sft_dir)
   sft_model = sft_dir / EXPORT
   base = _evaluate(config.grpo, sft_model)
   results["rows"].append({"stage": "SFT", "seed": config.sft.seed, **base})
@@ -121,22 +115,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   for seed in config.grpo_seeds:
     grpo = _rl_stage(config.grpo, sft_model, seed)
     out = workdir / f"grpo_seed{seed}"
-    _, seconds = _timed(trainers.run, grpo, out)
+    times.run(f"grpo_seed{seed}", trainers.run, grpo, out, run_dir=out)
     row = _evaluate(config.grpo, out / EXPORT)
     results["rows"].append({"stage": "GRPO", "seed": seed, **row})
-    results["timing_s"][f"grpo_seed{seed}"] = seconds
     logging.info("GRPO seed %d: %s", seed, row)
 
   if config.run_ppo:
     ppo = _rl_stage(config.ppo, sft_model, config.ppo.seed)
     out = workdir / "ppo"
-    _, seconds = _timed(trainers.run, ppo, out)
+    times.run("ppo", trainers.run, ppo, out, run_dir=out)
     row = _evaluate(config.ppo, out / EXPORT)
     results["rows"].append({"stage": "PPO", "seed": ppo.seed, **row})
-    results["timing_s"]["ppo"] = seconds
 
   if config.run_dpo:
-    results["dpo"] = _run_dpo(config, workdir, sft_model, results)
+    results["dpo"] = _run_dpo(config, workdir, sft_model, results, times)
 
   results["timing_s"]["total"] = time.perf_counter() - total_start
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -153,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 
 def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model: pathlib.Path,
-             results: dict[str, Any]) -> dict[str, Any]:
+             results: dict[str, Any], times: demo_app.StageTimes) -> dict[str, Any]:
   start = time.perf_counter()
   pair_dir = workdir / "pairs"
   pair_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +158,7 @@ def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model
       sources.write_jsonl(pairs, path)
       logging.info("%s pairs: %s", split, stats)
     files[split] = path
-  pairs_s = time.perf_counter() - start
+  times.seconds["dpo_pairs"] = time.perf_counter() - start
   counts = {split: sum(1 for _ in open(path)) for split, path in files.items()}
   if not all(counts.values()):
     logging.warning("DPO skipped: the SFT model gave no (right, wrong) pair on some split "
@@ -178,11 +170,10 @@ def _run_dpo(config: ml_collections.ConfigDict, workdir: pathlib.Path, sft_model
   dpo.data.eval_sources = ((str(files["eval"]), 1.0),)
   out = workdir / "dpo"
   before = preference_accuracy(dpo, sft_model, files["eval"])
-  last, seconds = _timed(trainers.run, dpo, out)
+  last = times.run("dpo", trainers.run, dpo, out, run_dir=out)
   after = preference_accuracy(dpo, out / EXPORT, files["eval"])
   row = _evaluate(config.grpo, out / EXPORT)
   results["rows"].append({"stage": "DPO", "seed": dpo.seed, **row})
-  results["timing_s"]["dpo"] = seconds + pairs_s
   # eval_accuracy of the run: the DPO reward accuracy on the held-out pairs (implicit reward
   # margin > 0 against the SFT reference; every margin is 0 before training).
   return {"preference_accuracy_before": before, "preference_accuracy_after": after,

@@ -97,17 +97,12 @@ def held_out_accuracy(grpo: ml_collections.ConfigDict, model_dir: pathlib.Path,
   return out
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args)
-  return out, time.perf_counter() - start
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs (or resumes) every stage in `workdir`; returns what results.json holds."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  results: dict[str, Any] = {"rows": [], "timing_s": {}}
+  times = demo_app.StageTimes(workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": times.seconds}
   total_start = time.perf_counter()
   for modality in config.modalities:   # fail before any training on a misspelt one
     if modality not in TASKS:
@@ -123,19 +118,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       sft.data.seed = seed
       sft.data.sources = str(files["train"])
       sft.data.eval_sources = str(files["eval"])
-      _, results["timing_s"][f"{name}/sft"] = _timed(trainers.run, sft, run_dir / "sft")
+      times.run(f"{name}/sft", trainers.run, sft, run_dir / "sft", run_dir=run_dir / "sft")
       grpo = config.grpo[modality].copy_and_resolve_references()
       grpo.seed = seed
       grpo.data.sources = str(files["prompts"])
       grpo.data.eval_sources = str(files["eval_prompts"])
       samples = config.eval_samples
-      sft_accuracy, t_eval = _timed(held_out_accuracy, grpo, run_dir / "sft",
-                                    run_dir / "eval_sft", samples)
+      sft_accuracy = times.run(f"{name}/eval_sft", held_out_accuracy, grpo, run_dir / "sft",
+                               run_dir / "eval_sft", samples)
       grpo.init_from = str(run_dir / "sft")
-      _, results["timing_s"][f"{name}/grpo"] = _timed(trainers.run, grpo, run_dir / "grpo")
-      grpo_accuracy, t_eval2 = _timed(held_out_accuracy, grpo, run_dir / "grpo",
-                                      run_dir / "eval_grpo", samples)
-      results["timing_s"][f"{name}/eval"] = t_eval + t_eval2
+      times.run(f"{name}/grpo", trainers.run, grpo, run_dir / "grpo", run_dir=run_dir / "grpo")
+      grpo_accuracy = times.run(f"{name}/eval_grpo", held_out_accuracy, grpo, run_dir / "grpo",
+                                run_dir / "eval_grpo", samples)
       row = {"modality": modality, "seed": seed, "chance": task["chance"],
              "majority": task["majority"], "sft": sft_accuracy.pop("all"),
              "grpo": grpo_accuracy.pop("all"),

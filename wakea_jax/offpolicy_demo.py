@@ -56,12 +56,6 @@ PANELS = plots.DEFAULT_PANELS[:4] + (
 )
 
 
-def _timed(fn, *args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args)
-  return out, time.perf_counter() - start
-
-
 def write_traces(config: ml_collections.ConfigDict, path: pathlib.Path) -> int:
   """The expert's worked answers for the RL training prompts, as a LUFFY trace file. The
   settings they were made with are kept beside it (`*.settings.json`); a re-run with other
@@ -145,12 +139,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   check_arms(config.arms)   # fail before any training on a misspelt arm
-  results: dict[str, Any] = {"rows": [], "timing_s": {}, "stats": {}}
+  times = demo_app.StageTimes(workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": times.seconds, "stats": {}}
   total_start = time.perf_counter()
 
   sft_dir = pathlib.Path(config.sft_dir) if config.sft_dir else workdir / "sft"
   if not config.sft_dir:
-    _, results["timing_s"]["sft"] = _timed(trainers.run, config.sft, sft_dir)
+    times.run("sft", trainers.run, config.sft, sft_dir, run_dir=sft_dir)
   sft_model = sft_dir / EXPORT
   if not sft_model.is_dir():
     raise FileNotFoundError(f"{sft_model}: no exported SFT model "
@@ -166,8 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     for seed in config.seeds:
       name = f"{arm}_seed{seed}"
       stage = arm_config(config, arm, seed, sft_model, traces)
-      _, seconds = _timed(trainers.run, stage, workdir / name)
-      results["timing_s"][name] = seconds
+      times.run(name, trainers.run, stage, workdir / name, run_dir=workdir / name)
       row = {"arm": LABELS[arm], "seed": seed, **evaluate_splits(config, workdir / name / EXPORT)}
       results["rows"].append(row)
       results["stats"][name] = run_stats(workdir / name)

@@ -234,12 +234,6 @@ def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prom
   return result
 
 
-def _timed(fn, *args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args)
-  return out, time.perf_counter() - start
-
-
 def _eval_spec(config: ml_collections.ConfigDict, n: int, protocol: int) -> str:
   """The held-out 2-hop prompts of the evaluated KB: the first `n` of one fixed order."""
   return (f"task:multihop?n={n}&seed={int(config.eval_seed)}&split=1&hop=2"
@@ -283,14 +277,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   total_start = time.perf_counter()
   prepared = prepare(config, workdir)
-  results: dict[str, Any] = {"rows": [], "timing_s": {"prepare": prepared.seconds}}
+  times = demo_app.StageTimes(workdir)
+  times.seconds["prepare"] = prepared.seconds
+  results: dict[str, Any] = {"rows": [], "timing_s": times.seconds}
 
   sft = config.sft.copy_and_resolve_references()
   sft.tokenizer = prepared.tokenizer
   sft.data.sources = prepared.sft_sources
   sft.data.eval_sources = prepared.sft_sources[:1]
   sft_dir = workdir / "sft"
-  _, results["timing_s"]["sft"] = _timed(trainers.run, sft, sft_dir)
+  times.run("sft", trainers.run, sft, sft_dir, run_dir=sft_dir)
   sft_model = sft_dir / EXPORT
 
   def score(key: str, label: str, fmt: str, model_dir: pathlib.Path, seed: int,
@@ -317,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     for seed in seeds:
       rl = _rl_stage(config, stage, sft_dir, prepared, seed)
       out = workdir / f"{protocol}_seed{seed}"
-      _, results["timing_s"][out.name] = _timed(trainers.run, rl, out)
+      times.run(out.name, trainers.run, rl, out, run_dir=out)
       runs[f"GRPO {protocol} seed {seed}"] = out
       key, label, _ = next(a for a in ARMS if a[0] == f"grpo_{protocol}")
       score(key, label, protocol, out / EXPORT, seed, rl)

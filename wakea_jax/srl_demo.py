@@ -138,12 +138,6 @@ def expert_set(config: ml_collections.ConfigDict, out: pathlib.Path
   return summary, accepted, dialogues
 
 
-def _timed(fn, *args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args)
-  return out, time.perf_counter() - start
-
-
 def _stage(stage: ml_collections.ConfigDict, init_from: pathlib.Path | None, tokenizer: str,
            seed: int) -> ml_collections.ConfigDict:
   stage = stage.copy_and_resolve_references()
@@ -161,7 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   total_start = time.perf_counter()
   s = specs(config)
   tokenizer = task_tokenizer(config, workdir)
-  results: dict[str, Any] = {"rows": [], "timing_s": {}, "specs": s}
+  times = demo_app.StageTimes(workdir)
+  results: dict[str, Any] = {"rows": [], "timing_s": times.seconds, "specs": s}
 
   def score(key: str, seed: int, model_dir: pathlib.Path) -> None:
     row = evaluate(config.rlvr, model_dir, s["eval"], tokenizer)
@@ -170,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
   def train(key: str, stage: ml_collections.ConfigDict) -> pathlib.Path:
     out = workdir / key
-    _, results["timing_s"][key] = _timed(trainers.run, stage, out)
+    times.run(key, trainers.run, stage, out, run_dir=out)
     return out / EXPORT
 
   base = _stage(config.base, None, tokenizer, int(config.base.seed))
@@ -179,8 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   base_model = train("base", base)
   score("base", base.seed, base_model)
 
-  (summary, expert, dialogues), results["timing_s"]["collaborate"] = _timed(
-      expert_set, config, workdir / "expert")
+  summary, expert, dialogues = times.run("collaborate", expert_set, config, workdir / "expert")
   results["collaboration"] = summary
   logging.info("collaboration: %s", summary)
 
