@@ -189,23 +189,32 @@ def write_step_prompts(config: SRLConfig, workdir: str | os.PathLike[str], *,
   return train, held_out
 
 
-def _first_step(text: str, require_think: bool) -> tuple[str, int | None] | None:
-  """(the action, the offset in `text` just past the "\\n" that ends its line, None when the
-  line does not end), or None when `text` does not parse (module docstring)."""
+def _action_line(text: str) -> tuple[bool, int, int] | None:
+  """(whether the output opens with a think block, the offset where the first non-blank line
+  after it starts, the offset of the "\\n" that ends that line or -1 while it does not end),
+  or None when the opening think block is not closed (module docstring)."""
   pos = len(text) - len(text.lstrip())
-  if text.startswith(THINK_START, pos):
+  think = text.startswith(THINK_START, pos)
+  if think:
     close = text.find(THINK_END, pos + len(THINK_START))
     if close < 0:
       return None
     pos = close + len(THINK_END)
-  elif require_think:
-    return None
   while True:   # the first non-blank line
     newline = text.find("\n", pos)
-    line = text[pos:] if newline < 0 else text[pos:newline]
-    if line.strip() or newline < 0:
-      break
+    if newline < 0 or text[pos:newline].strip():
+      return think, pos, newline
     pos = newline + 1
+
+
+def _first_step(text: str, require_think: bool) -> tuple[str, int | None] | None:
+  """(the action, the offset in `text` just past the "\\n" that ends its line, None when the
+  line does not end), or None when `text` does not parse (module docstring)."""
+  found = _action_line(text)
+  if found is None or (require_think and not found[0]):
+    return None
+  _, pos, newline = found
+  line = text[pos:] if newline < 0 else text[pos:newline]
   action = traj_lib.STEP_LABEL.sub("", line.strip()).strip()
   if not action or THINK_START in action or THINK_END in action:
     return None
@@ -218,19 +227,8 @@ def step_complete(text: str) -> bool:
   sampler stop (sampler.StopRule): the SRL rollouts stop there, since nothing after that
   line is scored (`parse_action`) or trained (`first_step_tokens`). It holds for lines that
   do not parse too: their reward is -1 whatever follows."""
-  pos = len(text) - len(text.lstrip())
-  if text.startswith(THINK_START, pos):
-    close = text.find(THINK_END, pos + len(THINK_START))
-    if close < 0:
-      return False
-    pos = close + len(THINK_END)
-  while True:
-    newline = text.find("\n", pos)
-    if newline < 0:
-      return False
-    if text[pos:newline].strip():
-      return True
-    pos = newline + 1
+  found = _action_line(text)
+  return found is not None and found[2] >= 0
 
 
 def parse_action(text: str, *, require_think: bool = False) -> str | None:
