@@ -344,8 +344,12 @@ class MLP(nnx.Module):
   def __call__(self, x: Array) -> Array:
     """x [b, t, embed] -> [b, t, embed]."""
     dt = self.dtype
-    gate = dense(x, self.gate_proj, "bte,em->btm", dt)
-    up = dense(x, self.up_proj, "bte,em->btm", dt)
+    gate_up = getattr(self, "gate_up", None)   # decode_layout.pack_for_decode's fused kernel
+    if gate_up is not None:
+      gate, up = jnp.split(dense(x, gate_up, "bte,em->btm", dt), 2, axis=-1)
+    else:
+      gate = dense(x, self.gate_proj, "bte,em->btm", dt)
+      up = dense(x, self.up_proj, "bte,em->btm", dt)
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
     return dense(hidden, self.down_proj, "btm,me->bte", dt)
 

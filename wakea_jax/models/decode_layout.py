@@ -1,0 +1,99 @@
+"""Weight layouts for small-batch decoding on CPU: output-major kernels and a fused gate/up.
+
+A decode step multiplies a few rows (the batch) by every weight matrix, and how fast XLA:CPU
+streams a weight through such a dot depends on how the weight is laid out, not only on its
+size. `python tools/bench_matvec.py` on a 2-core AMD EPYC, batch 8 (GB/s of weights read):
+
+  shape [in, out]   stored [in, out]   [out, in] (contract the last dims)
+  512 x 512             7.1                 10.5
+  1408 x 512            7.0                 14.1
+  512 x 1408 (x2)       7.9 each            11.5;  fused [512, 2816]: 15.0
+
+The model stores kernels input-major (Flax's convention, what HF import, LoRA, QLoRA and the
+sharding rules see), which is also what training wants. `pack_for_decode(model)` rewrites a
+merged model in place, inside the sampler's jitted decode and before its loop (so the
+rewrite is paid once per call, not per step; the trainer's params are never touched):
+
+  - attention q / k / v / o and the MLP's down projection become `OutMajor` weights, the
+    same kernel transposed to its output dimensions first;
+  - the MLP's gate and up kernels become one [embed, 2 * mlp] `gate_up` kernel (one dot
+    instead of two; input-major is the faster layout for that wide shape).
+
+Only plain `nnx.Param` kernels of unstacked layers are rewritten: LoRA adapters, quantized
+bases (weight modules) and scanned layers keep their own path. The result is the same
+function (the products are the same sums, in another order: logits agree to float32
+rounding). On GPU and TPU the compiler picks layouts itself; `Sampler(weight_layout=)`
+applies this on CPU only unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+from wakea_jax.models.layers import MLP, Attention
+
+
+class OutMajor(nnx.Module):
+  """A dense kernel stored output-dimensions first: a weight module for `layers.dense`.
+
+  `kernel` holds the stored kernel's trailing (output) dimensions first and its
+  `contracted` leading (input) dimensions last; calling it contracts x's trailing
+  `contracted` dimensions with them, as `dense(x, stored, equation)` would.
+  """
+
+  def __init__(self, stored: Array, contracted: int):
+    if not 0 < contracted < stored.ndim:
+      raise ValueError(f"contracted must be in [1, {stored.ndim - 1}] for a rank-{stored.ndim} "
+                       f"kernel, got {contracted}")
+    self.contracted = contracted
+    perm = tuple(range(contracted, stored.ndim)) + tuple(range(contracted))
+    self.kernel = nnx.Param(jnp.transpose(stored, perm))
+
+  def __call__(self, x: Array, equation: str, dtype: Any) -> Array:
+    """x [..., in...] -> [..., out...] in `dtype`, as `dense(x, stored, equation, dtype)`."""
+    del equation   # the layers' equations all contract x's trailing dims with the inputs
+    k = self.contracted
+    w = self.kernel[...].astype(dtype)
+    out = w.shape[:w.ndim - k]
+    if x.shape[x.ndim - k:] != w.shape[w.ndim - k:]:
+      raise ValueError(f"input dims {x.shape[x.ndim - k:]} do not match the kernel's "
+                       f"{w.shape[w.ndim - k:]}")
+    y = jax.lax.dot_general(x.reshape(-1, math.prod(w.shape[w.ndim - k:])),
+                            w.reshape(math.prod(out), -1), (((1,), (1,)), ((), ())))
+    return y.reshape(x.shape[:x.ndim - k] + out)
+
+
+def _plain(weight: Any, rank: int) -> bool:
+  """A plain parameter of an unstacked layer (not a weight module, no leading layer axis)."""
+  return isinstance(weight, nnx.Variable) and weight[...].ndim == rank
+
+
+def pack_for_decode(model: nnx.Module) -> int:
+  """Rewrites every unstacked Attention and MLP of `model` in place (see the module
+  docstring); returns how many kernels it rewrote. Call it on a model merged inside a jitted
+  function: the transposes then happen in that program, once."""
+  rewritten = 0
+  for _, module in list(nnx.iter_modules(model)):
+    if isinstance(module, Attention):
+      for name, contracted, rank in (("q_proj", 1, 3), ("k_proj", 1, 3), ("v_proj", 1, 3),
+                                     ("o_proj", 2, 3)):
+        weight = getattr(module, name)
+        if _plain(weight, rank):
+          setattr(module, name, OutMajor(weight[...], contracted))
+          rewritten += 1
+    elif isinstance(module, MLP):
+      gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+      if _plain(gate, 2) and _plain(up, 2):
+        module.gate_up = nnx.Param(jnp.concatenate([gate[...], up[...]], axis=1))
+        module.gate_proj = module.up_proj = None
+        rewritten += 2
+      if _plain(down, 2):
+        module.down_proj = OutMajor(down[...], 1)
+        rewritten += 1
+  return rewritten
