@@ -214,3 +214,34 @@ def test_first_argmax_is_argmax():
   x = np.random.default_rng(1).normal(size=(16, 3000)).astype(np.float32)
   x[3, 10] = x[3, 2000] = 100.0    # ties: the first index, as argmax
   np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+def test_packed_decode_layout_matches_the_stored_one(tiny):
+  """weight_layout="packed" (decode_layout.pack_for_decode; what "auto" gives on CPU) and
+  "stored" give the same tokens, and log-probs within float32 rounding, greedy and sampled,
+  in one decode call and chunked (with_packed_weights)."""
+  _, _, params, _ = tiny
+  before = jax.tree.map(np.asarray, params)
+  for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=40)):
+    stored = _sampler(tiny, weight_layout="stored", **kwargs)
+    packed = _sampler(tiny, weight_layout="packed", **kwargs)
+    assert not stored.packs_weights and packed.packs_weights
+    assert _sampler(tiny, **kwargs).packs_weights   # "auto" on the CPU backend, no mesh
+    want = stored.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))
+    got = packed.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(want.logprobs),
+                               atol=1e-5)
+    # The chunked path packs once up front: a packed graphdef over packed params.
+    repacked, packed_params = packed.with_packed_weights(params)
+    assert repacked.weight_layout == "stored" and repacked.graphdef != packed.graphdef
+    assert any("gate_up" in path for path, _ in nnx.to_flat_state(packed_params))
+    state = repacked.start(packed_params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))
+    for _ in range(4):   # 3 + 3 + 3 + 1 steps
+      state = repacked.decode(packed_params, state, jnp.asarray(3, jnp.int32))
+    assert np.asarray(state.tokens)[:, :10].tolist() == want.tokens
+    assert stored.with_packed_weights(params) == (stored, params)
+  # The caller's params are never rewritten.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
+  with pytest.raises(ValueError, match="weight_layout must be"):
+    _sampler(tiny, weight_layout="transposed")

@@ -196,6 +196,7 @@ class ContinuousBatcher:
     slots = min(self.slots, n)
     slots += -slots % sampler.batch_multiple()      # the mesh's batch shards divide it
     chunk = min(self.chunk_steps, int(limits.max()))
+    sampler, params = sampler.with_packed_weights(params)   # once for every chunk below
     state = sampler.idle_state(slots, chunk, capacity)
 
     ready = collections.deque(range(n))   # requests waiting for a slot

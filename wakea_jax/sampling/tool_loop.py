@@ -142,6 +142,8 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
     check_tool_budget(tokenizer, max_tool_tokens)
   batch = len(prompts)
   reserve = max_tool_calls * max_tool_tokens
+  if isinstance(sampler, Sampler):   # (test doubles stand in for it) pack once, not per chunk
+    sampler, params = sampler.with_packed_weights(params)
   # Only with media: samplers that take text alone (test doubles) keep their signature.
   state = sampler.start(params, prompts, max_new_tokens=max_new_tokens, reserve=reserve,
                         rng=rng, **({} if media is None else {"media": media}))

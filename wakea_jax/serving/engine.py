@@ -133,7 +133,9 @@ class Engine:
     if capacity > sampler.config.max_seq_len:
       raise ValueError(f"capacity {capacity} > the model's max_seq_len "
                        f"{sampler.config.max_seq_len}")
-    self.sampler, self.params, self.tokenizer = sampler, params, tokenizer
+    # The engine decodes the same params for its whole life: pack them once.
+    self.sampler, self.params = sampler.with_packed_weights(params)
+    self.tokenizer = tokenizer
     self.slots, self.chunk_steps, self.capacity, self.name = slots, chunk_steps, capacity, name
     self._inbox: queue.SimpleQueue[_Live | None] = queue.SimpleQueue()
     self._ids = itertools.count()
