@@ -99,6 +99,11 @@ def main(argv):
   step = jax.jit(lambda xs, ws: run_all(jnp.dot, xs, ws))
   rates = {"XLA:CPU (jax.jit)": nbytes / _timed(
       lambda: jax.block_until_ready(step(jit_inputs, jit_weights)), repeats)}
+  out_major = [jnp.asarray(np.ascontiguousarray(w.T)) for w in weights]   # [out, in]
+  step_t = jax.jit(lambda xs, ws: [jax.lax.dot_general(xs[w.shape[1]], w, (((1,), (1,)), ((), ())))
+                                   for w in ws])
+  rates["XLA:CPU, [out, in] weights"] = nbytes / _timed(
+      lambda: jax.block_until_ready(step_t(jit_inputs, out_major)), repeats)
   rates["numpy (OpenBLAS)"] = nbytes / _timed(lambda: run_all(np.dot, inputs, weights), repeats)
   if not _NO_TORCH.value:
     try:

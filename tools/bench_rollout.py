@@ -27,6 +27,8 @@ _PROMPT = flags.DEFINE_integer("prompt", 64, "Prompt length.")
 _SHORT = flags.DEFINE_list("short", ["8", "64"], "Range of the short completions' lengths.")
 _LONG = flags.DEFINE_list("long", ["128", "256"], "Range of the long completions' lengths.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
+_LAYOUT = flags.DEFINE_enum("weight_layout", "auto", ["auto", "packed", "stored"],
+                            "Sampler(weight_layout=): the decode loop's weight layout.")
 
 
 def workload(n: int, short: tuple[int, int], long: tuple[int, int]) -> list[int]:
@@ -53,12 +55,14 @@ def main(argv):
   limits = workload(n, tuple(map(int, _SHORT.value)), tuple(map(int, _LONG.value)))
   prompts = np.random.default_rng(1).integers(1, cfg.vocab_size, (n, _PROMPT.value)).tolist()
   graphdef, params = nnx.split(create_model(cfg))
-  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=_TOP_K.value)
+  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=_TOP_K.value,
+                    weight_layout=_LAYOUT.value)
   batcher = ContinuousBatcher(sampler, slots=slots)
   print(f"machine: {cpu_model()}, {jax.device_count()} device(s)")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params; {n} requests, prompt "
         f"{_PROMPT.value}, lengths {min(limits)}..{max(limits)} (mean {np.mean(limits):.0f}, "
-        f"{sum(limits)} tokens), {slots} rows at a time, top-k {_TOP_K.value}")
+        f"{sum(limits)} tokens), {slots} rows at a time, top-k {_TOP_K.value}, "
+        f"weight layout {_LAYOUT.value} (packed: {sampler.packs_weights})")
 
   def static(rng):
     out = []

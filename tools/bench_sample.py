@@ -27,10 +27,16 @@ _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers referenc
 _TENSOR = flags.DEFINE_integer(
     "tensor_parallel", 1, "Split the model over this many host devices on a (1, 1, N) mesh "
     "(XLA:CPU runs a device's small-batch matmuls on one core: N = cores uses them all).")
+_LAYOUT = flags.DEFINE_enum(
+    "weight_layout", "auto", ["auto", "packed", "stored"],
+    "Sampler(weight_layout=) of the measured run. When it packs the weights, a second run "
+    "with the stored layout is timed too, as the same-run reference.")
 
 
-def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, float, int]:
-  """-> (prefill seconds, decode seconds for `new` steps, bytes read per decode step)."""
+def bench_jax(batch: int, prompt: int, new: int, top_k: int,
+              layout: str) -> tuple[float, float, int, bool]:
+  """-> (prefill seconds, decode seconds for `new` steps, bytes read per decode step,
+  whether the decode loop ran on the packed weight layout)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -46,7 +52,8 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
   mesh = mesh_lib.create_mesh((1, 1, _TENSOR.value)) if _TENSOR.value > 1 else None
   if mesh is not None:
     params = mesh_lib.shard_state(params, mesh)
-  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k, mesh=mesh)
+  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k, mesh=mesh,
+                    weight_layout=layout)
   prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt)).tolist()
   width, steps, capacity = sampler.buckets(prompt, new)
 
@@ -63,8 +70,9 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
 
   start = time.perf_counter()
   timed_run(0)
-  print(f"jax: compile + first run {time.perf_counter() - start:.1f}s "
-        f"(prompt bucket {width}, cache capacity {capacity})")
+  print(f"jax ({'packed' if sampler.packs_weights else 'stored'} weight layout): compile + "
+        f"first run {time.perf_counter() - start:.1f}s (prompt bucket {width}, cache capacity "
+        f"{capacity})")
   prefill_s, decode_s, state = timed_run(1)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   if not cfg.tie_embeddings:
@@ -72,7 +80,7 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int) -> tuple[float, flo
     table = params["embed"].get_value()
     param_bytes -= table.nbytes - batch * table.shape[1] * table.dtype.itemsize
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state.cache))
-  return prefill_s, decode_s, param_bytes + cache_bytes
+  return prefill_s, decode_s, param_bytes + cache_bytes, sampler.packs_weights
 
 
 def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
@@ -123,7 +131,7 @@ def main(argv):
         f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
         f"{n} new tokens, top-k {k}")
-  prefill_s, decode_s, step_bytes = bench_jax(b, p, n, k)
+  prefill_s, decode_s, step_bytes, packed = bench_jax(b, p, n, k, _LAYOUT.value)
   step_s = decode_s / n
   bound_s = step_bytes / bandwidth
   jax_s = prefill_s + decode_s
@@ -131,6 +139,11 @@ def main(argv):
         f"{b * n / jax_s:,.0f} generated tokens/s ({b * n / decode_s:,.0f} in decode)")
   print(f"bandwidth bound: {step_bytes / 1e6:.1f} MB read per decode step (params + KV cache) "
         f"-> {bound_s * 1e3:.2f} ms/step; measured step is {step_s / bound_s:.1f}x the bound")
+  if packed:   # the same-run reference for decode_layout's packed weights
+    _, stored_s, _, _ = bench_jax(b, p, n, k, "stored")
+    print(f"stored weight layout: decode {stored_s / n * 1e3:.2f} ms/step "
+          f"({stored_s / n / bound_s:.1f}x the bound); packed / stored step time "
+          f"{decode_s / stored_s:.2f}")
   if not _NO_TORCH.value:
     torch_s = bench_torch(b, p, n, k)
     if torch_s:
