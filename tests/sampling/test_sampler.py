@@ -1,6 +1,8 @@
 """Sampler: greedy == full-forward argmax, trainer log-prob parity, padding invariance,
 transformers `generate` parity, sampling modes, stops and compile-once bucketing."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +247,29 @@ def test_packed_decode_layout_matches_the_stored_one(tiny):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
   with pytest.raises(ValueError, match="weight_layout must be"):
     _sampler(tiny, weight_layout="transposed")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_inject_leaves_rows_without_tokens_untouched_near_capacity(scan_layers):
+  """A tool turn injected into one row writes (masked) padding into the others at their end
+  index; a row whose end index + the injection's width passes the capacity must not have
+  that write clamped back onto its valid slots (per-layer and stacked caches)."""
+  config = get_preset("tiny").replace(scan_layers=scan_layers)
+  graphdef, params = nnx.split(create_model(config))
+  sampler = Sampler(graphdef, config, temperature=0.0)
+  state = sampler.start(params, PROMPTS[:2], max_new_tokens=8, rng=jax.random.key(0))
+  capacity = state.cache.capacity
+  near = capacity - 3      # row 1 holds near-full context (stale slots count as its tokens)
+  state = state.replace(cache=dataclasses.replace(
+      state.cache, end_index=state.cache.end_index.at[1].set(near)))
+  before = jax.tree.map(np.asarray, (state.cache.keys, state.cache.values))
+  width = 16
+  tokens = jnp.zeros((2, width), jnp.int32).at[0, :4].set(jnp.asarray([7, 8, 9, 10]))
+  mask = jnp.zeros((2, width), jnp.int32).at[0, :4].set(1)
+  state = sampler.inject(params, state, tokens, mask)
+  after = jax.tree.map(np.asarray, (state.cache.keys, state.cache.values))
+  row = (lambda x, i: x[:, i]) if scan_layers else (lambda x, i: x[i])   # [layers, b, ...]
+  for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(row(a, 1), row(b, 1))   # row 1: not a slot changed
+    assert not np.array_equal(row(a, 0), row(b, 0))       # row 0 got its tokens
+  assert np.asarray(state.cache.end_index).tolist()[1] == near

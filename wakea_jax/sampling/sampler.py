@@ -142,6 +142,23 @@ def _round_pow2(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+
+def _row_mask(rows: Array, x: Array) -> Array:
+  """rows [b] broadcast against a cache window [b, k, t, h] or stacked [layers, b, k, t, h]."""
+  return rows[:, None, None, None] if x.ndim == 4 else rows[None, :, None, None, None]
+
+
+def _cache_window(x: Array, start: Array, width: int) -> Array:
+  """Slots [start[b], start[b] + width) of every row of a cache leaf (see KVCache)."""
+  take = jax.vmap(lambda c, i: jax.lax.dynamic_slice_in_dim(c, i, width, axis=1))
+  return take(x, start) if x.ndim == 4 else jax.vmap(take, (0, None))(x, start)
+
+
+def _put_window(x: Array, window: Array, start: Array) -> Array:
+  """Writes `_cache_window`'s window back at the same slots."""
+  put = jax.vmap(lambda c, w, i: jax.lax.dynamic_update_slice_in_dim(c, w, i, axis=1))
+  return put(x, window, start) if x.ndim == 4 else jax.vmap(put, (0, 0, None))(x, window, start)
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """A compiled-once sampler for one model graph; params are passed to each call.
@@ -481,10 +498,21 @@ class Sampler:
              ) -> DecodeState:
     """Appends tokens [b, t] (mask [b, t]) to the rows that have any, and resumes them: their
     next-token logits become those after the injected tokens and they are no longer done
-    (tool results, mid-generation). Rows without tokens are untouched."""
+    (tool results, mid-generation). Rows without tokens are untouched: the prefill writes
+    (masked) padding into them at their end index, and where end index + t passes the
+    capacity that write is clamped back onto valid slots, so their window is put back."""
+    resumed = jnp.any(mask > 0, axis=1)
+    width = tokens.shape[1]
+    start = jnp.clip(state.cache.end_index, 0, state.cache.capacity - width)   # as clamped
+    kept = jax.tree.map(lambda x: _cache_window(x, start, width),
+                        (state.cache.keys, state.cache.values))
     cache, logits = self._prefill(params, state.cache, tokens, mask)
+    keys, values = jax.tree.map(
+        lambda x, old: _put_window(x, jnp.where(_row_mask(resumed, x),
+                                                _cache_window(x, start, width), old), start),
+        (cache.keys, cache.values), kept)
+    cache = dataclasses.replace(cache, keys=keys, values=values)
     with self._rules():
-      resumed = jnp.any(mask > 0, axis=1)
       return self._constrain_state(state.replace(
           cache=cache, logits=jnp.where(resumed[:, None], logits, state.logits),
           done=state.done & ~resumed, stop_code=jnp.where(resumed, STOP_NONE, state.stop_code)))
