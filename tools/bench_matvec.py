@@ -85,7 +85,7 @@ def main(argv):
         f"weights, batch {b}")
   bandwidth = read_bandwidths(repeats)
   for name, value in bandwidth.items():
-    print(f"  {name:<24} {value / 1e9:7.1f} GB/s")
+    print(f"  {name:<28} {value / 1e9:7.1f} GB/s")
 
   # Each dot takes a fixed [b, in] input (the chain's activations are not what is measured,
   # and a fixed input keeps every dot independent of the last one's values).
@@ -119,7 +119,7 @@ def main(argv):
             repeats)
   print("weights streamed by the dots:")
   for name, rate in rates.items():
-    print(f"  {name:<24} {rate / 1e9:7.1f} GB/s  ({nbytes / rate * 1e3:6.2f} ms per step)")
+    print(f"  {name:<28} {rate / 1e9:7.1f} GB/s  ({nbytes / rate * 1e3:6.2f} ms per step)")
   memcpy = bandwidth["memcpy (read + write)"]
   xla = rates["XLA:CPU (jax.jit)"]
   print(f"bound by memcpy bandwidth: {nbytes / memcpy * 1e3:.2f} ms per step for these weights; "
