@@ -273,3 +273,20 @@ def test_inject_leaves_rows_without_tokens_untouched_near_capacity(scan_layers):
     np.testing.assert_array_equal(row(a, 1), row(b, 1))   # row 1: not a slot changed
     assert not np.array_equal(row(a, 0), row(b, 0))       # row 0 got its tokens
   assert np.asarray(state.cache.end_index).tolist()[1] == near
+
+
+def test_a_row_that_fills_the_cache_exactly(tiny):
+  """Prompt bucket + decode steps = the capacity (no spare slot): the row that fills it
+  still decodes what a full forward's argmax gives, with the trainer's log-probs, while a
+  short row in the same batch is done early and feeds padding."""
+  _, _, params, model = tiny
+  sampler = _sampler(tiny, temperature=0.0, min_prompt_bucket=64)
+  prompt = list(np.random.default_rng(4).integers(1, 256, 64))
+  state = sampler.start(params, [prompt, [3, 4]], max_new_tokens=[64, 2], rng=jax.random.key(0))
+  assert state.cache.capacity == 128
+  out = sampler.generate(params, [prompt, [3, 4]], max_new_tokens=[64, 2], rng=jax.random.key(0))
+  assert out.lengths == [64, 2]
+  assert out.tokens[0] == _reference_greedy(model, prompt, 64, width=128)
+  ids = jnp.asarray([prompt + out.tokens[0]], jnp.int32)
+  ref = token_logprobs(_full_forward(model, ids)[:, :-1], ids[:, 1:])[0, 63:]
+  np.testing.assert_allclose(out.logprobs[0], np.asarray(ref), atol=1e-4)
