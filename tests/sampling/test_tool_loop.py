@@ -245,3 +245,33 @@ def test_a_tool_turn_longer_than_its_budget_is_cut_and_never_hangs():
   with pytest.raises(ValueError, match="rollout.max_tool_tokens"):
     run_tool_loop(sampler, None, [[1, 2]], tokenizer=tok, router=default_router(),
                   rng=jax.random.key(0), max_tool_tokens=minimum - 1)
+
+
+def test_the_cache_holds_a_padded_tool_turn_at_a_rows_end():
+  """A tool turn is injected `pow2(len)` wide at the row's end index. With max_tool_tokens
+  not a power of two the reserve must cover the padded width, or the real cache's write is
+  clamped back onto the row's context: prompt 64, max_new 40, one call of max 24 tokens had
+  a capacity of 128 (64 + pow2(40 + 24)); the 38-token call turn ends at 102, its 19-token
+  tool turn pads to 32: 134 > 128. The scripted sampler's cache gets the capacity the real
+  Sampler would (`Sampler.buckets`); the loop refuses a write that would be clamped."""
+  from wakea_jax.sampling.tool_loop import tool_reserve
+
+  class SizedCache(ScriptedSampler):
+    def start(self, params, prompts, *, max_new_tokens, rng, reserve=0):
+      state = super().start(params, prompts, max_new_tokens=max_new_tokens, rng=rng)
+      rules = dataclasses.make_dataclass("R", [("min_prompt_bucket", int, 16)])()
+      _, _, capacity = Sampler.buckets(rules, max(map(len, prompts)), max_new_tokens + reserve)
+      zeros = jnp.zeros((len(prompts), 1, capacity, 2))
+      return state.replace(cache=dataclasses.replace(state.cache, keys=(zeros,),
+                                                     values=(zeros,)))
+
+  assert tool_reserve(1, 24) == 32 and tool_reserve(3, 24) == 80 and tool_reserve(2, 64) == 128
+  assert tool_reserve(0, 24) == 0
+  prompt = _prompt("What is 23*19?")
+  prompt = prompt[:1] + [prompt[1]] * (64 - len(prompt)) + prompt[1:]   # 64 tokens
+  sampler = SizedCache(turns=[[CALL, ""]])
+  out = run_tool_loop(sampler, None, [prompt], tokenizer=TOK, router=default_router(),
+                      rng=jax.random.key(0), max_new_tokens=40, max_tool_calls=1,
+                      max_tool_tokens=24)
+  assert len(sampler.injected[0][0]) == 19 and out.num_tool_calls == [1]
+  assert out.stop_reason == ["stop_id"] and "437" in out.text(TOK, 0)

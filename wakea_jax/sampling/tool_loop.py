@@ -113,6 +113,21 @@ def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, lim
   return ids[:limit]
 
 
+def _injection_width(longest: int) -> int:
+  """The width a tool-turn injection is padded to: a power of two, so that few compile."""
+  return 1 << max(0, longest - 1).bit_length()
+
+
+def tool_reserve(max_tool_calls: int, max_tool_tokens: int) -> int:
+  """Cache slots (and decode columns) kept for a row's tool turns: each holds at most
+  `max_tool_tokens` tokens, but the last is written `_injection_width` wide at the row's end
+  index, so it needs the padded width (max_tool_calls x max_tool_tokens fell short when
+  max_tool_tokens is not a power of two, and that write was clamped onto the row's context)."""
+  if max_tool_calls <= 0:
+    return 0
+  return (max_tool_calls - 1) * max_tool_tokens + _injection_width(max_tool_tokens)
+
+
 def check_tool_budget(tokenizer: Tokenizer, max_tool_tokens: int) -> None:
   """ValueError unless a tool turn of `max_tool_tokens` holds the chat markup around a
   truncated result: below that, the turn would be cut inside its markup (losing the end of
@@ -141,7 +156,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
   if max_tool_calls > 0:
     check_tool_budget(tokenizer, max_tool_tokens)
   batch = len(prompts)
-  reserve = max_tool_calls * max_tool_tokens
+  reserve = tool_reserve(max_tool_calls, max_tool_tokens)
   if isinstance(sampler, Sampler):   # (test doubles stand in for it) pack once, not per chunk
     sampler, params = sampler.with_packed_weights(params)
   # Only with media: samplers that take text alone (test doubles) keep their signature.
@@ -198,7 +213,14 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       injections.append(ids)
     if not multihost.all_true(not resume_rows):
       longest = multihost.global_max(max(map(len, injections), default=1))
-      width = 1 << max(0, longest - 1).bit_length()  # bucketed: few compiles
+      width = _injection_width(longest)   # bucketed: few compiles
+      # inject writes `width` slots at a resumed row's end index; past the capacity the write
+      # would be clamped back onto the row's own context (tool_reserve sizes the cache so
+      # that it never is).
+      for row in resume_rows:
+        if int(host["end"][row]) + width > capacity:
+          raise RuntimeError(f"tool loop: row {row}'s tool turn ({width} slots at end index "
+                             f"{int(host['end'][row])}) does not fit the cache of {capacity}")
       inject = np.full((rows, width), sampler.pad_id, np.int32)
       mask = np.zeros((rows, width), np.int32)
       for row, ids in zip(resume_rows, injections):
