@@ -321,8 +321,11 @@ class Attention(nnx.Module):
                                   kv_layout=kv_layout)
     else:
       # One new token per row: Transformer.forward's mask is then slot <= end_index (`start`),
-      # so the kernel gets lengths instead of a mask tensor.
-      lengths = start + 1 if cache is not None and q.shape[1] == 1 else None
+      # so the kernel gets lengths instead of a mask tensor. A done row whose cache is full
+      # (end_index == capacity) feeds padding at that index: its length is capped at the
+      # key count (its output is discarded; kernels need lengths <= keys).
+      lengths = (jnp.minimum(start + 1, k.shape[2]) if cache is not None and q.shape[1] == 1
+                 else None)
       out = fused_attention(q, k, v, mask, c.num_kv_heads, implementation=impl,
                             causal=cache is None, kv_layout=kv_layout, kv_lengths=lengths)
     out = dense(out, self.o_proj, "btnh,nhe->bte", dt)
