@@ -147,7 +147,6 @@ def _round_pow2(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-
 def _row_mask(rows: Array, x: Array) -> Array:
   """rows [b] broadcast against a cache window [b, k, t, h] or stacked [layers, b, k, t, h]."""
   return rows[:, None, None, None] if x.ndim == 4 else rows[None, :, None, None, None]
@@ -163,6 +162,7 @@ def _put_window(x: Array, window: Array, start: Array) -> Array:
   """Writes `_cache_window`'s window back at the same slots."""
   put = jax.vmap(lambda c, w, i: jax.lax.dynamic_update_slice_in_dim(c, w, i, axis=1))
   return put(x, window, start) if x.ndim == 4 else jax.vmap(put, (0, 0, None))(x, window, start)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
@@ -324,9 +324,10 @@ class Sampler:
 
   def _prefill(self, params: nnx.State, cache: KVCache, tokens: Array, mask: Array,
                media: Mapping[str, Array] | None = None) -> tuple[KVCache, Array]:
-    model = nnx.merge(self.graphdef, params)
-    if media is not None:
-      model = bind_media(model, media)   # a text-only graphdef: a ValueError naming the keys
+    # A multimodal model bound to its media (none: the text path) has the text decoder's
+    # interface, `head_matrix` included; a text-only graphdef given media: a ValueError
+    # naming the keys.
+    model = bind_media(nnx.merge(self.graphdef, params), media or {})
     with self._rules():
       out = model.forward(tokens, attention_mask=mask, cache=self._constrain_cache(cache))
       last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -334,9 +335,9 @@ class Sampler:
       # The head on each row's last position only: the forward's logits for every prompt
       # position ([b, t, vocab]) go unused and are not computed (bench56m, 8 x 128 tokens:
       # a fifth of the prefill's flops and 131 MB of float32 logits).
-      head, vocab_major = getattr(model, "language_model", model).head_matrix()
+      head, vocab_major = model.head_matrix()
       last_logits = jnp.einsum("be,ve->bv" if vocab_major else "be,ev->bv", hidden, head,
-                               preferred_element_type=jnp.float32).astype(jnp.float32)
+                               preferred_element_type=jnp.float32)
       return (self._constrain_cache(out.cache),
               mesh_lib.constrain(last_logits, ("act_batch", "act_vocab")))
 
