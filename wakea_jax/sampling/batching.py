@@ -63,6 +63,7 @@ from wakea_jax.sampling.sampler import (
   Sampler,
   StopRule,
   pad_media_rows,
+  round_pow2,
   row_keys,
   stop_string_cut,
 )
@@ -293,9 +294,9 @@ def refill_rows(sampler: Sampler, params: nnx.State, state: DecodeState, slots: 
   capacity), so that few shapes compile. `media`: the contexts' media in the per-row layout
   (first axis len(contexts)), padded with empty rows like the sampler's fillers. Used by the
   batcher and the serving engine."""
-  k = 1 << max(0, len(slots) - 1).bit_length()
+  k = round_pow2(len(slots), 1)
   longest = max(map(len, contexts))
-  width = min(max(1 << max(0, longest - 1).bit_length(), sampler.min_prompt_bucket), capacity)
+  width = min(round_pow2(longest, sampler.min_prompt_bucket), capacity)
 
   def column(values: Sequence[Any] | None, fill: Any, dtype: Any, shape: tuple = ()) -> Any:
     out = np.full((k,) + shape, fill, dtype)

@@ -143,7 +143,9 @@ class SampleOutput:
   stop_reason: list[str]              # "stop_id", "stop_string" or "length"
 
 
-def _round_pow2(n: int, minimum: int) -> int:
+def round_pow2(n: int, minimum: int) -> int:
+  """The power of two at or above `n`, at least `minimum`: the widths prompts, steps and
+  tool turns are padded to, so that few shapes compile."""
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
@@ -597,8 +599,8 @@ class Sampler:
 
   def buckets(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(prompt width, decode steps, cache capacity) for a batch."""
-    width = _round_pow2(prompt_len, self.min_prompt_bucket)
-    steps = _round_pow2(max_new_tokens, self.min_prompt_bucket)
+    width = round_pow2(prompt_len, self.min_prompt_bucket)
+    steps = round_pow2(max_new_tokens, self.min_prompt_bucket)
     # Capacity only needs a multiple of 128, not a power of two: every decode step attends
     # over the whole capacity, so over-allocation costs bandwidth on each step.
     return width, steps, -(-(width + steps) // 128) * 128

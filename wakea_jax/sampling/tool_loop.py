@@ -36,7 +36,7 @@ from flax import nnx
 from wakea_jax.data import chat
 from wakea_jax.data.tokenizer import Tokenizer
 from wakea_jax.parallel import multihost
-from wakea_jax.sampling.sampler import STOP_NONE, Sampler
+from wakea_jax.sampling.sampler import STOP_NONE, Sampler, round_pow2
 from wakea_jax.toolbox.router import Router
 
 
@@ -113,19 +113,14 @@ def _truncate_turn(ids: list[int], results: list[str], tokenizer: Tokenizer, lim
   return ids[:limit]
 
 
-def _injection_width(longest: int) -> int:
-  """The width a tool-turn injection is padded to: a power of two, so that few compile."""
-  return 1 << max(0, longest - 1).bit_length()
-
-
 def tool_reserve(max_tool_calls: int, max_tool_tokens: int) -> int:
   """Cache slots (and decode columns) kept for a row's tool turns: each holds at most
-  `max_tool_tokens` tokens, but the last is written `_injection_width` wide at the row's end
+  `max_tool_tokens` tokens, but the last is written `round_pow2` wide at the row's end
   index, so it needs the padded width (max_tool_calls x max_tool_tokens fell short when
   max_tool_tokens is not a power of two, and that write was clamped onto the row's context)."""
   if max_tool_calls <= 0:
     return 0
-  return (max_tool_calls - 1) * max_tool_tokens + _injection_width(max_tool_tokens)
+  return (max_tool_calls - 1) * max_tool_tokens + round_pow2(max_tool_tokens, 1)
 
 
 def check_tool_budget(tokenizer: Tokenizer, max_tool_tokens: int) -> None:
@@ -213,7 +208,7 @@ def run_tool_loop(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequenc
       injections.append(ids)
     if not multihost.all_true(not resume_rows):
       longest = multihost.global_max(max(map(len, injections), default=1))
-      width = _injection_width(longest)   # bucketed: few compiles
+      width = round_pow2(longest, 1)   # bucketed: few compiles
       # inject writes `width` slots at a resumed row's end index; past the capacity the write
       # would be clamped back onto the row's own context (tool_reserve sizes the cache so
       # that it never is).
