@@ -63,6 +63,7 @@ class Prepared:
   index: str
   tokenizer: str
   sft_sources: tuple[tuple[str, float], ...]
+  sft_eval: str                     # held-out Search-R1 teacher dialogues: the SFT eval loss
   eval_prompts: dict[str, str]      # prompt format -> prompt source
   seconds: float
 
@@ -128,6 +129,20 @@ def _eval_files(config: ml_collections.ConfigDict, index: str, data: pathlib.Pat
                         rag)
   return {**{fmt: _eval_spec(config, n, number) for fmt, number in
              (("direct", 0), *PROTOCOL_NUMBERS.items())}, "rag": str(rag)}
+
+
+def _sft_eval_file(config: ml_collections.ConfigDict, index: str, data: pathlib.Path) -> str:
+  """The SFT run's evaluation data: Search-R1 teacher dialogues for the held-out 2-hop
+  questions the arms are scored on (entities no training dialogue names). Their loss falls
+  only as far as the model copies unseen names from the question and the passages; a
+  training file's loss also falls by memorising the training names, which is what the
+  searcher did when names repeated (configs/search_demo.py)."""
+  path = data / "sft_eval_search_r1.jsonl"
+  if not path.exists():
+    multihop.write_teacher_sft(path, int(config.eval_questions), int(config.eval_seed),
+                               index=index, protocol="search_r1", split=1, hop=2,
+                               k=config.search_k, config=task.kb_config(**config.kb))
+  return str(path)
 
 
 def _tokenizer(config: ml_collections.ConfigDict, files: Sequence[pathlib.Path],
@@ -197,6 +212,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepare
   total = sum(weights.values())
   return Prepared(index=built.index, tokenizer=tokenizer,
                   sft_sources=tuple((str(files[f]), weights[f] / total) for f in files),
+                  sft_eval=_sft_eval_file(config, built.index, data),
                   eval_prompts=_eval_files(config, built.index, data),
                   seconds=time.perf_counter() - start)
 
@@ -284,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   sft = config.sft.copy_and_resolve_references()
   sft.tokenizer = prepared.tokenizer
   sft.data.sources = prepared.sft_sources
-  sft.data.eval_sources = prepared.sft_sources[:1]
+  sft.data.eval_sources = ((prepared.sft_eval, 1.0),)
   sft_dir = workdir / "sft"
   times.run("sft", trainers.run, sft, sft_dir, run_dir=sft_dir)
   sft_model = sft_dir / EXPORT
