@@ -50,6 +50,12 @@ def test_search_demo_pipeline(tmp_path, capsys):
   assert len(questions["rag"]) == 4 and all(p.meta["hop_type"] == "two_hop"
                                             for p in formats["rag"])
   assert all(q == questions["rag"] for q in questions.values())
+  # The SFT run's evaluation data are teacher dialogues for those same held-out questions, so
+  # its eval loss measures copying unseen names, not memorising training ones.
+  sft_eval = [json.loads(line) for line in open(prepared.sft_eval, encoding="utf-8")]
+  assert [r["messages"][1]["content"] for r in sft_eval] == [q for q, _ in questions["rag"]]
+  sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
+  assert sft_config["data"]["eval_sources"] == [[prepared.sft_eval, 1.0]]
 
   # Re-running trains nothing again (every stage's checkpoint is there).
   logged = {run: (tmp_path / run / "metrics.jsonl").read_text()
