@@ -352,6 +352,10 @@ def config_to_hf(config: ModelConfig, architecture: str | None = None,
   arch = architecture or infer_architecture(config)
   if arch not in ARCHITECTURES:
     raise ValueError(f"architecture {arch!r} not supported; choose one of {sorted(ARCHITECTURES)}")
+  if config.smeared_keys:
+    raise ValueError("ModelConfig.smeared_keys has no transformers architecture (no HF model "
+                     "mixes each key with the previous one); keep the wakea_jax checkpoint, "
+                     "or set export.hf=False")
   # Each family has a fixed attention: Llama plain, Qwen2 with q/k/v bias, Qwen3 with QK-norm.
   wants = {"LlamaForCausalLM": (False, False), "Qwen2ForCausalLM": (True, False),
            "Qwen3ForCausalLM": (False, True)}[arch]

@@ -47,6 +47,11 @@ class ModelConfig:
   them under one `lax.scan` (compile time independent of depth; see models/transformer.py).
   `attention` picks the attention kernel (see ATTENTION_IMPLEMENTATIONS); every choice gives
   the same numbers up to rounding.
+  `smeared_keys` gives every attention head a learnt mix of each key with the previous
+  position's key, k'_j = (1 - sigmoid(a)) k_j + sigmoid(a) k_{j-1} ("smeared keys", Olsson et
+  al. 2022, arXiv 2209.11895, appendix): a one-layer induction (copy) circuit. From-scratch
+  models only: no transformers architecture has it, so HF export refuses it, and it needs the
+  native attention kernel.
   """
 
   vocab_size: int
@@ -70,6 +75,7 @@ class ModelConfig:
   init_std: float = 0.02
   scan_layers: bool = False
   attention: str = "auto"
+  smeared_keys: bool = False
 
   def __post_init__(self) -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -95,6 +101,13 @@ class ModelConfig:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}")
+    if not isinstance(self.smeared_keys, bool):
+      raise ValueError(
+          f"ModelConfig.smeared_keys must be true or false, got {self.smeared_keys!r}")
+    if self.smeared_keys and self.attention not in ("auto", "native"):
+      raise ValueError(f"ModelConfig.smeared_keys needs the native attention kernel (it mixes "
+                       f"each score with the previous key's), but attention="
+                       f"{self.attention!r}; use 'auto' or 'native'")
     if isinstance(self.rope_scaling, dict):  # Accept plain dicts from ConfigDicts / JSON.
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
@@ -144,6 +157,8 @@ class ModelConfig:
       total += self.vocab_size * e * (1 if self.tie_embeddings else 2)
     elif not self.tie_embeddings:
       total += self.vocab_size * e
+    if self.smeared_keys:
+      total += self.num_layers * h
     if self.value_head:
       total += e + 1
     return total

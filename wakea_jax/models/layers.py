@@ -199,7 +199,7 @@ def _write(cache: Array, new: Array, start: Array) -> Array:
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int, *,
                           causal: bool = False, block: int = 128,
-                          kv_layout: str = "bskh") -> Array:
+                          kv_layout: str = "bskh", smear: Array | None = None) -> Array:
   """Grouped-query softmax attention.
 
   q [b, t, n, h], k/v [b, s, k, h] (`kv_layout="bskh"`, fresh projections) or [b, k, s, h]
@@ -212,9 +212,17 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
   With `causal=True` (the mask is known to include the causal rule and t == s), queries are
   processed in blocks that only look at the keys up to the block's end: exact, since later
   keys are masked anyway, and it skips the upper triangle's score work (about half).
+
+  `smear` [n] (in [0, 1], per query head) attends with smeared keys
+  k'_j = (1 - smear) k_j + smear k_{j-1} (ModelConfig.smeared_keys), where k_{j-1} counts only
+  if the query may attend to it (mask[i, j-1]: else slot j starts the query's segment, or
+  follows padding). Scores are linear in the key, so this is the score matrix mixed with
+  itself shifted one key along: no key tensor is rebuilt, and the KV cache keeps plain keys.
   """
   b, t, n, h = q.shape
   g = n // num_kv_heads
+  if smear is not None:
+    smear = smear.astype(jnp.float32).reshape(1, num_kv_heads, g, 1, 1)
   q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 3, 1, 4)   # [b, k, g, t, h]
   if kv_layout == "bskh":
     k = k.transpose(0, 2, 1, 3)                                       # [b, k, s, h]
@@ -225,20 +233,26 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
     starts = range(0, t, block)
     out = jnp.concatenate(
         [_attend(q[:, :, :, i:i + block], k[:, :, :i + block], v[:, :, :i + block],
-                 mask[:, i:i + block, :i + block]) for i in starts], axis=3)
+                 mask[:, i:i + block, :i + block], smear) for i in starts], axis=3)
   else:
-    out = _attend(q, k, v, mask)
+    out = _attend(q, k, v, mask, smear)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """q [b, k, g, t, h], k/v [b, k, s, h], mask [b, t, s] -> [b, k, g, t, h]."""
+def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = None) -> Array:
+  """q [b, k, g, t, h], k/v [b, k, s, h], mask [b, t, s], smear [1, k, g, 1, 1] or None
+  -> [b, k, g, t, h]."""
   b, kv, g, t, h = q.shape
   s = k.shape[2]
   scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv, g * t, h), k,
                       preferred_element_type=jnp.float32)
   scores = (scores * (h ** -0.5)).reshape(b, kv, g, t, s)
   m = mask[:, None, None, :, :]
+  if smear is not None:
+    pad = [(0, 0)] * (scores.ndim - 1) + [(1, 0)]
+    previous = jnp.pad(scores[..., :-1], pad)              # q_i . k_{j-1}
+    previous_ok = jnp.pad(m[..., :-1], pad)
+    scores = (1.0 - smear) * scores + smear * jnp.where(previous_ok, previous, 0.0)
   scores = jnp.where(m, scores, _MASK_VALUE)
   # Max-shifted softmax; the max is a constant for differentiation (the gradient is exact).
   row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
@@ -275,6 +289,9 @@ class Attention(nnx.Module):
     if c.qk_norm:
       self.q_norm = RMSNorm(c.head_dim, c.norm_eps, param_dtype=pd, axes=("head_dim",))
       self.k_norm = RMSNorm(c.head_dim, c.norm_eps, param_dtype=pd, axes=("head_dim",))
+    if c.smeared_keys:
+      # Per query head, the logit of the previous key's share (sigmoid(0) = half).
+      self.key_smear = param(None, (c.num_heads,), ("q_heads",), pd, value=0.0)
 
   def __call__(
       self,
@@ -315,10 +332,12 @@ class Attention(nnx.Module):
       new_cache, kv_layout = (k, v), "bksh"
       k, v = k.astype(dt), v.astype(dt)
 
-    impl = choose_implementation(c.attention, dt, c.head_dim)
+    smear = (jax.nn.sigmoid(self.key_smear[...].astype(jnp.float32)) if c.smeared_keys
+             else None)
+    impl = "native" if c.smeared_keys else choose_implementation(c.attention, dt, c.head_dim)
     if impl == "native":
       out = dot_product_attention(q, k, v, mask, c.num_kv_heads, causal=cache is None,
-                                  kv_layout=kv_layout)
+                                  kv_layout=kv_layout, smear=smear)
     else:
       # One new token per row: Transformer.forward's mask is then slot <= end_index (`start`),
       # so the kernel gets lengths instead of a mask tensor. A done row whose cache is full
