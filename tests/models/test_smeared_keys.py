@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import decoder_checks
 from tests.randomise import randomise
 from wakea_jax.checkpoints import hf
 from wakea_jax.models import transformer
 from wakea_jax.models.config import get_preset
-from wakea_jax.models.layers import KVCache, dot_product_attention
+from wakea_jax.models.layers import dot_product_attention
 from wakea_jax.objectives.sft import token_logprobs
 from wakea_jax.sampling import Sampler
 from wakea_jax.sampling.batching import ContinuousBatcher
@@ -100,26 +101,8 @@ def test_params_config_and_export(model):
 
 
 def test_kv_cache_chunks_padding_and_packing_match_full_forward(model):
-  ids = _ids(2, 12)
-  full = run(model, ids)
-  cache = KVCache.create(CONFIG, batch=2, capacity=16)
-  pieces = []
-  for start, stop in [(0, 5), (5, 6), (6, 7), (7, 12)]:
-    logits, cache = run(model, ids[:, start:stop], cache=cache)
-    pieces.append(logits)
-  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5)
-  # Right-padded prompts, then one decode step: each row as if alone.
-  lengths = np.array([10, 6])
-  prompt = ids[:, :10].at[1, 6:].set(0)
-  mask = jnp.asarray(np.arange(10)[None] < lengths[:, None], jnp.int32)
-  cache = KVCache.create(CONFIG, batch=2, capacity=16)
-  logits, cache = run(model, prompt, attention_mask=mask, cache=cache)
-  nxt = jnp.asarray([[7], [9]], jnp.int32)
-  step_logits, _ = run(model, nxt, cache=cache)
-  for row, length in enumerate(lengths):
-    alone = run(model, jnp.concatenate([ids[row:row + 1, :length], nxt[row:row + 1]], axis=1))
-    np.testing.assert_allclose(logits[row, :length], alone[0, :length], atol=2e-5)
-    np.testing.assert_allclose(step_logits[row, 0], alone[0, length], atol=2e-5)
+  decoder_checks.assert_cache_chunks_match_full(run, model, CONFIG, _ids(2, 12))
+  decoder_checks.assert_right_padded_decode_matches_alone(run, model, CONFIG, _ids(2, 10), [10, 6])
   # Packed segments: a segment's first key has no previous key.
   a, b = _ids(1, 5, seed=1), _ids(1, 4, seed=2)
   packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import decoder_checks
 from wakea_jax.models import transformer
 from wakea_jax.models.config import ModelConfig, RopeScaling, get_preset
 from wakea_jax.models.layers import KVCache, rope_inv_freq
@@ -60,32 +61,15 @@ def test_causality(model):
 
 
 def test_kv_cache_matches_full_forward(model):
-  ids = _ids(2, 12)
-  full = run(model, ids)
-  cache = KVCache.create(TINY, batch=2, capacity=16)
-  pieces = []
-  for start, stop in [(0, 5), (5, 6), (6, 7), (7, 12)]:
-    logits, cache = run(model, ids[:, start:stop], cache=cache)
-    pieces.append(logits)
-  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5)
+  cache = decoder_checks.assert_cache_chunks_match_full(run, model, TINY, _ids(2, 12))
   np.testing.assert_array_equal(cache.end_index, [12, 12])
 
 
 def test_kv_cache_with_right_padded_prompts(model):
   """Prompts of different lengths in one prefill; each decodes as if alone."""
-  ids = _ids(2, 10)
-  lengths = np.array([10, 6])
-  prompt = ids.at[1, 6:].set(0)
-  mask = jnp.asarray(np.arange(10)[None] < lengths[:, None], jnp.int32)
-  cache = KVCache.create(TINY, batch=2, capacity=16)
-  logits, cache = run(model, prompt, attention_mask=mask, cache=cache)
-  np.testing.assert_array_equal(cache.end_index, lengths)
-  nxt = jnp.asarray([[7], [9]], jnp.int32)
-  step_logits, cache = run(model, nxt, cache=cache)
-  for row, length in enumerate(lengths):
-    alone = run(model, jnp.concatenate([ids[row:row + 1, :length], nxt[row:row + 1]], axis=1))
-    np.testing.assert_allclose(logits[row, :length], alone[0, :length], atol=2e-5)
-    np.testing.assert_allclose(step_logits[row, 0], alone[0, length], atol=2e-5)
+  cache = decoder_checks.assert_right_padded_decode_matches_alone(run, model, TINY, _ids(2, 10),
+                                                                  [10, 6])
+  np.testing.assert_array_equal(cache.end_index, [10, 6])
 
 
 def test_padding_mask_leaves_valid_positions_unchanged(model):
