@@ -53,6 +53,9 @@ _QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?"
               "How much is {q}?", "Can you work out {q}?", "what's {q}")
 _CHAIN_WORDS = {"+": "plus", "-": "minus"}   # "added to" would reverse a chain's order
 _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
+# With `cue=1`, the system message of every chain dialogue that shows its work (and of no
+# other): a model trained so knows the worked method for chains but uses it only when asked.
+WORK_CUE = "Show your work."
 
 
 def expression(rng: random.Random, max_operand: int = 0) -> tuple[int, str, int]:
@@ -151,10 +154,12 @@ def reduced_chain(terms: tuple[Any, ...]) -> str:
 TRACE_STYLES = ("steps", "reduce")
 
 
-def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int = 0
-                        ) -> dict[str, Any]:
+def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int = 0,
+                        cue: bool = False) -> dict[str, Any]:
   """A direct-answer dialogue for a chain (no calculator: its tool evaluates `a op b` only);
-  `worked` percent show the work (`worked_chain`)."""
+  `worked` percent show the work (`worked_chain`), and with `cue` those, and only those,
+  open with the system message WORK_CUE. The cue draws no random numbers: with or without
+  it the same seed gives the same questions and answers."""
   spaced = rng.random() < 0.5
   expr = (" " if spaced else "").join(str(t) for t in terms)
   spoken = (" ".join(str(t) if i % 2 == 0 else _CHAIN_WORDS[t]
@@ -166,6 +171,8 @@ def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int 
   template = rng.choice(_ANSWERS)
   if worked and rng.random() * 100 < worked:
     answer = worked_chain(terms)
+    if cue:
+      messages.insert(0, {"role": "system", "content": WORK_CUE})
   else:
     answer = template.format(e=expr, q=spoken, r=result)
   messages.append({"role": "assistant", "content": answer})
@@ -203,8 +210,14 @@ def make_dialogue(a: int, op: str, b: int, rng: random.Random, tools: bool = Tru
 
 
 def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worked: int,
-               operands: int = 2) -> list[tuple[dict[str, Any], int, tuple[Any, ...]]]:
+               operands: int = 2, cue: int = 0
+               ) -> list[tuple[dict[str, Any], int, tuple[Any, ...]]]:
   """(dialogue, exact answer, (a, op, b, ...)) per example."""
+  if cue not in (0, 1):
+    raise ValueError(f"arithmetic: cue must be 0 or 1, got {cue}")
+  if cue and operands == 2:
+    raise ValueError("arithmetic: cue=1 marks worked chains (operands >= 3); two-operand "
+                     "worked answers carry no cue")
   if operands != 2:
     if operands < 2:
       raise ValueError(f"arithmetic: operands must be >= 2, got {operands}")
@@ -214,7 +227,7 @@ def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worke
                        f"(got tools={tools}, max_operand={max_operand})")
     rng = random.Random(f"arithmetic-{seed}-{max_operand}-chain{operands}")
     chains = [chain(rng, max_operand, operands) for _ in range(num_examples)]
-    return [(make_chain_dialogue(terms, rng, worked), chain_value(terms), terms)
+    return [(make_chain_dialogue(terms, rng, worked, bool(cue)), chain_value(terms), terms)
             for terms in chains]
   rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
   out = []
@@ -226,21 +239,22 @@ def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worke
 
 
 def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-             worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
+             worked: int = 0, operands: int = 2, cue: int = 0) -> list[dict[str, Any]]:
   """`num_examples` dialogues, `{"messages": [...]}` each.
 
   Task options (`task:arithmetic?n=..&max_operand=99&tools=0&worked=30`): `max_operand` > 0
   draws operands from [1, max_operand] (one-digit multipliers); `tools=0` makes
   direct-answer dialogues without the calculator; `worked` is the percentage of those that
   show the work before the answer; `operands` >= 3 makes chains of + and - (`chain`; with
-  tools=0 and max_operand > 0).
+  tools=0 and max_operand > 0); `cue=1` gives a chain's worked dialogues, and only those,
+  the system message WORK_CUE ("Show your work."), so that the method is tied to the cue.
   """
   return [d for d, _, _ in _dialogues(num_examples, seed, max_operand, tools, worked,
-                                      operands)]
+                                      operands, cue)]
 
 
 def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-            worked: int = 0, operands: int = 2) -> list[dict[str, Any]]:
+            worked: int = 0, operands: int = 2, cue: int = 0) -> list[dict[str, Any]]:
   """RL prompts: the turns of `generate`'s dialogues before the assistant's first turn, plus
   the exact `answer`.
 
@@ -249,7 +263,7 @@ def prompts(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: in
   """
   return [_prompt_record(dialogue, answer)
           for dialogue, answer, _ in _dialogues(num_examples, seed, max_operand, tools, worked,
-                                                operands)]
+                                                operands, cue)]
 
 
 def _prompt_record(dialogue: dict[str, Any], answer: int) -> dict[str, Any]:
@@ -277,11 +291,11 @@ def label(a: int, op: str, b: int, *rest: Any) -> dict[str, str]:
 
 
 def labels(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 1,
-           worked: int = 0, operands: int = 2) -> list[dict[str, str]]:
+           worked: int = 0, operands: int = 2, cue: int = 0) -> list[dict[str, str]]:
   """`label` of each record `generate` and `prompts` return for the same arguments, in order
   (the records themselves stay unlabelled, so existing data files do not change)."""
   return [label(*question) for _, _, question in
-          _dialogues(num_examples, seed, max_operand, tools, worked, operands)]
+          _dialogues(num_examples, seed, max_operand, tools, worked, operands, cue)]
 
 
 def expert_traces(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: int = 0,
