@@ -250,7 +250,8 @@ def test_arithmetic_chains_and_their_worked_answers():
 def test_arithmetic_cue_marks_exactly_the_worked_chains():
   plain = arithmetic.generate(200, 3, max_operand=50, tools=0, operands=3, worked=50)
   cued = sources.load_source(
-      "task:arithmetic?n=200&seed=3&max_operand=50&tools=0&operands=3&worked=50&cue=1").records
+      "task:arithmetic?n=200&seed=3&max_operand=50&tools=0&operands=3&worked=50&cue=100"
+  ).records
   shown = 0
   for p, c in zip(plain, cued):
     worked = bool(re.search(r"\d+ [+-] \d+ = \d+, ", p["messages"][-1]["content"]))
@@ -264,13 +265,19 @@ def test_arithmetic_cue_marks_exactly_the_worked_chains():
   assert 70 < shown < 130                                  # worked=50
   # The RL prompts of a cued source with worked=100 are the hard questions (phrased anew:
   # worked draws a number per dialogue) with the cue.
-  asked = arithmetic.prompts(20, 3, max_operand=50, tools=0, operands=3, worked=100, cue=1)
+  asked = arithmetic.prompts(20, 3, max_operand=50, tools=0, operands=3, worked=100, cue=100)
   bare = arithmetic.prompts(20, 3, max_operand=50, tools=0, operands=3)
   numbers = lambda m: re.findall(r"\d+", m[-1]["content"])
   assert all(a["messages"][0]["content"] == "Show your work." for a in asked)
   assert [numbers(a["messages"]) for a in asked] == [numbers(b["messages"]) for b in bare]
   assert [a["answer"] for a in asked] == [b["answer"] for b in bare]
-  with pytest.raises(ValueError, match="cue=1 marks worked chains"):
-    arithmetic.generate(2, 0, max_operand=99, tools=0, worked=30, cue=1)
-  with pytest.raises(ValueError, match="cue must be 0 or 1"):
-    arithmetic.generate(2, 0, max_operand=99, tools=0, operands=3, cue=2)
+  # cue=P cues about P percent of the worked chains, the rest unchanged.
+  some = arithmetic.generate(400, 3, max_operand=50, tools=0, operands=3, worked=100, cue=20)
+  every = arithmetic.generate(400, 3, max_operand=50, tools=0, operands=3, worked=100)
+  marked = [d["messages"][0]["role"] == "system" for d in some]
+  assert 50 < sum(marked) < 110
+  assert [d["messages"][m:] for d, m in zip(some, marked)] == [d["messages"] for d in every]
+  with pytest.raises(ValueError, match="cue marks worked chains"):
+    arithmetic.generate(2, 0, max_operand=99, tools=0, worked=30, cue=100)
+  with pytest.raises(ValueError, match="percentage of the worked chains"):
+    arithmetic.generate(2, 0, max_operand=99, tools=0, operands=3, cue=101)

@@ -53,7 +53,7 @@ _QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?"
               "How much is {q}?", "Can you work out {q}?", "what's {q}")
 _CHAIN_WORDS = {"+": "plus", "-": "minus"}   # "added to" would reverse a chain's order
 _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
-# With `cue=1`, the system message of every chain dialogue that shows its work (and of no
+# With `cue=P`, the system message of P percent of the chain dialogues that show their work
 # other): a model trained so knows the worked method for chains but uses it only when asked.
 WORK_CUE = "Show your work."
 
@@ -157,9 +157,9 @@ TRACE_STYLES = ("steps", "reduce")
 def make_chain_dialogue(terms: tuple[Any, ...], rng: random.Random, worked: int = 0,
                         cue: bool = False) -> dict[str, Any]:
   """A direct-answer dialogue for a chain (no calculator: its tool evaluates `a op b` only);
-  `worked` percent show the work (`worked_chain`), and with `cue` those, and only those,
-  open with the system message WORK_CUE. The cue draws no random numbers: with or without
-  it the same seed gives the same questions and answers."""
+  `worked` percent show the work (`worked_chain`), and with `cue` such a dialogue opens
+  with the system message WORK_CUE (a direct answer never does). `cue` draws nothing from
+  `rng`: with or without it the same seed gives the same questions and answers."""
   spaced = rng.random() < 0.5
   expr = (" " if spaced else "").join(str(t) for t in terms)
   spoken = (" ".join(str(t) if i % 2 == 0 else _CHAIN_WORDS[t]
@@ -213,10 +213,11 @@ def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worke
                operands: int = 2, cue: int = 0
                ) -> list[tuple[dict[str, Any], int, tuple[Any, ...]]]:
   """(dialogue, exact answer, (a, op, b, ...)) per example."""
-  if cue not in (0, 1):
-    raise ValueError(f"arithmetic: cue must be 0 or 1, got {cue}")
+  if not 0 <= cue <= 100:
+    raise ValueError(f"arithmetic: cue is a percentage of the worked chains, 0 to 100, "
+                     f"got {cue}")
   if cue and operands == 2:
-    raise ValueError("arithmetic: cue=1 marks worked chains (operands >= 3); two-operand "
+    raise ValueError("arithmetic: cue marks worked chains (operands >= 3); two-operand "
                      "worked answers carry no cue")
   if operands != 2:
     if operands < 2:
@@ -227,7 +228,11 @@ def _dialogues(num_examples: int, seed: int, max_operand: int, tools: int, worke
                        f"(got tools={tools}, max_operand={max_operand})")
     rng = random.Random(f"arithmetic-{seed}-{max_operand}-chain{operands}")
     chains = [chain(rng, max_operand, operands) for _ in range(num_examples)]
-    return [(make_chain_dialogue(terms, rng, worked, bool(cue)), chain_value(terms), terms)
+    # Which worked chains carry the cue: a stream of its own, so that the questions, their
+    # phrasing and the answers are the same for every `cue`.
+    cue_rng = random.Random(f"arithmetic-{seed}-{max_operand}-chain{operands}-cue")
+    return [(make_chain_dialogue(terms, rng, worked, cue_rng.random() * 100 < cue),
+             chain_value(terms), terms)
             for terms in chains]
   rng = random.Random(f"arithmetic-{seed}" + (f"-{max_operand}" if max_operand else ""))
   out = []
@@ -246,8 +251,9 @@ def generate(num_examples: int, seed: int = 0, *, max_operand: int = 0, tools: i
   draws operands from [1, max_operand] (one-digit multipliers); `tools=0` makes
   direct-answer dialogues without the calculator; `worked` is the percentage of those that
   show the work before the answer; `operands` >= 3 makes chains of + and - (`chain`; with
-  tools=0 and max_operand > 0); `cue=1` gives a chain's worked dialogues, and only those,
-  the system message WORK_CUE ("Show your work."), so that the method is tied to the cue.
+  tools=0 and max_operand > 0); `cue` is the percentage of a chain's worked dialogues that
+  open with the system message WORK_CUE ("Show your work."; direct answers never do), so
+  that the method is tied to the cue (100) or mostly tied (less).
   """
   return [d for d, _, _ in _dialogues(num_examples, seed, max_operand, tools, worked,
                                       operands, cue)]
