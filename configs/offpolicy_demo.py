@@ -27,7 +27,18 @@ operand up to 100 and a tens part up to 50 (ones steps up to ~140), as in the tw
 worked steps the model computes (with operands up to 99 a chain's running value reaches
 ~290, outside anything it was taught).
 
-Variants: default, chains, direct, inrange, test (a tiny version for the test suite).
+The `cued` variant gives the model the method's content but not the habit, as a pretrained
+model knows how to reason step by step but answers directly unless asked: its SFT data has
+chains of operands up to 50 (as `inrange`) at a 40% share, half of them worked and opening
+with the system message "Show your work." (`cue=100`), half answered directly without it.
+The RL prompts, traces and the hard split have no cue, so the model answers them directly
+(rarely right) although it solves them when cued; LUFFY's traces show the worked answer
+without the cue. Its model has smeared keys (`model.smeared_keys`) and 1500 SFT steps.
+The `leaky` variant cues 95% of the worked chains (`cue=95`): the other 5%, 1% of the SFT
+data, show the method without the cue, so the model samples it unasked now and then and
+on-policy GRPO can find it (the ExGRPO paper's setting: rare, valuable successes).
+
+Variants: default, chains, direct, inrange, cued, leaky, test (a tiny version for the test suite).
 `--config.sft_dir=DIR` reuses an existing configs/sft.py:arithmetic workdir (e.g. the learning
 demonstration's sft/).
 """
@@ -79,11 +90,25 @@ def get_config(arg=None):
     # 1500-step model LUFFY only taught the traces' form (README, issue 17).
     config.sft.train.steps = 3000
     config.traces.update(max_operand=chain_max, operands=3)
+  if variant in ("cued", "leaky"):
+    (base, _), = config.sft.data.sources
+    cue = 100 if variant == "cued" else 95
+    config.sft.data.sources = (
+        (base, 0.6),
+        (HARD.format(n=4000, seed=3, max_operand=50, operands=3) + f"&worked=50&cue={cue}",
+         0.4))
+    config.sft.model.smeared_keys = True
+    config.traces.update(max_operand=50, operands=3)
+
   # Held-out splits every model is evaluated on (greedy accuracy; pass@k off): the hard one
   # is drawn like the RL prompts.
   config.eval_splits = ml_collections.ConfigDict(dict(
       hard=HARD.format(**{**config.traces, "n": 256, "seed": 777}),
       standard="task:arithmetic?n=256&seed=777&max_operand=99&tools=0"))
+  if variant in ("cued", "leaky"):
+    # The hard split's questions with the cue: what the model can do when asked to show its
+    # work (worked=100 gives every prompt the cue's system message).
+    config.eval_splits.cued = config.eval_splits.hard + "&worked=100&cue=100"
 
   grpo = _load("grpo", "arithmetic")
   grpo.data.sources = HARD.format(**config.traces)
@@ -101,7 +126,7 @@ def get_config(arg=None):
   grpo.experience.start_accuracy = 0.0
   config.grpo = grpo
 
-  if variant in ("default", "chains", "direct", "inrange"):
+  if variant in ("default", "chains", "direct", "inrange", "cued", "leaky"):
     pass
   elif variant == "test":
     config.seeds = (0,)
@@ -125,5 +150,5 @@ def get_config(arg=None):
     config.eval_splits.standard = "task:arithmetic?n=8&seed=777&max_operand=99&tools=0"
   else:
     raise ValueError(f"unknown offpolicy_demo variant {variant!r}; "
-                     "use default, chains, direct, inrange or test")
+                     "use default, chains, direct, inrange, cued, leaky or test")
   return config

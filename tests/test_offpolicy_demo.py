@@ -7,6 +7,7 @@ import json
 import pytest
 
 from wakea_jax import offpolicy_demo
+from wakea_jax.data.tasks import arithmetic
 from wakea_jax.config_files import get_config
 from wakea_jax.rl import offpolicy as offpolicy_lib
 from wakea_jax.rl import prompts as prompts_lib
@@ -41,7 +42,7 @@ def test_unknown_arm_fails_before_training(tmp_path):
   assert not (tmp_path / "sft").exists()
 
 
-@pytest.mark.parametrize("variant", ["default", "chains", "direct", "inrange"])
+@pytest.mark.parametrize("variant", ["default", "chains", "direct", "inrange", "cued", "leaky"])
 def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   """Each variant's trace file keys onto its RL prompts one for one, every trace ends in the
   prompt's answer, and the hard split is drawn like the prompts (chains of three there)."""
@@ -65,4 +66,14 @@ def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   if variant != "default":   # the SFT data has seen a few chains: worked only in `chains`
     chains = [spec for spec, _ in config.sft.data.sources if "operands=3" in spec]
     assert len(chains) == 1
-    assert ("worked=" in chains[0]) == (variant == "chains")
+    assert ("worked=" in chains[0]) == (variant in ("chains", "cued", "leaky"))
+  if variant in ("cued", "leaky"):
+    # The model is asked for the method on the `cued` split only: same questions and
+    # answers as the hard split, each with the cue, which the RL prompts never carry.
+    cue = {"role": "system", "content": arithmetic.WORK_CUE}
+    hard = prompts_lib.load_prompts(config.eval_splits.hard.replace("n=256", "n=20"))
+    asked = prompts_lib.load_prompts(config.eval_splits.cued.replace("n=256", "n=20"))
+    assert [p.answer for p in asked] == [p.answer for p in hard]
+    assert all(p.messages[0] == cue for p in asked)
+    assert not any(cue in p.messages for p in hard + prompts)
+    assert f"cue={100 if variant == 'cued' else 95}" in chains[0]
