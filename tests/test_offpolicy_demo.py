@@ -7,8 +7,8 @@ import json
 import pytest
 
 from wakea_jax import offpolicy_demo
-from wakea_jax.data.tasks import arithmetic
 from wakea_jax.config_files import get_config
+from wakea_jax.data.tasks import arithmetic
 from wakea_jax.rl import offpolicy as offpolicy_lib
 from wakea_jax.rl import prompts as prompts_lib
 
