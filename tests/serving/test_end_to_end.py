@@ -47,7 +47,7 @@ def test_register_evaluate_weaknesses_select(tmp_path):
   assert {w.key for w in found} >= {"arithmetic/multiplication/all", "arithmetic/addition/all"}
   summary = weakness.targeted_data(found, tmp_path / "weak.jsonl", n_per_category=4)
   assert summary["records"] == 4 * len(found)
-  assert all(w.options == {"max_operand": 9, "tools": 0, "worked": 0, "operands": 2}
+  assert all(w.options == {"max_operand": 9, "tools": 0, "worked": 0, "operands": 2, "cue": 0}
              for w in found)
 
 

@@ -73,7 +73,8 @@ def test_prompt_labels_and_breakdown():
   expected = arithmetic.labels(60, 777, max_operand=99, tools=0)
   assert [(x["category"], x["difficulty"]) for x in labels] == [
       (e["category"], e["difficulty"]) for e in expected]
-  assert labels[0]["options"] == {"max_operand": 99, "tools": 0, "worked": 0, "operands": 2}
+  assert labels[0]["options"] == {"max_operand": 99, "tools": 0, "worked": 0, "operands": 2,
+                                  "cue": 0}
   correct = [1.0 if x["category"] == "addition" else 0.0 for x in labels]
   result = tracking.breakdown(correct, labels)
   rows = {(r["category"], r["difficulty"]): r for r in result["rows"]}
