@@ -63,7 +63,7 @@ def test_traces_key_onto_the_prompts_and_are_right(tmp_path, variant):
   operands = 2 if variant == "default" else 3
   assert f"operands={operands}" in config.eval_splits.hard
   assert "seed=777" in config.eval_splits.hard
-  if variant != "default":   # the SFT data has seen a few chains: worked only in `chains`
+  if variant != "default":   # the SFT data has seen chains: worked in `chains`, `cued`, `leaky`
     chains = [spec for spec, _ in config.sft.data.sources if "operands=3" in spec]
     assert len(chains) == 1
     assert ("worked=" in chains[0]) == (variant in ("chains", "cued", "leaky"))

@@ -54,7 +54,8 @@ _QUESTIONS = ("What is {q}?", "Compute {q}.", "Please calculate {q}.", "{q} = ?"
 _CHAIN_WORDS = {"+": "plus", "-": "minus"}   # "added to" would reverse a chain's order
 _ANSWERS = ("{e} = {r}.", "The answer is {r}.", "{r}", "It is {r}.", "{q} is {r}.")
 # With `cue=P`, the system message of P percent of the chain dialogues that show their work
-# other): a model trained so knows the worked method for chains but uses it only when asked.
+# (and of no direct answer): a model trained so knows the worked method for chains but uses
+# it only when asked.
 WORK_CUE = "Show your work."
 
 
