@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.srl = ml_collections.ConfigDict(dict(
       trajectories="task:equations?n=4000&seed=0&split=0",
       eval_trajectories="task:equations?n=64&seed=7&split=1",
-      system=equations.SYSTEM, answer_step=True))
+      system=equations.SYSTEM, answer_step=True, prefix_reasoning=False))
   config.reward = ml_collections.ConfigDict({"srl_similarity": {"weight": 1.0}})
   config.rl.dynamic_sampling = True
   # Our choice of the paper's epsilon: similarities lie in [0, 1] (-1 unparsed), and a

@@ -46,6 +46,30 @@ def test_each_trajectory_becomes_one_prompt_per_step_plus_the_answer():
   assert [p.answer for p in without] == ["3x = 9", "x = 3", "x = 5"]
 
 
+def test_prefix_reasoning_opens_each_step_prompt_with_the_solution_text_so_far():
+  trajectories = _trajectories()
+  prompts = srl.step_prompts(trajectories, prefix_reasoning=True)
+  assert prompts[2].messages[-1]["content"] == (
+      "<think>Subtract 1.</think>\nStep 1: 3x = 9\nStep 2: x = 3\n")
+  # Each prefix is the whole solution's text up to the step it asks for, as SFT targets
+  # (trajectories.solution_text) spell it.
+  whole = traj_lib.solution_text(trajectories[0])
+  rests = []
+  for prompt in prompts[1:3]:
+    prefix = prompt.messages[-1]["content"]
+    assert whole.startswith(prefix)
+    rests.append(whole[len(prefix):])
+  assert rests == ["Step 2: x = 3\n<answer>3</answer>", "<answer>3</answer>"]
+  # The first prompt (no prefix) and the answers do not change.
+  plain = srl.step_prompts(trajectories)
+  assert prompts[0].messages == plain[0].messages
+  assert [p.answer for p in prompts] == [p.answer for p in plain]
+  config = srl.SRLConfig(trajectories="x.jsonl")
+  assert config.prefix_reasoning is False    # the paper's form by default
+  with pytest.raises(ValueError, match="reasonings"):
+    srl.step_prefix(["a", "b"], ["r"])
+
+
 def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_file(tmp_path,
                                                                                 caplog):
   tok = default_tokenizer()
