@@ -24,11 +24,30 @@ def _config():
 def test_specs_keep_held_out_problems_out_of_training():
   specs = srl_demo.specs(_config())
   assert "split=1" in specs["eval"] and "split=1" in specs["srl_eval"]
-  for key in ("base", "expert", "rl_prompts"):
+  for key in ("base", "base_hard", "expert", "rl_prompts"):
     assert "split=0" in specs[key]
   held_out = {p.text for p in equations.problems(8, 7, split=1, min_level=4)}
   train = {p.text for p in equations.problems(400, 1, split=0, min_level=4)}
   assert held_out and not held_out & train
+
+
+def test_base_mixes_in_hard_problems_at_its_share():
+  config = _config()
+  specs = srl_demo.specs(config)
+  config.base_hard_percent = 10
+  (easy, w_easy), (hard, w_hard) = srl_demo.base_sources(config)
+  assert (easy, hard) == (specs["base"], specs["base_hard"])
+  assert (w_easy, w_hard) == pytest.approx((0.9, 0.1))
+  assert "split=0" in hard and "min_level=4" in hard
+  # Its own seed: neither the expert set's nor the RL prompts'.
+  seed = dict(kv.split("=") for kv in hard.split("?")[1].split("&"))["seed"]
+  for key in ("expert", "rl_prompts"):
+    assert f"seed={seed}&" not in specs[key]
+  config.base_hard_percent = 0
+  assert srl_demo.base_sources(config) == ((specs["base"], 1.0),)
+  config.base_hard_percent = 100
+  with pytest.raises(ValueError, match="base_hard_percent"):
+    srl_demo.base_sources(config)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ trajectories (SRL, arXiv 2510.25992) make outcome RL work where it otherwise sta
   python -m wakea_jax.srl_demo --config=configs/srl_demo.py --workdir=/tmp/wakea_srl
 
 Stages, each in its own sub-directory of --workdir (a re-run skips or resumes finished ones):
-  base/            SFT from scratch on easy equations (levels 1-3)
+  base/            SFT from scratch on easy equations (levels 1-3), 10% hard ones
   sft/             base + SFT on the small expert set of hard equations (levels 4-6)
   rlvr_seedS/      base + GRPO with the exact-answer reward on hard equations
   srl_seedS/       base + SRL on the expert set's step-wise prompts
@@ -41,7 +41,7 @@ from wakea_jax.rl.judge import LLMJudge
 EXPORT = loader.RUN_EXPORT
 
 # (key, label) of the table's rows, in order.
-STAGES = (("base", "base (easy levels only)"), ("sft", "SFT on the expert set"),
+STAGES = (("base", "base"), ("sft", "SFT on the expert set"),
           ("rlvr", "RLVR alone (GRPO, outcome reward)"), ("srl", "SRL alone"),
           ("srl_rlvr", "SRL -> RLVR"))
 
@@ -52,6 +52,10 @@ def specs(config: ml_collections.ConfigDict) -> dict[str, str]:
   hard = f"min_level={int(config.hard_min_level)}"
   return {
       "base": f"task:equations?n=20000&seed=0&split=0&max_level={int(config.easy_max_level)}",
+      # Hard problems with their solutions for the base's data at `base_hard_percent`: a seed
+      # of their own, so none is in the expert set or among the RL prompts by construction
+      # (an equation may still recur by chance: the pool of level-4 equations is finite).
+      "base_hard": f"task:equations?n=4000&seed=5&split=0&{hard}",
       # The collaboration's problems (its teacher's verified solutions are the expert set).
       "expert": f"task:equations?n={int(config.expert_problems)}"
                 f"&seed={int(config.collaborate.seed)}&split=0&{hard}",
@@ -64,6 +68,17 @@ def specs(config: ml_collections.ConfigDict) -> dict[str, str]:
   }
 
 
+def base_sources(config: ml_collections.ConfigDict) -> tuple[tuple[str, float], ...]:
+  """The base model's data mixture: easy problems, and hard ones at `base_hard_percent`."""
+  percent = float(config.base_hard_percent)
+  if not 0 <= percent < 100:
+    raise ValueError(f"srl_demo: base_hard_percent must be in [0, 100), got {percent}")
+  s = specs(config)
+  if not percent:
+    return ((s["base"], 1.0),)
+  return ((s["base"], 1.0 - percent / 100), (s["base_hard"], percent / 100))
+
+
 def task_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
   """Trains the task tokenizer once (bundled corpus + the training problems' solution
   text; never the held-out problems); "" with tokenizer_vocab 0 (the bundled tokenizer)."""
@@ -73,7 +88,7 @@ def task_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   def lines() -> Iterator[str]:
     yield equations.SYSTEM
     s = specs(config)
-    for spec in (s["base"], s["expert"]):
+    for spec in (s["base"], s["base_hard"], s["expert"]):
       _, n, seed, options = _parsed(spec)
       for record in equations.generate(min(n, int(config.tokenizer_problems)), seed, **options):
         for message in record["messages"]:
@@ -169,7 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     return out / EXPORT
 
   base = _stage(config.base, None, tokenizer, int(config.base.seed))
-  base.data.sources = ((s["base"], 1.0),)
+  base.data.sources = base_sources(config)
   base.data.eval_sources = ((s["base"].replace("seed=0", "seed=99"), 1.0),)
   base_model = train("base", base)
   score("base", base.seed, base_model)
