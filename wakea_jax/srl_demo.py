@@ -4,7 +4,8 @@ trajectories (SRL, arXiv 2510.25992) make outcome RL work where it otherwise sta
   python -m wakea_jax.srl_demo --config=configs/srl_demo.py --workdir=/tmp/wakea_srl
 
 Stages, each in its own sub-directory of --workdir (a re-run skips or resumes finished ones):
-  base/            SFT from scratch on easy equations (levels 1-3), 10% hard ones
+  base/            SFT from scratch on easy equations (levels 1-3), hard ones at
+                   `base_hard_percent` of its data
   sft/             base + SFT on the small expert set of hard equations (levels 4-6)
   rlvr_seedS/      base + GRPO with the exact-answer reward on hard equations
   srl_seedS/       base + SRL on the expert set's step-wise prompts
@@ -87,8 +88,7 @@ def task_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
   def lines() -> Iterator[str]:
     yield equations.SYSTEM
-    s = specs(config)
-    for spec in (s["base"], s["base_hard"], s["expert"]):
+    for spec in [src for src, _ in base_sources(config)] + [specs(config)["expert"]]:
       _, n, seed, options = _parsed(spec)
       for record in equations.generate(min(n, int(config.tokenizer_problems)), seed, **options):
         for message in record["messages"]:

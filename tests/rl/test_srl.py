@@ -66,8 +66,7 @@ def test_prefix_reasoning_opens_each_step_prompt_with_the_solution_text_so_far()
   assert [p.answer for p in prompts] == [p.answer for p in plain]
   config = srl.SRLConfig(trajectories="x.jsonl")
   assert config.prefix_reasoning is False    # the paper's form by default
-  with pytest.raises(ValueError, match="reasonings"):
-    srl.step_prefix(["a", "b"], ["r"])
+  assert srl.step_prefix(trajectories[0].steps) == "Step 1: 3x = 9\nStep 2: x = 3\n"
 
 
 def test_a_step_prompt_renders_into_the_assistant_turn_and_survives_a_prompt_file(tmp_path,

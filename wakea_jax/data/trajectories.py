@@ -111,17 +111,22 @@ def answer_line(answer: str | int | float) -> str:
   return f"{ANSWER_START}{answer}{ANSWER_END}"
 
 
-def solution_text(trajectory: Trajectory, *, reasoning: bool = True) -> str:
-  """The canonical whole-solution text (module docstring): think blocks (when `reasoning`
-  and the step has non-empty reasoning), "Step k: action" lines, then the <answer> line;
-  the text tasks/equations.py `render_solution` writes for its SFT targets."""
+def step_lines(steps: Sequence[Step], *, reasoning: bool = True) -> list[str]:
+  """The solution text's lines for `steps` (the first being step 1): a think block before
+  each step with non-empty reasoning (when `reasoning`), then its "Step k: action" line."""
   lines = []
-  for k, step in enumerate(trajectory.steps, 1):
+  for k, step in enumerate(steps, 1):
     if reasoning and step.reasoning:
       lines.append(f"{THINK_START}{step.reasoning}{THINK_END}")
     lines.append(step_line(k, step.action))
-  lines.append(answer_line(trajectory.answer_text))
-  return "\n".join(lines)
+  return lines
+
+
+def solution_text(trajectory: Trajectory, *, reasoning: bool = True) -> str:
+  """The canonical whole-solution text (module docstring): `step_lines`, then the <answer>
+  line; the text tasks/equations.py `render_solution` writes for its SFT targets."""
+  return "\n".join(step_lines(trajectory.steps, reasoning=reasoning)
+                   + [answer_line(trajectory.answer_text)])
 
 
 def _markup_in(text: str, markup: Sequence[str]) -> str | None:

@@ -120,19 +120,11 @@ def _head(problem: str, system: str) -> list[dict[str, Any]]:
       {"role": "user", "content": problem}]
 
 
-def step_prefix(actions: Sequence[str], reasonings: Sequence[str | None] = ()) -> str:
-  """The assistant turn's opening for the next step: "Step 1: a1\\nStep 2: a2\\n"; with
-  `reasonings` (one per action, None or "" for none), each step's think block before it,
-  exactly as `trajectories.solution_text` writes a whole solution."""
-  if reasonings and len(reasonings) != len(actions):
-    raise ValueError(f"srl.step_prefix: {len(reasonings)} reasonings for {len(actions)} actions")
-  lines = []
-  for k, action in enumerate(actions, 1):
-    reasoning = reasonings[k - 1] if reasonings else None
-    if reasoning:
-      lines.append(f"{THINK_START}{reasoning}{THINK_END}\n")
-    lines.append(traj_lib.step_line(k, action) + "\n")
-  return "".join(lines)
+def step_prefix(steps: Sequence[traj_lib.Step], *, reasoning: bool = False) -> str:
+  """The assistant turn's opening for the step after `steps`: "Step 1: a1\\nStep 2: a2\\n";
+  with `reasoning`, each step's think block before it, as `trajectories.solution_text`
+  writes a whole solution (both render `trajectories.step_lines`)."""
+  return "".join(line + "\n" for line in traj_lib.step_lines(steps, reasoning=reasoning))
 
 
 def step_prompts(trajectories: Sequence[traj_lib.Trajectory], *, system: str = SYSTEM,
@@ -144,13 +136,13 @@ def step_prompts(trajectories: Sequence[traj_lib.Trajectory], *, system: str = S
   out = []
   for t, trajectory in enumerate(trajectories):
     actions = [s.action for s in trajectory.steps]
-    reasonings = [s.reasoning for s in trajectory.steps] if prefix_reasoning else []
     targets = actions + ([traj_lib.answer_line(trajectory.answer_text)] if answer_step else [])
     for k, target in enumerate(targets, 1):
       messages = _head(trajectory.problem, system)
       if k > 1:
         messages.append({"role": "assistant",
-                         "content": step_prefix(actions[:k - 1], reasonings[:k - 1]),
+                         "content": step_prefix(trajectory.steps[:k - 1],
+                                                reasoning=prefix_reasoning),
                          "continue": True})
       out.append(PromptRecord(
           messages=tuple(messages), answer=target,
