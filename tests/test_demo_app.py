@@ -2,7 +2,11 @@
 not the time it took to find them finished."""
 
 import json
+import operator
+import os
 import time
+
+import pytest
 
 from wakea_jax import demo_app
 
@@ -34,3 +38,37 @@ def test_a_skipped_stage_keeps_the_time_of_the_run_that_trained_it(tmp_path):
   assert resumed.seconds["sft"] != first.seconds["sft"]
   (tmp_path / "results.json").write_text("not json")  # unreadable: every stage timed anew
   assert demo_app.StageTimes(tmp_path).previous == {}
+
+
+def test_cpu_shares_split_the_cpus_into_contiguous_shares():
+  assert demo_app.cpu_shares(2, [0, 1]) == [[0], [1]]
+  assert demo_app.cpu_shares(2, [0, 1, 2]) == [[0, 1], [2]]
+  assert demo_app.cpu_shares(4, [3, 5]) == [[3], [5]]      # no more shares than CPUs
+  assert demo_app.cpu_shares(1, [0, 1, 2, 3]) == [[0, 1, 2, 3]]
+
+
+def test_run_jobs_runs_each_job_in_a_worker_process_on_its_share_of_the_cpus(tmp_path):
+  jobs = [(0,), (0,), (0,)]
+  out = demo_app.run_jobs(os.sched_getaffinity, jobs, workers=2, log_dir=tmp_path)
+  shares = [set(s) for s in demo_app.cpu_shares(2)]
+  assert len(out) == 3 and all(s in shares for s in out)
+  if len(shares) == 2:          # two at a time: both shares were used
+    assert {frozenset(s) for s in out} == {frozenset(s) for s in shares}
+  pids = demo_app.run_jobs(os.getpid, [(), ()], workers=2, log_dir=tmp_path)
+  assert os.getpid() not in pids and len(set(pids)) == 2
+  # One worker (or one job): in this process.
+  assert demo_app.run_jobs(os.getpid, [(), ()], workers=1, log_dir=tmp_path) == [os.getpid()] * 2
+  assert demo_app.run_jobs(operator.add, [(1, 2), (3, 4)], workers=2, log_dir=tmp_path) == [3, 7]
+  assert not list(tmp_path.glob("*.pkl*"))     # job and result files are cleaned up
+
+
+def test_a_failing_worker_is_reported_with_its_job_and_log(tmp_path):
+  with pytest.raises(RuntimeError, match=r"(?s)job b \(_operator.truediv\) exited with status 1"
+                                         r".*b\.log.*ZeroDivisionError"):
+    demo_app.run_jobs(operator.truediv, [(1, 2), (1, 0)], workers=2, log_dir=tmp_path,
+                      names=["a", "b"])
+  with pytest.raises(ValueError, match="not a module-level function"):
+    demo_app.run_jobs(lambda: 0, [(), ()], workers=2, log_dir=tmp_path)
+  with pytest.raises(ValueError, match="3 names for 2 jobs"):
+    demo_app.run_jobs(operator.add, [(1, 2), (3, 4)], workers=2, log_dir=tmp_path,
+                      names=["a", "b", "c"])
