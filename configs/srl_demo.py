@@ -8,13 +8,14 @@ stage can be re-run alone with the same values):
   base     SFT from scratch on many easy problems (levels 1 to `easy_max_level`) and, at
            `base_hard_percent` of its data, hard ones (levels `hard_min_level` to 6) with their
            solutions: the format, the single transformations and solutions of the hard
-           length, but not yet the arithmetic to get them right (13.7% held-out, seed 0).
+           length, but not yet the arithmetic to get them right (30.1% held-out, seed 0).
   sft      base + SFT on the small expert set: `expert_problems` hard problems (levels
            `hard_min_level` to 6) with their expert solutions, many epochs (over-fits).
   rlvr     base + GRPO on hard problems with the outcome reward (the exact answer).
   srl      base + SRL (configs/srl.py) on the same expert set's step-wise prompts.
   srl_rlvr the SRL model + the same GRPO as `rlvr`, KL-anchored to the SRL model.
-RL stages run once per seed in `seeds`; base and SFT once.
+RL stages run once per seed in `seeds`, the seeds' chains in `workers` processes at once
+(demo_app.run_jobs: each on its share of the CPUs); base and SFT once.
 """
 
 import ml_collections
@@ -34,6 +35,10 @@ def get_config(arg=None):
   config.objective = "srl_demo"
   config.variant = variant
   config.seeds = (0, 1)
+  # Processes running the seeds' RL chains at once, each pinned to its share of the CPUs; 1: in
+  # this process, one after another. Two on 2 cores: 1.38x the RL steps per second (the
+  # ~1M-parameter model does not keep two cores busy).
+  config.workers = 2
   config.easy_max_level = 3
   config.hard_min_level = 4
   # Percent of the base's training data that is hard problems with their solutions (the rest
@@ -61,7 +66,8 @@ def get_config(arg=None):
   base.model.update(num_layers=4, max_seq_len=512, smeared_keys=True)
   base.data.seq_len = 256
   base.data.batch_size = 16
-  base.train.update(steps=2000, log_every=100, eval_every=500, checkpoint_every=500)
+  # 3,000 steps: 30.1% of the held-out hard equations (2,000: 13.7%; 4,000: 57.0%).
+  base.train.update(steps=3000, log_every=100, eval_every=500, checkpoint_every=500)
   base.optimizer.update(learning_rate=3e-3, warmup_steps=30)
   base.export.hf = False
   config.base = base
@@ -70,7 +76,7 @@ def get_config(arg=None):
   sft.model = base.model        # init_from the base model: the same shapes
   sft.data.seq_len = 256
   sft.data.batch_size = 16
-  sft.train.update(steps=300, log_every=50, eval_every=300, checkpoint_every=300)
+  sft.train.update(steps=200, log_every=50, eval_every=200, checkpoint_every=200)
   sft.optimizer.update(learning_rate=1e-3, warmup_steps=10)
   sft.export.hf = False
   config.sft = sft
@@ -80,7 +86,8 @@ def get_config(arg=None):
   # 1.0 the base model's samples were right ~3% of the time against 5% greedy (seed 0).
   rlvr.rollout.update(max_new_tokens=192, group_size=8, temperature=0.7)
   rlvr.rl.prompts_per_step = 8
-  rlvr.train.update(steps=50, eval_every=25, checkpoint_every=25)
+  # No evaluation at step 0: the table scores every stage's initial model (base, SRL) already.
+  rlvr.train.update(steps=40, eval_every=20, checkpoint_every=20, eval_at_start=False)
   rlvr.loss.kl_beta = 0.01          # the anchor: KL to the stage's initial model
   rlvr.eval.update(num_samples=0, pass_k=())
   config.rlvr = rlvr
@@ -95,7 +102,7 @@ def get_config(arg=None):
   # only difference was a wrong number, the errors this base makes.
   srl.optimizer.learning_rate = 1e-4
   srl.rl.dynamic_sampling_min_std = 0.01
-  srl.train.update(steps=60, eval_every=30, checkpoint_every=30)
+  srl.train.update(steps=40, eval_every=20, checkpoint_every=20)
   srl.loss.kl_beta = 0.01
   # The expert's monologues in the step prompts' prefixes: every model here is fine-tuned on
   # solutions with a think block before each step (rl/srl.py, `prefix_reasoning`).

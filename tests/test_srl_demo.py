@@ -53,22 +53,31 @@ def test_base_mixes_in_hard_problems_at_its_share():
 @pytest.mark.slow
 def test_srl_demo_pipeline(tmp_path, capsys):
   config = _config()
+  with config.unlocked():
+    config.seeds = (0, 1)     # the seeds' chains in two worker processes (config.workers)
+  assert config.workers == 2
   results = srl_demo.run(config, tmp_path)
-  stages = [r["stage"] for r in results["rows"]]
-  assert stages == ["base", "sft", "rlvr", "srl", "srl_rlvr"]
+  stages = [(r["stage"], r["seed"]) for r in results["rows"]]
+  assert stages == [("base", 0), ("sft", 0), ("rlvr", 0), ("srl", 0), ("srl_rlvr", 0),
+                    ("rlvr", 1), ("srl", 1), ("srl_rlvr", 1)]
+  for seed in (0, 1):   # each chain ran in its worker, which logged its stages
+    assert f"srl_rlvr seed {seed}:" in (tmp_path / "logs" / f"seed{seed}.log").read_text()
+    assert results["timing_s"][f"srl_rlvr_seed{seed}"] > 0
   for row in results["rows"]:
     assert row["questions"] == config.eval_problems
     for key in ("accuracy", "valid_solutions", "answered"):
       assert 0.0 <= row[key] <= 1.0
   # Each later stage starts from the model the issue names.
   inits = {name: json.loads((tmp_path / name / "config.json").read_text()).get("init_from", "")
-           for name in ("sft", "rlvr_seed0", "srl_seed0", "srl_rlvr_seed0")}
+           for name in ("sft", "rlvr_seed0", "srl_seed0", "srl_rlvr_seed0", "srl_rlvr_seed1")}
   assert inits["sft"].startswith(str(tmp_path / "base"))
   assert inits["rlvr_seed0"].startswith(str(tmp_path / "base"))
   assert inits["srl_seed0"].startswith(str(tmp_path / "base"))
   assert inits["srl_rlvr_seed0"].startswith(str(tmp_path / "srl_seed0"))
+  assert inits["srl_rlvr_seed1"].startswith(str(tmp_path / "srl_seed1"))
   assert (tmp_path / "srl_seed0" / "srl_step_prompts.jsonl").exists()
   table = (tmp_path / "results.md").read_text()
-  assert "| SRL -> RLVR | 0 |" in table and "targets:" in table
+  assert "| SRL -> RLVR | 0 |" in table and "| SRL -> RLVR | 1 |" in table
+  assert "targets:" in table
   assert "| SRL -> RLVR | 0 |" in capsys.readouterr().out
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -163,6 +163,46 @@ def _stage(stage: ml_collections.ConfigDict, init_from: pathlib.Path | None, tok
   return stage
 
 
+def _scored(config: ml_collections.ConfigDict, key: str, seed: int, model_dir: pathlib.Path,
+            tokenizer: str) -> dict[str, Any]:
+  """The table row of stage `key`'s model: `evaluate` on the held-out problems, logged."""
+  row = evaluate(config.rlvr, model_dir, specs(config)["eval"], tokenizer)
+  logging.info("%s seed %d: %s", key, seed, {k: v for k, v in row.items() if k != "example"})
+  return {"stage": key, "seed": seed, **row}
+
+
+def seed_chain(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int,
+               tokenizer: str, expert: pathlib.Path, base_model: pathlib.Path
+               ) -> dict[str, Any]:
+  """One seed's RL stages from the base: RLVR alone, SRL alone and SRL -> RLVR, each trained
+  (or found done) in `workdir` and scored -> {"rows", "timing_s", "runs"}."""
+  s = specs(config)
+  times = demo_app.StageTimes(workdir)
+  rows: list[dict[str, Any]] = []
+  runs: dict[str, pathlib.Path] = {}
+
+  def train_and_score(key: str, stage: ml_collections.ConfigDict, label: str) -> pathlib.Path:
+    out = workdir / f"{key}_seed{seed}"
+    times.run(f"{key}_seed{seed}", trainers.run, stage, out, run_dir=out)
+    rows.append(_scored(config, key, seed, out / EXPORT, tokenizer))
+    runs[f"{label} seed {seed}"] = out
+    return out / EXPORT
+
+  rlvr = _stage(config.rlvr, base_model, tokenizer, seed)
+  rlvr.data.sources, rlvr.data.eval_sources = s["rl_prompts"], s["eval"]
+  train_and_score("rlvr", rlvr, "RLVR")
+
+  srl = _stage(config.srl, base_model, tokenizer, seed)
+  srl.srl.trajectories = str(expert)
+  srl.srl.eval_trajectories = s["srl_eval"]
+  srl_model = train_and_score("srl", srl, "SRL")
+
+  both = _stage(config.rlvr, srl_model, tokenizer, seed)
+  both.data.sources, both.data.eval_sources = s["rl_prompts"], s["eval"]
+  train_and_score("srl_rlvr", both, "SRL->RLVR")
+  return {"rows": rows, "timing_s": times.seconds, "runs": runs}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs (or resumes) every stage in `workdir`; returns the results written to results.json."""
   workdir = pathlib.Path(workdir)
@@ -174,9 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   results: dict[str, Any] = {"rows": [], "timing_s": times.seconds, "specs": s}
 
   def score(key: str, seed: int, model_dir: pathlib.Path) -> None:
-    row = evaluate(config.rlvr, model_dir, s["eval"], tokenizer)
-    results["rows"].append({"stage": key, "seed": seed, **row})
-    logging.info("%s seed %d: %s", key, seed, {k: v for k, v in row.items() if k != "example"})
+    results["rows"].append(_scored(config, key, seed, model_dir, tokenizer))
 
   def train(key: str, stage: ml_collections.ConfigDict) -> pathlib.Path:
     out = workdir / key
@@ -198,24 +236,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   sft.data.eval_sources = ((str(dialogues), 1.0),)
   score("sft", sft.seed, train("sft", sft))
 
+  # Each seed's RLVR, SRL and SRL -> RLVR, the seeds in `workers` processes at once.
+  seeds = [int(seed) for seed in config.seeds]
+  chains = demo_app.run_jobs(seed_chain, [(config, workdir, seed, tokenizer, expert, base_model)
+                                          for seed in seeds],
+                             workers=int(config.workers), log_dir=workdir / "logs",
+                             names=[f"seed{seed}" for seed in seeds])
   runs: dict[str, pathlib.Path] = {}
-  for seed in config.seeds:
-    rlvr = _stage(config.rlvr, base_model, tokenizer, seed)
-    rlvr.data.sources, rlvr.data.eval_sources = s["rl_prompts"], s["eval"]
-    score("rlvr", seed, train(f"rlvr_seed{seed}", rlvr))
-    runs[f"RLVR seed {seed}"] = workdir / f"rlvr_seed{seed}"
-
-    srl = _stage(config.srl, base_model, tokenizer, seed)
-    srl.srl.trajectories = str(expert)
-    srl.srl.eval_trajectories = s["srl_eval"]
-    srl_model = train(f"srl_seed{seed}", srl)
-    score("srl", seed, srl_model)
-    runs[f"SRL seed {seed}"] = workdir / f"srl_seed{seed}"
-
-    both = _stage(config.rlvr, srl_model, tokenizer, seed)
-    both.data.sources, both.data.eval_sources = s["rl_prompts"], s["eval"]
-    score("srl_rlvr", seed, train(f"srl_rlvr_seed{seed}", both))
-    runs[f"SRL->RLVR seed {seed}"] = workdir / f"srl_rlvr_seed{seed}"
+  for chain in chains:
+    results["rows"].extend(chain["rows"])
+    results["timing_s"].update(chain["timing_s"])
+    runs.update(chain["runs"])
 
   results["timing_s"]["total"] = time.perf_counter() - total_start
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
