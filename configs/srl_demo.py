@@ -89,6 +89,8 @@ def get_config(arg=None):
   # No evaluation at step 0: the table scores every stage's initial model (base, SRL) already.
   rlvr.train.update(steps=40, eval_every=20, checkpoint_every=20, eval_at_start=False)
   rlvr.loss.kl_beta = 0.01          # the anchor: KL to the stage's initial model
+  # The learning rate stays rl_config's 1e-4: from this base every higher one (2e-4 to 1e-3)
+  # lowered the training reward from the first steps (README, the SRL demonstration).
   rlvr.eval.update(num_samples=0, pass_k=())
   config.rlvr = rlvr
 
@@ -96,10 +98,11 @@ def get_config(arg=None):
   srl.rollout.update(max_new_tokens=48, group_size=8)
   srl.rl.prompts_per_step = 8
   srl.rl.max_sampling_rounds = 2
-  # 1e-4: from the base with hard problems in its data, 3e-4 took held-out accuracy from 13.7% to
-  # 9.8% (seed 0), 1e-4 to 14.8%. A group spread of 0.01: a step with one wrong number
-  # scores ~0.94 against the expert's, so configs/srl.py's 0.05 dropped most groups whose
-  # only difference was a wrong number, the errors this base makes.
+  # 1e-4: from the 2,000-step base, 3e-4 took held-out accuracy from 13.7% to 9.8% (seed 0),
+  # 1e-4 to 14.8%; from the 3,000-step base 3e-4 lowered the held-out step similarity. A
+  # group spread of 0.01: a step with one wrong number scores ~0.94 against the expert's, so
+  # configs/srl.py's 0.05 dropped most groups whose only difference was a wrong number, the
+  # errors this base makes.
   srl.optimizer.learning_rate = 1e-4
   srl.rl.dynamic_sampling_min_std = 0.01
   srl.train.update(steps=40, eval_every=20, checkpoint_every=20)
