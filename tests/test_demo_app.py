@@ -4,6 +4,7 @@ not the time it took to find them finished."""
 import json
 import operator
 import os
+import pathlib
 import time
 
 import pytest
@@ -72,3 +73,28 @@ def test_a_failing_worker_is_reported_with_its_job_and_log(tmp_path):
   with pytest.raises(ValueError, match="3 names for 2 jobs"):
     demo_app.run_jobs(operator.add, [(1, 2), (3, 4)], workers=2, log_dir=tmp_path,
                       names=["a", "b", "c"])
+
+
+def _workers_running(log_dir) -> list[int]:
+  """Processes whose command line names a job file under `log_dir`."""
+  pids = []
+  for proc in pathlib.Path("/proc").iterdir():
+    try:
+      cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+      continue
+    if proc.name.isdigit() and str(log_dir) in cmdline:
+      pids.append(int(proc.name))
+  return pids
+
+
+def test_no_worker_outlives_a_failure_of_the_parent(tmp_path):
+  # The second job cannot be pickled: run_jobs fails while the first (a 60 s sleep) runs.
+  start = time.monotonic()
+  with pytest.raises(Exception, match="lambda|pickle"):
+    demo_app.run_jobs(time.sleep, [(60,), (lambda: 0,)], workers=2, log_dir=tmp_path)
+  assert time.monotonic() - start < 30
+  deadline = time.monotonic() + 2.0     # a just-started process can take a moment to show
+  while time.monotonic() < deadline:
+    assert not _workers_running(tmp_path)
+    time.sleep(0.1)

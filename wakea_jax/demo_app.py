@@ -150,41 +150,48 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], *, workers
   pending = list(range(len(jobs)))
   running: dict[int, tuple[subprocess.Popen, int, Any]] = {}   # job -> (process, share, log)
   free = list(range(len(shares)))
-  while pending or running:
-    while pending and free and not failures:
-      i, share = pending.pop(0), free.pop(0)
-      job_file = log_dir / f"{names[i]}.job.pkl"
-      job_file.write_bytes(pickle.dumps({"module": module, "qualname": qualname,
-                                         "args": tuple(jobs[i])}))
-      env = dict(os.environ)
-      cpus = shares[share]
-      env[_JOB_ENV] = ",".join(map(str, cpus))
-      if len(cpus) == 1:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_ONE_CPU_FLAGS}".strip()
-      log = (log_dir / f"{names[i]}.log").open("w")
-      process = subprocess.Popen([sys.executable, "-m", "wakea_jax.demo_app", str(job_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-      running[i] = (process, share, log)
-    for i, (process, share, log) in list(running.items()):
-      if process.poll() is None:
-        continue
+  try:
+    while pending or running:
+      while pending and free and not failures:
+        i, share = pending.pop(0), free.pop(0)
+        job_file = log_dir / f"{names[i]}.job.pkl"
+        job_file.write_bytes(pickle.dumps({"module": module, "qualname": qualname,
+                                           "args": tuple(jobs[i])}))
+        env = dict(os.environ)
+        cpus = shares[share]
+        env[_JOB_ENV] = ",".join(map(str, cpus))
+        if len(cpus) == 1:
+          env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_ONE_CPU_FLAGS}".strip()
+        log = (log_dir / f"{names[i]}.log").open("w")
+        process = subprocess.Popen([sys.executable, "-m", "wakea_jax.demo_app", str(job_file)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        running[i] = (process, share, log)
+      for i, (process, share, log) in list(running.items()):
+        if process.poll() is None:
+          continue
+        log.close()
+        del running[i]
+        free.append(share)
+        out = log_dir / f"{names[i]}.job.pkl.out"
+        if process.returncode == 0 and out.is_file():
+          results[i] = pickle.loads(out.read_bytes())
+          out.unlink()
+          (log_dir / f"{names[i]}.job.pkl").unlink()
+        else:
+          tail = "\n".join((log_dir / f"{names[i]}.log").read_text(
+              errors="replace").splitlines()[-30:])
+          failures.append(f"job {names[i]} ({module}.{qualname}) exited with status "
+                          f"{process.returncode}; the end of {log_dir / (names[i] + '.log')}:\n"
+                          f"{tail}")
+      if failures and not running:
+        raise RuntimeError("\n\n".join(failures))
+      time.sleep(0.2)
+  except BaseException:   # an interrupt, or this process failing: no worker outlives it
+    for process, _, log in running.values():
+      process.kill()
+      process.wait()
       log.close()
-      del running[i]
-      free.append(share)
-      out = log_dir / f"{names[i]}.job.pkl.out"
-      if process.returncode == 0 and out.is_file():
-        results[i] = pickle.loads(out.read_bytes())
-        out.unlink()
-        (log_dir / f"{names[i]}.job.pkl").unlink()
-      else:
-        tail = "\n".join((log_dir / f"{names[i]}.log").read_text(
-            errors="replace").splitlines()[-30:])
-        failures.append(f"job {names[i]} ({module}.{qualname}) exited with status "
-                        f"{process.returncode}; the end of {log_dir / (names[i] + '.log')}:\n"
-                        f"{tail}")
-    if failures and not running:
-      raise RuntimeError("\n\n".join(failures))
-    time.sleep(0.2)
+    raise
   return [results[i] for i in range(len(jobs))]
 
 
