@@ -96,6 +96,11 @@ _ONE_CPU_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thread
 _JOB_ENV = "WAKEA_JOB_CPUS"
 
 
+def _result_file(job_file: pathlib.Path) -> pathlib.Path:
+  """Where a worker pickles the result of `job_file` (written whole, then renamed)."""
+  return job_file.with_name(job_file.name + ".out")
+
+
 def cpu_shares(workers: int, cpus: Sequence[int] | None = None) -> list[list[int]]:
   """This process's CPUs (or `cpus`) split into `workers` contiguous shares, the first ones
   one larger when they do not divide evenly; fewer shares when there are fewer CPUs."""
@@ -148,7 +153,8 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], *, workers
   results: dict[int, Any] = {}
   failures: list[str] = []
   pending = list(range(len(jobs)))
-  running: dict[int, tuple[subprocess.Popen, int, Any]] = {}   # job -> (process, share, log)
+  # job -> (process, its CPU share, its job file, its open log)
+  running: dict[int, tuple[subprocess.Popen, int, pathlib.Path, Any]] = {}
   free = list(range(len(shares)))
   try:
     while pending or running:
@@ -165,29 +171,28 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], *, workers
         log = (log_dir / f"{names[i]}.log").open("w")
         process = subprocess.Popen([sys.executable, "-m", "wakea_jax.demo_app", str(job_file)],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-        running[i] = (process, share, log)
-      for i, (process, share, log) in list(running.items()):
+        running[i] = (process, share, job_file, log)
+      for i, (process, share, job_file, log) in list(running.items()):
         if process.poll() is None:
           continue
         log.close()
         del running[i]
         free.append(share)
-        out = log_dir / f"{names[i]}.job.pkl.out"
+        out = _result_file(job_file)
         if process.returncode == 0 and out.is_file():
           results[i] = pickle.loads(out.read_bytes())
           out.unlink()
-          (log_dir / f"{names[i]}.job.pkl").unlink()
+          job_file.unlink()
         else:
-          tail = "\n".join((log_dir / f"{names[i]}.log").read_text(
-              errors="replace").splitlines()[-30:])
+          log_file = pathlib.Path(log.name)
+          tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-30:])
           failures.append(f"job {names[i]} ({module}.{qualname}) exited with status "
-                          f"{process.returncode}; the end of {log_dir / (names[i] + '.log')}:\n"
-                          f"{tail}")
+                          f"{process.returncode}; the end of {log_file}:\n{tail}")
       if failures and not running:
         raise RuntimeError("\n\n".join(failures))
       time.sleep(0.2)
   except BaseException:   # an interrupt, or this process failing: no worker outlives it
-    for process, _, log in running.values():
+    for process, _, _, log in running.values():
       process.kill()
       process.wait()
       log.close()
@@ -209,7 +214,7 @@ def _worker(job_file: str) -> None:
   for part in job["qualname"].split("."):
     fn = getattr(fn, part)
   result = fn(*job["args"])
-  out = pathlib.Path(job_file + ".out")
+  out = _result_file(pathlib.Path(job_file))
   tmp = out.with_suffix(".tmp")
   tmp.write_bytes(pickle.dumps(result))
   tmp.replace(out)

@@ -171,6 +171,14 @@ def _scored(config: ml_collections.ConfigDict, key: str, seed: int, model_dir: p
   return {"stage": key, "seed": seed, **row}
 
 
+def _train(times: demo_app.StageTimes, workdir: pathlib.Path, key: str,
+           stage: ml_collections.ConfigDict) -> pathlib.Path:
+  """Trains `stage` in `workdir`/`key` (or finds it done), timed as `key` -> its export."""
+  out = workdir / key
+  times.run(key, trainers.run, stage, out, run_dir=out)
+  return out / EXPORT
+
+
 def seed_chain(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int,
                tokenizer: str, expert: pathlib.Path, base_model: pathlib.Path
                ) -> dict[str, Any]:
@@ -182,24 +190,24 @@ def seed_chain(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: i
   runs: dict[str, pathlib.Path] = {}
 
   def train_and_score(key: str, stage: ml_collections.ConfigDict, label: str) -> pathlib.Path:
-    out = workdir / f"{key}_seed{seed}"
-    times.run(f"{key}_seed{seed}", trainers.run, stage, out, run_dir=out)
-    rows.append(_scored(config, key, seed, out / EXPORT, tokenizer))
-    runs[f"{label} seed {seed}"] = out
-    return out / EXPORT
+    model = _train(times, workdir, f"{key}_seed{seed}", stage)
+    rows.append(_scored(config, key, seed, model, tokenizer))
+    runs[f"{label} seed {seed}"] = workdir / f"{key}_seed{seed}"
+    return model
 
-  rlvr = _stage(config.rlvr, base_model, tokenizer, seed)
-  rlvr.data.sources, rlvr.data.eval_sources = s["rl_prompts"], s["eval"]
-  train_and_score("rlvr", rlvr, "RLVR")
+  def rlvr_from(init: pathlib.Path) -> ml_collections.ConfigDict:
+    stage = _stage(config.rlvr, init, tokenizer, seed)
+    stage.data.sources, stage.data.eval_sources = s["rl_prompts"], s["eval"]
+    return stage
+
+  train_and_score("rlvr", rlvr_from(base_model), "RLVR")
 
   srl = _stage(config.srl, base_model, tokenizer, seed)
   srl.srl.trajectories = str(expert)
   srl.srl.eval_trajectories = s["srl_eval"]
   srl_model = train_and_score("srl", srl, "SRL")
 
-  both = _stage(config.rlvr, srl_model, tokenizer, seed)
-  both.data.sources, both.data.eval_sources = s["rl_prompts"], s["eval"]
-  train_and_score("srl_rlvr", both, "SRL->RLVR")
+  train_and_score("srl_rlvr", rlvr_from(srl_model), "SRL->RLVR")
   return {"rows": rows, "timing_s": times.seconds, "runs": runs}
 
 
@@ -216,15 +224,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   def score(key: str, seed: int, model_dir: pathlib.Path) -> None:
     results["rows"].append(_scored(config, key, seed, model_dir, tokenizer))
 
-  def train(key: str, stage: ml_collections.ConfigDict) -> pathlib.Path:
-    out = workdir / key
-    times.run(key, trainers.run, stage, out, run_dir=out)
-    return out / EXPORT
-
   base = _stage(config.base, None, tokenizer, int(config.base.seed))
   base.data.sources = base_sources(config)
   base.data.eval_sources = ((s["base"].replace("seed=0", "seed=99"), 1.0),)
-  base_model = train("base", base)
+  base_model = _train(times, workdir, "base", base)
   score("base", base.seed, base_model)
 
   summary, expert, dialogues = times.run("collaborate", expert_set, config, workdir / "expert")
@@ -234,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   sft = _stage(config.sft, base_model, tokenizer, int(config.sft.seed))
   sft.data.sources = ((str(dialogues), 1.0),)
   sft.data.eval_sources = ((str(dialogues), 1.0),)
-  score("sft", sft.seed, train("sft", sft))
+  score("sft", sft.seed, _train(times, workdir, "sft", sft))
 
   # Each seed's RLVR, SRL and SRL -> RLVR, the seeds in `workers` processes at once.
   seeds = [int(seed) for seed in config.seeds]
