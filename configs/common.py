@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # Mesh axis sizes; -1 takes the remaining devices.
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # devices: 0 spans every device; N the first N (parallel/mesh.py MeshConfig).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "devices": 0})
   # Logical axis -> mesh axes; strings, lists of strings or None.
   config.sharding_rules = [list(rule) for rule in mesh_lib.DEFAULT_RULES]
   return config

@@ -27,7 +27,8 @@ runs tools/bench_tunix_grpo.py there after ours, on the same shapes and sizes (T
 GRPOLearner loop, vanilla rollout), and prints its row and the step-time ratio beside ours.
 
 --tensor_parallel=N runs every phase on N host devices as mesh.tensor=N; --rollout_tensor=N
-samples on a tensor=N mesh (rollout.tensor) and trains data-parallel on the same N devices.
+samples on a tensor=N mesh (rollout.tensor) and trains data-parallel on the same N devices,
+or, with --train_devices=1 (mesh.devices), on the first device alone.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ _ROLLOUT_TENSOR = flags.DEFINE_integer(
     ", params resharded each update) while the trainer runs data-parallel over the same "
     "devices (mesh.data=N): each phase on the layout that suits it. Not with "
     "--tensor_parallel.")
+_TRAIN_DEVICES = flags.DEFINE_integer(
+    "train_devices", 0, "mesh.devices: the trainer's mesh spans the first N devices (0: all). "
+    "With --rollout_tensor=2, 1 trains on one host device (whose large matmuls use every "
+    "core anyway) while the rollouts sample over both.")
 _FULL = flags.DEFINE_bool(
     "full_length", False, "Every completion runs to --new tokens (the sampler's stop ids off), "
     "as the Tunix run does: a random model otherwise stops early on the chat stop ids.")
@@ -137,7 +142,8 @@ def grpo_config(mode: str, prompt_file: pathlib.Path):
       "loss.kl_beta": _KL_BETA.value, "train.steps": _STEPS.value + 1,
       "data.sources": str(prompt_file), "data.eval_sources": "",
       "train.eval_at_start": False, "export.enabled": False,
-      "mesh.tensor": _TENSOR.value, "rollout.tensor": _ROLLOUT_TENSOR.value})
+      "mesh.tensor": _TENSOR.value, "rollout.tensor": _ROLLOUT_TENSOR.value,
+      "mesh.devices": _TRAIN_DEVICES.value})
   config.model.update(fields)
   config.reward = {"vowels": {"weight": 1.0}}
   return config

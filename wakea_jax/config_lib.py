@@ -129,8 +129,9 @@ def lora_config_from(values: Config) -> LoRAConfig | None:
 
 
 def mesh_from(config: Config, devices: Any = None) -> Any:
-  """The device mesh of config.mesh."""
-  return mesh_lib.create_mesh(section(config, "mesh").shape, devices)
+  """The device mesh of config.mesh (over `devices` when given, else mesh.devices')."""
+  mesh = section(config, "mesh")
+  return mesh_lib.create_mesh(mesh.shape, devices) if devices is not None else mesh.create()
 
 
 def rules_from(config: Config) -> mesh_lib.Rules:

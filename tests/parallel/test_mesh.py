@@ -34,6 +34,21 @@ def test_resolve_mesh_shape_errors(shape, match):
     mesh_lib.resolve_mesh_shape(shape, 8)
 
 
+def test_mesh_config_devices_selects_the_first_devices():
+  """mesh.devices: 0 spans every device, N the first N; bad values name the field."""
+  assert mesh_lib.MeshConfig().create().devices.size == 8
+  mesh = mesh_lib.MeshConfig(data=-1, tensor=2, devices=4).create()
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert set(mesh.devices.flat) == set(jax.devices()[:4])
+  assert list(mesh_lib.MeshConfig(devices=1).create().devices.flat) == [jax.devices()[0]]
+  with pytest.raises(ValueError, match="mesh.devices=9, but this process has 8"):
+    mesh_lib.MeshConfig(devices=9).create()
+  with pytest.raises(ValueError, match="mesh.devices must be >= 0"):
+    mesh_lib.MeshConfig(devices=-1)
+  with pytest.raises(ValueError, match="needs 2 devices, but 1 are used"):
+    mesh_lib.MeshConfig(data=2, devices=1).create()
+
+
 def test_logical_to_spec():
   rules = mesh_lib.DEFAULT_RULES
   assert mesh_lib.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")

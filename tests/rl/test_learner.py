@@ -179,31 +179,38 @@ def test_continuous_batching_rollouts_train_what_static_ones_do(tmp_path, monkey
 def test_tensor_parallel_rollouts_train_what_the_trainer_mesh_does(tmp_path, monkeypatch):
   """rollout.tensor=2 samples on a (data, tensor=2) mesh of its own, its params resharded from
   the trainer's each update: the same rollouts, rewards and updates as sampling on the
-  trainer's mesh, and the sampler's log-probs are the trainer's (the gap is logged)."""
+  trainer's mesh, and the sampler's log-probs are the trainer's (the gap is logged). With
+  mesh.devices=1 the trainer keeps to the first device while the rollouts span all."""
   from tests.parallel.rl_child import vowel_reward
   from wakea_jax.rl import rewards as rewards_lib
 
   monkeypatch.setitem(rewards_lib.REWARDS, "vowels", vowel_reward)
   runs = {}
-  for tensor in (0, 2):
+  for tensor, devices in ((0, 0), (2, 0), (2, 1)):
     # Two steps: the second step's rollouts sample the first update's params, resharded.
     config = _config("grpo", **{"train.steps": 2, "train.eval_at_start": False,
                                 "train.eval_every": 100, "rollout.tensor": tensor,
+                                "mesh.devices": devices,
                                 # large enough that stale sampler params would show
                                 "optimizer.learning_rate": 1e-2,
                                 "optimizer.warmup_steps": 0})
     config.reward = {"vowels": {"weight": 1.0}}
-    learner = trainers.make_learner(config, tmp_path / str(tensor))
+    learner = trainers.make_learner(config, tmp_path / f"{tensor}_{devices}")
     meshes = {dict(leaf.sharding.mesh.shape)["tensor"]
               for leaf in jax.tree.leaves(learner.rollout_params())}
     assert meshes == {max(tensor, 1)}
+    assert learner.rollout_mesh.devices.size == jax.device_count()
+    trainer_devices = {d for leaf in jax.tree.leaves(learner.state.params)
+                       for d in leaf.sharding.device_set}
+    assert len(trainer_devices) == (devices or jax.device_count())
     last = learner.train()
-    runs[tensor] = (last, jax.tree.leaves(learner.state.params))
-  (single, single_params), (split, split_params) = runs[0], runs[2]
-  assert split["logprob_gap_mean"] < 1e-5
-  for key in ("reward_mean", "reward_std", "response_length", "grad_norm"):
-    assert split[key] == pytest.approx(single[key], abs=1e-5), key
-  # At this learning rate Adam turns the float-order differences of the split matmuls
-  # (~1e-7 in the log-probs) into a few parameters 2e-5 apart after two steps.
-  for a, b in zip(single_params, split_params):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    runs[tensor, devices] = (last, jax.tree.leaves(learner.state.params))
+  single, single_params = runs[0, 0]
+  for split, split_params in (runs[2, 0], runs[2, 1]):
+    assert split["logprob_gap_mean"] < 1e-5
+    for key in ("reward_mean", "reward_std", "response_length", "grad_norm"):
+      assert split[key] == pytest.approx(single[key], abs=1e-5), key
+    # At this learning rate Adam turns the float-order differences of the split matmuls
+    # (~1e-7 in the log-probs) into a few parameters 2e-5 apart after two steps.
+    for a, b in zip(single_params, split_params):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)

@@ -35,16 +35,45 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """config.mesh: the size of each mesh axis; -1 takes the remaining devices."""
+  """config.mesh: the size of each mesh axis; -1 takes the remaining devices.
+
+  `devices`: 0 builds the mesh over every device; N > 0 over the first N only (one
+  process). An RL run on a CPU host split into host devices
+  (`--xla_force_host_platform_device_count=2`) trains on one of them, where the update's
+  large matmuls already use every core, and samples tensor-parallel over all of them
+  (`rollout.tensor`), where one device's small decode matmuls would use one core.
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  devices: int = 0
+
+  def __post_init__(self):
+    if self.devices < 0:
+      raise ValueError(f"mesh.devices must be >= 0 (0: every device), got {self.devices}")
 
   @property
   def shape(self) -> dict[str, int]:
     """{axis name: size} in MESH_AXES order."""
     return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+  def device_list(self) -> list[jax.Device]:
+    """The devices the mesh spans: every device, or the first `devices` of them."""
+    every = jax.devices()
+    if not self.devices:
+      return every
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh.devices={self.devices} selects devices of one process; a run "
+                       f"on {jax.process_count()} processes spans every device (use 0)")
+    if self.devices > len(every):
+      raise ValueError(f"mesh.devices={self.devices}, but this process has {len(every)} "
+                       f"device(s)")
+    return every[:self.devices]
+
+  def create(self) -> Mesh:
+    """The (data, fsdp, tensor) mesh this config describes."""
+    return create_mesh(self.shape, self.device_list())
 
 
 MeshAxes = str | tuple[str, ...] | None

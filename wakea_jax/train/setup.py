@@ -180,7 +180,7 @@ def setup(run: RunConfig, loss_fn: step_lib.LossFn, *, total_updates: int | None
   (train/multimodal.py) builds its vision- or audio-language model there; `model_config`
   is then the text decoder's.
   """
-  mesh = mesh_lib.create_mesh(run.mesh.shape)
+  mesh = run.mesh.create()
   rules = mesh_lib.normalize_rules(run.sharding_rules)
   # An imported model brings its own tokenizer (and chat template) unless one is named.
   tokenizer = tokenizer_lib.tokenizer_from(run.tokenizer or loader.tokenizer_path(run.init_from))
