@@ -128,10 +128,9 @@ def lora_config_from(values: Config) -> LoRAConfig | None:
   return typed(LoRAConfig, values, "lora")
 
 
-def mesh_from(config: Config, devices: Any = None) -> Any:
-  """The device mesh of config.mesh (over `devices` when given, else mesh.devices')."""
-  mesh = section(config, "mesh")
-  return mesh_lib.create_mesh(mesh.shape, devices) if devices is not None else mesh.create()
+def mesh_from(config: Config) -> Any:
+  """The device mesh of config.mesh (over its `devices`: all, or the first N)."""
+  return section(config, "mesh").create()
 
 
 def rules_from(config: Config) -> mesh_lib.Rules:
