@@ -10,6 +10,7 @@ axes with the rules table from the config. Activations are annotated the same wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import Array
+from jax.ad_checkpoint import checkpoint_name
 
 from wakea_jax.models.config import ModelConfig, RopeScaling
 from wakea_jax.models.fused_attention import choose_implementation, fused_attention
@@ -49,26 +51,120 @@ def dense(x: Array, weight: Any, equation: str, dtype: Any) -> Array:
   weight's leading dimensions are the ones contracted with x's trailing dimensions.
   """
   if isinstance(weight, nnx.Variable):
-    return matmul(x, weight[...].astype(dtype), equation)
+    return matmul(x, weight[...], equation, dtype)
   return weight(x, equation, dtype)
 
 
-def matmul(x: Array, w: Array, equation: str) -> Array:
-  """`einsum(equation, x, w)` for x's trailing dims contracting w's leading dims, as one 2-D
-  matmul: [prod(lead), prod(contracted)] @ [prod(contracted), prod(out)].
+def matmul(x: Array, w: Array, equation: str, dtype: Any = None) -> Array:
+  """`einsum(equation, x, w)` in `dtype` (default: w's) for x's trailing dims contracting w's
+  leading dims, as one 2-D matmul: [prod(lead), prod(contracted)] @ [prod(contracted),
+  prod(out)].
 
   Why: XLA:CPU runs the backward pass of rank-3 einsums far slower than the same products
   written as 2-D matmuls (bench56m MLP fwd+bwd: 0.37 vs 0.66 TFLOP/s); reshapes of
-  contiguous leading/trailing dims are free and keep shardings.
+  contiguous leading/trailing dims are free and keep shardings. In a 16-bit dtype the
+  products go through `lowp_matmul` (float32 accumulation, float32 weight gradients).
   """
+  dtype = jnp.dtype(w.dtype if dtype is None else dtype)
   lhs, rhs = equation.split("->")[0].split(",")
   k = len(set(lhs) & set(rhs))
   if lhs[-k:] != rhs[:k] or equation.split("->")[1] != lhs[:-k] + rhs[k:]:
-    return jnp.einsum(equation, x, w)  # not of the simple form: let einsum handle it
+    # not of the simple form: let einsum handle it
+    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype))
   lead, contracted = x.shape[:-k], x.shape[-k:]
   out = w.shape[k:]
-  y = x.reshape(-1, math.prod(contracted)) @ w.reshape(math.prod(contracted), -1)
+  x2 = x.reshape(-1, math.prod(contracted)).astype(dtype)
+  w2 = w.reshape(math.prod(contracted), -1)
+  if dtype.itemsize == 2:
+    y = lowp_matmul(x2, w2)
+  else:
+    y = x2 @ w2.astype(dtype)
   return y.reshape(lead + out)
+
+
+# Names of lowp_matmul's outputs for remat policies (transformer._REMAT), which cannot see
+# the dots inside a custom VJP: an unbatched weight's product and a batched one's.
+LOWP_DOT = "lowp_dot"
+LOWP_BATCHED_DOT = "lowp_batched_dot"
+
+
+def lowp_matmul(x: Array, w: Array, out_dtype: Any = None, w_transposed: bool = False) -> Array:
+  """x [..., m, k] @ w [..., k, n] (w [..., n, k] with `w_transposed`; the same leading batch
+  dimensions, or none for w) in x's 16-bit dtype, accumulated in float32, returned in
+  `out_dtype` (default x's). w may be the float32 master weight (cast here); its gradient
+  then stays float32.
+
+  Why: XLA:CPU runs a bfloat16 dot on its fast kernels (YNNPACK, AMX where the CPU has it)
+  only when the dot outputs float32 and the lhs is row-major with the contracted dimension
+  last; otherwise it converts both operands to float32 first (bench56m's MLP fwd+bwd: 226
+  ms in bfloat16, 217 in float32, 148 with this function, on an AMX Xeon). Plain autodiff
+  breaks both conditions in the backward pass (float32 cotangents; the weight gradient
+  x^T g contracts x's row dimension), so the backward is written out: the cotangent in
+  x's dtype, the input gradient as a 16-bit dot, the weight gradient from a transposed copy
+  of x (of g for a transposed w). On GPU and TPU these are the same products with the same
+  float32 accumulation.
+
+  The output is named for remat policies: `LOWP_DOT` for an unbatched w, else
+  `LOWP_BATCHED_DOT`.
+  """
+  y = _lowp_matmul(x, w, out_dtype, w_transposed)
+  return checkpoint_name(y, LOWP_DOT if w.ndim == 2 else LOWP_BATCHED_DOT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lowp_matmul(x: Array, w: Array, out_dtype: Any, w_transposed: bool) -> Array:
+  return _lowp_dot(x, w.astype(x.dtype), w_transposed).astype(out_dtype or x.dtype)
+
+
+def _lowp_dot(a: Array, b: Array, b_transposed: bool) -> Array:
+  """a [..., m, k] . b [..., k, n] (b [..., n, k] when transposed) -> float32 [..., m, n]."""
+  batch = tuple(range(b.ndim - 2))
+  dims = (((a.ndim - 1,), (b.ndim - 1 if b_transposed else b.ndim - 2,)), (batch, batch))
+  if not batch:   # an unbatched weight: x's leading dims are rows
+    dims = (((a.ndim - 1,), (1 if b_transposed else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _lowp_matmul_fwd(x, w, out_dtype, w_transposed):
+  return _lowp_matmul(x, w, out_dtype, w_transposed), (x, w)
+
+
+def _lowp_matmul_bwd(out_dtype, w_transposed, residuals, g):
+  del out_dtype
+  x, w = residuals
+  g = g.astype(x.dtype)
+  wc = w.astype(x.dtype)
+  if w.ndim == 2 and x.ndim > 2:   # an unbatched weight: fold x's leading dims into rows
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  else:
+    x2, g2 = x, g
+  if w_transposed:   # y = x w^T: dx = g w, dw = g^T x
+    dx = _lowp_dot(g, wc, False)
+    dw = _lowp_dot(_transpose_rows(g2), x2, False)
+  else:              # y = x w: dx = g w^T, dw = x^T g
+    dx = _lowp_dot(g, wc, True)
+    dw = _lowp_dot(_transpose_rows(x2), g2, False)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
+_TRANSPOSE_BLOCK = 8   # rows per block in _transpose_rows
+
+
+def _transpose_rows(x: Array) -> Array:
+  """x [..., m, k] -> [..., k, m], written so that XLA keeps it a transpose in memory: a
+  plain transpose feeding a dot is folded into the dot's dimension numbers, which makes the
+  dot one XLA:CPU will not run in 16 bits (see `lowp_matmul`). Blocks of 8 rows: the same
+  values."""
+  *lead, m, k = x.shape
+  n = len(lead)
+  r = _TRANSPOSE_BLOCK
+  if m % r:
+    return jnp.swapaxes(x, -1, -2)
+  blocks = x.reshape(*lead, m // r, r, k)
+  return blocks.transpose(*range(n), n + 2, n, n + 1).reshape(*lead, k, m)
 
 
 class RMSNorm(nnx.Module):
@@ -244,8 +340,11 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
   -> [b, k, g, t, h]."""
   b, kv, g, t, h = q.shape
   s = k.shape[2]
-  scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv, g * t, h), k,
-                      preferred_element_type=jnp.float32)
+  if q.dtype.itemsize == 2:   # 16-bit compute: XLA:CPU's fast path (lowp_matmul)
+    scores = lowp_matmul(q.reshape(b, kv, g * t, h), k, jnp.float32, True)
+  else:
+    scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv, g * t, h), k,
+                        preferred_element_type=jnp.float32)
   scores = (scores * (h ** -0.5)).reshape(b, kv, g, t, s)
   m = mask[:, None, None, :, :]
   if smear is not None:
@@ -260,7 +359,10 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
   probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
   # Zero rows that see no key at all (padding queries) instead of a uniform average.
   probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kv, g * t, s), v)
+  if v.dtype.itemsize == 2:
+    out = lowp_matmul(probs.reshape(b, kv, g * t, s), v)
+  else:
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kv, g * t, s), v)
   return out.reshape(b, kv, g, t, h)
 
 

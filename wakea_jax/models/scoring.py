@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from wakea_jax.models import layers
 from wakea_jax.models.media import bind_media
 
 # How many float32 logits may exist at once when the chunk size is left to this module:
@@ -80,10 +81,12 @@ def chunk_logits(hidden: Array, head: Array, *, vocab_major: bool = False) -> Ar
   """hidden [b, c, e] @ head [e, v] (or head [v, e] with `vocab_major`, a tied embedding,
   contracted without a transposed copy) -> float32 [b, c, v] as one 2-D matmul (XLA:CPU's
   backward for it is much faster than for the rank-3 einsum)."""
-  contract = 1 if vocab_major else 0
-  logits = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), head,
-                               (((1, ), (contract, )), ((), ())),
-                               preferred_element_type=jnp.float32)
+  flat = hidden.reshape(-1, hidden.shape[-1])
+  if flat.dtype.itemsize == 2:   # 16-bit compute: XLA:CPU's fast path (layers.lowp_matmul)
+    logits = layers.lowp_matmul(flat, head, jnp.float32, vocab_major)
+  else:
+    logits = jax.lax.dot_general(flat, head, (((1, ), (1 if vocab_major else 0, )), ((), ())),
+                                 preferred_element_type=jnp.float32)
   return logits.reshape(hidden.shape[:-1] + (logits.shape[-1], ))
 
 

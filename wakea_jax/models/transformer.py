@@ -39,14 +39,27 @@ from flax import nnx
 from jax import Array
 
 from wakea_jax.models.config import ModelConfig
-from wakea_jax.models.layers import DecoderLayer, KVCache, RMSNorm, param
+from wakea_jax.models.layers import (
+  LOWP_BATCHED_DOT,
+  LOWP_DOT,
+  DecoderLayer,
+  KVCache,
+  RMSNorm,
+  param,
+)
 from wakea_jax.models.stacking import stack_layers
 from wakea_jax.parallel import mesh as mesh_lib
 
+_POLICIES = jax.checkpoint_policies
+# The 16-bit products (layers.lowp_matmul) are custom VJPs whose dots the dot policies do not
+# see: their outputs are saved by name alongside.
 _REMAT = {
     "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    "dots": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable,
+        _POLICIES.save_only_these_names(LOWP_DOT)),
+    "dots_saveable": _POLICIES.save_from_both_policies(
+        _POLICIES.checkpoint_dots, _POLICIES.save_only_these_names(LOWP_DOT, LOWP_BATCHED_DOT)),
 }
 
 
