@@ -1,10 +1,14 @@
 r"""Train-step benchmark: bench56m, full-parameter AdamW, batch 8 x 512, float32.
 
   python tools/bench_train.py [--batch=8 --seq=512 --steps=5 --preset=bench56m --no_torch]
+  python tools/bench_train.py --dtype=bfloat16
 
-Prints tokens/s, TFLOP/s and MFU against the float32 matmul rate measured in the same run,
-and, when torch and transformers are installed, the same step of transformers'
-LlamaForCausalLM on PyTorch with AdamW, and the ratio.
+Prints tokens/s, TFLOP/s and MFU against the matmul rate measured in the same run, and,
+when torch and transformers are installed, the same step of transformers'
+LlamaForCausalLM on PyTorch with AdamW, and the ratio. `--dtype=bfloat16` is mixed
+precision on both sides: float32 master weights and optimizer, bfloat16 compute
+(`model.dtype`; `torch.autocast("cpu", torch.bfloat16)` around PyTorch's forward pass), and
+MFU against the bfloat16 (float32-accumulating) matmul rate.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ _SEQ = flags.DEFINE_integer("seq", 512, "Sequence length.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the PyTorch reference.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (weights and optimizer stay float32).")
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-  """Measured float32 matmul FLOP/s of this device (XLA, jitted, n x n @ n x n)."""
+def matmul_rate(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """Measured matmul FLOP/s of this device (XLA, jitted, n x n @ n x n; in bfloat16 with
+  float32 accumulation, as the model's dots)."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, b).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
@@ -38,7 +45,8 @@ def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
-def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str) -> float:
+def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str,
+              dtype: str = "float32") -> float:
   import jax
   import numpy as np
 
@@ -48,7 +56,7 @@ def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str) -> floa
   from wakea_jax.train import state as state_lib
   from wakea_jax.train import step as step_lib
 
-  cfg = get_preset(preset, remat_policy=remat, max_seq_len=max(seq, 512))
+  cfg = get_preset(preset, remat_policy=remat, max_seq_len=max(seq, 512), dtype=dtype)
   model = transformer.create_model(cfg, seed=0)
   optimizer = opt_lib.make_optimizer(opt_lib.OptimizerConfig(warmup_steps=0), 1000)
   graphdef, state = state_lib.create_train_state(model, optimizer)
@@ -70,7 +78,8 @@ def bench_jax(preset: str, batch: int, seq: int, steps: int, remat: str) -> floa
   return (time.perf_counter() - start) / steps
 
 
-def bench_torch(preset: str, batch: int, seq: int, steps: int) -> float | None:
+def bench_torch(preset: str, batch: int, seq: int, steps: int,
+                dtype: str = "float32") -> float | None:
   try:
     import torch
     import transformers
@@ -91,7 +100,8 @@ def bench_torch(preset: str, batch: int, seq: int, steps: int) -> float | None:
 
   def one_step():
     optimizer.zero_grad(set_to_none=True)
-    out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -115,17 +125,18 @@ def main(argv):
   cfg = get_preset(_PRESET.value)
   tokens = _BATCH.value * _SEQ.value
   flop_per_step = flops.train_flops_per_token(cfg, _SEQ.value) * tokens
-  peak = matmul_rate()
+  peak = matmul_rate(dtype=_DTYPE.value)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({cpu_model()}), "
-        f"measured float32 matmul rate {peak / 1e12:.3f} TFLOP/s")
+        f"measured {_DTYPE.value} matmul rate {peak / 1e12:.3f} TFLOP/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {_BATCH.value} x "
-        f"{_SEQ.value}, {flop_per_step / 1e12:.2f} TFLOP per step (analytic)")
-  jax_s = bench_jax(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value)
+        f"{_SEQ.value}, {flop_per_step / 1e12:.2f} TFLOP per step (analytic), {_DTYPE.value}")
+  jax_s = bench_jax(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value, _REMAT.value,
+                    _DTYPE.value)
   print(f"wakea_jax: {jax_s:.3f} s/step, {tokens / jax_s:,.0f} tokens/s, "
         f"{flop_per_step / jax_s / 1e12:.3f} TFLOP/s, "
         f"{100 * flop_per_step / jax_s / peak:.1f}% of measured matmul rate")
   if not _NO_TORCH.value:
-    torch_s = bench_torch(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value)
+    torch_s = bench_torch(_PRESET.value, _BATCH.value, _SEQ.value, _STEPS.value, _DTYPE.value)
     if torch_s:
       print(f"pytorch transformers: {torch_s:.3f} s/step, {tokens / torch_s:,.0f} tokens/s, "
             f"{flop_per_step / torch_s / 1e12:.3f} TFLOP/s")
