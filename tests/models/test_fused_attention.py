@@ -133,6 +133,30 @@ def test_gradients_match():
   assert np.all(np.asarray(fused[0])[SEGMENTS == 0] == 0)
 
 
+def test_bfloat16_gradients_follow_float32():
+  """The native kernel's written-out backward in bfloat16 (layers._softmax_attention): its
+  gradients follow the float32 gradients of `jax.nn.dot_product_attention` (cosine > 0.999),
+  and padding queries still send exactly zero gradient to q."""
+  b, t = SEGMENTS.shape
+  q, k, v = qkv(b, t, t, 4, 2, 8, seed=7)
+  mask = attention_mask_for(t, jnp.asarray(SEGMENTS), None, b)
+  cotangent = jax.random.normal(jax.random.key(8), q.shape)
+
+  def grads(fn, dtype):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+    return jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+  native = grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, 2, causal=True),
+                 jnp.bfloat16)
+  reference = grads(lambda q, k, v: fa.fused_attention(q, k, v, mask, 2, implementation="xla",
+                                                       causal=True), jnp.float32)
+  for name, got, want in zip("qkv", native, reference):
+    assert got.dtype == jnp.bfloat16, name
+    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.999, name
+  assert np.all(np.asarray(native[0], np.float32)[SEGMENTS == 0] == 0)
+
+
 def test_bfloat16_runs_close_to_native():
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(2, 16, 16, 4, 2, 16, seed=6))
   mask = attention_mask_for(16, jnp.asarray(np.repeat([[1] * 12 + [0] * 4], 2, 0)), None, 2)

@@ -16,7 +16,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # Remat policies by name; resolved in layers.py. "none" keeps every activation (fastest, most
 # memory), "full" recomputes the whole layer in the backward pass, "dots" keeps matmul outputs
 # that have no batch dimension (jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-# "dots_saveable" keeps all matmul outputs.
+# "dots_saveable" keeps all matmul outputs. The attention core is one custom VJP
+# (layers._softmax_attention), recomputed in the backward pass under every policy but "none".
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
 
 # Attention kernels by name; resolved per trace by models/fused_attention.choose_implementation.

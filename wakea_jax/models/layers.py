@@ -153,6 +153,18 @@ _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 _TRANSPOSE_BLOCK = 8   # rows per block in _transpose_rows
 
 
+def _head_major(x: Array) -> Array:
+  """[b, t, n, h] -> [b, n, t, h] as a copy in memory, so that the attention products see
+  row-major operands with their batch dimensions leading: a plain transpose is folded into
+  the products' dimension numbers, and XLA:CPU then converts 16-bit operands to float32
+  first (see `lowp_matmul`). Blocks of 8 positions: the same values."""
+  b, t, n, h = x.shape
+  r = _TRANSPOSE_BLOCK
+  if t % r:
+    return x.transpose(0, 2, 1, 3)
+  return x.reshape(b, t // r, r, n, h).transpose(0, 3, 1, 2, 4).reshape(b, n, t, h)
+
+
 def _transpose_rows(x: Array) -> Array:
   """x [..., m, k] -> [..., k, m], written so that XLA keeps it a transpose in memory: a
   plain transpose feeding a dot is folded into the dot's dimension numbers, which makes the
@@ -319,10 +331,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
   g = n // num_kv_heads
   if smear is not None:
     smear = smear.astype(jnp.float32).reshape(1, num_kv_heads, g, 1, 1)
-  q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 3, 1, 4)   # [b, k, g, t, h]
+  q = _head_major(q).reshape(b, num_kv_heads, g, t, h)                # [b, k, g, t, h]
   if kv_layout == "bskh":
-    k = k.transpose(0, 2, 1, 3)                                       # [b, k, s, h]
-    v = v.transpose(0, 2, 1, 3)
+    k = _head_major(k)                                                # [b, k, s, h]
+    v = _head_major(v)
   elif kv_layout != "bksh":
     raise ValueError(f"kv_layout must be 'bskh' or 'bksh', got {kv_layout!r}")
   if causal and t == k.shape[2] and t > block:
@@ -340,6 +352,8 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
   -> [b, k, g, t, h]."""
   b, kv, g, t, h = q.shape
   s = k.shape[2]
+  if smear is None:
+    return _softmax_attention(q.reshape(b, kv, g * t, h), k, v, mask, g).reshape(q.shape)
   if q.dtype.itemsize == 2:   # 16-bit compute: XLA:CPU's fast path (lowp_matmul)
     scores = lowp_matmul(q.reshape(b, kv, g * t, h), k, jnp.float32, True)
   else:
@@ -364,6 +378,57 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
   else:
     out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kv, g * t, s), v)
   return out.reshape(b, kv, g, t, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q: Array, k: Array, v: Array, mask: Array, groups: int) -> Array:
+  """softmax(q k^T / sqrt(h), masked) v with a written-out backward pass (as flash attention's):
+  q [b, kv, g*t, h] (g query heads per KV head, t queries each), k/v [b, kv, s, h], mask
+  [b, t, s] -> [b, kv, g*t, h] in v's dtype. Rows that see no key give 0.
+
+  The forward pass keeps the unnormalised weights exp(s - max) (in v's dtype) and divides the
+  [.., h] output by their sum instead of the [.., s] weights; the backward pass is
+  dS = W (dO/l v^T - D/l) with D = rowsum(dO O), one elementwise pass over the scores where
+  autodiff of the softmax made several, with no float32 scores-sized residual. Products run
+  through `_lowp_dot` (float32 accumulation: XLA:CPU's fast 16-bit kernels), the key and
+  value gradients as q^T dS and (dO/l)^T W from small transposed copies of q and dO, not of
+  the scores-sized dS and W. bench56m shapes, one layer's fwd+bwd on 2 CPU cores: see the
+  README ("bfloat16 compute").
+  """
+  return _softmax_attention_fwd(q, k, v, mask, groups)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, groups):
+  b, kv, r, h = q.shape
+  t, s = mask.shape[1], k.shape[2]
+  scores = _lowp_dot(q, k, True).reshape(b, kv, groups, t, s) * (h ** -0.5)
+  m = mask[:, None, None, :, :]
+  scores = jnp.where(m, scores, _MASK_VALUE)
+  weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  # 1 / sum, and 0 for a row that sees no key (a padding query): its output and gradients are 0.
+  inv = jnp.where(jnp.any(m, axis=-1, keepdims=True),
+                  1.0 / jnp.sum(weights, axis=-1, keepdims=True), 0.0).reshape(b, kv, r, 1)
+  weights = weights.astype(v.dtype).reshape(b, kv, r, s)
+  out = (_lowp_dot(weights, v, False) * inv).astype(v.dtype)
+  return out, (q, k, v, mask, weights, inv, out)
+
+
+def _softmax_attention_bwd(groups, residuals, d_out):
+  del groups
+  q, k, v, mask, weights, inv, out = residuals
+  h = q.shape[-1]
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True) * inv   # D / l
+  d_scaled = (d_out * inv).astype(v.dtype)                                           # dO / l
+  d_weights = _lowp_dot(d_scaled, v, True)                       # (dO / l) v^T
+  d_scores = (weights.astype(jnp.float32) * (d_weights - delta) * (h ** -0.5)).astype(q.dtype)
+  dq = _lowp_dot(d_scores, k, False)                             # dS k
+  dk = _transpose_rows(_lowp_dot(_transpose_rows(q), d_scores, False).astype(k.dtype))
+  dv = _transpose_rows(_lowp_dot(_transpose_rows(d_scaled), weights, False).astype(v.dtype))
+  return dq.astype(q.dtype), dk, dv, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class Attention(nnx.Module):
