@@ -354,6 +354,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
   s = k.shape[2]
   if smear is None:
     return _softmax_attention(q.reshape(b, kv, g * t, h), k, v, mask, g).reshape(q.shape)
+  # Smeared keys: the softmax below, differentiated by autodiff.
   if q.dtype.itemsize == 2:   # 16-bit compute: XLA:CPU's fast path (lowp_matmul)
     scores = lowp_matmul(q.reshape(b, kv, g * t, h), k, jnp.float32, True)
   else:
@@ -393,7 +394,7 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array, groups: int) -
   through `_lowp_dot` (float32 accumulation: XLA:CPU's fast 16-bit kernels), the key and
   value gradients as q^T dS and (dO/l)^T W from small transposed copies of q and dO, not of
   the scores-sized dS and W. bench56m shapes, one layer's fwd+bwd on 2 CPU cores: see the
-  README ("bfloat16 compute").
+  README ("The attention core").
   """
   return _softmax_attention_fwd(q, k, v, mask, groups)[0]
 
@@ -410,12 +411,12 @@ def _softmax_attention_fwd(q, k, v, mask, groups):
                   1.0 / jnp.sum(weights, axis=-1, keepdims=True), 0.0).reshape(b, kv, r, 1)
   weights = weights.astype(v.dtype).reshape(b, kv, r, s)
   out = (_lowp_dot(weights, v, False) * inv).astype(v.dtype)
-  return out, (q, k, v, mask, weights, inv, out)
+  return out, (q, k, v, weights, inv, out)
 
 
 def _softmax_attention_bwd(groups, residuals, d_out):
   del groups
-  q, k, v, mask, weights, inv, out = residuals
+  q, k, v, weights, inv, out = residuals
   h = q.shape[-1]
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True) * inv   # D / l
