@@ -131,3 +131,24 @@ def test_remat_dots_policy_keeps_the_16_bit_products():
     return len(re.findall(r"= \S+ dot\(", hlo))
 
   assert dots("bfloat16", "dots") == dots("float32", "dots") < dots("bfloat16", "full")
+
+
+def test_transposed_copies_on_cpu_only(monkeypatch):
+  """The transposes feeding 16-bit products are block-reshaped copies on CPU (XLA:CPU would
+  fold a plain one into the product and run it in float32) and plain transposes elsewhere,
+  where the matmul takes a transposed operand itself. The same values either way."""
+  x = jnp.arange(2 * 16 * 24, dtype=jnp.float32).reshape(2, 16, 24).astype(jnp.bfloat16)
+  want = np.swapaxes(np.asarray(x, np.float32), -1, -2)
+
+  def primitives(fn, arg):
+    return [e.primitive.name for e in jax.make_jaxpr(lambda a: fn(a))(arg).jaxpr.eqns]
+
+  np.testing.assert_array_equal(np.asarray(layers._transpose_rows(x), np.float32), want)
+  assert "reshape" in primitives(layers._transpose_rows, x)
+  q = x.reshape(2, 16, 4, 6)
+  np.testing.assert_array_equal(np.asarray(layers._head_major(q), np.float32),
+                                np.asarray(q, np.float32).transpose(0, 2, 1, 3))
+  monkeypatch.setattr(layers, "accelerator_platform", lambda: "cuda")
+  np.testing.assert_array_equal(np.asarray(layers._transpose_rows(x), np.float32), want)
+  assert primitives(layers._transpose_rows, x) == ["transpose"]
+  assert primitives(layers._head_major, q) == ["transpose"]

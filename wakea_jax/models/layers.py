@@ -22,7 +22,11 @@ from jax import Array
 from jax.ad_checkpoint import checkpoint_name
 
 from wakea_jax.models.config import ModelConfig, RopeScaling
-from wakea_jax.models.fused_attention import choose_implementation, fused_attention
+from wakea_jax.models.fused_attention import (
+  accelerator_platform,
+  choose_implementation,
+  fused_attention,
+)
 from wakea_jax.parallel.mesh import constrain
 
 # A large negative number rather than -inf: a fully masked row (a padding query) must give
@@ -101,8 +105,8 @@ def lowp_matmul(x: Array, w: Array, out_dtype: Any = None, w_transposed: bool = 
   breaks both conditions in the backward pass (float32 cotangents; the weight gradient
   x^T g contracts x's row dimension), so the backward is written out: the cotangent in
   x's dtype, the input gradient as a 16-bit dot, the weight gradient from a transposed copy
-  of x (of g for a transposed w). On GPU and TPU these are the same products with the same
-  float32 accumulation.
+  of x (of g for a transposed w; a copy on CPU only). On GPU and TPU these are the same
+  products with the same float32 accumulation.
 
   The output is named for remat policies: `LOWP_DOT` for an unbatched w, else
   `LOWP_BATCHED_DOT`.
@@ -153,14 +157,22 @@ _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 _TRANSPOSE_BLOCK = 8   # rows per block in _transpose_rows
 
 
+def _copies_transposes() -> bool:
+  """Whether transposes feeding 16-bit products are made copies in memory: on CPU only. GPU
+  and TPU matmuls take transposed operands as they are (XLA folds the transpose into the
+  product's dimension numbers there), so a copy would only add memory traffic."""
+  return accelerator_platform() == "cpu"
+
+
 def _head_major(x: Array) -> Array:
   """[b, t, n, h] -> [b, n, t, h] as a copy in memory, so that the attention products see
   row-major operands with their batch dimensions leading: a plain transpose is folded into
   the products' dimension numbers, and XLA:CPU then converts 16-bit operands to float32
-  first (see `lowp_matmul`). Blocks of 8 positions: the same values."""
+  first (see `lowp_matmul`). Blocks of 8 positions: the same values. Elsewhere than on CPU,
+  the plain transpose (`_copies_transposes`)."""
   b, t, n, h = x.shape
   r = _TRANSPOSE_BLOCK
-  if t % r:
+  if t % r or not _copies_transposes():
     return x.transpose(0, 2, 1, 3)
   return x.reshape(b, t // r, r, n, h).transpose(0, 3, 1, 2, 4).reshape(b, n, t, h)
 
@@ -169,11 +181,11 @@ def _transpose_rows(x: Array) -> Array:
   """x [..., m, k] -> [..., k, m], written so that XLA keeps it a transpose in memory: a
   plain transpose feeding a dot is folded into the dot's dimension numbers, which makes the
   dot one XLA:CPU will not run in 16 bits (see `lowp_matmul`). Blocks of 8 rows: the same
-  values."""
+  values. Elsewhere than on CPU, the plain transpose (`_copies_transposes`)."""
   *lead, m, k = x.shape
   n = len(lead)
   r = _TRANSPOSE_BLOCK
-  if m % r:
+  if m % r or not _copies_transposes():
     return jnp.swapaxes(x, -1, -2)
   blocks = x.reshape(*lead, m // r, r, k)
   return blocks.transpose(*range(n), n + 2, n, n + 1).reshape(*lead, k, m)
