@@ -133,6 +133,31 @@ def test_gradients_match():
   assert np.all(np.asarray(fused[0])[SEGMENTS == 0] == 0)
 
 
+@pytest.mark.parametrize("t", [16, 136])
+def test_gradients_match_on_the_head_major_and_blocked_paths(t):
+  """Lengths that take the native kernel's head-major copies (a multiple of 8) and its causal
+  query blocks (longer than 128): float32 gradients equal jax.nn.dot_product_attention's,
+  with a padded tail whose queries see no key."""
+  b = 2
+  q, k, v = qkv(b, t, t, 4, 2, 8, seed=9)
+  segments = np.ones((b, t), np.int32)
+  segments[1, t - 5:] = 0
+  mask = attention_mask_for(t, jnp.asarray(segments), None, b)
+  cotangent = jax.random.normal(jax.random.key(10), q.shape)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
+
+  native = jax.grad(loss(lambda q, k, v: layers.dot_product_attention(
+      q, k, v, mask, 2, causal=True)), argnums=(0, 1, 2))(q, k, v)
+  fused = jax.grad(loss(lambda q, k, v: fa.fused_attention(
+      q, k, v, mask, 2, implementation="xla", causal=True)), argnums=(0, 1, 2))(q, k, v)
+  for name, g_native, g_fused in zip("qkv", native, fused):
+    np.testing.assert_allclose(np.asarray(g_native), np.asarray(g_fused), atol=ATOL,
+                               err_msg=f"d{name}")
+  assert np.all(np.asarray(native[0])[segments == 0] == 0)
+
+
 def test_bfloat16_gradients_follow_float32():
   """The native kernel's written-out backward in bfloat16 (layers._softmax_attention): its
   gradients follow the float32 gradients of `jax.nn.dot_product_attention` (cosine > 0.999),

@@ -402,7 +402,8 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array, groups: int) -
   The forward pass keeps the unnormalised weights exp(s - max) (in v's dtype) and divides the
   [.., h] output by their sum instead of the [.., s] weights; the backward pass is
   dS = W (dO/l v^T - D/l) with D = rowsum(dO O), one elementwise pass over the scores where
-  autodiff of the softmax made several, with no float32 scores-sized residual. Products run
+  autodiff of the softmax made several (and, in 16-bit compute, no float32 scores-sized
+  residual). Products run
   through `_lowp_dot` (float32 accumulation: XLA:CPU's fast 16-bit kernels), the key and
   value gradients as q^T dS and (dO/l)^T W from small transposed copies of q and dO, not of
   the scores-sized dS and W. bench56m shapes, one layer's fwd+bwd on 2 CPU cores: see the
@@ -413,7 +414,7 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array, groups: int) -
 
 def _softmax_attention_fwd(q, k, v, mask, groups):
   b, kv, r, h = q.shape
-  t, s = mask.shape[1], k.shape[2]
+  t, s = r // groups, k.shape[2]
   scores = _lowp_dot(q, k, True).reshape(b, kv, groups, t, s) * (h ** -0.5)
   m = mask[:, None, None, :, :]
   scores = jnp.where(m, scores, _MASK_VALUE)
