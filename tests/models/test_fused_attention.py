@@ -112,11 +112,13 @@ def test_decode_shape(layout):
   np.testing.assert_allclose(np.asarray(by_length), native, atol=ATOL)
 
 
-def test_gradients_match():
-  b, t = SEGMENTS.shape
-  q, k, v = qkv(b, t, t, 4, 2, 8, seed=4)
-  mask = attention_mask_for(t, jnp.asarray(SEGMENTS), None, b)
-  cotangent = jax.random.normal(jax.random.key(5), q.shape)
+def _check_gradients(segments: np.ndarray, seed: int) -> None:
+  """The native kernel's float32 gradients equal jax.nn.dot_product_attention's for a causal
+  mask over `segments` [b, t] (0: padding, whose queries see no key and get no gradient)."""
+  b, t = segments.shape
+  q, k, v = qkv(b, t, t, 4, 2, 8, seed=seed)
+  mask = attention_mask_for(t, jnp.asarray(segments), None, b)
+  cotangent = jax.random.normal(jax.random.key(seed + 1), q.shape)
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
@@ -130,32 +132,21 @@ def test_gradients_match():
     np.testing.assert_allclose(np.asarray(g_fused), np.asarray(g_native), atol=ATOL,
                                err_msg=f"d{name}")
   # Padding queries send no gradient to q.
-  assert np.all(np.asarray(fused[0])[SEGMENTS == 0] == 0)
+  assert np.all(np.asarray(fused[0])[segments == 0] == 0)
+  assert np.all(np.asarray(native[0])[segments == 0] == 0)
+
+
+def test_gradients_match():
+  _check_gradients(SEGMENTS, seed=4)
 
 
 @pytest.mark.parametrize("t", [16, 136])
 def test_gradients_match_on_the_head_major_and_blocked_paths(t):
   """Lengths that take the native kernel's head-major copies (a multiple of 8) and its causal
-  query blocks (longer than 128): float32 gradients equal jax.nn.dot_product_attention's,
-  with a padded tail whose queries see no key."""
-  b = 2
-  q, k, v = qkv(b, t, t, 4, 2, 8, seed=9)
-  segments = np.ones((b, t), np.int32)
+  query blocks (longer than 128), with a padded tail."""
+  segments = np.ones((2, t), np.int32)
   segments[1, t - 5:] = 0
-  mask = attention_mask_for(t, jnp.asarray(segments), None, b)
-  cotangent = jax.random.normal(jax.random.key(10), q.shape)
-
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
-
-  native = jax.grad(loss(lambda q, k, v: layers.dot_product_attention(
-      q, k, v, mask, 2, causal=True)), argnums=(0, 1, 2))(q, k, v)
-  fused = jax.grad(loss(lambda q, k, v: fa.fused_attention(
-      q, k, v, mask, 2, implementation="xla", causal=True)), argnums=(0, 1, 2))(q, k, v)
-  for name, g_native, g_fused in zip("qkv", native, fused):
-    np.testing.assert_allclose(np.asarray(g_native), np.asarray(g_fused), atol=ATOL,
-                               err_msg=f"d{name}")
-  assert np.all(np.asarray(native[0])[segments == 0] == 0)
+  _check_gradients(segments, seed=9)
 
 
 def test_bfloat16_gradients_follow_float32():
