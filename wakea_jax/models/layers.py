@@ -374,11 +374,10 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = Non
                         preferred_element_type=jnp.float32)
   scores = (scores * (h ** -0.5)).reshape(b, kv, g, t, s)
   m = mask[:, None, None, :, :]
-  if smear is not None:
-    pad = [(0, 0)] * (scores.ndim - 1) + [(1, 0)]
-    previous = jnp.pad(scores[..., :-1], pad)              # q_i . k_{j-1}
-    previous_ok = jnp.pad(m[..., :-1], pad)
-    scores = (1.0 - smear) * scores + smear * jnp.where(previous_ok, previous, 0.0)
+  pad = [(0, 0)] * (scores.ndim - 1) + [(1, 0)]
+  previous = jnp.pad(scores[..., :-1], pad)                # q_i . k_{j-1}
+  previous_ok = jnp.pad(m[..., :-1], pad)
+  scores = (1.0 - smear) * scores + smear * jnp.where(previous_ok, previous, 0.0)
   scores = jnp.where(m, scores, _MASK_VALUE)
   # Max-shifted softmax; the max is a constant for differentiation (the gradient is exact).
   row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
