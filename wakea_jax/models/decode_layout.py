@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-from wakea_jax.models.layers import MLP, Attention
+from wakea_jax.models.layers import MLP, Attention, lowp_matmul
 
 
 class OutMajor(nnx.Module):
@@ -64,8 +64,14 @@ class OutMajor(nnx.Module):
     if x.shape[x.ndim - k:] != w.shape[w.ndim - k:]:
       raise ValueError(f"input dims {x.shape[x.ndim - k:]} do not match the kernel's "
                        f"{w.shape[w.ndim - k:]}")
-    y = jax.lax.dot_general(x.reshape(-1, math.prod(w.shape[w.ndim - k:])),
-                            w.reshape(math.prod(out), -1), (((1,), (1,)), ((), ())))
+    x2 = x.reshape(-1, math.prod(w.shape[w.ndim - k:])).astype(dtype)
+    w2 = w.reshape(math.prod(out), -1)
+    if jnp.dtype(dtype).itemsize == 2:
+      # float32 accumulation: the only form XLA:CPU runs on its 16-bit kernels (a 16-bit
+      # output converts both operands to float32 first; see layers.lowp_matmul)
+      y = lowp_matmul(x2, w2, w_transposed=True)
+    else:
+      y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
     return y.reshape(x.shape[:x.ndim - k] + out)
 
 

@@ -46,6 +46,7 @@ from wakea_jax.models.layers import (
   KVCache,
   RMSNorm,
   param,
+  take_rows,
 )
 from wakea_jax.models.stacking import stack_layers
 from wakea_jax.parallel import mesh as mesh_lib
@@ -143,7 +144,7 @@ class Transformer(nnx.Module):
     # as for any FSDP weight: a table still split over fsdp cannot be resharded to the
     # batch-over-fsdp activations without XLA replicating the whole gather output.
     table = mesh_lib.constrain(self.embed[...], ("vocab", None))
-    return jnp.take(table, input_ids, axis=0).astype(self.config.compute_dtype)
+    return take_rows(table, input_ids).astype(self.config.compute_dtype)
 
   def value_from(self, hidden: Array) -> Array:
     """The value head on final hidden states [b, t, e] -> [b, t] float32."""
