@@ -1,13 +1,17 @@
 r"""Sampling benchmark: bench56m, batch 8, prompt 128, 128 new tokens, top-k 50, float32.
 
   python tools/bench_sample.py [--batch=8 --prompt=128 --new=128 --top_k=50 --no_torch
-                                --tensor_parallel=2]
+                                --tensor_parallel=2 --dtype=bfloat16]
 
 Prints prefill time, per-step decode time and generated tokens/s of `wakea_jax.sampling`,
 a memory-bandwidth bound per decode step (bytes of parameters + KV cache read per step over
 a memcpy bandwidth measured in the same run), and, when torch and transformers are
 installed, `transformers` `generate` on the same shapes (LlamaForCausalLM, random init,
-do_sample with top_k, exactly `new` tokens) with the ratio.
+do_sample with top_k, exactly `new` tokens) with the ratio. `--dtype` decodes with the
+rollout model of that precision (`rollout.dtype`, sampling/precision.py: bfloat16 weights,
+compute and KV cache, or int8 weight-only); the bound then counts its bytes, and the
+transformers reference runs in the same dtype for bfloat16 (`model.to(torch.bfloat16)`),
+in float32 for int8.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers referenc
 _TENSOR = flags.DEFINE_integer(
     "tensor_parallel", 1, "Split the model over this many host devices on a (1, 1, N) mesh "
     "(XLA:CPU runs a device's small-batch matmuls on one core: N = cores uses them all).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "int8"],
+                           "Decode precision (rollout.dtype; float32: the model as is).")
 _LAYOUT = flags.DEFINE_enum(
     "weight_layout", "auto", ["auto", "packed", "stored"],
     "Sampler(weight_layout=) of the measured run. When it packs the weights, a second run "
@@ -46,9 +52,13 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int,
   from wakea_jax.models.transformer import create_model
   from wakea_jax.parallel import mesh as mesh_lib
   from wakea_jax.sampling import Sampler
+  from wakea_jax.sampling.precision import rollout_model_for
 
   cfg = get_preset(_PRESET.value)
   graphdef, params = nnx.split(create_model(cfg))
+  if _DTYPE.value != "float32":
+    rollout = rollout_model_for(graphdef, params, _DTYPE.value)
+    graphdef, cfg, params = rollout.graphdef, rollout.config, rollout.convert(params)
   mesh = mesh_lib.create_mesh((1, 1, _TENSOR.value)) if _TENSOR.value > 1 else None
   if mesh is not None:
     params = mesh_lib.shard_state(params, mesh)
@@ -100,6 +110,8 @@ def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
                               "LlamaForCausalLM")
   hf_config = transformers.LlamaConfig(**hf_values, attn_implementation="sdpa")
   model = transformers.LlamaForCausalLM(hf_config).float().eval()
+  if _DTYPE.value == "bfloat16":
+    model = model.to(torch.bfloat16)
   ids = torch.randint(1, cfg.vocab_size, (batch, prompt))
 
   def run(n: int) -> None:
@@ -130,7 +142,7 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({cpu_model()}), "
         f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
-        f"{n} new tokens, top-k {k}")
+        f"{n} new tokens, top-k {k}, decode in {_DTYPE.value}")
   prefill_s, decode_s, step_bytes, packed = bench_jax(b, p, n, k, _LAYOUT.value)
   step_s = decode_s / n
   bound_s = step_bytes / bandwidth
@@ -147,7 +159,9 @@ def main(argv):
   if not _NO_TORCH.value:
     torch_s = bench_torch(b, p, n, k)
     if torch_s:
-      print(f"transformers generate: {torch_s:.2f} s, {b * n / torch_s:,.0f} generated tokens/s")
+      torch_dtype = "bfloat16" if _DTYPE.value == "bfloat16" else "float32"
+      print(f"transformers generate ({torch_dtype}): {torch_s:.2f} s, "
+            f"{b * n / torch_s:,.0f} generated tokens/s")
       print(f"ratio wakea_jax / transformers tokens/s: {torch_s / jax_s:.2f}x")
 
 
