@@ -18,7 +18,9 @@ warm-up step each (compilation), then `steps` timed steps taken in turns across 
 load changes on a shared machine hit both alike; the table shows the mean of the timed steps.
 The reference measured in the same run is rl.old_logprobs=trainer (re-scores the rollouts, as
 before the sampler's log-probs were used); `auto` takes the sampler's log-probs as the old
-ones (one update per rollout batch). Prompts are ~`prompt_tokens` tokens after the chat
+ones (one update per rollout batch). A mode may name a rollout precision after an @
+(`auto@bfloat16`: rollout.dtype=bfloat16, sampling in bfloat16 while the trainer keeps its
+dtype; the old log-probs then come from the trainer's scoring, as they must). Prompts are ~`prompt_tokens` tokens after the chat
 template (a file written to a temporary folder); a completion stops early at a stop id, so
 the generated-token count is printed beside the time.
 
@@ -52,7 +54,9 @@ _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length after 
 _NEW = flags.DEFINE_integer("new", 128, "Max new tokens per completion.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per mode (after one warm-up step).")
 _KL_BETA = flags.DEFINE_float("kl_beta", 0.04, "loss.kl_beta (> 0: reference scoring on).")
-_MODES = flags.DEFINE_list("modes", ["trainer", "auto"], "rl.old_logprobs values to measure.")
+_MODES = flags.DEFINE_list("modes", ["trainer", "auto"],
+                           "rl.old_logprobs values to measure, each optionally @rollout.dtype "
+                           "(auto@bfloat16).")
 _TUNIX_PYTHON = flags.DEFINE_string(
     "tunix_python", "", "An interpreter with google-tunix installed: also time Tunix's GRPO "
     "step (tools/bench_tunix_grpo.py) on the same shapes and print it beside ours.")
@@ -121,7 +125,9 @@ def write_prompts(path: pathlib.Path, n: int, target: int) -> int:
 
 
 def grpo_config(mode: str, prompt_file: pathlib.Path):
-  """configs/grpo.py:test with the preset's model shapes and the benchmark's sizes."""
+  """configs/grpo.py:test with the preset's model shapes and the benchmark's sizes; `mode`
+  is rl.old_logprobs, optionally followed by @rollout.dtype."""
+  mode, _, rollout_dtype = mode.partition("@")
   from wakea_jax.config_files import get_config
   from wakea_jax.models.config import get_preset
 
@@ -139,6 +145,7 @@ def grpo_config(mode: str, prompt_file: pathlib.Path):
   config = get_config("grpo:test", **{
       "rollout.group_size": _GROUP.value, "rollout.max_new_tokens": _NEW.value,
       "rl.prompts_per_step": _PROMPTS.value, "rl.old_logprobs": mode,
+      "rollout.dtype": rollout_dtype,
       "loss.kl_beta": _KL_BETA.value, "train.steps": _STEPS.value + 1,
       "data.sources": str(prompt_file), "data.eval_sources": "",
       "train.eval_at_start": False, "export.enabled": False,
