@@ -20,9 +20,9 @@ The reference measured in the same run is rl.old_logprobs=trainer (re-scores the
 before the sampler's log-probs were used); `auto` takes the sampler's log-probs as the old
 ones (one update per rollout batch). A mode may name a rollout precision after an @
 (`auto@bfloat16`: rollout.dtype=bfloat16, sampling in bfloat16 while the trainer keeps its
-dtype; the old log-probs then come from the trainer's scoring, as they must). Prompts are ~`prompt_tokens` tokens after the chat
-template (a file written to a temporary folder); a completion stops early at a stop id, so
-the generated-token count is printed beside the time.
+dtype; the old log-probs then come from the trainer's scoring, as they must). Prompts are
+~`prompt_tokens` tokens after the chat template (a file written to a temporary folder); a
+completion stops early at a stop id, so the generated-token count is printed beside the time.
 
 --tunix_python=/tmp/tunix-venv/bin/python (an interpreter with google-tunix installed) also
 runs tools/bench_tunix_grpo.py there after ours, on the same shapes and sizes (Tunix's own

@@ -22,8 +22,10 @@ rewrite is paid once per call, not per step; the trainer's params are never touc
 Only plain `nnx.Param` kernels of unstacked layers are rewritten: LoRA adapters, quantized
 bases (weight modules) and scanned layers keep their own path. The result is the same
 function (the products are the same sums, in another order: logits agree to float32
-rounding). On GPU and TPU the compiler picks layouts itself; `Sampler(weight_layout=)`
-applies this on CPU only unless told otherwise.
+rounding). In a 16-bit compute dtype the output-major products accumulate in float32
+(`layers.lowp_matmul`), the only form XLA:CPU runs on its 16-bit kernels. On GPU and TPU
+the compiler picks layouts itself; `Sampler(weight_layout=)` applies this on CPU only
+unless told otherwise.
 """
 
 from __future__ import annotations
