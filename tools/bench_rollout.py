@@ -27,7 +27,7 @@ _PROMPT = flags.DEFINE_integer("prompt", 64, "Prompt length.")
 _SHORT = flags.DEFINE_list("short", ["8", "64"], "Range of the short completions' lengths.")
 _LONG = flags.DEFINE_list("long", ["128", "256"], "Range of the long completions' lengths.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
-_LAYOUT = flags.DEFINE_enum("weight_layout", "auto", ["auto", "packed", "stored"],
+_LAYOUT = flags.DEFINE_enum("weight_layout", "auto", ["auto", "packed", "head", "stored"],
                             "Sampler(weight_layout=): the decode loop's weight layout.")
 
 
@@ -62,7 +62,7 @@ def main(argv):
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params; {n} requests, prompt "
         f"{_PROMPT.value}, lengths {min(limits)}..{max(limits)} (mean {np.mean(limits):.0f}, "
         f"{sum(limits)} tokens), {slots} rows at a time, top-k {_TOP_K.value}, "
-        f"weight layout {_LAYOUT.value} (packed: {sampler.packs_weights})")
+        f"weight layout {_LAYOUT.value} ({sampler.layout})")
 
   def static(rng):
     out = []

@@ -34,15 +34,15 @@ _TENSOR = flags.DEFINE_integer(
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "int8"],
                            "Decode precision (rollout.dtype; float32: the model as is).")
 _LAYOUT = flags.DEFINE_enum(
-    "weight_layout", "auto", ["auto", "packed", "stored"],
+    "weight_layout", "auto", ["auto", "packed", "head", "stored"],
     "Sampler(weight_layout=) of the measured run. When it packs the weights, a second run "
     "with the stored layout is timed too, as the same-run reference.")
 
 
 def bench_jax(batch: int, prompt: int, new: int, top_k: int,
-              layout: str) -> tuple[float, float, int, bool]:
+              layout: str) -> tuple[float, float, int, str]:
   """-> (prefill seconds, decode seconds for `new` steps, bytes read per decode step,
-  whether the decode loop ran on the packed weight layout)."""
+  the weight layout the decode loop ran on: Sampler.layout)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -80,7 +80,7 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int,
 
   start = time.perf_counter()
   timed_run(0)
-  print(f"jax ({'packed' if sampler.packs_weights else 'stored'} weight layout): compile + "
+  print(f"jax ({sampler.layout} weight layout): compile + "
         f"first run {time.perf_counter() - start:.1f}s (prompt bucket {width}, cache capacity "
         f"{capacity})")
   prefill_s, decode_s, state = timed_run(1)
@@ -90,7 +90,7 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int,
     table = params["embed"].get_value()
     param_bytes -= table.nbytes - batch * table.shape[1] * table.dtype.itemsize
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state.cache))
-  return prefill_s, decode_s, param_bytes + cache_bytes, sampler.packs_weights
+  return prefill_s, decode_s, param_bytes + cache_bytes, sampler.layout
 
 
 def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
@@ -143,7 +143,7 @@ def main(argv):
         f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
         f"{n} new tokens, top-k {k}, decode in {_DTYPE.value}")
-  prefill_s, decode_s, step_bytes, packed = bench_jax(b, p, n, k, _LAYOUT.value)
+  prefill_s, decode_s, step_bytes, layout = bench_jax(b, p, n, k, _LAYOUT.value)
   step_s = decode_s / n
   bound_s = step_bytes / bandwidth
   jax_s = prefill_s + decode_s
@@ -151,10 +151,10 @@ def main(argv):
         f"{b * n / jax_s:,.0f} generated tokens/s ({b * n / decode_s:,.0f} in decode)")
   print(f"bandwidth bound: {step_bytes / 1e6:.1f} MB read per decode step (params + KV cache) "
         f"-> {bound_s * 1e3:.2f} ms/step; measured step is {step_s / bound_s:.1f}x the bound")
-  if packed:   # the same-run reference for decode_layout's packed weights
+  if layout != "stored":   # the same-run reference for decode_layout's rewritten weights
     _, stored_s, _, _ = bench_jax(b, p, n, k, "stored")
     print(f"stored weight layout: decode {stored_s / n * 1e3:.2f} ms/step "
-          f"({stored_s / n / bound_s:.1f}x the bound); packed / stored step time "
+          f"({stored_s / n / bound_s:.1f}x the bound); {layout} / stored step time "
           f"{decode_s / stored_s:.2f}")
   if not _NO_TORCH.value:
     torch_s = bench_torch(b, p, n, k)

@@ -93,3 +93,41 @@ def test_lora_and_qlora_adapters_keep_their_path():
 def test_scanned_layers_are_left_alone():
   model = _model(dataclasses.replace(TINY, scan_layers=True))
   assert decode_layout.pack_for_decode(model) == 0
+
+
+def test_vocabulary_major_head_computes_the_same_logits_and_scores():
+  model = _model(TINY)
+  ids = _ids()
+  stored = _logits(model, ids)
+  packed = nnx.clone(model)
+  assert decode_layout.pack_for_decode(packed, layers=False, head=True) == 1
+  assert isinstance(packed.lm_head, decode_layout.OutMajor)
+  assert packed.lm_head.kernel[...].shape == (TINY.vocab_size, TINY.embed_dim)
+  assert isinstance(packed.layers[0].attn.q_proj, nnx.Param)   # the layers keep theirs
+  np.testing.assert_allclose(_logits(packed, ids), stored, atol=2e-5, rtol=1e-5)
+  # The chunked scoring's head (head_matrix) reads the vocabulary-major kernel as such.
+  head, vocab_major = packed.head_matrix()
+  assert vocab_major
+  np.testing.assert_array_equal(np.asarray(head).T, np.asarray(model.lm_head[...]))
+  assert decode_layout.pack_for_decode(packed, layers=False, head=True) == 0
+  # A tied head (the embedding) and a 16-bit head are left alone.
+  tied = _model(dataclasses.replace(TINY, tie_embeddings=True))
+  assert decode_layout.pack_for_decode(tied, layers=False, head=True) == 0
+  half = transformer.create_model(dataclasses.replace(TINY, param_dtype="bfloat16",
+                                                     dtype="bfloat16"))
+  assert half.lm_head[...].dtype == jnp.bfloat16
+  assert decode_layout.pack_for_decode(half, layers=False, head=True) == 0
+
+
+def test_auto_layout_follows_the_cpu_vendor(monkeypatch):
+  choose = decode_layout.choose_layout
+  monkeypatch.setattr(decode_layout, "cpu_vendor", lambda: "GenuineIntel")
+  assert choose("auto", backend="cpu", mesh=False) == "head"
+  monkeypatch.setattr(decode_layout, "cpu_vendor", lambda: "AuthenticAMD")
+  assert choose("auto", backend="cpu", mesh=False) == "packed"
+  assert choose("auto", backend="gpu", mesh=False) == "stored"
+  assert choose("auto", backend="cpu", mesh=True) == "stored"
+  assert choose("head", backend="gpu", mesh=True) == "head"
+  assert decode_layout.PACK_ARGS["head"] == {"layers": False, "head": True}
+  with pytest.raises(ValueError, match="weight_layout must be one of"):
+    choose("transposed", backend="cpu", mesh=False)

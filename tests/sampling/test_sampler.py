@@ -218,15 +218,17 @@ def test_first_argmax_is_argmax():
   np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
 
 
-def test_packed_decode_layout_matches_the_stored_one(tiny):
-  """weight_layout="packed" (decode_layout.pack_for_decode; what "auto" gives on CPU) and
-  "stored" give the same tokens, and log-probs within float32 rounding, greedy and sampled,
-  in one decode call and chunked (with_packed_weights)."""
+@pytest.mark.parametrize("layout", ["packed", "head"])
+def test_packed_decode_layout_matches_the_stored_one(tiny, layout):
+  """weight_layout="packed" (decode_layout.pack_for_decode's layers) or "head" (the LM head
+  vocabulary-major; "auto" picks one of them on CPU) and "stored" give the same tokens, and
+  log-probs within float32 rounding, greedy and sampled, in one decode call and chunked
+  (with_packed_weights)."""
   _, _, params, _ = tiny
   before = jax.tree.map(np.asarray, params)
   for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=40)):
     stored = _sampler(tiny, weight_layout="stored", **kwargs)
-    packed = _sampler(tiny, weight_layout="packed", **kwargs)
+    packed = _sampler(tiny, weight_layout=layout, **kwargs)
     assert not stored.packs_weights and packed.packs_weights
     assert _sampler(tiny, **kwargs).packs_weights   # "auto" on the CPU backend, no mesh
     want = stored.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))
@@ -237,7 +239,9 @@ def test_packed_decode_layout_matches_the_stored_one(tiny):
     # The chunked path packs once up front: a packed graphdef over packed params.
     repacked, packed_params = packed.with_packed_weights(params)
     assert repacked.weight_layout == "stored" and repacked.graphdef != packed.graphdef
-    assert any("gate_up" in path for path, _ in nnx.to_flat_state(packed_params))
+    rewritten = "gate_up" if layout == "packed" else "lm_head/kernel"
+    assert any(rewritten in "/".join(map(str, path))
+               for path, _ in nnx.to_flat_state(packed_params))
     state = repacked.start(packed_params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))
     for _ in range(4):   # 3 + 3 + 3 + 1 steps
       state = repacked.decode(packed_params, state, jnp.asarray(3, jnp.int32))

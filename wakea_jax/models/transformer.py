@@ -126,6 +126,8 @@ class Transformer(nnx.Module):
     dt = self.config.compute_dtype
     if self.config.tie_embeddings:
       return self.embed[...].astype(dt), True
+    if not isinstance(self.lm_head, nnx.Variable):   # decode_layout's vocabulary-major head
+      return self.lm_head.kernel[...].astype(dt), True
     return self.lm_head[...].astype(dt), False
 
   def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
@@ -200,6 +202,8 @@ class Transformer(nnx.Module):
     if c.tie_embeddings:
       logits = jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(dt),
                           preferred_element_type=jnp.float32)
+    elif not isinstance(self.lm_head, nnx.Variable):   # decode_layout's vocab-major head
+      logits = self.lm_head(hidden, "bte,ev->btv", dt, out_dtype=jnp.float32)
     else:
       logits = jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(dt),
                           preferred_element_type=jnp.float32)

@@ -194,10 +194,13 @@ class Sampler:
   # the defaults `start` gives every row; top_k is not available per row.
   per_row: bool = False
   # How the decode loop lays out the weights it streams every step: "packed" rewrites the
-  # merged model with `decode_layout.pack_for_decode` (output-major kernels, one gate/up dot;
-  # ~10% off a bench56m decode step on a 2-core AMD EPYC) before the loop, "stored" keeps the
-  # params' own layout, "auto" packs on the CPU backend without a mesh. A `decode` call packs
-  # inside its program; runs of many calls pack once with `with_packed_weights`.
+  # merged model's layers with `decode_layout.pack_for_decode` (output-major kernels, one
+  # gate/up dot; ~10% off a bench56m decode step on a 2-core AMD EPYC) before the loop,
+  # "head" only makes a float32 LM head vocabulary-major (7-10% off on an AMX Intel Xeon,
+  # where "packed" was slower than "stored"), "stored" keeps the params' own layout, "auto"
+  # picks by CPU vendor on the CPU backend without a mesh (`decode_layout.choose_layout`)
+  # and keeps the layout elsewhere. A `decode` call packs inside its program; runs of many
+  # calls pack once with `with_packed_weights`.
   weight_layout: str = "auto"
 
   def __post_init__(self) -> None:
@@ -220,16 +223,26 @@ class Sampler:
       raise ValueError("a per_row Sampler takes temperature and top_p per row; top_k must be 0")
     if self.chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
-    if self.weight_layout not in ("auto", "packed", "stored"):
-      raise ValueError(f"weight_layout must be 'auto', 'packed' or 'stored', "
+    if self.weight_layout not in decode_layout.LAYOUTS:
+      raise ValueError(f"weight_layout must be one of {decode_layout.LAYOUTS}, "
                        f"got {self.weight_layout!r}")
 
   @property
+  def layout(self) -> str:
+    """The layout the decode loop runs on: "packed", "head" or "stored" ("auto" resolved
+    by `decode_layout.choose_layout`)."""
+    return decode_layout.choose_layout(self.weight_layout, backend=jax.default_backend(),
+                                       mesh=self.mesh is not None)
+
+  @property
+  def _packing(self) -> dict[str, bool]:
+    """`decode_layout.pack_for_decode`'s arguments for this sampler; {}: no packing."""
+    return decode_layout.PACK_ARGS[self.layout]
+
+  @property
   def packs_weights(self) -> bool:
-    """Whether the decode loop runs on `decode_layout.pack_for_decode`'s layout."""
-    if self.weight_layout == "auto":   # not with a mesh: sharded kernels keep their layout
-      return jax.default_backend() == "cpu" and self.mesh is None
-    return self.weight_layout == "packed"
+    """Whether the decode loop runs on a `decode_layout.pack_for_decode` layout."""
+    return bool(self._packing)
 
   def with_packed_weights(self, params: nnx.State) -> tuple[Sampler, nnx.State]:
     """(sampler, params) for a run of many decode calls on the same params: the params in
@@ -240,7 +253,7 @@ class Sampler:
     if not self.packs_weights:
       return self, params
     model = nnx.merge(self.graphdef, params)
-    if not decode_layout.pack_for_decode(model):
+    if not decode_layout.pack_for_decode(model, **self._packing):
       return self, params
     graphdef, packed = nnx.split(model)
     return dataclasses.replace(self, graphdef=graphdef, weight_layout="stored"), packed
@@ -361,7 +374,7 @@ class Sampler:
               until_free: bool = False) -> DecodeState:
     model = nnx.merge(self.graphdef, params)
     if self.packs_weights:
-      decode_layout.pack_for_decode(model)   # once per call, outside the loop
+      decode_layout.pack_for_decode(model, **self._packing)   # once per call, outside the loop
     stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
     end_step = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
     done_at_entry = jnp.sum(state.done)
