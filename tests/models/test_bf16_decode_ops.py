@@ -97,3 +97,21 @@ def test_bfloat16_out_major_weight_accumulates_in_float32():
   dots = [e for e in _primitives(jax.make_jaxpr(lambda x: weight(x, "", jnp.bfloat16))(x).jaxpr)
           if e.primitive.name == "dot_general"]
   assert dots and all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
+
+
+def test_off_cpu_the_cache_and_the_table_use_the_plain_scatter_and_gather(monkeypatch):
+  """GPU and TPU scatter and gather 16 bits in place: there a select would read and write
+  the whole cache every step, so the workarounds are CPU-only."""
+  monkeypatch.setattr(layers, "accelerator_platform", lambda: "cuda")
+  cache = jnp.zeros((2, 2, 8, 4), jnp.bfloat16)
+  # Fresh lambdas: make_jaxpr caches traces by function, and the platform is read in them.
+  jaxpr = jax.make_jaxpr(lambda *a: layers._write(*a))(
+      cache, jnp.ones((2, 1, 2, 4), jnp.bfloat16), jnp.zeros((2,), jnp.int32)).jaxpr
+  eqns = _primitives(jaxpr)
+  assert not [e for e in eqns if e.primitive.name == "bitcast_convert_type"]
+  assert [e for e in eqns if e.primitive.name == "scatter"
+          and e.invars[0].aval.dtype == jnp.bfloat16]
+  jaxpr = jax.make_jaxpr(lambda *a: layers.take_rows(*a))(
+      jnp.zeros((8, 5), jnp.bfloat16), jnp.zeros((3,), jnp.int32)).jaxpr
+  gathers = [e for e in _primitives(jaxpr) if e.primitive.name == "gather"]
+  assert gathers and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in gathers)

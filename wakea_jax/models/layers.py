@@ -306,8 +306,9 @@ def take_rows(table: Array, ids: Array) -> Array:
   """`jnp.take(table, ids, axis=0)`; a 16-bit float table is gathered as unsigned integers of
   its width (a free bitcast), since XLA:CPU gathers from a bfloat16 table by converting all
   of it to float32 first (a bench56m rollout model's 32000 x 512 embedding: 35 ms and 62
-  MiB per decode call). Differentiable as the plain gather (a custom VJP)."""
-  if not (jnp.issubdtype(table.dtype, jnp.floating) and table.dtype.itemsize == 2):
+  MiB per decode call); on CPU only. Differentiable as the plain gather (a custom VJP)."""
+  if not (jnp.issubdtype(table.dtype, jnp.floating) and table.dtype.itemsize == 2
+          and accelerator_platform() == "cpu"):
     return jnp.take(table, ids, axis=0)
   return _take_bits(table, ids)
 
@@ -341,12 +342,15 @@ def _write(cache: Array, new: Array, start: Array) -> Array:
   of thread time). One token per row (a decode step) is a select over the cache (one fused
   pass, ~0.4 ms for the step's 16 caches at 256 slots); more (a prefill) is the scatter on
   the cache's bits as uint16 (a bitcast XLA:CPU copies, once per call). A start past the
-  cache (a finished row of a full cache) writes nothing there; the scatter clamps it.
+  cache (a finished row of a full cache) writes nothing there; the scatter clamps it. On
+  CPU only: GPU and TPU scatter 16-bit values in place, where a select would read and
+  write the whole cache every step.
   """
   dtype = cache.dtype
   new = new.astype(dtype).transpose(0, 2, 1, 3)                       # [b, k, t, h]
-  if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2):
-    return _scatter_rows(cache, new, start)
+  if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
+          and accelerator_platform() == "cpu"):
+    return _scatter_rows(cache, new, start)   # GPU and TPU scatter 16 bits in place
   if new.shape[2] == 1:
     slot = jnp.arange(cache.shape[2]) == start[:, None]                 # [b, s]
     bits = jnp.where(slot[:, None, :, None], jax.lax.bitcast_convert_type(new, jnp.uint16),
