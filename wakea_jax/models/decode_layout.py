@@ -37,6 +37,7 @@ unless told otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -126,8 +127,10 @@ def pack_for_decode(model: nnx.Module, *, layers: bool = True, head: bool = Fals
 LAYOUTS = ("auto", "packed", "head", "stored")
 
 
+@functools.cache
 def cpu_vendor() -> str:
-  """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where unknown."""
+  """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where unknown; read
+  once per process (every Sampler.layout asks)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:

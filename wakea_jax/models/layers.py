@@ -302,13 +302,20 @@ class KVCache:
     return self.keys.shape[3] if self.stacked else self.keys[0].shape[2]
 
 
+def _bits_on_cpu(dtype: Any) -> bool:
+  """Whether arrays of `dtype` are moved as unsigned-integer bits (`take_rows`, `_write`):
+  16-bit floats on CPU, where XLA:CPU gathers and scatters them in float32."""
+  dtype = jnp.dtype(dtype)
+  return (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
+          and accelerator_platform() == "cpu")
+
+
 def take_rows(table: Array, ids: Array) -> Array:
   """`jnp.take(table, ids, axis=0)`; a 16-bit float table is gathered as unsigned integers of
   its width (a free bitcast), since XLA:CPU gathers from a bfloat16 table by converting all
   of it to float32 first (a bench56m rollout model's 32000 x 512 embedding: 35 ms and 62
   MiB per decode call); on CPU only. Differentiable as the plain gather (a custom VJP)."""
-  if not (jnp.issubdtype(table.dtype, jnp.floating) and table.dtype.itemsize == 2
-          and accelerator_platform() == "cpu"):
+  if not _bits_on_cpu(table.dtype):
     return jnp.take(table, ids, axis=0)
   return _take_bits(table, ids)
 
@@ -348,8 +355,7 @@ def _write(cache: Array, new: Array, start: Array) -> Array:
   """
   dtype = cache.dtype
   new = new.astype(dtype).transpose(0, 2, 1, 3)                       # [b, k, t, h]
-  if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
-          and accelerator_platform() == "cpu"):
+  if not _bits_on_cpu(dtype):
     return _scatter_rows(cache, new, start)   # GPU and TPU scatter 16 bits in place
   if new.shape[2] == 1:
     slot = jnp.arange(cache.shape[2]) == start[:, None]                 # [b, s]
