@@ -45,7 +45,9 @@ def get_config(arg=None):
   # easy ones). 0: a base that never saw a solution longer than `easy_max_level` steps.
   config.base_hard_percent = 10.0
   config.expert_problems = 200       # the expert set (SFT and SRL both learn from it)
-  config.eval_problems = 256         # held-out hard problems (split 1)
+  # Held-out hard problems (split 1): 1,024 puts the standard error of an accuracy near 45%
+  # at 1.6 points (3.1 at 256, where no RL arm's gain over the base was beyond noise).
+  config.eval_problems = 1024
   config.eval_seed = 7
   # A task tokenizer (SentencePiece BPE over the equations text at run time): the bundled
   # 1,024 pieces spell "Step" in 3 tokens and "<answer>" in 6, so a level-6 solution is ~200
@@ -92,6 +94,12 @@ def get_config(arg=None):
   rlvr.loss.kl_beta = 0.01          # the anchor: KL to the stage's initial model
   # The learning rate stays rl_config's 1e-4: from this base every higher one (2e-4 to 1e-3)
   # lowered the training reward from the first steps (README, the SRL demonstration).
+  # DAPO's dynamic sampling (groups whose rewards are all equal are replaced, up to 3 rounds)
+  # and Adam's eps at 1e-4 (parameters whose gradients are below ~1e-4, the noise this sparse
+  # reward leaves most of them, take small steps instead of lr-sized ones): 47.7% held-out on
+  # both seeds against 43.1 / 46.3% without them (base 42.2%; 1,024 questions).
+  rlvr.rl.update(dynamic_sampling=True, max_sampling_rounds=3)
+  rlvr.optimizer.eps = 1e-4
   rlvr.eval.update(num_samples=0, pass_k=())
   config.rlvr = rlvr
 
