@@ -51,6 +51,14 @@ def specs(config: ml_collections.ConfigDict) -> dict[str, str]:
   """The task specs every stage reads: disjoint seeds, and held-out problems from split 1
   (a hash split of the equation text no training source can contain)."""
   hard = f"min_level={int(config.hard_min_level)}"
+
+  def held_out(n: int) -> str:   # the first n held-out problems (each spec a prefix of a larger)
+    return f"task:equations?n={n}&seed={int(config.eval_seed)}&split=1&{hard}"
+
+  # The RL stages' evaluations during training (the curves; the table scores every final
+  # model on all of "eval") read at most the first 256, which at 1,024 would otherwise cost
+  # ~70 s each on one core.
+  curves = min(256, int(config.eval_problems))
   return {
       "base": f"task:equations?n=20000&seed=0&split=0&max_level={int(config.easy_max_level)}",
       # Hard problems with their solutions for the base's data at `base_hard_percent`: a seed
@@ -61,16 +69,10 @@ def specs(config: ml_collections.ConfigDict) -> dict[str, str]:
       "expert": f"task:equations?n={int(config.expert_problems)}"
                 f"&seed={int(config.collaborate.seed)}&split=0&{hard}",
       "rl_prompts": f"task:equations?n=4000&seed=2&split=0&{hard}",
-      "eval": f"task:equations?n={int(config.eval_problems)}&seed={int(config.eval_seed)}"
-              f"&split=1&{hard}",
-      # The RL stages' evaluations during training (the curves; the table scores every final
-      # model on all of "eval"): the first 256 of the held-out problems, which would
-      # otherwise cost ~70 s each on one core at 1,024.
-      "rl_eval": f"task:equations?n={min(256, int(config.eval_problems))}"
-                 f"&seed={int(config.eval_seed)}&split=1&{hard}",
+      "eval": held_out(int(config.eval_problems)),
+      "rl_eval": held_out(curves),
       # SRL's periodic evaluation (mean step similarity): fewer problems, ~5 prompts each.
-      "srl_eval": f"task:equations?n={max(1, min(256, int(config.eval_problems)) // 4)}"
-                  f"&seed={int(config.eval_seed)}&split=1&{hard}",
+      "srl_eval": held_out(max(1, curves // 4)),
   }
 
 

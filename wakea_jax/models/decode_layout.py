@@ -99,12 +99,14 @@ def pack_for_decode(model: nnx.Module, *, layers: bool = True, head: bool = Fals
   `OutMajor` weight). Returns how many kernels it rewrote. Call it on a model merged inside
   a jitted function: the transposes then happen in that program, once."""
   rewritten = 0
-  for _, module in list(nnx.iter_modules(model)) if head else ():
-    lm_head = getattr(module, "lm_head", None)   # a decoder's, or a media model's decoder's
+  for _, module in list(nnx.iter_modules(model)):
+    # A decoder's LM head, or a media model's decoder's.
+    lm_head = getattr(module, "lm_head", None) if head else None
     if _plain(lm_head, 2) and lm_head[...].dtype == jnp.float32:
       module.lm_head = OutMajor(lm_head[...], 1)
       rewritten += 1
-  for _, module in list(nnx.iter_modules(model)) if layers else ():
+    if not layers:
+      continue
     if isinstance(module, Attention):
       for name, contracted, rank in (("q_proj", 1, 3), ("k_proj", 1, 3), ("v_proj", 1, 3),
                                      ("o_proj", 2, 3)):
@@ -125,6 +127,12 @@ def pack_for_decode(model: nnx.Module, *, layers: bool = True, head: bool = Fals
 
 
 LAYOUTS = ("auto", "packed", "head", "stored")
+
+
+def check_layout(weight_layout: str) -> None:
+  """Raises ValueError unless `weight_layout` is one of LAYOUTS."""
+  if weight_layout not in LAYOUTS:
+    raise ValueError(f"weight_layout must be one of {LAYOUTS}, got {weight_layout!r}")
 
 
 @functools.cache
@@ -152,8 +160,7 @@ def choose_layout(weight_layout: str, *, backend: str, mesh: bool) -> str:
   backend or on a mesh (the compiler lays out sharded kernels), else what measured fastest
   on the CPU's vendor (the module docstring): "head" on Intel, "packed" elsewhere (measured
   on AMD EPYC)."""
-  if weight_layout not in LAYOUTS:
-    raise ValueError(f"weight_layout must be one of {LAYOUTS}, got {weight_layout!r}")
+  check_layout(weight_layout)
   if weight_layout != "auto":
     return weight_layout
   if backend != "cpu" or mesh:

@@ -223,9 +223,7 @@ class Sampler:
       raise ValueError("a per_row Sampler takes temperature and top_p per row; top_k must be 0")
     if self.chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {self.chunk_steps}")
-    if self.weight_layout not in decode_layout.LAYOUTS:
-      raise ValueError(f"weight_layout must be one of {decode_layout.LAYOUTS}, "
-                       f"got {self.weight_layout!r}")
+    decode_layout.check_layout(self.weight_layout)
 
   @property
   def layout(self) -> str:
