@@ -112,14 +112,15 @@ def _parsed(spec: str) -> tuple[str, int, int, dict[str, int]]:
 
 def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prompts_spec: str,
              tokenizer_path: str) -> dict[str, Any]:
-  """Greedy held-out figures of the model in `model_dir`: accuracy (the exact answer), the
-  fraction of solutions whose every step is valid and whose answer follows from them
+  """Greedy held-out figures of the model in `model_dir`, computed in the RL stages' dtype
+  (`rl_config.model.dtype`, whatever the model was trained in): accuracy (the exact answer),
+  the fraction of solutions whose every step is valid and whose answer follows from them
   (`equations.first_error` is None), the fraction with an <answer>, and steps per solution."""
   start = time.perf_counter()
   prompts = prompts_lib.load_prompts(prompts_spec)
   out = eval_lib.greedy_rollouts(model_dir, prompts,
                                  rollout=config_lib.section(rl_config, "rollout"),
-                                 tokenizer_path=tokenizer_path)
+                                 tokenizer_path=tokenizer_path, dtype=rl_config.model.dtype)
   samples = out.samples()
   correct = np.asarray(rewards_lib.correctness_reward("math")(samples)) > 0.5
   valid, steps, answered = [], [], []

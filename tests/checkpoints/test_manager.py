@@ -77,3 +77,43 @@ def test_the_loader_reads_every_checkpoint_kind(tmp_path):
     assert loader.load_model(tmp_path / path).config.num_layers == 1
   with pytest.raises(FileNotFoundError, match="neither a wakea_jax model directory"):
     loader.resolve(tmp_path)
+
+
+def test_a_model_directory_computes_as_the_caller_says(tmp_path):
+  """dtype, param_dtype and remat_policy given to the loader replace a wakea_jax model
+  directory's own (they were silently ignored): the weights are the saved ones, cast to the
+  new param_dtype; what the model is (shapes, layers) stays the directory's."""
+  from flax import nnx
+
+  from wakea_jax.checkpoints import export, loader
+  from wakea_jax.models import transformer
+  from wakea_jax.models.config import get_preset
+  config = get_preset("tiny", vocab_size=64, embed_dim=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=32)
+  model = transformer.create_model(config.replace(dtype="bfloat16"), seed=0)
+  export.save_model_dir(model, tmp_path / "native")
+  saved = nnx.to_pure_dict(nnx.state(model))
+  kept = loader.load_model(tmp_path / "native")
+  assert kept.config.dtype == "bfloat16"
+  f32 = loader.load_model(tmp_path / "native", dtype="float32", remat_policy="dots",
+                          value_head=True)    # value_head: build_model's business, ignored
+  assert (f32.config.dtype, f32.config.param_dtype, f32.config.remat_policy) == (
+      "float32", "float32", "dots")
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(f32)), saved)
+  ids = jnp.arange(8)[None] % 64
+  # The same logits as the model built in float32 from the start (same seed, same
+  # weights), not the bfloat16-compute ones the directory says.
+  reference = transformer.create_model(config, seed=0)(ids)
+  np.testing.assert_array_equal(f32(ids), reference)
+  assert np.abs(np.asarray(kept(ids), np.float32) - reference).max() > 1e-4
+  bf16 = loader.load_model(tmp_path / "native", param_dtype="bfloat16")
+  assert bf16.config.param_dtype == "bfloat16" and bf16.config.dtype == "bfloat16"
+  for leaf, ref in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(bf16))),
+                       jax.tree.leaves(saved)):
+    if jnp.issubdtype(ref.dtype, jnp.floating):
+      assert leaf.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(leaf, ref.astype(jnp.bfloat16))
+  with pytest.raises(TypeError, match="unknown fields"):
+    export.load_model_dir(tmp_path / "native", num_layers=2)
+  with pytest.raises(ValueError):
+    loader.load_model(tmp_path / "native", dtype="float17")

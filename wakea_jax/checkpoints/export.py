@@ -91,16 +91,33 @@ def read_model_config(path: PathLike) -> ModelConfig:
     raise ValueError(f"{file}: {e}") from e
 
 
+# ModelConfig fields that say how a model computes, not what it is: a caller may replace
+# them when loading (load_model_dir's `compute`).
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy")
+
+
 def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                   rules: mesh_lib.Rules | None = None, scan_layers: bool | None = None
-                   ) -> Transformer:
+                   rules: mesh_lib.Rules | None = None, scan_layers: bool | None = None,
+                   **compute: str) -> Transformer:
   """The model saved in `path`; with `mesh`, parameters are restored directly sharded.
 
   `scan_layers` (default: as saved) asks for a layer layout (`ModelConfig.scan_layers`): a
   directory saved in the other one is converted after loading (`convert_layers`).
+  `compute` replaces the saved `COMPUTE_FIELDS` (dtype, param_dtype, remat_policy; None
+  keeps the saved value): the weights are restored as saved and cast to the new
+  param_dtype, so a model trained with bfloat16 compute trains on or is scored in float32
+  (or the reverse) as the caller's ModelConfig says.
   """
+  unknown = sorted(set(compute) - set(COMPUTE_FIELDS))
+  if unknown:
+    raise TypeError(f"load_model_dir: unknown fields {unknown}; only {COMPUTE_FIELDS} "
+                    "may replace a model directory's own")
   directory = pathlib.Path(path).absolute()
   config = read_model_config(directory)
+  wanted = config.replace(**{k: v for k, v in compute.items() if v is not None})
+  if wanted.param_dtype == config.param_dtype:
+    # Same stored weights: restored straight into the wanted config's model.
+    config = wanted
   params = directory / PARAMS_DIR
   if not params.is_dir():
     raise FileNotFoundError(f"{params} is missing; {directory} has a config but no parameters")
@@ -120,6 +137,12 @@ def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
                      f"{e}") from e
   nnx.replace_by_pure_dict(abstract_state, restored)
   model = nnx.merge(graphdef, abstract_state)
+  if wanted != config:   # another param_dtype: each weight cast to the wanted model's dtype
+    graphdef, target_state = nnx.split(abstract_model(wanted))
+    cast = jax.tree.map(lambda x, t: x.astype(t.dtype), nnx.to_pure_dict(nnx.state(model)),
+                        nnx.to_pure_dict(target_state))
+    nnx.replace_by_pure_dict(target_state, cast)
+    model = nnx.merge(graphdef, target_state)
   if scan_layers is not None and scan_layers != config.scan_layers:
     model = convert_layers(model, scan_layers)
     if mesh is not None:

@@ -51,13 +51,19 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
 
   `hf_overrides` (dtype, param_dtype, remat_policy, value_head, ...) apply to Hugging Face
   directories; a wakea_jax model directory carries its own ModelConfig, except that
-  `scan_layers`, when given, picks the layer layout of either kind (converted if needed).
+  `scan_layers` picks the layer layout of either kind (converted if needed) and dtype,
+  param_dtype and remat_policy (`export.COMPUTE_FIELDS`), when given, replace its own: how
+  a model computes is the caller's choice, what it is the directory's; None is "as
+  saved". (Before, a run's `--config.model.dtype=bfloat16` with `init_from` a wakea_jax
+  export was silently ignored.)
   """
+  hf_overrides = {k: v for k, v in hf_overrides.items() if v is not None}   # None: as saved
   kind, directory = resolve(path)
   if kind == "hf":
     return hf.load_model(directory, mesh=mesh, rules=rules, **hf_overrides)
+  compute = {k: hf_overrides.get(k) for k in export.COMPUTE_FIELDS}
   return export.load_model_dir(directory, mesh=mesh, rules=rules,
-                               scan_layers=hf_overrides.get("scan_layers"))
+                               scan_layers=hf_overrides.get("scan_layers"), **compute)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

@@ -120,13 +120,14 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
 
 
 def greedy_rollouts(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
-                    rollout: RolloutConfig, tokenizer_path: str = "", seed: int = 0
-                    ) -> Rollouts:
+                    rollout: RolloutConfig, tokenizer_path: str = "", seed: int = 0,
+                    dtype: str | None = None) -> Rollouts:
   """One greedy completion per prompt from the model at `checkpoint`, sampled like `rollout`
   (its protocol and tools included; one sampler call, on this process): the whole rollouts,
   for the demonstrations that score more than correctness (searches per answer, valid steps).
-  `evaluate_checkpoint` is the figure of record for accuracy and pass@k."""
-  model = loader.load_model(checkpoint)
+  `dtype`: the compute dtype (default: the checkpoint's). `evaluate_checkpoint` is the
+  figure of record for accuracy and pass@k."""
+  model = loader.load_model(checkpoint, dtype=dtype)
   graphdef, params = nnx.split(model)
   tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
   sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
