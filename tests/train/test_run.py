@@ -92,3 +92,24 @@ def test_init_from_takes_the_configured_layer_layout(tmp_path, kind):
   apply = jax.jit(transformer.apply, static_argnums=0)
   np.testing.assert_allclose(apply(*nnx.split(model), ids), apply(*nnx.split(base), ids),
                              atol=1e-5)
+
+
+def test_init_from_a_model_dir_computes_in_the_configured_dtype(tmp_path):
+  """config.model.dtype applies to a wakea_jax export too (it was silently the export's):
+  a model trained with bfloat16 compute goes on in float32 with the default config, and
+  --config.model.dtype=bfloat16 takes effect on a float32 export; shapes stay the export's."""
+  from wakea_jax import config_lib
+  from wakea_jax.train import setup as setup_lib
+
+  preset = get_preset("tiny", vocab_size=1024, max_seq_len=128)
+  export.save_model_dir(transformer.create_model(preset.replace(dtype="bfloat16"), seed=3),
+                        tmp_path / "bf16")
+  export.save_model_dir(transformer.create_model(preset, seed=3), tmp_path / "f32")
+  mesh = mesh_lib.create_mesh((2, 2, 2))
+  for source, dtype in (("bf16", "float32"), ("f32", "bfloat16")):
+    config = _sft_config("test")
+    config.init_from = str(tmp_path / source)
+    config.model.dtype = dtype
+    model = setup_lib.build_model(config_lib.run_config(config), mesh, mesh_lib.DEFAULT_RULES)
+    assert model.config.dtype == dtype and model.config.param_dtype == "float32"
+    assert model.config.num_layers == preset.num_layers
