@@ -113,11 +113,9 @@ def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
     raise TypeError(f"load_model_dir: unknown fields {unknown}; only {COMPUTE_FIELDS} "
                     "may replace a model directory's own")
   directory = pathlib.Path(path).absolute()
-  config = read_model_config(directory)
-  wanted = config.replace(**{k: v for k, v in compute.items() if v is not None})
-  if wanted.param_dtype == config.param_dtype:
-    # Same stored weights: restored straight into the wanted config's model.
-    config = wanted
+  # Restored straight into the wanted config's model: orbax casts each weight to its dtype.
+  config = read_model_config(directory).replace(
+      **{k: v for k, v in compute.items() if v is not None})
   params = directory / PARAMS_DIR
   if not params.is_dir():
     raise FileNotFoundError(f"{params} is missing; {directory} has a config but no parameters")
@@ -137,12 +135,6 @@ def load_model_dir(path: PathLike, *, mesh: jax.sharding.Mesh | None = None,
                      f"{e}") from e
   nnx.replace_by_pure_dict(abstract_state, restored)
   model = nnx.merge(graphdef, abstract_state)
-  if wanted != config:   # another param_dtype: each weight cast to the wanted model's dtype
-    graphdef, target_state = nnx.split(abstract_model(wanted))
-    cast = jax.tree.map(lambda x, t: x.astype(t.dtype), nnx.to_pure_dict(nnx.state(model)),
-                        nnx.to_pure_dict(target_state))
-    nnx.replace_by_pure_dict(target_state, cast)
-    model = nnx.merge(graphdef, target_state)
   if scan_layers is not None and scan_layers != config.scan_layers:
     model = convert_layers(model, scan_layers)
     if mesh is not None:
