@@ -279,6 +279,24 @@ def test_inject_leaves_rows_without_tokens_untouched_near_capacity(scan_layers):
   assert np.asarray(state.cache.end_index).tolist()[1] == near
 
 
+def test_the_cache_holds_what_the_rows_can_fill(tiny):
+  """Capacity = prompt bucket + max_new_tokens rounded up to a quarter of its steps bucket
+  (at least 64): never below what a row can fill, never above bucket + steps, and at most
+  two capacities per (width, steps) bucket (the executables a bucket compiles)."""
+  sampler = _sampler(tiny, temperature=0.0, min_prompt_bucket=16)
+  assert sampler.buckets(70, 192) == (128, 256, 320)   # the SRL demo's shape (was 384)
+  assert sampler.buckets(128, 128) == (128, 128, 256)
+  assert sampler.buckets(5, 3) == (16, 16, 32)
+  for steps in (16, 32, 64, 128, 256, 512, 1024, 2048):
+    capacities = set()
+    for new in range(steps // 2 + 1, steps + 1):
+      width, bucket, capacity = sampler.buckets(100, new)
+      assert bucket == max(steps, 16)
+      assert width + new <= capacity <= width + bucket
+      capacities.add(capacity)
+    assert len(capacities) <= 2, (steps, sorted(capacities))
+
+
 def test_a_row_that_fills_the_cache_exactly(tiny):
   """Prompt bucket + decode steps = the capacity (no spare slot): the row that fills it
   still decodes what a full forward's argmax gives, with the trainer's log-probs, while a

@@ -38,11 +38,13 @@ row's cache end index to that prefix (slot s holds position s, so the at most `c
 extra tokens written past it are simply stale slots that get overwritten on resume). Stop
 token ids, by contrast, are checked inside the loop every step.
 
-Bucketing. The prompt width is rounded up to a power of two (at least `min_prompt_bucket`)
-and the cache capacity to a multiple of 128 at or above prompt bucket + decode steps (max new
-tokens rounded to a power of two), so new prompt lengths and max_new_tokens within a bucket
-reuse the compiled functions (max new tokens is a per-row array, not a static). The
-capacity is exact: a row that fills it is done, and the padding that done rows go on
+Bucketing. The prompt width and the decode steps (the most new tokens) are rounded up to
+powers of two (at least `min_prompt_bucket`), so new prompt lengths and max_new_tokens within
+a bucket reuse the compiled functions (max new tokens is a per-row array, not a static). The
+cache capacity is the prompt width + the most new tokens rounded up to a quarter of their
+steps bucket (at least 64 slots, at most the bucket): at most two capacities per (width,
+steps) bucket, and no slot a row cannot fill, since every decode step attends over the whole
+capacity. The capacity is exact: a row that fills it is done, and the padding that done rows go on
 feeding (written at their end index, clamped onto the last slot of a full row) lands only in
 rows that are never read again (a done row resumes only through `inject`, which needs room
 for its tool turn). A spare slot here cost bench56m's common 128 + 128 shape a third more
@@ -612,9 +614,8 @@ class Sampler:
     """(prompt width, decode steps, cache capacity) for a batch."""
     width = round_pow2(prompt_len, self.min_prompt_bucket)
     steps = round_pow2(max_new_tokens, self.min_prompt_bucket)
-    # Capacity only needs a multiple of 128, not a power of two: every decode step attends
-    # over the whole capacity, so over-allocation costs bandwidth on each step.
-    return width, steps, -(-(width + steps) // 128) * 128
+    quarter = max(64, steps // 4)     # see "Bucketing" in the module docstring
+    return width, steps, width + min(steps, -(-max_new_tokens // quarter) * quarter)
 
   def start(self, params: nnx.State, prompts: Sequence[Sequence[int]], *,
             max_new_tokens: int | Sequence[int], rng: Array, reserve: int = 0,
