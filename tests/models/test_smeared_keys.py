@@ -47,8 +47,10 @@ def _numpy_smeared_attention(q, k, v, segments, smear, num_kv_heads):
   return out
 
 
-@pytest.mark.parametrize("block", [128, 4])    # one block, and the blocked causal path
-def test_attention_against_numpy_transcription(block):
+# Causal (no cache: keys smeared per query head, one block and the blocked path) and not
+# (the cache's path: the scores mixed with themselves shifted).
+@pytest.mark.parametrize("causal,block", [(True, 128), (True, 4), (False, 128)])
+def test_attention_against_numpy_transcription(causal, block):
   rng = np.random.default_rng(0)
   b, t, n, kv, h = 2, 11, 4, 2, 8
   q, k, v = (rng.standard_normal((b, t, heads, h)).astype(np.float32)
@@ -58,13 +60,36 @@ def test_attention_against_numpy_transcription(block):
   same = segments[:, :, None] == segments[:, None, :]
   mask = same & (segments[:, :, None] > 0) & np.tril(np.ones((t, t), bool))[None]
   out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
-                              kv, causal=True, block=block, smear=jnp.asarray(smear))
+                              kv, causal=causal, block=block, smear=jnp.asarray(smear))
   ref = _numpy_smeared_attention(q, k, v, segments, smear, kv)
   valid = segments > 0
   np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=2e-5)
   plain = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                 jnp.asarray(mask), kv, causal=True, block=block)
   assert np.abs(np.asarray(plain)[valid] - ref[valid]).max() > 1e-2   # the smear matters
+
+
+def test_per_key_smearing_has_the_gradients_of_mixed_scores():
+  """Training's path (keys smeared per query head, the plain attention's written-out
+  backward pass) against the cache's (mixed scores, autodiff): the same gradients for q, k,
+  v and the smear shares, with packing and padding."""
+  rng = np.random.default_rng(1)
+  b, t, n, kv, h = 2, 24, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32)
+             for heads in (n, kv, kv))
+  segments = jnp.asarray([[1] * 9 + [2] * 12 + [0] * 3, [1] * 24])
+  mask = transformer.attention_mask_for(t, segments, None, b)
+  smear = jax.nn.sigmoid(jnp.asarray(rng.standard_normal(n), jnp.float32))
+  weights = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+
+  def grads(causal):
+    def loss(q, k, v, smear):
+      out = dot_product_attention(q, k, v, mask, kv, causal=causal, block=8, smear=smear)
+      return jnp.sum(out * weights)
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, smear)
+
+  for per_key, mixed in zip(grads(True), grads(False)):
+    np.testing.assert_allclose(np.asarray(per_key), np.asarray(mixed), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

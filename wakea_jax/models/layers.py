@@ -396,19 +396,24 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
   `smear` [n] (in [0, 1], per query head) attends with smeared keys
   k'_j = (1 - smear) k_j + smear k_{j-1} (ModelConfig.smeared_keys), where k_{j-1} counts only
   if the query may attend to it (mask[i, j-1]: else slot j starts the query's segment, or
-  follows padding). Scores are linear in the key, so this is the score matrix mixed with
-  itself shifted one key along: no key tensor is rebuilt, and the KV cache keeps plain keys.
+  follows padding). Scores are linear in the key, so with a cache (or `causal=False`) this
+  is the score matrix mixed with itself shifted one key along: no key tensor is rebuilt, and
+  the KV cache keeps plain keys. Without one (`causal=True`, t == s: training, scoring) the
+  keys are smeared per query head instead (`_smeared_keys`) and attended to like plain ones.
   """
   b, t, n, h = q.shape
   g = n // num_kv_heads
   if smear is not None:
     smear = smear.astype(jnp.float32).reshape(1, num_kv_heads, g, 1, 1)
-  q = _head_major(q).reshape(b, num_kv_heads, g, t, h)                # [b, k, g, t, h]
   if kv_layout == "bskh":
     k = _head_major(k)                                                # [b, k, s, h]
     v = _head_major(v)
   elif kv_layout != "bksh":
     raise ValueError(f"kv_layout must be 'bskh' or 'bksh', got {kv_layout!r}")
+  if smear is not None and causal and t == k.shape[2]:
+    k, v = _smeared_keys(k, v, mask, smear)                           # [b, n, s, h]
+    smear, num_kv_heads, g = None, n, 1
+  q = _head_major(q).reshape(b, num_kv_heads, g, t, h)                # [b, k, g, t, h]
   if causal and t == k.shape[2] and t > block:
     starts = range(0, t, block)
     out = jnp.concatenate(
@@ -417,6 +422,28 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, num_kv_head
   else:
     out = _attend(q, k, v, mask, smear)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _smeared_keys(k: Array, v: Array, mask: Array, smear: Array) -> tuple[Array, Array]:
+  """Smeared keys built per query head, for attention without a cache (training, scoring):
+  k/v [b, kv, s, h], mask [b, s, s] causal, smear [1, kv, g, 1, 1] -> k', v [b, kv*g, s, h]
+  with k'_j = (1 - smear) k_j + smear k_{j-1} where query j may attend to key j-1.
+
+  The same function as mixing the scores (`_attend`): a query i that may attend to key j
+  may attend to key j-1 exactly when query j may (causal masks within segments, padding keys
+  removed: `transformer.attention_mask_for`), so the per-(i, j) rule is a per-key one here.
+  The attention is then the plain one with its written-out backward pass, where autodiff of
+  the mixed scores made several passes over [b, n, t, s] tensors: bench56m-sized layers'
+  fwd+bwd in the README ("Smeared keys")."""
+  b, kv, s, h = k.shape
+  g = smear.shape[2]
+  ok = jnp.pad(jnp.diagonal(mask, offset=-1, axis1=1, axis2=2), ((0, 0), (1, 0)))   # [b, s]
+  previous = jnp.pad(k[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
+  previous = jnp.where(ok[:, None, :, None], previous, 0)
+  mixed = ((1.0 - smear) * k[:, :, None].astype(jnp.float32)
+           + smear * previous[:, :, None].astype(jnp.float32)).astype(k.dtype)
+  v = jnp.broadcast_to(v[:, :, None], (b, kv, g, s, h))
+  return mixed.reshape(b, kv * g, s, h), v.reshape(b, kv * g, s, h)
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array, smear: Array | None = None) -> Array:
