@@ -194,3 +194,22 @@ def test_srl_rollouts_stop_at_the_end_of_the_first_step():
         sampler, params, prompts, tokenizer=tok, rng=jax.random.key(0),
         config=rollout_lib.RolloutConfig(group_size=2, max_tool_calls=1),
         router=object(), stop=(srl.step_complete,))
+
+
+def test_greedy_rollouts_in_calls_of_batch_prompts(model, tmp_path):
+  """greedy_rollouts samples `batch_prompts` prompts per call (the last call shorter): the
+  same completions, in prompt order, as one call of every prompt."""
+  from wakea_jax.checkpoints import export
+  from wakea_jax.rl import evaluation
+  export.save_model_dir(model, tmp_path / "model")
+  prompts = prompts_lib.load_prompts("task:arithmetic?n=7&seed=4&max_operand=99&tools=0")
+  rollout = rollout_lib.RolloutConfig(max_new_tokens=12)
+  one = evaluation.greedy_rollouts(tmp_path / "model", prompts, rollout=rollout,
+                                   batch_prompts=64)
+  calls = evaluation.greedy_rollouts(tmp_path / "model", prompts, rollout=rollout,
+                                     batch_prompts=3)
+  assert [p.text for p in calls.prompts] == [p.text for p in prompts]
+  assert calls.completion_ids == one.completion_ids
+  assert len({tuple(c) for c in one.completion_ids}) > 1    # the prompts' completions differ
+  with pytest.raises(ValueError, match="batch_prompts"):
+    evaluation.greedy_rollouts(tmp_path / "model", prompts, rollout=rollout, batch_prompts=0)

@@ -121,20 +121,29 @@ def evaluate_policy(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence
 
 def greedy_rollouts(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
                     rollout: RolloutConfig, tokenizer_path: str = "", seed: int = 0,
-                    dtype: str | None = None) -> Rollouts:
+                    dtype: str | None = None, batch_prompts: int = 64) -> Rollouts:
   """One greedy completion per prompt from the model at `checkpoint`, sampled like `rollout`
-  (its protocol and tools included; one sampler call, on this process): the whole rollouts,
-  for the demonstrations that score more than correctness (searches per answer, valid steps).
-  `dtype`: the compute dtype (default: the checkpoint's). `evaluate_checkpoint` is the
-  figure of record for accuracy and pass@k."""
+  (its protocol and tools included; `batch_prompts` prompts per sampler call, on this
+  process): the whole rollouts, for the demonstrations that score more than correctness
+  (searches per answer, valid steps). `dtype`: the compute dtype (default: the
+  checkpoint's). `evaluate_checkpoint` is the figure of record for accuracy and pass@k.
+
+  Calls of 64 rows, not one of every prompt: the SRL demonstration's 1,024 questions took
+  55.7 s in one call against 20.9 s in 64-row calls, the same completions (a 1M-parameter
+  model, whose decode step reads the KV cache far more than the weights; README, "Scoring in
+  64-row calls")."""
+  if batch_prompts < 1:
+    raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
   model = loader.load_model(checkpoint, dtype=dtype)
   graphdef, params = nnx.split(model)
   tokenizer = tokenizer_from(tokenizer_path or loader.tokenizer_path(checkpoint))
   sampler = chat_sampler(graphdef, model.config, tokenizer, temperature=0.0,
                          model_source=f"the model {checkpoint}")
-  return generate_rollouts(sampler, params, prompts, tokenizer=tokenizer,
-                           config=dataclasses.replace(rollout, group_size=1),
-                           rng=jax.random.key(seed))
+  config, rng = dataclasses.replace(rollout, group_size=1), jax.random.key(seed)
+  return Rollouts.concat([
+      generate_rollouts(sampler, params, prompts[start:start + batch_prompts],
+                        tokenizer=tokenizer, config=config, rng=jax.random.fold_in(rng, start))
+      for start in range(0, max(len(prompts), 1), batch_prompts)])
 
 
 def evaluate_checkpoint(checkpoint: str | pathlib.Path, prompts: Sequence[PromptRecord], *,
