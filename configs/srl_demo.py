@@ -49,6 +49,11 @@ def get_config(arg=None):
   # at 1.6 points (3.1 at 256, where no RL arm's gain over the base was beyond noise).
   config.eval_problems = 1024
   config.eval_seed = 7
+  # Questions per sampler call when scoring a model for the table: this 1M-parameter model's
+  # decode step reads the KV cache more than the weights, so small calls are fastest (the
+  # base's 1,024 questions: 14.2 s in calls of 16, 19.7 s of 64, 48.7 s in one call, the same
+  # completions; `python tools/bench_scoring.py`, AMD EPYC). Larger models want larger calls.
+  config.score_batch_prompts = 16
   # A task tokenizer (SentencePiece BPE over the equations text at run time): the bundled
   # 1,024 pieces spell "Step" in 3 tokens and "<answer>" in 6, so a level-6 solution is ~200
   # tokens with it. 0: the bundled tokenizer.

@@ -111,16 +111,18 @@ def _parsed(spec: str) -> tuple[str, int, int, dict[str, int]]:
 
 
 def evaluate(rl_config: ml_collections.ConfigDict, model_dir: pathlib.Path, prompts_spec: str,
-             tokenizer_path: str) -> dict[str, Any]:
+             tokenizer_path: str, batch_prompts: int = 64) -> dict[str, Any]:
   """Greedy held-out figures of the model in `model_dir`, computed in the RL stages' dtype
   (`rl_config.model.dtype`, whatever the model was trained in): accuracy (the exact answer),
   the fraction of solutions whose every step is valid and whose answer follows from them
-  (`equations.first_error` is None), the fraction with an <answer>, and steps per solution."""
+  (`equations.first_error` is None), the fraction with an <answer>, and steps per solution,
+  `batch_prompts` questions per sampler call."""
   start = time.perf_counter()
   prompts = prompts_lib.load_prompts(prompts_spec)
   out = eval_lib.greedy_rollouts(model_dir, prompts,
                                  rollout=config_lib.section(rl_config, "rollout"),
-                                 tokenizer_path=tokenizer_path, dtype=rl_config.model.dtype)
+                                 tokenizer_path=tokenizer_path, dtype=rl_config.model.dtype,
+                                 batch_prompts=batch_prompts)
   samples = out.samples()
   correct = np.asarray(rewards_lib.correctness_reward("math")(samples)) > 0.5
   valid, steps, answered = [], [], []
@@ -174,7 +176,8 @@ def _stage(stage: ml_collections.ConfigDict, init_from: pathlib.Path | None, tok
 def _scored(config: ml_collections.ConfigDict, key: str, seed: int, model_dir: pathlib.Path,
             tokenizer: str) -> dict[str, Any]:
   """The table row of stage `key`'s model: `evaluate` on the held-out problems, logged."""
-  row = evaluate(config.rlvr, model_dir, specs(config)["eval"], tokenizer)
+  row = evaluate(config.rlvr, model_dir, specs(config)["eval"], tokenizer,
+                 int(config.score_batch_prompts))
   logging.info("%s seed %d: %s", key, seed, {k: v for k, v in row.items() if k != "example"})
   return {"stage": key, "seed": seed, **row}
 
