@@ -8,7 +8,8 @@ stage can be re-run alone with the same values):
   base     SFT from scratch on many easy problems (levels 1 to `easy_max_level`) and, at
            `base_hard_percent` of its data, hard ones (levels `hard_min_level` to 6) with their
            solutions: the format, the single transformations and solutions of the hard
-           length, but not yet the arithmetic to get them right (42.2% held-out, seed 0).
+           length, but not yet the arithmetic to get them right (42.2% held-out on an Intel Xeon,
+           28.7% on an AMD EPYC with per-head smeared keys: README).
   sft      base + SFT on the small expert set: `expert_problems` hard problems (levels
            `hard_min_level` to 6) with their expert solutions, many epochs (over-fits).
   rlvr     base + GRPO on hard problems with the outcome reward (the exact answer).
@@ -73,8 +74,10 @@ def get_config(arg=None):
   base.model.update(num_layers=4, max_seq_len=512, smeared_keys=True)
   base.data.seq_len = 256
   base.data.batch_size = 16
-  # 3,000 steps: 42.2% of the held-out hard equations (30.1% with the checkpointed SFT loss,
-  # whose rounding differed; 2,000: 13.7%; 4,000: 57.0%, both with that loss).
+  # 3,000 steps: 42.2% of the held-out hard equations (Intel Xeon; 30.1% with the checkpointed
+  # SFT loss, whose rounding differed; 28.7% on an AMD EPYC with the smeared keys built per
+  # query head; 2,000: 13.7%; 4,000: 57.0%, both with the checkpointed loss): the steep part
+  # of the curve, where rounding moves the figure by many points.
   base.train.update(steps=3000, log_every=100, eval_every=500, checkpoint_every=500)
   base.optimizer.update(learning_rate=3e-3, warmup_steps=30)
   base.export.hf = False
