@@ -433,8 +433,10 @@ def _smeared_keys(k: Array, v: Array, mask: Array, smear: Array) -> tuple[Array,
   may attend to key j-1 exactly when query j may (causal masks within segments, padding keys
   removed: `transformer.attention_mask_for`), so the per-(i, j) rule is a per-key one here.
   The attention is then the plain one with its written-out backward pass, where autodiff of
-  the mixed scores made several passes over [b, n, t, s] tensors: bench56m-sized layers'
-  fwd+bwd in the README ("Smeared keys")."""
+  the mixed scores made several passes over [b, n, t, s] tensors (one layer's fwd+bwd at the
+  SRL demonstration base's shapes: README, "Smeared keys are what made the searcher copy").
+  The keys and values then take g times their memory (g query heads per KV head): fine for
+  the small from-scratch models smeared keys serve."""
   b, kv, s, h = k.shape
   g = smear.shape[2]
   ok = jnp.pad(jnp.diagonal(mask, offset=-1, axis1=1, axis2=2), ((0, 0), (1, 0)))   # [b, s]
