@@ -47,7 +47,8 @@ def main(argv):
     for _ in range(2):
       start = time.perf_counter()
       out = evaluation.greedy_rollouts(_MODEL.value, prompts, rollout=rollout,
-                                       tokenizer_path=_TOKENIZER.value, batch_prompts=size)
+                                       tokenizer_path=_TOKENIZER.value, batch_prompts=size,
+                                       dtype=config.rlvr.model.dtype)
       seconds = time.perf_counter() - start
     lengths = [len(c) for c in out.completion_ids]
     label = "one call (the reference)" if reference is None else f"calls of {size}"

@@ -123,7 +123,7 @@ def greedy_rollouts(checkpoint: str | pathlib.Path, prompts: Sequence[PromptReco
                     rollout: RolloutConfig, tokenizer_path: str = "", seed: int = 0,
                     dtype: str | None = None, batch_prompts: int = 64) -> Rollouts:
   """One greedy completion per prompt from the model at `checkpoint`, sampled like `rollout`
-  (its protocol and tools included; `batch_prompts` prompts per sampler call, on this
+  (its search protocol included, no tool router; `batch_prompts` prompts per sampler call, on this
   process): the whole rollouts, for the demonstrations that score more than correctness
   (searches per answer, valid steps). `dtype`: the compute dtype (default: the
   checkpoint's). `evaluate_checkpoint` is the figure of record for accuracy and pass@k.

@@ -47,8 +47,8 @@ steps) bucket, and no slot a row cannot fill, since every decode step attends ov
 capacity. The capacity is exact: a row that fills it is done, and the padding that done rows go on
 feeding (written at their end index, clamped onto the last slot of a full row) lands only in
 rows that are never read again (a done row resumes only through `inject`, which needs room
-for its tool turn). A spare slot here cost bench56m's common 128 + 128 shape a third more
-cache (capacity 384, not 256): 2 ms of a 23 ms decode step on a 2-core AMD EPYC. The
+for its tool turn). An earlier rule's spare slot cost bench56m's common 128 + 128 shape a
+third more cache (capacity 384, not 256): 2 ms of a 23 ms decode step on a 2-core AMD EPYC. The
 batch size is not bucketed. `compile_count()` reports how many executables the jitted
 functions hold (for tests).
 
