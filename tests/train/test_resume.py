@@ -102,6 +102,71 @@ class _FakeIterator:
     self.position = state["position"]
 
 
+class _Read:
+  """A metric whose host read is recorded: when the loop turns it into a float."""
+
+  def __init__(self, events, step, value):
+    self.events, self.step, self.value = events, step, value
+
+  def __float__(self):
+    self.events.append(("read", self.step))
+    return float(self.value)
+
+
+def _lagged_run(tmp_path, *, steps, log_every, checkpoint_every, nan_at=None):
+  events = []
+  iterator = _FakeIterator()
+
+  def step_fn(state, step):
+    events.append(("dispatch", step))
+    next(iterator)
+    finite = step + 1 != nan_at
+    if finite:
+      state = state.replace(step=state.step + 1)
+    metrics = {"loss_sum": _Read(events, step, 1.0 if finite else np.nan), "weight": 1.0,
+               "grad_norm": 1.0, "finite": float(finite)}
+    return state, metrics, 4.0
+
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params={"w": jnp.zeros(2)}, frozen={},
+                     opt_state=(), rng=jnp.zeros(2, jnp.uint32))
+  manager = CheckpointManager(tmp_path / "ckpt", keep=2)
+  writer = metrics_lib.create_writer(tmp_path)
+  config = loop_lib.TrainConfig(steps=steps, log_every=log_every, eval_every=100,
+                                checkpoint_every=checkpoint_every)
+  try:
+    loop_lib.train_loop(state=state, step_fn=step_fn, data=iterator,
+                        summarize=supervised.sums_summary, config=config, checkpoints=manager,
+                        writer=writer, flops_per_token=1.0)
+  finally:
+    writer.close()
+    manager.wait_until_finished()
+  return events, manager
+
+
+def test_the_loop_reads_a_step_only_after_dispatching_the_next(tmp_path):
+  """The host prepares step s+1 while the device computes step s; a step that logs,
+  checkpoints or ends the run is read at once (nothing follows an unread step)."""
+  events, manager = _lagged_run(tmp_path, steps=6, log_every=3, checkpoint_every=100)
+  d, r = "dispatch", "read"
+  assert events == [(d, 0), (d, 1), (r, 0), (d, 2), (r, 1), (r, 2),
+                    (d, 3), (d, 4), (r, 3), (d, 5), (r, 4), (r, 5)]
+  records = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in records] == [(3, 1.0), (6, 1.0)]
+  assert manager.latest_step() == 6
+  manager.close()
+
+
+def test_a_nan_between_logs_stops_before_the_next_checkpoint(tmp_path):
+  with pytest.raises(loop_lib.NonFiniteLossError,
+                     match=r"at step 7 .*Last good checkpoint: step 5 in"):
+    _lagged_run(tmp_path, steps=20, log_every=5, checkpoint_every=5, nan_at=7)
+  manager = CheckpointManager(tmp_path / "ckpt", keep=2)
+  assert manager.latest_step() == 5
+  manager.close()
+  records = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == [5]
+
+
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
   def train_step(state, batch):
     del batch

@@ -1,30 +1,40 @@
 """The one training loop: resume, step, log, evaluate, checkpoint, stop on NaN, report progress.
 
 Objective-agnostic. Every runner (SFT, preference, RL) hands it
-  step_fn(state, step) -> (state, host metrics, tokens)   one training step; the metrics are
-                  host floats and include `finite` (0.0 when the step was non-finite and not
-                  applied); `tokens` feeds tokens/s and TFLOP/s
+  step_fn(state, step) -> (state, metrics, tokens)   one training step; the metrics are
+                  scalars (host floats, or device arrays still being computed) and include
+                  `finite` (0 when the step was non-finite and not applied); `tokens` feeds
+                  tokens/s and TFLOP/s
   data            the resumable input (get_state / set_state), saved with every checkpoint
   summarize(interval sums, steps) -> scalars   turns the metrics added up over a logging
                   interval into logged scalars (SFT divides loss sums by token weights; RL
                   averages per-step figures)
   evaluate(state, step) -> scalars   held-out evaluation (optional)
 and the loop does the rest the same way for all of them.
+
+The loop reads a step's metrics to the host only after it has dispatched the next step (or at
+once on a step that logs, evaluates, checkpoints or ends the run), so the host draws and
+shards batch s+1 while the device still computes step s instead of waiting for it. A
+non-finite step is still found before any checkpoint or evaluation follows it; the step
+dispatched after it starts from the unchanged state (the train step applies nothing that is
+non-finite) and is dropped with it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import jax
 from absl import logging
 
 from wakea_jax.checkpoints.manager import CheckpointManager
 from wakea_jax.train import metrics as metrics_lib
 from wakea_jax.train.state import TrainState
 
-StepFn = Callable[[TrainState, int], tuple[TrainState, dict[str, float], float]]
+StepFn = Callable[[TrainState, int], tuple[TrainState, dict[str, Any], float]]
 Summarize = Callable[[dict[str, float], int], dict[str, float]]
 EvaluateFn = Callable[[TrainState, int], dict[str, float]]
 
@@ -126,16 +136,26 @@ def train_loop(
       scalars = evaluate(state, 0)
       writer.write_scalars(0, scalars)
       last.update(scalars)
+    # Steps dispatched whose metrics the host has not read yet: (step number, metrics, tokens).
+    pending: collections.deque[tuple[int, dict[str, Any], float]] = collections.deque()
     while step < config.steps:
-      state, host, tokens = step_fn(state, step)
-      if not host.pop("finite", 1.0):
-        checkpoints.wait_until_finished()
-        raise NonFiniteLossError(_nonfinite_message(step + 1, host, checkpoints))
+      state, metrics, tokens = step_fn(state, step)
       step += 1
-      throughput.add_tokens(tokens)
-      for k, v in host.items():
-        interval[k] = interval.get(k, 0.0) + v
-      count += 1
+      pending.append((step, metrics, tokens))
+      boundary = (step % config.log_every == 0 or step == config.steps
+                  or step % config.checkpoint_every == 0
+                  or (evaluate is not None and step % config.eval_every == 0))
+      # Every step but the one just dispatched, and that one too where something follows it.
+      while len(pending) > (0 if boundary else 1):
+        number, metrics, tokens = pending.popleft()
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not host.pop("finite", 1.0):
+          checkpoints.wait_until_finished()
+          raise NonFiniteLossError(_nonfinite_message(number, host, checkpoints))
+        throughput.add_tokens(tokens)
+        for k, v in host.items():
+          interval[k] = interval.get(k, 0.0) + v
+        count += 1
 
       scalars: dict[str, float] = {}
       if step % config.log_every == 0 or step == config.steps:

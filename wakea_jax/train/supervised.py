@@ -91,7 +91,7 @@ def train_on_batches(built: setup_lib.Setup, workdir: pathlib.Path, *,
   """
   mesh, rules, train_step = built.mesh, built.rules, built.train_step
 
-  def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict[str, float], float]:
+  def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict[str, jax.Array], float]:
     del step
     batch = next(train_iter)
     # Every process holds an equal share of the global batch, so this is the global count
@@ -99,7 +99,8 @@ def train_on_batches(built: setup_lib.Setup, workdir: pathlib.Path, *,
     tokens = float(np.asarray(batch["input_ids"]).size) * jax.process_count()
     with mesh_lib.logical_rules(mesh, rules):
       state, out = train_step(state, mesh_lib.shard_batch(batch, mesh, rules))
-    return state, {k: float(v) for k, v in jax.device_get(out).items()}, tokens
+    # Device scalars: the loop reads them after dispatching the next step.
+    return state, out, tokens
 
   evaluate = None
   if eval_batches:
