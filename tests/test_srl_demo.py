@@ -12,6 +12,7 @@ import pathlib
 import pytest
 
 from wakea_jax import config_files, srl_demo
+from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.data.tasks import equations
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +49,17 @@ def test_base_mixes_in_hard_problems_at_its_share():
   config.base_hard_percent = 100
   with pytest.raises(ValueError, match="base_hard_percent"):
     srl_demo.base_sources(config)
+
+
+def test_the_base_embeds_exactly_the_tokenizer_s_ids():
+  """No embedding rows and logits that no token takes: the default config's base has the
+  task tokenizer's size, the test variant's the bundled tokenizer's."""
+  default = config_files.get_config(str(ROOT / "configs" / "srl_demo.py"))
+  assert default.base.model.vocab_size == default.tokenizer_vocab > 0
+  test = _config()
+  assert test.tokenizer_vocab == 0
+  assert test.base.model.vocab_size == tokenizer_lib.default_tokenizer().vocab_size
+  assert test.sft.model.vocab_size == test.base.model.vocab_size
 
 
 @pytest.mark.slow
