@@ -57,7 +57,7 @@ def get_config(arg=None):
   config.score_batch_prompts = 16
   # A task tokenizer (SentencePiece BPE over the equations text at run time): the bundled
   # 1,024 pieces spell "Step" in 3 tokens and "<answer>" in 6, so a level-6 solution is ~200
-  # tokens with it. 0: the bundled tokenizer (then set base.model.vocab_size to 1,024).
+  # tokens with it. 0: the bundled tokenizer.
   config.tokenizer_vocab = 512
   config.tokenizer_problems = 4000   # training problems per source the tokenizer reads
 
@@ -77,7 +77,8 @@ def get_config(arg=None):
   # An embedding and LM head of the task tokenizer's size: 1,024 rows (the bundled
   # tokenizer's) left 512 logits no token ever takes, which the model first had to learn to
   # push down; with 512 its training loss at step 2,000 is the 1,024-row base's at ~2,500.
-  base.model.vocab_size = config.tokenizer_vocab
+  # 0: the run's tokenizer's size (srl_demo.base_stage), whichever `tokenizer_vocab` names.
+  base.model.vocab_size = 0
   # 2,200 steps: 25.7% of the held-out hard equations (AMD EPYC, 752 s; the 1,024-row base
   # took 3,000 steps to 28.7% there, 1,071 s, and 42.2% on an Intel Xeon with the earlier
   # smeared keys): the steep part of the curve, where rounding moves the figure by many
@@ -147,7 +148,6 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
   config.eval_problems = 8
   config.tokenizer_vocab = 0        # the bundled tokenizer: no training in the test
   common.shrink_model_for_tests(config.base.model, max_seq_len=512)
-  config.base.model.vocab_size = 1024   # the bundled tokenizer's size
   config.sft.model = config.base.model
   for stage in (config.base, config.sft):
     stage.data.seq_len = 192

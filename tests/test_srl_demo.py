@@ -51,15 +51,21 @@ def test_base_mixes_in_hard_problems_at_its_share():
     srl_demo.base_sources(config)
 
 
-def test_the_base_embeds_exactly_the_tokenizer_s_ids():
-  """No embedding rows and logits that no token takes: the default config's base has the
-  task tokenizer's size, the test variant's the bundled tokenizer's."""
-  default = config_files.get_config(str(ROOT / "configs" / "srl_demo.py"))
-  assert default.base.model.vocab_size == default.tokenizer_vocab > 0
-  test = _config()
-  assert test.tokenizer_vocab == 0
-  assert test.base.model.vocab_size == tokenizer_lib.default_tokenizer().vocab_size
-  assert test.sft.model.vocab_size == test.base.model.vocab_size
+def test_the_base_embeds_exactly_the_tokenizer_s_ids(tmp_path):
+  """No embedding rows or logits that no token takes: the base's vocab_size is its
+  tokenizer's, for the bundled tokenizer and for a task tokenizer of another size; an
+  explicit vocab_size stays as given."""
+  config = _config()
+  assert config.base.model.vocab_size == 0
+  bundled = srl_demo.base_stage(config, "")
+  assert bundled.model.vocab_size == tokenizer_lib.default_tokenizer().vocab_size == 1024
+  with config.unlocked():
+    config.tokenizer_vocab = 320
+  path = srl_demo.task_tokenizer(config, tmp_path)
+  assert srl_demo.base_stage(config, path).model.vocab_size == 320
+  config.base.model.vocab_size = 2048
+  assert srl_demo.base_stage(config, path).model.vocab_size == 2048
+  assert config_files.get_config(str(ROOT / "configs" / "srl_demo.py")).base.model.vocab_size == 0
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from absl import logging
 from wakea_jax import config_lib, demo_app, plots, trainers
 from wakea_jax.checkpoints import loader
 from wakea_jax.data import sources
+from wakea_jax.data import tokenizer as tokenizer_lib
 from wakea_jax.data import trajectories as trajectories_lib
 from wakea_jax.data.tasks import equations
 from wakea_jax.data.train_tokenizer import train_task_tokenizer
@@ -163,6 +164,18 @@ def expert_set(config: ml_collections.ConfigDict, out: pathlib.Path
   return summary, accepted, dialogues
 
 
+def base_stage(config: ml_collections.ConfigDict, tokenizer: str) -> ml_collections.ConfigDict:
+  """The base's run config: its data, and `model.vocab_size` 0 resolved to the size of
+  `tokenizer` (the task tokenizer's path, "" for the bundled one): no embedding rows or
+  logits that no token takes."""
+  base = _stage(config.base, None, tokenizer, int(config.base.seed))
+  base.data.sources = base_sources(config)
+  base.data.eval_sources = ((specs(config)["base"].replace("seed=0", "seed=99"), 1.0),)
+  if not base.model.vocab_size:
+    base.model.vocab_size = tokenizer_lib.tokenizer_from(tokenizer).vocab_size
+  return base
+
+
 def _stage(stage: ml_collections.ConfigDict, init_from: pathlib.Path | None, tokenizer: str,
            seed: int) -> ml_collections.ConfigDict:
   stage = stage.copy_and_resolve_references()
@@ -235,9 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   def score(key: str, seed: int, model_dir: pathlib.Path) -> None:
     results["rows"].append(_scored(config, key, seed, model_dir, tokenizer))
 
-  base = _stage(config.base, None, tokenizer, int(config.base.seed))
-  base.data.sources = base_sources(config)
-  base.data.eval_sources = ((s["base"].replace("seed=0", "seed=99"), 1.0),)
+  base = base_stage(config, tokenizer)
   base_model = _train(times, workdir, "base", base)
   score("base", base.seed, base_model)
 
@@ -246,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   logging.info("collaboration: %s", summary)
 
   sft = _stage(config.sft, base_model, tokenizer, int(config.sft.seed))
+  sft.model.vocab_size = base.model.vocab_size   # the base's model (config.sft.model is it)
   sft.data.sources = ((str(dialogues), 1.0),)
   sft.data.eval_sources = ((str(dialogues), 1.0),)
   score("sft", sft.seed, _train(times, workdir, "sft", sft))

@@ -102,20 +102,22 @@ class _FakeIterator:
     self.position = state["position"]
 
 
-class _Read:
-  """A metric whose host read is recorded: when the loop turns it into a float."""
-
-  def __init__(self, events, step, value):
-    self.events, self.step, self.value = events, step, value
-
-  def __float__(self):
-    self.events.append(("read", self.step))
-    return float(self.value)
-
-
-def _lagged_run(tmp_path, *, steps, log_every, checkpoint_every, nan_at=None):
-  events = []
+def _lagged_run(tmp_path, monkeypatch, *, steps, log_every, checkpoint_every, eval_every=100,
+                nan_at=None, on_device=True, events=None):
+  """The loop over a fake step whose metrics are device arrays (or host floats with
+  `on_device=False`) -> the events: ("dispatch", i), ("read", i) when the loop fetches step
+  i's metrics, ("eval", step) (appended to `events` if given); and the checkpoint manager."""
+  events = [] if events is None else events
+  dispatched = {}    # id(metrics) -> the step index that made them
   iterator = _FakeIterator()
+  device_get = loop_lib.jax.device_get
+
+  def recording_get(tree):
+    if id(tree) in dispatched:
+      events.append(("read", dispatched[id(tree)]))
+    return device_get(tree)
+
+  monkeypatch.setattr(loop_lib.jax, "device_get", recording_get)
 
   def step_fn(state, step):
     events.append(("dispatch", step))
@@ -123,48 +125,74 @@ def _lagged_run(tmp_path, *, steps, log_every, checkpoint_every, nan_at=None):
     finite = step + 1 != nan_at
     if finite:
       state = state.replace(step=state.step + 1)
-    metrics = {"loss_sum": _Read(events, step, 1.0 if finite else np.nan), "weight": 1.0,
-               "grad_norm": 1.0, "finite": float(finite)}
+    metrics = {"loss_sum": 1.0 if finite else float("nan"), "weight": 1.0, "grad_norm": 1.0,
+               "finite": float(finite)}
+    if on_device:
+      metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    dispatched[id(metrics)] = step
     return state, metrics, 4.0
+
+  def evaluate(state, step):
+    del state
+    events.append(("eval", step))
+    return {"eval_loss": 1.0}
 
   state = TrainState(step=jnp.asarray(0, jnp.int32), params={"w": jnp.zeros(2)}, frozen={},
                      opt_state=(), rng=jnp.zeros(2, jnp.uint32))
   manager = CheckpointManager(tmp_path / "ckpt", keep=2)
   writer = metrics_lib.create_writer(tmp_path)
-  config = loop_lib.TrainConfig(steps=steps, log_every=log_every, eval_every=100,
+  config = loop_lib.TrainConfig(steps=steps, log_every=log_every, eval_every=eval_every,
                                 checkpoint_every=checkpoint_every)
   try:
     loop_lib.train_loop(state=state, step_fn=step_fn, data=iterator,
                         summarize=supervised.sums_summary, config=config, checkpoints=manager,
-                        writer=writer, flops_per_token=1.0)
+                        writer=writer, evaluate=evaluate, flops_per_token=1.0)
   finally:
     writer.close()
     manager.wait_until_finished()
   return events, manager
 
 
-def test_the_loop_reads_a_step_only_after_dispatching_the_next(tmp_path):
+def test_the_loop_reads_a_step_only_after_dispatching_the_next(tmp_path, monkeypatch):
   """The host prepares step s+1 while the device computes step s; a step that logs,
-  checkpoints or ends the run is read at once (nothing follows an unread step)."""
-  events, manager = _lagged_run(tmp_path, steps=6, log_every=3, checkpoint_every=100)
+  evaluates, checkpoints or ends the run is read at once (nothing follows an unread step)."""
   d, r = "dispatch", "read"
-  assert events == [(d, 0), (d, 1), (r, 0), (d, 2), (r, 1), (r, 2),
-                    (d, 3), (d, 4), (r, 3), (d, 5), (r, 4), (r, 5)]
-  records = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  events, manager = _lagged_run(tmp_path / "log", monkeypatch, steps=6, log_every=3,
+                                checkpoint_every=100)
+  assert [e for e in events if e[0] != "eval"] == [
+      (d, 0), (d, 1), (r, 0), (d, 2), (r, 1), (r, 2), (d, 3), (d, 4), (r, 3), (d, 5), (r, 4),
+      (r, 5)]
+  records = metrics_lib.read_jsonl(tmp_path / "log" / "metrics.jsonl")
   assert [(r["step"], r["loss"]) for r in records] == [(3, 1.0), (6, 1.0)]
   assert manager.latest_step() == 6
   manager.close()
+  events, manager = _lagged_run(tmp_path / "eval", monkeypatch, steps=4, log_every=100,
+                                checkpoint_every=100, eval_every=2)
+  assert events == [(d, 0), (d, 1), (r, 0), (r, 1), ("eval", 2), (d, 2), (d, 3), (r, 2),
+                    (r, 3), ("eval", 4)]
+  manager.close()
 
 
-def test_a_nan_between_logs_stops_before_the_next_checkpoint(tmp_path):
+@pytest.mark.parametrize("nan_at, log_every, checkpoint_every", [(7, 5, 5), (10, 4, 5)])
+def test_a_nan_between_logs_stops_before_the_next_checkpoint(tmp_path, monkeypatch, nan_at,
+                                                              log_every, checkpoint_every):
   with pytest.raises(loop_lib.NonFiniteLossError,
-                     match=r"at step 7 .*Last good checkpoint: step 5 in"):
-    _lagged_run(tmp_path, steps=20, log_every=5, checkpoint_every=5, nan_at=7)
+                     match=rf"at step {nan_at} .*Last good checkpoint: step 5 in"):
+    _lagged_run(tmp_path, monkeypatch, steps=20, log_every=log_every,
+                checkpoint_every=checkpoint_every, nan_at=nan_at)
   manager = CheckpointManager(tmp_path / "ckpt", keep=2)
   assert manager.latest_step() == 5
   manager.close()
-  records = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [r["step"] for r in records] == [5]
+
+
+def test_host_float_metrics_are_read_at_once(tmp_path, monkeypatch):
+  """RL's step has waited for the device already: its NaN stops the loop before another
+  step (minutes of rollouts) runs."""
+  events = []
+  with pytest.raises(loop_lib.NonFiniteLossError, match=r"at step 7 "):
+    _lagged_run(tmp_path, monkeypatch, steps=20, log_every=5, checkpoint_every=5, nan_at=7,
+                on_device=False, events=events)
+  assert events[-2:] == [("dispatch", 6), ("read", 6)]   # read at once: no step 8 ran
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):

@@ -12,12 +12,13 @@ Objective-agnostic. Every runner (SFT, preference, RL) hands it
   evaluate(state, step) -> scalars   held-out evaluation (optional)
 and the loop does the rest the same way for all of them.
 
-The loop reads a step's metrics to the host only after it has dispatched the next step (or at
-once on a step that logs, evaluates, checkpoints or ends the run), so the host draws and
-shards batch s+1 while the device still computes step s instead of waiting for it. A
-non-finite step is still found before any checkpoint or evaluation follows it; the step
-dispatched after it starts from the unchanged state (the train step applies nothing that is
-non-finite) and is dropped with it.
+A step whose metrics are device arrays (SFT, preference training) is read to the host only
+after the next step has been dispatched (at once on a step that logs, evaluates, checkpoints
+or ends the run), so the host draws and shards batch s+1 while the device still computes
+step s instead of waiting for it. A non-finite step is still found before any checkpoint or
+evaluation follows it; the step dispatched after it starts from the unchanged state (the
+train step applies nothing that is non-finite) and is dropped with it. Host-float metrics
+(RL, whose step has already waited for the device) are read at once.
 """
 
 from __future__ import annotations
@@ -145,8 +146,10 @@ def train_loop(
       boundary = (step % config.log_every == 0 or step == config.steps
                   or step % config.checkpoint_every == 0
                   or (evaluate is not None and step % config.eval_every == 0))
-      # Every step but the one just dispatched, and that one too where something follows it.
-      while len(pending) > (0 if boundary else 1):
+      lag = not boundary and any(isinstance(v, jax.Array) for v in metrics.values())
+      # Every step but the one just dispatched, and that one too where something follows it
+      # or where its metrics are on the host already.
+      while len(pending) > (1 if lag else 0):
         number, metrics, tokens = pending.popleft()
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not host.pop("finite", 1.0):
