@@ -143,10 +143,12 @@ def train_loop(
       state, metrics, tokens = step_fn(state, step)
       step += 1
       pending.append((step, metrics, tokens))
-      boundary = (step % config.log_every == 0 or step == config.steps
-                  or step % config.checkpoint_every == 0
-                  or (evaluate is not None and step % config.eval_every == 0))
-      lag = not boundary and any(isinstance(v, jax.Array) for v in metrics.values())
+      last_step = step == config.steps
+      log_now = step % config.log_every == 0 or last_step
+      eval_now = evaluate is not None and (step % config.eval_every == 0 or last_step)
+      save_now = step % config.checkpoint_every == 0 or last_step
+      lag = (not (log_now or eval_now or save_now)
+             and any(isinstance(v, jax.Array) for v in metrics.values()))
       # Every step but the one just dispatched, and that one too where something follows it
       # or where its metrics are on the host already.
       while len(pending) > (1 if lag else 0):
@@ -161,18 +163,18 @@ def train_loop(
         count += 1
 
       scalars: dict[str, float] = {}
-      if step % config.log_every == 0 or step == config.steps:
+      if log_now:
         scalars.update(summarize(interval, count))
         scalars.update(throughput.measure(step))
         interval, count = {}, 0
       eval_scalars: dict[str, float] = {}
-      if evaluate is not None and (step % config.eval_every == 0 or step == config.steps):
+      if eval_now:
         eval_scalars = evaluate(state, step)
         scalars.update(eval_scalars)
       if scalars:
         writer.write_scalars(step, scalars)
         last.update(scalars)
-      if step % config.checkpoint_every == 0 or step == config.steps:
+      if save_now:
         checkpoints.save(step, state, data_state=data.get_state(), meta=meta,
                          metrics=eval_scalars)
   finally:
