@@ -65,7 +65,7 @@ class Counts:
   reachable: int = 0          # wrong greedily, the expert's action among the samples
   spread: int = 0             # groups whose rewards' std is >= min_std
 
-  def add(self, greedy: float, sampled: Sequence[float], min_std: float) -> None:
+  def add(self, greedy: float, sampled: Sequence[float], spread: bool) -> None:
     self.prompts += 1
     self.greedy_similarity += max(greedy, 0.0)
     if greedy < 0:
@@ -75,9 +75,7 @@ class Counts:
     else:
       self.wrong += 1
       self.reachable += any(s >= EXACT for s in sampled)
-    mean = sum(sampled) / len(sampled)
-    std = (sum((s - mean) ** 2 for s in sampled) / len(sampled)) ** 0.5
-    self.spread += std >= min_std
+    self.spread += spread
 
   def summary(self) -> dict[str, float]:
     n = max(self.prompts, 1)
@@ -91,11 +89,17 @@ def diagnose(greedy: Sequence[float], sampled: Sequence[Sequence[float]],
              steps: Sequence[Any], min_std: float) -> dict[Any, Counts]:
   """Per prompt: its greedy reward, its samples' rewards and its step index ->
   {"all": Counts, step index: Counts}. Rewards are SRL's (`srl.score`: similarity, -1
-  unparsed)."""
+  unparsed). A group has a spread where SRL's dynamic sampling would keep it
+  (`advantages.low_spread_groups`, the learner's test)."""
+  import numpy as np
+
+  from wakea_jax.rl import advantages
+
+  low = np.asarray(advantages.low_spread_groups(np.asarray(sampled, np.float32), min_std))
   out: dict[Any, Counts] = collections.defaultdict(Counts)
-  for g, s, step in zip(greedy, sampled, steps, strict=True):
-    out["all"].add(g, s, min_std)
-    out[step].add(g, s, min_std)
+  for g, s, step, flat in zip(greedy, sampled, steps, low, strict=True):
+    out["all"].add(g, s, not flat)
+    out[step].add(g, s, not flat)
   return dict(out)
 
 
