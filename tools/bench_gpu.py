@@ -17,6 +17,15 @@ project's MFU uses everywhere; the MFU with causal attention (half that term) is
 beside it. The compiled step is searched for cuDNN's fused-attention custom call, and the
 line says whether cuDNN attention actually ran.
 
+parity: cuDNN's fused attention (the "xla" kernel on CPU, for --smoke) against the native
+kernel of layers.py computed in float32 on the same bf16-rounded inputs, at the preset's head
+shapes: packed rows (three and two documents, then padding) with the causal rule, values and
+the gradients of q, k, v; and the decode form (one query over `key_value_seq_lengths`). The
+XLA kernel in the same dtype is measured beside it as the yardstick of bf16 rounding; the
+section fails (exit 1) where cuDNN is further off than twice that plus 1e-2 (relative to the
+reference's largest value), where a padding row is not exactly 0, or where the compiled
+function holds no cuDNN call.
+
 decode: `sampling.Sampler` (temperature 1, no top-k), bf16 weights and KV cache, right-padded
 prompts of `prompt` tokens, exactly `new` tokens per row -> prefill time, ms per decode step,
 generated tokens/s, and the HBM bound of a step (bytes of weights + KV cache over the GPU's
@@ -30,13 +39,15 @@ the test suite can check the script end to end.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 from absl import app, flags
 from machine import cpu_model
 
-_SECTION = flags.DEFINE_enum("section", "info", ["info", "train", "decode"], "What to run.")
+_SECTION = flags.DEFINE_enum("section", "info", ["info", "parity", "train", "decode"],
+                             "What to run.")
 _PRESET = flags.DEFINE_string("preset", "llama3.2-1b", "Model preset (models/config.py).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (ModelConfig.dtype).")
 _ATTENTION = flags.DEFINE_string("attention", "cudnn", "ModelConfig.attention.")
@@ -48,6 +59,7 @@ _REMAT = flags.DEFINE_string("remat", "dots", "train: ModelConfig.remat_policy."
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "decode: rows.")
 _PROMPT = flags.DEFINE_integer("prompt", 128, "decode: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new", 256, "decode: new tokens per row.")
+_PARITY_SEQ = flags.DEFINE_integer("parity_seq", 1024, "parity: tokens per row.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s (0: by name).")
 _PEAK_TBPS = flags.DEFINE_float("peak_tbps", 0.0, "Peak HBM TB/s (0: by name).")
 _MODEL = flags.DEFINE_list("model", [], "More ModelConfig overrides: field=value,...")
@@ -126,12 +138,95 @@ def section_info() -> None:
   try:
     from jax._src.lib import cuda_versions
     cudnn = cuda_versions.cudnn_get_version() if cuda_versions else None
-  except ImportError:
+  except (ImportError, AttributeError, RuntimeError):   # the name moves between jax releases
     cudnn = None
   print(f"cuDNN: {cudnn if cudnn else 'not found'}")
   flop, bandwidth, source = peaks(device.device_kind)
   print(f"assumed peak: {flop / 1e12:.0f} TFLOP/s dense bf16, {bandwidth / 1e12:.2f} TB/s HBM "
         f"({source})")
+
+
+def section_parity() -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from wakea_jax.models import fused_attention as fa
+  from wakea_jax.models import layers
+  from wakea_jax.models.transformer import attention_mask_for
+
+  cfg = model_config()
+  n, kv, h, t, b = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, _PARITY_SEQ.value, 2
+  impl = "cudnn" if fa.accelerator_platform() == "cuda" else "xla"
+  dtype = cfg.compute_dtype
+  print(f"parity: {impl} in {jnp.dtype(dtype).name} against the native kernel in float32; "
+        f"{b} rows x {t} tokens, {n} heads, {kv} KV heads, head_dim {h}", flush=True)
+  bounds = (np.array([[0, t // 4, t // 2, t - t // 8], [0, t // 3, t - t // 4, t - t // 4]]))
+  segments = np.zeros((b, t), np.int32)
+  for row, (a, c, d, e) in enumerate(bounds):
+    segments[row, a:c], segments[row, c:d], segments[row, d:e] = 1, 2, 3
+  mask = attention_mask_for(t, jnp.asarray(segments), None, b)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (b, t, n, h)).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, kv, h)).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, kv, h)).astype(dtype)
+  cotangent = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
+  f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+
+  def loss(attend, q, k, v):
+    out = attend(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  def run(attend, *args):
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2),
+                                    has_aux=True))
+    lowered = fn.lower(*args)
+    (_, out), grads = lowered.compile()(*args)
+    found = CUDNN_CALL in lowered.as_text() or CUDNN_CALL in lowered.compile().as_text()
+    return [np.asarray(x, np.float32) for x in (out, *grads)], found
+
+  native = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, kv, causal=True)
+  fused = lambda implementation: lambda q, k, v: fa.fused_attention(
+      q, k, v, mask, kv, implementation=implementation, causal=True)
+  reference, _ = run(native, *f32(q, k, v))
+  xla, _ = run(fused("xla"), q, k, v)
+  tested, found = run(fused(impl), q, k, v)
+  failures = []
+  if impl == "cudnn" and not found:
+    failures.append(f"no {CUDNN_CALL} call in the compiled function")
+  for name, ref, yard, got in zip(("out", "dq", "dk", "dv"), reference, xla, tested):
+    scale = float(np.abs(ref).max())
+    err, yard_err = (float(np.abs(x - ref).max()) / scale for x in (got, yard))
+    ok = err <= 2 * yard_err + 1e-2 and np.isfinite(got).all()
+    print(f"  packed training form, {name}: max |{impl} - ref| / max |ref| = {err:.2e} "
+          f"(xla {yard_err:.2e}; max |ref| {scale:.3g}) {'ok' if ok else 'FAIL'}")
+    if not ok:
+      failures.append(f"{name} off by {err:.2e}")
+  padding = segments == 0
+  if np.any(tested[0][padding] != 0):
+    failures.append("a padding row is not exactly 0")
+  print(f"  padding rows exactly 0: {bool(np.all(tested[0][padding] == 0))}; {CUDNN_CALL} in "
+        f"the compiled step: {found}")
+
+  lengths = jnp.asarray([t, t // 2 + 1], jnp.int32)
+  q1 = q[:, :1]
+  decode_mask = (jnp.arange(t)[None, None, :] < lengths[:, None, None])
+  ref1 = layers.dot_product_attention(*f32(q1, k, v), decode_mask, kv, causal=False)
+  got1 = jax.jit(lambda q, k, v: fa.fused_attention(
+      q, k, v, None, kv, implementation=impl, kv_lengths=lengths))(q1, k, v)
+  yard1 = fa.fused_attention(q1, k, v, None, kv, implementation="xla", kv_lengths=lengths)
+  ref1 = np.asarray(ref1, np.float32)
+  scale = float(np.abs(ref1).max())
+  err, yard_err = (float(np.abs(np.asarray(x, np.float32) - ref1).max()) / scale
+                   for x in (got1, yard1))
+  ok = err <= 2 * yard_err + 1e-2
+  print(f"  decode form (kv lengths {t}, {t // 2 + 1}): {err:.2e} (xla {yard_err:.2e}) "
+        f"{'ok' if ok else 'FAIL'}")
+  if not ok:
+    failures.append(f"decode form off by {err:.2e}")
+  if failures:
+    raise SystemExit("parity FAILED: " + "; ".join(failures))
+  print("parity: ok")
 
 
 def section_train() -> None:
@@ -252,7 +347,8 @@ def section_decode() -> None:
 
 def main(argv):
   del argv
-  {"info": section_info, "train": section_train, "decode": section_decode}[_SECTION.value]()
+  {"info": section_info, "parity": section_parity, "train": section_train,
+   "decode": section_decode}[_SECTION.value]()
 
 
 if __name__ == "__main__":

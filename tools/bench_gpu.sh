@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU benchmark of the bf16 + cuDNN-attention path, in under 8 minutes on one H100/H200:
 #   (a) nvidia-smi's GPU, jax's devices, cuDNN version, assumed peaks
+#   (a2) cuDNN attention against the native kernel in float32, values and gradients, at the
+#       llama3.2-1b head shapes (tools/bench_gpu.py --section=parity)
 #   (b) train-step MFU, llama3.2-1b shapes, bf16 compute, attention=cudnn, 8 x 2048 packed,
 #       remat "dots" (tools/bench_gpu.py --section=train)
 #   (c) decode tokens/s through sampling.Sampler, batch 64, prompt 128, 256 new tokens
 #       (tools/bench_gpu.py --section=decode)
 #   (d) one GRPO step of the real learner, llama3.2-1b shapes, attention=cudnn, 2 prompts x 8
 #       completions, 64 prompt + 128 new tokens, KL on (tools/bench_grpo.py)
-# Each section is its own process with its own time limit (the limits add up to 450 s), so a
+# Each section is its own process with its own time limit (the limits add up to 510 s), so a
 # failure or a hang costs only that section; the script goes on and exits 1 if any failed.
 #
 #   bash tools/bench_gpu.sh            # on the GPU machine
@@ -90,6 +92,7 @@ bench=(tools/bench_gpu.py)
 if [ "$smoke" = 1 ]; then
   model=(--preset=tiny --dtype=float32 --attention=xla)
   section info 60 "$py" "${bench[@]}" --section=info
+  section parity 120 "$py" "${bench[@]}" --section=parity "${model[@]}" --parity_seq=64
   section train 120 "$py" "${bench[@]}" --section=train "${model[@]}" --batch=2 --seq=64 \
     --steps=2 --remat=none
   section decode 120 "$py" "${bench[@]}" --section=decode "${model[@]}" --decode_batch=4 \
@@ -100,6 +103,7 @@ if [ "$smoke" = 1 ]; then
 else
   model=(--preset=llama3.2-1b --dtype=bfloat16 --attention=cudnn)
   section info 40 "$py" "${bench[@]}" --section=info
+  section parity 60 "$py" "${bench[@]}" --section=parity "${model[@]}" --parity_seq=1024
   section train 155 "$py" "${bench[@]}" --section=train "${model[@]}" --batch=8 --seq=2048 \
     --steps=5 --remat=dots
   section decode 80 "$py" "${bench[@]}" --section=decode "${model[@]}" --decode_batch=64 \

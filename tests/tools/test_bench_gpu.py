@@ -1,6 +1,7 @@
-"""tools/bench_gpu.sh --smoke: every section of the GPU benchmark (info, train-step MFU,
-decode tokens/s, a GRPO step) runs end to end on CPU at toy size and prints its figures, so
-the GPU run, which nobody can retry cheaply, fails only for GPU reasons."""
+"""tools/bench_gpu.sh --smoke: every section of the GPU benchmark (info, cuDNN attention
+parity, train-step MFU, decode tokens/s, a GRPO step) runs end to end on CPU at toy size and
+prints its figures, so the GPU run, which nobody can retry cheaply, fails only for GPU
+reasons."""
 
 import os
 import pathlib
@@ -28,6 +29,9 @@ def test_bench_gpu_smoke_prints_every_section():
   assert re.search(r"^assumed peak: ", out, re.MULTILINE)
   assert "attention='xla' -> xla on cpu" in out
   assert re.search(r"cuDNN fused attention in the step: NO", out)
+  assert re.search(r"^  packed training form, dq: max \|xla - ref\| / max \|ref\| = "
+                   r"[\d.e-]+ .* ok$", out, re.MULTILINE), out
+  assert re.search(r"^parity: ok$", out, re.MULTILINE)
   assert re.search(r"^train step: [\d.]+ ms, [\d,]+ tokens/s, .*loss [\d.]+ -> [\d.]+ .*finite "
                    r"True", out, re.MULTILINE), out
   assert re.search(r"^decode: prefill [\d.]+ ms, [\d.]+ ms/step, [\d,]+ generated tokens/s", out,
