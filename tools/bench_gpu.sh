@@ -20,6 +20,11 @@
 # repository's requirements and a CUDA build of the same jax version (setup.cfg: jax 0.10.x,
 # e.g. `pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"` done
 # beforehand). Python: $PYTHON, else .venv/bin/python, else python3.
+# Measured 2026-12-05 on an H100 (README, "On a GPU") with that machine's own jax 0.11.2
+# (CUDA 13) and, carried as wheels and put first on PYTHONPATH: flax 0.12.12 (0.12.8 needs
+# jax 0.10), optax 0.2.8, chex 0.1.92, orbax-checkpoint 0.12.8, grain 0.2.18, array_record
+# 0.8.6, clu 0.0.12, ml_collections 1.1.0, portpicker 1.6.0; `--smoke` passes with the
+# same set on a CPU jax 0.11.2, which is how it was checked before the lease.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
