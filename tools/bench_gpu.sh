@@ -24,7 +24,13 @@
 # (CUDA 13) and, carried as wheels and put first on PYTHONPATH: flax 0.12.12 (0.12.8 needs
 # jax 0.10), optax 0.2.8, chex 0.1.92, orbax-checkpoint 0.12.8, grain 0.2.18, array_record
 # 0.8.6, clu 0.0.12, ml_collections 1.1.0, portpicker 1.6.0; `--smoke` passes with the
-# same set on a CPU jax 0.11.2, which is how it was checked before the lease.
+# same set on a CPU jax 0.11.2, which is how it was checked before the lease. To repeat it:
+#   here:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#            -d .whl flax==0.12.12 optax==0.2.8 chex==0.1.92 orbax-checkpoint==0.12.8 \
+#            grain==0.2.18 array_record==0.8.6 clu==0.0.12 ml_collections==1.1.0 portpicker==1.6.0
+#   there: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#          PYTHONPATH=/tmp/site PYTHON=python3 bash tools/bench_gpu.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
