@@ -94,6 +94,11 @@ def peaks(device_kind: str) -> tuple[float, float, str]:
   return flop, bandwidth, source
 
 
+def has_cudnn_call(lowered, compiled) -> bool:
+  """Whether cuDNN's fused attention is in a jitted function (its lowered or compiled text)."""
+  return CUDNN_CALL in lowered.as_text() or CUDNN_CALL in compiled.as_text()
+
+
 def model_config(**overrides):
   """The preset with --dtype, --attention and --model applied, then `overrides`."""
   from wakea_jax.models.config import get_preset
@@ -161,7 +166,7 @@ def section_parity() -> None:
   dtype = cfg.compute_dtype
   print(f"parity: {impl} in {jnp.dtype(dtype).name} against the native kernel in float32; "
         f"{b} rows x {t} tokens, {n} heads, {kv} KV heads, head_dim {h}", flush=True)
-  bounds = (np.array([[0, t // 4, t // 2, t - t // 8], [0, t // 3, t - t // 4, t - t // 4]]))
+  bounds = np.array([[0, t // 4, t // 2, t - t // 8], [0, t // 3, t - t // 4, t - t // 4]])
   segments = np.zeros((b, t), np.int32)
   for row, (a, c, d, e) in enumerate(bounds):
     segments[row, a:c], segments[row, c:d], segments[row, d:e] = 1, 2, 3
@@ -173,6 +178,14 @@ def section_parity() -> None:
   cotangent = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
   f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
 
+  def compare(ref, got, yard):
+    """-> (max |got - ref| / max |ref|, the same for the yardstick, max |ref|, ok)."""
+    ref = np.asarray(ref, np.float32)
+    scale = float(np.abs(ref).max())
+    err, yard_err = (float(np.abs(np.asarray(x, np.float32) - ref).max()) / scale
+                     for x in (got, yard))
+    return err, yard_err, scale, err <= 2 * yard_err + 1e-2 and bool(np.isfinite(got).all())
+
   def loss(attend, q, k, v):
     out = attend(q, k, v)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
@@ -183,7 +196,7 @@ def section_parity() -> None:
     lowered = fn.lower(*args)
     compiled = lowered.compile()
     (_, out), grads = compiled(*args)
-    found = CUDNN_CALL in lowered.as_text() or CUDNN_CALL in compiled.as_text()
+    found = has_cudnn_call(lowered, compiled)
     return [np.asarray(x, np.float32) for x in (out, *grads)], found
 
   native = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, kv, causal=True)
@@ -196,9 +209,7 @@ def section_parity() -> None:
   if impl == "cudnn" and not found:
     failures.append(f"no {CUDNN_CALL} call in the compiled function")
   for name, ref, yard, got in zip(("out", "dq", "dk", "dv"), reference, xla, tested):
-    scale = float(np.abs(ref).max())
-    err, yard_err = (float(np.abs(x - ref).max()) / scale for x in (got, yard))
-    ok = err <= 2 * yard_err + 1e-2 and np.isfinite(got).all()
+    err, yard_err, scale, ok = compare(ref, got, yard)
     print(f"  packed training form, {name}: max |{impl} - ref| / max |ref| = {err:.2e} "
           f"(xla {yard_err:.2e}; max |ref| {scale:.3g}) {'ok' if ok else 'FAIL'}")
     if not ok:
@@ -216,11 +227,7 @@ def section_parity() -> None:
   got1 = jax.jit(lambda q, k, v: fa.fused_attention(
       q, k, v, None, kv, implementation=impl, kv_lengths=lengths))(q1, k, v)
   yard1 = fa.fused_attention(q1, k, v, None, kv, implementation="xla", kv_lengths=lengths)
-  ref1 = np.asarray(ref1, np.float32)
-  scale = float(np.abs(ref1).max())
-  err, yard_err = (float(np.abs(np.asarray(x, np.float32) - ref1).max()) / scale
-                   for x in (got1, yard1))
-  ok = err <= 2 * yard_err + 1e-2
+  err, yard_err, _, ok = compare(ref1, got1, yard1)
   print(f"  decode form (kv lengths {t}, {t // 2 + 1}): {err:.2e} (xla {yard_err:.2e}) "
         f"{'ok' if ok else 'FAIL'}")
   if not ok:
@@ -260,7 +267,7 @@ def section_train() -> None:
   step = jax.jit(step_lib.make_train_step(graphdef, optimizer), donate_argnums=0)
   lowered = step.lower(state, batch)
   compiled = lowered.compile()
-  cudnn = CUDNN_CALL in lowered.as_text() or CUDNN_CALL in compiled.as_text()
+  cudnn = has_cudnn_call(lowered, compiled)
   print(f"build + compile {time.perf_counter() - start:.1f} s; cuDNN fused attention in the "
         f"step: {'yes' if cudnn else 'NO'} ({CUDNN_CALL} custom call "
         f"{'found' if cudnn else 'absent'})", flush=True)
