@@ -252,3 +252,33 @@ def test_blocked_causal_attention_equals_full_attention():
   g_blocked = jax.grad(lambda q: jnp.sum(blocked(q, k, v, mask) ** 2))(q)
   g_full = jax.grad(lambda q: jnp.sum(full(q, k, v, mask) ** 2))(q)
   np.testing.assert_allclose(g_blocked, g_full, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step_attention_matches_numpy(dtype):
+  """One query per row over a head-major cache (a decode step): float32 scores take one
+  matrix-vector product per query head of a group (layers._scores), 16-bit ones the batched
+  product. Both against a NumPy transcription of grouped softmax attention; a row that sees no
+  key gives 0."""
+  from wakea_jax.models.layers import dot_product_attention
+  rng = np.random.RandomState(1)
+  b, n, kv, s, h = 3, 6, 2, 40, 16
+  q = rng.randn(b, 1, n, h).astype(np.float32)
+  k = rng.randn(b, kv, s, h).astype(np.float32)
+  v = rng.randn(b, kv, s, h).astype(np.float32)
+  lengths = np.array([40, 17, 0])
+  mask = np.arange(s)[None, None, :] < lengths[:, None, None]          # [b, 1, s]
+  cast = lambda x: jnp.asarray(x, dtype)   # noqa: E731
+  got = jax.jit(lambda *a: dot_product_attention(*a, kv, kv_layout="bksh"))(
+      cast(q), cast(k), cast(v), jnp.asarray(mask))
+  qr, kr, vr = (np.asarray(cast(x).astype(jnp.float32)) for x in (q, k, v))
+  want = np.zeros((b, 1, n, h), np.float32)
+  for i in range(b):
+    for head in range(n):
+      j = head // (n // kv)
+      scores = kr[i, j, :lengths[i]] @ qr[i, 0, head] / np.sqrt(h)
+      if lengths[i]:
+        p = np.exp(scores - scores.max())
+        want[i, 0, head] = (p / p.sum()) @ vr[i, j, :lengths[i]]
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, atol=tol, rtol=tol)
