@@ -27,7 +27,8 @@ _PROMPT = flags.DEFINE_integer("prompt", 64, "Prompt length.")
 _SHORT = flags.DEFINE_list("short", ["8", "64"], "Range of the short completions' lengths.")
 _LONG = flags.DEFINE_list("long", ["128", "256"], "Range of the long completions' lengths.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
-_LAYOUT = flags.DEFINE_enum("weight_layout", "auto", ["auto", "packed", "head", "stored"],
+_LAYOUT = flags.DEFINE_enum("weight_layout", "auto",
+                            ["auto", "packed", "fused", "head", "stored"],
                             "Sampler(weight_layout=): the decode loop's weight layout.")
 
 

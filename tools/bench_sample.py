@@ -34,7 +34,7 @@ _TENSOR = flags.DEFINE_integer(
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "int8"],
                            "Decode precision (rollout.dtype; float32: the model as is).")
 _LAYOUT = flags.DEFINE_enum(
-    "weight_layout", "auto", ["auto", "packed", "head", "stored"],
+    "weight_layout", "auto", ["auto", "packed", "fused", "head", "stored"],
     "Sampler(weight_layout=) of the measured run. When it packs the weights, a second run "
     "with the stored layout is timed too, as the same-run reference.")
 

@@ -35,28 +35,39 @@ def _model(config, seed=3):
   return model
 
 
+@pytest.mark.parametrize("layout", ["packed", "fused"])
 @pytest.mark.parametrize("extra", [{}, {"qkv_bias": True}, {"qk_norm": True},
                                    {"qkv_bias": True, "qk_norm": True, "num_kv_heads": 4}])
-def test_packed_model_computes_the_same_logits(extra):
+def test_packed_model_computes_the_same_logits(extra, layout):
   config = dataclasses.replace(TINY, **extra)
   model = _model(config)
   ids = _ids()
   stored = _logits(model, ids)
   packed = nnx.clone(model)
   layers = config.num_layers
-  assert decode_layout.pack_for_decode(packed) == 7 * layers   # q k v o, gate and up, down
+  out_major = layout == "packed"
+  # q k v (fused), gate and up (fused); packed: o and down output-major too
+  want = (7 if out_major else 5) * layers
+  assert decode_layout.pack_for_decode(packed, **decode_layout.PACK_ARGS[layout]) == want
+  c = config
   for _, module in nnx.iter_modules(packed):
     if isinstance(module, Attention):
-      assert all(isinstance(getattr(module, n), decode_layout.OutMajor)
-                 for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+      assert module.q_proj is None and module.k_proj is None and module.v_proj is None
+      qkv = module.qkv_proj
+      assert isinstance(qkv, decode_layout.OutMajor if out_major else nnx.Param)
+      heads = c.num_heads + 2 * c.num_kv_heads
+      assert qkv.kernel[...].shape == (heads, c.head_dim, c.embed_dim) if out_major else (
+          qkv[...].shape == (c.embed_dim, heads, c.head_dim))
+      assert isinstance(module.o_proj, decode_layout.OutMajor if out_major else nnx.Param)
     if isinstance(module, MLP):
       assert module.gate_proj is None and module.up_proj is None
       assert module.gate_up[...].shape == (config.embed_dim, 2 * config.mlp_dim)
+      assert isinstance(module.down_proj, decode_layout.OutMajor if out_major else nnx.Param)
   np.testing.assert_allclose(_logits(packed, ids), stored, atol=2e-5, rtol=1e-5)
   assert np.abs(stored).max() > 1.0   # not a degenerate model whose logits are all ~0
   # The source model is untouched, and packing twice rewrites nothing more.
   assert isinstance(model.layers[0].attn.q_proj, nnx.Param)
-  assert decode_layout.pack_for_decode(packed) == 0
+  assert decode_layout.pack_for_decode(packed, **decode_layout.PACK_ARGS[layout]) == 0
   np.testing.assert_allclose(_logits(packed, ids), stored, atol=2e-5, rtol=1e-5)
 
 
@@ -76,7 +87,8 @@ def test_out_major_transposes_output_dims_first_and_checks_inputs():
 def test_lora_and_qlora_adapters_keep_their_path():
   base = _model(TINY)
   ids = _ids()
-  # LoRA on q, v, down: the other four kernels of each layer are plain and get packed;
+  # LoRA on q, v, down: k, o, gate and up are plain and get packed (q, k and v are fused
+  # only when all three are plain);
   # QLoRA quantizes every frozen projection (NF4 weight modules): nothing is plain.
   for config, count in ((lora.LoRAConfig(rank=4, targets=("q", "v", "down")), 4),
                         (lora.LoRAConfig(rank=4, targets=("q", "gate"), quantize_base="nf4"), 0)):
@@ -124,7 +136,7 @@ def test_auto_layout_follows_the_cpu_vendor(monkeypatch):
   monkeypatch.setattr(decode_layout, "cpu_vendor", lambda: "GenuineIntel")
   assert choose("auto", backend="cpu", mesh=False) == "head"
   monkeypatch.setattr(decode_layout, "cpu_vendor", lambda: "AuthenticAMD")
-  assert choose("auto", backend="cpu", mesh=False) == "packed"
+  assert choose("auto", backend="cpu", mesh=False) == "fused"
   assert choose("auto", backend="gpu", mesh=False) == "stored"
   assert choose("auto", backend="cpu", mesh=True) == "stored"
   assert choose("head", backend="gpu", mesh=True) == "head"

@@ -218,10 +218,10 @@ def test_first_argmax_is_argmax():
   np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
 
 
-@pytest.mark.parametrize("layout", ["packed", "head"])
+@pytest.mark.parametrize("layout", ["packed", "fused", "head"])
 def test_packed_decode_layout_matches_the_stored_one(tiny, layout):
-  """weight_layout="packed" (decode_layout.pack_for_decode's layers) or "head" (the LM head
-  vocabulary-major; "auto" picks one of them on CPU) and "stored" give the same tokens, and
+  """weight_layout="packed" or "fused" (decode_layout.pack_for_decode's layers) or "head" (the
+  LM head vocabulary-major; "auto" picks one of them on CPU) and "stored" give the same tokens, and
   log-probs within float32 rounding, greedy and sampled, in one decode call and chunked
   (with_packed_weights)."""
   _, _, params, _ = tiny
@@ -239,7 +239,7 @@ def test_packed_decode_layout_matches_the_stored_one(tiny, layout):
     # The chunked path packs once up front: a packed graphdef over packed params.
     repacked, packed_params = packed.with_packed_weights(params)
     assert repacked.weight_layout == "stored" and repacked.graphdef != packed.graphdef
-    rewritten = "gate_up" if layout == "packed" else "lm_head/kernel"
+    rewritten = "lm_head/kernel" if layout == "head" else "qkv_proj"
     assert any(rewritten in "/".join(map(str, path))
                for path, _ in nnx.to_flat_state(packed_params))
     state = repacked.start(packed_params, PROMPTS, max_new_tokens=10, rng=jax.random.key(2))

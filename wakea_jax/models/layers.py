@@ -592,14 +592,16 @@ class Attention(nnx.Module):
     c = self.config
     dt = c.compute_dtype
 
-    def project(w: Any, b: str) -> Array:
-      y = dense(x, w, "bte,enh->btnh", dt)
-      if c.qkv_bias:
-        y = y + getattr(self, b)[...].astype(dt)
-      return y
-
-    q, k, v = project(self.q_proj, "q_bias"), project(self.k_proj, "k_bias"), project(
-        self.v_proj, "v_bias")
+    qkv_proj = getattr(self, "qkv_proj", None)   # decode_layout.pack_for_decode's fused kernel
+    if qkv_proj is not None:
+      q, k, v = jnp.split(dense(x, qkv_proj, "bte,enh->btnh", dt),
+                          (c.num_heads, c.num_heads + c.num_kv_heads), axis=2)
+    else:
+      q, k, v = (dense(x, w, "bte,enh->btnh", dt)
+                 for w in (self.q_proj, self.k_proj, self.v_proj))
+    if c.qkv_bias:
+      q, k, v = (y + getattr(self, b)[...].astype(dt)
+                 for y, b in ((q, "q_bias"), (k, "k_bias"), (v, "v_bias")))
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # a trace-time constant

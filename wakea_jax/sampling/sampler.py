@@ -195,11 +195,13 @@ class Sampler:
   # `refill`): the serving engine's requests each bring theirs. The fields above are then
   # the defaults `start` gives every row; top_k is not available per row.
   per_row: bool = False
-  # How the decode loop lays out the weights it streams every step: "packed" rewrites the
-  # merged model's layers with `decode_layout.pack_for_decode` (output-major kernels, one
-  # gate/up dot; ~10% off a bench56m decode step on a 2-core AMD EPYC) before the loop,
-  # "head" only makes a float32 LM head vocabulary-major (7-10% off on an AMX Intel Xeon,
-  # where "packed" was slower than "stored"), "stored" keeps the params' own layout, "auto"
+  # How the decode loop lays out the weights it streams every step: "fused" rewrites the
+  # merged model's layers with `decode_layout.pack_for_decode` (one q/k/v dot and one
+  # gate/up dot a layer; 4% off a bench56m decode step on a 2-core AMD EPYC) before the loop,
+  # "packed" also makes the layers' kernels output-major (faster on one AMD EPYC host,
+  # slower on another), "head" only makes a float32 LM head vocabulary-major (7-10% off on
+  # an AMX Intel Xeon, where "packed" was slower than "stored"), "stored" keeps the params'
+  # own layout, "auto"
   # picks by CPU vendor on the CPU backend without a mesh (`decode_layout.choose_layout`)
   # and keeps the layout elsewhere. A `decode` call packs inside its program; runs of many
   # calls pack once with `with_packed_weights`.
@@ -229,7 +231,7 @@ class Sampler:
 
   @property
   def layout(self) -> str:
-    """The layout the decode loop runs on: "packed", "head" or "stored" ("auto" resolved
+    """The layout the decode loop runs on: "packed", "fused", "head" or "stored" ("auto" resolved
     by `decode_layout.choose_layout`)."""
     return decode_layout.choose_layout(self.weight_layout, backend=jax.default_backend(),
                                        mesh=self.mesh is not None)
