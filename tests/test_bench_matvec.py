@@ -1,5 +1,5 @@
 """tools/bench_matvec.py at toy size: the bandwidth references and every engine's dot rate,
-with the ratio of the XLA dots to the memcpy bound."""
+with the ratio of the XLA dots to the memcpy bound, and the XLA dots' rates by row count."""
 
 import os
 import pathlib
@@ -12,7 +12,8 @@ BENCH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_matvec.py
 
 def test_bench_matvec_prints_rates_and_the_bound():
   out = subprocess.run(
-      [sys.executable, str(BENCH), "--preset=tiny", "--batch=2", "--repeats=2", "--no_torch"],
+      [sys.executable, str(BENCH), "--preset=tiny", "--batch=2", "--repeats=2", "--no_torch",
+       "--sweep=1,3"],
       capture_output=True, text=True, timeout=300, check=True,
       env={**os.environ, "XLA_FLAGS": ""}).stdout   # one device, not the suite's 8
   assert re.search(r"machine: .+, 1 device", out), out
@@ -23,4 +24,8 @@ def test_bench_matvec_prints_rates_and_the_bound():
     match = re.search(rf"^  {name} +([\d.]+) GB/s", out, re.MULTILINE)
     assert match and float(match.group(1)) > 0, (name, out)
   assert "torch" not in out
-  assert re.search(r"the XLA dots alone take [\d.]+ ms \([\d.]+x the bound\)$", out.strip()), out
+  assert re.search(r"the XLA dots alone take [\d.]+ ms \([\d.]+x the bound\)$", out, re.MULTILINE)
+  # The sweep: one row per row count, every rate positive.
+  sweep = re.findall(r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.MULTILINE)
+  assert [int(row[0]) for row in sweep] == [1, 3], out
+  assert all(float(x) > 0 for row in sweep for x in row[1:]), out

@@ -1,6 +1,7 @@
 r"""What a decode step's matmuls can reach on this CPU: small-batch dots against bandwidth.
 
-  python tools/bench_matvec.py [--batch=8 --preset=bench56m --repeats=20 --no_torch]
+  python tools/bench_matvec.py [--batch=8 --preset=bench56m --repeats=20 --no_torch \
+                                --sweep=1,4,8,16,32]
 
 A decode step multiplies a few rows (the batch) by every weight matrix once, so it is often
 called bandwidth-bound and measured against a bound of bytes over memcpy bandwidth
@@ -29,6 +30,10 @@ _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset whose decode m
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per dot (the decode batch).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats of each measurement.")
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the torch reference.")
+_SWEEP = flags.DEFINE_list(
+    "sweep", ["1", "4", "8", "16", "32"],
+    "Row counts at which to time the XLA dots again, for the table of weight GB/s and "
+    "GFLOP/s against rows (where the step stops being bandwidth-bound); empty: none.")
 
 
 def _timed(fn, repeats: int) -> float:
@@ -124,6 +129,19 @@ def main(argv):
   xla = rates["XLA:CPU (jax.jit)"]
   print(f"bound by memcpy bandwidth: {nbytes / memcpy * 1e3:.2f} ms per step for these weights; "
         f"the XLA dots alone take {nbytes / xla * 1e3:.2f} ms ({memcpy / xla:.2f}x the bound)")
+  if _SWEEP.value:
+    # The same dots at other row counts: a bandwidth-bound kernel costs the same at any
+    # count, a compute-bound one grows with it.
+    flops_per_row = 2 * sum(w.size for w in weights)
+    print("XLA:CPU dots by rows (the batch):")
+    print(f"  {'rows':>4}  {'GB/s':>6}  {'GFLOP/s':>7}  {'ms per step':>11}  "
+          f"{'x memcpy bound':>14}")
+    for rows in map(int, _SWEEP.value):
+      xs = {k: jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32)) for k in inputs}
+      seconds = _timed(lambda xs=xs: jax.block_until_ready(step(xs, jit_weights)), repeats)
+      print(f"  {rows:>4}  {nbytes / seconds / 1e9:6.1f}  "
+            f"{rows * flops_per_row / seconds / 1e9:7.1f}  {seconds * 1e3:11.2f}  "
+            f"{seconds * memcpy / nbytes:14.2f}")
 
 
 if __name__ == "__main__":
