@@ -179,8 +179,8 @@ def choose_layout(weight_layout: str, *, backend: str, mesh: bool) -> str:
   and transposes the layers' kernels, "fused" only fuses them, "head" rewrites the LM head
   alone, "stored" nothing; "auto" is "stored" off the CPU backend or on a mesh (the compiler
   lays out sharded kernels), else what measured fastest on the CPU's vendor (the module
-  docstring): "head" on Intel, "fused" elsewhere (AMD EPYC: the fusions paid on both hosts
-  measured, the transposes on one of them)."""
+  docstring): "head" on Intel, "fused" elsewhere (AMD EPYC: the fusions paid wherever
+  measured, the transposes on one host and not on another)."""
   check_layout(weight_layout)
   if weight_layout != "auto":
     return weight_layout
