@@ -1,7 +1,8 @@
 r"""Sampling benchmark: bench56m, batch 8, prompt 128, 128 new tokens, top-k 50, float32.
 
   python tools/bench_sample.py [--batch=8 --prompt=128 --new=128 --top_k=50 --no_torch
-                                --tensor_parallel=2 --dtype=bfloat16]
+                                --tensor_parallel=2 --dtype=bfloat16
+                                --top_k=0 --top_p=0.95 --temperature=0.02]
 
 Prints prefill time, per-step decode time and generated tokens/s of `wakea_jax.sampling`,
 a memory-bandwidth bound per decode step (bytes of parameters + KV cache read per step over
@@ -26,7 +27,12 @@ _PRESET = flags.DEFINE_string("preset", "bench56m", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt length.")
 _NEW = flags.DEFINE_integer("new", 128, "New tokens per sequence.")
-_TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k.")
+_TOP_K = flags.DEFINE_integer("top_k", 50, "Top-k (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (nucleus; 1: off), on both sides.")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 1.0, "Sampling temperature on both sides. The random-init model's logits "
+    "are nearly flat, so its nucleus at top-p 0.95 is most of the vocabulary; a low "
+    "temperature (0.02) makes the distribution as peaked as a trained model's.")
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the transformers reference.")
 _TENSOR = flags.DEFINE_integer(
     "tensor_parallel", 1, "Split the model over this many host devices on a (1, 1, N) mesh "
@@ -62,7 +68,8 @@ def bench_jax(batch: int, prompt: int, new: int, top_k: int,
   mesh = mesh_lib.create_mesh((1, 1, _TENSOR.value)) if _TENSOR.value > 1 else None
   if mesh is not None:
     params = mesh_lib.shard_state(params, mesh)
-  sampler = Sampler(graphdef, cfg, temperature=1.0, top_k=top_k, mesh=mesh,
+  sampler = Sampler(graphdef, cfg, temperature=_TEMPERATURE.value, top_k=top_k,
+                    top_p=_TOP_P.value, mesh=mesh,
                     weight_layout=layout)
   prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt)).tolist()
   width, steps, capacity = sampler.buckets(prompt, new)
@@ -117,7 +124,8 @@ def bench_torch(batch: int, prompt: int, new: int, top_k: int) -> float | None:
   def run(n: int) -> None:
     with torch.no_grad():
       out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                           top_k=top_k, top_p=1.0, temperature=1.0, min_new_tokens=n,
+                           top_k=top_k, top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
+                           min_new_tokens=n,
                            max_new_tokens=n, pad_token_id=0, eos_token_id=None)
     assert out.shape == (batch, prompt + n)
 
@@ -142,7 +150,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({cpu_model()}), "
         f"measured memcpy bandwidth {bandwidth / 1e9:.1f} GB/s")
   print(f"model {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {b}, prompt {p}, "
-        f"{n} new tokens, top-k {k}, decode in {_DTYPE.value}")
+        f"{n} new tokens, top-k {k}, top-p {_TOP_P.value:g}, temperature "
+        f"{_TEMPERATURE.value:g}, decode in {_DTYPE.value}")
   prefill_s, decode_s, step_bytes, layout = bench_jax(b, p, n, k, _LAYOUT.value)
   step_s = decode_s / n
   bound_s = step_bytes / bandwidth

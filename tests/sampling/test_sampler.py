@@ -14,7 +14,7 @@ from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.objectives.sft import token_logprobs
 from wakea_jax.sampling import Sampler
-from wakea_jax.sampling.sampler import first_argmax, inverse_cdf_sample
+from wakea_jax.sampling.sampler import first_argmax, inverse_cdf_sample, nucleus_sample
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55]]
 
@@ -210,6 +210,55 @@ def test_inverse_cdf_sampling_draws_the_softmax_and_never_a_masked_id():
   for seed in range(20):
     tokens, _ = inverse_cdf_sample(jnp.asarray(edge), jax.random.split(jax.random.key(seed), 3))
     assert tokens[0] == 0 and tokens[1] == 599 and int(tokens[2]) in (300, 301)
+
+
+def _numpy_nucleus(values, p):
+  """The nucleus of arXiv 1904.09751 §3.1 written out: sort descending (stable: ties keep
+  the lower id first), keep a token while the mass strictly before it is below p ->
+  the truncated distribution over the vocabulary (0 outside the nucleus)."""
+  values = values.astype(np.float64)
+  probs = np.exp(values - values.max())
+  probs /= probs.sum()
+  order = np.argsort(-values, kind="stable")
+  before = np.cumsum(probs[order]) - probs[order]
+  q = np.zeros_like(probs)
+  q[order[before < p]] = probs[order[before < p]]
+  return q / q.sum()
+
+
+def test_nucleus_sampling_draws_the_truncated_softmax_without_sorting_every_row():
+  """nucleus_sample against the NumPy nucleus: draws (frequencies over 40,000 keys) and
+  log q. Row 0 is peaked (its nucleus ends among the 16 candidates), row 1 flat (it does not:
+  the full sort), row 2 has a tie at the nucleus edge, row 3 p = 1 (no truncation). A row's
+  draw is the same alone as beside a row that needs the full sort."""
+  rng = np.random.default_rng(0)
+  n_vocab = 600
+  values = np.stack([rng.normal(size=n_vocab) * 4, rng.normal(size=n_vocab) * 0.1,
+                     np.full(n_vocab, -3.0), rng.normal(size=n_vocab)]).astype(np.float32)
+  values[2, [10, 20, 30, 40]] = [2.0, 1.0, 1.0, 1.0]   # ties at 1.0 straddle p = 0.7
+  top_p = np.array([0.9, 0.9, 0.7, 1.0], np.float32)
+  n = 40_000
+  draw = jax.jit(lambda v, k, p: nucleus_sample(v, k, p, candidates=16))
+  keys = jax.random.split(jax.random.key(0), n)
+  for row in range(4):
+    want = _numpy_nucleus(values[row], top_p[row])
+    tokens, logq = draw(jnp.broadcast_to(jnp.asarray(values[row]), (n, n_vocab)), keys,
+                        jnp.full((n,), top_p[row]))
+    tokens = np.asarray(tokens)
+    assert (want[tokens] > 0).all(), row
+    np.testing.assert_allclose(np.bincount(tokens, minlength=n_vocab) / n, want, atol=8e-3)
+    np.testing.assert_allclose(np.asarray(logq), np.log(want[tokens]), atol=1e-4)
+  kept = [(_numpy_nucleus(values[row], 0.9) > 0).sum() for row in (0, 1)]
+  assert kept[0] < 16 < kept[1]   # one row within the candidates, one beyond them
+  # Rows side by side (the flat row sends the batch through the full sort) draw what each
+  # draws alone.
+  row_keys = jax.random.split(jax.random.key(3), 4)
+  together = draw(jnp.asarray(values), row_keys, jnp.asarray(top_p))
+  for row in range(4):
+    alone = draw(jnp.asarray(values[row:row + 1]), row_keys[row:row + 1],
+                 jnp.asarray(top_p[row:row + 1]))
+    assert int(together[0][row]) == int(alone[0][0])
+    np.testing.assert_allclose(float(together[1][row]), float(alone[1][0]), atol=1e-6)
 
 
 def test_first_argmax_is_argmax():

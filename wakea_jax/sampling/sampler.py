@@ -430,17 +430,8 @@ class Sampler:
     token, processed = plain._sample(values, keys)
     nucleus_rows = top_p < 1.0
 
-    def nucleus(_: None) -> tuple[Array, Array]:
-      # As `_sample`'s top-p path: sorted order, mass strictly before a token < p.
-      indices = jnp.argsort(-values, axis=-1)
-      ordered = jnp.take_along_axis(values, indices, axis=-1)
-      probs = jax.nn.softmax(ordered, axis=-1)
-      mass_before = jnp.cumsum(probs, axis=-1) - probs
-      ordered = jnp.where(mass_before < top_p[:, None], ordered, -jnp.inf)
-      choice = jax.vmap(jax.random.categorical)(keys, ordered)
-      logq = jnp.take_along_axis(jax.nn.log_softmax(ordered, axis=-1), choice[:, None],
-                                 axis=1)[:, 0]
-      return jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0].astype(jnp.int32), logq
+    def nucleus(_: None) -> tuple[Array, Array]:   # `_sample`'s top-p path, p per row
+      return nucleus_sample(values, keys, top_p)
 
     sampled, logq = jax.lax.cond(jnp.any(nucleus_rows), nucleus, lambda _: (token, processed),
                                  None)
@@ -456,8 +447,7 @@ class Sampler:
     if self.top_k:
       values, indices = jax.lax.top_k(logits, self.top_k)     # sorted descending
     elif self.top_p < 1.0:
-      indices = jnp.argsort(-logits, axis=-1)
-      values = jnp.take_along_axis(logits, indices, axis=-1)
+      return nucleus_sample(logits / self.temperature, keys, self.top_p)
     else:
       return inverse_cdf_sample(logits / self.temperature, keys)
     values = values / self.temperature
@@ -470,8 +460,7 @@ class Sampler:
     choice = jax.vmap(jax.random.categorical)(keys, values)
     processed = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None],
                                     axis=1)[:, 0]
-    token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None],
-                                                               axis=1)[:, 0]
+    token = jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0]
     return token.astype(jnp.int32), processed
 
   def compile_count(self) -> int:
@@ -791,6 +780,58 @@ def inverse_cdf_sample(values: Array, keys: Array, block: int = 256) -> tuple[Ar
   token = j * block + i
   chosen = jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
   return token, chosen - top - jnp.log(total)
+
+
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus_sample(values: Array, keys: Array, top_p: Array | float,
+                   candidates: int = NUCLEUS_CANDIDATES) -> tuple[Array, Array]:
+  """Nucleus sampling (arXiv 1904.09751 §3.1) of softmax(values) [b, n]: keep the smallest
+  prefix of the tokens sorted by value (ties: the lower id first) whose mass reaches p, i.e.
+  drop a token when the mass strictly before it already does, and draw from what is kept by
+  `inverse_cdf_sample` (one uniform per row from the row's key). `top_p` is a float or [b]
+  in (0, 1]; a row at 1 draws from its whole distribution. -> (token [b] int32, log q(token)
+  under the truncated distribution [b]).
+
+  Why not sort: an argsort of the vocabulary is 58 ms for bench56m's [8, 32000] logits on a
+  2-core AMD EPYC (300 ms at a 151,936-token vocabulary), four times the rest of a decode
+  step. So each row takes its `candidates` highest values first (`lax.top_k`, 1.4 ms there;
+  its order is the stable sort's), whose mass against the full normaliser says whether the
+  nucleus ends among them; it does whenever they hold at least p. Only when some row's do
+  not (a flat distribution) does the whole vocabulary get sorted, and then only those rows
+  take the result. The kept prefix, so each row's draw, depends on its own values alone."""
+  b, n = values.shape
+  k = min(candidates, n)
+  p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))[:, None]
+  lse = jax.nn.logsumexp(values, axis=-1, keepdims=True)
+
+  def truncated_draw(ordered: Array, ids: Array) -> tuple[Array, Array, Array]:
+    probs = jnp.exp(ordered - lse)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < p, ordered, -jnp.inf)
+    choice, logq = inverse_cdf_sample(kept, keys)
+    token = jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+    return token, logq, jnp.sum(probs, axis=-1) >= p[:, 0]
+
+  top_values, top_ids = jax.lax.top_k(values, k)
+  token, logq, enough = truncated_draw(top_values, top_ids)
+  plain = p[:, 0] >= 1.0    # no truncation: the whole distribution, drawn as such below
+  if k < n:
+    enough = enough | plain
+
+    def full_sort(_: None) -> tuple[Array, Array]:
+      ids = jnp.argsort(-values, axis=-1)   # stable: ties keep the lower id first, as top_k
+      full_token, full_logq, _ = truncated_draw(jnp.take_along_axis(values, ids, axis=-1), ids)
+      return jnp.where(enough, token, full_token), jnp.where(enough, logq, full_logq)
+
+    token, logq = jax.lax.cond(jnp.all(enough), lambda _: (token, logq), full_sort, None)
+
+  def untruncated(_: None) -> tuple[Array, Array]:
+    plain_token, plain_logq = inverse_cdf_sample(values, keys)
+    return jnp.where(plain, plain_token, token), jnp.where(plain, plain_logq, logq)
+
+  return jax.lax.cond(jnp.any(plain), untruncated, lambda _: (token, logq), None)
 
 
 def row_keys(rng: Array, start: int, count: int) -> np.ndarray:
