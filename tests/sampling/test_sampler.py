@@ -14,7 +14,12 @@ from wakea_jax.models.config import get_preset
 from wakea_jax.models.transformer import create_model
 from wakea_jax.objectives.sft import token_logprobs
 from wakea_jax.sampling import Sampler
-from wakea_jax.sampling.sampler import first_argmax, inverse_cdf_sample, nucleus_sample
+from wakea_jax.sampling.sampler import (
+  _nucleus_mask,
+  first_argmax,
+  inverse_cdf_sample,
+  nucleus_sample,
+)
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 1, 2, 3, 4, 5, 6, 7, 9, 10, 33, 44, 55]]
 
@@ -259,6 +264,26 @@ def test_nucleus_sampling_draws_the_truncated_softmax_without_sorting_every_row(
                  jnp.asarray(top_p[row:row + 1]))
     assert int(together[0][row]) == int(alone[0][0])
     np.testing.assert_allclose(float(together[1][row]), float(alone[1][0]), atol=1e-6)
+
+
+def test_nucleus_mask_is_the_sorted_prefix_without_a_sort():
+  """_nucleus_mask (bisection over value keys, then over the ids of a tie) keeps exactly the
+  stable sort's nucleus: flat, peaked, half-step values with many ties at the edge, all
+  values equal, and a tail of -inf, at a vocabulary that is not a power of two."""
+  rng = np.random.default_rng(1)
+  n_vocab = 3000
+  values = np.stack([rng.normal(size=n_vocab) * 0.1, rng.normal(size=n_vocab) * 3,
+                     np.round(rng.normal(size=n_vocab) * 2) / 2, np.full(n_vocab, 1.0),
+                     rng.normal(size=n_vocab)]).astype(np.float32)
+  values[4, 100:] = -np.inf
+  top_p = np.array([[0.95], [0.9], [0.5], [0.3], [0.99]], np.float32)
+  lse = jax.nn.logsumexp(jnp.asarray(values), axis=-1, keepdims=True)
+  got = np.asarray(jax.jit(_nucleus_mask)(jnp.asarray(values), lse, jnp.asarray(top_p)))
+  for row in range(len(values)):
+    want = _numpy_nucleus(values[row], top_p[row, 0]) > 0
+    np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}")
+  # Rows 2 and 3 keep part of a tie (the second bisection ran); row 3's edge is its 901st id.
+  assert 1 < got[2].sum() < n_vocab and got[3].sum() == 901 and got[3, :901].all()
 
 
 def test_first_argmax_is_argmax():
