@@ -802,6 +802,7 @@ def nucleus_sample(values: Array, keys: Array, top_p: Array | float,
   not (a flat distribution) is the whole vocabulary searched (`_nucleus_mask`, a bisection
   instead of a sort: 2.6 ms there, 24 ms at 151,936), and then only those rows take the
   result. The kept set, so each row's draw, depends on its own values alone."""
+  values = values.astype(jnp.float32)   # _nucleus_mask orders float32 bit patterns
   b, n = values.shape
   k = min(candidates, n)
   p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))[:, None]
