@@ -421,22 +421,16 @@ class Sampler:
   def _sample_rows(self, logits: Array, keys: Array, temperature: Array, top_p: Array
                    ) -> tuple[Array, Array]:
     """`_sample` with each row's own temperature [b] (0: greedy) and top_p [b]: a row draws
-    what a static Sampler with its settings draws from the same key. Plain rows go through
-    `_sample` itself at temperature 1 on logits / T; the nucleus (sorting the vocabulary)
-    is computed only when some row asks for it."""
+    what a static Sampler with its settings draws from the same key. Rows are drawn on
+    logits / T by `_sample` itself at temperature 1 or, when some row asks for a nucleus,
+    by `nucleus_sample` with each row's p (`_sample`'s top-p path), which draws a row at
+    p = 1 exactly as `_sample` does (`inverse_cdf_sample` from the row's key)."""
     greedy = temperature <= 0.0
     values = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     plain = dataclasses.replace(self, temperature=1.0, top_k=0, top_p=1.0, per_row=False)
-    token, processed = plain._sample(values, keys)
-    nucleus_rows = top_p < 1.0
-
-    def nucleus(_: None) -> tuple[Array, Array]:   # `_sample`'s top-p path, p per row
-      return nucleus_sample(values, keys, top_p)
-
-    sampled, logq = jax.lax.cond(jnp.any(nucleus_rows), nucleus, lambda _: (token, processed),
-                                 None)
-    token = jnp.where(nucleus_rows, sampled, token)
-    processed = jnp.where(nucleus_rows, logq, processed)
+    token, processed = jax.lax.cond(jnp.any(top_p < 1.0),
+                                    lambda _: nucleus_sample(values, keys, top_p),
+                                    lambda _: plain._sample(values, keys), None)
     token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
     return token, jnp.where(greedy, 0.0, processed)
 
