@@ -56,8 +56,9 @@ def test_packed_model_computes_the_same_logits(extra, layout):
       qkv = module.qkv_proj
       assert isinstance(qkv, decode_layout.OutMajor if out_major else nnx.Param)
       heads = c.num_heads + 2 * c.num_kv_heads
-      assert qkv.kernel[...].shape == (heads, c.head_dim, c.embed_dim) if out_major else (
-          qkv[...].shape == (c.embed_dim, heads, c.head_dim))
+      shape = ((heads, c.head_dim, c.embed_dim) if out_major
+               else (c.embed_dim, heads, c.head_dim))
+      assert (qkv.kernel if out_major else qkv)[...].shape == shape
       assert isinstance(module.o_proj, decode_layout.OutMajor if out_major else nnx.Param)
     if isinstance(module, MLP):
       assert module.gate_proj is None and module.up_proj is None
