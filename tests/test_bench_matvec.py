@@ -29,3 +29,18 @@ def test_bench_matvec_prints_rates_and_the_bound():
   sweep = re.findall(r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.MULTILINE)
   assert [int(row[0]) for row in sweep] == [1, 3], out
   assert all(float(x) > 0 for row in sweep for x in row[1:]), out
+
+
+def test_bench_matvec_times_the_dots_under_each_xla_flag_set():
+  # Each set in a fresh process; a flag this jaxlib does not know is reported, not fatal.
+  out = subprocess.run(
+      [sys.executable, str(BENCH), "--preset=tiny", "--batch=2", "--repeats=2", "--no_torch",
+       "--sweep=", "--xla_flag_sets=default;--xla_cpu_use_onednn=true;--xla_cpu_no_such_flag=1"],
+      capture_output=True, text=True, timeout=300, check=True,
+      env={**os.environ, "XLA_FLAGS": ""}).stdout
+  assert "XLA:CPU dots at 2 rows under other XLA flags" in out, out
+  rows = re.findall(r"^ +([\d.]+) +([\d.]+) +([\d.]+)  (\S.*)$", out, re.MULTILINE)
+  assert [row[3] for row in rows] == ["default", "--xla_cpu_use_onednn=true"], out
+  assert all(float(x) > 0 for row in rows for x in row[:3]), out
+  assert re.search(r"^ +- +- +-  --xla_cpu_no_such_flag=1: not known to this jaxlib", out,
+                   re.MULTILINE), out

@@ -16,10 +16,20 @@ streamed per second by
 beside the memory bandwidth measured in the same run: a single-thread read (numpy sum), a
 two-thread read, and memcpy (read + write, as bench_sample.py's bound counts it). The step
 time the dots alone need at the XLA rate is printed as the attainable decode step.
+
+`--xla_flag_sets` times the same XLA dots again in a fresh process for each set of XLA:CPU
+flags named (XLA reads them once, at start-up): the matmul back ends this jaxlib offers
+(oneDNN, XNNPACK, YNNPACK's fusion kinds, Eigen), so whether any of them streams the
+weights faster at `batch` rows is a measurement, not a guess. A set this jaxlib does not
+know is reported as such (XLA aborts on an unknown flag).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -34,6 +44,23 @@ _SWEEP = flags.DEFINE_list(
     "sweep", ["1", "4", "8", "16", "32"],
     "Row counts at which to time the XLA dots again, for the table of weight GB/s and "
     "GFLOP/s against rows (where the step stops being bandwidth-bound); empty: none.")
+_XLA_ONLY = flags.DEFINE_bool(
+    "xla_only", False, "Time only the XLA:CPU dots (the child runs of --xla_flag_sets).")
+# Each set is one XLA_FLAGS value; sets are separated by ';'. "default" is the jaxlib's own
+# choice, timed in a child process like the others so that all of them compare alike.
+DEFAULT_FLAG_SETS = (
+    "default;"
+    "--xla_cpu_use_onednn=true;"
+    "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot;"
+    "--xla_cpu_use_xnnpack=true;"
+    "--xla_cpu_experimental_xnn_fusion_type=dot;"
+    "--xla_cpu_experimental_ynn_fusion_type=;"
+    "--xla_cpu_experimental_ynn_fusion_type=individual_dot;"
+    "--xla_cpu_multi_thread_eigen=false")
+_FLAG_SETS = flags.DEFINE_string(
+    "xla_flag_sets", "",
+    "';'-separated XLA_FLAGS values under which to time the XLA dots again, each in a fresh "
+    f"process ('default': none); 'all' is {DEFAULT_FLAG_SETS!r}. Empty: none.")
 
 
 def _timed(fn, repeats: int) -> float:
@@ -88,7 +115,7 @@ def main(argv):
   print(f"machine: {cpu_model()}, {jax.device_count()} device(s), jax {jax.__version__}")
   print(f"{_PRESET.value} decode matmuls: {len(shapes)} dots, {nbytes / 1e6:.1f} MB of float32 "
         f"weights, batch {b}")
-  bandwidth = read_bandwidths(repeats)
+  bandwidth = {} if _XLA_ONLY.value else read_bandwidths(repeats)
   for name, value in bandwidth.items():
     print(f"  {name:<28} {value / 1e9:7.1f} GB/s")
 
@@ -104,6 +131,9 @@ def main(argv):
   step = jax.jit(lambda xs, ws: run_all(jnp.dot, xs, ws))
   rates = {"XLA:CPU (jax.jit)": nbytes / _timed(
       lambda: jax.block_until_ready(step(jit_inputs, jit_weights)), repeats)}
+  if _XLA_ONLY.value:
+    print(f"xla dots: {rates['XLA:CPU (jax.jit)'] / 1e9:.2f} GB/s")
+    return
   out_major = [jnp.asarray(np.ascontiguousarray(w.T)) for w in weights]   # [out, in]
   step_t = jax.jit(lambda xs, ws: [jax.lax.dot_general(xs[w.shape[1]], w, (((1,), (1,)), ((), ())))
                                    for w in ws])
@@ -142,6 +172,36 @@ def main(argv):
       print(f"  {rows:>4}  {nbytes / seconds / 1e9:6.1f}  "
             f"{rows * flops_per_row / seconds / 1e9:7.1f}  {seconds * 1e3:11.2f}  "
             f"{seconds * memcpy / nbytes:14.2f}")
+  sets = DEFAULT_FLAG_SETS if _FLAG_SETS.value == "all" else _FLAG_SETS.value
+  if sets:
+    print(f"XLA:CPU dots at {b} rows under other XLA flags (a fresh process each):")
+    print(f"  {'GB/s':>6}  {'ms per step':>11}  {'x memcpy bound':>14}  XLA_FLAGS")
+    for flag_set in (f.strip() for f in sets.split(";")):
+      rate = flag_set_rate(flag_set, preset=_PRESET.value, batch=b, repeats=repeats)
+      if isinstance(rate, str):
+        print(f"  {'-':>6}  {'-':>11}  {'-':>14}  {flag_set or 'default'}: {rate}")
+      else:
+        print(f"  {rate / 1e9:6.1f}  {nbytes / rate * 1e3:11.2f}  {memcpy / rate:14.2f}  "
+              f"{flag_set or 'default'}")
+
+
+def flag_set_rate(flag_set: str, *, preset: str, batch: int, repeats: int) -> float | str:
+  """The XLA dots' weight bytes per second in a child process run with XLA_FLAGS=flag_set
+  ('default' or '': none), or why there is no figure (XLA's own message when it refused the
+  flags)."""
+  flag_set = "" if flag_set == "default" else flag_set
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--batch={batch}",
+       f"--repeats={repeats}", "--xla_only", "--sweep="],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": flag_set})
+  match = re.search(r"^xla dots: ([\d.]+) GB/s$", proc.stdout, re.MULTILINE)
+  if proc.returncode == 0 and match:
+    return float(match.group(1)) * 1e9
+  refused = re.search(r"Unknown flags? in XLA_FLAGS: (.*)", proc.stderr)
+  if refused:
+    return f"not known to this jaxlib ({refused.group(1).strip()})"
+  tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+  return f"failed (exit {proc.returncode}: {tail[0][:120]})"
 
 
 if __name__ == "__main__":
